@@ -1,0 +1,16 @@
+"""gg_notebook: prove that a distributed PyTorch program refines its single-device specification.
+
+Pipeline (data flows one way): capture -> ir -> relations/lemmas -> engine -> session -> widgets / cli.
+"""
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from gg_notebook.problem import Layout, Problem, ProblemError
+from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
+from gg_notebook.verify import verify
+
+__all__ = [
+    "Culprit", "Finding", "Layout", "OutputRelation", "Partial", "Problem", "ProblemError",
+    "Replicate", "Result", "Shard", "Status", "verify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""The user's question: a sequential specification, its per-rank implementation, and input layouts.
+
+`Problem` is plain data. `validate_problem` turns every mistake a user can make while writing one
+into a `ProblemError` whose message names the input, the placement and the fix, so that nothing
+deeper in the pipeline has to defend against malformed problems.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
+
+
+class ProblemError(ValueError):
+    """A malformed `Problem`; the message says which input or placement and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A custom input layout: ``fn(global_tensor, rank, world_size) -> local_tensor``.
+
+    ``fn`` must only move data (indexing, slicing, cat, split, chunk, reshape, transpose). It is traced
+    to derive how the global tensor is rebuilt from the ranks' locals; anything that computes values
+    (arithmetic, randomness) is refused when the problem is verified.
+    """
+
+    fn: Callable[[torch.Tensor, int, int], torch.Tensor]
+    name: str | None = None
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"Layout({self.name or getattr(self.fn, '__name__', 'fn')})"
+
+
+InputPlacement = Placement | Layout
+
+
+@dataclass
+class Problem:
+    """A refinement question: does ``distributed`` on ``world_size`` ranks implement ``sequential``?
+
+    ``inputs`` are global example tensors (only shapes and dtypes matter to the proof; values seed
+    numeric checks). ``placements[i]`` says how rank r's local copy of ``inputs[i]`` derives from the
+    global tensor: ``Replicate()``, ``Shard(d)`` (equal chunks along d, rank order), ``Partial()``
+    (the locals sum to the global; rank 0 holds the global value, the others zeros when materialized)
+    or a ``Layout``. ``expect[k]`` constrains how the ranks' k-th output relates to the sequential one.
+    """
+
+    sequential: Callable[..., Any]
+    distributed: Callable[..., Any]
+    inputs: Sequence[torch.Tensor]
+    placements: Sequence[InputPlacement]
+    world_size: int
+    expect: Sequence[Placement] | None = None
+    name: str | None = None
+    input_names: Sequence[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inputs = tuple(self.inputs)
+        self.placements = tuple(self.placements)
+        if self.expect is not None:
+            self.expect = tuple(self.expect)
+        if self.input_names is None:
+            self.input_names = tuple(_parameter_names(self.sequential, len(self.inputs)))
+        else:
+            self.input_names = tuple(self.input_names)
+        if self.name is None:
+            self.name = getattr(self.distributed, "__name__", "problem")
+
+    def local_inputs(self, rank: int, inputs: Sequence[torch.Tensor] | None = None) -> tuple:
+        """The tensors rank ``rank`` receives, derived from (these or the example) global inputs."""
+        inputs = self.inputs if inputs is None else inputs
+        return tuple(
+            local_input(t, p, rank, self.world_size) for t, p in zip(inputs, self.placements)
+        )
+
+
+def _parameter_names(fn: Callable, n: int) -> list[str]:
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = params[:n]
+    names += [f"input{i}" for i in range(len(names), n)]
+    return names
+
+
+def local_input(t: torch.Tensor, placement: InputPlacement, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s local tensor for global ``t`` under ``placement``."""
+    if isinstance(placement, Replicate):
+        return t
+    if isinstance(placement, Shard):
+        return torch.chunk(t, world_size, dim=placement.dim)[rank]
+    if isinstance(placement, Partial):
+        # A canonical partial split: rank 0 holds everything. Numeric checks draw other splits.
+        return t if rank == 0 else torch.zeros_like(t)
+    if isinstance(placement, Layout):
+        return placement.fn(t, rank, world_size)
+    raise ProblemError(f"unsupported placement {placement!r}")
+
+
+def validate_problem(problem: Problem) -> None:
+    """Raise `ProblemError` naming the first malformed part of ``problem`` and how to fix it."""
+    if not callable(problem.sequential):
+        raise ProblemError("Problem.sequential must be a function (the single-device specification).")
+    if not callable(problem.distributed):
+        raise ProblemError("Problem.distributed must be a function (one rank's program).")
+    if not isinstance(problem.world_size, int) or problem.world_size < 1:
+        raise ProblemError(f"world_size must be a positive int, got {problem.world_size!r}.")
+    n_in, n_pl = len(problem.inputs), len(problem.placements)
+    if n_in != n_pl:
+        raise ProblemError(
+            f"{n_in} inputs but {n_pl} placements: give exactly one placement per input "
+            f"(inputs are {', '.join(problem.input_names)})."
+        )
+    n_params = _positional_arity(problem.sequential)
+    if n_params is not None and n_params != n_in:
+        raise ProblemError(
+            f"the sequential function takes {n_params} positional arguments but {n_in} inputs were given."
+        )
+    n_params = _positional_arity(problem.distributed)
+    if n_params is not None and n_params != n_in:
+        raise ProblemError(
+            f"the distributed function takes {n_params} positional arguments but {n_in} inputs were given."
+        )
+    for i, (t, p) in enumerate(zip(problem.inputs, problem.placements)):
+        name = problem.input_names[i]
+        if not isinstance(t, torch.Tensor):
+            raise ProblemError(f"input {i} ({name}) is a {type(t).__name__}, expected a torch.Tensor.")
+        if isinstance(p, Shard):
+            d = p.dim
+            if not -t.dim() <= d < max(t.dim(), 1):
+                raise ProblemError(
+                    f"input {i} ({name}) has shape {tuple(t.shape)} but its placement is Shard({d}): "
+                    f"the shard dim must be in [0, {t.dim() - 1}]."
+                )
+            d = d % t.dim()
+            if t.shape[d] % problem.world_size:
+                raise ProblemError(
+                    f"input {i} ({name}) has size {t.shape[d]} along dim {d}, which is not divisible by "
+                    f"world_size={problem.world_size}: pad the input or pick another shard dim."
+                )
+        elif isinstance(p, Partial):
+            if p.reduce_op not in ("sum",):
+                raise ProblemError(
+                    f"input {i} ({name}) has placement Partial({p.reduce_op!r}); only Partial('sum') inputs are supported."
+                )
+        elif not isinstance(p, (Replicate, Layout)):
+            raise ProblemError(
+                f"placement {i} ({name}) is {p!r}: use Replicate(), Shard(d), Partial() or gg.Layout(fn)."
+            )
+    if problem.expect is not None:
+        for k, e in enumerate(problem.expect):
+            if not isinstance(e, (Replicate, Shard, Partial)):
+                raise ProblemError(
+                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d) or Partial() for each output."
+                )
+
+
+def _positional_arity(fn: Callable) -> int | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            n += 1
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None  # optional params: cannot tell
+    return n
