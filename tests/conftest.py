@@ -1,0 +1,35 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gg_notebook.result import Culprit, OutputRelation, Result, Status
+
+
+def make_result(status: str | Status, name: str = "fake") -> Result:
+    """A small hand-made Result of the given status (for tests that fake the engine)."""
+    status = Status(status)
+    ok = status is Status.PROVED
+    culprit = None
+    if status is Status.UNKNOWN:
+        culprit = Culprit(op="aten.add.Tensor", node="add", source="model.py:3", detail="no relation")
+    return Result(
+        status=status,
+        problem_name=name,
+        relations=[OutputRelation(index=0, name="out", relation="y0 + y1" if ok else None,
+                                  expected="Replicate()", ok=ok)],
+        culprit=culprit,
+    )
+
+
+@pytest.fixture
+def fake_result():
+    return make_result
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
