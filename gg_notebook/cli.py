@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -126,12 +127,29 @@ def find_problem(module, path: Path, name: str | None):
             f"{' or '.join(FACTORY_NAMES)}; define one, or name it with {path}:NAME."
         )
     if callable(obj) and not isinstance(obj, Problem):
+        required = _required_params(obj)
+        if required:
+            raise CliError(
+                f"{path}:{label} is a function of ({', '.join(required)}), not a gg.Problem nor a "
+                f"function without arguments returning one."
+            )
         obj = obj()
     if not isinstance(obj, Problem):
         raise CliError(
             f"{path}:{label} is a {type(obj).__name__}, not a gg.Problem (nor a function returning one)."
         )
     return obj, label
+
+
+def _required_params(fn) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def load_problem(target: str):
@@ -181,7 +199,10 @@ def _error(message: str, exc: BaseException | None, show_traceback: bool) -> int
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """``"Type: message"`` without a trailing period (the caller ends the sentence)."""
+    text = str(exc).strip().rstrip(".")
+    if isinstance(exc, CliError):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -198,10 +198,12 @@ def test_missing_name_lists_what_exists(tmp_path, fake_verify, capsys):
 def test_name_that_is_not_a_problem(tmp_path, fake_verify, capsys):
     fake_verify("proved")
     path = write(tmp_path, ONE_PROBLEM)
-    assert cli.main(["verify", f"{path}:seq"]) == 3  # calling seq() without arguments fails
+    assert cli.main(["verify", f"{path}:seq"]) == 3  # a function of (x, w), not a factory
+    err = capsys.readouterr().err
+    assert "seq is a function of (x, w)" in err and "Traceback" not in err
     assert cli.main(["verify", f"{path}:torch"]) == 3  # a module: not callable, not a Problem
     err = capsys.readouterr().err
-    assert "seq" in err and "not a gg.Problem" in err
+    assert "torch is a module, not a gg.Problem" in err
 
 
 def test_module_import_error_is_exit_3(tmp_path, fake_verify, capsys):
