@@ -1,0 +1,275 @@
+"""Trace the sequential program and every rank's program to value-semantics fx graphs.
+
+Each rank r is traced in this process under a fake process group (``init_process_group("fake")``
+with rank r) with `make_fx(torch.func.functionalize(fn), tracing_mode="fake")`: no real memory is
+allocated and ``dist.get_rank()`` is a constant in rank r's graph, so every rank is traced.
+
+Per-rank state: a user module that keeps global state (caches, buffers, process groups created at
+import time) leaks it from one rank's trace into the next; nothing generic can undo that. Create
+process groups inside the traced function (``dist.new_group`` works there) and reset caches per call.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+from gg_notebook.capture.collectives import (
+    MatchedCollective,
+    collective_shims,
+    match_collectives,
+    rewrite_collectives,
+)
+from gg_notebook.capture.errors import CaptureError, program_name
+from gg_notebook.capture.source import format_source, record_sources, user_frames_of_traceback
+from gg_notebook.problem import Layout, Problem, local_input
+
+
+@dataclass
+class CapturedProgram:
+    """The graphs of one `Problem`: ``ranks[r]`` is rank r's graph; collectives are matched."""
+
+    sequential: fx.GraphModule
+    ranks: list[fx.GraphModule]
+    world_size: int
+    collectives: list[MatchedCollective]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake process group
+
+
+@contextmanager
+def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
+    """A fake (no-communication) default process group for ``rank``; destroyed on exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise CaptureError(
+            "torch.distributed is already initialized in this process, but gg_notebook traces each rank "
+            "under its own fake process group: call torch.distributed.destroy_process_group() first.",
+            rank=rank,
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _fake_like(mode: FakeTensorMode, t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A fresh contiguous fake tensor with t's shape/dtype (meta tensors become CPU)."""
+    device = torch.device("cpu") if t.device.type == "meta" else t.device
+    with mode:
+        out = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+    if requires_grad and (t.dtype.is_floating_point or t.dtype.is_complex):
+        out.requires_grad_(True)
+    return out
+
+
+def _global_fakes(mode: FakeTensorMode, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [_fake_like(mode, t, t.requires_grad) for t in inputs]
+
+
+def _local_fakes(problem: Problem, mode: FakeTensorMode, globals_: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    out = []
+    for i, (g, p, orig) in enumerate(zip(globals_, problem.placements, problem.inputs)):
+        try:
+            with mode, torch.no_grad():
+                loc = local_input(g, p, rank, problem.world_size)
+        except Exception as e:
+            frames = user_frames_of_traceback(e.__traceback__)
+            src = format_source(frames[-1]) if frames else None
+            raise CaptureError(
+                f"rank {rank}: deriving local input {i} ({problem.input_names[i]}) with placement {p!r} "
+                f"raised {type(e).__name__}{f' at {src}' if src else ''}: {e}. Fix the placement or layout "
+                f"function so that it works on a tensor of shape {tuple(orig.shape)}.",
+                rank=rank, source=src,
+            ) from e
+        out.append(_fake_like(mode, loc, orig.requires_grad))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracing one program
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
+
+
+def _is_data_dependent(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _DATA_DEPENDENT) or "data-dependent" in str(e) or "data dependent" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureError:
+    frames = user_frames_of_traceback(e.__traceback__)
+    frame = frames[-1] if frames else None
+    src = format_source(frame)
+    prog = program_name(rank)
+    at = f" at {src}" if src else ""
+    code = f" (`{frame[3]}`)" if frame and frame[3] else ""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if _is_data_dependent(e):
+        msg = (
+            f"{prog}: control flow that depends on tensor values cannot be traced{at}{code} "
+            f"({type(e).__name__}: {text}). Compute both branches and select with torch.where(...), "
+            "or base the decision on Python values (shapes, rank, configuration) instead of tensor contents."
+        )
+    else:
+        what = "function" if rank is None else "per-rank function"
+        msg = (
+            f"{prog} raised {type(e).__name__}{at}{code}: {text}. Fix the {what} so that it runs on "
+            f"inputs of shapes {shapes}" + ("" if rank is None else f" (rank {rank}'s local inputs)") + "."
+        )
+    return CaptureError(msg, rank=rank, source=src)
+
+
+def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> fx.GraphModule:
+    shapes = [tuple(a.shape) for a in args]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+            warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
+            with record_sources(), collective_shims():
+                gm = make_fx(torch.func.functionalize(fn), tracing_mode="fake", record_stack_traces=False)(*args)
+    except CaptureError:
+        raise
+    except Exception as e:
+        raise _error(e, rank, shapes) from e
+    return gm
+
+
+def _finish(gm: fx.GraphModule, names: Sequence[str], rank: int | None) -> None:
+    """Placeholder metadata, input-mutation write-backs dropped, outputs flattened to a tuple."""
+    g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    for i, p in enumerate(placeholders):
+        p.meta["gg_input_index"] = i
+        p.meta["gg_input_name"] = names[i] if i < len(names) else f"input{i}"
+    # functionalize writes mutated inputs back with copy_ at the end; value semantics drops them.
+    mutations = {}
+    for n in list(g.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default and n.args[0] in placeholders and not n.users:
+            mutations[n.args[0].meta["gg_input_index"]] = n.args[1].name if isinstance(n.args[1], fx.Node) else None
+            g.erase_node(n)
+    gm.meta["gg_input_mutations"] = mutations
+    out = next(n for n in g.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(out.args[0])
+    for k, leaf in enumerate(leaves):
+        if not (isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val"), torch.Tensor)):
+            raise CaptureError(
+                f"{program_name(rank)} returns a {type(leaf).__name__ if not isinstance(leaf, fx.Node) else 'non-tensor'} "
+                f"as output {k} (after flattening): return only tensors (tuples/lists/dicts of tensors are fine).",
+                rank=rank,
+            )
+    out.args = (tuple(leaves),)
+    for n in g.nodes:
+        if n.op == "call_function" and "gg_source" not in n.meta:
+            n.meta["gg_source"], n.meta["gg_frames"] = None, []
+    g.lint()
+    gm.recompile()
+
+
+def _n_outputs(gm: fx.GraphModule) -> int:
+    return len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def capture_problem(problem: Problem) -> CapturedProgram:
+    """Trace ``problem.sequential`` once and ``problem.distributed`` on every rank; match collectives."""
+    W = problem.world_size
+    names = list(problem.input_names)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    mode = FakeTensorMode()
+    seq_args = _global_fakes(mode, problem.inputs)
+    seq = _trace(problem.sequential, seq_args, None)
+    rewrite_collectives(seq, None)  # a sequential program has none; this only tidies
+    _finish(seq, names, None)
+    timings["sequential"] = time.perf_counter() - t0
+
+    ranks: list[fx.GraphModule] = []
+    per_rank_nodes = []
+    t1 = time.perf_counter()
+    for r in range(W):
+        tr = time.perf_counter()
+        mode = FakeTensorMode()
+        args = _local_fakes(problem, mode, _global_fakes(mode, problem.inputs), r)
+        with fake_process_group(r, W):
+            gm = _trace(problem.distributed, args, r)
+            nodes = rewrite_collectives(gm, r)
+        _finish(gm, names, r)
+        ranks.append(gm)
+        per_rank_nodes.append(nodes)
+        timings[f"rank{r}"] = time.perf_counter() - tr
+    timings["ranks"] = time.perf_counter() - t1
+
+    counts = [_n_outputs(gm) for gm in ranks]
+    if len(set(counts)) > 1:
+        a = 0
+        b = next(r for r in range(W) if counts[r] != counts[0])
+        raise CaptureError(
+            f"rank {b} returns {counts[b]} outputs but rank {a} returns {counts[a]}: every rank must return "
+            "the same number of tensors (one local piece per output of the sequential program).",
+            rank=b,
+        )
+    n_seq = _n_outputs(seq)
+    if counts and counts[0] != n_seq:
+        raise CaptureError(
+            f"the ranks return {counts[0]} outputs but the sequential program returns {n_seq}: the distributed "
+            "function must return one (local) tensor per output of the sequential function, in the same order.",
+            rank=0,
+        )
+    t2 = time.perf_counter()
+    matched = match_collectives(per_rank_nodes)
+    timings["match"] = time.perf_counter() - t2
+    return CapturedProgram(sequential=seq, ranks=ranks, world_size=W, collectives=matched, timings=timings)
+
+
+def capture_layout(layout: Layout, global_tensor_like: torch.Tensor, rank: int, world_size: int) -> fx.GraphModule:
+    """Trace ``layout.fn(g, rank, world_size)`` to a graph with one placeholder (g) and a 1-tuple output."""
+    mode = FakeTensorMode()
+    g = _fake_like(mode, global_tensor_like, False)
+
+    def fn(x):
+        return layout.fn(x, rank, world_size)
+
+    name = layout.name or getattr(layout.fn, "__name__", "layout")
+    try:
+        gm = _trace(fn, [g], rank)
+    except CaptureError as e:
+        raise CaptureError(f"layout {name} for {e}", rank=rank, source=e.source) from e
+    _finish(gm, ["global"], rank)
+    if _n_outputs(gm) != 1:
+        raise CaptureError(f"layout {name} must return one tensor, got {_n_outputs(gm)}.", rank=rank)
+    return gm
