@@ -306,8 +306,16 @@ def _example_names(examples) -> list[str]:
 def _bugs(example) -> list[tuple[str, str]]:
     bugs = getattr(example, "bugs", None) or {}
     if isinstance(bugs, dict):
-        return [(str(k), str(v or "")) for k, v in bugs.items()]
-    return [(str(b), "") for b in bugs]
+        return [(str(k), _bug_text(v)) for k, v in bugs.items()]
+    return [(str(getattr(b, "name", b)), _bug_text(b)) for b in bugs]
+
+
+def _bug_text(bug) -> str:
+    """A bug's one-line description: a string, or an object with ``.description``."""
+    if isinstance(bug, str):
+        return bug
+    text = getattr(bug, "description", None)
+    return text.strip().splitlines()[0] if isinstance(text, str) and text.strip() else ""
 
 
 def _summary(example) -> str:

@@ -219,7 +219,8 @@ def test_module_import_error_is_exit_3(tmp_path, fake_verify, capsys):
 
 class FakeExample:
     description = "a tiny fake example"
-    bugs = {"missing_allreduce": "forgets the all-reduce"}
+    bugs = {"missing_allreduce": types.SimpleNamespace(name="missing_allreduce",
+                                                       description="forgets the all-reduce")}
 
     def __init__(self, name):
         self.name = name
@@ -271,7 +272,8 @@ def test_examples_lists_bugs(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_examples", lambda: fake_examples(["gpt_block", "mlp"]))
     assert cli.main(["examples"]) == 0
     out = capsys.readouterr().out
-    assert "gpt_block" in out and "mlp" in out and "bug=missing_allreduce" in out
+    assert "gpt_block" in out and "mlp" in out
+    assert "bug=missing_allreduce  - forgets the all-reduce" in out
 
 
 # ---------------------------------------------------------------- the real thing
