@@ -369,6 +369,57 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
             dead.append(node)
 
     _erase_dead(g, dead)
+    for n in list(g.nodes):  # ProcessGroup / ReduceOp torchbind attributes no longer used
+        if n.op == "get_attr" and not n.users:
+            g.erase_node(n)
+    gm.recompile()
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Carrying collective results through the functionalization replay. `collective_result` is a plain
+# function that make_fx cannot trace, so while replaying it is the custom op below (one graph node,
+# functional, whose fake kernel returns the recorded shape); `finish_collectives` turns it back.
+
+_REPLAY_SHAPES: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+
+
+@torch.library.custom_op("gg_capture::collective", mutates_args=())
+def _collective_op(x: torch.Tensor, key: int) -> torch.Tensor:
+    raise RuntimeError("gg_capture::collective is a tracing placeholder and cannot run")
+
+
+@_collective_op.register_fake
+def _(x, key):
+    shape, dtype = _REPLAY_SHAPES[key]
+    return x.new_empty(shape, dtype=dtype)
+
+
+def replay_collective(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """Called by the replaying interpreter in place of a `collective_result` node."""
+    key = len(_REPLAY_SHAPES)
+    v = node.meta["val"]
+    _REPLAY_SHAPES[key] = (tuple(v.shape), v.dtype)
+    return torch.ops.gg_capture.collective(x, key)
+
+
+def clear_replay() -> None:
+    _REPLAY_SHAPES.clear()
+
+
+def finish_collectives(gm: fx.GraphModule) -> list[fx.Node]:
+    """After the replay: restore `collective_result` nodes, fold shim nodes, remove dead code."""
+    g = gm.graph
+    results = []
+    for n in g.nodes:
+        if n.op == "call_function" and n.target is torch.ops.gg_capture.collective.default:
+            n.target = collective_result
+            n.args = (n.args[0],)
+            try:
+                n._rename("collective_result")
+            except Exception:  # pragma: no cover - private fx API; names are cosmetic
+                pass
+            results.append(n)
     _simplify_shims(g)
     _dce(g)
     gm.recompile()

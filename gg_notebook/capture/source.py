@@ -126,7 +126,7 @@ class _Recorder:
     def annotate(self, node: torch.fx.Node) -> None:
         if _extra_meta:
             node.meta.update(_extra_meta)
-        if node.op != "call_function":
+        if node.op != "call_function" or "gg_frames" in _extra_meta:
             return
         raw = _raw_stack(sys._getframe(2))  # innermost first, skipping the tracer's own frames
         in_backward = torch._C._current_autograd_node() is not None

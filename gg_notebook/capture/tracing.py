@@ -31,12 +31,16 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from gg_notebook.capture.collectives import (
     MatchedCollective,
+    clear_replay,
+    collective_result,
     collective_shims,
+    finish_collectives,
+    replay_collective,
     match_collectives,
     rewrite_collectives,
 )
 from gg_notebook.capture.errors import CaptureError, program_name
-from gg_notebook.capture.source import format_source, record_sources, user_frames_of_traceback
+from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
 from gg_notebook.problem import Layout, Problem, local_input
 
 
@@ -150,19 +154,56 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     return CaptureError(msg, rank=rank, source=src)
 
 
-def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> fx.GraphModule:
+_KEPT_META = ("gg_source", "gg_frames", "gg_source_kind", "gg_backward", "gg_shim", "gg_collective", "stack_trace")
+
+
+class _SourceKeepingInterpreter(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_function":
+            return super().run_node(n)
+        meta = {k: n.meta[k] for k in _KEPT_META if k in n.meta}
+        meta.setdefault("gg_frames", [])
+        meta.setdefault("gg_source", None)
+        with extra_node_meta(**meta):
+            if n.target is collective_result:
+                (x,) = self.fetch_args_kwargs_from_env(n)[0]
+                return replay_collective(n, x)
+            return super().run_node(n)
+
+
+def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Trace ``fn(*args)`` to a value-semantics graph; return it and its collective_result nodes."""
     shapes = [tuple(a.shape) for a in args]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
             warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
-            with record_sources(), collective_shims():
-                gm = make_fx(torch.func.functionalize(fn), tracing_mode="fake", record_stack_traces=False)(*args)
+            with record_sources():
+                # Pass 1: plain make_fx, so autograd (torch.autograd.grad inside fn) records the
+                # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
+                # decoded and rewritten here, while the process group is alive.
+                with collective_shims():
+                    gm1 = make_fx(fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                rewrite_collectives(gm1, rank)
+                # Pass 2: replay that graph under functionalization -> value semantics; every new
+                # node inherits the user source of the node it comes from.
+                replay = _SourceKeepingInterpreter(gm1)
+                try:
+                    with torch.no_grad():
+                        gm = make_fx(torch.func.functionalize(replay.run), tracing_mode="fake",
+                                     record_stack_traces=False)(*args)
+                    results = finish_collectives(gm)
+                    # placeholder vals carry the inputs' requires_grad (make_fx stores detached vals)
+                    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+                    for p, a in zip(ph, args):
+                        p.meta["val"] = a
+                finally:
+                    clear_replay()
     except CaptureError:
         raise
     except Exception as e:
         raise _error(e, rank, shapes) from e
-    return gm
+    return gm, results
 
 
 def _finish(gm: fx.GraphModule, names: Sequence[str], rank: int | None) -> None:
@@ -213,8 +254,7 @@ def capture_problem(problem: Problem) -> CapturedProgram:
     t0 = time.perf_counter()
     mode = FakeTensorMode()
     seq_args = _global_fakes(mode, problem.inputs)
-    seq = _trace(problem.sequential, seq_args, None)
-    rewrite_collectives(seq, None)  # a sequential program has none; this only tidies
+    seq, _ = _trace(problem.sequential, seq_args, None)
     _finish(seq, names, None)
     timings["sequential"] = time.perf_counter() - t0
 
@@ -226,8 +266,7 @@ def capture_problem(problem: Problem) -> CapturedProgram:
         mode = FakeTensorMode()
         args = _local_fakes(problem, mode, _global_fakes(mode, problem.inputs), r)
         with fake_process_group(r, W):
-            gm = _trace(problem.distributed, args, r)
-            nodes = rewrite_collectives(gm, r)
+            gm, nodes = _trace(problem.distributed, args, r)
         _finish(gm, names, r)
         ranks.append(gm)
         per_rank_nodes.append(nodes)
@@ -266,7 +305,7 @@ def capture_layout(layout: Layout, global_tensor_like: torch.Tensor, rank: int, 
 
     name = layout.name or getattr(layout.fn, "__name__", "layout")
     try:
-        gm = _trace(fn, [g], rank)
+        gm, _ = _trace(fn, [g], rank)
     except CaptureError as e:
         raise CaptureError(f"layout {name} for {e}", rank=rank, source=e.source) from e
     _finish(gm, ["global"], rank)
