@@ -54,7 +54,8 @@ def test_culprit_marker_and_op(name, bug):
 
 def test_registry():
     assert {"mlp", "attention", "attention_fused_qkv", "vocab_embedding", "vocab_cross_entropy",
-            "sp_layernorm_mlp"} <= set(E.EXAMPLES)
+            "sp_layernorm_mlp", "gpt_block", "gpt_block_fwd_bwd", "gpt", "gpt_fwd_bwd"} <= set(E.EXAMPLES)
+    assert E.get("gpt_block_fwd_bwd").backward and not E.get("gpt_block").backward
     with pytest.raises(KeyError):
         E.get("nope")
     with pytest.raises(ValueError):
@@ -66,3 +67,14 @@ def test_gloo_processes_agree():
     assert ok, msg
     ok, _ = compare(E.get("vocab_cross_entropy").make(world_size=2, bug="local_max"), backend="gloo")
     assert not ok
+
+
+def test_gpt_builder_layers_and_meta():
+    gpt = E.get("gpt").make
+    ok, msg = compare(gpt(world_size=2, layers=2, backward=True), backend="local")
+    assert ok, msg
+    big = gpt(world_size=8, layers=8, hidden=768, heads=12, vocab=49152, seq=1536, batch=8,
+              backward=True, device="meta")
+    validate_problem(big)
+    assert all(t.device.type == "meta" for t in big.inputs)
+    assert len(big.expect) == 1 + len(big.inputs) - 2
