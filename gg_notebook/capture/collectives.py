@@ -372,8 +372,7 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
     for n in list(g.nodes):  # ProcessGroup / ReduceOp torchbind attributes no longer used
         if n.op == "get_attr" and not n.users:
             g.erase_node(n)
-    gm.recompile()
-    return results
+    return results  # no recompile: the caller interprets or finishes the graph
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +421,6 @@ def finish_collectives(gm: fx.GraphModule) -> list[fx.Node]:
             results.append(n)
     _simplify_shims(g)
     _dce(g)
-    gm.recompile()
     return results
 
 

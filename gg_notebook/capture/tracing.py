@@ -213,6 +213,13 @@ def _finish(gm: fx.GraphModule, names: Sequence[str], rank: int | None) -> None:
     for i, p in enumerate(placeholders):
         p.meta["gg_input_index"] = i
         p.meta["gg_input_name"] = names[i] if i < len(names) else f"input{i}"
+        name = p.meta["gg_input_name"]
+        if name.isidentifier():
+            try:  # cosmetic: name placeholders after the inputs (private fx API)
+                p._rename(name)
+                p.target = p.name
+            except Exception:  # pragma: no cover
+                pass
     # functionalize writes mutated inputs back with copy_ at the end; value semantics drops them.
     mutations = {}
     for n in list(g.nodes):
