@@ -429,3 +429,39 @@ def test_capture_layout():
     with pytest.raises(CaptureError, match="layout bad_layout.*raised RuntimeError") as ei:
         capture_layout(Layout(bad_layout), torch.randn(8, 3), 0, 2)
     assert line_of(bad_layout, "view(7") in str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------- autograd semantics
+
+
+def seq_wgrad(x, w):
+    y = x @ w
+    (g,) = torch.autograd.grad(y.sum(), [w])
+    return y, g
+
+
+def inplace_fwd_allreduce(x, w):
+    dist.barrier()
+    y = x @ w
+    dist.all_reduce(y)
+    (g,) = torch.autograd.grad(y.sum(), [w])
+    return y, g
+
+
+def functional_fwd_allreduce(x, w):
+    y = fc.all_reduce(x @ w, "sum", dist.group.WORLD)
+    (g,) = torch.autograd.grad(y.sum(), [w])
+    return y, g
+
+
+def test_autograd_semantics_of_forward_collectives():
+    def cap(fn):
+        return capture_problem(Problem(
+            sequential=seq_wgrad, distributed=fn, inputs=(torch.randn(4, 8), torch.randn(8, 6, requires_grad=True)),
+            placements=(Shard(1), Shard(0)), world_size=2))
+    # eager semantics: the in-place all_reduce is an identity in backward (one collective); barrier dropped
+    assert [m.kind for m in cap(inplace_fwd_allreduce).collectives] == ["all_reduce"]
+    # the functional all_reduce is differentiable: its backward all-reduces again
+    c = cap(functional_fwd_allreduce)
+    assert [m.kind for m in c.collectives] == ["all_reduce", "all_reduce"]
+    assert results(c.ranks[0])[1].meta.get("gg_backward")
