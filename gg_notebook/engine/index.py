@@ -1,0 +1,203 @@
+"""The hash-consed index of distributed values.
+
+Every node of every rank is interned as a *term* over the global inputs: a rank's input becomes
+the clean expression its placement gives (``G[:, 8:16]`` for a shard), a collective becomes the
+clean expression of the values it combines (all_reduce -> ``sum(x@r0, x@r1)``), and every other
+node is its operator applied to its inputs' terms. Equal terms mean equal values, so replicas on
+different ranks collapse into one `DVal` with several locations, and relation pieces found by the
+lemmas are matched against the ranks with a single dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.relations.expr import Expr, ExprStore
+
+
+class IndexError_(Exception):
+    """The ranks' collectives could not be scheduled consistently."""
+
+
+@dataclass(eq=False)
+class DVal:
+    """A distributed value: one term, held by one or more (rank, node) locations."""
+
+    id: int
+    term: Expr
+    locations: list[tuple[int, Node]] = field(default_factory=list)
+
+    @property
+    def shape(self):
+        return self.term.shape
+
+    @property
+    def dtype(self):
+        return self.term.dtype
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({r for r, _ in self.locations})
+
+    def label(self, world_size: int | None = None) -> str:
+        rank, node = self.locations[0]
+        ranks = self.ranks
+        if world_size is not None and len(ranks) == world_size and world_size > 1:
+            # the same value on every rank: name it once, say it is replicated
+            names = {n.name for _, n in self.locations}
+            if len(names) == 1:
+                return f"{node.name}@r*"
+        return f"{node.name}@r{rank}"
+
+
+class DIndex:
+    """Interns all ranks' graphs; maps terms to distributed values."""
+
+    def __init__(self, store: ExprStore, graphs: list[Graph], input_terms: list[list[Expr]]):
+        self.store = store
+        self.graphs = graphs
+        self.world_size = len(graphs)
+        self.input_terms = input_terms
+        self.dvals: list[DVal] = []
+        self.by_term: dict[int, DVal] = {}
+        self.node_term: dict[tuple[int, str], Expr] = {}
+        self.node_dval: dict[tuple[int, str], DVal] = {}
+        self._build()
+
+    # ------------------------------------------------------------------ public
+    def realized(self, term: Expr) -> DVal | None:
+        return self.by_term.get(term.id)
+
+    def dval_of(self, rank: int, node: Node) -> DVal:
+        return self.node_dval[(rank, node.name)]
+
+    def ref(self, dval: DVal) -> Expr:
+        return self.store.ref(dval.id, dval.shape, dval.dtype)
+
+    def dval_by_id(self, i: int) -> DVal:
+        return self.dvals[i]
+
+    # ------------------------------------------------------------------ building
+    def _add(self, rank: int, node: Node, term: Expr) -> None:
+        self.node_term[(rank, node.name)] = term
+        d = self.by_term.get(term.id)
+        if d is None:
+            d = DVal(len(self.dvals), term)
+            self.dvals.append(d)
+            self.by_term[term.id] = d
+        d.locations.append((rank, node))
+        self.node_dval[(rank, node.name)] = d
+
+    def _build(self) -> None:
+        # collectives by (group, index) -> {rank: node}
+        coll: dict[tuple, dict[int, Node]] = {}
+        for g in self.graphs:
+            for n in g.nodes:
+                if n.op == "collective":
+                    key = (tuple(n.attrs.group), n.attrs.index)
+                    coll.setdefault(key, {})
+                    coll[key].setdefault(g.rank, n)
+        cursors = [0] * self.world_size
+        total = sum(len(g.nodes) for g in self.graphs)
+        done = 0
+        while done < total:
+            progressed = False
+            for r, g in enumerate(self.graphs):
+                while cursors[r] < len(g.nodes):
+                    n = g.nodes[cursors[r]]
+                    term = self._term(r, n, coll)
+                    if term is None:
+                        break  # waiting for another rank to reach this collective
+                    self._add(r, n, term)
+                    cursors[r] += 1
+                    done += 1
+                    progressed = True
+            if not progressed:
+                stuck = [
+                    f"rank {r} at {g.nodes[cursors[r]].target} ({g.nodes[cursors[r]].source})"
+                    for r, g in enumerate(self.graphs)
+                    if cursors[r] < len(g.nodes)
+                ]
+                raise IndexError_("the ranks' collectives cannot be matched: " + "; ".join(stuck))
+
+    def _term(self, rank: int, n: Node, coll) -> Expr | None:
+        S = self.store
+        t = lambda x: self.node_term[(rank, x.name)]  # noqa: E731
+        op = n.op
+        if op == "input":
+            return self.input_terms[rank][n.attrs]
+        if op == "const":
+            return S.const(n.attrs, n.shape, n.dtype)
+        if op == "view":
+            return S.view(t(n.inputs[0]), n.attrs)
+        if op == "permute":
+            return S.permute(t(n.inputs[0]), n.attrs)
+        if op == "slice":
+            d, a, b = n.attrs
+            return S.slice(t(n.inputs[0]), d, a, b)
+        if op == "cat":
+            return S.cat([t(x) for x in n.inputs], n.attrs)
+        if op == "expand":
+            return S.expand(t(n.inputs[0]), n.attrs)
+        if op == "call":
+            return S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)
+        if op == "collective":
+            return self._collective_term(rank, n, coll)
+        raise IndexError_(f"unknown IR op {op}")
+
+    def _collective_term(self, rank: int, n: Node, coll) -> Expr | None:
+        S = self.store
+        info = n.attrs
+        group = tuple(info.group)
+        members = coll.get((group, info.index), {})
+        ins: list[Expr] = []
+        for m in group:
+            mn = members.get(m)
+            if mn is None:
+                raise IndexError_(
+                    f"rank {m} never issues collective #{info.index} on group {group} "
+                    f"that rank {rank} issues at {n.source}"
+                )
+            key = (m, mn.inputs[0].name)
+            if key not in self.node_term:
+                return None
+            ins.append(self.node_term[key])
+        kind = info.kind
+        fn = info.reduce_op
+        if kind == "all_reduce":
+            return _reduce(S, fn, ins, n)
+        if kind == "all_gather":
+            return ins[info.out_index]
+        if kind == "all_gather_into_tensor":
+            return S.cat(ins, 0)
+        if kind == "reduce_scatter_tensor":
+            total = _reduce(S, fn, ins, n)
+            pos = group.index(rank)
+            size = n.shape[0]
+            return S.slice(total, 0, pos * size, (pos + 1) * size)
+        if kind == "broadcast":
+            return ins[group.index(info.src)] if info.src in group else ins[0]
+        if kind == "all_to_all_single":
+            pos = group.index(rank)
+            pieces = []
+            for j, m in enumerate(group):
+                mn = members[m]
+                x = ins[j]
+                splits = mn.attrs.input_split_sizes
+                if not splits:
+                    k = x.shape[0] // len(group)
+                    splits = [k] * len(group)
+                off = sum(splits[:pos])
+                pieces.append(S.slice(x, 0, off, off + splits[pos]))
+            return S.cat(pieces, 0)
+        raise IndexError_(f"unsupported collective {kind} at {n.source}")
+
+
+def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:
+    if fn in ("sum", "max", "min"):
+        return S.accum(fn, ins)
+    if fn == "avg":
+        return S.scale(S.accum("sum", ins), 1.0 / len(ins))
+    # product and anything else: an opaque value unique to this collective
+    return S.atom(f"{fn}-reduce:{n.name}@r{n.rank}", n.shape, n.dtype)

@@ -1,0 +1,340 @@
+"""The inference engine: walk the sequential graph and relate each tensor to the ranks.
+
+For each sequential operator (one *step*), the engine takes the candidate relations of its inputs,
+applies the operator to them and rewrites the result with the lemmas until every compute piece is
+an operator applied to distributed values, which it then looks up in the hash-consed index of the
+ranks (`DIndex`). Whatever survives is a clean expression over distributed tensors: a relation.
+
+Everything is deterministic (lemmas in registry order, candidates in discovery order), memoized
+per (operator, argument relations), and recorded as `Step`s so a session can replay and show it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from gg_notebook.engine.index import DIndex
+from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.lemmas import lemmas_for
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty
+
+MAX_CANDIDATES = 4
+MAX_COMBOS = 16
+MAX_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A relation ``seq tensor == expr`` and the lemma chain that justifies it."""
+
+    expr: Expr
+    chain: tuple[str, ...] = ()
+    assumption: bool = False  # True for an unproven hint / accepted suggestion
+
+
+@dataclass
+class Step:
+    """One rewrite iteration: a sequential operator and what the engine found for it."""
+
+    index: int
+    node: str
+    op: str
+    source: str | None
+    code: str | None
+    inputs: dict[str, list[str]]
+    candidates: list[Candidate]
+    pretty: list[str]
+    status: str  # "related" | "stuck" | "input"
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def stuck(self) -> bool:
+        return self.status == "stuck"
+
+
+class Engine:
+    def __init__(self, seq: Graph, index: DIndex, store: ExprStore, input_relations: dict[str, list[Candidate]]):
+        self.seq = seq
+        self.index = index
+        self.store = store
+        self.input_relations = input_relations
+        self.relations: dict[str, list[Candidate]] = {}
+        self.steps: list[Step] = []
+        self.cursor = 0
+        self.stuck_at: Step | None = None
+        self._term_memo: dict[int, Expr] = {}
+        self._push_memo: dict[tuple, list[Candidate]] = {}
+        self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
+
+    # ------------------------------------------------------------------ naming
+    def name(self, leaf: Expr) -> str:
+        if leaf.op == "ref":
+            return self.index.dvals[leaf.attrs[0]].label(self.index.world_size)
+        return str(leaf.attrs[0])
+
+    def show(self, e: Expr) -> str:
+        return pretty(e, self.name)
+
+    # ------------------------------------------------------------------ terms
+    def to_term(self, e: Expr) -> Expr:
+        """Translate a relation (over refs) into a term (over global inputs)."""
+        memo = self._term_memo
+        hit = memo.get(e.id)
+        if hit is not None:
+            return hit
+        if e.op == "ref":
+            t = self.index.dvals[e.attrs[0]].term
+        elif not e.args:
+            t = e
+        else:
+            t = rebuild(self.store, e, [self.to_term(a) for a in e.args])
+        memo[e.id] = t
+        return t
+
+    def realize(self, e: Expr) -> Expr | None:
+        """A ref to the distributed value equal to ``e``, if some rank holds it."""
+        if e.op == "ref":
+            return e
+        d = self.index.realized(self.to_term(e))
+        return self.index.ref(d) if d is not None else None
+
+    # ------------------------------------------------------------------ push
+    def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
+        self.stats["lookups"] += 1
+        if spec.unique is None:
+            terms = [self.to_term(a) for a in args]
+            t = self.store.find("call", spec, terms)
+            if t is not None:
+                d = self.index.realized(t)
+                if d is not None:
+                    return self.index.ref(d)
+        if all(not leaves(a) for a in args) and spec.unique is None:
+            return self.store.call(spec, args)  # a constant computation
+        return None
+
+    def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:
+        key = (spec, tuple(a.id for a in args), depth)
+        hit = self._push_memo.get(key)
+        if hit is not None:
+            return hit
+        self._push_memo[key] = []  # cut cycles
+        self.stats["pushes"] += 1
+        out: list[Candidate] = []
+        found = self.lookup(spec, args)
+        if found is not None:
+            out.append(Candidate(found, ("match",)))
+        if depth > 0 and not out:
+            try:
+                out_shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
+            except ShapeError:
+                out_shape = None
+            if out_shape is not None:
+                for lemma in lemmas_for(spec.kind):
+                    for plan in lemma.plans(self.store, spec, args, out_shape):
+                        self.stats["lemma_plans"] += 1
+                        res = self.resolve(plan, depth - 1)
+                        if res is not None:
+                            expr, chain = res
+                            out.append(Candidate(expr, (lemma.name,) + chain))
+                            break
+                    if len(out) >= MAX_CANDIDATES:
+                        break
+        out = _dedupe(out)
+        self._push_memo[key] = out
+        return out
+
+    def resolve(self, plan: Expr, depth: int):
+        """Resolve every compute piece of ``plan``; None if one cannot be related."""
+        chain: list[str] = []
+        memo: dict[int, Expr] = {}
+
+        def go(e: Expr) -> Expr | None:
+            if e.id in memo:
+                return memo[e.id]
+            if e.op == "call" and leaves(e):
+                cands = self.push(e.attrs, e.args, depth)
+                if not cands:
+                    return None
+                best = cands[0]
+                chain.extend(c for c in best.chain if c != "match")
+                r = best.expr
+            elif not e.args:
+                r = e
+            else:
+                new = []
+                for a in e.args:
+                    v = go(a)
+                    if v is None:
+                        return None
+                    new.append(v)
+                r = rebuild(self.store, e, new)
+            memo[e.id] = r
+            return r
+
+        try:
+            r = go(plan)
+        except ShapeError:
+            return None
+        if r is None:
+            return None
+        return r, tuple(dict.fromkeys(chain))
+
+    # ------------------------------------------------------------------ steps
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.seq.nodes) or self.stuck_at is not None
+
+    def step(self) -> Step | None:
+        """Infer relations for the next sequential node; returns the recorded step."""
+        if self.done:
+            return None
+        n = self.seq.nodes[self.cursor]
+        t0 = time.perf_counter()
+        inputs = {i.name: [self.show(c.expr) for c in self.relations.get(i.name, [])] for i in n.inputs}
+        if n.op == "input":
+            cands = list(self.input_relations.get(n.name, []))
+            status = "input"
+        else:
+            cands = self.infer(n)
+            status = "related" if cands else "stuck"
+        cands = self.rank(cands)
+        self.relations[n.name] = cands
+        step = Step(
+            index=self.cursor, node=n.name, op=n.target, source=n.source, code=n.code, inputs=inputs,
+            candidates=cands, pretty=[self.show(c.expr) for c in cands], status=status,
+            seconds=time.perf_counter() - t0,
+        )
+        if status == "stuck":
+            step.detail = self.explain_stuck(n)
+            self.stuck_at = step
+        self.steps.append(step)
+        self.cursor += 1
+        return step
+
+    def run(self) -> None:
+        while not self.done:
+            self.step()
+
+    def infer(self, n: Node) -> list[Candidate]:
+        S = self.store
+        in_cands = [self.relations.get(i.name, []) for i in n.inputs]
+        if n.op == "const":
+            return [Candidate(S.const(n.attrs, n.shape, n.dtype), ("constant",))]
+        if any(not c for c in in_cands):
+            return []
+        out: list[Candidate] = []
+        for combo in itertools.islice(itertools.product(*in_cands), MAX_COMBOS):
+            args = tuple(c.expr for c in combo)
+            assumed = any(c.assumption for c in combo)
+            try:
+                if n.op == "call":
+                    found = self.push(n.attrs, args)
+                    found = [Candidate(c.expr, c.chain, assumed) for c in found]
+                else:
+                    found = [Candidate(rebuild(S, _proto(S, n, args), list(args)), ("clean",), assumed)]
+            except ShapeError:
+                continue
+            out.extend(found)
+            if len(_dedupe(out)) >= MAX_CANDIDATES:
+                break
+        return out
+
+    def rank(self, cands: list[Candidate]) -> list[Candidate]:
+        """Add realized forms, dedupe, prefer refs and small expressions; keep a few."""
+        extended: list[Candidate] = []
+        for c in cands:
+            r = self.realize(c.expr)
+            if r is not None and r.id != c.expr.id:
+                extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
+            extended.append(c)
+        extended = _dedupe(extended)
+        extended.sort(key=lambda c: (c.assumption, c.expr.op != "ref", _expr_size(c.expr)))
+        return extended[:MAX_CANDIDATES]
+
+    def explain_stuck(self, n: Node) -> str:
+        if n.op == "call" and not any(True for _ in lemmas_for(n.attrs.kind)):
+            return f"no lemma knows {n.target} and no rank computes it on related inputs"
+        return "no rank computes this operator on tensors related to its inputs, and no lemma rewrites it into pieces that a rank computes"
+
+    def nearby(self, n: Node, limit: int = 8) -> list[str]:
+        """Distributed operators that consume the tensors the culprit's inputs are related to."""
+        dvals = []
+        for i in n.inputs:
+            for c in self.relations.get(i.name, []):
+                for leaf in leaves(c.expr):
+                    if leaf.op == "ref":
+                        dvals.append(self.index.dvals[leaf.attrs[0]])
+        seen, out = set(), []
+        users_by_rank = {g.rank: g.users() for g in self.index.graphs}
+        for d in dvals:
+            for rank, node in d.locations:
+                for u in users_by_rank[rank].get(node.name, []):
+                    key = (rank, u.name)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    where = f" at {u.source}" if u.source else ""
+                    out.append(f"rank {rank}: {u.name} = {u.target}({', '.join(x.name for x in u.inputs)}){where}")
+                    if len(out) >= limit:
+                        return out
+        return out
+
+
+def _proto(S: ExprStore, n: Node, args) -> Expr:
+    """A clean node of ``n``'s kind (only its op/attrs are used by `rebuild`)."""
+    return _Proto(n.op, n.attrs)
+
+
+class _Proto:
+    def __init__(self, op, attrs):
+        self.op = op
+        self.attrs = attrs
+        self.shape = None
+        self.dtype = None
+
+
+def rebuild(S: ExprStore, e, args: list[Expr]) -> Expr:
+    """Rebuild node ``e`` over new arguments with the normalizing constructors."""
+    op = e.op
+    if op == "call":
+        return S.call(e.attrs, args)
+    if op == "view":
+        return S.view(args[0], e.attrs)
+    if op == "permute":
+        return S.permute(args[0], e.attrs)
+    if op == "slice":
+        d, a, b = e.attrs
+        return S.slice(args[0], d, a, b)
+    if op == "cat":
+        return S.cat(args, e.attrs)
+    if op == "expand":
+        return S.expand(args[0], e.attrs)
+    if op == "accum":
+        return S.accum(e.attrs, args)
+    if op == "scale":
+        return S.scale(args[0], e.attrs)
+    raise ShapeError(f"cannot rebuild {op}")
+
+
+def _dedupe(cands: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in cands:
+        if c.expr.id in seen:
+            continue
+        seen.add(c.expr.id)
+        out.append(c)
+    return out
+
+
+def _expr_size(e: Expr) -> int:
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        stack.extend(x.args)
+    return len(seen)

@@ -1,0 +1,153 @@
+"""Verdicts: check each sequential output's relations against what the user expects of the ranks'
+outputs, and turn the engine's state into a `Result` (culprit, findings, relations)."""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from gg_notebook.engine.infer import Candidate, Engine
+from gg_notebook.relations.expr import Expr, leaves
+from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
+
+
+def _placement_str(p) -> str:
+    if isinstance(p, Shard):
+        return f"Shard({p.dim})"
+    if isinstance(p, Replicate):
+        return "Replicate()"
+    if isinstance(p, Partial):
+        return "Partial()"
+    return repr(p)
+
+
+def expected_relation(engine: Engine, k: int, placement) -> Expr | None:
+    """The relation ``expect[k]`` demands, over the ranks' k-th outputs."""
+    S, idx = engine.store, engine.index
+    refs = [idx.ref(idx.dval_of(g.rank, g.outputs[k])) for g in idx.graphs]
+    if isinstance(placement, Replicate):
+        return refs[0] if all(r.id == refs[0].id for r in refs) else None
+    if isinstance(placement, Shard):
+        return S.cat(refs, placement.dim % len(refs[0].shape))
+    if isinstance(placement, Partial):
+        return S.accum("sum", refs)
+    return None
+
+
+def _replicate_ok(engine: Engine, k: int, cands: list[Candidate]) -> Candidate | None:
+    idx = engine.index
+    terms: dict = {}
+    for c in cands:
+        terms.setdefault(engine.to_term(c.expr).id, c)
+    chosen = None
+    for g in idx.graphs:
+        t = idx.dval_of(g.rank, g.outputs[k]).term
+        c = terms.get(t.id)
+        if c is None:
+            return None
+        chosen = chosen or c
+    return chosen
+
+
+def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | None, str]:
+    """(ok, the candidate that satisfies it, detail)."""
+    seq_out = engine.seq.outputs[k]
+    cands = engine.relations.get(seq_out.name, [])
+    if not cands:
+        return False, None, "no relation was found for this output"
+    if isinstance(placement, Replicate):
+        c = _replicate_ok(engine, k, cands)
+        if c is not None:
+            return True, c, ""
+        return False, None, "no rank's output equals the sequential output"
+    target = expected_relation(engine, k, placement)
+    if target is None:
+        return False, None, "cannot express the expected relation"
+    tt = engine.to_term(target).id
+    for c in cands:
+        if engine.to_term(c.expr).id == tt:
+            return True, Candidate(target, c.chain, c.assumption), ""
+    return False, None, f"expected {engine.show(target)}"
+
+
+def any_clean_output_relation(engine: Engine, k: int):
+    """Without ``expect``: try replica, shards along each dim, partial sum, in that order."""
+    shape = engine.seq.outputs[k].shape
+    for p in [Replicate()] + [Shard(d) for d in range(len(shape))] + [Partial()]:
+        try:
+            ok, c, _ = check_output(engine, k, p)
+        except Exception:  # noqa: BLE001 - shapes that cannot be concatenated, etc.
+            continue
+        if ok:
+            return p, c
+    return None, None
+
+
+def judge(engine: Engine, problem, stats: dict) -> Result:
+    relations: list[OutputRelation] = []
+    findings: list[Finding] = []
+    culprit = None
+    assumptions = sorted({
+        f"{n}: {engine.show(c.expr)}" for n, cs in engine.relations.items() for c in cs if c.assumption
+    })
+    if engine.stuck_at is not None:
+        st = engine.stuck_at
+        node = engine.seq.by_name[st.node]
+        culprit = Culprit(
+            op=st.op, node=st.node, source=st.source, detail=st.detail, code=st.code,
+            input_relations=st.inputs, nearby=engine.nearby(node),
+        )
+    expect = problem.expect
+    n_out = len(engine.seq.outputs)
+    for k in range(n_out):
+        out = engine.seq.outputs[k]
+        placement = expect[k] if expect is not None and k < len(expect) else None
+        cands = engine.relations.get(out.name, [])
+        alts = [engine.show(c.expr) for c in cands]
+        if engine.stuck_at is not None and out.name not in engine.relations:
+            relations.append(OutputRelation(k, out.name, None, _placement_str(placement) if placement else None,
+                                            False, "not reached: the proof is stuck earlier", alts))
+            continue
+        if placement is not None:
+            ok, c, detail = check_output(engine, k, placement)
+            rel = engine.show(c.expr) if c is not None else (alts[0] if alts else None)
+            if not ok and alts:
+                detail = f"found {alts[0]}, but expect[{k}] = {_placement_str(placement)} needs {detail.removeprefix('expected ')}"
+            relations.append(OutputRelation(k, out.name, rel, _placement_str(placement), ok, detail, alts))
+        else:
+            p, c = any_clean_output_relation(engine, k)
+            if p is not None:
+                relations.append(OutputRelation(k, out.name, engine.show(c.expr), None, True,
+                                                f"ranks hold it as {_placement_str(p)}", alts))
+            else:
+                scaled = [a for a in cands if any(x.op == "scale" for x in _walk(a.expr))]
+                if scaled:
+                    findings.append(Finding("scale-factor", f"output {k} needs a scale factor: {engine.show(scaled[0].expr)}",
+                                            out.source))
+                detail = "related only to intermediate tensors, not to the ranks' outputs" if cands else "no relation"
+                relations.append(OutputRelation(k, out.name, alts[0] if alts else None, None, False, detail, alts))
+    if culprit is None:
+        bad = [r for r in relations if not r.ok]
+        if bad:
+            out = engine.seq.outputs[bad[0].index]
+            culprit = Culprit(
+                op=out.target, node=out.name, source=out.source, code=out.code,
+                detail=f"output {bad[0].index}: {bad[0].detail}",
+                input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])] for i in out.inputs},
+                nearby=engine.nearby(out),
+            )
+    status = Status.PROVED if culprit is None and all(r.ok for r in relations) else Status.UNKNOWN
+    return Result(
+        status=status, problem_name=problem.name, relations=relations, culprit=culprit,
+        findings=findings, assumptions=assumptions, stats=stats, steps=engine.steps,
+    )
+
+
+def _walk(e: Expr):
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        yield x
+        stack.extend(x.args)

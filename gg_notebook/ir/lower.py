@@ -1,0 +1,475 @@
+"""Lower a captured torch.fx graph (ATen ops) into the normalized IR of `gg_notebook.ir.graph`.
+
+Why a lowering at all: ATen spells one idea many ways (view/reshape/_unsafe_view/unsqueeze,
+transpose/t/permute, split/chunk+getitem, addmm vs add+mm, clone/contiguous/detach). Lemmas are
+written once against the normalized vocabulary; everything else becomes a generic ``call`` that
+can still be related by exact lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.relations.expr import OpSpec, Slot
+
+aten = torch.ops.aten
+
+
+class LoweringError(Exception):
+    """An fx node could not be lowered; names the node, op and source line."""
+
+
+IDENTITY = {
+    "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "lift_fresh", "alias_copy",
+    "detach_copy", "_assert_tensor_metadata",
+}
+VIEWS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "view_copy", "_reshape_alias",
+         "unflatten", "squeeze_copy", "unsqueeze_copy", "_unsafe_view_copy"}
+PERMUTES = {"permute", "transpose", "t", "numpy_T", "permute_copy", "transpose_copy", "t_copy", "swapaxes"}
+FACTORIES = {"zeros", "ones", "full", "arange", "scalar_tensor", "zeros_like", "ones_like", "full_like",
+             "new_zeros", "new_ones", "new_full", "tensor", "linspace", "eye", "tril_indices", "triu_indices"}
+RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "native_dropout",
+          "normal", "uniform", "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
+          "randperm", "multinomial", "exponential", "geometric"}
+REDUCE_FNS = {"sum": "sum", "mean": "mean", "amax": "amax", "amin": "amin", "prod": "prod", "logsumexp": "logsumexp"}
+
+
+@dataclass(frozen=True)
+class _Full:
+    """A hashable constant-tensor factory (zeros_like & co become full(shape, value))."""
+
+    shape: tuple
+    value: Any
+    dtype: Any
+
+    def __call__(self, *args, **kw):
+        return torch.full(self.shape, self.value, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class _TensorConst:
+    """A tensor constant baked into a graph, keyed by content so equal constants intern equal."""
+
+    digest: str
+    shape: tuple
+    dtype: Any
+    data: Any = None
+
+    def __call__(self, *args, **kw):
+        return self.data.clone()
+
+    def __hash__(self):
+        return hash((self.digest, self.shape))
+
+    def __eq__(self, other):
+        return isinstance(other, _TensorConst) and (self.digest, self.shape, self.dtype) == (other.digest, other.shape, other.dtype)
+
+
+def _meta_of(node: torch.fx.Node):
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape), val.dtype
+    return None, None
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, torch.SymInt):
+        return int(v)
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return v
+
+
+class _Lowerer:
+    def __init__(self, gm: torch.fx.GraphModule, rank: int | None):
+        self.gm = gm
+        self.rank = rank
+        self.nodes: list[Node] = []
+        self.env: dict[torch.fx.Node, Any] = {}  # fx node -> Node | list[Node] | _Tuple
+        self.names: set[str] = set()
+        self.cur: torch.fx.Node | None = None
+
+    # --------------------------------------------------------------- helpers
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            name = f"{base}_{k}"
+            k += 1
+        self.names.add(name)
+        return name
+
+    def emit(self, op, attrs, inputs, shape, dtype, target="", name=None) -> Node:
+        fx = self.cur
+        frames = tuple(fx.meta.get("gg_frames") or ()) if fx is not None else ()
+        code = frames[-1][3] if frames and len(frames[-1]) > 3 else None
+        n = Node(
+            name=self.fresh(name or (fx.name if fx is not None else op)),
+            op=op, attrs=attrs, inputs=tuple(inputs), shape=tuple(shape), dtype=dtype,
+            target=target or (str(fx.target) if fx is not None and fx.op == "call_function" else op),
+            source=fx.meta.get("gg_source") if fx is not None else None, code=code, frames=frames,
+            rank=self.rank, fx_name=fx.name if fx is not None else "",
+        )
+        self.nodes.append(n)
+        return n
+
+    def spec_for(self, target, args, kwargs, kind="generic", params=(), out=None):
+        """OpSpec + tensor inputs for a call; tensor args become Slots."""
+        inputs: list[Node] = []
+
+        def conv(a):
+            if isinstance(a, torch.fx.Node):
+                v = self.env[a]
+                if not isinstance(v, Node):
+                    raise LoweringError(f"unexpected non-tensor argument {a.name}")
+                inputs.append(v)
+                return Slot(len(inputs) - 1)
+            if isinstance(a, (list, tuple)):
+                return tuple(conv(x) for x in a)
+            return _hashable(a)
+
+        t_args = tuple(conv(a) for a in args)
+        t_kwargs = tuple(sorted((k, conv(v)) for k, v in kwargs.items()))
+        unique = None
+        packet = _packet(target)
+        if packet in RANDOM or (hasattr(target, "tags") and torch.Tag.nondeterministic_seeded in target.tags):
+            unique = f"{self.rank}:{self.cur.name if self.cur is not None else id(target)}"
+        spec = OpSpec(kind, _name(target), target, (t_args, t_kwargs), tuple(params), out, unique)
+        return spec, inputs
+
+    # --------------------------------------------------------------- main loop
+    def run(self) -> Graph:
+        inputs: list[Node] = []
+        outputs: list[Node] = []
+        placeholder_index = 0
+        for fx in self.gm.graph.nodes:
+            self.cur = fx
+            if fx.op == "placeholder":
+                shape, dtype = _meta_of(fx)
+                idx = fx.meta.get("gg_input_index", placeholder_index)
+                placeholder_index += 1
+                if shape is None:
+                    self.env[fx] = None
+                    continue
+                n = self.emit("input", idx, (), shape, dtype, target="input",
+                              name=fx.meta.get("gg_input_name") or fx.name)
+                inputs.append(n)
+                self.env[fx] = n
+            elif fx.op == "get_attr":
+                val = getattr(self.gm, fx.target, None)
+                if isinstance(val, torch.Tensor):
+                    data = val.detach().cpu()
+                    digest = hashlib.sha1(data.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() \
+                        if data.numel() and not data.is_meta else "empty"
+                    c = _TensorConst(digest, tuple(data.shape), data.dtype, data)
+                    spec = OpSpec("const", "constant", c, ((), ()))
+                    self.env[fx] = self.emit("const", spec, (), tuple(data.shape), data.dtype, target="constant")
+                else:
+                    self.env[fx] = None
+            elif fx.op == "output":
+                flat = torch.utils._pytree.tree_leaves(fx.args[0])
+                for o in flat:
+                    if isinstance(o, torch.fx.Node) and isinstance(self.env.get(o), Node):
+                        outputs.append(self.env[o])
+                    elif o is not None:
+                        raise LoweringError(f"output {o!r} is not a tensor")
+            elif fx.op == "call_function":
+                try:
+                    self.env[fx] = self.lower_call(fx)
+                except LoweringError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise LoweringError(
+                        f"could not lower {fx.target} ({fx.name}) at {fx.meta.get('gg_source')}: {exc}"
+                    ) from exc
+            else:
+                raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
+        return Graph(self.nodes, inputs, outputs, rank=self.rank)
+
+    # --------------------------------------------------------------- calls
+    def lower_call(self, fx: torch.fx.Node):
+        target = fx.target
+        info = fx.meta.get("gg_collective")
+        if info is not None:
+            src = fx.args[0]
+            shape, dtype = _meta_of(fx)
+            return self.emit("collective", info, (self.env[src],), shape, dtype,
+                             target=f"{info.kind}({info.reduce_op})" if info.reduce_op else info.kind,
+                             name=info.kind)
+        if target is operator.getitem:
+            base, k = fx.args
+            v = self.env[base]
+            if isinstance(v, _Tuple):
+                return v.get(k, self)
+            if isinstance(v, (list, tuple)):
+                return v[k]
+            raise LoweringError(f"getitem on {base.name}")
+        if not isinstance(target, torch._ops.OpOverload):
+            # e.g. wait_tensor leftovers or python callables: treat generically if tensor-valued
+            packet = getattr(target, "__name__", str(target))
+            if packet in ("wait_tensor",):
+                return self.env[fx.args[0]]
+            return self.generic(fx)
+        packet = _packet(target)
+        args, kwargs = fx.args, fx.kwargs
+        shape, dtype = _meta_of(fx)
+        env = self.env
+
+        if packet in IDENTITY:
+            return env[args[0]]
+        if packet in ("_to_copy", "to", "_to_dtype", "type_as"):
+            src = env[args[0]]
+            if dtype == src.dtype:
+                return src
+            return self.call(fx, kind="ew")
+        if packet in VIEWS and shape is not None:
+            return self.emit("view", shape, (env[args[0]],), shape, dtype)
+        if packet in PERMUTES:
+            src = env[args[0]]
+            n = len(src.shape)
+            if packet == "permute" or packet == "permute_copy":
+                perm = tuple(int(p) % n for p in args[1])
+            elif packet in ("t", "t_copy", "numpy_T"):
+                perm = tuple(reversed(range(n)))
+            else:
+                d0, d1 = int(args[1]) % n, int(args[2]) % n
+                perm = list(range(n))
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                perm = tuple(perm)
+            return self.emit("permute", perm, (src,), shape, dtype)
+        if packet in ("expand", "expand_copy"):
+            src = env[args[0]]
+            if tuple(src.shape) == tuple(shape):
+                return src
+            return self.emit("expand", shape, (src,), shape, dtype)
+        if packet in ("slice", "slice_copy", "narrow"):
+            src = env[args[0]]
+            n = len(src.shape)
+            if packet == "narrow":
+                dim, start, length = int(args[1]) % n, int(args[2]), int(args[3])
+                end, step = start + length, 1
+            else:
+                dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % n
+                start = args[2] if len(args) > 2 else kwargs.get("start")
+                end = args[3] if len(args) > 3 else kwargs.get("end")
+                step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+            size = src.shape[dim]
+            start, end, _ = slice(start, end, 1).indices(size)
+            end = max(start, end)
+            if step == 1:
+                if start == 0 and end == size:
+                    return src
+                return self.emit("slice", (dim, start, end), (src,), shape, dtype)
+            return self.call(fx)
+        if packet in ("select", "select_copy"):
+            src = env[args[0]]
+            n = len(src.shape)
+            dim = int(args[1]) % n
+            i = int(args[2]) % src.shape[dim]
+            sshape = list(src.shape)
+            sshape[dim] = 1
+            s = self.emit("slice", (dim, i, i + 1), (src,), sshape, dtype, name=fx.name + "_slice")
+            return self.emit("view", shape, (s,), shape, dtype)
+        if packet in ("cat", "concat", "concatenate"):
+            tensors = [env[t] for t in args[0]]
+            dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            tensors = [t for t in tensors if t is not None and math.prod(t.shape) > 0 or len(args[0]) == 1]
+            dim = dim % len(shape)
+            if len(tensors) == 1:
+                return tensors[0]
+            return self.emit("cat", dim, tensors, shape, dtype)
+        if packet == "stack":
+            tensors = [env[t] for t in args[0]]
+            dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % len(shape)
+            views = []
+            for t in tensors:
+                vshape = list(t.shape)
+                vshape.insert(dim, 1)
+                views.append(self.emit("view", tuple(vshape), (t,), vshape, dtype, name=fx.name + "_unsq"))
+            return self.emit("cat", dim, views, shape, dtype)
+        if packet in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split",
+                      "split_with_sizes_copy", "unbind_copy", "split_copy"):
+            return self.split(fx, packet)
+        if packet in ("addmm", "baddbmm", "addbmm"):
+            return self.addmm(fx, packet)
+        if packet in ("mm", "bmm"):
+            spec_str = "ik,kj->ij" if packet == "mm" else "bik,bkj->bij"
+            return self.call(fx, kind="matmul", params=(("einsum", spec_str),))
+        if packet in ("sum", "mean", "amax", "amin", "logsumexp", "prod") and shape is not None:
+            return self.reduce(fx, packet)
+        if packet in ("max", "min") and len(args) >= 2 and isinstance(args[1], int):
+            return _Tuple(self, fx, kind="reduce",
+                          params_by_out={0: (("fn", "a" + packet), ("dims", (int(args[1]) % len(self.env[args[0]].shape),)),
+                                             ("keepdim", bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False)))),
+                                         1: ()})
+        if packet in ("_softmax", "_log_softmax", "softmax", "log_softmax"):
+            src = env[args[0]]
+            dim = int(args[1]) % len(src.shape)
+            fn = "log_softmax" if "log" in packet else "softmax"
+            return self.call(fx, kind="softmax", params=(("dim", dim), ("fn", fn)))
+        if packet in ("_softmax_backward_data", "_log_softmax_backward_data"):
+            src = env[args[0]]
+            dim = int(args[2]) % len(src.shape)
+            fn = "log_softmax" if "log" in packet else "softmax"
+            return self.call(fx, kind="softmax_backward", params=(("dim", dim), ("fn", fn)))
+        if packet == "native_layer_norm":
+            n_norm = len(args[1])
+            return _Tuple(self, fx, kind="layer_norm", shared=(("n", n_norm),))
+        if packet == "native_layer_norm_backward":
+            n_norm = len(args[2])
+            return _Tuple(self, fx, kind="layer_norm_backward", shared=(("n", n_norm),))
+        if packet == "embedding":
+            return self.call(fx, kind="embedding")
+        if packet == "embedding_dense_backward":
+            return self.call(fx, kind="embedding_backward")
+        if packet in FACTORIES:
+            if shape is None:
+                return self.generic(fx)
+            if packet in ("zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full"):
+                value = {"zeros_like": 0, "ones_like": 1, "new_zeros": 0, "new_ones": 1, "zeros": 0, "ones": 1}.get(packet)
+                if value is None:
+                    value = args[1] if packet in ("full_like", "full", "new_full") and len(args) > 1 else kwargs.get("fill_value")
+                    if packet == "new_full":
+                        value = args[2] if len(args) > 2 else kwargs.get("fill_value")
+                spec = OpSpec("const", f"full({value})", _Full(tuple(shape), _hashable(value), dtype), ((), ()))
+                return self.emit("const", spec, (), shape, dtype)
+            spec, inputs = self.spec_for(target, args, kwargs, kind="const")
+            if inputs:
+                return self.generic(fx)
+            return self.emit("const", spec, (), shape, dtype)
+        if isinstance(fx.meta.get("val"), (tuple, list)):
+            return _Tuple(self, fx, kind=_kind_of(target))
+        return self.call(fx, kind=_kind_of(target))
+
+    def call(self, fx, kind="generic", params=(), out=None) -> Node:
+        spec, inputs = self.spec_for(fx.target, fx.args, fx.kwargs, kind=kind, params=params, out=out)
+        shape, dtype = _meta_of(fx)
+        if shape is None:
+            raise LoweringError(f"{fx.target} ({fx.name}) does not produce a tensor")
+        return self.emit("call", spec, inputs, shape, dtype)
+
+    def generic(self, fx):
+        if isinstance(fx.meta.get("val"), (tuple, list)):
+            return _Tuple(self, fx, kind="generic")
+        return self.call(fx)
+
+    def reduce(self, fx, packet) -> Node:
+        src = self.env[fx.args[0]]
+        n = len(src.shape)
+        args, kwargs = fx.args, fx.kwargs
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = tuple(range(n))
+        elif isinstance(dims, int):
+            dims = (dims,)
+        dims = tuple(sorted(int(d) % max(n, 1) for d in dims))
+        keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        params = (("fn", REDUCE_FNS[packet]), ("dims", dims), ("keepdim", keepdim))
+        return self.call(fx, kind="reduce", params=params)
+
+    def addmm(self, fx, packet) -> Node:
+        """addmm(bias, a, b, beta, alpha) -> add(beta*bias, alpha*mm(a, b)); lemmas see mm and add."""
+        args, kwargs = fx.args, fx.kwargs
+        beta = kwargs.get("beta", 1)
+        alpha = kwargs.get("alpha", 1)
+        if beta != 1 or alpha != 1 or packet == "addbmm":
+            return self.call(fx)
+        bias, a, b = (self.env[x] for x in args[:3])
+        shape, dtype = _meta_of(fx)
+        mm_target = aten.mm.default if packet == "addmm" else aten.bmm.default
+        einsum = "ik,kj->ij" if packet == "addmm" else "bik,bkj->bij"
+        mm_spec = OpSpec("matmul", _name(mm_target), mm_target, ((Slot(0), Slot(1)), ()), (("einsum", einsum),))
+        mm = self.emit("call", mm_spec, (a, b), shape, dtype, target=_name(mm_target), name=fx.name + "_mm")
+        add_target = aten.add.Tensor
+        add_spec = OpSpec("ew", _name(add_target), add_target, ((Slot(0), Slot(1)), ()))
+        return self.emit("call", add_spec, (mm, bias), shape, dtype, target=_name(add_target))
+
+    def split(self, fx, packet):
+        src = self.env[fx.args[0]]
+        args, kwargs = fx.args, fx.kwargs
+        n = len(src.shape)
+        vals = fx.meta.get("val")
+        if packet == "unbind" or packet == "unbind_copy":
+            dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % n
+            sizes = [1] * src.shape[dim]
+            squeeze = True
+        else:
+            dim = int(args[2] if len(args) > 2 else kwargs.get("dim", 0)) % n
+            sizes = [int(v.shape[dim]) for v in vals]
+            squeeze = False
+        pieces = []
+        off = 0
+        for k, sz in enumerate(sizes):
+            sshape = list(src.shape)
+            sshape[dim] = sz
+            if off == 0 and sz == src.shape[dim]:
+                s = src
+            else:
+                s = self.emit("slice", (dim, off, off + sz), (src,), sshape, src.dtype, name=f"{fx.name}_{k}")
+            if squeeze:
+                vshape = tuple(sshape[:dim] + sshape[dim + 1:])
+                s = self.emit("view", vshape, (s,), vshape, src.dtype, name=f"{fx.name}_{k}v")
+            pieces.append(s)
+            off += sz
+        return pieces
+
+
+class _Tuple:
+    """A tuple-returning op; each getitem becomes its own IR node with ``OpSpec.out`` set."""
+
+    def __init__(self, low: _Lowerer, fx, kind="generic", shared=(), params_by_out=None):
+        self.low, self.fx, self.kind, self.shared = low, fx, kind, shared
+        self.params_by_out = params_by_out or {}
+        self.cache: dict[int, Node] = {}
+
+    def get(self, k: int, low: _Lowerer) -> Node:
+        if k not in self.cache:
+            fx = self.fx
+            val = fx.meta["val"][k]
+            if not isinstance(val, torch.Tensor):
+                raise LoweringError(f"output {k} of {fx.target} is not a tensor")
+            params = self.params_by_out.get(k, self.shared)
+            kind = self.kind if k in self.params_by_out or not self.params_by_out else "generic"
+            if self.params_by_out and not params:
+                kind = "generic"
+            spec, inputs = low.spec_for(fx.target, fx.args, fx.kwargs, kind=kind, params=params, out=k)
+            saved = low.cur
+            low.cur = fx
+            node = low.emit("call", spec, inputs, tuple(int(s) for s in val.shape), val.dtype,
+                            name=f"{fx.name}_{k}" if k else fx.name)
+            low.cur = saved
+            self.cache[k] = node
+        return self.cache[k]
+
+
+def _packet(target) -> str:
+    try:
+        return target.overloadpacket.__name__
+    except AttributeError:
+        return getattr(target, "__name__", str(target))
+
+
+def _name(target) -> str:
+    s = str(target)
+    return s if s.startswith("aten.") else s
+
+
+def _kind_of(target) -> str:
+    tags = getattr(target, "tags", ())
+    if torch.Tag.pointwise in tags:
+        return "ew"
+    return "generic"
+
+
+def lower(gm: torch.fx.GraphModule, rank: int | None = None) -> Graph:
+    """Lower ``gm`` (sequential if ``rank`` is None) into the normalized IR."""
+    return _Lowerer(gm, rank).run()

@@ -1,0 +1,61 @@
+"""Lemmas: named, documented rewrite rules with side conditions and their own random test cases.
+
+A lemma looks at one operator applied to the relations of its inputs (clean expressions over
+distributed values) and proposes *plans*: clean expressions whose compute pieces are the same
+operator (or another one) applied to smaller arguments, e.g.
+
+    mm(concat(a0, a1, dim=1), concat(b0, b1, dim=0))  ->  sum(mm(a0, b0), mm(a1, b1))
+
+The engine then resolves each piece against the ranks. Lemmas never look at the ranks
+themselves (except those that declare ``needs_index``), so each is an identity that can be tested
+on random tensors: ``cases`` yields random instances, and tests/test_lemmas.py checks every
+registered lemma on all of them (a lemma without cases fails the suite).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec
+
+
+@dataclass(frozen=True)
+class LemmaCase:
+    """One random instance: ``spec`` applied to ``args`` (expressions over ``values``' atoms)."""
+
+    spec: OpSpec
+    args: tuple
+    values: dict  # atom name -> tensor
+    store: ExprStore
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Lemma:
+    name: str
+    statement: str  # the identity, whiteboard style
+    kinds: tuple[str, ...]  # OpSpec kinds it looks at ("*" for any)
+    plans: Callable[[ExprStore, OpSpec, tuple, tuple], Iterator[Expr]]
+    cases: Callable[[object], Iterator[LemmaCase]]
+    conditions: tuple[str, ...] = ()
+    bitwise_safe: bool = False  # True if the rewrite preserves floating-point results exactly
+    priority: int = 50
+
+    def __repr__(self) -> str:
+        return f"Lemma({self.name})"
+
+
+REGISTRY: dict[str, Lemma] = {}
+
+
+def register(lemma: Lemma) -> Lemma:
+    if lemma.name in REGISTRY:
+        raise ValueError(f"duplicate lemma {lemma.name}")
+    REGISTRY[lemma.name] = lemma
+    return lemma
+
+
+def lemmas_for(kind: str) -> list[Lemma]:
+    out = [l for l in REGISTRY.values() if kind in l.kinds or "*" in l.kinds]
+    return sorted(out, key=lambda l: (l.priority, l.name))

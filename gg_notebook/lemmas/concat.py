@@ -1,0 +1,154 @@
+"""Operators versus concatenation: the lemmas behind tensor, sequence and data parallelism.
+
+* ``concat-commute``: if an operand is ``concat(x_0..x_n, dim=d)`` and position i along d only
+  influences position i along output dim k (elementwise ops, matmul rows/columns, softmax rows,
+  layer-norm rows, embedding lookups...), the op applies piecewise; every other operand is sliced
+  at the same offsets along its dim that maps to k, or used whole if it has none (broadcast).
+* ``concat-contract``: if the concatenated dim is reduced (matmul's contracted dim, a sum/amax/amin
+  over it, the tokens of an embedding or layer-norm weight gradient), the op becomes the
+  sum/max/min over the pieces of the op applied piecewise; operands sharing that reduced dim are
+  sliced at the same offsets. This is "a row-parallel matmul is the sum of the shard products".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gg_notebook.lemmas import _cases as C
+from gg_notebook.lemmas.base import Lemma, register
+from gg_notebook.lemmas.dims import dim_roles
+from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError
+
+aten = torch.ops.aten
+
+
+def _bounds(cat_expr):
+    d = cat_expr.attrs
+    out, off = [], 0
+    for a in cat_expr.args:
+        out.append((off, off + a.shape[d]))
+        off += a.shape[d]
+    return out
+
+
+def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want: str):
+    shapes = [a.shape for a in args]
+    roles = dim_roles(spec, shapes, out_shape)
+    if roles is None:
+        return
+    seen = set()
+    for i, a in enumerate(args):
+        if a.op != "cat":
+            continue
+        d = a.attrs
+        role = roles[i][d]
+        if role is None or (want == "out") != (role[0] == "out") or role[0] == "bcast":
+            continue
+        if role in seen:
+            continue
+        seen.add(role)
+        pieces = []
+        try:
+            for lo, hi in _bounds(a):
+                new_args = []
+                for j, b in enumerate(args):
+                    dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]
+                    new_args.append(S.slice(b, dj[0], lo, hi) if dj else b)
+                pieces.append(S.call(spec, new_args))
+            if role[0] == "out":
+                yield S.cat(pieces, role[1])
+            else:
+                yield S.accum(role[0], pieces)
+        except ShapeError:
+            continue
+
+
+def concat_commute(S, spec, args, out_shape):
+    yield from _split_plans(S, spec, args, out_shape, "out")
+
+
+def concat_contract(S, spec, args, out_shape):
+    yield from _split_plans(S, spec, args, out_shape, "reduce")
+
+
+# ---------------------------------------------------------------------------- random cases
+def _commute_cases(rng):
+    r = lambda *s: C.randn(rng, *s)  # noqa: E731
+    F = torch.nn.functional
+    for _ in range(3):
+        m, n, k, b = C.dims(rng), C.dims(rng), C.dims(rng), C.dims(rng)
+        x, y, bias = r(m, n), r(m, n), r(n)
+        mask = r(m, n) > 0
+        yield C.case(lambda x, y: x + y, (x, bias), rng, split={0: 0}, description="add bias, rows split")
+        yield C.case(lambda x, y: x + y, (x, bias), rng, split={0: 1, 1: 0}, description="add bias, cols split")
+        yield C.case(lambda x, y: x * y, (x, y), rng, split={0: 1, 1: 1}, description="mul, both split")
+        yield C.case(lambda x, y: x * y, (x, y), rng, split={0: 0}, description="mul, one split")
+        yield C.case(lambda x: F.gelu(x), (x,), rng, split={0: 1}, description="gelu")
+        yield C.case(lambda mk, x: x.masked_fill(mk, 0.0), (mask, x), rng, split={0: 0, 1: 0}, description="masked_fill")
+        yield C.case(lambda c, x, y: torch.where(c, x, y), (mask, x, y), rng, split={0: 1, 1: 1, 2: 1}, description="where")
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={0: 0}, description="mm rows")
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={1: 1}, description="mm cols")
+        yield C.case(torch.bmm, (r(b, m, k), r(b, k, n)), rng, split={0: 0, 1: 0}, description="bmm batch")
+        yield C.case(lambda x: x.sum(1), (x,), rng, split={0: 0}, description="sum over unsplit dim")
+        yield C.case(lambda x: torch.softmax(x, -1), (x,), rng, split={0: 0}, description="softmax rows")
+        yield C.case(lambda x, w, bb: F.layer_norm(x, (n,), w, bb), (r(b, m, n), r(n), r(n)), rng, split={0: 1},
+                     description="layer_norm rows")
+        emb, ids = r(k + 3, n), torch.randint(0, k + 3, (b, m), generator=rng)
+        yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={1: 1}, description="embedding, ids split")
+        yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={0: 1}, description="embedding, hidden split")
+        yield _ln_bwd_case(rng, r, b, m, n, 0, "layer_norm_backward dx, rows split")
+
+
+def _ln_bwd_case(rng, r, b, m, n, out, description):
+    g, x, w, bb = r(b, m, n), r(b, m, n), r(n), r(n)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, (n,), w, bb, 1e-5)
+
+    def ln_bwd(g, x, mean, rstd, w, bb):
+        return torch.ops.aten.native_layer_norm_backward(g, x, (n,), mean, rstd, w, bb, [True, True, True])[out]
+
+    return C.case(ln_bwd, (g, x, mean, rstd, w, bb), rng, split={0: 1, 1: 1, 2: 1, 3: 1}, description=description)
+
+
+def _contract_cases(rng):
+    r = lambda *s: C.randn(rng, *s)  # noqa: E731
+    for _ in range(3):
+        m, n, k, b = C.dims(rng), C.dims(rng), C.dims(rng, 3, 8), C.dims(rng)
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={0: 1, 1: 0}, description="mm contracted")
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={0: 1}, description="mm contracted, one side")
+        yield C.case(torch.bmm, (r(b, m, k), r(b, k, n)), rng, split={0: 2, 1: 1}, description="bmm contracted")
+        x = r(m, k)
+        yield C.case(lambda x: x.sum(-1), (x,), rng, split={0: 1}, description="sum over split dim")
+        yield C.case(lambda x: x.amax(-1, keepdim=True), (x,), rng, split={0: 1}, description="amax over split dim")
+        yield C.case(lambda x: x.amin(0), (x,), rng, split={0: 0}, description="amin over split dim")
+        ids = torch.randint(0, n, (b, m), generator=rng)
+        g = r(b, m, k)
+        yield C.case(lambda g, i: torch.ops.aten.embedding_dense_backward(g, i, n, -1, False), (g, ids), rng,
+                     split={0: 1, 1: 1}, description="embedding backward, tokens split")
+        for out in (1, 2):
+            yield _ln_bwd_case(rng, r, b, m, k, out, f"layer_norm_backward d{'w' if out == 1 else 'b'}, tokens split")
+
+
+register(Lemma(
+    name="concat-commute",
+    statement="op(.., concat(x_i, d), ..) = concat(op(.., x_i, ..), k)  when dim d maps position-wise to output dim k",
+    kinds=("ew", "matmul", "reduce", "softmax", "softmax_backward", "layer_norm", "layer_norm_backward",
+           "embedding", "embedding_backward"),
+    plans=concat_commute,
+    cases=_commute_cases,
+    conditions=("the concatenated dim maps position-wise to an output dim",
+                "co-operands are sliced at the same offsets along their matching dim"),
+    bitwise_safe=True,
+    priority=20,
+))
+
+register(Lemma(
+    name="concat-contract",
+    statement="op(.., concat(x_i, d), ..) = sum_i op(.., x_i, ..)  when op reduces d with sum (max/min likewise)",
+    kinds=("matmul", "reduce", "layer_norm_backward", "embedding_backward"),
+    plans=concat_contract,
+    cases=_contract_cases,
+    conditions=("the concatenated dim is reduced by an associative combiner (sum, max, min)",
+                "operands sharing the reduced dim are sliced at the same offsets"),
+    bitwise_safe=False,
+    priority=30,
+))

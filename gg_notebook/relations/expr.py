@@ -1,0 +1,534 @@
+"""The expression language shared by terms (what a tensor computes) and relations (how to rebuild it).
+
+One hash-consed node type, `Expr`, serves two purposes:
+
+* *terms*: every distributed tensor is interned as an expression over the global inputs
+  (``atom`` leaves). Two rank tensors with the same term hold the same value, so replicas on
+  different ranks become one distributed value without any search;
+* *relations*: a sequential tensor is related to the ranks by an expression whose leaves are
+  ``ref`` nodes (a distributed value that some rank really holds) combined with *clean* operators
+  only: ``view``, ``permute``, ``slice``, ``cat``, ``expand``, ``accum`` (sum/max/min over ranks)
+  and constants. ``scale`` (multiplication by a number) is representable but never clean.
+
+The clean constructors below normalize as they build (views and slices are pushed below
+concatenations, nested concatenations flatten, adjacent slices merge, identities vanish), so
+structurally different spellings of one value get one node. Every normalization is an identity
+over real numbers; each is exercised by the randomized tests in tests/test_expr.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
+ACCUM_FNS = ("sum", "max", "min")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Marks where tensor argument ``i`` goes in an operator call template."""
+
+    i: int
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A compute operator with its non-tensor arguments fixed.
+
+    ``kind`` selects the lemmas that apply ("ew", "matmul", "reduce", "softmax", ...), ``params``
+    holds kind-specific normalized parameters, and ``target``/``template`` evaluate the operator on
+    concrete (or meta) tensors, which also gives output shapes of rewritten calls for free.
+    """
+
+    kind: str
+    name: str  # printable ATen name, e.g. "aten.mm.default"
+    target: Any
+    template: tuple  # (args, kwargs-items) with Slot markers
+    params: tuple = ()
+    out: int | None = None  # index into a tuple-returning op
+    unique: str | None = None  # non-None for random ops: never equal to another call
+
+    def param(self, key: str, default=None):
+        for k, v in self.params:
+            if k == key:
+                return v
+        return default
+
+    def call(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        args, kwargs = self.template
+        filled = _fill(args, tensors)
+        kw = {k: _fill(v, tensors) for k, v in kwargs}
+        out = self.target(*filled, **kw)
+        if self.out is not None:
+            out = out[self.out]
+        return out
+
+    @property
+    def short(self) -> str:
+        n = self.name
+        if n.startswith("aten."):
+            n = n[5:]
+        for suffix in (".default", ".Tensor", ".Scalar", ".self", ".dim_IntList", ".int"):
+            if n.endswith(suffix):
+                n = n[: -len(suffix)]
+        if self.out is not None:
+            n += f"[{self.out}]"
+        return n
+
+
+def _fill(t, tensors):
+    if isinstance(t, Slot):
+        return tensors[t.i]
+    if isinstance(t, tuple):
+        return type(t)(_fill(x, tensors) for x in t) if type(t) is tuple else t
+    if isinstance(t, list):
+        return [_fill(x, tensors) for x in t]
+    return t
+
+
+class Expr:
+    """A hash-consed expression node. Build them through `ExprStore`, never directly."""
+
+    __slots__ = ("id", "op", "attrs", "args", "shape", "dtype", "key")
+
+    def __init__(self, id, op, attrs, args, shape, dtype, key):
+        self.id = id
+        self.op = op
+        self.attrs = attrs
+        self.args = args
+        self.shape = shape
+        self.dtype = dtype
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Expr#{self.id}<{self.op}>"
+
+    @property
+    def is_clean(self) -> bool:
+        return self.op in CLEAN_OPS
+
+
+class ShapeError(ValueError):
+    """A rewrite produced an expression whose shapes do not fit."""
+
+
+class ExprStore:
+    """Interns expressions and owns the normalizing constructors."""
+
+    def __init__(self) -> None:
+        self._table: dict[tuple, Expr] = {}
+        self.nodes: list[Expr] = []
+
+    # ------------------------------------------------------------------ interning
+    def _intern(self, op, attrs, args, shape, dtype) -> Expr:
+        key = (op, attrs, tuple(a.id for a in args))
+        e = self._table.get(key)
+        if e is None:
+            e = Expr(len(self.nodes), op, attrs, tuple(args), tuple(shape), dtype, key)
+            self._table[key] = e
+            self.nodes.append(e)
+        return e
+
+    def find(self, op, attrs, args) -> Expr | None:
+        return self._table.get((op, attrs, tuple(a.id for a in args)))
+
+    # ------------------------------------------------------------------ leaves
+    def atom(self, name: str, shape, dtype) -> Expr:
+        return self._intern("atom", (name,), (), shape, dtype)
+
+    def ref(self, dval_id: int, shape, dtype) -> Expr:
+        return self._intern("ref", (dval_id,), (), shape, dtype)
+
+    def const(self, spec: OpSpec, shape, dtype) -> Expr:
+        return self._intern("const", spec, (), shape, dtype)
+
+    def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
+        if shape is None:
+            shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
+        return self._intern("call", spec, tuple(args), shape, dtype)
+
+    # ------------------------------------------------------------------ clean constructors
+    def view(self, x: Expr, shape: Sequence[int]) -> Expr:
+        shape = _resolve_shape(tuple(int(s) for s in shape), x.shape)
+        if math.prod(shape) != math.prod(x.shape):
+            raise ShapeError(f"cannot view {x.shape} as {shape}")
+        if shape == x.shape:
+            return x
+        if x.op == "view":
+            return self.view(x.args[0], shape)
+        if x.op == "accum":
+            return self.accum(x.attrs, [self.view(a, shape) for a in x.args])
+        if x.op == "cat":
+            pushed = self._view_of_cat(x, shape)
+            if pushed is not None:
+                return pushed
+        if x.op == "expand":
+            pass
+        return self._intern("view", shape, (x,), shape, x.dtype)
+
+    def _view_of_cat(self, x: Expr, shape) -> Expr | None:
+        d = x.attrs
+        groups = reshape_groups(x.shape, shape)
+        if groups is None:
+            return None
+        for in_dims, out_dims in groups:
+            if d not in in_dims:
+                continue
+            lead_in = [i for i in in_dims if i < d]
+            if any(x.shape[i] != 1 for i in lead_in):
+                return None
+            inner_in = math.prod(x.shape[i] for i in in_dims if i > d)
+            # the first output dim of the group with size > 1 carries the concatenation
+            j = next((o for o in out_dims if shape[o] != 1), out_dims[0] if out_dims else None)
+            if j is None:
+                return None
+            inner_out = math.prod(shape[o] for o in out_dims if o > j)
+            pieces = []
+            for part in x.args:
+                flat = part.shape[d] * inner_in
+                if flat % inner_out:
+                    return None
+                pshape = list(shape)
+                pshape[j] = flat // inner_out
+                pieces.append(self.view(part, pshape))
+            return self.cat(pieces, j)
+        return None
+
+    def permute(self, x: Expr, perm: Sequence[int]) -> Expr:
+        perm = tuple(int(p) % max(len(x.shape), 1) for p in perm)
+        if sorted(perm) != list(range(len(x.shape))):
+            raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
+        if perm == tuple(range(len(perm))):
+            return x
+        if x.op == "permute":
+            inner = x.attrs
+            return self.permute(x.args[0], tuple(inner[p] for p in perm))
+        if x.op == "cat":
+            d = x.attrs
+            return self.cat([self.permute(a, perm) for a in x.args], perm.index(d))
+        if x.op == "accum":
+            return self.accum(x.attrs, [self.permute(a, perm) for a in x.args])
+        shape = tuple(x.shape[p] for p in perm)
+        return self._intern("permute", perm, (x,), shape, x.dtype)
+
+    def transpose(self, x: Expr, d0: int, d1: int) -> Expr:
+        n = len(x.shape)
+        perm = list(range(n))
+        d0, d1 = d0 % n, d1 % n
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return self.permute(x, perm)
+
+    def slice(self, x: Expr, dim: int, start: int, end: int) -> Expr:
+        n = len(x.shape)
+        dim = dim % n
+        size = x.shape[dim]
+        start = max(0, min(size, start + size if start < 0 else start))
+        end = max(start, min(size, end + size if end < 0 else end))
+        if start == 0 and end == size:
+            return x
+        if x.op == "slice" and x.attrs[0] == dim:
+            s0 = x.attrs[1]
+            return self.slice(x.args[0], dim, s0 + start, s0 + end)
+        if x.op == "cat":
+            d = x.attrs
+            if d != dim:
+                return self.cat([self.slice(a, dim, start, end) for a in x.args], d)
+            pieces, off = [], 0
+            for a in x.args:
+                lo, hi = off, off + a.shape[d]
+                s, e = max(start, lo), min(end, hi)
+                if s < e:
+                    pieces.append(self.slice(a, d, s - lo, e - lo))
+                off = hi
+            return self.cat(pieces, d)
+        if x.op == "accum":
+            return self.accum(x.attrs, [self.slice(a, dim, start, end) for a in x.args])
+        if x.op == "permute":
+            perm = x.attrs
+            return self.permute(self.slice(x.args[0], perm[dim], start, end), perm)
+        if x.op == "expand":
+            src = x.args[0]
+            k = dim - (len(x.shape) - len(src.shape))
+            if k < 0 or src.shape[k] == 1:
+                shape = list(x.shape)
+                shape[dim] = end - start
+                return self.expand(src, shape)
+        shape = list(x.shape)
+        shape[dim] = end - start
+        return self._intern("slice", (dim, start, end), (x,), shape, x.dtype)
+
+    def cat(self, xs: Iterable[Expr], dim: int) -> Expr:
+        xs = list(xs)
+        if not xs:
+            raise ShapeError("cannot concatenate nothing")
+        n = len(xs[0].shape)
+        dim = dim % n
+        flat: list[Expr] = []
+        for x in xs:
+            if len(x.shape) != n or any(x.shape[i] != xs[0].shape[i] for i in range(n) if i != dim):
+                raise ShapeError(f"cannot concatenate shapes {[a.shape for a in xs]} along {dim}")
+            if x.op == "cat" and x.attrs == dim:
+                flat.extend(x.args)
+            elif x.shape[dim] > 0:
+                flat.append(x)
+        merged: list[Expr] = []
+        for x in flat:
+            if merged:
+                prev = merged[-1]
+                joined = self._join_slices(prev, x, dim)
+                if joined is not None:
+                    merged[-1] = joined
+                    continue
+            merged.append(x)
+        if len(merged) == 1:
+            return merged[0]
+        shape = list(merged[0].shape)
+        shape[dim] = sum(a.shape[dim] for a in merged)
+        return self._intern("cat", dim, tuple(merged), shape, merged[0].dtype)
+
+    def _join_slices(self, a: Expr, b: Expr, dim: int) -> Expr | None:
+        """slice(x, d, i, j) ++ slice(x, d, j, k) == slice(x, d, i, k); same for a whole-prefix."""
+        base_a, sa, ea = _as_slice(a, dim)
+        base_b, sb, eb = _as_slice(b, dim)
+        if base_a is base_b and base_a is not None and ea == sb:
+            return self.slice(base_a, dim, sa, eb)
+        return None
+
+    def expand(self, x: Expr, shape: Sequence[int]) -> Expr:
+        shape = tuple(int(s) if s != -1 else x.shape[i - (len(shape) - len(x.shape))] for i, s in enumerate(shape))
+        if shape == x.shape:
+            return x
+        return self._intern("expand", shape, (x,), shape, x.dtype)
+
+    def accum(self, fn: str, xs: Iterable[Expr]) -> Expr:
+        xs = list(xs)
+        if fn not in ACCUM_FNS:
+            raise ValueError(f"unknown accumulation {fn}")
+        flat: list[Expr] = []
+        for x in xs:
+            if x.op == "accum" and x.attrs == fn:
+                flat.extend(x.args)
+            else:
+                flat.append(x)
+        if len(flat) == 1:
+            return flat[0]
+        shapes = {x.shape for x in flat}
+        if len(shapes) != 1:
+            raise ShapeError(f"cannot accumulate shapes {sorted(shapes)}")
+        return self._intern("accum", fn, tuple(flat), flat[0].shape, flat[0].dtype)
+
+    def scale(self, x: Expr, factor: float) -> Expr:
+        if factor == 1:
+            return x
+        if x.op == "scale":
+            return self.scale(x.args[0], x.attrs * factor)
+        return self._intern("scale", float(factor), (x,), x.shape, x.dtype)
+
+
+def _as_slice(x: Expr, dim: int):
+    if x.op == "slice" and x.attrs[0] == dim:
+        return x.args[0], x.attrs[1], x.attrs[2]
+    return None, None, None
+
+
+def _resolve_shape(shape: tuple, src: tuple) -> tuple:
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        total = math.prod(src)
+        shape = tuple(total // known if s == -1 else s for s in shape)
+    return shape
+
+
+def reshape_groups(src: Sequence[int], dst: Sequence[int]):
+    """Pair up runs of source and destination dims whose sizes multiply to the same number.
+
+    Returns a list of (source dims, destination dims); size-1 dims are attached to a neighbouring
+    group. None if the shapes do not have the same number of elements.
+    """
+    if math.prod(src) != math.prod(dst):
+        return None
+    groups = []
+    i = j = 0
+    n, m = len(src), len(dst)
+    while i < n or j < m:
+        gi, gj = [], []
+        pi = pj = 1
+        if i < n:
+            gi.append(i); pi *= src[i]; i += 1
+        if j < m:
+            gj.append(j); pj *= dst[j]; j += 1
+        while pi != pj:
+            if pi < pj and i < n:
+                gi.append(i); pi *= src[i]; i += 1
+            elif j < m:
+                gj.append(j); pj *= dst[j]; j += 1
+            else:
+                return None
+        # absorb trailing size-1 dims into this group
+        while i < n and src[i] == 1 and (j >= m or dst[j] != 1):
+            gi.append(i); i += 1
+        while j < m and dst[j] == 1 and (i >= n or src[i] != 1):
+            gj.append(j); j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+# ---------------------------------------------------------------------- shapes of compute calls
+def infer_shape(spec: OpSpec, arg_meta: tuple) -> tuple[tuple, Any]:
+    """Output (shape, dtype) of ``spec`` applied to arguments of the given shapes, via meta tensors."""
+    return _infer_shape_cached(spec, arg_meta)
+
+
+@lru_cache(maxsize=65536)
+def _infer_shape_cached(spec: OpSpec, arg_meta: tuple):
+    metas = [torch.empty(s, dtype=dt, device="meta") for s, dt in arg_meta]
+    try:
+        out = spec.call(metas)
+    except Exception as exc:  # noqa: BLE001 - any failure means the rewrite does not fit
+        raise ShapeError(f"{spec.name} does not accept shapes {[s for s, _ in arg_meta]}: {exc}") from None
+    return tuple(out.shape), out.dtype
+
+
+# ---------------------------------------------------------------------- evaluation
+def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = None) -> torch.Tensor:
+    """Evaluate ``e`` on concrete tensors; ``leaf`` gives values of ``atom`` and ``ref`` nodes."""
+    memo = {} if memo is None else memo
+    stack = [e]
+    while stack:
+        x = stack[-1]
+        if x.id in memo:
+            stack.pop()
+            continue
+        pending = [a for a in x.args if a.id not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        vals = [memo[a.id] for a in x.args]
+        memo[x.id] = _eval_node(x, vals, leaf)
+    return memo[e.id]
+
+
+def _eval_node(x: Expr, vals, leaf):
+    op = x.op
+    if op in ("atom", "ref"):
+        return leaf(x)
+    if op == "const":
+        return x.attrs.call([])
+    if op == "call":
+        return x.attrs.call(vals)
+    if op == "view":
+        return vals[0].reshape(x.attrs)
+    if op == "permute":
+        return vals[0].permute(x.attrs)
+    if op == "slice":
+        d, s, e = x.attrs
+        return vals[0].narrow(d, s, e - s)
+    if op == "cat":
+        return torch.cat(vals, x.attrs)
+    if op == "expand":
+        return vals[0].expand(x.attrs)
+    if op == "accum":
+        out = vals[0]
+        for v in vals[1:]:
+            if x.attrs == "sum":
+                out = out + v
+            elif x.attrs == "max":
+                out = torch.maximum(out, v)
+            else:
+                out = torch.minimum(out, v)
+        return out
+    if op == "scale":
+        return vals[0] * x.attrs
+    raise ValueError(f"cannot evaluate {op}")
+
+
+# ---------------------------------------------------------------------- printing
+def pretty(e: Expr, name: Callable[[Expr], str]) -> str:
+    """Readable, Python-like rendering; ``name`` renders leaves (``ref``/``atom``)."""
+    memo: dict[int, str] = {}
+
+    def go(x: Expr) -> str:
+        if x.id in memo:
+            return memo[x.id]
+        op = x.op
+        if op in ("ref", "atom"):
+            s = name(x)
+        elif op == "const":
+            s = f"const[{x.attrs.short}{_const_args(x.attrs)}]"
+        elif op == "call":
+            s = f"{x.attrs.short}({', '.join(go(a) for a in x.args)})"
+        elif op == "view":
+            s = f"{go(x.args[0])}.view({', '.join(map(str, x.attrs))})"
+        elif op == "permute":
+            s = f"{go(x.args[0])}.permute({', '.join(map(str, x.attrs))})"
+        elif op == "slice":
+            d, a, b = x.attrs
+            idx = ", ".join([":"] * d + [f"{a}:{b}"])
+            s = f"{go(x.args[0])}[{idx}]"
+        elif op == "cat":
+            s = f"concat({', '.join(go(a) for a in x.args)}, dim={x.attrs})"
+        elif op == "expand":
+            s = f"{go(x.args[0])}.expand({', '.join(map(str, x.attrs))})"
+        elif op == "accum":
+            s = f"{x.attrs}({', '.join(go(a) for a in x.args)})"
+        elif op == "scale":
+            s = f"{x.attrs:g} * {go(x.args[0])}"
+        else:
+            s = f"<{op}>"
+        memo[x.id] = s
+        return s
+
+    return go(e)
+
+
+def _const_args(spec: OpSpec) -> str:
+    args, _ = spec.template
+    shown = [repr(a) for a in args if not isinstance(a, Slot)]
+    return "(" + ", ".join(shown) + ")" if shown else ""
+
+
+def leaves(e: Expr) -> list[Expr]:
+    """The ``ref``/``atom`` leaves of ``e`` (each once, in first-seen order)."""
+    seen, out, stack = set(), [], [e]
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if x.op in ("ref", "atom"):
+            out.append(x)
+        stack.extend(reversed(x.args))
+    return out
+
+
+def is_clean(e: Expr) -> bool:
+    """True if ``e`` uses clean operators only (no compute calls, no scale factors)."""
+    stack = [e]
+    seen = set()
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if x.op not in CLEAN_OPS:
+            return False
+        stack.extend(x.args)
+    return True
+
+
+def size(e: Expr) -> int:
+    """Number of distinct nodes: the cost used to rank candidate relations."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        stack.extend(x.args)
+    return len(seen)
