@@ -63,6 +63,10 @@ class DIndex:
         self.by_term: dict[int, DVal] = {}
         self.node_term: dict[tuple[int, str], Expr] = {}
         self.node_dval: dict[tuple[int, str], DVal] = {}
+        # base term id -> [(dim, start, end, dval)]: realized values that are slices of a term,
+        # so a relation whose term no rank holds whole can still be rebuilt from its pieces
+        self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
+        self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
         self._build()
 
     # ------------------------------------------------------------------ public
@@ -78,6 +82,26 @@ class DIndex:
     def dval_by_id(self, i: int) -> DVal:
         return self.dvals[i]
 
+    def tiling(self, term: Expr) -> list[tuple[int, list[DVal]]]:
+        """Ways to rebuild ``term`` by concatenating realized slices of it: [(dim, [dvals])]."""
+        pieces = self.slices_of.get(term.id)
+        if not pieces:
+            return []
+        out = []
+        for dim in sorted({p[0] for p in pieces}):
+            by_start: dict[int, tuple[int, DVal]] = {}
+            for d, a, b, dv in pieces:
+                if d == dim and (a not in by_start or b > by_start[a][0]):
+                    by_start[a] = (b, dv)
+            cur, chosen = 0, []
+            while cur in by_start and cur < term.shape[dim]:
+                end, dv = by_start[cur]
+                chosen.append(dv)
+                cur = end
+            if cur == term.shape[dim] and len(chosen) > 1:
+                out.append((dim, chosen))
+        return out
+
     # ------------------------------------------------------------------ building
     def _add(self, rank: int, node: Node, term: Expr) -> None:
         self.node_term[(rank, node.name)] = term
@@ -88,6 +112,12 @@ class DIndex:
             self.by_term[term.id] = d
         d.locations.append((rank, node))
         self.node_dval[(rank, node.name)] = d
+        hint = self._slice_hint.pop((rank, node.name), None)
+        if hint is None and term.op == "slice":
+            hint = (term.args[0],) + tuple(term.attrs)
+        if hint is not None and len(d.locations) == 1:
+            base, dim, a, b = hint
+            self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
     def _build(self) -> None:
         # collectives by (group, index) -> {rank: node}
@@ -175,6 +205,7 @@ class DIndex:
             total = _reduce(S, fn, ins, n)
             pos = group.index(rank)
             size = n.shape[0]
+            self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
             return S.slice(total, 0, pos * size, (pos + 1) * size)
         if kind == "broadcast":
             return ins[group.index(info.src)] if info.src in group else ins[0]

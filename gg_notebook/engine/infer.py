@@ -98,8 +98,13 @@ class Engine:
         """A ref to the distributed value equal to ``e``, if some rank holds it."""
         if e.op == "ref":
             return e
-        d = self.index.realized(self.to_term(e))
-        return self.index.ref(d) if d is not None else None
+        t = self.to_term(e)
+        d = self.index.realized(t)
+        if d is not None:
+            return self.index.ref(d)
+        for dim, dvals in self.index.tiling(t):
+            return self.store.cat([self.index.ref(v) for v in dvals], dim)
+        return None
 
     # ------------------------------------------------------------------ push
     def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:

@@ -168,7 +168,7 @@ class _Lowerer:
                 val = getattr(self.gm, fx.target, None)
                 if isinstance(val, torch.Tensor):
                     data = val.detach().cpu()
-                    digest = hashlib.sha1(data.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() \
+                    digest = hashlib.sha1(data.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() \
                         if data.numel() and not data.is_meta else "empty"
                     c = _TensorConst(digest, tuple(data.shape), data.dtype, data)
                     spec = OpSpec("const", "constant", c, ((), ()))

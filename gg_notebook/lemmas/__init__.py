@@ -3,5 +3,6 @@
 from gg_notebook.lemmas.base import REGISTRY, Lemma, LemmaCase, lemmas_for, register
 from gg_notebook.lemmas import concat as _concat  # noqa: F401  (registers)
 from gg_notebook.lemmas import partial as _partial  # noqa: F401  (registers)
+from gg_notebook.lemmas import views as _views  # noqa: F401  (registers)
 
 __all__ = ["REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]
