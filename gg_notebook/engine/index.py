@@ -67,6 +67,7 @@ class DIndex:
         # so a relation whose term no rank holds whole can still be rebuilt from its pieces
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
+        self._users: dict[int, list[Expr]] | None = None
         self._build()
 
     # ------------------------------------------------------------------ public
@@ -81,6 +82,23 @@ class DIndex:
 
     def dval_by_id(self, i: int) -> DVal:
         return self.dvals[i]
+
+    def users_of(self, term: Expr) -> list[Expr]:
+        """Realized terms that take ``term`` as a direct argument (built on first use)."""
+        if self._users is None:
+            users: dict[int, list[Expr]] = {}
+            seen: set[int] = set()
+            stack = [d.term for d in self.dvals]
+            while stack:
+                t = stack.pop()
+                if t.id in seen:
+                    continue
+                seen.add(t.id)
+                for a in t.args:
+                    users.setdefault(a.id, []).append(t)
+                    stack.append(a)
+            self._users = users
+        return self._users.get(term.id, [])
 
     def tiling(self, term: Expr) -> list[tuple[int, list[DVal]]]:
         """Ways to rebuild ``term`` by concatenating realized slices of it: [(dim, [dvals])]."""

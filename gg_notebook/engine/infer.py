@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.lemmas import lemmas_for
+from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty
 
 MAX_CANDIDATES = 4
@@ -118,6 +118,9 @@ class Engine:
                     return self.index.ref(d)
         if all(not leaves(a) for a in args) and spec.unique is None:
             return self.store.call(spec, args)  # a constant computation
+        matcher = MATCHERS.get(spec.kind)
+        if matcher is not None:
+            return matcher(self, spec, args)
         return None
 
     def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:

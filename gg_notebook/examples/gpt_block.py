@@ -125,8 +125,11 @@ FWD_BWD_BUGS = {
                 "The MLP input skips copy_to_tensor_model_parallel_region (it is the identity in "
                 "forward, so the output is right) and the input gradient of the column-parallel "
                 "matmul is never all-reduced: the replicated LayerNorm-2 and everything before it "
-                "receive only this rank's partial gradient.",
-                "aten.native_layer_norm_backward", "ln2"),
+                "receive only this rank's partial gradient. LayerNorm backward is linear in its "
+                "incoming gradient, so the partial sum survives it; the first operator that cannot "
+                "be related is the accumulation of that partial gradient with the replicated "
+                "residual gradient (attributed to the ln2 line).",
+                "aten.add", "ln2"),
         )
     },
 }

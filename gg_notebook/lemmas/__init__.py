@@ -1,8 +1,9 @@
 """The lemma library. Importing this package registers every lemma (see `REGISTRY`)."""
 
-from gg_notebook.lemmas.base import REGISTRY, Lemma, LemmaCase, lemmas_for, register
+from gg_notebook.lemmas.base import MATCHERS, REGISTRY, Lemma, LemmaCase, lemmas_for, register
 from gg_notebook.lemmas import concat as _concat  # noqa: F401  (registers)
 from gg_notebook.lemmas import partial as _partial  # noqa: F401  (registers)
 from gg_notebook.lemmas import views as _views  # noqa: F401  (registers)
+from gg_notebook.lemmas import vocab as _vocab  # noqa: F401  (registers)
 
-__all__ = ["REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]
+__all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

@@ -59,3 +59,14 @@ def register(lemma: Lemma) -> Lemma:
 def lemmas_for(kind: str) -> list[Lemma]:
     out = [l for l in REGISTRY.values() if kind in l.kinds or "*" in l.kinds]
     return sorted(out, key=lambda l: (l.priority, l.name))
+
+
+# Matchers: decision procedures that relate a *synthetic* operator introduced by a lemma (e.g. a
+# masked lookup into one vocabulary shard) to a value a rank really computes, however the rank
+# spelled it. A matcher must be sound: it returns a ref only after checking the rank's term.
+MATCHERS: dict[str, Callable] = {}
+
+
+def register_matcher(kind: str, fn: Callable) -> Callable:
+    MATCHERS[kind] = fn
+    return fn

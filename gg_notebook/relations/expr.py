@@ -213,8 +213,35 @@ class ExprStore:
             return self.cat([self.permute(a, perm) for a in x.args], perm.index(d))
         if x.op == "accum":
             return self.accum(x.attrs, [self.permute(a, perm) for a in x.args])
+        if x.op == "view":
+            moved = self._permute_through_view(x, perm)
+            if moved is not None:
+                return moved
         shape = tuple(x.shape[p] for p in perm)
         return self._intern("permute", perm, (x,), shape, x.dtype)
+
+    def _permute_through_view(self, x: Expr, perm) -> Expr | None:
+        """permute(view(X, s), p) == view(permute(X, p'), s[p]) when p moves whole view groups."""
+        src = x.args[0]
+        groups = reshape_groups(src.shape, x.shape)
+        if groups is None or any(not gi or not go for gi, go in groups):
+            return None
+        group_of = {}
+        for g, (_, go) in enumerate(groups):
+            for o in go:
+                group_of[o] = g
+        order: list[int] = []
+        k = 0
+        while k < len(perm):
+            g = group_of[perm[k]]
+            go = groups[g][1]
+            if tuple(perm[k:k + len(go)]) != tuple(go):
+                return None
+            order.append(g)
+            k += len(go)
+        inner = tuple(i for g in order for i in groups[g][0])
+        shape = tuple(x.shape[p] for p in perm)
+        return self.view(self.permute(src, inner), shape)
 
     def transpose(self, x: Expr, d0: int, d1: int) -> Expr:
         n = len(x.shape)
