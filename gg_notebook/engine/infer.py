@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
+from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty
 
 MAX_CANDIDATES = 4
@@ -32,6 +33,7 @@ class Candidate:
     expr: Expr
     chain: tuple[str, ...] = ()
     assumption: bool = False  # True for an unproven hint / accepted suggestion
+    deferred: bool = False  # the operator applied to its inputs' relations, awaiting a fused lemma
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Step:
     inputs: dict[str, list[str]]
     candidates: list[Candidate]
     pretty: list[str]
-    status: str  # "related" | "stuck" | "input"
+    status: str  # "related" | "stuck" | "input" | "deferred"
     seconds: float = 0.0
     detail: str = ""
 
@@ -68,6 +70,9 @@ class Engine:
         self._term_memo: dict[int, Expr] = {}
         self._push_memo: dict[tuple, list[Candidate]] = {}
         self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
+        self.deferred: dict[str, Step] = {}
+        self._users: dict | None = None
+        self._failures: list[tuple[int, OpSpec]] = []
 
     # ------------------------------------------------------------------ naming
     def name(self, leaf: Expr) -> str:
@@ -150,7 +155,7 @@ class Engine:
                             break
                     if len(out) >= MAX_CANDIDATES:
                         break
-        out = _dedupe(out)
+        out = [c for c in _dedupe(out) if not _has_compute(c.expr)]
         self._push_memo[key] = out
         return out
 
@@ -163,8 +168,15 @@ class Engine:
             if e.id in memo:
                 return memo[e.id]
             if e.op == "call" and leaves(e):
-                cands = self.push(e.attrs, e.args, depth)
+                args = []
+                for a in e.args:  # resolve nested pieces first, innermost out
+                    v = go(a)
+                    if v is None:
+                        return None
+                    args.append(v)
+                cands = self.push(e.attrs, tuple(args), depth)
                 if not cands:
+                    self._failures.append((depth, e.attrs))
                     return None
                 best = cands[0]
                 chain.extend(c for c in best.chain if c != "match")
@@ -202,25 +214,79 @@ class Engine:
         n = self.seq.nodes[self.cursor]
         t0 = time.perf_counter()
         inputs = {i.name: [self.show(c.expr) for c in self.relations.get(i.name, [])] for i in n.inputs}
+        blamed: Step | None = None
         if n.op == "input":
             cands = list(self.input_relations.get(n.name, []))
             status = "input"
         else:
+            self._failures = []
             cands = self.infer(n)
             status = "related" if cands else "stuck"
-        cands = self.rank(cands)
+            deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
+            if not cands and not deferred_inputs and self.fusable(n):
+                cands = self.defer(n)
+                status = "deferred" if cands else "stuck"
+            elif not cands and deferred_inputs:
+                blamed = self.blame(n, deferred_inputs)
+        cands = self.rank(cands) if status != "deferred" else cands
         self.relations[n.name] = cands
         step = Step(
             index=self.cursor, node=n.name, op=n.target, source=n.source, code=n.code, inputs=inputs,
             candidates=cands, pretty=[self.show(c.expr) for c in cands], status=status,
             seconds=time.perf_counter() - t0,
         )
+        if status == "deferred":
+            step.detail = "no relation yet: kept symbolically for a lemma that fuses it with its consumer"
+            self.deferred[n.name] = step
         if status == "stuck":
             step.detail = self.explain_stuck(n)
-            self.stuck_at = step
+            if blamed is not None and blamed is not step:
+                blamed.status = "stuck"
+                blamed.detail = (f"{blamed.op} could not be related even together with its consumer "
+                                 f"{n.target} ({n.name})")
+                step.detail = f"its input {blamed.node} ({blamed.op}) has no relation"
+                self.stuck_at = blamed
+            else:
+                self.stuck_at = step
         self.steps.append(step)
         self.cursor += 1
         return step
+
+    @property
+    def seq_output_names(self) -> set[str]:
+        return {o.name for o in self.seq.outputs}
+
+    def fusable(self, n: Node) -> bool:
+        """Can a lemma at one of ``n``'s consumers fuse ``n``? (1-hop look-ahead.)"""
+        if n.op != "call" or n.name in self.seq_output_names:
+            return False
+        if self._users is None:
+            self._users = self.seq.users()
+        return any(
+            u.op == "call" and n.attrs.kind in absorbed_by(u.attrs.kind) for u in self._users.get(n.name, [])
+        )
+
+    def defer(self, n: Node) -> list[Candidate]:
+        """Keep ``n`` applied to its inputs' relations, for a fused lemma at its consumer."""
+        in_cands = [self.relations.get(i.name, []) for i in n.inputs]
+        if any(not c or any(x.deferred for x in c) for c in in_cands):
+            return []
+        args = tuple(c[0].expr for c in in_cands)
+        try:
+            return [Candidate(self.store.call(n.attrs, args), ("deferred",), deferred=True)]
+        except ShapeError:
+            return []
+
+    def blame(self, n: Node, deferred_inputs: list[Step]) -> Step | None:
+        """Whose semantics failed: the consumer's (a piece the fused lemma made for ``n``) or the
+        deferred producer's? Pieces tagged ``blame=consumer`` point at ``n``."""
+        if not self._failures:
+            return deferred_inputs[0]
+        top = max(d for d, _ in self._failures)
+        spec = [s for d, s in self._failures if d == top][-1]
+        if spec.param("blame") == "consumer":
+            return None
+        return deferred_inputs[0]
 
     def run(self) -> None:
         while not self.done:
@@ -325,6 +391,20 @@ def rebuild(S: ExprStore, e, args: list[Expr]) -> Expr:
     if op == "scale":
         return S.scale(args[0], e.attrs)
     raise ShapeError(f"cannot rebuild {op}")
+
+
+def _has_compute(e: Expr) -> bool:
+    """True if ``e`` still contains a compute call on distributed tensors (not a relation)."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if x.op == "call" and leaves(x):
+            return True
+        stack.extend(x.args)
+    return False
 
 
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.ir.specs import reduce_spec
 from gg_notebook.relations.expr import OpSpec, Slot
 
 aten = torch.ops.aten
@@ -307,10 +308,12 @@ class _Lowerer:
         if packet in ("sum", "mean", "amax", "amin", "logsumexp", "prod") and shape is not None:
             return self.reduce(fx, packet)
         if packet in ("max", "min") and len(args) >= 2 and isinstance(args[1], int):
-            return _Tuple(self, fx, kind="reduce",
-                          params_by_out={0: (("fn", "a" + packet), ("dims", (int(args[1]) % len(self.env[args[0]].shape),)),
-                                             ("keepdim", bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False)))),
-                                         1: ()})
+            src = self.env[args[0]]
+            dims = (int(args[1]) % len(src.shape),)
+            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            # the values output is amax/amin; the indices output stays a generic call
+            return _Tuple(self, fx, kind="generic",
+                          spec_by_out={0: (reduce_spec("a" + packet, dims, keepdim), (src,))})
         if packet in ("_softmax", "_log_softmax", "softmax", "log_softmax"):
             src = env[args[0]]
             dim = int(args[1]) % len(src.shape)
@@ -327,6 +330,8 @@ class _Lowerer:
         if packet == "native_layer_norm_backward":
             n_norm = len(args[2])
             return _Tuple(self, fx, kind="layer_norm_backward", shared=(("n", n_norm),))
+        if packet == "nll_loss_forward":
+            return _Tuple(self, fx, kind="nll_loss")
         if packet == "embedding":
             return self.call(fx, kind="embedding")
         if packet == "embedding_dense_backward":
@@ -373,8 +378,12 @@ class _Lowerer:
             dims = (dims,)
         dims = tuple(sorted(int(d) % max(n, 1) for d in dims))
         keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
-        params = (("fn", REDUCE_FNS[packet]), ("dims", dims), ("keepdim", keepdim))
-        return self.call(fx, kind="reduce", params=params)
+        spec = reduce_spec(REDUCE_FNS[packet], dims, keepdim, kwargs.get("dtype"))
+        if spec is None:
+            params = (("fn", REDUCE_FNS[packet]), ("dims", dims), ("keepdim", keepdim))
+            return self.call(fx, kind="reduce", params=params)
+        shape, dtype = _meta_of(fx)
+        return self.emit("call", spec, (src,), shape, dtype)
 
     def addmm(self, fx, packet) -> Node:
         """addmm(bias, a, b, beta, alpha) -> add(beta*bias, alpha*mm(a, b)); lemmas see mm and add."""
@@ -426,9 +435,10 @@ class _Lowerer:
 class _Tuple:
     """A tuple-returning op; each getitem becomes its own IR node with ``OpSpec.out`` set."""
 
-    def __init__(self, low: _Lowerer, fx, kind="generic", shared=(), params_by_out=None):
+    def __init__(self, low: _Lowerer, fx, kind="generic", shared=(), params_by_out=None, spec_by_out=None):
         self.low, self.fx, self.kind, self.shared = low, fx, kind, shared
         self.params_by_out = params_by_out or {}
+        self.spec_by_out = spec_by_out or {}
         self.cache: dict[int, Node] = {}
 
     def get(self, k: int, low: _Lowerer) -> Node:
@@ -441,7 +451,10 @@ class _Tuple:
             kind = self.kind if k in self.params_by_out or not self.params_by_out else "generic"
             if self.params_by_out and not params:
                 kind = "generic"
-            spec, inputs = low.spec_for(fx.target, fx.args, fx.kwargs, kind=kind, params=params, out=k)
+            if k in self.spec_by_out:
+                spec, inputs = self.spec_by_out[k]
+            else:
+                spec, inputs = low.spec_for(fx.target, fx.args, fx.kwargs, kind=kind, params=params, out=k)
             saved = low.cur
             low.cur = fx
             node = low.emit("call", spec, inputs, tuple(int(s) for s in val.shape), val.dtype,

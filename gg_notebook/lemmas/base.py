@@ -41,6 +41,7 @@ class Lemma:
     conditions: tuple[str, ...] = ()
     bitwise_safe: bool = False  # True if the rewrite preserves floating-point results exactly
     priority: int = 50
+    absorbs: tuple[str, ...] = ()  # kinds of input operators this lemma fuses (kept symbolic until then)
 
     def __repr__(self) -> str:
         return f"Lemma({self.name})"
@@ -54,6 +55,11 @@ def register(lemma: Lemma) -> Lemma:
         raise ValueError(f"duplicate lemma {lemma.name}")
     REGISTRY[lemma.name] = lemma
     return lemma
+
+
+def absorbed_by(consumer_kind: str) -> set[str]:
+    """Kinds of producers that a lemma for ``consumer_kind`` can fuse."""
+    return {k for l in lemmas_for(consumer_kind) for k in l.absorbs}
 
 
 def lemmas_for(kind: str) -> list[Lemma]:

@@ -71,6 +71,52 @@ def concat_contract(S, spec, args, out_shape):
     yield from _split_plans(S, spec, args, out_shape, "reduce")
 
 
+def slice_hoist(S, spec, args, out_shape):
+    """op(.., y[a:b along d], ..) = op(.., y, ..)[a:b along k] when d maps position-wise to k and no
+    other operand has a dim mapping to k (they are broadcast or independent of it)."""
+    shapes = [a.shape for a in args]
+    roles = dim_roles(spec, shapes, out_shape)
+    if roles is None:
+        return
+    for i, a in enumerate(args):
+        if a.op != "slice":
+            continue
+        d, lo, hi = a.attrs
+        role = roles[i][d]
+        if role is None or role[0] != "out":
+            continue
+        k = role[1]
+        if any(j != i and any(r == role for r in roles[j]) for j in range(len(args))):
+            continue
+        try:
+            whole = S.call(spec, args[:i] + (a.args[0],) + args[i + 1:])
+            yield S.slice(whole, k, lo, hi)
+        except ShapeError:
+            continue
+
+
+def _hoist_cases(rng):
+    r = lambda *s: C.randn(rng, *s)  # noqa: E731
+    for _ in range(3):
+        m, n, k = C.dims(rng), C.dims(rng, 4, 9), C.dims(rng)
+        lo = int(torch.randint(0, n // 2, (1,), generator=rng))
+        hi = int(torch.randint(lo + 2, n + 1, (1,), generator=rng))
+        for fn, shapes, i, d, desc in (
+            (lambda a, w: a @ w, ((m, k), (k, n)), 1, 1, "mm, column slice of the weight"),
+            (lambda a, w: a @ w, ((n, k), (k, m)), 0, 0, "mm, row slice of the input"),
+            (lambda x, b: x + b, ((m, n), (m, 1)), 0, 1, "add broadcast, column slice"),
+            (lambda x: torch.nn.functional.gelu(x), ((m, n),), 0, 1, "gelu of a slice"),
+        ):
+            tensors = tuple(r(*s) for s in shapes)
+            spec, order = C.spec_of(fn, *tensors)
+            case = C.make_case(spec, [tensors[o] for o in order], rng)
+            slot = order.index(i)
+            args = list(case.args)
+            args[slot] = case.store.slice(args[slot], d, lo, hi)
+            # the op's own spec is shape-agnostic; evaluate on the sliced operand
+            yield type(case)(spec, tuple(args), case.values, case.store, desc)
+
+
 # ---------------------------------------------------------------------------- random cases
 def _commute_cases(rng):
     r = lambda *s: C.randn(rng, *s)  # noqa: E731
@@ -151,4 +197,16 @@ register(Lemma(
                 "operands sharing the reduced dim are sliced at the same offsets"),
     bitwise_safe=False,
     priority=30,
+))
+
+register(Lemma(
+    name="slice-hoist",
+    statement="op(.., y[a:b along d], ..) = op(.., y, ..)[a:b along k]  when d maps position-wise to output dim k",
+    kinds=("ew", "matmul", "reduce", "softmax", "layer_norm", "embedding"),
+    plans=slice_hoist,
+    cases=_hoist_cases,
+    conditions=("the sliced dim maps position-wise to output dim k",
+                "no other operand has a dim mapping to k"),
+    bitwise_safe=True,
+    priority=35,
 ))

@@ -91,7 +91,7 @@ def merged_batch(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
 def _cases(rng):
     r = lambda *s: C.randn(rng, *s)  # noqa: E731
     for _ in range(3):
-        b, h, s, dd = C.dims(rng, 1, 4), C.dims(rng, 2, 6), C.dims(rng), C.dims(rng)
+        b, h, s, dd = C.dims(rng, 2, 4), C.dims(rng, 2, 6), C.dims(rng), C.dims(rng)
         q, k = r(b, h, s, dd), r(b, h, dd, s)
 
         def bmm_merged(q, k, b=b, h=h, s=s, dd=dd):

@@ -52,12 +52,13 @@ def vocab_embedding(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
     yield S.accum("sum", pieces)
 
 
-def _zeroing_mask(e: Expr, x: Expr) -> Expr | None:
-    """If ``e`` zeroes rows of ``x`` under a mask (``x[M] = 0`` or ``x.masked_fill(M, 0)``), that mask."""
+def _zeroing_mask(e: Expr, x: Expr, row_shape: tuple | None = None) -> Expr | None:
+    """If ``e`` zeroes entries of ``x`` under a mask of ``row_shape`` (default: rows, ``x.shape[:-1]``)
+    via ``x[M] = 0`` or ``x.masked_fill(M, 0)``, that mask."""
     if e.op != "call" or not e.args or e.args[0].id != x.id:
         return None
     name = e.attrs.name
-    row_shape = tuple(x.shape[:-1])
+    row_shape = tuple(x.shape[:-1]) if row_shape is None else tuple(row_shape)
     if name in ("aten.index_put.default", "aten.index_put_.default") and len(e.args) == 3:
         mask, value = e.args[1], e.args[2]
         if value.op == "const" and bool((value.attrs.call([]) == 0).all()) and tuple(mask.shape) == row_shape:

@@ -278,6 +278,10 @@ class ExprStore:
         if x.op == "permute":
             perm = x.attrs
             return self.permute(self.slice(x.args[0], perm[dim], start, end), perm)
+        if x.op == "view":
+            moved = self._slice_through_view(x, dim, start, end)
+            if moved is not None:
+                return moved
         if x.op == "expand":
             src = x.args[0]
             k = dim - (len(x.shape) - len(src.shape))
@@ -288,6 +292,33 @@ class ExprStore:
         shape = list(x.shape)
         shape[dim] = end - start
         return self._intern("slice", (dim, start, end), (x,), shape, x.dtype)
+
+    def _slice_through_view(self, x: Expr, dim: int, start: int, end: int) -> Expr | None:
+        """slice(view(Y, s), d) == view(slice(Y, d'), s') when d is the outermost non-trivial dim of
+        its view group and the slice bounds are whole multiples of the group's inner size."""
+        src = x.args[0]
+        groups = reshape_groups(src.shape, x.shape)
+        if groups is None:
+            return None
+        for gi, go in groups:
+            if dim not in go:
+                continue
+            if any(x.shape[o] != 1 for o in go if o < dim):
+                return None
+            inner_out = math.prod(x.shape[o] for o in go if o > dim)
+            lo, hi = start * inner_out, end * inner_out  # bounds in the group's flat index
+            real_in = [i for i in gi if src.shape[i] != 1]
+            if not real_in:
+                return None
+            d_in = real_in[0]
+            inner_in = math.prod(src.shape[i] for i in gi if i > d_in)
+            if lo % inner_in or hi % inner_in:
+                return None
+            sliced = self.slice(src, d_in, lo // inner_in, hi // inner_in)
+            shape = list(x.shape)
+            shape[dim] = end - start
+            return self.view(sliced, shape)
+        return None
 
     def cat(self, xs: Iterable[Expr], dim: int) -> Expr:
         xs = list(xs)

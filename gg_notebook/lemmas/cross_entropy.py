@@ -1,0 +1,183 @@
+"""Vocabulary-parallel cross-entropy (Megatron's ``vocab_parallel_cross_entropy``).
+
+The sequential program computes ``nll_loss(log_softmax(logits), target)``; the ranks hold the
+logits split along the vocabulary and compute, with any stabilizer m (Megatron: the MAX all-reduce
+of the local maxima),
+
+    loss = log(sum_r sum_v exp(x_r - m)) - sum_r masked_pick_r(x_r - m, target)
+
+``vocab-cross-entropy`` is that identity (it holds for every m, and the rewrite uses
+``m = max over ranks of amax(x_r)``, the value the ranks compute). It fuses the two sequential
+operators: the engine keeps ``log_softmax`` symbolic (deferred) until ``nll_loss`` consumes it.
+``masked_pick_r`` is matched to the rank's masked gather by an exhaustive check over all target ids
+(see domain.py), whatever spelling the rank used (advanced indexing or gather, ``x[mask] = 0`` or
+``masked_fill``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gg_notebook.ir.specs import ew_spec, reduce_spec
+from gg_notebook.lemmas import _cases as C
+from gg_notebook.lemmas.base import Lemma, register, register_matcher
+from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.vocab import _zeroing_mask
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class MaskedPick:
+    """``x[..., t - start]`` where ``t`` falls in this shard's ``[start, start + x.shape[-1])``, else 0."""
+
+    start: int
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        local = t - self.start
+        valid = (local >= 0) & (local < x.shape[-1])
+        picked = torch.gather(x, -1, local.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
+        return picked * valid.to(x.dtype)
+
+
+def masked_pick_spec(start: int, vocab: int) -> OpSpec:
+    return OpSpec("masked_pick", f"masked_pick[{start}:]", MaskedPick(start), ((Slot(0), Slot(1)), ()),
+                  (("start", start), ("vocab", vocab), ("blame", "consumer")))
+
+
+def _peel(pieces, target):
+    """Undo a flattening view ``[.., V] -> [N, V]`` on every piece and on the targets."""
+    if all(p.op == "view" for p in pieces) and target.op == "view":
+        lead = tuple(target.args[0].shape)
+        if all(tuple(p.args[0].shape[:-1]) == lead for p in pieces):
+            return [p.args[0] for p in pieces], target.args[0]
+    return pieces, target
+
+
+def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+    if spec.out not in (0, None) or len(args) != 2:
+        return
+    targs, _ = spec.template
+    # nll_loss_forward(self, target, weight, reduction, ignore_index): no weight, reduction none
+    if len(targs) < 5 or targs[2] is not None or targs[3] != 0:
+        return
+    lsm, target = args
+    if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
+        return
+    x = lsm.args[0]
+    if x.op != "cat" or x.attrs != len(x.shape) - 1 or lsm.attrs.param("dim") != len(x.shape) - 1:
+        return
+    vocab = x.shape[-1]
+    pieces, t = _peel(list(x.args), target)
+    last = len(pieces[0].shape) - 1
+    lead = tuple(pieces[0].shape[:-1])
+    m = S.accum("max", [S.call(reduce_spec("amax", (last,), False), [p]) for p in pieces])
+    mk = S.view(m, lead + (1,))
+    sub, exp, log = ew_spec(aten.sub.Tensor, 2), ew_spec(aten.exp.default, 1), ew_spec(aten.log.default, 1)
+    shifted = [S.call(sub, [p, mk]) for p in pieces]
+    total = S.accum("sum", [S.call(reduce_spec("sum", (last,), False), [S.call(exp, [sh])]) for sh in shifted])
+    picks, off = [], 0
+    for p, sh in zip(pieces, shifted):
+        picks.append(S.call(masked_pick_spec(off, vocab), [sh, t]))
+        off += p.shape[-1]
+    loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
+    yield S.view(loss, out_shape)
+
+
+def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
+    """Find a rank value equal to ``masked_pick`` of ``args[0]`` at targets ``args[1]``."""
+    x_rel, t_rel = args
+    x_t, t_t = engine.to_term(x_rel), engine.to_term(t_rel)
+    start, vocab = spec.param("start"), spec.param("vocab")
+    v_local = x_rel.shape[-1]
+    lead = tuple(x_rel.shape[:-1])
+    index = engine.index
+    domain = torch.arange(vocab, dtype=t_rel.dtype)
+    inside = (domain >= start) & (domain < start + v_local)
+
+    def strip_view(e: Expr, shape) -> Expr | None:
+        while e.op == "view" and tuple(e.shape) != tuple(shape):
+            e = e.args[0]
+        return e if tuple(e.shape) == tuple(shape) else None
+
+    def index_ok(J: Expr | None) -> bool:
+        if J is None:
+            return False
+        jv = eval_on_domain(J, t_t, domain)
+        return jv is not None and bool((jv[inside] == domain[inside] - start).all())
+
+    picks: list[Expr] = []
+    for u in [x_t] + [v for v in index.users_of(x_t) if v.op == "view"]:
+        for w in index.users_of(u):
+            if w.op != "call":
+                continue
+            name = w.attrs.name
+            if name == "aten.index.Tensor" and len(w.args) == 3 and w.args[0].id == u.id and len(u.shape) == 2:
+                rows, cols = w.args[1], w.args[2]
+                n = u.shape[0]
+                if rows.op != "const" or not torch.equal(rows.attrs.call([]), torch.arange(n)):
+                    continue
+                if index_ok(strip_view(cols, lead)):
+                    picks.append(w)
+            elif name == "aten.gather.default" and w.args[0].id == u.id:
+                targs, _ = w.attrs.template
+                if len(targs) > 1 and targs[1] in (-1, len(u.shape) - 1) and index_ok(strip_view(w.args[1], lead)):
+                    picks.append(w)
+    for p in picks:
+        base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
+        for e in [base] + index.users_of(base):
+            if e is not base:
+                mask = _zeroing_mask(e, base, lead)
+                if mask is None:
+                    continue
+                mv = eval_on_domain(mask, t_t, domain)
+                if mv is None or not bool((mv.bool() == ~inside).all()):
+                    continue
+            elif bool((~inside).any()):
+                continue
+            d = index.realized(e)
+            if d is not None:
+                return index.ref(d)
+    return None
+
+
+def _cases(rng):
+    for _ in range(3):
+        b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
+        logits = C.randn(rng, b * s, v)
+        target = torch.randint(0, v, (b * s,), generator=rng)
+
+        def nll(lsm, t):
+            return aten.nll_loss_forward(lsm, t, None, 0, -100)[0]
+
+        spec, order = C.spec_of(nll, torch.log_softmax(logits, -1), target)
+        assert order == [0, 1]
+        case = C.make_case(spec, (logits, target), rng, split={0: 1})
+        # the lemma sees log_softmax symbolically (deferred), as the engine hands it over
+        lsm = case.store.call(_log_softmax_spec(), [case.args[0]])
+        yield type(case)(case.spec, (lsm, case.args[1]), case.values, case.store,
+                         "cross-entropy over a vocabulary split in uneven shards")
+
+
+def _log_softmax_spec():
+    from gg_notebook.ir.specs import softmax_spec
+    return softmax_spec("log_softmax", 1)
+
+
+register(Lemma(
+    name="vocab-cross-entropy",
+    statement="nll(log_softmax(concat(x_r, -1)), t) = log(sum_r sum(exp(x_r - m))) - sum_r masked_pick_r(x_r - m, t),"
+              " m = max_r amax(x_r)",
+    kinds=("nll_loss",),
+    absorbs=("softmax",),
+    plans=vocab_cross_entropy,
+    cases=_cases,
+    conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
+                "targets are class ids in [0, V)", "each masked_pick piece is matched by an exhaustive check over all ids"),
+    priority=40,
+))
+register_matcher("masked_pick", match_masked_pick)
