@@ -49,12 +49,13 @@ def masked_pick_spec(start: int, vocab: int) -> OpSpec:
                   (("start", start), ("vocab", vocab), ("blame", "consumer")))
 
 
-def _peel(pieces, target):
-    """Undo a flattening view ``[.., V] -> [N, V]`` on every piece and on the targets."""
-    if all(p.op == "view" for p in pieces) and target.op == "view":
+def _peel(S: ExprStore, pieces, target):
+    """Undo a flattening ``[.., V] -> [N, V]``: work in the targets' own (unflattened) shape, where
+    the ranks compute. Viewing is data movement, so either shape gives the same values."""
+    if target.op == "view":
         lead = tuple(target.args[0].shape)
-        if all(tuple(p.args[0].shape[:-1]) == lead for p in pieces):
-            return [p.args[0] for p in pieces], target.args[0]
+        if all(p.shape[0] == target.shape[0] for p in pieces):
+            return [S.view(p, lead + (p.shape[-1],)) for p in pieces], target.args[0]
     return pieces, target
 
 
@@ -72,7 +73,7 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     if x.op != "cat" or x.attrs != len(x.shape) - 1 or lsm.attrs.param("dim") != len(x.shape) - 1:
         return
     vocab = x.shape[-1]
-    pieces, t = _peel(list(x.args), target)
+    pieces, t = _peel(S, list(x.args), target)
     last = len(pieces[0].shape) - 1
     lead = tuple(pieces[0].shape[:-1])
     m = S.accum("max", [S.call(reduce_spec("amax", (last,), False), [p]) for p in pieces])
