@@ -1,0 +1,181 @@
+"""Soundness of every registered lemma on its own random instances.
+
+A lemma's plans must be identities: for each `LemmaCase` (an operator applied to clean
+expressions over random atoms), every plan the lemma proposes must evaluate to the same tensor as
+the operator applied to the evaluated arguments. The suite is parametrized over the whole
+`REGISTRY`, so a lemma added without cases (or whose cases never trigger a plan) fails it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gg_notebook.lemmas  # noqa: F401  (registers every lemma)
+from gg_notebook.lemmas import _cases as C
+from gg_notebook.lemmas.base import REGISTRY, Lemma, register
+from gg_notebook.relations.expr import evaluate, pretty
+
+SEEDS = (0, 1, 2)
+ATOL = RTOL = 1e-8
+
+
+def _same(got: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None if ``got`` matches ``ref``, else a short reason."""
+    if tuple(got.shape) != tuple(ref.shape):
+        return f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if ref.is_floating_point() or ref.is_complex():
+        if not torch.allclose(got.to(torch.float64), ref.to(torch.float64), atol=ATOL, rtol=RTOL, equal_nan=True):
+            err = (got.to(torch.float64) - ref.to(torch.float64)).abs().max().item()
+            return f"max abs error {err:.3g}"
+        return None
+    if got.dtype != ref.dtype or not torch.equal(got, ref):
+        return f"integer/bool result differs (dtypes {got.dtype} / {ref.dtype})"
+    return None
+
+
+def check_lemma(lemma: Lemma, seed: int) -> dict:
+    """Run every case of ``lemma`` drawn with ``seed``; raise AssertionError on any unsound plan.
+
+    Returns counts (cases, plans) so callers can assert on coverage.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    n_cases = n_plans = 0
+    failures: list[str] = []
+    for case in lemma.cases(rng):
+        n_cases += 1
+        values = case.values
+
+        def leaf(e, values=values):
+            return values[e.attrs[0]]
+
+        arg_vals = [evaluate(a, leaf) for a in case.args]
+        ref = case.spec.call(arg_vals)
+        out_shape = tuple(ref.shape)
+        for plan in lemma.plans(case.store, case.spec, case.args, out_shape):
+            n_plans += 1
+            where = f"{lemma.name} seed={seed} case={case.description!r} plan={pretty(plan, lambda x: str(x.attrs[0]))}"
+            if tuple(plan.shape) != out_shape:
+                failures.append(f"{where}: plan shape {plan.shape} != {out_shape}")
+                continue
+            try:
+                got = evaluate(plan, leaf)
+            except Exception as exc:  # noqa: BLE001 - an unevaluable plan is unsound too
+                failures.append(f"{where}: evaluation failed: {exc!r}")
+                continue
+            bad = _same(got, ref)
+            if bad:
+                failures.append(f"{where}: {bad}")
+    if n_cases == 0:
+        raise AssertionError(f"lemma {lemma.name!r} yields no test case: every lemma must be testable")
+    if n_plans == 0:
+        raise AssertionError(f"lemma {lemma.name!r}: none of its {n_cases} cases produces a plan (seed {seed})")
+    if failures:
+        raise AssertionError(f"{len(failures)} unsound plan(s):\n" + "\n".join(failures[:10]))
+    return {"cases": n_cases, "plans": n_plans}
+
+
+def test_registry_not_empty():
+    assert len(REGISTRY) >= 5
+    for expected in ("concat-commute", "concat-contract", "partial-linear", "partial-additive", "merged-batch"):
+        assert expected in REGISTRY
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_lemma_sound(name, seed):
+    check_lemma(REGISTRY[name], seed)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_lemma_documented(name):
+    lemma = REGISTRY[name]
+    assert lemma.name == name
+    assert isinstance(lemma.statement, str) and lemma.statement.strip()
+    assert lemma.conditions and all(isinstance(c, str) and c.strip() for c in lemma.conditions)
+    assert lemma.kinds
+
+
+# --------------------------------------------------------------------------- meta-tests
+def _mm_contracted_cases(rng):
+    for _ in range(3):
+        m, k, n = C.dims(rng), C.dims(rng, 3, 8), C.dims(rng)
+        yield C.case(lambda a, w: a @ w, (C.randn(rng, m, k), C.randn(rng, k, n)), rng, split={0: 1, 1: 0},
+                     description="mm contracted (toy)")
+
+
+def _pieces(S, spec, args):
+    """mm pieces over a split contracted dim (the right pieces, wrongly combined by the toys)."""
+    a, w = args
+    if a.op != "cat" or a.attrs != 1:
+        return None
+    pieces, off = [], 0
+    for p in a.args:
+        hi = off + p.shape[1]
+        pieces.append(S.call(spec, [p, S.slice(w, 0, off, hi)]))
+        off = hi
+    return pieces
+
+
+def _wrong_max(S, spec, args, out_shape):
+    pieces = _pieces(S, spec, args)
+    if pieces:
+        yield S.accum("max", pieces)  # should be "sum"
+
+
+def _wrong_concat(S, spec, args, out_shape):
+    pieces = _pieces(S, spec, args)
+    if pieces:
+        yield S.cat(pieces, 0)  # claims the row blocks of the result are the shard products
+
+
+def _toy(name, plans, cases=_mm_contracted_cases):
+    return Lemma(name=name, statement="mm(concat(a_i, 1), concat(w_i, 0)) = ... (deliberately wrong)",
+                 kinds=("matmul",), plans=plans, cases=cases, conditions=("none",))
+
+
+@pytest.mark.parametrize("plans", [_wrong_max, _wrong_concat], ids=["max-instead-of-sum", "concat-of-pieces"])
+def test_checker_catches_wrong_lemma(plans):
+    name = "toy-wrong-mm-contract"
+    register(_toy(name, plans))
+    try:
+        with pytest.raises(AssertionError, match="unsound"):
+            check_lemma(REGISTRY[name], 0)
+    finally:
+        del REGISTRY[name]
+    assert name not in REGISTRY
+
+
+def test_checker_catches_untestable_lemma():
+    def no_cases(rng):
+        return iter(())
+
+    def never(S, spec, args, out_shape):
+        return iter(())
+
+    for toy, msg in ((_toy("toy-no-cases", _wrong_max, cases=no_cases), "no test case"),
+                     (_toy("toy-no-plans", never), "produces a plan")):
+        register(toy)
+        try:
+            with pytest.raises(AssertionError, match=msg):
+                check_lemma(REGISTRY[toy.name], 0)
+        finally:
+            del REGISTRY[toy.name]
+        assert toy.name not in REGISTRY
+
+
+def test_checker_accepts_right_toy():
+    """The same toy with the right combiner passes: the checker is not trivially failing."""
+
+    def right(S, spec, args, out_shape):
+        pieces = _pieces(S, spec, args)
+        if pieces:
+            yield S.accum("sum", pieces)
+
+    name = "toy-right-mm-contract"
+    register(_toy(name, right))
+    try:
+        counts = check_lemma(REGISTRY[name], 0)
+        assert counts["plans"] == counts["cases"] == 3
+    finally:
+        del REGISTRY[name]
