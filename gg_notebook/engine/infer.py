@@ -146,7 +146,9 @@ class Engine:
                 out_shape = None
             if out_shape is not None:
                 for lemma in lemmas_for(spec.kind):
-                    for plan in lemma.plans(self.store, spec, args, out_shape):
+                    plans = (lemma.plans(self.store, spec, args, out_shape, ctx=self) if lemma.needs_context
+                             else lemma.plans(self.store, spec, args, out_shape))
+                    for plan in plans:
                         self.stats["lemma_plans"] += 1
                         res = self.resolve(plan, depth - 1)
                         if res is not None:
@@ -223,10 +225,10 @@ class Engine:
             cands = self.infer(n)
             status = "related" if cands else "stuck"
             deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
-            if not cands and not deferred_inputs and self.fusable(n):
+            if not cands and self.fusable(n):
                 cands = self.defer(n)
                 status = "deferred" if cands else "stuck"
-            elif not cands and deferred_inputs:
+            if not cands and deferred_inputs:
                 blamed = self.blame(n, deferred_inputs)
         cands = self.rank(cands) if status != "deferred" else cands
         self.relations[n.name] = cands
@@ -256,6 +258,18 @@ class Engine:
     def seq_output_names(self) -> set[str]:
         return {o.name for o in self.seq.outputs}
 
+    def partitions(self, size: int) -> list[tuple[int, ...]]:
+        """Piece sizes of the concatenations the input placements declare for a dim of ``size``."""
+        out: list[tuple[int, ...]] = []
+        for cands in self.input_relations.values():
+            for c in cands:
+                e = c.expr
+                if e.op == "cat" and e.shape[e.attrs] == size:
+                    sizes = tuple(a.shape[e.attrs] for a in e.args)
+                    if sizes not in out:
+                        out.append(sizes)
+        return out
+
     def fusable(self, n: Node) -> bool:
         """Can a lemma at one of ``n``'s consumers fuse ``n``? (1-hop look-ahead.)"""
         if n.op != "call" or n.name in self.seq_output_names:
@@ -269,7 +283,7 @@ class Engine:
     def defer(self, n: Node) -> list[Candidate]:
         """Keep ``n`` applied to its inputs' relations, for a fused lemma at its consumer."""
         in_cands = [self.relations.get(i.name, []) for i in n.inputs]
-        if any(not c or any(x.deferred for x in c) for c in in_cands):
+        if any(not c for c in in_cands):
             return []
         args = tuple(c[0].expr for c in in_cands)
         try:

@@ -332,6 +332,8 @@ class _Lowerer:
             return _Tuple(self, fx, kind="layer_norm_backward", shared=(("n", n_norm),))
         if packet == "nll_loss_forward":
             return _Tuple(self, fx, kind="nll_loss")
+        if packet == "nll_loss_backward":
+            return self.call(fx, kind="nll_loss_backward")
         if packet == "embedding":
             return self.call(fx, kind="embedding")
         if packet == "embedding_dense_backward":

@@ -29,6 +29,13 @@ class LemmaCase:
     values: dict  # atom name -> tensor
     store: ExprStore
     description: str = ""
+    ctx: object = None  # for lemmas with needs_context: what the engine would answer
+
+    def plans(self, lemma: "Lemma", out_shape: tuple):
+        """Run ``lemma`` on this case the way the engine would."""
+        if lemma.needs_context:
+            return lemma.plans(self.store, self.spec, self.args, out_shape, ctx=self.ctx)
+        return lemma.plans(self.store, self.spec, self.args, out_shape)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Lemma:
     bitwise_safe: bool = False  # True if the rewrite preserves floating-point results exactly
     priority: int = 50
     absorbs: tuple[str, ...] = ()  # kinds of input operators this lemma fuses (kept symbolic until then)
+    needs_context: bool = False  # plans(..., ctx=engine): may ask for the partitions the inputs declare
 
     def __repr__(self) -> str:
         return f"Lemma({self.name})"

@@ -182,3 +182,188 @@ register(Lemma(
     priority=40,
 ))
 register_matcher("masked_pick", match_masked_pick)
+
+
+# ---------------------------------------------------------------------------- total weight
+def nll_total_weight(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+    """``nll_loss_forward(..)[1]`` without class weights is a constant: 0 for reduction='none',
+    else the number of targets (none equals ignore_index, which lies outside [0, V))."""
+    if spec.out != 1 or len(args) != 2:
+        return
+    targs, _ = spec.template
+    if len(targs) < 5 or targs[2] is not None or not isinstance(targs[4], int) or targs[4] >= 0:
+        return
+    reduction = targs[3]
+    t = args[1]
+    value = 0.0 if reduction == 0 else float(max(1, int(torch.tensor(t.shape).prod())))
+    from gg_notebook.ir.lower import _Full
+
+    dtype = args[0].dtype
+    yield S.const(OpSpec("const", f"full({value})", _Full((), value, dtype), ((), ())), (), dtype)
+
+
+def _total_weight_cases(rng):
+    for _ in range(3):
+        n, v = C.dims(rng), C.dims(rng, 3, 9)
+        lsm = torch.log_softmax(C.randn(rng, n, v), -1)
+        target = torch.randint(0, v, (n,), generator=rng)
+        for reduction in (0, 1, 2):
+            spec, _ = C.spec_of(_bind(reduction), lsm, target)
+            yield C.make_case(spec, (lsm, target), rng, description=f"total weight, reduction {reduction}")
+
+
+def _bind(reduction):
+    def tw(l, t):
+        return aten.nll_loss_forward(l, t, None, reduction, -100)[1]
+    return tw
+
+
+register(Lemma(
+    name="nll-total-weight",
+    statement="nll_loss_forward(x, t, weight=None, reduction=r, ignore_index<0)[1] = 0 if r == none else numel(t)",
+    kinds=("nll_loss",),
+    absorbs=("softmax",),
+    plans=nll_total_weight,
+    cases=_total_weight_cases,
+    conditions=("no class weights", "ignore_index is negative, so no target in [0, V) is ignored"),
+    bitwise_safe=True,
+    priority=30,
+))
+
+
+# ---------------------------------------------------------------------------- backward
+@dataclass(frozen=True)
+class MaskedOnehotSub:
+    """``p - onehot(t - start)`` along the last dim, only where t falls in this shard."""
+
+    start: int
+
+    def __call__(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        local = t - self.start
+        valid = (local >= 0) & (local < p.shape[-1])
+        onehot = F.one_hot(local.clamp(0, max(p.shape[-1] - 1, 0)), p.shape[-1]).to(p.dtype)
+        return p - onehot * valid.unsqueeze(-1).to(p.dtype)
+
+
+def masked_onehot_sub_spec(start: int, vocab: int) -> OpSpec:
+    return OpSpec("masked_onehot_sub", f"masked_onehot_sub[{start}:]", MaskedOnehotSub(start),
+                  ((Slot(0), Slot(1)), ()), (("start", start), ("vocab", vocab), ("blame", "consumer")))
+
+
+def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+    """d logits of nll(log_softmax(x), t) with upstream g: (softmax(x) - onehot(t)) * g, per shard."""
+    if spec.param("fn") != "log_softmax" or len(args) != 2:
+        return
+    gl, lsm = args
+    if gl.op != "call" or gl.attrs.kind != "nll_loss_backward":
+        return
+    if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
+        return
+    targs, _ = gl.attrs.template
+    # nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight)
+    if len(targs) < 7 or targs[3] is not None or targs[4] != 0 or len(gl.args) < 3 or gl.args[1].id != lsm.id:
+        return
+    g, t = gl.args[0], gl.args[2]
+    x = lsm.args[0]
+    last = len(x.shape) - 1
+    if x.op != "cat" or x.attrs != last or spec.param("dim") != last or lsm.attrs.param("dim") != last:
+        return
+    vocab = x.shape[-1]
+    pieces, t2 = _peel(S, list(x.args), t)
+    lead = tuple(pieces[0].shape[:-1])
+    plast = len(lead)
+    m = S.accum("max", [S.call(reduce_spec("amax", (plast,), False), [p]) for p in pieces])
+    mk = S.view(m, lead + (1,))
+    sub, exp = ew_spec(aten.sub.Tensor, 2), ew_spec(aten.exp.default, 1)
+    div, mul = ew_spec(aten.div.Tensor, 2), ew_spec(aten.mul.Tensor, 2)
+    exps = [S.call(exp, [S.call(sub, [p, mk])]) for p in pieces]
+    total = S.accum("sum", [S.call(reduce_spec("sum", (plast,), False), [e]) for e in exps])
+    tk = S.view(total, lead + (1,))
+    gk = S.view(g, lead + (1,))
+    outs, off = [], 0
+    for p, e in zip(pieces, exps):
+        soft = S.call(div, [e, tk])
+        d = S.call(masked_onehot_sub_spec(off, vocab), [soft, t2])
+        outs.append(S.call(mul, [d, gk]))
+        off += p.shape[-1]
+    yield S.view(S.cat(outs, plast), out_shape)
+
+
+def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
+    """Find a rank value equal to ``p - onehot(t - start)`` (in-shard targets only), written as
+    ``p2d[arange, J] -= U`` (index_put of the picked entries minus U)."""
+    p_rel, t_rel = args
+    p_t, t_t = engine.to_term(p_rel), engine.to_term(t_rel)
+    start, vocab = spec.param("start"), spec.param("vocab")
+    v_local = p_rel.shape[-1]
+    lead = tuple(p_rel.shape[:-1])
+    n = 1
+    for s_ in lead:
+        n *= s_
+    index = engine.index
+    S = engine.store
+    domain = torch.arange(vocab, dtype=t_rel.dtype)
+    inside = (domain >= start) & (domain < start + v_local)
+    p2 = S.view(p_t, (n, v_local))
+    for w in index.users_of(p2):
+        if w.op != "call" or w.attrs.name != "aten.index_put.default" or len(w.args) != 4 or w.args[0].id != p2.id:
+            continue
+        targs, _ = w.attrs.template
+        if len(targs) > 3 and targs[3] is True:
+            continue  # accumulate=True has other semantics
+        rows, cols, vals = w.args[1], w.args[2], w.args[3]
+        if rows.op != "const" or not torch.equal(rows.attrs.call([]), torch.arange(n)):
+            continue
+        jv = eval_on_domain(cols, t_t, domain)
+        if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
+            continue
+        # vals == p2[arange, J] - U(t)
+        if vals.op != "call" or vals.attrs.name != "aten.sub.Tensor" or len(vals.args) != 2:
+            continue
+        picked, u = vals.args
+        if picked.op != "call" or picked.attrs.name != "aten.index.Tensor" or [a.id for a in picked.args] != [p2.id, rows.id, cols.id]:
+            continue
+        uv = eval_on_domain(u, t_t, domain)
+        if uv is None or not bool((uv == inside.to(uv.dtype)).all()):
+            continue
+        d = index.realized(w)
+        if d is not None:
+            return S.view(index.ref(d), lead + (v_local,))
+    return None
+
+
+def _backward_cases(rng):
+    for _ in range(3):
+        n, v = C.dims(rng), C.dims(rng, 4, 12)
+        logits = C.randn(rng, n, v)
+        target = torch.randint(0, v, (n,), generator=rng)
+        g = C.randn(rng, n)
+        lsm_v = torch.log_softmax(logits, -1)
+        tw = aten.nll_loss_forward(lsm_v, target, None, 0, -100)[1]
+        gl_v = aten.nll_loss_backward(g, lsm_v, target, None, 0, -100, tw)
+
+        def lsm_bwd(gl, l):
+            return aten._log_softmax_backward_data(gl, l, 1, torch.float64)
+
+        spec, order = C.spec_of(lsm_bwd, gl_v, lsm_v)
+        nll_spec, _ = C.spec_of(lambda g, l, t, w: aten.nll_loss_backward(g, l, t, None, 0, -100, w), g, lsm_v, target, tw)
+        case = C.make_case(nll_spec, (g, logits, target, tw), rng, split={1: 1})
+        S_ = case.store
+        lsm = S_.call(_log_softmax_spec(), [case.args[1]])
+        gl = S_.call(nll_spec, [case.args[0], lsm, case.args[2], case.args[3]])
+        yield type(case)(spec, (gl, lsm), case.values, S_, "log_softmax backward of nll, vocabulary split")
+
+
+register(Lemma(
+    name="vocab-cross-entropy-backward",
+    statement="log_softmax_backward(nll_backward(g, L, t), L), L = log_softmax(concat(x_r, -1))"
+              " = concat_r((exp(x_r - m) / sum_r sum(exp(x_r - m)) - onehot_r(t)) * g)",
+    kinds=("softmax_backward",),
+    absorbs=("nll_loss_backward", "softmax"),
+    plans=vocab_cross_entropy_backward,
+    cases=_backward_cases,
+    conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
+                "targets are class ids in [0, V)", "each masked one-hot piece is matched by an exhaustive check"),
+    priority=40,
+))
+register_matcher("masked_onehot_sub", match_masked_onehot_sub)

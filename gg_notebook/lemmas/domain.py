@@ -18,18 +18,35 @@ _ELEMENTWISE_GENERIC = {"aten.index_put.default", "aten.index_put_.default"}
 
 def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor | None:
     """Evaluate elementwise ``term`` with ``var`` bound to ``values`` (1-D); None if ``term``
-    depends on anything but ``var`` and constants, or uses a non-elementwise operator."""
+    depends on anything but ``var`` and constants, or uses a non-elementwise operator.
+
+    Views keep elements in flat (row-major) order, so on the 1-D domain a view is the identity;
+    every elementwise operator must see operands with one and the same shape (or scalars), which
+    keeps element i of every operand tied to element i of ``var``.
+    """
     memo: dict[int, torch.Tensor] = {var.id: values}
-    target_shape = var.shape
+    numel = 1
+    for s in var.shape:
+        numel *= s
+
+    def nelem(x: Expr) -> int:
+        n = 1
+        for s in x.shape:
+            n *= s
+        return n
 
     def go(x: Expr):
         if x.id in memo:
             return memo[x.id]
         if x.op == "const":
             v = x.attrs.call([])
-            if v.dim() != 0 and tuple(v.shape) != tuple(target_shape) and v.numel() != 1:
+            if v.numel() != 1:
                 return None
-            r = v.reshape(()) if v.numel() == 1 else None
+            r = v.reshape(())
+        elif x.op == "view":
+            if nelem(x) != numel:
+                return None
+            r = go(x.args[0])
             if r is None:
                 return None
         elif x.op == "call":
@@ -38,9 +55,9 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
                 return None
             if spec.unique is not None:
                 return None
-            for a in x.args:
-                if a.op != "const" and tuple(a.shape) != tuple(target_shape):
-                    return None
+            shapes = {tuple(a.shape) for a in x.args if not (a.op == "const" and nelem(a) == 1)}
+            if len(shapes) > 1 or any(nelem(a) != numel for a in x.args if not (a.op == "const" and nelem(a) == 1)):
+                return None
             vals = []
             for a in x.args:
                 v = go(a)

@@ -136,3 +136,109 @@ register(Lemma(
     priority=40,
 ))
 register_matcher("masked_lookup", match_masked_lookup)
+
+
+# ---------------------------------------------------------------------------- backward
+@dataclass(frozen=True)
+class MaskedEmbeddingBackward:
+    """The gradient of shard ``[start, start + n)`` of an embedding table: only in-shard ids count."""
+
+    start: int
+    n: int
+
+    def __call__(self, grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        valid = (local >= 0) & (local < self.n)
+        g = grad * valid.unsqueeze(-1).to(grad.dtype)
+        return torch.ops.aten.embedding_dense_backward(g, local.clamp(0, max(self.n - 1, 0)), self.n, -1, False)
+
+
+def masked_embedding_backward_spec(start: int, n: int, vocab: int) -> OpSpec:
+    return OpSpec("masked_embedding_backward", f"masked_embedding_backward[{start}:{start + n}]",
+                  MaskedEmbeddingBackward(start, n), ((Slot(0), Slot(1)), ()),
+                  (("start", start), ("n", n), ("vocab", vocab)))
+
+
+def vocab_embedding_backward(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
+    """embedding_backward(g, ids, V) = concat_k(masked_embedding_backward_k(g, ids)) for the
+    vocabulary partitions the program declares (its sharded embedding tables)."""
+    targs, _ = spec.template
+    if len(targs) < 5 or len(args) != 2 or targs[3] not in (-1, None) or targs[4]:
+        return
+    vocab = targs[2]
+    if not isinstance(vocab, int) or ctx is None:
+        return
+    grad, ids = args
+    for sizes in ctx.partitions(vocab):
+        if len(sizes) < 2:
+            continue
+        pieces, off = [], 0
+        for n in sizes:
+            pieces.append(S.call(masked_embedding_backward_spec(off, n, vocab), [grad, ids]))
+            off += n
+        yield S.cat(pieces, 0)
+
+
+def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr | None:
+    g_rel, ids_rel = args
+    g_t, ids_t = engine.to_term(g_rel), engine.to_term(ids_rel)
+    start, n, vocab = spec.param("start"), spec.param("n"), spec.param("vocab")
+    index = engine.index
+    domain = torch.arange(vocab, dtype=ids_rel.dtype)
+    inside = (domain >= start) & (domain < start + n)
+    for masked in index.users_of(g_t):
+        mask = _zeroing_mask(masked, g_t)
+        if mask is None:
+            continue
+        mv = eval_on_domain(mask, ids_t, domain)
+        if mv is None or not bool((mv.bool() == ~inside).all()):
+            continue
+        for e in index.users_of(masked):
+            if e.op != "call" or e.attrs.kind != "embedding_backward" or e.args[0].id != masked.id:
+                continue
+            targs, _ = e.attrs.template
+            if len(targs) < 3 or targs[2] != n:
+                continue
+            jv = eval_on_domain(e.args[1], ids_t, domain)
+            if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
+                continue
+            d = index.realized(e)
+            if d is not None:
+                return index.ref(d)
+    return None
+
+
+class _PartitionContext:
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def partitions(self, size):
+        return [self.sizes] if sum(self.sizes) == size else []
+
+
+def _backward_cases(rng):
+    for _ in range(3):
+        v, h, b, s = C.dims(rng, 4, 12), C.dims(rng), C.dims(rng), C.dims(rng)
+        grad = C.randn(rng, b, s, h)
+        ids = torch.randint(0, v, (b, s), generator=rng)
+        spec, _ = C.spec_of(lambda g, i: torch.ops.aten.embedding_dense_backward(g, i, v, -1, False), grad, ids)
+        case = C.make_case(spec, (grad, ids), rng)
+        sizes = C.split_sizes(rng, v, 3)
+        yield type(case)(spec, case.args, case.values, case.store,
+                         f"embedding backward over vocabulary shards {sizes}", _PartitionContext(tuple(sizes)))
+
+
+register(Lemma(
+    name="vocab-embedding-backward",
+    statement="embedding_backward(g, ids, V) = concat_k(masked_embedding_backward(g, ids, start_k, n_k))",
+    kinds=("embedding_backward",),
+    plans=vocab_embedding_backward,
+    cases=_backward_cases,
+    conditions=("the vocabulary partition is one the program's inputs declare", "ids are integers in [0, V)",
+                "no padding_idx, no scale_grad_by_freq",
+                "each piece is matched by an exhaustive check over all ids"),
+    bitwise_safe=False,
+    priority=40,
+    needs_context=True,
+))
+register_matcher("masked_embedding_backward", match_masked_embedding_backward)
