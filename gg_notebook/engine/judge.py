@@ -69,6 +69,43 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     return False, None, f"expected {engine.show(target)}"
 
 
+_SCALERS = {"aten.mul.Tensor": 1, "aten.mul.Scalar": 1, "aten.div.Tensor": -1, "aten.div.Scalar": -1}
+
+
+def _factor(term: Expr, base: Expr) -> float | None:
+    """If ``term`` is ``base`` times a number (mul/div by a scalar, or an averaging collective), it."""
+    if term.op == "scale" and term.args[0].id == base.id:
+        return float(term.attrs)
+    if term.op == "call" and term.attrs.name in _SCALERS and len(term.args) == 1 and term.args[0].id == base.id:
+        args, _ = term.attrs.template
+        consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if len(consts) == 1 and consts[0] != 0:
+            c = float(consts[0])
+            return c if _SCALERS[term.attrs.name] == 1 else 1.0 / c
+    return None
+
+
+def scale_mismatch(engine: Engine, k: int, placement) -> tuple[float, str] | None:
+    """Do the ranks hold the k-th output up to a scale factor? (factor, relation without it)."""
+    seq_out = engine.seq.outputs[k]
+    try:
+        target = expected_relation(engine, k, placement)
+    except Exception:  # noqa: BLE001
+        return None
+    if target is None:
+        return None
+    tt = engine.to_term(target)
+    for c in engine.relations.get(seq_out.name, []):
+        ct = engine.to_term(c.expr)
+        f = _factor(tt, ct)
+        if f is not None:
+            return f, engine.show(c.expr)
+        f = _factor(ct, tt)
+        if f is not None:
+            return 1.0 / f, engine.show(c.expr)
+    return None
+
+
 def any_clean_output_relation(engine: Engine, k: int):
     """Without ``expect``: try replica, shards along each dim, partial sum, in that order."""
     shape = engine.seq.outputs[k].shape
@@ -112,6 +149,11 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
             rel = engine.show(c.expr) if c is not None else (alts[0] if alts else None)
             if not ok and alts:
                 detail = f"found {alts[0]}, but expect[{k}] = {_placement_str(placement)} needs {detail.removeprefix('expected ')}"
+                scaled = scale_mismatch(engine, k, placement)
+                if scaled is not None:
+                    detail = (f"the ranks' outputs are {scaled[0]:g} x the sequential output "
+                              f"({scaled[1]}): a missing or extra scale factor")
+                    findings.append(Finding("scale-factor", f"output {k}: {detail}", out.source))
             relations.append(OutputRelation(k, out.name, rel, _placement_str(placement), ok, detail, alts))
         else:
             p, c = any_clean_output_relation(engine, k)
@@ -119,11 +161,15 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
                 relations.append(OutputRelation(k, out.name, engine.show(c.expr), None, True,
                                                 f"ranks hold it as {_placement_str(p)}", alts))
             else:
-                scaled = [a for a in cands if any(x.op == "scale" for x in _walk(a.expr))]
-                if scaled:
-                    findings.append(Finding("scale-factor", f"output {k} needs a scale factor: {engine.show(scaled[0].expr)}",
-                                            out.source))
                 detail = "related only to intermediate tensors, not to the ranks' outputs" if cands else "no relation"
+                shape = out.shape
+                for p in [Replicate()] + [Shard(d) for d in range(len(shape))] + [Partial()]:
+                    scaled = scale_mismatch(engine, k, p)
+                    if scaled is not None:
+                        detail = (f"the ranks hold {scaled[0]:g} x the sequential output as {_placement_str(p)} "
+                                  f"({scaled[1]}): a scale factor is never accepted silently")
+                        findings.append(Finding("scale-factor", f"output {k}: {detail}", out.source))
+                        break
                 relations.append(OutputRelation(k, out.name, alts[0] if alts else None, None, False, detail, alts))
     if culprit is None:
         bad = [r for r in relations if not r.ok]
