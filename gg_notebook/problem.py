@@ -122,23 +122,25 @@ def validate_problem(problem: Problem) -> None:
             f"{n_in} inputs but {n_pl} placements: give exactly one placement per input "
             f"(inputs are {', '.join(problem.input_names)})."
         )
-    n_params = _positional_arity(problem.sequential)
-    if n_params is not None and n_params != n_in:
-        raise ProblemError(
-            f"the sequential function takes {n_params} positional arguments but {n_in} inputs were given."
-        )
-    n_params = _positional_arity(problem.distributed)
-    if n_params is not None and n_params != n_in:
-        raise ProblemError(
-            f"the distributed function takes {n_params} positional arguments but {n_in} inputs were given."
-        )
+    for which, fn in (("sequential", problem.sequential), ("distributed", problem.distributed)):
+        n_params = _positional_arity(fn)
+        if n_params is not None and n_params != n_in:
+            raise ProblemError(
+                f"the {which} function {getattr(fn, '__name__', '')}{_signature(fn)} takes {n_params} positional "
+                f"arguments but {n_in} inputs were given: pass one input tensor (and one placement) per argument."
+            )
     for i, (t, p) in enumerate(zip(problem.inputs, problem.placements)):
         name = problem.input_names[i]
         if not isinstance(t, torch.Tensor):
             raise ProblemError(f"input {i} ({name}) is a {type(t).__name__}, expected a torch.Tensor.")
         if isinstance(p, Shard):
             d = p.dim
-            if not -t.dim() <= d < max(t.dim(), 1):
+            if t.dim() == 0:
+                raise ProblemError(
+                    f"input {i} ({name}) is a 0-dim tensor but its placement is Shard({d}): "
+                    f"a scalar cannot be sharded; use Replicate() or Partial()."
+                )
+            if not -t.dim() <= d < t.dim():
                 raise ProblemError(
                     f"input {i} ({name}) has shape {tuple(t.shape)} but its placement is Shard({d}): "
                     f"the shard dim must be in [0, {t.dim() - 1}]."
@@ -164,6 +166,41 @@ def validate_problem(problem: Problem) -> None:
                 raise ProblemError(
                     f"expect[{k}] is {e!r}: use Replicate(), Shard(d) or Partial() for each output."
                 )
+
+
+def validate_expect(problem: Problem, outputs: Sequence[Any]) -> None:
+    """Check ``problem.expect`` against the sequential program's outputs (IR nodes with ``name``,
+    ``shape``, ``source``): one placement per output, shard dims in range."""
+    if problem.expect is None:
+        return
+    n_exp, n_out = len(problem.expect), len(outputs)
+    if n_exp != n_out:
+        names = ", ".join(f"{o.name} {tuple(o.shape)}" for o in outputs)
+        raise ProblemError(
+            f"expect has {n_exp} placements but the sequential program returns {n_out} outputs ({names}): "
+            f"give exactly one placement per output, in order, or expect=None to accept any clean relation."
+        )
+    for k, (e, o) in enumerate(zip(problem.expect, outputs)):
+        if isinstance(e, Shard):
+            nd = len(o.shape)
+            at = f" (computed at {o.source})" if getattr(o, "source", None) else ""
+            if nd == 0:
+                raise ProblemError(
+                    f"expect[{k}] is Shard({e.dim}) but output {k} ({o.name}){at} is a 0-dim tensor: "
+                    f"a scalar cannot be sharded; use Replicate() or Partial()."
+                )
+            if not -nd <= e.dim < nd:
+                raise ProblemError(
+                    f"expect[{k}] is Shard({e.dim}) but output {k} ({o.name}){at} has shape {tuple(o.shape)}: "
+                    f"the shard dim must be in [0, {nd - 1}]."
+                )
+
+
+def _signature(fn: Callable) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def _positional_arity(fn: Callable) -> int | None:

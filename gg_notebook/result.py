@@ -13,6 +13,20 @@ from enum import Enum
 from typing import Any
 
 
+class VerificationError(ValueError):
+    """gg_notebook itself failed on a well-formed problem (a limitation or bug, not the user's mistake).
+
+    ``stage`` is the pipeline stage ("lowering", "indexing", "inference", "judging"); ``rank`` is None
+    for the sequential program; ``op``/``node``/``source`` name the operator being processed and its
+    "file.py:LINE" in the user's code when known.
+    """
+
+    def __init__(self, message: str, *, stage: str, rank: int | None = None, op: str | None = None,
+                 node: str | None = None, source: str | None = None) -> None:
+        super().__init__(message)
+        self.stage, self.rank, self.op, self.node, self.source = stage, rank, op, node, source
+
+
 class Status(str, Enum):
     """The verdict. ``refuted`` needs a concrete counterexample (concrete-execution engine)."""
 

@@ -10,24 +10,64 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.engine.judge import judge
 from gg_notebook.ir.lower import lower
-from gg_notebook.problem import Layout, Problem, validate_problem
+from gg_notebook.problem import Layout, Problem, ProblemError, validate_expect, validate_problem
 from gg_notebook.relations.expr import ExprStore
 from gg_notebook.relations.inputs import global_atoms, rank_input_terms
-from gg_notebook.result import Result
+from gg_notebook.result import Result, VerificationError
+
+_REPORT = ("this is a gg_notebook limitation, not a mistake in your problem: please report it with the "
+           "program that triggers it")
+
+
+def _internal(stage: str, exc: BaseException, *, rank: int | None = None, node=None) -> VerificationError:
+    """Wrap an unexpected exception from ``stage`` into a `VerificationError` naming where it happened."""
+    op = getattr(node, "target", None) or None
+    name = getattr(node, "name", None)
+    source = getattr(node, "source", None)
+    prog = "" if stage in ("indexing", "judging") else (
+        " the sequential program" if rank is None else f" rank {rank}'s program")
+    at = f" at {op} ({name})" if op else ""
+    at += f", {source}" if source else ""
+    code = getattr(node, "code", None)
+    at += f" (`{code.strip()}`)" if code else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return VerificationError(
+        f"gg_notebook failed while {stage}{prog}{at}: {type(exc).__name__}: {text}. {_REPORT}.",
+        stage=stage, rank=rank, op=op, node=name, source=source,
+    )
+
+
+def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
+    """Run ``fn(*args)``; user-facing errors pass through, anything else becomes a `VerificationError`."""
+    from gg_notebook.capture import CaptureError
+
+    try:
+        return fn(*args)
+    except (ProblemError, CaptureError, VerificationError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - LoweringError, IndexError_, ShapeError, bugs
+        raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
 def prepare(problem: Problem):
     """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats."""
-    from gg_notebook.capture import capture_layout, capture_problem
-    from gg_notebook.relations.layout import layout_terms_and_relation
+    from gg_notebook.capture import capture_problem
 
     validate_problem(problem)
     stats: dict = {}
     t0 = time.perf_counter()
     cap = capture_problem(problem)
     t1 = time.perf_counter()
-    seq = lower(cap.sequential, None)
-    ranks = [lower(gm, r) for r, gm in enumerate(cap.ranks)]
+    seq = _guard("lowering", lower, cap.sequential, None)
+    validate_expect(problem, seq.outputs)
+    ranks = [_guard("lowering", lower, gm, r, rank=r) for r, gm in enumerate(cap.ranks)]
+    return _guard("indexing", _index, problem, seq, ranks, stats, t0, t1)
+
+
+def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
+    from gg_notebook.capture import capture_layout
+    from gg_notebook.relations.layout import layout_terms_and_relation
+
     store = ExprStore()
     atoms = global_atoms(problem, store)
     layout_terms: dict = {}
@@ -71,11 +111,17 @@ def verify(problem: Problem, **options) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`)."""
     engine, stats = prepare(problem)
     t0 = time.perf_counter()
-    engine.run()
+    _guard("inferring", engine.run, node_of=lambda: _current(engine))
     stats["inference_s"] = time.perf_counter() - t0
     stats.update({k: v for k, v in engine.stats.items()})
     t1 = time.perf_counter()
-    result = judge(engine, problem, stats)
+    result = _guard("judging", judge, engine, problem, stats)
     stats["judge_s"] = time.perf_counter() - t1
     stats["total_s"] = stats["capture_s"] + stats["index_s"] + stats["inference_s"] + stats["judge_s"]
     return result
+
+
+def _current(engine: Engine):
+    """The sequential node the engine was working on (None when past the end)."""
+    nodes = engine.seq.nodes
+    return nodes[engine.cursor] if 0 <= engine.cursor < len(nodes) else None

@@ -121,7 +121,7 @@ class Engine:
                 d = self.index.realized(t)
                 if d is not None:
                     return self.index.ref(d)
-        if all(not leaves(a) for a in args) and spec.unique is None:
+        if all(a.ground for a in args) and spec.unique is None:
             return self.store.call(spec, args)  # a constant computation
         matcher = MATCHERS.get(spec.kind)
         if matcher is not None:
@@ -169,7 +169,7 @@ class Engine:
         def go(e: Expr) -> Expr | None:
             if e.id in memo:
                 return memo[e.id]
-            if e.op == "call" and leaves(e):
+            if e.op == "call" and not e.ground:
                 args = []
                 for a in e.args:  # resolve nested pieces first, innermost out
                     v = go(a)
@@ -409,16 +409,7 @@ def rebuild(S: ExprStore, e, args: list[Expr]) -> Expr:
 
 def _has_compute(e: Expr) -> bool:
     """True if ``e`` still contains a compute call on distributed tensors (not a relation)."""
-    stack, seen = [e], set()
-    while stack:
-        x = stack.pop()
-        if x.id in seen:
-            continue
-        seen.add(x.id)
-        if x.op == "call" and leaves(x):
-            return True
-        stack.extend(x.args)
-    return False
+    return e.pending
 
 
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:

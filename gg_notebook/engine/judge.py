@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.engine.infer import Candidate, Engine
-from gg_notebook.relations.expr import Expr, leaves
+from gg_notebook.relations.expr import Expr, ShapeError, leaves
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -27,7 +27,10 @@ def expected_relation(engine: Engine, k: int, placement) -> Expr | None:
     if isinstance(placement, Replicate):
         return refs[0] if all(r.id == refs[0].id for r in refs) else None
     if isinstance(placement, Shard):
-        return S.cat(refs, placement.dim % len(refs[0].shape))
+        nd = len(refs[0].shape)
+        if not -nd <= placement.dim < nd:
+            raise ShapeError(f"the ranks' outputs have shape {refs[0].shape}: no dim {placement.dim}")
+        return S.cat(refs, placement.dim % nd)
     if isinstance(placement, Partial):
         return S.accum("sum", refs)
     return None
@@ -59,7 +62,12 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
         if c is not None:
             return True, c, ""
         return False, None, "no rank's output equals the sequential output"
-    target = expected_relation(engine, k, placement)
+    try:
+        target = expected_relation(engine, k, placement)
+    except ShapeError:  # e.g. the ranks' k-th outputs differ in shape: they cannot form that relation
+        shapes = [tuple(g.outputs[k].shape) for g in engine.index.graphs]
+        return False, None, (f"ranks' outputs that combine as {_placement_str(placement)}, but the ranks "
+                             f"return shapes {shapes}")
     if target is None:
         return False, None, "cannot express the expected relation"
     tt = engine.to_term(target).id

@@ -94,7 +94,7 @@ def _fill(t, tensors):
 class Expr:
     """A hash-consed expression node. Build them through `ExprStore`, never directly."""
 
-    __slots__ = ("id", "op", "attrs", "args", "shape", "dtype", "key")
+    __slots__ = ("id", "op", "attrs", "args", "shape", "dtype", "key", "ground", "pending")
 
     def __init__(self, id, op, attrs, args, shape, dtype, key):
         self.id = id
@@ -104,6 +104,9 @@ class Expr:
         self.shape = shape
         self.dtype = dtype
         self.key = key
+        # ground: no ref/atom leaves (a constant); pending: a compute call on non-constant values
+        self.ground = op not in ("ref", "atom") and all(a.ground for a in args)
+        self.pending = (op == "call" and not self.ground) or any(a.pending for a in args)
 
     def __repr__(self) -> str:
         return f"Expr#{self.id}<{self.op}>"
