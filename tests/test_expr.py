@@ -346,6 +346,41 @@ def test_slice_of_cat_across_boundaries(seed):
         assert back is c
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_slice_of_view(seed):
+    """slice(view(y)) is rewritten to view(slice(y)) when the bounds align with the view group."""
+    env = Env(450 + seed)
+    S = env.S
+    moved = 0
+    for _ in range(20):
+        shape = random_shape(env.rng, ndim=env.rng.randint(1, 3), lo=1, hi=6)
+        if env.rng.random() < 0.5:
+            d = env.rng.randrange(len(shape))
+            shape[d] = max(shape[d], 2)
+            x, v = env.cat_atoms(shape, d) if shape[d] > 1 else env.atom(shape)
+        else:
+            x, v = env.atom(shape)
+        t = random_reshape(env.rng, shape)
+        e = S.view(x, t)
+        dd = env.rng.randrange(len(t))
+        if t[dd] < 2:
+            continue
+        a = env.rng.randrange(t[dd])
+        b = env.rng.randint(a + 1, t[dd])
+        s = S.slice(e, dd, a, b)
+        moved += s.op == "view"
+        env.check(s, v.reshape(t).narrow(dd, a, b - a))
+    # the attention pattern: rows of a merged [B*H, ...] view are whole heads of [B, H, ...]
+    x, v = env.atom((2, 3, 4))
+    s = S.slice(S.view(x, (6, 4)), 0, 3, 6)  # rows 3:6 = x[1]
+    assert s.op == "view" and s.args[0] is S.slice(x, 0, 1, 2)
+    env.check(s, v.reshape(6, 4)[3:6])
+    s = S.slice(S.view(x, (6, 4)), 0, 2, 4)  # straddles x[0] and x[1]: stays a slice
+    assert s.op == "slice"
+    env.check(s, v.reshape(6, 4)[2:4])
+    assert moved > 0
+
+
 def test_slice_of_permute_accum_expand():
     env = Env(6)
     S = env.S
