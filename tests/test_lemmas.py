@@ -34,6 +34,14 @@ def _same(got: torch.Tensor, ref: torch.Tensor) -> str | None:
     return None
 
 
+def _plans(lemma: Lemma, case, out_shape: tuple):
+    """The lemma's plans for ``case``, called the way the engine calls it (with the case's context
+    for lemmas that declare ``needs_context``)."""
+    if hasattr(case, "plans"):
+        return case.plans(lemma, out_shape)
+    return lemma.plans(case.store, case.spec, case.args, out_shape)
+
+
 def check_lemma(lemma: Lemma, seed: int) -> dict:
     """Run every case of ``lemma`` drawn with ``seed``; raise AssertionError on any unsound plan.
 
@@ -52,7 +60,7 @@ def check_lemma(lemma: Lemma, seed: int) -> dict:
         arg_vals = [evaluate(a, leaf) for a in case.args]
         ref = case.spec.call(arg_vals)
         out_shape = tuple(ref.shape)
-        for plan in lemma.plans(case.store, case.spec, case.args, out_shape):
+        for plan in _plans(lemma, case, out_shape):
             n_plans += 1
             where = f"{lemma.name} seed={seed} case={case.description!r} plan={pretty(plan, lambda x: str(x.attrs[0]))}"
             if tuple(plan.shape) != out_shape:
