@@ -145,18 +145,24 @@ _SHIMS = {
 
 @contextmanager
 def collective_shims() -> Iterator[None]:
-    saved = {}
+    # Save the raw class attributes (pybind11 stores methods as descriptors in the class __dict__;
+    # getattr would unwrap them and restoring that would lose the binding of self).
+    saved: dict = {}
+    missing = object()
     try:
         for name, make in _SHIMS.items():
             orig = getattr(_PG, name, None)
             if orig is None:
                 continue
-            saved[name] = orig
+            saved[name] = _PG.__dict__.get(name, missing)
             setattr(_PG, name, make(orig))
         yield
     finally:
-        for name, orig in saved.items():
-            setattr(_PG, name, orig)
+        for name, raw in saved.items():
+            if raw is missing:
+                delattr(_PG, name)
+            else:
+                setattr(_PG, name, raw)
 
 
 # --------------------------------------------------------------------------------------------------
