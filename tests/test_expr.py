@@ -531,9 +531,6 @@ def test_random_compositions(seed):
 
 
 # --------------------------------------------------------------------------- empty slices
-@pytest.mark.xfail(strict=True, reason="expr.py: an empty slice of a cat along the cat dim raises "
-                   "ShapeError('cannot concatenate nothing') while the same slice of an atom works; "
-                   "cat([empty slice]) raises IndexError (all pieces filtered out)")
 def test_empty_slice_of_cat():
     env = Env(10)
     S = env.S
@@ -542,7 +539,6 @@ def test_empty_slice_of_cat():
     env.check(e, v[2:2])
 
 
-@pytest.mark.xfail(strict=True, reason="expr.py: cat of only zero-size pieces raises IndexError")
 def test_cat_of_empty_pieces():
     env = Env(11)
     S = env.S

@@ -261,6 +261,10 @@ class ExprStore:
         end = max(start, min(size, end + size if end < 0 else end))
         if start == 0 and end == size:
             return x
+        if start == end:  # empty: keep it as is, normalizing would only lose the shape
+            shape = list(x.shape)
+            shape[dim] = 0
+            return self._intern("slice", (dim, start, end), (x,), shape, x.dtype)
         if x.op == "slice" and x.attrs[0] == dim:
             s0 = x.attrs[1]
             return self.slice(x.args[0], dim, s0 + start, s0 + end)
@@ -337,6 +341,8 @@ class ExprStore:
                 flat.extend(x.args)
             elif x.shape[dim] > 0:
                 flat.append(x)
+        if not flat:  # every piece is empty
+            return xs[0]
         merged: list[Expr] = []
         for x in flat:
             if merged:
