@@ -205,8 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--quick", action="store_true", help="smoke grid: TP 2 x 1 layer")
-    ap.add_argument("--heads", type=int, default=MODEL["heads"],
-                    help="attention heads (Megatron needs heads %% TP == 0; the default 12 is not divisible by 8)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="attention heads for every cell (default: 12, or 16 where 12 %% TP != 0, since a "
+                         "Megatron split needs heads %% TP == 0 and 12 heads cannot be split over 8 ranks)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile each cell's verify() into DIR/<cell>.prof")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (child process)
     args = ap.parse_args(argv)
@@ -218,9 +219,19 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.tp, args.layers = [2], [1]
-    model = dict(MODEL, heads=args.heads)
-    cells = [dict(mode=m, tp=t, layers=l, repeat=max(1, args.repeat), model=model)
+    model = dict(MODEL, heads=args.heads or MODEL["heads"])
+
+    def heads_for(t):
+        if args.heads:
+            return args.heads
+        return MODEL["heads"] if MODEL["heads"] % t == 0 else 16
+
+    cells = [dict(mode=m, tp=t, layers=l, repeat=max(1, args.repeat), model=dict(model, heads=heads_for(t)))
              for m in args.mode for t in args.tp for l in args.layers]
+    substituted = sorted({t for t in args.tp if heads_for(t) != MODEL["heads"]}) if not args.heads else []
+    if substituted:
+        print(f"# note: TP {substituted} use 16 heads (head dim 48): 12 heads cannot be split over that many ranks",
+              flush=True)
     if args.profile:
         for c in cells:
             c["profile"] = str(Path(args.profile).resolve() / f"{c['mode']}_tp{c['tp']}_l{c['layers']}.prof")
@@ -230,7 +241,7 @@ def main(argv=None) -> int:
            "environment": _environment(), "options": {k: v for k, v in vars(args).items() if k != "cell"},
            "graphguard_fwd_s": {f"TP{t}xL{l}": s for (t, l), s in GRAPHGUARD_FWD_S.items()}, "cells": []}
     print(f"# GPT benchmark: {model}; {len(cells)} cell(s), timeout {args.timeout:.0f} s each", flush=True)
-    bad_tp = [t for t in args.tp if model["heads"] % t]
+    bad_tp = [t for t in args.tp if heads_for(t) % t]
     if bad_tp:
         print(f"# note: {model['heads']} heads are not divisible by TP {bad_tp}: each rank gets "
               f"{model['heads']} // TP heads, so those cells are not a valid Megatron split and cannot be proved",

@@ -86,6 +86,9 @@ def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden
          vocab: int = 64, seq: int = 8, batch: int = 2, ffn: int | None = None, backward: bool = False,
          device="cpu", seed: int = 0, dtype=torch.float64) -> Problem:
     check_bug("gpt", bug, BUGS)
+    if heads % world_size or hidden % heads:
+        raise ValueError(f"a Megatron split needs heads % world_size == 0 and hidden % heads == 0; got "
+                         f"hidden={hidden}, heads={heads}, world_size={world_size}")
     ffn = 4 * hidden if ffn is None else ffn
     g = seeded(seed)
     rg = backward
