@@ -1,0 +1,355 @@
+"""Bad input through `gg.verify`: a clear message naming the input, rank, operator and line, never a crash.
+
+Errors in the user's problem raise `ProblemError` (malformed `Problem`) or `CaptureError` (a program
+that cannot be traced, or ranks that do not line up); operators the engine cannot relate give
+``unknown`` with a culprit; gg_notebook's own failures raise `VerificationError`. After every error
+a valid problem still verifies in the same process. (tests/test_capture.py covers capture_problem
+itself; these go through the public entry point.)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gg_notebook as gg
+from gg_notebook.capture import CaptureError
+from gg_notebook.problem import ProblemError
+from gg_notebook.result import VerificationError
+
+HERE = "test_bad_input.py"
+
+
+def line_of(fn, text):
+    """'test_bad_input.py:N' of the first line of fn containing text."""
+    lines, start = inspect.getsourcelines(fn)
+    for i, line in enumerate(lines):
+        if text in line:
+            return f"{HERE}:{start + i}"
+    raise AssertionError(text)
+
+
+# ------------------------------------------------------------------------------------ a valid problem
+
+
+def seq_mm(x, w):
+    return x @ w
+
+
+def dist_mm(x, w):
+    y = x @ w
+    dist.all_reduce(y)
+    return y
+
+
+def mm_problem(distributed=dist_mm, placements=(gg.Shard(1), gg.Shard(0)), inputs=None, expect=(gg.Replicate(),),
+               sequential=seq_mm, world_size=2):
+    inputs = (torch.randn(2, 4), torch.randn(4, 6)) if inputs is None else inputs
+    return gg.Problem(sequential, distributed, inputs, placements, world_size, expect=expect)
+
+
+def assert_still_works():
+    """After an error: no process group left behind and a valid problem still verifies."""
+    assert not dist.is_initialized()
+    result = gg.verify(mm_problem())
+    assert result.status is gg.Status.PROVED, str(result)
+
+
+def problem_error(problem) -> str:
+    with pytest.raises(ProblemError) as ei:
+        gg.verify(problem)
+    assert_still_works()
+    return str(ei.value)
+
+
+# ------------------------------------------------------------------------------------ inputs and placements
+
+
+def test_wrong_number_of_placements():
+    msg = problem_error(mm_problem(placements=(gg.Shard(1),)))
+    assert "2 inputs but 1 placements" in msg
+    assert "one placement per input" in msg and "x, w" in msg
+
+
+def test_wrong_number_of_inputs():
+    msg = problem_error(mm_problem(inputs=(torch.randn(2, 4),)))
+    assert "1 inputs but 2 placements" in msg and "one placement per input" in msg
+    # as many inputs as placements, but not as many as the functions take
+    p = mm_problem(inputs=(torch.randn(2, 4),), placements=(gg.Shard(1),))
+    msg = problem_error(p)
+    assert "sequential function seq_mm(x, w) takes 2 positional arguments but 1 inputs were given" in msg
+    assert "one input tensor" in msg
+
+
+def test_shard_dim_out_of_range():
+    msg = problem_error(mm_problem(placements=(gg.Shard(1), gg.Shard(2))))
+    assert "input 1 (w)" in msg and "shape (4, 6)" in msg and "Shard(2)" in msg
+    assert "shard dim must be in [0, 1]" in msg
+    msg = problem_error(mm_problem(inputs=(torch.randn(2, 4), torch.tensor(3.0)), sequential=lambda x, w: x * w,
+                                   distributed=lambda x, w: x * w, placements=(gg.Shard(1), gg.Shard(0)), expect=None))
+    assert "input 1 (w) is a 0-dim tensor" in msg and "Replicate()" in msg
+
+
+def test_shard_dim_not_divisible_by_world_size():
+    p = mm_problem(inputs=(torch.randn(2, 3), torch.randn(3, 6)))
+    msg = problem_error(p)
+    assert "input 0 (x) has size 3 along dim 1" in msg and "not divisible by world_size=2" in msg
+    assert "pad the input or pick another shard dim" in msg
+
+
+# ------------------------------------------------------------------------------------ programs that fail to trace
+
+
+def dist_mm_fails_on_rank1(x, w):
+    y = x @ w
+    if dist.get_rank() == 1:
+        y = y.view(5, -1)  # rank 1's bug
+    dist.all_reduce(y)
+    return y
+
+
+def test_rank_raises_names_rank_and_line():
+    with pytest.raises(CaptureError) as ei:
+        gg.verify(mm_problem(distributed=dist_mm_fails_on_rank1))
+    e, where = ei.value, line_of(dist_mm_fails_on_rank1, "view(5")
+    assert e.rank == 1 and e.source.endswith(where)
+    msg = str(e)
+    assert msg.startswith(f"rank 1 raised RuntimeError at") and where in msg and "y.view(5, -1)" in msg
+    assert "Fix the per-rank function" in msg and "rank 1's local inputs" in msg
+    assert_still_works()
+
+
+def seq_branch_on_values(x, w):
+    y = x @ w
+    if y.max().item() > 0:
+        y = y * 2
+    return y
+
+
+def test_data_dependent_control_flow_in_the_sequential_program():
+    with pytest.raises(CaptureError) as ei:
+        gg.verify(mm_problem(sequential=seq_branch_on_values))
+    e, where = ei.value, line_of(seq_branch_on_values, ".item()")
+    assert e.rank is None
+    msg = str(e)
+    assert msg.startswith("the sequential program: control flow that depends on tensor values cannot be traced")
+    assert where in msg and "torch.where" in msg
+    assert_still_works()
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def flipped_columns(g, rank, world_size):
+    piece = torch.chunk(g, world_size, 1)[rank]
+    return torch.flip(piece, [1])  # computes: not a clean layout
+
+
+def first_columns_only(g, rank, world_size):
+    return g[:, :2]  # every rank holds the same half: the other half is on no rank
+
+
+def test_unclean_layout():
+    msg = problem_error(mm_problem(placements=(gg.Layout(flipped_columns), gg.Shard(0))))
+    assert "input 0 (x)" in msg and "aten.flip.default" in msg and "rank 0" in msg
+    assert line_of(flipped_columns, "torch.flip") in msg
+    assert "a Layout may only index, slice, cat, split, reshape or transpose" in msg
+    msg = problem_error(mm_problem(placements=(gg.Layout(first_columns_only), gg.Shard(0))))
+    assert "input 0 (x)" in msg and "do not cover the global tensor" in msg and "element (0, 2)" in msg
+    assert "must give every element of the global tensor to some rank" in msg
+
+
+# ------------------------------------------------------------------------------------ ranks that disagree
+
+
+def dist_mm_extra_output_on_rank0(x, w):
+    y = dist_mm(x, w)
+    if dist.get_rank() == 0:
+        return y, y.sum()
+    return y
+
+
+def test_output_counts_differ_across_ranks():
+    with pytest.raises(CaptureError) as ei:
+        gg.verify(mm_problem(distributed=dist_mm_extra_output_on_rank0))
+    assert ei.value.rank == 1
+    msg = str(ei.value)
+    assert "rank 1 returns 1 outputs but rank 0 returns 2" in msg
+    assert "every rank must return the same number of tensors" in msg
+    assert_still_works()
+
+
+def dist_mm_reduce_ops_differ(x, w):
+    y = x @ w
+    if dist.get_rank() == 0:
+        dist.all_reduce(y)
+    else:
+        dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+def test_collectives_do_not_line_up():
+    with pytest.raises(CaptureError) as ei:
+        gg.verify(mm_problem(distributed=dist_mm_reduce_ops_differ))
+    e = ei.value
+    sum_line = line_of(dist_mm_reduce_ops_differ, "dist.all_reduce(y)")
+    max_line = line_of(dist_mm_reduce_ops_differ, "ReduceOp.MAX")
+    assert e.rank == 1 and e.source.endswith(max_line)
+    msg = str(e)
+    assert f"rank 1 calls all_reduce(max) at" in msg and max_line in msg
+    assert "where rank 0 calls all_reduce(sum) at" in msg and sum_line in msg
+    assert "collective #0 on group (0, 1)" in msg and "must line up" in msg
+    assert_still_works()
+
+
+# ------------------------------------------------------------------------------------ unknown, never a crash
+
+
+def seq_erfcx(x):
+    return torch.special.erfcx(x)
+
+
+def dist_erfcx_by_hand(x):
+    return torch.exp(x * x) * torch.erfc(x)  # the same function, spelled differently
+
+
+def seq_cumsum(x):
+    return torch.cumsum(x, 1)
+
+
+def seq_sort(x):
+    return torch.sort(x, dim=1).values
+
+
+@pytest.mark.parametrize("seq,distributed,op,marker", [
+    (seq_erfcx, dist_erfcx_by_hand, "aten.special_erfcx.default", "torch.special.erfcx"),
+    (seq_cumsum, seq_cumsum, "aten.cumsum.default", "torch.cumsum"),  # along the sharded dim: per-rank cumsums
+    (seq_sort, seq_sort, "aten.sort.default", "torch.sort"),  # along the sharded dim: per-rank sorts
+])
+def test_operator_without_lemmas_is_unknown_naming_it(seq, distributed, op, marker):
+    result = gg.verify(gg.Problem(seq, distributed, (torch.randn(2, 4),), (gg.Shard(1),), 2, expect=(gg.Shard(1),)))
+    assert result.status is gg.Status.UNKNOWN, str(result)
+    c = result.culprit
+    assert c is not None and c.op == op
+    assert c.source.endswith(line_of(seq, marker))
+    assert f"unknown: stuck at {op}" in result.headline()
+    assert "no lemma" in c.detail
+    assert not result.relations[0].ok
+    assert_still_works()
+
+
+def seq_double(x):
+    return x * 2
+
+
+def test_expected_shard_on_a_replicated_output_is_unknown():
+    result = gg.verify(gg.Problem(seq_double, seq_double, (torch.randn(2, 4),), (gg.Replicate(),), 2,
+                                  expect=(gg.Shard(0),)))
+    assert result.status is gg.Status.UNKNOWN, str(result)
+    c = result.culprit
+    assert c.op == "aten.mul.Tensor" and c.source.endswith(line_of(seq_double, "x * 2"))
+    rel = result.relations[0]
+    assert not rel.ok and rel.expected == "Shard(0)"
+    assert "expect[0] = Shard(0) needs concat(" in rel.detail and "expect[0] = Shard(0)" in c.detail
+    assert_still_works()
+
+
+def dist_double_rows_by_rank(x):
+    return (x * 2)[: 1 + dist.get_rank()]  # rank r returns r + 1 rows
+
+
+@pytest.mark.parametrize("expect", [gg.Shard(1), gg.Partial()])
+def test_rank_output_shapes_that_cannot_combine_are_unknown(expect):
+    result = gg.verify(gg.Problem(seq_double, dist_double_rows_by_rank, (torch.randn(2, 4),), (gg.Replicate(),), 2,
+                                  expect=(expect,)))
+    assert result.status is gg.Status.UNKNOWN, str(result)
+    c = result.culprit
+    assert c.op == "aten.mul.Tensor" and c.source.endswith(line_of(seq_double, "x * 2"))
+    detail = result.relations[0].detail
+    assert "the ranks return shapes [(1, 4), (2, 4)]" in detail and str(expect).split("(")[0] in detail
+    assert_still_works()
+
+
+# ------------------------------------------------------------------------------------ malformed expect
+
+
+def seq_two_outputs(x):
+    return x * 2, (x * 2).sum()
+
+
+def test_expect_count_must_match_outputs():
+    def problem(expect):
+        return gg.Problem(seq_two_outputs, seq_two_outputs, (torch.randn(2, 4),), (gg.Replicate(),), 2, expect=expect)
+
+    msg = problem_error(problem((gg.Replicate(),) * 3))
+    assert "expect has 3 placements but the sequential program returns 2 outputs" in msg
+    assert "(2, 4)" in msg and "one placement per output" in msg and "expect=None" in msg
+    msg = problem_error(problem((gg.Replicate(),)))
+    assert "expect has 1 placements but the sequential program returns 2 outputs" in msg
+
+
+def test_expect_shard_dim_out_of_range():
+    def problem(expect):
+        return gg.Problem(seq_two_outputs, seq_two_outputs, (torch.randn(2, 4),), (gg.Replicate(),), 2, expect=expect)
+
+    msg = problem_error(problem((gg.Shard(2), gg.Replicate())))
+    assert "expect[0] is Shard(2) but output 0" in msg and "has shape (2, 4)" in msg
+    assert line_of(seq_two_outputs, "return x * 2") in msg and "shard dim must be in [0, 1]" in msg
+    msg = problem_error(problem((gg.Replicate(), gg.Shard(0))))
+    assert "expect[1] is Shard(0) but output 1" in msg and "0-dim tensor" in msg and "Partial()" in msg
+
+
+# ------------------------------------------------------------------------------------ gg_notebook's own failures
+
+
+def test_internal_failure_names_stage_op_and_line(monkeypatch):
+    from gg_notebook.engine.infer import Engine
+
+    real = Engine.infer
+
+    def broken(self, n):
+        if n.target == "aten.mm.default":
+            raise KeyError("boom")
+        return real(self, n)
+
+    monkeypatch.setattr(Engine, "infer", broken)
+    with pytest.raises(VerificationError) as ei:
+        gg.verify(mm_problem())
+    e = ei.value
+    assert isinstance(e, ValueError) and e.stage == "inferring" and e.op == "aten.mm.default"
+    assert e.source.endswith(line_of(seq_mm, "x @ w"))
+    msg = str(e)
+    assert msg.startswith("gg_notebook failed while inferring the sequential program at aten.mm.default (mm)")
+    assert line_of(seq_mm, "x @ w") in msg and "KeyError" in msg and "boom" in msg
+    assert "gg_notebook limitation" in msg and "report" in msg
+    monkeypatch.undo()
+    assert_still_works()
+
+
+def test_lowering_failure_names_rank(monkeypatch):
+    import importlib
+
+    from gg_notebook.ir.lower import LoweringError
+
+    V = importlib.import_module("gg_notebook.verify")  # the module (gg_notebook.verify is also the function)
+
+    real = V.lower
+
+    def broken(gm, rank):
+        if rank == 1:
+            raise LoweringError("could not lower aten.foo (foo) at model.py:3: nope")
+        return real(gm, rank)
+
+    monkeypatch.setattr(V, "lower", broken)
+    with pytest.raises(VerificationError) as ei:
+        gg.verify(mm_problem())
+    e = ei.value
+    assert e.stage == "lowering" and e.rank == 1
+    msg = str(e)
+    assert msg.startswith("gg_notebook failed while lowering rank 1's program: LoweringError: could not lower aten.foo")
+    assert "gg_notebook limitation" in msg
+    monkeypatch.undo()
+    assert_still_works()
