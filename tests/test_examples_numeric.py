@@ -73,8 +73,10 @@ def test_gpt_builder_layers_and_meta():
     gpt = E.get("gpt").make
     ok, msg = compare(gpt(world_size=2, layers=2, backward=True), backend="local")
     assert ok, msg
-    big = gpt(world_size=8, layers=8, hidden=768, heads=12, vocab=49152, seq=1536, batch=8,
+    big = gpt(world_size=8, layers=8, hidden=768, heads=16, vocab=49152, seq=1536, batch=8,
               backward=True, device="meta")
     validate_problem(big)
     assert all(t.device.type == "meta" for t in big.inputs)
     assert len(big.expect) == 1 + len(big.inputs) - 2
+    with pytest.raises(ValueError, match="heads % world_size"):
+        gpt(world_size=8, heads=12, hidden=768, device="meta")

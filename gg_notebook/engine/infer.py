@@ -343,9 +343,44 @@ class Engine:
         return extended[:MAX_CANDIDATES]
 
     def explain_stuck(self, n: Node) -> str:
+        """Why no relation: the likeliest reason, phrased as something to check in the program."""
+        from gg_notebook.lemmas.dims import dim_roles, linear_args
+
         if n.op == "call" and not any(True for _ in lemmas_for(n.attrs.kind)):
-            return f"no lemma knows {n.target} and no rank computes it on related inputs"
-        return "no rank computes this operator on tensors related to its inputs, and no lemma rewrites it into pieces that a rank computes"
+            return (f"no lemma knows {n.target}, and no rank computes it on tensors related to its inputs "
+                    f"(a rank computing the same operator on the same values would have matched)")
+        hints = []
+        if n.op == "call":
+            lin = linear_args(n.attrs)
+            linear_slots = set(lin[1]) if lin else set()
+            if lin and lin[0] == "jointly":
+                partial_all = all(
+                    any(r.expr.op == "accum" for r in self.relations.get(i.name, [])) for i in n.inputs)
+                linear_slots = linear_slots if partial_all else set()
+            shapes = [i.shape for i in n.inputs]
+            try:
+                roles = dim_roles(n.attrs, shapes, n.shape)
+            except Exception:  # noqa: BLE001
+                roles = None
+            for slot, i in enumerate(n.inputs):
+                rels = self.relations.get(i.name, [])
+                if not rels:
+                    continue
+                best = rels[0].expr
+                if all(r.expr.op == "accum" for r in rels) and best.attrs == "sum" and slot not in linear_slots:
+                    hints.append(
+                        f"input {i.name} is only known as a sum of per-rank partials ({self.show(best)}); "
+                        f"{n.target} needs its full value - is an all-reduce missing before this operator, "
+                        f"or is something added to a partial sum before the reduction?")
+                elif all(r.expr.op == "cat" for r in rels) and roles is not None:
+                    d = best.attrs
+                    if d < len(roles[slot]) and roles[slot][d] is None:
+                        hints.append(
+                            f"input {i.name} is split across ranks along dim {d} ({self.show(best)}), and "
+                            f"{n.target} mixes values along that dim - gather it first or split another dim")
+        base = ("no rank computes this operator on tensors related to its inputs, and no lemma rewrites it "
+                "into pieces that a rank computes")
+        return base + ("; " + " ".join(hints) if hints else "")
 
     def nearby(self, n: Node, limit: int = 8) -> list[str]:
         """Distributed operators that consume the tensors the culprit's inputs are related to."""
