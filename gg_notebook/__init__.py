@@ -8,9 +8,10 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from gg_notebook.problem import Layout, Problem, ProblemError
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 from gg_notebook.verify import verify
+from gg_notebook.session import HintError, ProofSession
 
 __all__ = [
-    "Culprit", "Finding", "Layout", "OutputRelation", "Partial", "Problem", "ProblemError",
+    "Culprit", "Finding", "HintError", "ProofSession", "Layout", "OutputRelation", "Partial", "Problem", "ProblemError",
     "Replicate", "Result", "Shard", "Status", "verify",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,7 @@ class Step:
     status: str  # "related" | "stuck" | "input" | "deferred"
     seconds: float = 0.0
     detail: str = ""
+    blamed: str | None = None  # an earlier deferred step this step's failure was attributed to
 
     @property
     def stuck(self) -> bool:
@@ -72,6 +73,7 @@ class Engine:
         self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
         self.deferred: dict[str, Step] = {}
         self._users: dict | None = None
+        self.user_relations: dict[str, list[Candidate]] = {}  # hints / accepted suggestions, by node
         self._failures: list[tuple[int, OpSpec]] = []
 
     # ------------------------------------------------------------------ naming
@@ -231,6 +233,12 @@ class Engine:
             if not cands and deferred_inputs:
                 blamed = self.blame(n, deferred_inputs)
         cands = self.rank(cands) if status != "deferred" else cands
+        extra = [c for c in self.user_relations.get(n.name, []) if c.expr.id not in {x.expr.id for x in cands}]
+        if extra:
+            cands = [c for c in cands if not c.deferred] + extra
+            if status in ("stuck", "deferred") and cands:
+                status = "related"
+                blamed = None
         self.relations[n.name] = cands
         step = Step(
             index=self.cursor, node=n.name, op=n.target, source=n.source, code=n.code, inputs=inputs,
@@ -243,6 +251,7 @@ class Engine:
         if status == "stuck":
             step.detail = self.explain_stuck(n)
             if blamed is not None and blamed is not step:
+                step.blamed = blamed.node
                 blamed.status = "stuck"
                 blamed.detail = (f"{blamed.op} could not be related even together with its consumer "
                                  f"{n.target} ({n.name})")
@@ -253,6 +262,55 @@ class Engine:
         self.steps.append(step)
         self.cursor += 1
         return step
+
+    def undo(self) -> Step | None:
+        """Take back the last step (its relations, and a stuck verdict it caused)."""
+        if not self.steps:
+            return None
+        step = self.steps.pop()
+        self.cursor = step.index
+        self.relations.pop(step.node, None)
+        self.deferred.pop(step.node, None)
+        if step.blamed is not None:
+            blamed = next((s for s in self.steps if s.node == step.blamed), None)
+            if blamed is not None:
+                blamed.status = "deferred"
+                blamed.detail = "no relation yet: kept symbolically for a lemma that fuses it with its consumer"
+        if self.stuck_at is not None and (self.stuck_at is step or step.blamed is not None):
+            self.stuck_at = None
+        return step
+
+    def add_user_relation(self, node: str, cand: Candidate) -> None:
+        """Record a relation the user gave for ``node`` (a hint or an accepted suggestion).
+
+        A node not visited yet gets it when its step runs. A visited node gets it now; if that node
+        is where the proof is stuck, the proof is unstuck (and a consumer step whose failure was
+        blamed on it is taken back, to be retried)."""
+        self.user_relations.setdefault(node, [])
+        if all(c.expr.id != cand.expr.id for c in self.user_relations[node]):
+            self.user_relations[node].append(cand)
+        step = next((s for s in self.steps if s.node == node), None)
+        if step is None:
+            return
+        last = self.steps[-1]
+        if last is not step and last.blamed == node:
+            self.undo()  # the consumer is retried with the new relation
+        cands = [c for c in self.relations.get(node, []) if not c.deferred]
+        if all(c.expr.id != cand.expr.id for c in cands):
+            cands.append(cand)
+        self.relations[node] = cands
+        step.candidates = cands
+        step.pretty = [self.show(c.expr) for c in cands]
+        if step.status in ("stuck", "deferred"):
+            step.status = "related"
+            step.detail = "related by a user relation"
+            self.deferred.pop(node, None)
+        if self.stuck_at is step:
+            self.stuck_at = None
+
+    def undo_to(self, index: int) -> None:
+        while self.steps and self.steps[-1].index >= index:
+            self.undo()
 
     @property
     def seq_output_names(self) -> set[str]:

@@ -1,0 +1,307 @@
+"""`ProofSession`: step through a proof, inspect it, accept suggestions, inject hints, continue.
+
+The session owns one capture of the problem and one engine; every user action is recorded, so a
+session saves to JSON (never pickle) as the list of actions and reloads by replaying them. The
+widget (`gg_notebook.widgets`) is a thin view over this class; everything here works without it.
+"""
+
+from __future__ import annotations
+
+import json
+import linecache
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gg_notebook.engine.infer import Candidate, Engine, Step
+from gg_notebook.engine.judge import judge
+from gg_notebook.problem import Problem
+from gg_notebook.result import Result
+from gg_notebook.session.hints import HintError, hint_from_callable, parse_hint
+from gg_notebook.session.suggestions import Suggestion, engine_suggestions
+
+FORMAT = "gg_notebook.session/1"
+
+
+@dataclass(frozen=True)
+class RelationView:
+    """One relation of a sequential tensor, as the session shows it."""
+
+    text: str
+    status: str  # "proved" | "assumed" | "deferred"
+    chain: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.text if self.status == "proved" else f"{self.text}  ({self.status})"
+
+
+class ProofSession:
+    """An interactive proof of ``problem`` (see the module docstring)."""
+
+    def __init__(self, problem: Problem):
+        from gg_notebook.verify import prepare
+
+        self.problem = problem
+        t0 = time.perf_counter()
+        engine, stats = prepare(problem)
+        self.stats = stats
+        self.stats["prepare_s"] = time.perf_counter() - t0
+        self._base = (engine.seq, engine.index, engine.store, engine.input_relations)
+        self.engine: Engine = engine
+        self.actions: list[dict] = []
+        self._listeners: list[Callable[[str], None]] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def done(self) -> bool:
+        """Finished: every operator visited (``stuck`` tells whether it finished stuck)."""
+        return self.engine.done
+
+    @property
+    def stuck(self) -> Step | None:
+        return self.engine.stuck_at
+
+    @property
+    def history(self) -> list[Step]:
+        return list(self.engine.steps)
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.engine.cursor, len(self.engine.seq.nodes)
+
+    @property
+    def current(self):
+        """The operator the next step will process (or the one the proof is stuck at)."""
+        if self.stuck is not None:
+            return self.engine.seq.by_name[self.stuck.node]
+        if self.engine.cursor < len(self.engine.seq.nodes):
+            return self.engine.seq.nodes[self.engine.cursor]
+        return None
+
+    @property
+    def relations(self) -> dict[str, list[RelationView]]:
+        """The current relation set: sequential tensor -> its relations (proved / assumed)."""
+        out: dict[str, list[RelationView]] = {}
+        for name, cands in self.engine.relations.items():
+            out[name] = [
+                RelationView(self.engine.show(c.expr),
+                             "deferred" if c.deferred else ("assumed" if c.assumption else "proved"), c.chain)
+                for c in cands
+            ]
+        return out
+
+    def context(self, node=None, radius: int = 3) -> list[tuple[int, str, bool]]:
+        """Source lines around ``node``'s line (default: the current one): (lineno, text, is_it)."""
+        node = node if node is not None else self.current
+        src = getattr(node, "source", None)
+        if not src or ":" not in src:
+            return []
+        path, line = src.rsplit(":", 1)
+        frames = getattr(node, "frames", ()) or ()
+        if frames:
+            path = frames[-1][0]
+        try:
+            lineno = int(line)
+        except ValueError:
+            return []
+        out = []
+        for k in range(max(1, lineno - radius), lineno + radius + 1):
+            text = linecache.getline(path, k)
+            if text:
+                out.append((k, text.rstrip("\n"), k == lineno))
+        return out
+
+    def on_change(self, fn: Callable[[str], None]) -> None:
+        """Call ``fn(action)`` after every state change (used by the widget)."""
+        self._listeners.append(fn)
+
+    def _changed(self, action: str) -> None:
+        for fn in list(self._listeners):
+            fn(action)
+
+    # ------------------------------------------------------------------ actions
+    def step(self) -> Step | None:
+        """One rewrite iteration: the next sequential operator."""
+        st = self.engine.step()
+        if st is not None:
+            self.actions.append({"op": "step"})
+            self._changed("step")
+        return st
+
+    def run(self, until: str | None = None, max_steps: int | None = None) -> list[Step]:
+        """Step until done or stuck, or until the next operator matches ``until`` (a source
+        "file.py:LINE", an ATen op name prefix like "aten.bmm", or a node name); that operator is
+        not executed, so the session stops right before it."""
+        done: list[Step] = []
+        while not self.engine.done:
+            n = self.engine.seq.nodes[self.engine.cursor]
+            if until is not None and done and _matches(n, until):
+                break
+            if until is not None and not done and _matches(n, until) and self.actions and \
+                    self.actions[-1].get("until") == until:
+                pass
+            st = self.engine.step()
+            if st is None:
+                break
+            done.append(st)
+            if max_steps is not None and len(done) >= max_steps:
+                break
+            if until is not None and self.engine.cursor < len(self.engine.seq.nodes) and \
+                    _matches(self.engine.seq.nodes[self.engine.cursor], until):
+                break
+        self.actions.append({"op": "run", "until": until, "steps": len(done)})
+        self._changed("run")
+        return done
+
+    def suggestions(self, node: str | None = None) -> list[Suggestion]:
+        """Ranked candidate relations for the stuck tensor (or ``node``), each with its reason."""
+        if node is None:
+            if self.stuck is not None:
+                node = self.stuck.node
+            elif self.engine.steps:
+                node = self.engine.steps[-1].node
+            else:
+                return []
+        return engine_suggestions(self.engine, node)
+
+    def accept(self, k: int, node: str | None = None) -> RelationView:
+        """Accept suggestion ``k`` (from `suggestions`); the proof continues from there."""
+        sugg = self.suggestions(node)
+        if not 0 <= k < len(sugg):
+            raise ValueError(f"there are {len(sugg)} suggestions; {k} is not one of them")
+        s = sugg[k]
+        self._add(s.node, s.expr, proved=s.proved, why=f"accepted: {s.reason}")
+        self.actions.append({"op": "relation", "node": s.node, "text": s.text, "proved": s.proved,
+                             "why": f"accepted: {s.reason}"})
+        self._changed("accept")
+        return self.relations[s.node][0] if s.proved else next(
+            r for r in self.relations.get(s.node, []) if r.text == s.text)
+
+    def hint(self, tensor: str, expr: str | Callable) -> RelationView:
+        """Inject a relation for sequential ``tensor``: hint syntax text or a callable (see hints.py).
+
+        Refused with ValueError (state unchanged) for unknown names, shape mismatches and anything
+        non-clean. A hint the engine cannot confirm is an *assumption*."""
+        seq = self.engine.seq
+        if tensor not in seq.by_name:
+            close = [n for n in seq.by_name if n.startswith(tensor[:3])][:6]
+            raise HintError(f"the sequential program has no tensor named {tensor!r}"
+                            + (f" (similar: {', '.join(close)})" if close else ""))
+        node = seq.by_name[tensor]
+        e = hint_from_callable(expr, self.engine) if callable(expr) else parse_hint(expr, self.engine)
+        if tuple(e.shape) != tuple(node.shape):
+            raise HintError(f"the hint has shape {tuple(e.shape)} but {tensor} has shape {tuple(node.shape)}")
+        proved = self._derivable(tensor, e)
+        self._add(tensor, e, proved=proved, why="hint")
+        text = self.engine.show(e)
+        self.actions.append({"op": "relation", "node": tensor, "text": text, "proved": proved, "why": "hint"})
+        self._changed("hint")
+        return next(r for r in self.relations.get(tensor, [RelationView(text, "assumed")]) if r.text == text) \
+            if tensor in self.relations else RelationView(text, "proved" if proved else "assumed")
+
+    def undo(self) -> Step | None:
+        """Take back the last step."""
+        st = self.engine.undo()
+        if st is not None:
+            self.actions.append({"op": "undo"})
+            self._changed("undo")
+        return st
+
+    def reset(self) -> None:
+        """Start over (the capture is kept; hints are dropped)."""
+        self.engine = Engine(*self._base)
+        self.actions.append({"op": "reset"})
+        self._changed("reset")
+
+    def result(self) -> Result:
+        """The same `Result` type as `gg.verify`, including the assumptions made so far."""
+        stats = dict(self.stats)
+        stats.update(self.engine.stats)
+        return judge(self.engine, self.problem, stats)
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "problem": self.problem.name, "world_size": self.problem.world_size,
+                "actions": list(self.actions)}
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path, problem: Problem) -> "ProofSession":
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a gg_notebook session file (format {data.get('format')!r})")
+        if data.get("world_size") != problem.world_size:
+            raise ValueError(f"{path} was saved for world_size={data.get('world_size')}, "
+                             f"the problem has world_size={problem.world_size}")
+        s = cls(problem)
+        for a in data["actions"]:
+            s._replay(a)
+        return s
+
+    def _replay(self, a: dict) -> None:
+        op = a["op"]
+        if op == "step":
+            self.step()
+        elif op == "run":
+            steps = self.run(until=a.get("until"), max_steps=a.get("steps") or None)
+            self.actions[-1]["steps"] = len(steps)
+        elif op == "undo":
+            self.undo()
+        elif op == "reset":
+            self.reset()
+        elif op == "relation":
+            e = parse_hint(a["text"], self.engine)
+            proved = bool(a.get("proved")) and self._derivable(a["node"], e)
+            self._add(a["node"], e, proved=proved, why=a.get("why", "hint"))
+            self.actions.append(dict(a, proved=proved))
+        else:
+            raise ValueError(f"unknown action {op!r} in a session file")
+
+    # ------------------------------------------------------------------ helpers
+    def _derivable(self, node: str, e) -> bool:
+        """Is ``e`` equal (as a term) to a relation the engine derived for ``node``?"""
+        t = self.engine.to_term(e).id
+        return any(not c.assumption and not c.deferred and self.engine.to_term(c.expr).id == t
+                   for c in self.engine.relations.get(node, []))
+
+    def _add(self, node: str, e, *, proved: bool, why: str) -> None:
+        if proved:
+            cands = self.engine.relations.get(node, [])
+            keep = [c for c in cands if c.expr.id == e.id] + [c for c in cands if c.expr.id != e.id]
+            if keep and keep[0].expr.id == e.id:
+                self.engine.relations[node] = keep
+                return
+        self.engine.add_user_relation(node, Candidate(e, (why,), assumption=not proved))
+
+    # ------------------------------------------------------------------ display
+    def widget(self):
+        from gg_notebook.widgets import SessionWidget
+
+        return SessionWidget(self)
+
+    def _ipython_display_(self):  # pragma: no cover - exercised in notebooks
+        from IPython.display import display
+
+        try:
+            display(self.widget())
+        except ImportError:
+            display(self.result())
+
+    def __repr__(self) -> str:
+        done, total = self.progress
+        state = "stuck at " + self.stuck.node if self.stuck else ("done" if self.done else "in progress")
+        return f"<ProofSession {self.problem.name}: {done}/{total} operators, {state}>"
+
+
+def _matches(node, until: str) -> bool:
+    if ".py:" in until or until.rsplit(":", 1)[-1].isdigit() and ":" in until:
+        src = node.source or ""
+        if not src:
+            return False
+        return src == until or src.endswith("/" + until) or until.endswith(src) or \
+            src.rsplit("/", 1)[-1] == until.rsplit("/", 1)[-1]
+    return node.name == until or node.target.startswith(until)
