@@ -1,0 +1,447 @@
+"""`SessionWidget`: a thin ipywidgets view over a `ProofSession`.
+
+All state lives in the session. Every control calls the session API; the widget re-renders from
+the session when the session reports a change (``session.on_change``). Rendering is incremental
+and bounded: the relation table shows the last rows plus filter matches, the graph is a small
+neighbourhood of the current operator, and pretty-printed relations and SVGs are cached.
+"""
+
+from __future__ import annotations
+
+import html
+import weakref
+
+import ipywidgets as W
+
+from gg_notebook.widgets import graph as G
+
+TABLE_ROWS = 30  # rows of the relation table without a filter (the most recent tensors)
+FILTER_ROWS = 200  # at most this many filter matches
+
+_BADGE = {
+    "proved": ("#1a7f37", "#dafbe1"),
+    "assumed": ("#9a6700", "#fff1d6"),
+    "deferred": ("#57606a", "#eaeef2"),
+}
+_MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
+
+
+def badge(status: str) -> str:
+    fg, bg = _BADGE.get(status, ("#57606a", "#eaeef2"))
+    return (f"<span style='color:{fg};background:{bg};border:1px solid {fg};border-radius:8px;"
+            f"padding:0 6px;font-size:11px'>{html.escape(status)}</span>")
+
+
+def esc(s) -> str:
+    return html.escape(str(s))
+
+
+def _status(c) -> str:
+    return "deferred" if c.deferred else ("assumed" if c.assumption else "proved")
+
+
+class SessionWidget(W.VBox):
+    """Step through a `ProofSession` (see the module docstring). Controls are attributes (for tests):
+    ``step_button, run_button, undo_button, reset_button, run_to_text, run_to_button, progress,
+    progress_label, message, current_html, relations_html, filter_text, suggestions_box,
+    suggestion_buttons, hint_tensor, hint_text, hint_button, hint_message, graph_html, graph_select,
+    graph_info, banner``."""
+
+    def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS):
+        self.session = session
+        self.table_rows = table_rows
+        self.version = 0  # bumped on every session change
+        self._show_cache: dict[int, str] = {}
+        self._svg_cache: dict[tuple, tuple[str, str]] = {}
+        self._result_cache: tuple[int, object] | None = None
+        self._graphs = G.GraphHelper()
+        self._nb = None
+        self._last_stuck: str | None = None
+        self.graph_kind: str | None = None  # "svg" | "wasi" | "dot" after a render
+        self.render_count = 0
+
+        btn = dict(layout=W.Layout(width="auto"))
+        self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn)
+        self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn)
+        self.run_to_text = W.Text(placeholder="file.py:LINE or op name (aten.bmm)", layout=W.Layout(width="260px"))
+        self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn)
+        self.undo_button = W.Button(description="Undo", tooltip="take back the last step", icon="undo", **btn)
+        self.reset_button = W.Button(description="Reset", tooltip="start over (drops hints)", icon="refresh",
+                                     button_style="warning", **btn)
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px"))
+        self.progress_label = W.HTML()
+        self.message = W.HTML()
+        self.banner = W.HTML()
+        self.current_html = W.HTML()
+        self.filter_text = W.Text(placeholder="filter: tensor name or relation text", continuous_update=True,
+                                  layout=W.Layout(width="320px"))
+        self.relations_html = W.HTML()
+        self.suggestions_box = W.VBox()
+        self.suggestion_buttons: list[W.Button] = []
+        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="260px"))
+        self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)", layout=W.Layout(width="360px"))
+        self.hint_button = W.Button(description="Add hint", **btn)
+        self.hint_message = W.HTML()
+        self.graph_enabled = graph
+        self.graph_html = W.HTML()
+        self.graph_select = W.Dropdown(description="node", layout=W.Layout(width="300px"))
+        self.graph_info = W.HTML()
+
+        self.step_button.on_click(lambda _b: self._do(self.session.step))
+        self.run_button.on_click(lambda _b: self._do(self.session.run))
+        self.run_to_button.on_click(self._on_run_to)
+        self.undo_button.on_click(lambda _b: self._do(self.session.undo))
+        self.reset_button.on_click(lambda _b: self._do(self.session.reset))
+        self.hint_button.on_click(self._on_hint)
+        self.filter_text.observe(lambda _c: self._render_relations(), names="value")
+        self.graph_select.observe(lambda _c: self._render_graph_info(), names="value")
+
+        controls = W.HBox([self.step_button, self.run_button, self.undo_button, self.reset_button,
+                           self.run_to_text, self.run_to_button])
+        prog = W.HBox([self.progress, self.progress_label])
+        hint_box = W.VBox([W.HTML("<b>Hint</b> <span style='color:#666;font-size:11px'>relation syntax: "
+                                  "<code>x@r0</code>, <code>x@r*</code>, <code>concat(a, b, dim=1)</code>, "
+                                  "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
+                           W.HBox([self.hint_tensor, self.hint_text, self.hint_button]), self.hint_message])
+        left = W.VBox([self.current_html, self.suggestions_box, hint_box], layout=W.Layout(width="50%"))
+        right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
+                        self.graph_html, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
+        table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
+        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table])
+
+        self._set_tensor_options()
+        ref = weakref.ref(self)
+
+        def listener(action: str, _ref=ref) -> None:
+            w = _ref()
+            if w is not None:
+                w._on_change(action)
+
+        session.on_change(listener)
+        self.render()
+
+    # ------------------------------------------------------------------ actions
+    def _do(self, fn, *args, **kw):
+        """Call a session action; show an error inline instead of raising from a click handler."""
+        before = self.version
+        self.message.value = ""
+        self.hint_message.value = ""
+        try:
+            out = fn(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, state is the session's
+            self.message.value = f"<span style='color:#cf222e'>{esc(type(exc).__name__)}: {esc(exc)}</span>"
+            out = None
+        if self.version == before:  # nothing changed (e.g. Step when done): still refresh
+            self.render()
+        return out
+
+    def _on_run_to(self, _b=None) -> None:
+        until = self.run_to_text.value.strip()
+        if not until:
+            self.message.value = "<span style='color:#cf222e'>type a file.py:LINE or an op name to run to</span>"
+            return
+        self._do(self.session.run, until=until)
+
+    def _accept(self, k: int) -> None:
+        self._do(self.session.accept, k)
+
+    def _on_hint(self, _b=None) -> None:
+        tensor = self.hint_tensor.value
+        text = self.hint_text.value
+        self.message.value = ""
+        if not tensor:
+            self.hint_message.value = "<span style='color:#cf222e'>choose a tensor</span>"
+            return
+        if not text.strip():
+            self.hint_message.value = "<span style='color:#cf222e'>type a relation</span>"
+            return
+        try:
+            rv = self.session.hint(tensor, text)
+        except ValueError as exc:  # HintError included: the session is unchanged
+            self.hint_message.value = f"<span style='color:#cf222e'>{esc(exc)}</span>"
+            return
+        what = "proved (the engine derives it)" if rv.status == "proved" else "an assumption (not proved)"
+        self.hint_message.value = (f"<span style='color:#1a7f37'>added</span> <code>{esc(tensor)} = {esc(rv.text)}"
+                                   f"</code> {badge(rv.status)} &mdash; {what}")
+
+    def _on_change(self, action: str) -> None:
+        self.version += 1
+        self.render()
+
+    # ------------------------------------------------------------------ rendering
+    def show(self, e) -> str:
+        s = self._show_cache.get(e.id)
+        if s is None:
+            s = self.session.engine.show(e)
+            self._show_cache[e.id] = s
+        return s
+
+    def render(self) -> None:
+        self.render_count += 1
+        s = self.session
+        done, total = s.progress
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+        self.progress_label.value = f"&nbsp;{done} / {total} operators"
+        self.step_button.disabled = s.done
+        self.run_button.disabled = s.done
+        self.run_to_button.disabled = s.done
+        self.undo_button.disabled = not s.engine.steps
+        self._render_current()
+        self._render_suggestions()
+        self._render_hint_default()
+        self._render_relations()
+        self._render_graph()
+        self._render_banner()
+
+    def _render_current(self) -> None:
+        s = self.session
+        n = s.current
+        if n is None:
+            self.current_html.value = "<b>All operators processed.</b>"
+            return
+        stuck = s.stuck
+        head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
+        parts = [f"{head} <code>{esc(n.target or n.op)}</code> &nbsp;node <code>{esc(n.name)}</code>"
+                 f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"]
+        if n.source:
+            parts.append(f"<div>at <code>{esc(n.source)}</code></div>")
+        ctx = s.context(n)
+        if ctx:
+            rows = "".join(
+                f"<div style='{'background:#ddf4ff;font-weight:bold' if cur else ''}'>"
+                f"<span style='color:#888'>{k:>5} </span>{esc(text)}</div>" for k, text, cur in ctx)
+            parts.append(f"<div style='{_MONO};border:1px solid #ddd;padding:2px;font-size:12px'>{rows}</div>")
+        elif n.code:
+            parts.append(f"<pre>{esc(n.code)}</pre>")
+        eng = s.engine
+        if n.inputs:
+            rows = []
+            for i in n.inputs:
+                cands = eng.relations.get(i.name, [])
+                rel = "<br>".join(f"<code>{esc(self.show(c.expr))}</code> {badge(_status(c))}" for c in cands[:3]) \
+                    or "<i>no relation</i>"
+                rows.append(f"<tr><td><code>{esc(i.name)}</code></td><td style='{_MONO}'>{rel}</td></tr>")
+            parts.append("<div>inputs:</div><table style='font-size:12px'>" + "".join(rows) + "</table>")
+        if stuck is not None and stuck.detail:
+            parts.append(f"<div style='color:#cf222e'>{esc(stuck.detail)}</div>")
+        elif eng.steps:
+            last = eng.steps[-1]
+            rel = "; ".join(last.pretty[:2]) or "no relation"
+            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(last.node)}</code> "
+                         f"({esc(last.status)}) = <code>{esc(rel)}</code></div>")
+        self.current_html.value = "".join(parts)
+
+    def _wants_suggestions(self) -> bool:
+        s = self.session
+        if s.stuck is not None:
+            return True
+        if not s.engine.steps:
+            return False
+        last = s.engine.steps[-1]
+        return len([c for c in s.engine.relations.get(last.node, []) if not c.deferred]) > 1
+
+    def _render_suggestions(self) -> None:
+        if not self._wants_suggestions():
+            self.suggestion_buttons = []
+            self.suggestions_box.children = ()
+            return
+        s = self.session
+        try:
+            sugg = s.suggestions()
+        except Exception as exc:  # noqa: BLE001
+            self.suggestion_buttons = []
+            self.suggestions_box.children = (W.HTML(f"<span style='color:#cf222e'>suggestions failed: {esc(exc)}</span>"),)
+            return
+        node = s.stuck.node if s.stuck is not None else s.engine.steps[-1].node
+        title = "stuck" if s.stuck is not None else "ambiguous: several relations"
+        rows: list = [W.HTML(f"<b>Suggestions</b> for <code>{esc(node)}</code> ({title})"
+                             + ("" if sugg else " &mdash; none; add a hint below"))]
+        buttons = []
+        for k, sg in enumerate(sugg):
+            tag = badge("proved") if sg.proved else badge("guess")
+            b = W.Button(description="Accept", tooltip=f"session.accept({k})", layout=W.Layout(width="70px"),
+                         button_style="success" if sg.proved else "")
+            b.on_click(lambda _b, k=k: self._accept(k))
+            buttons.append(b)
+            rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code style='{_MONO}'>{esc(sg.text)}</code> "
+                                          f"{tag}<br><span style='color:#555'>{esc(sg.reason)}</span></div>")]))
+        self.suggestion_buttons = buttons
+        self.suggestions_box.children = tuple(rows)
+
+    def _set_tensor_options(self) -> None:
+        names = [n.name for n in self.session.engine.seq.nodes]
+        if list(self.hint_tensor.options) != names:
+            self.hint_tensor.options = names
+
+    def _render_hint_default(self) -> None:
+        s = self.session
+        stuck = s.stuck.node if s.stuck is not None else None
+        if stuck is not None and stuck != self._last_stuck:
+            self.hint_tensor.value = stuck
+        elif self.hint_tensor.value is None and s.current is not None:
+            self.hint_tensor.value = s.current.name
+        self._last_stuck = stuck
+
+    def _render_relations(self) -> None:
+        eng = self.session.engine
+        rels = eng.relations
+        q = self.filter_text.value.strip().lower()
+        names = list(rels)
+        if q:
+            matched = []
+            for name in names:
+                if q in name.lower() or any(q in self.show(c.expr).lower() for c in rels[name]):
+                    matched.append(name)
+            shown = matched[:FILTER_ROWS]
+            note = f"{len(matched)} of {len(names)} tensors match" + \
+                   (f" (first {FILTER_ROWS} shown)" if len(matched) > FILTER_ROWS else "")
+        else:
+            shown = names[-self.table_rows:]
+            note = f"last {len(shown)} of {len(names)} tensors" if len(names) > len(shown) else f"{len(names)} tensors"
+        stuck = self.session.stuck.node if self.session.stuck is not None else None
+        rows = []
+        for name in shown:
+            cands = rels[name]
+            bg = " style='background:#ffebe9'" if name == stuck else ""
+            if not cands:
+                cell = "<i>no relation</i>"
+                st = "<span style='color:#cf222e;font-size:11px'>stuck</span>" if name == stuck else ""
+            else:
+                cell = "<br>".join(f"<code>{esc(self.show(c.expr))}</code>" for c in cands)
+                st = "<br>".join(badge(_status(c)) for c in cands)
+            rows.append(f"<tr{bg}><td style='vertical-align:top'><code>{esc(name)}</code></td>"
+                        f"<td style='{_MONO};font-size:12px'>{cell}</td><td style='vertical-align:top'>{st}</td></tr>")
+        self.relations_html.value = (
+            f"<div style='color:#666;font-size:11px'>{esc(note)}</div>"
+            "<div style='max-height:360px;overflow:auto'><table style='border-collapse:collapse;width:100%'>"
+            "<tr><th style='text-align:left'>tensor</th><th style='text-align:left'>relation(s)</th>"
+            "<th style='text-align:left'>status</th></tr>" + "".join(rows) + "</table></div>")
+
+    def _render_graph(self) -> None:
+        if not self.graph_enabled:
+            self.graph_html.value = "<i>graph view off</i>"
+            return
+        s = self.session
+        cur = s.current
+        key = (cur.name if cur is not None else None, self.version, id(s.engine))
+        hit = self._svg_cache.get(key)
+        if hit is None:
+            if cur is None:
+                hit = ("none", "<i>no current operator</i>")
+                self._nb = G.Neighbourhood(None)
+            else:
+                try:
+                    self._nb = self._graphs.neighbourhood(s, cur)
+                    hit = G.render(G.to_dot(s, self._nb, show=self.show))
+                except Exception as exc:  # noqa: BLE001 - the graph view must never break the widget
+                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(exc)}</span>")
+            if len(self._svg_cache) > 64:
+                self._svg_cache.clear()
+            self._svg_cache[key] = hit
+        self.graph_kind, self.graph_html.value = hit
+        ids = self._nb.node_ids() if self._nb is not None else []
+        if list(self.graph_select.options) != ids:
+            keep = self.graph_select.value
+            self.graph_select.options = ids
+            if keep in ids:
+                self.graph_select.value = keep
+            elif cur is not None and G.seq_id(cur.name) in ids:
+                self.graph_select.value = G.seq_id(cur.name)
+        self._render_graph_info()
+
+    def _render_graph_info(self) -> None:
+        sel = self.graph_select.value
+        if not sel:
+            self.graph_info.value = ""
+            return
+        self.graph_info.value = self.node_info(sel)
+
+    def node_info(self, node_id: str) -> str:
+        """HTML describing a graph node (``seq:NAME`` or ``rR:NAME``): its relations or its rank value."""
+        s = self.session
+        eng = s.engine
+        kind, name = node_id.split(":", 1)
+        if kind == "seq":
+            n = eng.seq.by_name.get(name)
+            if n is None:
+                return ""
+            st = G.seq_status(s, name)
+            cands = eng.relations.get(name, [])
+            rel = "".join(f"<div><code style='{_MONO}'>{esc(self.show(c.expr))}</code> {badge(_status(c))}</div>"
+                          for c in cands) or "<i>no relation</i>"
+            step = next((x for x in reversed(eng.steps) if x.node == name), None)
+            extra = f"<div style='color:#555'>{esc(step.detail)}</div>" if step is not None and step.detail else ""
+            return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
+                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                    + f"{rel}{extra}</div>")
+        r = int(kind[1:])
+        g = eng.index.graphs[r]
+        n = g.by_name.get(name)
+        if n is None:
+            return ""
+        try:
+            dv = eng.index.dval_of(r, n)
+            where = ", ".join(f"{m.name}@r{rr}" for rr, m in dv.locations[:8])
+        except KeyError:
+            where = ""
+        refs = self._nb.rank_refs.get((r, name), []) if self._nb is not None else []
+        return (f"<div style='font-size:12px'><b>{esc(name)}@r{r}</b> <code>{esc(n.target)}</code> "
+                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                + (f"<div>same value at: <code>{esc(where)}</code></div>" if where else "")
+                + (f"<div>used by the relation of: <code>{esc(', '.join(refs))}</code></div>" if refs else "")
+                + "</div>")
+
+    def result(self):
+        """`session.result()`, cached per session version."""
+        if self._result_cache is None or self._result_cache[0] != self.version:
+            self._result_cache = (self.version, self.session.result())
+        return self._result_cache[1]
+
+    def verdict(self) -> str:
+        """The banner's text: "proved", "proved under N assumption(s)" or "stuck at <op>, <file:line>"."""
+        r = self.result()
+        if r.proved:
+            if r.assumptions:
+                return f"proved under {len(r.assumptions)} assumption" + ("s" if len(r.assumptions) != 1 else "")
+            return "proved"
+        c = r.culprit
+        if c is not None:
+            return f"stuck at {c.op}, {c.source}" if c.source else f"stuck at {c.op} ({c.node})"
+        return r.headline()
+
+    def _render_banner(self) -> None:
+        s = self.session
+        if not s.done:
+            self.banner.value = ""
+            return
+        try:
+            r = self.result()
+            text = self.verdict()
+        except Exception as exc:  # noqa: BLE001
+            self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(exc)}</div>"
+            return
+        if r.proved:
+            colour, bg = ("#1a7f37", "#dafbe1") if not r.assumptions else ("#9a6700", "#fff1d6")
+        else:
+            colour, bg = "#cf222e", "#ffebe9"
+        body = ""
+        if r.assumptions:
+            body += "<ul style='margin:2px 0'>" + "".join(f"<li><code>{esc(a)}</code></li>" for a in r.assumptions) + "</ul>"
+        if not r.proved and r.culprit is not None:
+            c = r.culprit
+            body += f"<div>node <code>{esc(c.node)}</code>" + (f": <code>{esc(c.code.strip())}</code>" if c.code else "") \
+                + f"</div><div style='font-size:12px'>{esc(c.detail)}</div>"
+        if not r.proved:
+            bad = [o for o in r.relations if not o.ok]
+            for o in bad[:4]:
+                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
+        self.banner.value = (f"<div class='gg-verdict' style='border:2px solid {colour};background:{bg};padding:6px;"
+                             f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
+
+
+def _legend() -> str:
+    items = [("proved", "proved"), ("current", "current"), ("stuck", "stuck"), ("assumed", "assumed"),
+             ("deferred", "deferred"), ("unvisited", "not yet visited")]
+    return " ".join(f"<span style='background:{G.COLOURS[k]};padding:0 4px;border-radius:3px'>{esc(t)}</span>"
+                    for k, t in items)

