@@ -228,6 +228,11 @@ def render(dot_source: str) -> tuple[str, str]:
                    f"<pre style='font-size:11px;max-height:400px;overflow:auto'>{html.escape(dot_source)}</pre>")
 
 
+_SIZE = re.compile(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"')
+
+
 def _embed(svg: str) -> str:
     svg = _XML_HEAD.sub("", svg, count=1)
+    # scale to the panel's width (never above the natural size); the viewBox keeps the aspect ratio
+    svg = _SIZE.sub(lambda m: f'<svg width="100%" style="max-width:{m.group(1)}pt;height:auto"', svg, count=1)
     return f"<div class='gg-graph' style='max-height:520px;overflow:auto'>{svg}</div>"

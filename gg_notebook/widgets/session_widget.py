@@ -374,7 +374,7 @@ class SessionWidget(W.VBox):
             extra = f"<div style='color:#555'>{esc(step.detail)}</div>" if step is not None and step.detail else ""
             return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
                     f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
-                    + f"{rel}{extra}</div>")
+                    + f"<div>{rel}</div>{extra}</div>")
         r = int(kind[1:])
         g = eng.index.graphs[r]
         n = g.by_name.get(name)
