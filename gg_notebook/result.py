@@ -85,6 +85,30 @@ class Finding:
 
 
 @dataclass
+class Counterexample:
+    """Concrete evidence that the distributed program is wrong."""
+
+    seed: int
+    output: int  # which sequential output disagrees
+    expected_relation: str  # how the ranks' outputs were combined
+    max_error: float
+    relative_error: float
+    sequential: list[float]  # the first few values of the sequential output
+    rebuilt: list[float]  # the same positions rebuilt from the ranks
+    worst_index: tuple  # where the error is largest
+    inputs: dict[str, str]  # input name -> how it was drawn
+    shapes: tuple = ()  # (sequential shape, rebuilt shape)
+
+    def __str__(self) -> str:
+        if self.shapes and self.shapes[0] != self.shapes[1]:
+            return (f"seed {self.seed}: output {self.output} has shape {self.shapes[0]} but "
+                    f"{self.expected_relation} has shape {self.shapes[1]}")
+        return (f"seed {self.seed}: output {self.output} differs from {self.expected_relation} by up to "
+                f"{self.max_error:.3g} (relative {self.relative_error:.3g}) at index {self.worst_index}; "
+                f"sequential {self.sequential} vs rebuilt {self.rebuilt}")
+
+
+@dataclass
 class Result:
     status: Status
     problem_name: str
@@ -94,6 +118,7 @@ class Result:
     assumptions: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     steps: list[Any] = field(default_factory=list)  # engine Step records (for sessions/replay)
+    counterexample: Counterexample | None = None
 
     @property
     def proved(self) -> bool:
@@ -105,6 +130,9 @@ class Result:
                 return f"proved under {len(self.assumptions)} assumption(s)"
             return "proved"
         if self.status is Status.REFUTED:
+            if self.culprit is not None:
+                where = f", {self.culprit.source}" if self.culprit.source else ""
+                return f"refuted: first wrong value at {self.culprit.op} ({self.culprit.node}{where})"
             return "refuted"
         if self.culprit is not None:
             where = f", {self.culprit.source}" if self.culprit.source else ""
@@ -132,6 +160,8 @@ class Result:
             if c.nearby:
                 lines.append("    distributed operators nearby:")
                 lines.extend(f"      {n}" for n in c.nearby[:8])
+        if self.counterexample is not None:
+            lines.append(f"  counterexample: {self.counterexample}")
         for f in self.findings:
             lines.append(f"  finding: {f}")
         for a in self.assumptions:
@@ -165,6 +195,8 @@ class Result:
                 f"{'<pre>' + html.escape(c.code.strip()) + '</pre>' if c.code else ''}"
                 f"{html.escape(c.detail)}</div>"
             )
+        if self.counterexample is not None:
+            parts.append(f"<div><b>counterexample</b> {html.escape(str(self.counterexample))}</div>")
         for f in self.findings:
             parts.append(f"<div>finding: {html.escape(str(f))}</div>")
         for a in self.assumptions:
@@ -181,6 +213,7 @@ class Result:
             "culprit": None if self.culprit is None else self.culprit.__dict__,
             "findings": [f.__dict__ for f in self.findings],
             "assumptions": list(self.assumptions),
+            "counterexample": None if self.counterexample is None else dict(self.counterexample.__dict__),
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float, str))},
         }
 

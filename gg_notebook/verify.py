@@ -13,7 +13,7 @@ from gg_notebook.ir.lower import lower
 from gg_notebook.problem import Layout, Problem, ProblemError, validate_expect, validate_problem
 from gg_notebook.relations.expr import ExprStore
 from gg_notebook.relations.inputs import global_atoms, rank_input_terms
-from gg_notebook.result import Result, VerificationError
+from gg_notebook.result import Result, Status, VerificationError
 
 _REPORT = ("this is a gg_notebook limitation, not a mistake in your problem: please report it with the "
            "program that triggers it")
@@ -107,8 +107,12 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
     return engine, stats
 
 
-def verify(problem: Problem, **options) -> Result:
-    """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`)."""
+def verify(problem: Problem, *, concrete: bool = True, seeds: int = 3) -> Result:
+    """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
+
+    When the proof does not go through and ``concrete`` is set, both programs are run on ``seeds``
+    random inputs: a disagreement refutes the program (with a counterexample), agreement leaves the
+    verdict unknown and says a lemma is missing."""
     engine, stats = prepare(problem)
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))
@@ -117,7 +121,13 @@ def verify(problem: Problem, **options) -> Result:
     t1 = time.perf_counter()
     result = _guard("judging", judge, engine, problem, stats)
     stats["judge_s"] = time.perf_counter() - t1
-    stats["total_s"] = stats["capture_s"] + stats["index_s"] + stats["inference_s"] + stats["judge_s"]
+    if concrete and result.status is not Status.PROVED and not result.assumptions:
+        from gg_notebook.concrete.refute import concrete_check
+
+        t2 = time.perf_counter()
+        result = _guard("checking concretely", concrete_check, engine, problem, result, seeds)
+        stats["concrete_s"] = time.perf_counter() - t2
+    stats["total_s"] = sum(stats.get(k, 0.0) for k in ("capture_s", "index_s", "inference_s", "judge_s", "concrete_s"))
     return result
 
 

@@ -224,20 +224,29 @@ def seq_sort(x):
     return torch.sort(x, dim=1).values
 
 
-@pytest.mark.parametrize("seq,distributed,op,marker", [
-    (seq_erfcx, dist_erfcx_by_hand, "aten.special_erfcx.default", "torch.special.erfcx"),
-    (seq_cumsum, seq_cumsum, "aten.cumsum.default", "torch.cumsum"),  # along the sharded dim: per-rank cumsums
-    (seq_sort, seq_sort, "aten.sort.default", "torch.sort"),  # along the sharded dim: per-rank sorts
+@pytest.mark.parametrize("seq,distributed,op,marker,status", [
+    # correct, spelled differently: the numbers agree, so the verdict stays unknown (a lemma is missing)
+    (seq_erfcx, dist_erfcx_by_hand, "aten.special_erfcx.default", "torch.special.erfcx", gg.Status.UNKNOWN),
+    # along the sharded dim, per-rank cumsums / sorts are wrong: refuted by concrete execution
+    (seq_cumsum, seq_cumsum, "aten.cumsum.default", "torch.cumsum", gg.Status.REFUTED),
+    (seq_sort, seq_sort, "aten.sort.default", "torch.sort", gg.Status.REFUTED),
 ])
-def test_operator_without_lemmas_is_unknown_naming_it(seq, distributed, op, marker):
-    result = gg.verify(gg.Problem(seq, distributed, (torch.randn(2, 4),), (gg.Shard(1),), 2, expect=(gg.Shard(1),)))
-    assert result.status is gg.Status.UNKNOWN, str(result)
+def test_operator_without_lemmas_is_never_a_crash(seq, distributed, op, marker, status):
+    problem = gg.Problem(seq, distributed, (torch.randn(2, 4),), (gg.Shard(1),), 2, expect=(gg.Shard(1),))
+    static = gg.verify(problem, concrete=False)
+    assert static.status is gg.Status.UNKNOWN, str(static)
+    assert f"unknown: stuck at {op}" in static.headline()
+    assert "no lemma" in static.culprit.detail
+    result = gg.verify(problem)
+    assert result.status is status, str(result)
     c = result.culprit
     assert c is not None and c.op == op
     assert c.source.endswith(line_of(seq, marker))
-    assert f"unknown: stuck at {op}" in result.headline()
-    assert "no lemma" in c.detail
     assert not result.relations[0].ok
+    if status is gg.Status.UNKNOWN:
+        assert any(f.kind == "numbers-agree" and "lemma is missing" in f.message for f in result.findings)
+    else:
+        assert result.counterexample is not None and result.counterexample.max_error > 0
     assert_still_works()
 
 
@@ -245,10 +254,12 @@ def seq_double(x):
     return x * 2
 
 
-def test_expected_shard_on_a_replicated_output_is_unknown():
+def test_expected_shard_on_a_replicated_output_is_refuted_not_a_crash():
     result = gg.verify(gg.Problem(seq_double, seq_double, (torch.randn(2, 4),), (gg.Replicate(),), 2,
                                   expect=(gg.Shard(0),)))
-    assert result.status is gg.Status.UNKNOWN, str(result)
+    # the ranks' outputs cannot be concatenated into the sequential output: a concrete counterexample
+    assert result.status is gg.Status.REFUTED, str(result)
+    assert "has shape (2, 4)" in str(result.counterexample) and "(4, 4)" in str(result.counterexample)
     c = result.culprit
     assert c.op == "aten.mul.Tensor" and c.source.endswith(line_of(seq_double, "x * 2"))
     rel = result.relations[0]
@@ -262,10 +273,10 @@ def dist_double_rows_by_rank(x):
 
 
 @pytest.mark.parametrize("expect", [gg.Shard(1), gg.Partial()])
-def test_rank_output_shapes_that_cannot_combine_are_unknown(expect):
+def test_rank_output_shapes_that_cannot_combine_are_refuted_not_a_crash(expect):
     result = gg.verify(gg.Problem(seq_double, dist_double_rows_by_rank, (torch.randn(2, 4),), (gg.Replicate(),), 2,
                                   expect=(expect,)))
-    assert result.status is gg.Status.UNKNOWN, str(result)
+    assert result.status is gg.Status.REFUTED, str(result)
     c = result.culprit
     assert c.op == "aten.mul.Tensor" and c.source.endswith(line_of(seq_double, "x * 2"))
     detail = result.relations[0].detail

@@ -39,4 +39,5 @@ def test_culprit_has_inputs_nearby_ops_and_hint():
     text = str(r)
     assert "culprit" in text and c.source in text
     assert r._repr_html_().startswith("<div")
-    assert '"status": "unknown"' in r.to_json()
+    assert '"status": "refuted"' in r.to_json()
+    assert r.counterexample is not None and r.counterexample.max_error > 0

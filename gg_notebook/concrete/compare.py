@@ -1,0 +1,33 @@
+"""Numeric comparison with a tolerance that depends on the dtype (exact for integers and bools)."""
+
+from __future__ import annotations
+
+import torch
+
+_RTOL = {torch.float64: 1e-8, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max absolute error, the scale it is judged against)."""
+    if a.shape != b.shape:
+        return float("inf"), 1.0
+    if not a.dtype.is_floating_point and not b.dtype.is_floating_point:
+        return float((a != b).any()), 1.0
+    a64, b64 = a.double(), b.double()
+    both_inf = torch.isinf(a64) & torch.isinf(b64) & (torch.sign(a64) == torch.sign(b64))
+    both_nan = torch.isnan(a64) & torch.isnan(b64)
+    diff = (a64 - b64).abs().masked_fill(both_inf | both_nan, 0.0)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    finite = torch.isfinite(a64)
+    scale = float(a64[finite].abs().max()) if finite.any() else 1.0
+    return float(diff.max()) if diff.numel() else 0.0, max(scale, 1e-30)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype=None) -> bool:
+    err, scale = max_error(a, b)
+    if err == float("inf"):
+        return False
+    dtype = dtype or a.dtype
+    if not dtype.is_floating_point:
+        return err == 0
+    return err <= _RTOL.get(dtype, 1e-4) * max(scale, 1.0)

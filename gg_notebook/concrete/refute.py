@@ -1,0 +1,145 @@
+"""Telling a wrong program from an incomplete proof: run both on random inputs.
+
+When inference gets stuck or an output check fails, the programs are simulated on a few seeded
+random inputs. If some sequential output differs from what the expected relation rebuilds from
+the ranks' outputs, the verdict is **refuted**, with the counterexample and the first operator
+(in the sequential graph's order) whose value no relation can rebuild from distributed values.
+If the numbers agree everywhere, the verdict stays **unknown** and says that the program looks
+correct but a lemma is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from gg_notebook.concrete.compare import close, max_error
+from gg_notebook.concrete.search import candidates_for, evaluate_relation
+from gg_notebook.concrete.simulate import SimulationError, simulate
+from gg_notebook.result import Counterexample, Culprit, Finding, Result, Status
+
+
+def _rebuild(outs: list[torch.Tensor], placement):
+    if isinstance(placement, Replicate):
+        return outs
+    if isinstance(placement, Shard):
+        return [torch.cat(outs, placement.dim)]
+    if isinstance(placement, Partial):
+        total = outs[0]
+        for o in outs[1:]:
+            total = total + o
+        return [total]
+    raise ValueError(placement)
+
+
+def _pstr(p, W) -> str:
+    if isinstance(p, Replicate):
+        return "every rank's output (Replicate())"
+    if isinstance(p, Shard):
+        return f"concat of the ranks' outputs along dim {p.dim} (Shard({p.dim}))"
+    return "the sum of the ranks' outputs (Partial())"
+
+
+def _output_mismatch(engine, problem, sims):
+    """First (seed, k, placement, seq value, rebuilt value) where an output disagrees, else None."""
+    for k, out in enumerate(engine.seq.outputs):
+        placements = [problem.expect[k]] if problem.expect is not None else \
+            [Replicate()] + [Shard(d) for d in range(len(out.shape))] + [Partial()]
+        bad = None
+        for p in placements:
+            p_bad = None
+            for sim in sims:
+                want = sim.seq[out.name]
+                outs = [sim.ranks[g.rank][g.outputs[k].name] for g in engine.index.graphs]
+                try:
+                    rebuilt = _rebuild(outs, p)
+                except Exception:  # noqa: BLE001 - shapes that cannot combine this way
+                    p_bad = (sim, k, p, want, None)
+                    break
+                for v in rebuilt:
+                    if v.shape != want.shape or not close(want, v, want.dtype):
+                        p_bad = (sim, k, p, want, v)
+                        break
+                if p_bad:
+                    break
+            if p_bad is None:
+                bad = None
+                break  # this placement matches on every seed
+            bad = bad or p_bad
+        if bad is not None:
+            return bad
+    return None
+
+
+def first_divergent(engine, sims):
+    """The first sequential operator whose value no relation rebuilds from distributed values."""
+    stuck = engine.stuck_at
+    for n in engine.seq.nodes:
+        if n.op in ("input", "const"):
+            continue
+        cands = engine.relations.get(n.name, [])
+        if any(not c.assumption and not c.deferred for c in cands):
+            continue  # proved relation: it cannot diverge
+        if any(c.deferred for c in cands):
+            continue  # judged together with the operator that fuses it
+        rels = [c for c in cands if c.assumption]
+        if rels and all(all(close(sim.seq[n.name], evaluate_relation(engine, c.expr, sim)) for sim in sims)
+                        for c in rels[:1]):
+            continue
+        if candidates_for(engine, sims, n, limit=1):
+            continue
+        deferred_inputs = [i.name for i in n.inputs if i.name in engine.deferred]
+        if stuck is not None and stuck.node in deferred_inputs:
+            return engine.seq.by_name[stuck.node]
+        return n
+    return None
+
+
+def concrete_check(engine, problem, result: Result, seeds: int = 3) -> Result:
+    """Refute ``result`` with a counterexample, or explain that the numbers agree."""
+    try:
+        sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s) for s in range(seeds)]
+    except SimulationError as exc:
+        result.findings.append(Finding("not-simulated", f"no concrete check: {exc}"))
+        return result
+    bad = _output_mismatch(engine, problem, sims)
+    culprit_node = result.culprit.node if result.culprit else None
+    if bad is None:
+        op = result.culprit.op if result.culprit else "an operator"
+        result.findings.append(Finding(
+            "numbers-agree",
+            f"the sequential and distributed programs agree on {seeds} random inputs: the program looks "
+            f"correct, but a lemma is missing for {op}" + (f" ({culprit_node})" if culprit_node else ""),
+            result.culprit.source if result.culprit else None))
+        return result
+    sim, k, placement, want, got = bad
+    if got is None or got.shape != want.shape:
+        err, rel, idx, seq_vals, got_vals = float("inf"), float("inf"), (), [], []
+    else:
+        diff = (want.double() - got.double()).abs()
+        diff = torch.nan_to_num(diff, nan=float("inf"))
+        flat = int(diff.reshape(-1).argmax()) if diff.numel() else 0
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), want.shape)) if want.dim() else ()
+        err, scale = max_error(want, got)
+        rel = err / max(scale, 1e-30)
+        seq_vals = [float(x) for x in want.reshape(-1)[flat:flat + 3].double()]
+        got_vals = [float(x) for x in got.reshape(-1)[flat:flat + 3].double()]
+    inputs = {name: f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+              for name, t in zip(problem.input_names, sim.inputs)}
+    result.counterexample = Counterexample(
+        seed=sim.seed, output=k, expected_relation=_pstr(placement, engine.index.world_size),
+        max_error=err, relative_error=rel, sequential=seq_vals, rebuilt=got_vals, worst_index=idx, inputs=inputs,
+        shapes=(tuple(want.shape), None if got is None else tuple(got.shape)))
+    div = first_divergent(engine, sims)
+    if div is not None and (result.culprit is None or result.culprit.node != div.name):
+        result.culprit = Culprit(
+            op=div.target, node=div.name, source=div.source, code=div.code,
+            detail="the first operator whose value no relation rebuilds from the ranks' tensors "
+                   f"(checked on {len(sims)} random inputs)",
+            input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])]
+                             for i in div.inputs},
+            nearby=engine.nearby(div))
+    elif result.culprit is not None:
+        result.culprit.detail += f"; its value differs from every relation on {len(sims)} random inputs"
+    result.status = Status.REFUTED
+    return result

@@ -1,0 +1,246 @@
+"""The rank simulator: run the captured sequential graph and every rank's graph on real tensors.
+
+All ranks run in one process on the lowered IR (the same graphs the prover reads), in lockstep so
+that every collective sees all its members' inputs and is computed exactly (sum/max/min/avg
+all-reduce, all-gather, reduce-scatter, all-to-all, broadcast). Inputs are drawn at random
+(seeded, dtype-aware; integer inputs in the range their use demands, e.g. token ids below the
+embedding's vocabulary) and split by the problem's placements (Partial inputs: a random split).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.tensor import Partial
+
+from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.problem import Problem, local_input
+
+MAX_ELEMENTS = 50_000_000  # refuse to materialize more than this per simulation
+
+
+class SimulationError(RuntimeError):
+    """The programs cannot be simulated (too large, or an op failed on real values)."""
+
+
+@dataclass
+class Simulation:
+    seed: int
+    inputs: list[torch.Tensor]  # global inputs
+    seq: dict[str, torch.Tensor]  # sequential node name -> value
+    ranks: list[dict[str, torch.Tensor]]  # per rank: node name -> value
+    local_inputs: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def value(self, rank: int, node: str) -> torch.Tensor:
+        return self.ranks[rank][node]
+
+
+def integer_ranges(seq: Graph, problem: Problem) -> dict[int, tuple[int, int]]:
+    """Valid [lo, hi) for integer inputs: indices of an embedding or targets of a loss bound them."""
+    out: dict[int, tuple[int, int]] = {}
+    users = seq.users()
+    for n in seq.inputs:
+        t = problem.inputs[n.attrs]
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            continue
+        hi = None
+        for u in users.get(n.name, []):
+            hi = _bound_from_use(u, n, users) or hi
+        if hi is None and t.device.type != "meta" and t.numel():
+            lo_v, hi_v = int(t.min()), int(t.max()) + 1
+            out[n.attrs] = (lo_v, max(hi_v, lo_v + 1))
+        else:
+            out[n.attrs] = (0, hi or 2)
+    return out
+
+
+def _bound_from_use(u: Node, n: Node, users, depth: int = 0) -> int | None:
+    if u.op == "view" and depth < 3:
+        for w in users.get(u.name, []):
+            b = _bound_from_use(w, u, users, depth + 1)
+            if b:
+                return b
+        return None
+    if u.op != "call":
+        return None
+    kind = u.attrs.kind
+    if kind == "embedding" and len(u.inputs) >= 2 and u.inputs[1] is n:
+        return u.inputs[0].shape[0]
+    if kind in ("nll_loss",) and len(u.inputs) >= 2 and u.inputs[1] is n:
+        return u.inputs[0].shape[-1]
+    return None
+
+
+def random_inputs(problem: Problem, seq: Graph, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ranges = integer_ranges(seq, problem)
+    total = sum(math.prod(t.shape) for t in problem.inputs)
+    if total > MAX_ELEMENTS:
+        raise SimulationError(f"the inputs have {total} elements; simulation is limited to {MAX_ELEMENTS}")
+    out = []
+    for i, t in enumerate(problem.inputs):
+        if t.dtype.is_floating_point:
+            v = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+        elif t.dtype == torch.bool:
+            v = torch.rand(t.shape, generator=g) > 0.5
+        else:
+            lo, hi = ranges.get(i, (0, 2))
+            v = torch.randint(lo, hi, t.shape, generator=g, dtype=t.dtype)
+        out.append(v)
+    return out
+
+
+def split_locals(problem: Problem, inputs: list[torch.Tensor], seed: int) -> list[list[torch.Tensor]]:
+    W = problem.world_size
+    g = torch.Generator().manual_seed(seed + 7919)
+    per_rank: list[list[torch.Tensor]] = [[] for _ in range(W)]
+    for t, p in zip(inputs, problem.placements):
+        if isinstance(p, Partial):
+            parts = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for _ in range(W - 1)]
+            parts.append(t - sum(parts) if parts else t)
+            for r in range(W):
+                per_rank[r].append(parts[r])
+        else:
+            for r in range(W):
+                per_rank[r].append(local_input(t, p, r, W).contiguous().clone())
+    return per_rank
+
+
+def _eval_node(n: Node, env: dict[str, torch.Tensor]) -> torch.Tensor:
+    op = n.op
+    if op == "const":
+        return n.attrs.call([])
+    args = [env[i.name] for i in n.inputs]
+    if op == "view":
+        return args[0].reshape(n.attrs)
+    if op == "permute":
+        return args[0].permute(n.attrs)
+    if op == "slice":
+        d, a, b = n.attrs
+        return args[0].narrow(d, a, b - a)
+    if op == "cat":
+        return torch.cat(args, n.attrs)
+    if op == "expand":
+        return args[0].expand(n.attrs)
+    if op == "call":
+        return n.attrs.call(args)
+    raise SimulationError(f"cannot evaluate {op} ({n.name})")
+
+
+def run_graph(g: Graph, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    env: dict[str, torch.Tensor] = {}
+    for n in g.nodes:
+        if n.op == "input":
+            env[n.name] = inputs[n.attrs]
+        else:
+            env[n.name] = _eval_node(n, env)
+    return env
+
+
+def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """All ranks in lockstep; a collective waits until every member has produced its input."""
+    W = len(graphs)
+    envs: list[dict[str, torch.Tensor]] = [{} for _ in range(W)]
+    coll: dict[tuple, dict[int, Node]] = {}
+    for g in graphs:
+        for n in g.nodes:
+            if n.op == "collective":
+                coll.setdefault((tuple(n.attrs.group), n.attrs.index), {}).setdefault(g.rank, n)
+    cursors = [0] * W
+    while any(cursors[r] < len(graphs[r].nodes) for r in range(W)):
+        progressed = False
+        for r, g in enumerate(graphs):
+            env = envs[r]
+            while cursors[r] < len(g.nodes):
+                n = g.nodes[cursors[r]]
+                if n.op == "input":
+                    env[n.name] = locals_[r][n.attrs]
+                elif n.op == "collective":
+                    v = _collective(n, r, coll, envs)
+                    if v is None:
+                        break
+                    env[n.name] = v
+                else:
+                    try:
+                        env[n.name] = _eval_node(n, env)
+                    except SimulationError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        raise SimulationError(f"rank {r}: {n.target} ({n.name}) at {n.source} failed on real "
+                                              f"values: {type(exc).__name__}: {exc}") from exc
+                cursors[r] += 1
+                progressed = True
+        if not progressed:
+            raise SimulationError("the ranks' collectives do not line up (deadlock in simulation)")
+    return envs
+
+
+def _collective(n: Node, rank: int, coll, envs) -> torch.Tensor | None:
+    info = n.attrs
+    group = tuple(info.group)
+    members = coll[(group, info.index)]
+    ins = []
+    for m in group:
+        mn = members[m]
+        key = mn.inputs[0].name
+        if key not in envs[m]:
+            return None
+        ins.append(envs[m][key])
+    kind, fn = info.kind, info.reduce_op
+    if kind in ("all_reduce", "reduce_scatter_tensor"):
+        total = _reduce(fn, ins)
+        if kind == "all_reduce":
+            return total
+        pos = group.index(rank)
+        size = n.shape[0]
+        return total.narrow(0, pos * size, size)
+    if kind == "all_gather":
+        return ins[info.out_index]
+    if kind == "all_gather_into_tensor":
+        return torch.cat(ins, 0)
+    if kind == "broadcast":
+        return ins[group.index(info.src)] if info.src in group else ins[0]
+    if kind == "all_to_all_single":
+        pos = group.index(rank)
+        pieces = []
+        for j, m in enumerate(group):
+            x = ins[j]
+            splits = members[m].attrs.input_split_sizes or [x.shape[0] // len(group)] * len(group)
+            off = sum(splits[:pos])
+            pieces.append(x.narrow(0, off, splits[pos]))
+        return torch.cat(pieces, 0)
+    raise SimulationError(f"cannot simulate collective {kind}")
+
+
+def _reduce(fn, xs):
+    out = xs[0].clone()
+    for x in xs[1:]:
+        if fn in ("sum", "avg"):
+            out = out + x
+        elif fn == "max":
+            out = torch.maximum(out, x)
+        elif fn == "min":
+            out = torch.minimum(out, x)
+        elif fn == "product":
+            out = out * x
+        else:
+            raise SimulationError(f"unknown reduction {fn}")
+    if fn == "avg":
+        out = out / len(xs)
+    return out
+
+
+def simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int = 0) -> Simulation:
+    """Run everything on seeded random inputs."""
+    inputs = random_inputs(problem, seq, seed)
+    locals_ = split_locals(problem, inputs, seed)
+    try:
+        seq_env = run_graph(seq, inputs)
+    except SimulationError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SimulationError(f"the sequential program failed on random inputs: {type(exc).__name__}: {exc}") from exc
+    ranks = run_ranks(graphs, locals_)
+    return Simulation(seed, inputs, seq_env, ranks, locals_)
