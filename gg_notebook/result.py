@@ -217,5 +217,12 @@ class Result:
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float, str))},
         }
 
+    def certificate(self) -> dict:
+        """JSON-ready certificate: every relation, its lemma chain, the assumptions (see
+        `gg.check_certificate`, which re-checks it without the inference engine)."""
+        from gg_notebook.concrete.certificate import make_certificate
+
+        return make_certificate(self)
+
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)

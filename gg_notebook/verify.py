@@ -107,13 +107,20 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
     return engine, stats
 
 
-def verify(problem: Problem, *, concrete: bool = True, seeds: int = 3) -> Result:
+def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
+
+    ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
+    in concrete checks). ``exact="bitwise"``: only rewrites that preserve floating-point results bit
+    for bit (data movement; not reassociated sums), and concrete checks compare exactly.
 
     When the proof does not go through and ``concrete`` is set, both programs are run on ``seeds``
     random inputs: a disagreement refutes the program (with a counterexample), agreement leaves the
     verdict unknown and says a lemma is missing."""
+    if exact not in ("real", "bitwise"):
+        raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
     engine, stats = prepare(problem)
+    engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))
     stats["inference_s"] = time.perf_counter() - t0
@@ -125,9 +132,12 @@ def verify(problem: Problem, *, concrete: bool = True, seeds: int = 3) -> Result
         from gg_notebook.concrete.refute import concrete_check
 
         t2 = time.perf_counter()
-        result = _guard("checking concretely", concrete_check, engine, problem, result, seeds)
+        result = _guard("checking concretely", concrete_check, engine, problem, result, seeds,
+                        exact == "bitwise")
         stats["concrete_s"] = time.perf_counter() - t2
     stats["total_s"] = sum(stats.get(k, 0.0) for k in ("capture_s", "index_s", "inference_s", "judge_s", "concrete_s"))
+    stats["exact"] = exact
+    stats["world_size"] = problem.world_size
     return result
 
 

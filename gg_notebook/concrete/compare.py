@@ -23,7 +23,14 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(diff.max()) if diff.numel() else 0.0, max(scale, 1e-30)
 
 
-def close(a: torch.Tensor, b: torch.Tensor, dtype=None) -> bool:
+BITWISE = False  # set by the concrete check in exact="bitwise" mode
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype=None, bitwise: bool | None = None) -> bool:
+    bitwise = BITWISE if bitwise is None else bitwise
+    if bitwise:
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or (
+            a.dtype.is_floating_point and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))))
     err, scale = max_error(a, b)
     if err == float("inf"):
         return False

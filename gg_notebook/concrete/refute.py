@@ -95,8 +95,18 @@ def first_divergent(engine, sims):
     return None
 
 
-def concrete_check(engine, problem, result: Result, seeds: int = 3) -> Result:
+def concrete_check(engine, problem, result: Result, seeds: int = 3, bitwise: bool = False) -> Result:
     """Refute ``result`` with a counterexample, or explain that the numbers agree."""
+    from gg_notebook.concrete import compare
+
+    previous, compare.BITWISE = compare.BITWISE, bitwise
+    try:
+        return _concrete_check(engine, problem, result, seeds)
+    finally:
+        compare.BITWISE = previous
+
+
+def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
     try:
         sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s) for s in range(seeds)]
     except SimulationError as exc:

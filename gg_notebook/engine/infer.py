@@ -74,6 +74,8 @@ class Engine:
         self.deferred: dict[str, Step] = {}
         self._users: dict | None = None
         self.user_relations: dict[str, list[Candidate]] = {}  # hints / accepted suggestions, by node
+        self.bitwise = False  # exact="bitwise": only lemmas that preserve floating-point results bit for bit
+        self.disabled: set[str] = set()  # lemma names switched off (experiments, tests)
         self._failures: list[tuple[int, OpSpec]] = []
 
     # ------------------------------------------------------------------ naming
@@ -148,6 +150,8 @@ class Engine:
                 out_shape = None
             if out_shape is not None:
                 for lemma in lemmas_for(spec.kind):
+                    if lemma.name in self.disabled or (self.bitwise and not lemma.bitwise_safe):
+                        continue
                     plans = (lemma.plans(self.store, spec, args, out_shape, ctx=self) if lemma.needs_context
                              else lemma.plans(self.store, spec, args, out_shape))
                     for plan in plans:

@@ -50,6 +50,9 @@ class ProofSession:
         self.engine: Engine = engine
         self.actions: list[dict] = []
         self._listeners: list[Callable[[str], None]] = []
+        self._sims = None  # concrete simulations, computed on first need (None: not available)
+        self._sims_error: str | None = None
+        self.version = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -116,6 +119,7 @@ class ProofSession:
         self._listeners.append(fn)
 
     def _changed(self, action: str) -> None:
+        self.version += 1
         for fn in list(self._listeners):
             fn(action)
 
@@ -162,7 +166,58 @@ class ProofSession:
                 node = self.engine.steps[-1].node
             else:
                 return []
-        return engine_suggestions(self.engine, node)
+        numeric = self._numeric_suggestions(node)
+        engine = engine_suggestions(self.engine, node)
+        seen = {x.text for x in numeric}
+        return numeric + [x for x in engine if x.text not in seen]
+
+    @property
+    def simulations(self):
+        """Concrete runs of both programs on a few random inputs (None if they cannot be simulated)."""
+        if self._sims is None and self._sims_error is None:
+            from gg_notebook.concrete.simulate import SimulationError, simulate
+
+            try:
+                self._sims = [simulate(self.problem, self.engine.seq, self.engine.index.graphs, seed=s)
+                              for s in range(3)]
+            except SimulationError as exc:
+                self._sims_error = str(exc)
+        return self._sims
+
+    def _numeric_suggestions(self, node: str) -> list[Suggestion]:
+        sims = self.simulations
+        if not sims:
+            return []
+        from gg_notebook.concrete.search import candidates_for
+
+        n = self.engine.seq.by_name[node]
+        out = []
+        for m in candidates_for(self.engine, sims, n, limit=6):
+            out.append(Suggestion(node, self.engine.show(m.expr),
+                                  f"matches on {len(sims)} random inputs ({m.kind}, max error {m.error:.2g})",
+                                  20.0 - (0.5 if m.kind in ("view", "transpose") else 0), "numeric",
+                                  proved=self._derivable(node, m.expr), expr=m.expr))
+        return out
+
+    def check_numerically(self, node: str, e) -> str | None:
+        """None if relation ``e`` reproduces ``node``'s value on the random inputs, else why not."""
+        sims = self.simulations
+        if not sims:
+            return None
+        from gg_notebook.concrete.compare import close, max_error
+        from gg_notebook.concrete.search import evaluate_relation
+
+        for sim in sims:
+            want = sim.seq[node]
+            got = evaluate_relation(self.engine, e, sim)
+            if got.shape != want.shape or not close(want, got, want.dtype):
+                err, _ = max_error(want, got) if got.shape == want.shape else (float("inf"), 1)
+                flat = (want.double() - got.double()).abs().reshape(-1).argmax() if got.shape == want.shape else 0
+                w = float(want.reshape(-1)[flat]) if want.numel() else float("nan")
+                g = float(got.reshape(-1)[flat]) if got.numel() else float("nan")
+                return (f"it is numerically false: on random input seed {sim.seed}, {node} is {w:.6g} at flat "
+                        f"index {int(flat)} but the hint gives {g:.6g} (max error {err:.3g})")
+        return None
 
     def accept(self, k: int, node: str | None = None) -> RelationView:
         """Accept suggestion ``k`` (from `suggestions`); the proof continues from there."""
@@ -192,6 +247,10 @@ class ProofSession:
         if tuple(e.shape) != tuple(node.shape):
             raise HintError(f"the hint has shape {tuple(e.shape)} but {tensor} has shape {tuple(node.shape)}")
         proved = self._derivable(tensor, e)
+        if not proved:
+            why = self.check_numerically(tensor, e)
+            if why is not None:
+                raise HintError(f"hint for {tensor} refused: {why}")
         self._add(tensor, e, proved=proved, why="hint")
         text = self.engine.show(e)
         self.actions.append({"op": "relation", "node": tensor, "text": text, "proved": proved, "why": "hint"})
