@@ -186,7 +186,7 @@ def test_reset_starts_over_without_recapturing():
     s.run()
     first = s.result()
     first_steps = [list(st.pretty) for st in first.steps]  # (Result.steps aliases the live steps)
-    s.hint(s.stuck.node, s.suggestions()[0].text)  # a hint, dropped by reset
+    s.accept(0)  # an accepted guess, dropped by reset
     seq, index = s.engine.seq, s.engine.index
     t0 = time.perf_counter()
     s.reset()
@@ -336,15 +336,26 @@ def test_callable_hint_on_stuck_tensor(cumsum_problem):
     assert s.result().headline().startswith("proved under")
 
 
-def test_wrong_hint_is_assumed_but_does_not_prove(cumsum_problem):
+def test_wrong_accepted_guess_is_assumed_but_does_not_prove(cumsum_problem):
     s = gg.ProofSession(cumsum_problem)
     s.run()
-    # the ranks' local cumsums, without the offset: accepted (clean, right shape) but wrong
-    view = s.hint("cumsum", "concat(cumsum@r0, cumsum@r1, dim=1)")
-    assert view.status == "assumed"
+    # the ranks' local cumsums, without the offset: a clean guess of the right shape, but wrong
+    wrong = "concat(cumsum@r0, cumsum@r1, dim=1)"
+    k = next(i for i, x in enumerate(s.suggestions()) if x.text == wrong)
+    view = s.accept(k)
+    assert view.status == "assumed" and view.text == wrong
     s.run()
     res = s.result()
     assert res.status is not gg.Status.PROVED and res.culprit is not None
+    assert f"cumsum: {wrong}" in res.assumptions
+
+
+@pytest.mark.skipif(not hasattr(gg.ProofSession, "check_numerically"),
+                    reason="this session does not check hints on random inputs")
+def test_numerically_false_hint_is_refused(cumsum_problem):
+    s = gg.ProofSession(cumsum_problem)
+    s.run()
+    _refused(s, "cumsum", "concat(cumsum@r0, cumsum@r1, dim=1)", "numerically false", "cumsum")
 
 
 def test_callable_hint_equal_to_a_derived_relation_is_proved():
