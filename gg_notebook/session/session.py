@@ -93,6 +93,39 @@ class ProofSession:
             ]
         return out
 
+    def relations_for(self, names) -> dict[str, list[RelationView]]:
+        """`relations` for just these tensors (cheap on big graphs)."""
+        out = {}
+        for name in names:
+            cands = self.engine.relations.get(name)
+            if cands is not None:
+                out[name] = [RelationView(self.engine.show(c.expr),
+                                          "deferred" if c.deferred else ("assumed" if c.assumption else "proved"),
+                                          c.chain) for c in cands]
+        return out
+
+    def status_of(self, node: str) -> str:
+        """"unvisited" | "input" | "proved" | "assumed" | "deferred" | "stuck"."""
+        if self.stuck is not None and self.stuck.node == node:
+            return "stuck"
+        cands = self.engine.relations.get(node)
+        if cands is None:
+            return "unvisited"
+        if not cands:
+            return "stuck"
+        if all(c.deferred for c in cands):
+            return "deferred"
+        if self.engine.seq.by_name[node].op == "input":
+            return "input"
+        return "proved" if any(not c.assumption and not c.deferred for c in cands) else "assumed"
+
+    @property
+    def suggestions_node(self) -> str | None:
+        """The tensor `suggestions()` is about: the stuck one, else the last visited one."""
+        if self.stuck is not None:
+            return self.stuck.node
+        return self.engine.steps[-1].node if self.engine.steps else None
+
     def context(self, node=None, radius: int = 3) -> list[tuple[int, str, bool]]:
         """Source lines around ``node``'s line (default: the current one): (lineno, text, is_it)."""
         node = node if node is not None else self.current
@@ -160,11 +193,8 @@ class ProofSession:
     def suggestions(self, node: str | None = None) -> list[Suggestion]:
         """Ranked candidate relations for the stuck tensor (or ``node``), each with its reason."""
         if node is None:
-            if self.stuck is not None:
-                node = self.stuck.node
-            elif self.engine.steps:
-                node = self.engine.steps[-1].node
-            else:
+            node = self.suggestions_node
+            if node is None:
                 return []
         numeric = self._numeric_suggestions(node)
         engine = engine_suggestions(self.engine, node)
