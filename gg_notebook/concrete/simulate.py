@@ -17,6 +17,7 @@ from torch.distributed.tensor import Partial
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.problem import Problem, local_input
+from gg_notebook.relations.expr import apply_op
 
 MAX_ELEMENTS = 50_000_000  # refuse to materialize more than this per simulation
 
@@ -109,24 +110,9 @@ def split_locals(problem: Problem, inputs: list[torch.Tensor], seed: int) -> lis
 
 
 def _eval_node(n: Node, env: dict[str, torch.Tensor]) -> torch.Tensor:
-    op = n.op
-    if op == "const":
-        return n.attrs.call([])
-    args = [env[i.name] for i in n.inputs]
-    if op == "view":
-        return args[0].reshape(n.attrs)
-    if op == "permute":
-        return args[0].permute(n.attrs)
-    if op == "slice":
-        d, a, b = n.attrs
-        return args[0].narrow(d, a, b - a)
-    if op == "cat":
-        return torch.cat(args, n.attrs)
-    if op == "expand":
-        return args[0].expand(n.attrs)
-    if op == "call":
-        return n.attrs.call(args)
-    raise SimulationError(f"cannot evaluate {op} ({n.name})")
+    if n.op not in ("const", "call", "view", "permute", "slice", "cat", "expand"):
+        raise SimulationError(f"cannot evaluate {n.op} ({n.name})")
+    return apply_op(n.op, n.attrs, [env[i.name] for i in n.inputs])
 
 
 def run_graph(g: Graph, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
-from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty, size
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -401,7 +401,7 @@ class Engine:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
         extended = _dedupe(extended)
-        extended.sort(key=lambda c: (c.assumption, c.expr.op != "ref", _expr_size(c.expr)))
+        extended.sort(key=lambda c: (c.assumption, c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]
 
     def explain_stuck(self, n: Node) -> str:
@@ -517,14 +517,3 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
         seen.add(c.expr.id)
         out.append(c)
     return out
-
-
-def _expr_size(e: Expr) -> int:
-    seen, stack = set(), [e]
-    while stack:
-        x = stack.pop()
-        if x.id in seen:
-            continue
-        seen.add(x.id)
-        stack.extend(x.args)
-    return len(seen)

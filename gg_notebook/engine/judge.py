@@ -131,9 +131,15 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
     relations: list[OutputRelation] = []
     findings: list[Finding] = []
     culprit = None
+    # the user's own unproven relations (hints, accepted guesses); what the engine derived from them
+    # is marked as depending on an assumption but not counted again
     assumptions = sorted({
-        f"{n}: {engine.show(c.expr)}" for n, cs in engine.relations.items() for c in cs if c.assumption
+        f"{n}: {engine.show(c.expr)}"
+        for n, cs in engine.user_relations.items() for c in cs
+        if c.assumption and any(x.expr.id == c.expr.id for x in engine.relations.get(n, []))
     })
+    dependent = sum(1 for n, cs in engine.relations.items()
+                    if n not in engine.user_relations and cs and all(c.assumption for c in cs if not c.deferred))
     if engine.stuck_at is not None:
         st = engine.stuck_at
         node = engine.seq.by_name[st.node]
@@ -190,6 +196,8 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
                 nearby=engine.nearby(out),
             )
     status = Status.PROVED if culprit is None and all(r.ok for r in relations) else Status.UNKNOWN
+    if assumptions and dependent:
+        findings.append(Finding("assumption", f"{dependent} derived relation(s) depend on the assumptions"))
     return Result(
         status=status, problem_name=problem.name, relations=relations, culprit=culprit,
         findings=findings, assumptions=assumptions, stats=stats, steps=engine.steps,

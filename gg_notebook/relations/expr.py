@@ -482,36 +482,40 @@ def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = 
 
 
 def _eval_node(x: Expr, vals, leaf):
-    op = x.op
-    if op in ("atom", "ref"):
+    if x.op in ("atom", "ref"):
         return leaf(x)
+    return apply_op(x.op, x.attrs, vals)
+
+
+def apply_op(op: str, attrs, vals: list[torch.Tensor]) -> torch.Tensor:
+    """Apply one (non-leaf) operator of the expression language / IR to concrete values."""
     if op == "const":
-        return x.attrs.call([])
+        return attrs.call([])
     if op == "call":
-        return x.attrs.call(vals)
+        return attrs.call(vals)
     if op == "view":
-        return vals[0].reshape(x.attrs)
+        return vals[0].reshape(attrs)
     if op == "permute":
-        return vals[0].permute(x.attrs)
+        return vals[0].permute(attrs)
     if op == "slice":
-        d, s, e = x.attrs
+        d, s, e = attrs
         return vals[0].narrow(d, s, e - s)
     if op == "cat":
-        return torch.cat(vals, x.attrs)
+        return torch.cat(vals, attrs)
     if op == "expand":
-        return vals[0].expand(x.attrs)
+        return vals[0].expand(attrs)
     if op == "accum":
         out = vals[0]
         for v in vals[1:]:
-            if x.attrs == "sum":
+            if attrs == "sum":
                 out = out + v
-            elif x.attrs == "max":
+            elif attrs == "max":
                 out = torch.maximum(out, v)
             else:
                 out = torch.minimum(out, v)
         return out
     if op == "scale":
-        return vals[0] * x.attrs
+        return vals[0] * attrs
     raise ValueError(f"cannot evaluate {op}")
 
 

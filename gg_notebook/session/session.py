@@ -7,6 +7,7 @@ widget (`gg_notebook.widgets`) is a thin view over this class; everything here w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import linecache
 import time
@@ -306,7 +307,11 @@ class ProofSession:
         """The same `Result` type as `gg.verify`, including the assumptions made so far."""
         stats = dict(self.stats)
         stats.update(self.engine.stats)
-        return judge(self.engine, self.problem, stats)
+        result = judge(self.engine, self.problem, stats)
+        # a snapshot: later steps and hints must not change a result already handed out
+        result.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
+                                            inputs=dict(st.inputs)) for st in result.steps]
+        return result
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
