@@ -18,14 +18,33 @@ from gg_notebook.verify import prepare
 BUGGY = [(name, bug) for name in sorted(E.EXAMPLES) for bug in sorted(E.get(name).bugs)]
 
 
+_GLOO_SCRIPT = """
+import dataclasses, sys, torch
+from gg_notebook import examples as E
+from gg_notebook.examples._simulate import run_gloo
+name, path = sys.argv[1], sys.argv[2]
+inputs = torch.load(path)
+problem = dataclasses.replace(E.get(name).make(world_size=2), inputs=tuple(inputs))
+torch.save(run_gloo(problem), path + ".out")
+"""
+
+
 @pytest.mark.parametrize("name", ["mlp", "vocab_embedding", "sp_layernorm_mlp", "vocab_cross_entropy"])
-def test_simulator_agrees_with_gloo_processes(name):
-    from gg_notebook.examples._simulate import run_gloo
+def test_simulator_agrees_with_gloo_processes(name, tmp_path):
+    """The one-process simulator against real gloo ranks (run in a fresh interpreter, so that the
+    forked gloo workers never inherit this test process's state)."""
+    import subprocess
+    import sys
 
     problem = E.get(name).make(world_size=2)
     engine, _ = prepare(problem)
     sim = simulate(problem, engine.seq, engine.index.graphs, seed=5)
-    real = run_gloo(dataclasses.replace(problem, inputs=tuple(sim.inputs)))
+    path = tmp_path / "inputs.pt"
+    torch.save([t.detach() for t in sim.inputs], path)
+    proc = subprocess.run([sys.executable, "-c", _GLOO_SCRIPT, name, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    real = torch.load(str(path) + ".out")
     for r, g in enumerate(engine.index.graphs):
         for k, out in enumerate(g.outputs):
             assert close(real[r][k].to(sim.ranks[r][out.name].dtype), sim.ranks[r][out.name]), (name, r, k)
