@@ -131,7 +131,10 @@ def _gloo_worker(problem, rank, port, queue):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=problem.world_size)
         out = problem.distributed(*local_inputs(problem, rank))
-        leaves = [l.detach().clone() if isinstance(l, torch.Tensor) else l for l in _flat_outputs(out)]
+        # numpy arrays pickle by value: torch tensors would travel as shared-memory handles that die
+        # with this process before the parent has opened them
+        leaves = [(l.detach().cpu().numpy().copy(), l.dtype) if isinstance(l, torch.Tensor) else l
+                  for l in _flat_outputs(out)]
         queue.put((rank, leaves, None))
         dist.destroy_process_group()
     except BaseException as e:  # pragma: no cover - reported to the parent
@@ -140,7 +143,7 @@ def _gloo_worker(problem, rank, port, queue):
 
 def run_gloo(problem: Problem, timeout: float = 120.0) -> list[list[torch.Tensor]]:
     """Per-rank outputs from real gloo processes (forked, so closures need no pickling)."""
-    import torch.multiprocessing as mp
+    import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -154,7 +157,8 @@ def run_gloo(problem: Problem, timeout: float = 120.0) -> list[list[torch.Tensor
             rank, leaves, err = queue.get(timeout=timeout)
             if err is not None:
                 raise RuntimeError(f"rank {rank} failed: {err}")
-            results[rank] = leaves
+            results[rank] = [torch.from_numpy(l[0]).to(l[1]) if isinstance(l, tuple) and len(l) == 2
+                             and hasattr(l[0], "dtype") else l for l in leaves]
     finally:
         for p in procs:
             p.join(timeout=5)
