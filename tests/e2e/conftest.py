@@ -134,18 +134,22 @@ def _write_settings(settings_dir: Path) -> None:
         p.write_text(json.dumps(data))
 
 
-def _stop_server(proc: subprocess.Popen, url: str) -> None:
-    if proc.poll() is not None:
-        return
-    # Shut the kernels down through the API first, so no kernel outlives the server.
+def _shutdown_kernels(url: str) -> None:
     try:
         for k in _http(f"{url}/api/kernels", timeout=3) or []:
             try:
-                _http(f"{url}/api/kernels/{k['id']}", method="DELETE", timeout=5)
+                _http(f"{url}/api/kernels/{k['id']}", method="DELETE", timeout=10)
             except (OSError, urllib.error.URLError):
                 pass
     except (OSError, urllib.error.URLError, ValueError):
         pass
+
+
+def _stop_server(proc: subprocess.Popen, url: str) -> None:
+    if proc.poll() is not None:
+        return
+    # Shut the kernels down through the API first, so no kernel outlives the server.
+    _shutdown_kernels(url)
     proc.send_signal(signal.SIGTERM)  # this server's own PID
     try:
         proc.wait(timeout=10)
@@ -266,6 +270,7 @@ def page(browser, lab, request, tmp_path):
             print(f"\n[e2e] failure artifacts (screenshot, page text, console, server log): {d}")
             sys.stdout.flush()
         context.close()
+        _shutdown_kernels(lab.url)  # each test's notebook kernel (torch loaded) goes with it
 
 
 # --------------------------------------------------------------------------- notebook driving
