@@ -277,7 +277,8 @@ def page(browser, lab, request, tmp_path):
 class NotebookUI:
     """Drives one notebook in JupyterLab 4 (selectors verified with JupyterLab 4.6)."""
 
-    IDLE = ".jp-Notebook-ExecutionIndicator[data-status='idle']"
+    # Not `.jp-Notebook-ExecutionIndicator[data-status='idle']`: it reads "idle" before any kernel
+    # exists (Run All clicked then is lost). window.jupyterapp needs --LabApp.expose_app_in_browser.
     KERNEL_READY_JS = """() => {
         const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
         const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
