@@ -40,9 +40,10 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
             return memo[x.id]
         if x.op == "const":
             v = x.attrs.call([])
-            if v.numel() != 1:
-                return None
-            r = v.reshape(())
+            flat = v.reshape(-1)
+            if v.numel() == 0 or not bool((flat == flat[0]).all()):
+                return None  # only uniform constants (scalars, zeros_like, full) are elementwise
+            r = flat[0].clone()
         elif x.op == "view":
             if nelem(x) != numel:
                 return None
@@ -55,8 +56,10 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
                 return None
             if spec.unique is not None:
                 return None
-            shapes = {tuple(a.shape) for a in x.args if not (a.op == "const" and nelem(a) == 1)}
-            if len(shapes) > 1 or any(nelem(a) != numel for a in x.args if not (a.op == "const" and nelem(a) == 1)):
+            shapes = {tuple(a.shape) for a in x.args if a.op != "const"}
+            if len(shapes) > 1 or any(nelem(a) != numel for a in x.args if a.op != "const"):
+                return None
+            if any(a.op == "const" and nelem(a) not in (1, numel) for a in x.args):
                 return None
             vals = []
             for a in x.args:

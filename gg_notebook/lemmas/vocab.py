@@ -77,8 +77,10 @@ def _zeroing_mask(e: Expr, x: Expr, row_shape: tuple | None = None) -> Expr | No
             mask = mask.args[0]
         if tuple(mask.shape) == row_shape:
             return mask
-        if tuple(mask.shape) == row_shape + (1,):
-            return None
+        # a mask with trailing size-1 dims (``~inside.unsqueeze(-1)``) broadcasts over each row; its
+        # elements are in row order, which is all the domain check needs
+        if tuple(mask.shape[:len(row_shape)]) == row_shape and all(s == 1 for s in mask.shape[len(row_shape):]):
+            return mask
     return None
 
 
