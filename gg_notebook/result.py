@@ -98,6 +98,7 @@ class Counterexample:
     worst_index: tuple  # where the error is largest
     inputs: dict[str, str]  # input name -> how it was drawn
     shapes: tuple = ()  # (sequential shape, rebuilt shape)
+    tensors: list = field(default_factory=list, repr=False)  # the global inputs themselves (not in JSON)
 
     def __str__(self) -> str:
         if self.shapes and self.shapes[0] != self.shapes[1]:
@@ -213,7 +214,8 @@ class Result:
             "culprit": None if self.culprit is None else self.culprit.__dict__,
             "findings": [f.__dict__ for f in self.findings],
             "assumptions": list(self.assumptions),
-            "counterexample": None if self.counterexample is None else dict(self.counterexample.__dict__),
+            "counterexample": None if self.counterexample is None else {
+                k: v for k, v in self.counterexample.__dict__.items() if k != "tensors"},
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float, str))},
         }
 

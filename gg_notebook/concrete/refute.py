@@ -99,11 +99,12 @@ def concrete_check(engine, problem, result: Result, seeds: int = 3, bitwise: boo
     """Refute ``result`` with a counterexample, or explain that the numbers agree."""
     from gg_notebook.concrete import compare
 
-    previous, compare.BITWISE = compare.BITWISE, bitwise
+    previous = compare.BITWISE, compare.REDUCTION
+    compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
     try:
         return _concrete_check(engine, problem, result, seeds)
     finally:
-        compare.BITWISE = previous
+        compare.BITWISE, compare.REDUCTION = previous
 
 
 def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
@@ -139,6 +140,7 @@ def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
     result.counterexample = Counterexample(
         seed=sim.seed, output=k, expected_relation=_pstr(placement, engine.index.world_size),
         max_error=err, relative_error=rel, sequential=seq_vals, rebuilt=got_vals, worst_index=idx, inputs=inputs,
+        tensors=[t.detach() for t in sim.inputs],
         shapes=(tuple(want.shape), None if got is None else tuple(got.shape)))
     div = first_divergent(engine, sims)
     if div is not None and (result.culprit is None or result.culprit.node != div.name):
