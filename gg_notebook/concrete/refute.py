@@ -151,7 +151,10 @@ def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
             input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])]
                              for i in div.inputs},
             nearby=engine.nearby(div))
-    elif result.culprit is not None:
+    elif result.culprit is not None and div is not None:
         result.culprit.detail += f"; its value differs from every relation on {len(sims)} random inputs"
+    elif result.culprit is not None:
+        result.culprit.detail += (f"; on {len(sims)} random inputs the ranks' outputs do not combine as expected "
+                                  "(see the counterexample)")
     result.status = Status.REFUTED
     return result

@@ -61,7 +61,7 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
         c = _replicate_ok(engine, k, cands)
         if c is not None:
             return True, c, ""
-        return False, None, "no rank's output equals the sequential output"
+        return False, None, "expected every rank's output to equal it"
     try:
         target = expected_relation(engine, k, placement)
     except ShapeError:  # e.g. the ranks' k-th outputs differ in shape: they cannot form that relation
@@ -163,6 +163,8 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
             rel = engine.show(c.expr) if c is not None else (alts[0] if alts else None)
             if not ok and alts:
                 detail = f"found {alts[0]}, but expect[{k}] = {_placement_str(placement)} needs {detail.removeprefix('expected ')}"
+                if isinstance(placement, Replicate) and cands[0].expr.op == "accum" and cands[0].expr.attrs == "sum":
+                    detail += " - the ranks hold partial sums: is an all-reduce missing at the end?"
                 scaled = scale_mismatch(engine, k, placement)
                 if scaled is not None:
                     detail = (f"the ranks' outputs are {scaled[0]:g} x the sequential output "
