@@ -22,7 +22,8 @@ from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError
 aten = torch.ops.aten
 
 
-def _bounds(cat_expr):
+def cat_bounds(cat_expr) -> list[tuple[int, int]]:
+    """[(start, end)] of each piece of a concatenation along its dim."""
     d = cat_expr.attrs
     out, off = [], 0
     for a in cat_expr.args:
@@ -49,7 +50,7 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
         seen.add(role)
         pieces = []
         try:
-            for lo, hi in _bounds(a):
+            for lo, hi in cat_bounds(a):
                 new_args = []
                 for j, b in enumerate(args):
                     dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]

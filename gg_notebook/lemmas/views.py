@@ -17,6 +17,7 @@ import torch
 
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register
+from gg_notebook.lemmas.concat import cat_bounds
 from gg_notebook.lemmas.dims import dim_roles
 from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError, reshape_groups
 
@@ -55,10 +56,7 @@ def merged_batch(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
         if (k, tuple(in_sizes), q) in tried:
             continue
         tried.add((k, tuple(in_sizes), q))
-        bounds, off = [], 0
-        for p in X.args:
-            bounds.append((off, off + p.shape[d]))
-            off += p.shape[d]
+        bounds = cat_bounds(X)
         try:
             pieces = []
             for lo, hi in bounds:

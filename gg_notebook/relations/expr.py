@@ -564,42 +564,28 @@ def _const_args(spec: OpSpec) -> str:
     return "(" + ", ".join(shown) + ")" if shown else ""
 
 
-def leaves(e: Expr) -> list[Expr]:
-    """The ``ref``/``atom`` leaves of ``e`` (each once, in first-seen order)."""
-    seen, out, stack = set(), [], [e]
-    while stack:
-        x = stack.pop()
-        if x.id in seen:
-            continue
-        seen.add(x.id)
-        if x.op in ("ref", "atom"):
-            out.append(x)
-        stack.extend(reversed(x.args))
-    return out
-
-
-def is_clean(e: Expr) -> bool:
-    """True if ``e`` uses clean operators only (no compute calls, no scale factors)."""
-    stack = [e]
-    seen = set()
-    while stack:
-        x = stack.pop()
-        if x.id in seen:
-            continue
-        seen.add(x.id)
-        if x.op not in CLEAN_OPS:
-            return False
-        stack.extend(x.args)
-    return True
-
-
-def size(e: Expr) -> int:
-    """Number of distinct nodes: the cost used to rank candidate relations."""
+def walk(e: Expr):
+    """Every distinct node of ``e`` once, parents before children, arguments left to right."""
     seen, stack = set(), [e]
     while stack:
         x = stack.pop()
         if x.id in seen:
             continue
         seen.add(x.id)
-        stack.extend(x.args)
-    return len(seen)
+        yield x
+        stack.extend(reversed(x.args))
+
+
+def leaves(e: Expr) -> list[Expr]:
+    """The ``ref``/``atom`` leaves of ``e`` (each once, in first-seen order)."""
+    return [x for x in walk(e) if x.op in ("ref", "atom")]
+
+
+def is_clean(e: Expr) -> bool:
+    """True if ``e`` uses clean operators only (no compute calls, no scale factors)."""
+    return all(x.op in CLEAN_OPS for x in walk(e))
+
+
+def size(e: Expr) -> int:
+    """Number of distinct nodes: the cost used to rank candidate relations."""
+    return sum(1 for _ in walk(e))
