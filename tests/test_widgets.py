@@ -35,7 +35,7 @@ def test_attributes_exist(mlp_bug):
     for name in ("step_button", "run_button", "undo_button", "reset_button", "run_to_text", "run_to_button",
                  "progress", "progress_label", "relations_html", "filter_text", "suggestion_buttons",
                  "hint_tensor", "hint_text", "hint_button", "hint_message", "graph_html", "graph_select",
-                 "graph_info", "banner", "current_html", "message"):
+                 "graph_info", "graph_view", "banner", "current_html", "message"):
         assert hasattr(w, name), name
     assert s.widget().session is s
     assert w.progress_label.value.strip().endswith("0 / 14 operators")
@@ -162,8 +162,8 @@ def test_relation_filter(mlp_bug):
 def test_graph_svg_and_select(mlp_bug):
     s, w, _ = pair(mlp_bug)
     w.run_button.click()
-    assert w.graph_kind == "svg" and "<svg" in w.graph_html.value and "<?xml" not in w.graph_html.value
-    assert "#f38ba8" in w.graph_html.value  # the stuck node is red
+    assert w.graph_kind == "svg" and "<svg" in w.graph_markup and "<?xml" not in w.graph_markup
+    assert "#f38ba8" in w.graph_markup  # the stuck node is red
     opts = list(w.graph_select.options)
     assert "seq:add_1" in opts and any(o.startswith("r1:") for o in opts)
     w.graph_select.value = "seq:_unsafe_view_1"
@@ -178,8 +178,58 @@ def test_graph_falls_back_to_dot_text(mlp_bug, monkeypatch):
     s, w, _ = pair(mlp_bug)
     w.step_button.click()
     assert w.graph_kind == "dot"
-    assert "<pre" in w.graph_html.value and "digraph" in w.graph_html.value
-    assert "<svg" not in w.graph_html.value
+    assert "<pre" in w.graph_markup and "digraph" in w.graph_markup
+    assert "<svg" not in w.graph_markup
+
+
+
+def _click(view, node_id):
+    """What the frontend sends when a graph node is clicked (an anywidget state update)."""
+    view._handle_msg({"content": {"data": {"method": "update", "state": {"selected": node_id},
+                                           "buffer_paths": []}}, "buffers": []})
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
+def test_graph_click_selects_node(mlp_bug):
+    pytest.importorskip("anywidget")
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    gv = w.graph_view
+    assert gv is not None and gv in w.children[4].children[1].children  # displayed instead of graph_html
+    assert w.graph_html.value == "" and "<svg" in gv.svg
+    # graphviz puts the node id in each node's <title> (what the frontend reads on a click)
+    assert "<title>seq:_unsafe_view_1</title>" in gv.svg
+    # a click in the browser: the dropdown follows and graph_info shows the node's relations
+    _click(gv, "seq:_unsafe_view_1")
+    assert w.graph_select.value == "seq:_unsafe_view_1"
+    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
+    # setting the trait from Python does the same
+    r1 = next(o for o in w.graph_select.options if o.startswith("r1:mm_1"))
+    gv.selected = r1
+    assert w.graph_select.value == r1 and "mm_1@r1" in w.graph_info.value
+    # the dropdown still works, and the view's selection follows it
+    w.graph_select.value = "seq:add_1"
+    assert gv.selected == "seq:add_1" and "<b>add_1</b>" in w.graph_info.value
+    # a stale or malformed id from the frontend never raises
+    _click(gv, "seq:no_such_node")
+    _click(gv, "garbage")
+    assert w.graph_select.value == "seq:add_1"
+    # after a re-render (Undo) the view keeps selecting
+    w.undo_button.click()
+    _click(gv, "seq:_unsafe_view_1")
+    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
+def test_graph_without_anywidget_falls_back_to_dropdown(mlp_bug, monkeypatch):
+    monkeypatch.setitem(sys.modules, "anywidget", None)  # not importable
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    assert w.graph_view is None
+    assert w.graph_html in w.children[4].children[1].children
+    assert "<svg" in w.graph_html.value and w.graph_markup == w.graph_html.value
+    w.graph_select.value = "seq:_unsafe_view_1"
+    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
 
 
 def test_banner_proved():

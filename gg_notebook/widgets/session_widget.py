@@ -45,7 +45,12 @@ class SessionWidget(W.VBox):
     ``step_button, run_button, undo_button, reset_button, run_to_text, run_to_button, progress,
     progress_label, message, current_html, relations_html, filter_text, suggestions_box,
     suggestion_buttons, hint_tensor, hint_text, hint_button, hint_message, graph_html, graph_select,
-    graph_info, banner``."""
+    graph_info, graph_view, banner``.
+
+    The graph: with ``anywidget`` installed, ``graph_view`` is a clickable `GraphView` (clicking a node
+    selects it in ``graph_select`` and ``graph_info`` shows its relations; the dropdown selects too) and
+    ``graph_html`` is unused (empty, not displayed). Without anywidget, ``graph_view`` is None and
+    ``graph_html`` shows the graph; the dropdown selects. ``graph_markup`` is the shown markup either way."""
 
     def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS):
         self.session = session
@@ -84,8 +89,11 @@ class SessionWidget(W.VBox):
         self.hint_message = W.HTML()
         self.graph_enabled = graph
         self.graph_html = W.HTML()
+        gv = _graph_view_class() if graph else None
+        self.graph_view = gv() if gv is not None else None
         self.graph_select = W.Dropdown(description="node", layout=W.Layout(width="300px"))
         self.graph_info = W.HTML()
+        self.graph_info.add_class("gg-graph-info")
 
         self.step_button.on_click(lambda _b: self._do(self.session.step))
         self.run_button.on_click(lambda _b: self._do(self.session.run))
@@ -94,7 +102,9 @@ class SessionWidget(W.VBox):
         self.reset_button.on_click(lambda _b: self._do(self.session.reset))
         self.hint_button.on_click(self._on_hint)
         self.filter_text.observe(lambda _c: self._render_relations(), names="value")
-        self.graph_select.observe(lambda _c: self._render_graph_info(), names="value")
+        self.graph_select.observe(self._on_graph_select, names="value")
+        if self.graph_view is not None:
+            self.graph_view.observe(self._on_graph_click, names="selected")
 
         controls = W.HBox([self.step_button, self.run_button, self.undo_button, self.reset_button,
                            self.run_to_text, self.run_to_button])
@@ -104,8 +114,9 @@ class SessionWidget(W.VBox):
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
                            W.HBox([self.hint_tensor, self.hint_text, self.hint_button]), self.hint_message])
         left = W.VBox([self.current_html, self.suggestions_box, hint_box], layout=W.Layout(width="50%"))
+        graph_box = self.graph_view if self.graph_view is not None else self.graph_html
         right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
-                        self.graph_html, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
+                        graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
         table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
         super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table])
 
@@ -339,7 +350,11 @@ class SessionWidget(W.VBox):
             if len(self._svg_cache) > 64:
                 self._svg_cache.clear()
             self._svg_cache[key] = hit
-        self.graph_kind, self.graph_html.value = hit
+        self.graph_kind, markup = hit
+        if self.graph_view is not None:
+            self.graph_view.svg = markup
+        else:
+            self.graph_html.value = markup
         ids = self._nb.node_ids() if self._nb is not None else []
         if list(self.graph_select.options) != ids:
             keep = self.graph_select.value
@@ -349,6 +364,29 @@ class SessionWidget(W.VBox):
             elif cur is not None and G.seq_id(cur.name) in ids:
                 self.graph_select.value = G.seq_id(cur.name)
         self._render_graph_info()
+
+    @property
+    def graph_markup(self) -> str:
+        """The graph's current markup (SVG, DOT text or a message), in ``graph_view`` or ``graph_html``."""
+        return self.graph_view.svg if self.graph_view is not None else self.graph_html.value
+
+    def _on_graph_select(self, _change=None) -> None:
+        if self.graph_view is not None:
+            self.graph_view.selected = self.graph_select.value or ""
+        self._render_graph_info()
+
+    def _on_graph_click(self, change) -> None:
+        """A click on a node in the browser (``graph_view.selected``): select it in the dropdown."""
+        sel = change["new"]
+        if not sel or sel == self.graph_select.value:
+            return
+        if sel in self.graph_select.options:
+            self.graph_select.value = sel  # -> _on_graph_select -> graph_info
+        else:  # not a node of the current neighbourhood (a stale view): show it if it exists
+            try:
+                self.graph_info.value = self.node_info(sel)
+            except Exception:  # noqa: BLE001 - a malformed id from the frontend
+                self.graph_info.value = ""
 
     def _render_graph_info(self) -> None:
         sel = self.graph_select.value
@@ -438,6 +476,17 @@ class SessionWidget(W.VBox):
                 body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
         self.banner.value = (f"<div class='gg-verdict' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
+
+
+def _graph_view_class():
+    """`GraphView` if anywidget imports, else None (the HTML + Dropdown fallback)."""
+    try:
+        import anywidget  # noqa: F401
+
+        from gg_notebook.widgets.graph_view import GraphView
+    except ImportError:
+        return None
+    return GraphView
 
 
 def _legend() -> str:

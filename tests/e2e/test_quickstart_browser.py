@@ -13,7 +13,9 @@ What these tests rely on in the widget (keep stable, or update here):
   tensor holding the relation text and a status badge ("proved" / "assumed");
 * a suggestion row: an HBox holding an "Accept" button and the suggestion's text in ``<code>``;
 * the hint row: an HBox holding a text ``<input>`` and the "Add hint" button; an invalid hint
-  shows its error inline (HintError text, e.g. "cannot parse ...").
+  shows its error inline (HintError text, e.g. "cannot parse ...");
+* the graph view (anywidget ``GraphView``): ``.gg-graph-view g.node[data-gg-node='seq:NAME']`` for
+  a node; clicking one fills ``.gg-graph-info`` with that node's name and relations.
 """
 
 from __future__ import annotations
@@ -99,6 +101,31 @@ class WidgetUI:
         return wait_until(f"verdict banner {what}", lambda: (t := self.banner()) and pred(t) and t,
                           timeout=timeout, page=self.page)
 
+    def graph_node(self, node_id: str):
+        return self.root.locator(f".gg-graph-view g.node[data-gg-node='{node_id}']").first
+
+    def graph_info(self) -> str:
+        info = self.root.locator(".gg-graph-info")
+        return info.first.inner_text(timeout=5_000) if info.count() else ""
+
+    def click_graph_node(self, node_id: str, pred, what: str, timeout: float = 20.0) -> str:
+        """Click the graph node ``node_id`` until the info area satisfies ``pred`` (the SVG may be
+        replaced by a re-render between locating and clicking, so a click can land on a stale node)."""
+        state = {"clicked": 0.0}
+
+        def attempt():
+            text = self.graph_info()
+            if pred(text):
+                return text
+            now = time.monotonic()
+            if now - state["clicked"] > 5.0:
+                state["clicked"] = now
+                self.graph_node(node_id).click(timeout=5_000)
+            return None
+
+        return wait_until(f"graph info after clicking {node_id}: {what}", attempt, timeout=timeout,
+                          page=self.page)
+
     def relation_rows(self) -> list[str]:
         """Texts of the relation table's rows (the table with a "relation(s)" header)."""
         table = self.root.locator("table").filter(
@@ -153,6 +180,20 @@ def test_quickstart_widget_step_and_run(lab, page, notebook_ui):
     w.wait_progress(lambda d, t: d == 2, f"2 / {total}")
     w.wait_row(lambda r: r != first and "@r" in r, "with a second relation")
     wait_until("exactly two relation rows", lambda: len(w.relation_rows()) == 2, page=page)
+
+    # The graph view: one more Step (x, w1, w2 done; mm current, selected by default); clicking a
+    # node shows its relations (x is replicated, w1 split by columns).
+    w.click("Step")
+    w.wait_progress(lambda d, t: d == 3, f"3 / {total}")
+    for node in ("seq:x", "seq:w1", "seq:mm"):
+        wait_until(f"graph node {node}", lambda node=node: w.graph_node(node).count() > 0, page=page)
+    info = w.click_graph_node("seq:x", lambda t: "x@r*" in t and "w1@r0" not in t, "x's relation x@r*")
+    assert "proved" in info, info
+    info = w.click_graph_node("seq:w1", lambda t: "concat(w1@r0, w1@r1, dim=1)" in t and "x@r*" not in t,
+                              "w1's relation concat(w1@r0, w1@r1, dim=1)")
+    assert "proved" in info, info
+    wait_until("the clicked node outlined", lambda: "gg-selected" in (
+        w.graph_node("seq:w1").get_attribute("class") or ""), page=page)
 
     # Run: to the end, proved again.
     w.click("Run")
