@@ -204,14 +204,3 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
         status=status, problem_name=problem.name, relations=relations, culprit=culprit,
         findings=findings, assumptions=assumptions, stats=stats, steps=engine.steps,
     )
-
-
-def _walk(e: Expr):
-    stack, seen = [e], set()
-    while stack:
-        x = stack.pop()
-        if x.id in seen:
-            continue
-        seen.add(x.id)
-        yield x
-        stack.extend(x.args)
