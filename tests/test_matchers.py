@@ -91,3 +91,36 @@ def test_near_misses_are_refuted(fn):
     r = gg.verify(_problem(fn))
     assert r.status is gg.Status.REFUTED, str(r)
     assert r.culprit.op.startswith("aten.embedding")
+
+
+def test_domain_evaluation_refuses_non_elementwise_terms():
+    """Only elementwise integer arithmetic may be checked on the id domain: an index_put with
+    integer indices (a scatter) or a permute would tie elements to positions, not to ids."""
+    from gg_notebook.lemmas._cases import spec_of
+    from gg_notebook.lemmas.domain import eval_on_domain
+    from gg_notebook.relations.expr import ExprStore
+
+    S = ExprStore()
+    ids = S.atom("ids", (2, 3), torch.int64)
+    dom = torch.arange(12)
+    ok_spec, _ = spec_of(lambda t: t - 4, torch.zeros(2, 3, dtype=torch.int64))
+    assert torch.equal(eval_on_domain(S.call(ok_spec, [ids]), ids, dom), dom - 4)
+    mask_spec, _ = spec_of(lambda t, m, v: torch.ops.aten.index_put(t, [m], v),
+                           torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.bool),
+                           torch.tensor(0))
+    lt_spec, _ = spec_of(lambda t: t < 5, torch.zeros(2, 3, dtype=torch.int64))
+    masked = S.call(mask_spec, [ids, S.call(lt_spec, [ids]), S.const(_zero_spec(), (), torch.int64)])
+    assert torch.equal(eval_on_domain(masked, ids, dom), torch.where(dom < 5, 0, dom))
+    scatter_spec, _ = spec_of(lambda t, i, v: torch.ops.aten.index_put(t, [i], v),
+                              torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64),
+                              torch.tensor(0))
+    scattered = S.call(scatter_spec, [ids, ids, S.const(_zero_spec(), (), torch.int64)])
+    assert eval_on_domain(scattered, ids, dom) is None
+    assert eval_on_domain(S.permute(ids, (1, 0)), ids, dom) is None
+
+
+def _zero_spec():
+    from gg_notebook.ir.lower import _Full
+    from gg_notebook.relations.expr import OpSpec
+
+    return OpSpec("const", "full(0)", _Full((), 0, torch.int64), ((), ()))

@@ -56,6 +56,13 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
                 return None
             if spec.unique is not None:
                 return None
+            if spec.name in _ELEMENTWISE_GENERIC:
+                # x[mask] = v is elementwise only for boolean masks of x's shape, without accumulation
+                targs, _ = spec.template
+                if len(targs) > 3 and targs[3] not in (False, None):
+                    return None
+                if len(x.args) < 3 or any(a.dtype != torch.bool for a in x.args[1:-1]):
+                    return None
             shapes = {tuple(a.shape) for a in x.args if a.op != "const"}
             if len(shapes) > 1 or any(nelem(a) != numel for a in x.args if a.op != "const"):
                 return None
