@@ -71,8 +71,11 @@ def _output_mismatch(engine, problem, sims):
     return None
 
 
-def first_divergent(engine, sims):
-    """The first sequential operator whose value no relation rebuilds from distributed values."""
+def first_divergent(engine, sims, scaled: list | None = None):
+    """The first sequential operator whose value no relation rebuilds from distributed values.
+
+    An operator rebuilt only up to a constant factor has no clean relation, so it is divergent; the
+    scaled match is recorded in ``scaled`` so that the report can say so."""
     stuck = engine.stuck_at
     for n in engine.seq.nodes:
         if n.op in ("input", "const"):
@@ -86,8 +89,11 @@ def first_divergent(engine, sims):
         if rels and all(all(close(sim.seq[n.name], evaluate_relation(engine, c.expr, sim)) for sim in sims)
                         for c in rels[:1]):
             continue
-        if candidates_for(engine, sims, n, limit=1):
+        matches = candidates_for(engine, sims, n, limit=1, scaled=True)
+        if matches and matches[0].kind != "scaled":
             continue
+        if matches and scaled is not None:
+            scaled.append((n, matches[0]))  # rebuilt only up to a constant factor: not clean
         deferred_inputs = [i.name for i in n.inputs if i.name in engine.deferred]
         if stuck is not None and stuck.node in deferred_inputs:
             return engine.seq.by_name[stuck.node]
@@ -142,19 +148,38 @@ def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
         max_error=err, relative_error=rel, sequential=seq_vals, rebuilt=got_vals, worst_index=idx, inputs=inputs,
         tensors=[t.detach() for t in sim.inputs],
         shapes=(tuple(want.shape), None if got is None else tuple(got.shape)))
-    div = first_divergent(engine, sims)
+    scaled: list = []
+    div = first_divergent(engine, sims, scaled)
+    off = {n.name: m for n, m in scaled}
+    if div is not None and div.name in off:
+        m = off[div.name]
+        why = (f"the first operator whose value the ranks' tensors rebuild only up to a constant factor: it is "
+               f"{m.factor:g} x {engine.show(m.expr.args[0])} on {len(sims)} random inputs (a missing or extra "
+               f"scale factor?)")
+        result.findings.append(Finding("scale-factor", f"{div.name}: {why}", div.source))
+    else:
+        why = ("the first operator whose value no relation rebuilds from the ranks' tensors "
+               f"(checked on {len(sims)} random inputs)")
     if div is not None and (result.culprit is None or result.culprit.node != div.name):
         result.culprit = Culprit(
             op=div.target, node=div.name, source=div.source, code=div.code,
-            detail="the first operator whose value no relation rebuilds from the ranks' tensors "
-                   f"(checked on {len(sims)} random inputs)",
+            detail=why,
             input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])]
                              for i in div.inputs},
             nearby=engine.nearby(div))
     elif result.culprit is not None and div is not None:
-        result.culprit.detail += f"; its value differs from every relation on {len(sims)} random inputs"
-    elif result.culprit is not None:
-        result.culprit.detail += (f"; on {len(sims)} random inputs the ranks' outputs do not combine as expected "
-                                  "(see the counterexample)")
+        result.culprit.detail += "; " + why.replace("the first operator whose value", "its value", 1)
+    else:
+        detail = (f"on {len(sims)} random inputs the ranks' outputs do not combine as expect[{k}] says "
+                  "(see the counterexample)")
+        if result.culprit is None:
+            out = engine.seq.outputs[k]
+            result.culprit = Culprit(
+                op=out.target, node=out.name, source=out.source, code=out.code, detail=detail,
+                input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])]
+                                 for i in out.inputs},
+                nearby=engine.nearby(out))
+        else:
+            result.culprit.detail += "; " + detail
     result.status = Status.REFUTED
     return result

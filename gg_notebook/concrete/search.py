@@ -24,8 +24,11 @@ class NumericMatch:
     factor: float = 1.0
 
 
-def candidates_for(engine, sims, seq_node, limit: int = 6) -> list[NumericMatch]:
-    """Relations that reproduce ``seq_node``'s value on every simulation in ``sims``."""
+def candidates_for(engine, sims, seq_node, limit: int = 6, scaled: bool = False) -> list[NumericMatch]:
+    """Relations that reproduce ``seq_node``'s value on every simulation in ``sims``.
+
+    With ``scaled``, a replica or partial sum that matches up to one constant factor (the same on
+    every input) is returned too, as kind "scaled": never clean, always flagged."""
     idx = engine.index
     S = engine.store
     W = idx.world_size
@@ -47,6 +50,25 @@ def candidates_for(engine, sims, seq_node, limit: int = 6) -> list[NumericMatch]
             seen.add(expr.id)
             found.append(NumericMatch(expr, kind, err, factor))
 
+    def factor_of(values) -> float | None:
+        """One factor c with want == c * value on every input, if there is one (and c != 1)."""
+        if not want[0].dtype.is_floating_point:
+            return None
+        cs = []
+        for v, w in zip(values, want):
+            v64, w64 = v.double().reshape(-1), w.double().reshape(-1)
+            den = float((v64 * v64).sum())
+            if den == 0 or not torch.isfinite(v64).all():
+                return None
+            cs.append(float((w64 * v64).sum()) / den)
+        c = cs[0]
+        if c == 0 or abs(c - 1) < 1e-6 or any(abs(x - c) > 1e-6 * abs(c) for x in cs):
+            return None
+        good = all(close(w, v * c, w.dtype) for v, w in zip(values, want))
+        return c if good else None
+
+    scaled_matches: list[NumericMatch] = []
+
     g0 = idx.graphs[0]
     names = [n.name for n in g0.nodes]
     numel = 1
@@ -59,6 +81,10 @@ def candidates_for(engine, sims, seq_node, limit: int = 6) -> list[NumericMatch]
                 good, err = ok(vals)
                 if good:
                     add(idx.ref(idx.dval_of(r, n)), "replica", err)
+                elif scaled and n.op != "const":
+                    c = factor_of(vals)
+                    if c is not None:
+                        scaled_matches.append(NumericMatch(S.scale(idx.ref(idx.dval_of(r, n)), c), "scaled", 0.0, c))
             elif len(n.shape) == 2 and tuple(reversed(n.shape)) == shape:
                 good, err = ok([v.t() for v in vals])
                 if good:
@@ -82,17 +108,27 @@ def candidates_for(engine, sims, seq_node, limit: int = 6) -> list[NumericMatch]
             refs = [idx.ref(idx.dval_of(r, x)) for r, x in enumerate(nodes)]
             if good:
                 add(S.accum("sum", refs), "partial", err)
+            elif scaled and nodes[0].op != "const":
+                c = factor_of(vals)
+                if c is not None:
+                    scaled_matches.append(NumericMatch(S.scale(S.accum("sum", refs), c), "scaled", 0.0, c))
         for d in range(len(shape)):
             if all(len(s_) == len(shape) for s_ in shapes) and \
                     all(s_[:d] + s_[d + 1:] == shape[:d] + shape[d + 1:] for s_ in shapes) and \
                     sum(s_[d] for s_ in shapes) == shape[d]:
                 vals = [torch.cat([sim.ranks[r][name] for r in range(W)], d) for sim in sims]
                 good, err = ok(vals)
+                refs = refs or [idx.ref(idx.dval_of(r, x)) for r, x in enumerate(nodes)]
                 if good:
-                    refs = refs or [idx.ref(idx.dval_of(r, x)) for r, x in enumerate(nodes)]
                     add(S.cat(refs, d), "concat", err)
+                elif scaled and nodes[0].op != "const":
+                    c = factor_of(vals)
+                    if c is not None:
+                        scaled_matches.append(NumericMatch(S.scale(S.cat(refs, d), c), "scaled", 0.0, c))
         if len(found) >= limit:
             break
+    if not found and scaled_matches:
+        return scaled_matches[:limit]
     return found
 
 
