@@ -153,7 +153,7 @@ def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
     off = {n.name: m for n, m in scaled}
     if div is not None and div.name in off:
         m = off[div.name]
-        why = (f"the first operator whose value the ranks' tensors rebuild only up to a constant factor: it is "
+        why = (f"the first operator whose value is rebuilt from the ranks' tensors only up to a constant factor: it is "
                f"{m.factor:g} x {engine.show(m.expr.args[0])} on {len(sims)} random inputs (a missing or extra "
                f"scale factor?)")
         result.findings.append(Finding("scale-factor", f"{div.name}: {why}", div.source))
