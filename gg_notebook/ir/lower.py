@@ -283,7 +283,8 @@ class _Lowerer:
         if packet in ("cat", "concat", "concatenate"):
             tensors = [env[t] for t in args[0]]
             dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0))
-            tensors = [t for t in tensors if t is not None and math.prod(t.shape) > 0 or len(args[0]) == 1]
+            # torch.cat skips empty pieces; so do we (a lone piece is kept whatever its size)
+            tensors = [t for t in tensors if t is not None and math.prod(t.shape) > 0] or tensors[:1]
             dim = dim % len(shape)
             if len(tensors) == 1:
                 return tensors[0]

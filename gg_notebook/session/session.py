@@ -175,9 +175,6 @@ class ProofSession:
             n = self.engine.seq.nodes[self.engine.cursor]
             if until is not None and done and _matches(n, until):
                 break
-            if until is not None and not done and _matches(n, until) and self.actions and \
-                    self.actions[-1].get("until") == until:
-                pass
             st = self.engine.step()
             if st is None:
                 break
