@@ -196,6 +196,9 @@ class ProofSession:
                 return []
         numeric = self._numeric_suggestions(node)
         engine = engine_suggestions(self.engine, node)
+        if self.stuck is None or self.stuck.node != node:
+            # not stuck: only relations that hold (derived, or matching numerically), no shape guesses
+            engine = [x for x in engine if x.kind == "alternative"]
         seen = {x.text for x in numeric}
         return numeric + [x for x in engine if x.text not in seen]
 
