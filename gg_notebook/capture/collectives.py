@@ -72,21 +72,11 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _shim_allreduce(orig):
-    def allreduce(self, tensors, *args, **kwargs):
-        with extra_node_meta(gg_shim=True):
-            tmps = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
-        work = orig(self, tmps, *args, **kwargs)
-        with extra_node_meta(gg_shim=True):
-            for t, tmp in zip(tensors, tmps):
-                t.copy_(tmp)
-        return work
+def _shim_inplace_list(orig):
+    """For methods ``(tensors, *rest)`` that write their result into ``tensors`` (allreduce,
+    broadcast): run on fresh copies, then copy back, so functionalization sees the writes."""
 
-    return allreduce
-
-
-def _shim_broadcast(orig):
-    def broadcast(self, tensors, *args, **kwargs):
+    def method(self, tensors, *args, **kwargs):
         if not isinstance(tensors, (list, tuple)):
             return orig(self, tensors, *args, **kwargs)
         with extra_node_meta(gg_shim=True):
@@ -97,7 +87,7 @@ def _shim_broadcast(orig):
                 t.copy_(tmp)
         return work
 
-    return broadcast
+    return method
 
 
 def _shim_allgather(orig):
@@ -131,8 +121,8 @@ def _shim_single_output(orig):
 
 
 _SHIMS = {
-    "allreduce": _shim_allreduce,
-    "broadcast": _shim_broadcast,
+    "allreduce": _shim_inplace_list,
+    "broadcast": _shim_inplace_list,
     "allgather": _shim_allgather,
     "all_gather_single": _shim_single_output,
     "_allgather_base": _shim_single_output,
