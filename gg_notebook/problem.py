@@ -48,6 +48,12 @@ class Problem:
     global tensor: ``Replicate()``, ``Shard(d)`` (equal chunks along d, rank order), ``Partial()``
     (the locals sum to the global; rank 0 holds the global value, the others zeros when materialized)
     or a ``Layout``. ``expect[k]`` constrains how the ranks' k-th output relates to the sequential one.
+
+    ``domains`` narrows the values an integer input may take, by input name: ``{"target":
+    range(0, V)}`` says no target is ``ignore_index``. Without it an integer input ranges over
+    everything the operators that read it accept (token ids in ``[0, V)``, class targets in
+    ``[0, C)`` plus ``ignore_index``). A proof that relies on a declared domain lists it in
+    ``Result.domain_assumptions``, and the example inputs are checked against it.
     """
 
     sequential: Callable[..., Any]
@@ -59,6 +65,7 @@ class Problem:
     name: str | None = None
     input_names: Sequence[str] | None = None
     meta: dict = field(default_factory=dict)
+    domains: dict | None = None
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -71,6 +78,13 @@ class Problem:
             self.input_names = tuple(self.input_names)
         if self.name is None:
             self.name = getattr(self.distributed, "__name__", "problem")
+        self.domains = dict(self.domains or {})
+
+    def id_domains(self) -> dict:
+        """``{input name: IdDomain}`` for the declared domains (validated by `validate_problem`)."""
+        from gg_notebook.relations.domains import IdDomain
+
+        return {name: IdDomain.of(d) for name, d in self.domains.items()}
 
     def local_inputs(self, rank: int, inputs: Sequence[torch.Tensor] | None = None) -> tuple:
         """The tensors rank ``rank`` receives, derived from (these or the example) global inputs."""
@@ -160,12 +174,38 @@ def validate_problem(problem: Problem) -> None:
             raise ProblemError(
                 f"placement {i} ({name}) is {p!r}: use Replicate(), Shard(d), Partial() or gg.Layout(fn)."
             )
+    _validate_domains(problem)
     if problem.expect is not None:
         for k, e in enumerate(problem.expect):
             if not isinstance(e, (Replicate, Shard, Partial)):
                 raise ProblemError(
                     f"expect[{k}] is {e!r}: use Replicate(), Shard(d) or Partial() for each output."
                 )
+
+
+def _validate_domains(problem: Problem) -> None:
+    from gg_notebook.relations.domains import IdDomain
+
+    if not isinstance(problem.domains, dict):
+        raise ProblemError(f"domains must be a dict {{input name: range(...)}}, got {type(problem.domains).__name__}.")
+    for name, d in problem.domains.items():
+        if name not in problem.input_names:
+            raise ProblemError(
+                f"domains names {name!r}, which is not an input (inputs are {', '.join(problem.input_names)}): "
+                f"key each domain by the input's name.")
+        t = problem.inputs[list(problem.input_names).index(name)]
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ProblemError(
+                f"domains[{name!r}]: input {name} is a {str(t.dtype).replace('torch.', '')} tensor; domains are "
+                f"for integer inputs (token ids, class targets).")
+        try:
+            dom = IdDomain.of(d)
+        except Exception as exc:  # noqa: BLE001
+            raise ProblemError(
+                f"domains[{name!r}] = {d!r} is not a set of integers ({type(exc).__name__}: {exc}): use "
+                f"range(lo, hi) or a list of ints.") from exc
+        if len(dom) == 0:
+            raise ProblemError(f"domains[{name!r}] is empty: give the values {name} may take, e.g. range(0, V).")
 
 
 def validate_expect(problem: Problem, outputs: Sequence[Any]) -> None:

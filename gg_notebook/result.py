@@ -120,6 +120,8 @@ class Result:
     stats: dict[str, Any] = field(default_factory=dict)
     steps: list[Any] = field(default_factory=list)  # engine Step records (for sessions/replay)
     counterexample: Counterexample | None = None
+    # the integer-input domains the proof relied on ("target ∈ [0, 64) (declared in Problem.domains)")
+    domain_assumptions: list[str] = field(default_factory=list)
 
     @property
     def proved(self) -> bool:
@@ -167,6 +169,8 @@ class Result:
             lines.append(f"  finding: {f}")
         for a in self.assumptions:
             lines.append(f"  assumption: {a}")
+        for d in self.domain_assumptions:
+            lines.append(f"  domain: {d}")
         if self.stats:
             timing = ", ".join(
                 f"{k} {v:.2f}s" for k, v in self.stats.items() if k.endswith("_s") and isinstance(v, float)
@@ -214,6 +218,7 @@ class Result:
             "culprit": None if self.culprit is None else self.culprit.__dict__,
             "findings": [f.__dict__ for f in self.findings],
             "assumptions": list(self.assumptions),
+            "domain_assumptions": list(self.domain_assumptions),
             "counterexample": None if self.counterexample is None else {
                 k: v for k, v in self.counterexample.__dict__.items() if k != "tensors"},
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float, str))},

@@ -99,6 +99,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
             rel = layout_rel_builders[i](refs)
         input_relations[n.name] = [Candidate(rel, ("input placement",))]
     engine = Engine(seq, index, store, input_relations)
+    engine.domains = problem.id_domains()
     t2 = time.perf_counter()
     stats.update({
         "capture_s": t1 - t0, "index_s": t2 - t1, "seq_nodes": len(seq.nodes),
@@ -107,7 +108,8 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
     return engine, stats
 
 
-def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3) -> Result:
+def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
+           validate: bool = True) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -116,7 +118,12 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
     When the proof does not go through and ``concrete`` is set, both programs are run on ``seeds``
     random inputs: a disagreement refutes the program (with a counterexample), agreement leaves the
-    verdict unknown and says a lemma is missing."""
+    verdict unknown and says a lemma is missing.
+
+    After a proof, ``validate`` (default on) re-checks every relation and every lemma instance it
+    used on fresh and adversarial inputs (translation validation, see `concrete.validate`); a
+    failure turns the verdict into refuted (an output disagrees) or unknown (the proof is not
+    trusted). Example inputs are checked against the domains declared in ``problem.domains``."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
     engine, stats = prepare(problem)
@@ -128,6 +135,15 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     t1 = time.perf_counter()
     result = _guard("judging", judge, engine, problem, stats)
     stats["judge_s"] = time.perf_counter() - t1
+    result.domain_assumptions = sorted(engine.domain_facts.values())
+    if result.status is Status.PROVED and validate:
+        from gg_notebook.concrete.validate import validate_proof
+
+        result = _guard("validating the proof", validate_proof, engine, problem, result, exact == "bitwise")
+        stats["validate_s"] = result.stats.get("validate_s", 0.0)
+    violation = _domain_violation(problem)
+    if violation is not None:
+        result = _refute_by_example(result, problem, *violation)
     if concrete and result.status is not Status.PROVED and not result.assumptions:
         from gg_notebook.concrete.refute import concrete_check
 
@@ -135,9 +151,46 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
         result = _guard("checking concretely", concrete_check, engine, problem, result, seeds,
                         exact == "bitwise")
         stats["concrete_s"] = time.perf_counter() - t2
-    stats["total_s"] = sum(stats.get(k, 0.0) for k in ("capture_s", "index_s", "inference_s", "judge_s", "concrete_s"))
+    stats["total_s"] = sum(stats.get(k, 0.0) for k in ("capture_s", "index_s", "inference_s", "judge_s",
+                                                        "validate_s", "concrete_s"))
     stats["exact"] = exact
     stats["world_size"] = problem.world_size
+    return result
+
+
+def _domain_violation(problem: Problem):
+    """(input index, name, domain, flat position, value) of the first example value outside its
+    declared domain, or None."""
+    for name, dom in problem.id_domains().items():
+        i = list(problem.input_names).index(name)
+        t = problem.inputs[i]
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        out = dom.outside(t.detach().cpu().reshape(-1).long())
+        if bool(out.any()):
+            k = int(out.nonzero()[0])
+            return i, name, dom, k, int(t.reshape(-1)[k])
+    return None
+
+
+def _refute_by_example(result: Result, problem: Problem, i: int, name: str, dom, k: int, value: int) -> Result:
+    import torch
+
+    from gg_notebook.result import Counterexample, Finding
+
+    t = problem.inputs[i]
+    idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), t.shape)) if t.dim() else ()
+    msg = (f"the example input {name} holds {value} at index {idx}, outside its declared domain "
+           f"{dom.describe()} (Problem.domains[{name!r}]): the proof assumes no such value occurs, and the "
+           f"problem's own data contradicts that. Widen the domain (e.g. include ignore_index) or fix the input.")
+    result.findings.append(Finding("domain-violation", msg))
+    result.counterexample = Counterexample(
+        seed=-1, output=-1, expected_relation=f"the declared domain of {name}", max_error=float("inf"),
+        relative_error=float("inf"), sequential=[float(value)], rebuilt=[], worst_index=idx,
+        inputs={n: f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} (the problem's example)"
+                for n, x in zip(problem.input_names, problem.inputs)},
+        tensors=[x.detach() for x in problem.inputs])
+    result.status = Status.REFUTED
     return result
 
 

@@ -113,12 +113,29 @@ def concrete_check(engine, problem, result: Result, seeds: int = 3, bitwise: boo
         compare.BITWISE, compare.REDUCTION = previous
 
 
+def concrete_check_on(engine, problem, result: Result, sims: list, bitwise: bool = False) -> Result:
+    """`concrete_check` on simulations that were already run."""
+    from gg_notebook.concrete import compare
+
+    previous = compare.BITWISE, compare.REDUCTION
+    compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
+    try:
+        return _judge_simulations(engine, problem, result, sims)
+    finally:
+        compare.BITWISE, compare.REDUCTION = previous
+
+
 def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
     try:
         sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s) for s in range(seeds)]
     except SimulationError as exc:
         result.findings.append(Finding("not-simulated", f"no concrete check: {exc}"))
         return result
+    return _judge_simulations(engine, problem, result, sims)
+
+
+def _judge_simulations(engine, problem, result: Result, sims: list) -> Result:
+    seeds = len(sims)
     bad = _output_mismatch(engine, problem, sims)
     culprit_node = result.culprit.node if result.culprit else None
     if bad is None:

@@ -9,6 +9,7 @@ embedding's vocabulary) and split by the problem's placements (Partial inputs: a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from torch.distributed.tensor import Partial
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.problem import Problem, local_input
+from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import apply_op
 
 MAX_ELEMENTS = 50_000_000  # refuse to materialize more than this per simulation
@@ -38,59 +40,92 @@ class Simulation:
         return self.ranks[rank][node]
 
 
-def integer_ranges(seq: Graph, problem: Problem) -> dict[int, tuple[int, int]]:
-    """Valid [lo, hi) for integer inputs: indices of an embedding or targets of a loss bound them."""
-    out: dict[int, tuple[int, int]] = {}
+def integer_domains(seq: Graph, problem: Problem) -> dict[int, IdDomain]:
+    """The values each integer input may take: its declared domain (``Problem.domains``), else what
+    the operators reading it accept (token ids below an embedding's vocabulary; class targets of a
+    loss plus its ``ignore_index``), else the range of the example tensor."""
+    out: dict[int, IdDomain] = {}
     users = seq.users()
+    declared = problem.id_domains()
     for n in seq.inputs:
         t = problem.inputs[n.attrs]
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             continue
-        hi = None
+        name = problem.input_names[n.attrs]
+        if name in declared:
+            out[n.attrs] = declared[name]
+            continue
+        dom = None
         for u in users.get(n.name, []):
-            hi = _bound_from_use(u, n, users) or hi
-        if hi is None and t.device.type != "meta" and t.numel():
-            lo_v, hi_v = int(t.min()), int(t.max()) + 1
-            out[n.attrs] = (lo_v, max(hi_v, lo_v + 1))
-        else:
-            out[n.attrs] = (0, hi or 2)
+            d = _accepted_by_use(u, n, users)
+            if d is not None:
+                dom = d if dom is None or len(dom.intersect(d)) == 0 else dom.intersect(d)
+        if dom is None and t.device.type != "meta" and t.numel():
+            dom = IdDomain.range(int(t.min()), int(t.max()) + 1)
+        out[n.attrs] = dom if dom is not None else IdDomain.range(0, 2)
     return out
 
 
-def _bound_from_use(u: Node, n: Node, users, depth: int = 0) -> int | None:
+def _accepted_by_use(u: Node, n: Node, users, depth: int = 0) -> IdDomain | None:
     if u.op == "view" and depth < 3:
         for w in users.get(u.name, []):
-            b = _bound_from_use(w, u, users, depth + 1)
-            if b:
+            b = _accepted_by_use(w, u, users, depth + 1)
+            if b is not None:
                 return b
         return None
     if u.op != "call":
         return None
     kind = u.attrs.kind
     if kind == "embedding" and len(u.inputs) >= 2 and u.inputs[1] is n:
-        return u.inputs[0].shape[0]
-    if kind in ("nll_loss",) and len(u.inputs) >= 2 and u.inputs[1] is n:
-        return u.inputs[0].shape[-1]
+        return IdDomain.range(0, u.inputs[0].shape[0])
+    if kind in ("nll_loss", "nll_loss_backward"):
+        t_slot = u.attrs.slot_of("target")
+        if t_slot is not None and t_slot < len(u.inputs) and u.inputs[t_slot] is n:
+            x = u.inputs[u.attrs.slot_of("self")]
+            classes = x.shape[-1] if len(x.shape) > 1 else (x.shape[0] if x.shape else 1)
+            dom = IdDomain.range(0, classes)
+            ii = u.attrs.arg("ignore_index", None)
+            return dom.union(IdDomain.of_values([ii])) if isinstance(ii, int) else dom
     return None
 
 
-def random_inputs(problem: Problem, seq: Graph, seed: int) -> list[torch.Tensor]:
+def random_inputs(problem: Problem, seq: Graph, seed: int, adversarial: bool = False) -> list[torch.Tensor]:
+    """Seeded random global inputs. Integer inputs are drawn from their domains with sentinels and
+    boundaries over-represented. ``adversarial`` also puts zeros, negatives, exact ties and values
+    that round differently in bfloat16/half into floating-point inputs."""
     g = torch.Generator().manual_seed(seed)
-    ranges = integer_ranges(seq, problem)
+    domains = integer_domains(seq, problem)
     total = sum(math.prod(t.shape) for t in problem.inputs)
     if total > MAX_ELEMENTS:
         raise SimulationError(f"the inputs have {total} elements; simulation is limited to {MAX_ELEMENTS}")
     out = []
     for i, t in enumerate(problem.inputs):
         if t.dtype.is_floating_point:
-            v = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+            v = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if adversarial:
+                v = _adversarial(v, g)
+            v = v.to(t.dtype)
         elif t.dtype == torch.bool:
             v = torch.rand(t.shape, generator=g) > 0.5
         else:
-            lo, hi = ranges.get(i, (0, 2))
-            v = torch.randint(lo, hi, t.shape, generator=g, dtype=t.dtype)
+            v = domains.get(i, IdDomain.range(0, 2)).sample(t.shape, g, dtype=t.dtype)
         out.append(v)
     return out
+
+
+def _adversarial(v: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Zeros, sign flips, exact ties and values just off a bfloat16/half grid point, mixed in."""
+    if v.numel() < 2:
+        return v
+    flat = v.reshape(-1).clone()
+    u = torch.rand(flat.shape, generator=g, dtype=torch.float64)
+    off_grid = 1.0 + torch.randint(1, 8, flat.shape, generator=g).double() * 2.0 ** -12  # not bf16/half exact
+    flat = torch.where(u < 0.08, torch.zeros_like(flat), flat)
+    flat = torch.where((u >= 0.08) & (u < 0.16), -flat.abs(), flat)
+    flat = torch.where((u >= 0.16) & (u < 0.26), off_grid * torch.sign(flat + 0.5), flat)
+    tie = flat[torch.randint(0, flat.numel(), flat.shape, generator=g)]
+    flat = torch.where((u >= 0.26) & (u < 0.32), tie, flat)
+    return flat.reshape(v.shape)
 
 
 def split_locals(problem: Problem, inputs: list[torch.Tensor], seed: int) -> list[list[torch.Tensor]]:
@@ -218,9 +253,31 @@ def _reduce(fn, xs):
     return out
 
 
-def simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int = 0) -> Simulation:
-    """Run everything on seeded random inputs."""
-    inputs = random_inputs(problem, seq, seed)
+@contextlib.contextmanager
+def _few_threads(elements: int):
+    """Small tensors run fastest on one thread: intra-op threads only add synchronization (on a busy
+    machine, tens of milliseconds per tiny matmul)."""
+    before = torch.get_num_threads()
+    if elements < SMALL_ELEMENTS and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+SMALL_ELEMENTS = 1_000_000
+
+
+def simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int = 0, adversarial: bool = False) -> Simulation:
+    """Run everything on seeded random inputs (see `random_inputs`)."""
+    with _few_threads(sum(math.prod(t.shape) for t in problem.inputs)):
+        return _simulate(problem, seq, graphs, seed, adversarial)
+
+
+def _simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int, adversarial: bool) -> Simulation:
+    inputs = random_inputs(problem, seq, seed, adversarial)
     locals_ = split_locals(problem, inputs, seed)
     try:
         seq_env = run_graph(seq, inputs)

@@ -19,7 +19,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
-from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty, size
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty, size, walk
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -77,6 +77,11 @@ class Engine:
         self.bitwise = False  # exact="bitwise": only lemmas that preserve floating-point results bit for bit
         self.disabled: set[str] = set()  # lemma names switched off (experiments, tests)
         self._failures: list[tuple[int, OpSpec]] = []
+        # every lemma application the relations rest on: (lemma, operator, argument relations, plan),
+        # re-checked numerically after a proof (translation validation)
+        self.instances: list[tuple[str, OpSpec, tuple, Expr]] = []
+        self.domains: dict = {}  # input name -> IdDomain declared in Problem.domains
+        self.domain_facts: dict[str, str] = {}  # every id domain a lemma relied on (for the result)
 
     # ------------------------------------------------------------------ naming
     def name(self, leaf: Expr) -> str:
@@ -120,7 +125,11 @@ class Engine:
         self.stats["lookups"] += 1
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
-            t = self.store.find("call", spec, terms)
+            try:
+                _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
+            except ShapeError:
+                return None
+            t = self.store.find("call", spec, terms, dtype)
             if t is not None:
                 d = self.index.realized(t)
                 if d is not None:
@@ -158,6 +167,7 @@ class Engine:
                         self.stats["lemma_plans"] += 1
                         res = self.resolve(plan, depth - 1)
                         if res is not None:
+                            self.instances.append((lemma.name, spec, args, plan))
                             expr, chain = res
                             out.append(Candidate(expr, (lemma.name,) + chain))
                             break
@@ -320,6 +330,28 @@ class Engine:
     def seq_output_names(self) -> set[str]:
         return {o.name for o in self.seq.outputs}
 
+    def domain_of(self, e: Expr, accepted, what: str):
+        """The ids a lemma may assume ``e`` (a relation) ranges over: ``accepted`` (what the
+        operator accepts, sentinels included) narrowed by the domains declared for the inputs it
+        is read from, if it is pure data movement of such inputs. Every use is recorded."""
+        from gg_notebook.relations.domains import IdDomain
+
+        term = self.to_term(e)
+        names = _moved_atoms(term)
+        declared = [self.domains[n] for n in names] if names and all(n in self.domains for n in names) else []
+        if declared:
+            d = declared[0]
+            for x in declared[1:]:
+                d = d.union(x)
+            used = d.intersect(accepted)
+            self.domain_facts[f"{what}:{','.join(names)}"] = (
+                f"{', '.join(names)} ∈ {d.describe()} (declared in Problem.domains; used for the {what})")
+            return used
+        src = f"{', '.join(names)}" if names else "computed values"
+        self.domain_facts[f"{what}:{src}"] = (
+            f"{src} ∈ {accepted.describe()} (every value the operator accepts; used for the {what})")
+        return accepted if isinstance(accepted, IdDomain) else IdDomain.of(accepted)
+
     def partitions(self, size: int) -> list[tuple[int, ...]]:
         """Piece sizes of the concatenations the input placements declare for a dim of ``size``."""
         out: list[tuple[int, ...]] = []
@@ -413,7 +445,7 @@ class Engine:
                     f"(a rank computing the same operator on the same values would have matched)")
         hints = []
         if n.op == "call":
-            lin = linear_args(n.attrs)
+            lin = linear_args(n.attrs, [i.dtype for i in n.inputs])
             linear_slots = set(lin[1]) if lin else set()
             if lin and lin[0] == "jointly":
                 partial_all = all(
@@ -502,6 +534,17 @@ def rebuild(S: ExprStore, e, args: list[Expr]) -> Expr:
     if op == "scale":
         return S.scale(args[0], e.attrs)
     raise ShapeError(f"cannot rebuild {op}")
+
+
+def _moved_atoms(term: Expr) -> list[str] | None:
+    """Names of the input atoms ``term`` is pure data movement of (None if it computes)."""
+    names: list[str] = []
+    for x in walk(term):
+        if x.op == "atom":
+            names.append(str(x.attrs[0]))
+        elif x.op not in ("view", "permute", "slice", "cat", "expand"):
+            return None
+    return list(dict.fromkeys(names)) or None
 
 
 def _has_compute(e: Expr) -> bool:

@@ -85,10 +85,9 @@ def _factor(term: Expr, base: Expr) -> float | None:
     if term.op == "scale" and term.args[0].id == base.id:
         return float(term.attrs)
     if term.op == "call" and term.attrs.name in _SCALERS and len(term.args) == 1 and term.args[0].id == base.id:
-        args, _ = term.attrs.template
-        consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        if len(consts) == 1 and consts[0] != 0:
-            c = float(consts[0])
+        c = term.attrs.arg("other", None)
+        if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0:
+            c = float(c)
             return c if _SCALERS[term.attrs.name] == 1 else 1.0 / c
     return None
 

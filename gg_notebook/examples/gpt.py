@@ -134,6 +134,9 @@ def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden
         expect=expect,
         name=name if bug is None else f"{name}[{bug}]",
         input_names=("ids", "targets", "wte", "wpe", *names),
+        # Megatron's vocab-parallel loss has no ignore_index: targets are token ids (see
+        # vocab_cross_entropy.make)
+        domains={"targets": range(0, vocab)},
         meta={"layers": layers, "hidden": hidden, "heads": heads, "vocab": vocab, "seq": seq,
               "batch": batch, "ffn": ffn, "backward": backward},
     )

@@ -122,6 +122,9 @@ def make(world_size: int = 2, bug: str | None = None, *, batch: int = 2, seq: in
         expect=(Replicate(),),
         name="vocab_cross_entropy" if bug is None else f"vocab_cross_entropy[{bug}]",
         input_names=("logits", "target"),
+        # Megatron's vocab_parallel_cross_entropy has no ignore_index (padding is masked later with
+        # a loss mask), so the targets are class ids only; F.cross_entropy would also accept -100
+        domains={"target": range(0, vocab)},
     )
 
 

@@ -19,7 +19,7 @@ import torch.fx
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.ir.specs import reduce_spec
-from gg_notebook.relations.expr import OpSpec, Slot
+from gg_notebook.relations.expr import OpSpec, Slot, typed, untyped
 
 aten = torch.ops.aten
 
@@ -48,11 +48,25 @@ class _Full:
     """A hashable constant-tensor factory (zeros_like & co become full(shape, value))."""
 
     shape: tuple
-    value: Any
+    value: Any  # a Lit, converted to the dtype's Python type (so ones_like == full_like(x, 1.0))
     dtype: Any
 
     def __call__(self, *args, **kw):
-        return torch.full(self.shape, self.value, dtype=self.dtype)
+        return torch.full(self.shape, untyped(self.value), dtype=self.dtype)
+
+    @staticmethod
+    def of(shape, value, dtype) -> "_Full":
+        value = untyped(value)
+        if dtype is not None and value is not None:
+            if dtype == torch.bool:
+                value = bool(value)
+            elif dtype.is_complex:
+                value = complex(value)
+            elif dtype.is_floating_point:
+                value = float(value)
+            else:
+                value = int(value)
+        return _Full(tuple(shape), typed(value), dtype)
 
 
 @dataclass(frozen=True)
@@ -82,13 +96,8 @@ def _meta_of(node: torch.fx.Node):
 
 
 def _hashable(v):
-    if isinstance(v, (list, tuple)):
-        return tuple(_hashable(x) for x in v)
-    if isinstance(v, torch.SymInt):
-        return int(v)
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    return v
+    """A template entry: scalars typed (`Lit`: 1, 1.0 and True stay apart), lists as tuples."""
+    return typed(v)
 
 
 class _Lowerer:
@@ -348,7 +357,7 @@ class _Lowerer:
                     value = args[1] if packet in ("full_like", "full", "new_full") and len(args) > 1 else kwargs.get("fill_value")
                     if packet == "new_full":
                         value = args[2] if len(args) > 2 else kwargs.get("fill_value")
-                spec = OpSpec("const", f"full({value})", _Full(tuple(shape), _hashable(value), dtype), ((), ()))
+                spec = OpSpec("const", f"full({value})", _Full.of(shape, value, dtype), ((), ()))
                 return self.emit("const", spec, (), shape, dtype)
             spec, inputs = self.spec_for(target, args, kwargs, kind="const")
             if inputs:

@@ -92,3 +92,19 @@ def case(fn, tensors, rng, split=None, partial=None, description="", out=None, p
     partial = {s: partial[o] for s, o in enumerate(order) if partial and o in partial}
     return make_case(spec, slot_tensors, rng, split=split, partial=partial, pieces=pieces,
                      description=description or getattr(fn, "__name__", ""))
+
+
+class CaseContext:
+    """What the engine answers a lemma with ``needs_context``, fixed for one random case: the
+    vocabulary partition the program declares and the domain of the ids (default: what the
+    operator accepts)."""
+
+    def __init__(self, partition: tuple | None = None, domain=None):
+        self.partition = partition
+        self.domain = domain
+
+    def partitions(self, size):
+        return [self.partition] if self.partition and sum(self.partition) == size else []
+
+    def domain_of(self, expr, accepted, what: str = ""):
+        return accepted if self.domain is None else self.domain.intersect(accepted)

@@ -25,7 +25,8 @@ from gg_notebook.ir.specs import ew_spec, reduce_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
 from gg_notebook.lemmas.domain import eval_on_domain
-from gg_notebook.lemmas.vocab import _zeroing_mask
+from gg_notebook.lemmas.masking import kept_rows
+from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
 
 aten = torch.ops.aten
@@ -44,9 +45,35 @@ class MaskedPick:
         return picked * valid.to(x.dtype)
 
 
-def masked_pick_spec(start: int, vocab: int) -> OpSpec:
+def masked_pick_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
+    domain = IdDomain.range(0, vocab) if domain is None else domain
     return OpSpec("masked_pick", f"masked_pick[{start}:]", MaskedPick(start), ((Slot(0), Slot(1)), ()),
-                  (("start", start), ("vocab", vocab), ("blame", "consumer")))
+                  (("start", start), ("vocab", vocab), ("domain", domain), ("blame", "consumer")))
+
+
+@dataclass(frozen=True)
+class ZeroWhereEqual:
+    """``x`` where ``t != value``, zero where ``t == value``: what ``nll_loss`` gives a position
+    whose target is ``ignore_index``."""
+
+    value: int
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t == self.value, torch.zeros((), dtype=x.dtype), x)
+
+
+def zero_where_equal_spec(value: int, domain: IdDomain) -> OpSpec:
+    return OpSpec("zero_where_equal", f"zero_where_equal[{value}]", ZeroWhereEqual(value), ((Slot(0), Slot(1)), ()),
+                  (("value", value), ("domain", domain), ("blame", "consumer")))
+
+
+def nll_target_domain(ctx, target: Expr, classes: int, ignore_index) -> IdDomain:
+    """The targets a loss over ``classes`` classes may see: what nll_loss accepts (class ids and
+    ``ignore_index``), narrowed by a declared domain."""
+    accepted = IdDomain.range(0, classes)
+    if isinstance(ignore_index, int):
+        accepted = accepted.union(IdDomain.of_values([ignore_index]))
+    return accepted if ctx is None else ctx.domain_of(target, accepted, "targets of aten.nll_loss")
 
 
 def _peel(S: ExprStore, pieces, target):
@@ -59,13 +86,13 @@ def _peel(S: ExprStore, pieces, target):
     return pieces, target
 
 
-def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     if spec.out not in (0, None) or len(args) != 2:
         return
-    targs, _ = spec.template
-    # nll_loss_forward(self, target, weight, reduction, ignore_index): no weight, reduction none
-    if len(targs) < 5 or targs[2] is not None or targs[3] != 0:
+    # nll_loss_forward(self, target, weight, reduction, ignore_index): no class weights, per token
+    if spec.arg("weight") is not None or spec.arg("reduction") != 0:
         return
+    ignore_index = spec.arg("ignore_index")
     lsm, target = args
     if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
         return
@@ -73,6 +100,7 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     if x.op != "cat" or x.attrs != len(x.shape) - 1 or lsm.attrs.param("dim") != len(x.shape) - 1:
         return
     vocab = x.shape[-1]
+    domain = nll_target_domain(ctx, target, vocab, ignore_index)
     pieces, t = _peel(S, list(x.args), target)
     last = len(pieces[0].shape) - 1
     lead = tuple(pieces[0].shape[:-1])
@@ -83,10 +111,36 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     total = S.accum("sum", [S.call(reduce_spec("sum", (last,), False), [S.call(exp, [sh])]) for sh in shifted])
     picks, off = [], 0
     for p, sh in zip(pieces, shifted):
-        picks.append(S.call(masked_pick_spec(off, vocab), [sh, t]))
+        picks.append(S.call(masked_pick_spec(off, vocab, domain), [sh, t]))
         off += p.shape[-1]
     loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
+    if ignore_index in domain:
+        # positions whose target is ignore_index have loss 0: the ranks must zero them too
+        loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, t])
     yield S.view(loss, out_shape)
+
+
+def match_zero_where_equal(engine, spec: OpSpec, args: tuple) -> Expr | None:
+    """Find a rank value equal to ``args[0]`` with the positions whose target equals the ignored
+    value zeroed (``loss[t == -100] = 0``, ``masked_fill``, ``where``, ``* (t != -100)``...)."""
+    x_rel, t_rel = args
+    x_t, t_t = engine.to_term(x_rel), engine.to_term(t_rel)
+    value = spec.param("value")
+    domain = spec.param("domain").values(t_rel.dtype)
+    want = domain != value
+    index = engine.index
+    shape = tuple(x_rel.shape)
+    for e in index.users_of(x_t):
+        keep = kept_rows(e, x_t, shape)
+        if keep is None:
+            continue
+        kv = keep(lambda m: eval_on_domain(m, t_t, domain))
+        if kv is None or not bool((kv == want).all()):
+            continue
+        d = index.realized(e)
+        if d is not None:
+            return index.ref(d)
+    return None
 
 
 def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
@@ -97,7 +151,7 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     v_local = x_rel.shape[-1]
     lead = tuple(x_rel.shape[:-1])
     index = engine.index
-    domain = torch.arange(vocab, dtype=t_rel.dtype)
+    domain = spec.param("domain").values(t_rel.dtype)
     inside = (domain >= start) & (domain < start + v_local)
 
     def strip_view(e: Expr, shape) -> Expr | None:
@@ -125,18 +179,15 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 if index_ok(strip_view(cols, lead)):
                     picks.append(w)
             elif name == "aten.gather.default" and w.args[0].id == u.id:
-                targs, _ = w.attrs.template
-                if len(targs) > 1 and targs[1] in (-1, len(u.shape) - 1) and index_ok(strip_view(w.args[1], lead)):
+                if w.attrs.arg("dim") in (-1, len(u.shape) - 1) and index_ok(strip_view(w.args[1], lead)):
                     picks.append(w)
     for p in picks:
         base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
         for e in [base] + index.users_of(base):
             if e is not base:
-                mask = _zeroing_mask(e, base, lead)
-                if mask is None:
-                    continue
-                mv = eval_on_domain(mask, t_t, domain)
-                if mv is None or not bool((mv.bool() == ~inside).all()):
+                keep = kept_rows(e, base, lead)
+                kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
+                if kv is None or not bool((kv == inside).all()):
                     continue
             elif bool((~inside).any()):
                 continue
@@ -146,22 +197,33 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     return None
 
 
+def _nll_none(ignore_index):
+    def nll(lsm, t):
+        return aten.nll_loss_forward(lsm, t, None, 0, ignore_index)[0]
+    return nll
+
+
 def _cases(rng):
-    for _ in range(3):
+    """Targets drawn from the whole accepted domain (sentinels included), several ignore_index
+    values (the default -100, a class id such as a pad token 0, one never used), two dtypes, and a
+    declared domain without the sentinel."""
+    for k in range(4):
         b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
-        logits = C.randn(rng, b * s, v)
-        target = torch.randint(0, v, (b * s,), generator=rng)
+        dtype = torch.float64 if k % 2 == 0 else torch.float32
+        ignore_index = (-100, 0, v + 5, -100)[k]
+        declared = IdDomain.range(0, v) if k == 3 else None
+        logits = C.randn(rng, b * s, v, dtype=dtype)
+        domain = declared or IdDomain.range(0, v).union(IdDomain.of_values([ignore_index]))
+        target = domain.sample((b * s,), rng)
 
-        def nll(lsm, t):
-            return aten.nll_loss_forward(lsm, t, None, 0, -100)[0]
-
-        spec, order = C.spec_of(nll, torch.log_softmax(logits, -1), target)
+        spec, order = C.spec_of(_nll_none(ignore_index), torch.log_softmax(logits, -1), target)
         assert order == [0, 1]
         case = C.make_case(spec, (logits, target), rng, split={0: 1})
         # the lemma sees log_softmax symbolically (deferred), as the engine hands it over
         lsm = case.store.call(_log_softmax_spec(), [case.args[0]])
         yield type(case)(case.spec, (lsm, case.args[1]), case.values, case.store,
-                         "cross-entropy over a vocabulary split in uneven shards")
+                         f"cross-entropy over a vocabulary split in uneven shards, ignore_index={ignore_index}, "
+                         f"{dtype}, targets in {domain.describe()}", C.CaseContext(domain=declared))
 
 
 def _log_softmax_spec():
@@ -178,38 +240,36 @@ register(Lemma(
     plans=vocab_cross_entropy,
     cases=_cases,
     conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
-                "targets are class ids in [0, V)", "each masked_pick piece is matched by an exhaustive check over all ids"),
+                "targets range over what nll_loss accepts ([0, V) and ignore_index) or a declared narrower domain",
+                "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
+                "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain"),
     priority=40,
+    needs_context=True,
 ))
 register_matcher("masked_pick", match_masked_pick)
+register_matcher("zero_where_equal", match_zero_where_equal)
 
 
 # ---------------------------------------------------------------------------- total weight
-def nll_total_weight(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+def nll_total_weight(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     """``nll_loss_forward(..)[1]`` without class weights is a constant: 0 for reduction='none',
-    else the number of targets (none equals ignore_index, which lies outside [0, V))."""
-    if spec.out != 1 or len(args) != 2:
+    else the number of targets, provided no target can be ``ignore_index`` (its domain says so)."""
+    if spec.out != 1 or len(args) != 2 or spec.arg("weight") is not None:
         return
-    targs, _ = spec.template
-    if len(targs) < 5 or targs[2] is not None or not isinstance(targs[4], int) or targs[4] >= 0:
-        return
-    reduction = targs[3]
-    t = args[1]
-    value = 0.0 if reduction == 0 else float(max(1, int(torch.tensor(t.shape).prod())))
+    reduction, ignore_index = spec.arg("reduction"), spec.arg("ignore_index")
+    lsm, t = args
+    if reduction == 0:
+        value = 0.0
+    else:
+        classes = lsm.shape[-1] if len(lsm.shape) else 1
+        domain = nll_target_domain(ctx, t, classes, ignore_index)
+        if ignore_index in domain:
+            return  # the count of non-ignored targets depends on the data
+        value = float(max(1, int(torch.tensor(t.shape).prod())))
     from gg_notebook.ir.lower import _Full
 
-    dtype = args[0].dtype
-    yield S.const(OpSpec("const", f"full({value})", _Full((), value, dtype), ((), ())), (), dtype)
-
-
-def _total_weight_cases(rng):
-    for _ in range(3):
-        n, v = C.dims(rng), C.dims(rng, 3, 9)
-        lsm = torch.log_softmax(C.randn(rng, n, v), -1)
-        target = torch.randint(0, v, (n,), generator=rng)
-        for reduction in (0, 1, 2):
-            spec, _ = C.spec_of(_bind(reduction), lsm, target)
-            yield C.make_case(spec, (lsm, target), rng, description=f"total weight, reduction {reduction}")
+    dtype = lsm.dtype
+    yield S.const(OpSpec("const", f"full({value})", _Full.of((), value, dtype), ((), ())), (), dtype)
 
 
 def _bind(reduction):
@@ -218,16 +278,32 @@ def _bind(reduction):
     return tw
 
 
+def _total_weight_cases(rng):
+    for k in range(3):
+        n, v = C.dims(rng), C.dims(rng, 3, 9)
+        lsm = torch.log_softmax(C.randn(rng, n, v), -1)
+        declared = IdDomain.range(0, v) if k != 1 else None  # k == 1: -100 may occur (reduction none only)
+        target = (declared or IdDomain.range(0, v).union(IdDomain.of_values([-100]))).sample((n,), rng)
+        for reduction in ((0, 1, 2) if declared else (0,)):
+            spec, _ = C.spec_of(_bind(reduction), lsm, target)
+            case = C.make_case(spec, (lsm, target), rng, description=f"total weight, reduction {reduction}")
+            yield type(case)(case.spec, case.args, case.values, case.store, case.description,
+                             C.CaseContext(domain=declared))
+
+
 register(Lemma(
     name="nll-total-weight",
-    statement="nll_loss_forward(x, t, weight=None, reduction=r, ignore_index<0)[1] = 0 if r == none else numel(t)",
+    statement="nll_loss_forward(x, t, weight=None, reduction=r, ignore_index)[1] = 0 if r == none else numel(t)"
+              "  (ignore_index outside the targets' domain)",
     kinds=("nll_loss",),
     absorbs=("softmax",),
     plans=nll_total_weight,
     cases=_total_weight_cases,
-    conditions=("no class weights", "ignore_index is negative, so no target in [0, V) is ignored"),
+    conditions=("no class weights",
+                "reduction='none', or no target can equal ignore_index (the targets' domain excludes it)"),
     bitwise_safe=True,
     priority=30,
+    needs_context=True,
 ))
 
 
@@ -245,12 +321,14 @@ class MaskedOnehotSub:
         return p - onehot * valid.unsqueeze(-1).to(p.dtype)
 
 
-def masked_onehot_sub_spec(start: int, vocab: int) -> OpSpec:
+def masked_onehot_sub_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
+    domain = IdDomain.range(0, vocab) if domain is None else domain
     return OpSpec("masked_onehot_sub", f"masked_onehot_sub[{start}:]", MaskedOnehotSub(start),
-                  ((Slot(0), Slot(1)), ()), (("start", start), ("vocab", vocab), ("blame", "consumer")))
+                  ((Slot(0), Slot(1)), ()), (("start", start), ("vocab", vocab), ("domain", domain),
+                                             ("blame", "consumer")))
 
 
-def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     """d logits of nll(log_softmax(x), t) with upstream g: (softmax(x) - onehot(t)) * g, per shard."""
     if spec.param("fn") != "log_softmax" or len(args) != 2:
         return
@@ -259,16 +337,21 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
         return
     if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
         return
-    targs, _ = gl.attrs.template
     # nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight)
-    if len(targs) < 7 or targs[3] is not None or targs[4] != 0 or len(gl.args) < 3 or gl.args[1].id != lsm.id:
+    nll = gl.attrs
+    if nll.arg("weight") is not None or nll.arg("reduction") != 0 or len(gl.args) < 3 or gl.args[1].id != lsm.id:
         return
+    if spec.arg("input_dtype") != lsm.dtype:
+        return  # a cast in the backward: the rewrite would not round the same way
     g, t = gl.args[0], gl.args[2]
     x = lsm.args[0]
     last = len(x.shape) - 1
     if x.op != "cat" or x.attrs != last or spec.param("dim") != last or lsm.attrs.param("dim") != last:
         return
     vocab = x.shape[-1]
+    domain = nll_target_domain(ctx, t, vocab, nll.arg("ignore_index"))
+    if nll.arg("ignore_index") in domain:
+        return  # ignored positions get a zero gradient: no piece-wise form for that yet
     pieces, t2 = _peel(S, list(x.args), t)
     lead = tuple(pieces[0].shape[:-1])
     plast = len(lead)
@@ -283,7 +366,7 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     outs, off = [], 0
     for p, e in zip(pieces, exps):
         soft = S.call(div, [e, tk])
-        d = S.call(masked_onehot_sub_spec(off, vocab), [soft, t2])
+        d = S.call(masked_onehot_sub_spec(off, vocab, domain), [soft, t2])
         outs.append(S.call(mul, [d, gk]))
         off += p.shape[-1]
     yield S.view(S.cat(outs, plast), out_shape)
@@ -302,14 +385,13 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
         n *= s_
     index = engine.index
     S = engine.store
-    domain = torch.arange(vocab, dtype=t_rel.dtype)
+    domain = spec.param("domain").values(t_rel.dtype)
     inside = (domain >= start) & (domain < start + v_local)
     p2 = S.view(p_t, (n, v_local))
     for w in index.users_of(p2):
         if w.op != "call" or w.attrs.name != "aten.index_put.default" or len(w.args) != 4 or w.args[0].id != p2.id:
             continue
-        targs, _ = w.attrs.template
-        if len(targs) > 3 and targs[3] is True:
+        if w.attrs.arg("accumulate") is not False:
             continue  # accumulate=True has other semantics
         rows, cols, vals = w.args[1], w.args[2], w.args[3]
         if rows.op != "const" or not torch.equal(rows.attrs.call([]), torch.arange(n)):
@@ -351,7 +433,8 @@ def _backward_cases(rng):
         S_ = case.store
         lsm = S_.call(_log_softmax_spec(), [case.args[1]])
         gl = S_.call(nll_spec, [case.args[0], lsm, case.args[2], case.args[3]])
-        yield type(case)(spec, (gl, lsm), case.values, S_, "log_softmax backward of nll, vocabulary split")
+        yield type(case)(spec, (gl, lsm), case.values, S_, "log_softmax backward of nll, vocabulary split",
+                         C.CaseContext(domain=IdDomain.range(0, v)))
 
 
 register(Lemma(
@@ -363,7 +446,10 @@ register(Lemma(
     plans=vocab_cross_entropy_backward,
     cases=_backward_cases,
     conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
-                "targets are class ids in [0, V)", "each masked one-hot piece is matched by an exhaustive check"),
+                "ignore_index lies outside the targets' domain (declared, or outside [0, V) and unused)",
+                "input_dtype of the backward is the log-probabilities' dtype",
+                "each masked one-hot piece is matched by an exhaustive check over the domain"),
     priority=40,
+    needs_context=True,
 ))
 register_matcher("masked_onehot_sub", match_masked_onehot_sub)

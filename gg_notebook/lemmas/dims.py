@@ -11,15 +11,15 @@ For every tensor argument and every one of its dims, `dim_roles` says one of:
 * ``None``: entangled (softmax's own dim, layer norm's normalized dims, a vocabulary being indexed):
   no generic lemma applies.
 
-`linear_args` says in which tensor arguments an operator is linear (so it commutes with a sum of
-partials), and whether jointly (add: all partial together) or separately (mul: one partial, the
-others not).
+Linearity (which operators commute with a sum of partials) lives in `gg_notebook.ops.linearity`,
+keyed by OpOverload; `linear_args` is re-exported here for the lemmas.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from gg_notebook.ops.linearity import linear_args  # noqa: F401  (re-exported)
 from gg_notebook.relations.expr import OpSpec, Slot
 
 Role = tuple | None
@@ -126,60 +126,16 @@ def dim_roles(spec: OpSpec, shapes: Sequence[tuple], out_shape: tuple) -> list[l
                 roles.append([("out", j) for j in range(len(s))])
         return roles
     if kind == "embedding_backward":
+        # scale_grad_by_freq divides each row by how often its id occurs among *all* tokens: the
+        # tokens are entangled then (a sum over token shards would count per shard)
+        by_freq = bool(spec.arg("scale_grad_by_freq", True))
+        tok = (lambda j: None) if by_freq else (lambda j: ("sum", f"t{j}"))
         pos = slot_positions(spec)
         roles = []
         for p, s in zip(pos, shapes):
             if p[:2] == ("arg", 0):  # grad [..., H]
-                roles.append([("sum", f"t{j}") for j in range(len(s) - 1)] + [("out", 1)])
+                roles.append([tok(j) for j in range(len(s) - 1)] + [("out", 1)])
             else:  # indices [...]
-                roles.append([("sum", f"t{j}") for j in range(len(s))])
+                roles.append([tok(j) for j in range(len(s))])
         return roles
-    return None
-
-
-# ew ops linear in each listed argument separately (the others must not be partial)
-_SEPARATELY = {
-    "mul": (0, 1), "div": (0,), "neg": (0,), "threshold_backward": (0,), "gelu_backward": (0,),
-    "silu_backward": (0,), "tanh_backward": (0,), "sigmoid_backward": (0,), "_to_copy": (0,),
-    "masked_fill": (0,), "where": (1, 2),
-}
-# ew ops linear in all their tensor arguments jointly
-_JOINTLY = {"add", "sub"}
-
-
-def linear_args(spec: OpSpec) -> tuple[str, tuple[int, ...]] | None:
-    """("jointly" | "separately", argument slots) in which ``spec`` is linear, or None."""
-    kind = spec.kind
-    packet = spec.name.split(".")[1] if spec.name.startswith("aten.") else spec.name
-    pos = slot_positions(spec)
-    if kind == "ew":
-        if packet in _JOINTLY:
-            if spec.param("alpha") not in (None, 1):
-                return None
-            return ("jointly", tuple(range(len(pos))))
-        if packet == "masked_fill":
-            args, _ = spec.template
-            if len(args) > 2 and not isinstance(args[2], Slot) and args[2] == 0:
-                return ("separately", (0,))
-            return None
-        if packet == "where":
-            return None  # linear only when the other branch is zero; no generic lemma
-        if packet in _SEPARATELY:
-            wanted = _SEPARATELY[packet]
-            slots = tuple(i for i, p in enumerate(pos) if p[0] == "arg" and p[1] in wanted)
-            return ("separately", slots) if slots else None
-        return None
-    if kind == "matmul":
-        return ("separately", tuple(range(len(pos))))
-    if kind == "reduce" and spec.param("fn") in ("sum", "mean"):
-        return ("separately", (0,))
-    if kind in ("softmax_backward", "layer_norm_backward", "embedding_backward"):
-        slots = tuple(i for i, p in enumerate(pos) if p[:2] == ("arg", 0))
-        return ("separately", slots)
-    if kind == "embedding":
-        slots = tuple(i for i, p in enumerate(pos) if p[:2] == ("arg", 0))
-        return ("separately", slots)
-    if spec.name.startswith("aten.nll_loss_backward"):
-        slots = tuple(i for i, p in enumerate(pos) if p[:2] == ("arg", 0))
-        return ("separately", slots)
     return None

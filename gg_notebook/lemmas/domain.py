@@ -58,8 +58,7 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
                 return None
             if spec.name in _ELEMENTWISE_GENERIC:
                 # x[mask] = v is elementwise only for boolean masks of x's shape, without accumulation
-                targs, _ = spec.template
-                if len(targs) > 3 and targs[3] not in (False, None):
+                if spec.arg("accumulate", True) is not False:
                     return None
                 if len(x.args) < 3 or any(a.dtype != torch.bool for a in x.args[1:-1]):
                     return None

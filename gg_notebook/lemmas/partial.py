@@ -24,7 +24,7 @@ def _is_partial(e) -> bool:
 
 
 def partial_linear(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
-    lin = linear_args(spec)
+    lin = linear_args(spec, [a.dtype for a in args])
     if lin is None or lin[0] != "separately":
         return
     for i in lin[1]:
@@ -41,8 +41,8 @@ def partial_linear(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
 
 
 def partial_additive(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
-    lin = linear_args(spec)
-    if lin is None or lin[0] != "jointly":
+    lin = linear_args(spec, [a.dtype for a in args])
+    if lin is None or lin[0] != "jointly" or len(lin[1]) != len(args):
         return
     if not all(_is_partial(a) for a in args):
         return

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
 from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.masking import kept_rows
+from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
 
 
@@ -35,53 +37,35 @@ class MaskedLookup:
         return out * valid.unsqueeze(-1).to(out.dtype)
 
 
-def masked_lookup_spec(start: int, vocab: int) -> OpSpec:
+def masked_lookup_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
+    domain = IdDomain.range(0, vocab) if domain is None else domain
     return OpSpec("masked_lookup", f"masked_lookup[{start}:]", MaskedLookup(start), ((Slot(0), Slot(1)), ()),
-                  (("start", start), ("vocab", vocab)))
+                  (("start", start), ("vocab", vocab), ("domain", domain)))
 
 
-def vocab_embedding(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+def vocab_embedding(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     w, ids = args[0], args[1]
     if w.op != "cat" or w.attrs != 0 or ids.dtype not in (torch.int64, torch.int32):
         return
     vocab = w.shape[0]
+    # aten.embedding accepts ids in [0, V) (anything else raises); a declared domain may narrow it
+    domain = IdDomain.range(0, vocab) if ctx is None else \
+        ctx.domain_of(ids, IdDomain.range(0, vocab), "ids of aten.embedding")
     pieces, off = [], 0
     for part in w.args:
-        pieces.append(S.call(masked_lookup_spec(off, vocab), [part, ids]))
+        pieces.append(S.call(masked_lookup_spec(off, vocab, domain), [part, ids]))
         off += part.shape[0]
     yield S.accum("sum", pieces)
 
 
-def _zeroing_mask(e: Expr, x: Expr, row_shape: tuple | None = None) -> Expr | None:
-    """If ``e`` zeroes entries of ``x`` under a mask of ``row_shape`` (default: rows, ``x.shape[:-1]``)
-    via ``x[M] = 0`` or ``x.masked_fill(M, 0)``, that mask."""
-    if e.op != "call" or not e.args or e.args[0].id != x.id:
-        return None
-    name = e.attrs.name
-    row_shape = tuple(x.shape[:-1]) if row_shape is None else tuple(row_shape)
-    if name in ("aten.index_put.default", "aten.index_put_.default") and len(e.args) == 3:
-        mask, value = e.args[1], e.args[2]
-        if value.op == "const" and bool((value.attrs.call([]) == 0).all()) and tuple(mask.shape) == row_shape:
-            return mask
-    if name in ("aten.masked_fill.Scalar", "aten.masked_fill.Tensor") and len(e.args) >= 2:
-        args, _ = e.attrs.template
-        value = args[2] if len(args) > 2 else None
-        if isinstance(value, Slot):
-            v = e.args[value.i]
-            if v.op != "const" or not bool((v.attrs.call([]) == 0).all()):
-                return None
-        elif value != 0:
-            return None
-        mask = e.args[1]
-        while mask.op in ("view", "expand") and tuple(mask.shape) != row_shape:
-            mask = mask.args[0]
-        if tuple(mask.shape) == row_shape:
-            return mask
-        # a mask with trailing size-1 dims (``~inside.unsqueeze(-1)``) broadcasts over each row; its
-        # elements are in row order, which is all the domain check needs
-        if tuple(mask.shape[:len(row_shape)]) == row_shape and all(s == 1 for s in mask.shape[len(row_shape):]):
-            return mask
-    return None
+def _keeps(e: Expr, x: Expr, ids_t: Expr, domain: torch.Tensor, inside: torch.Tensor,
+           row_shape: tuple | None = None) -> bool:
+    """``e`` is ``x`` with exactly the rows of out-of-shard ids zeroed (checked on every id)."""
+    keep = kept_rows(e, x, row_shape)
+    if keep is None:
+        return False
+    kv = keep(lambda m: eval_on_domain(m, ids_t, domain))
+    return kv is not None and bool((kv == inside).all())
 
 
 def match_masked_lookup(engine, spec: OpSpec, args: tuple) -> Expr | None:
@@ -91,7 +75,7 @@ def match_masked_lookup(engine, spec: OpSpec, args: tuple) -> Expr | None:
     start, vocab = spec.param("start"), spec.param("vocab")
     n = w_rel.shape[0]
     index = engine.index
-    domain = torch.arange(vocab, dtype=ids_rel.dtype)
+    domain = spec.param("domain").values(ids_rel.dtype)
     inside = (domain >= start) & (domain < start + n)
     for emb in index.users_of(w_t):
         if emb.op != "call" or emb.attrs.kind != "embedding" or emb.args[0].id != w_t.id:
@@ -104,14 +88,7 @@ def match_masked_lookup(engine, spec: OpSpec, args: tuple) -> Expr | None:
             d = index.realized(e)
             if d is None:
                 continue
-            if e is emb:
-                ok = not bool((~inside).any())
-            else:
-                mask = _zeroing_mask(e, emb)
-                if mask is None:
-                    continue
-                mv = eval_on_domain(mask, ids_t, domain)
-                ok = mv is not None and bool((mv.bool() == ~inside).all())
+            ok = not bool((~inside).any()) if e is emb else _keeps(e, emb, ids_t, domain, inside)
             if ok:
                 return index.ref(d)
     return None
@@ -132,10 +109,12 @@ register(Lemma(
     kinds=("embedding",),
     plans=vocab_embedding,
     cases=_cases,
-    conditions=("the table is concatenated along the vocabulary (dim 0)", "ids are integers in [0, V)",
-                "each masked_lookup piece is matched by an exhaustive check over all ids"),
+    conditions=("the table is concatenated along the vocabulary (dim 0)",
+                "ids are integers in [0, V) (what aten.embedding accepts) or a declared narrower domain",
+                "each masked_lookup piece is matched by an exhaustive check over all ids of the domain"),
     bitwise_safe=True,
     priority=40,
+    needs_context=True,
 ))
 register_matcher("masked_lookup", match_masked_lookup)
 
@@ -155,28 +134,29 @@ class MaskedEmbeddingBackward:
         return torch.ops.aten.embedding_dense_backward(g, local.clamp(0, max(self.n - 1, 0)), self.n, -1, False)
 
 
-def masked_embedding_backward_spec(start: int, n: int, vocab: int) -> OpSpec:
+def masked_embedding_backward_spec(start: int, n: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
+    domain = IdDomain.range(0, vocab) if domain is None else domain
     return OpSpec("masked_embedding_backward", f"masked_embedding_backward[{start}:{start + n}]",
                   MaskedEmbeddingBackward(start, n), ((Slot(0), Slot(1)), ()),
-                  (("start", start), ("n", n), ("vocab", vocab)))
+                  (("start", start), ("n", n), ("vocab", vocab), ("domain", domain)))
 
 
 def vocab_embedding_backward(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     """embedding_backward(g, ids, V) = concat_k(masked_embedding_backward_k(g, ids)) for the
     vocabulary partitions the program declares (its sharded embedding tables)."""
-    targs, _ = spec.template
-    if len(targs) < 5 or len(args) != 2 or targs[3] not in (-1, None) or targs[4]:
+    if len(args) != 2 or spec.arg("padding_idx") not in (-1, None) or spec.arg("scale_grad_by_freq") is not False:
         return
-    vocab = targs[2]
+    vocab = spec.arg("num_weights")
     if not isinstance(vocab, int) or ctx is None:
         return
     grad, ids = args
+    domain = ctx.domain_of(ids, IdDomain.range(0, vocab), "ids of aten.embedding (backward)")
     for sizes in ctx.partitions(vocab):
         if len(sizes) < 2:
             continue
         pieces, off = [], 0
         for n in sizes:
-            pieces.append(S.call(masked_embedding_backward_spec(off, n, vocab), [grad, ids]))
+            pieces.append(S.call(masked_embedding_backward_spec(off, n, vocab, domain), [grad, ids]))
             off += n
         yield S.cat(pieces, 0)
 
@@ -186,20 +166,18 @@ def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr |
     g_t, ids_t = engine.to_term(g_rel), engine.to_term(ids_rel)
     start, n, vocab = spec.param("start"), spec.param("n"), spec.param("vocab")
     index = engine.index
-    domain = torch.arange(vocab, dtype=ids_rel.dtype)
+    domain = spec.param("domain").values(ids_rel.dtype)
     inside = (domain >= start) & (domain < start + n)
     for masked in index.users_of(g_t):
-        mask = _zeroing_mask(masked, g_t)
-        if mask is None:
-            continue
-        mv = eval_on_domain(mask, ids_t, domain)
-        if mv is None or not bool((mv.bool() == ~inside).all()):
+        if not _keeps(masked, g_t, ids_t, domain, inside):
             continue
         for e in index.users_of(masked):
             if e.op != "call" or e.attrs.kind != "embedding_backward" or e.args[0].id != masked.id:
                 continue
-            targs, _ = e.attrs.template
-            if len(targs) < 3 or targs[2] != n:
+            # the rank's backward must be the plain one: its own table size, no padding row, no
+            # frequency scaling (each changes the gradient)
+            if (e.attrs.arg("num_weights") != n or e.attrs.arg("padding_idx") not in (-1, None)
+                    or e.attrs.arg("scale_grad_by_freq") is not False):
                 continue
             jv = eval_on_domain(e.args[1], ids_t, domain)
             if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
@@ -208,14 +186,6 @@ def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr |
             if d is not None:
                 return index.ref(d)
     return None
-
-
-class _PartitionContext:
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def partitions(self, size):
-        return [self.sizes] if sum(self.sizes) == size else []
 
 
 def _backward_cases(rng):
@@ -227,7 +197,7 @@ def _backward_cases(rng):
         case = C.make_case(spec, (grad, ids), rng)
         sizes = C.split_sizes(rng, v, 3)
         yield type(case)(spec, case.args, case.values, case.store,
-                         f"embedding backward over vocabulary shards {sizes}", _PartitionContext(tuple(sizes)))
+                         f"embedding backward over vocabulary shards {sizes}", C.CaseContext(partition=tuple(sizes)))
 
 
 register(Lemma(
@@ -236,8 +206,9 @@ register(Lemma(
     kinds=("embedding_backward",),
     plans=vocab_embedding_backward,
     cases=_backward_cases,
-    conditions=("the vocabulary partition is one the program's inputs declare", "ids are integers in [0, V)",
-                "no padding_idx, no scale_grad_by_freq",
+    conditions=("the vocabulary partition is one the program's inputs declare",
+                "ids are integers in [0, V) or a declared narrower domain",
+                "no padding_idx, no scale_grad_by_freq (on both sides)",
                 "each piece is matched by an exhaustive check over all ids"),
     bitwise_safe=False,
     priority=40,

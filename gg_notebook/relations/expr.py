@@ -36,6 +36,66 @@ class Slot:
     i: int
 
 
+class Lit:
+    """A Python scalar in an operator call, with its type: ``1``, ``1.0`` and ``True`` are three
+    different literals (they select different overloads, dtypes and results), although Python
+    compares them equal. NaN equals NaN here, so that a call template stays hashable and equal to
+    itself."""
+
+    __slots__ = ("value", "_key")
+
+    def __init__(self, value) -> None:
+        if isinstance(value, Lit):
+            value = value.value
+        self.value = value
+        v = "nan" if isinstance(value, float) and math.isnan(value) else value
+        object.__setattr__(self, "_key", (type(value).__name__, v))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Lit) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __reduce__(self):
+        return (Lit, (self.value,))
+
+
+_SCALARS = (bool, int, float, complex)
+
+
+def typed(v):
+    """``v`` with every Python scalar wrapped in `Lit` (lists become tuples; SymInts ints)."""
+    if isinstance(v, (Lit, Slot)):
+        return v
+    if isinstance(v, torch.SymInt):
+        return Lit(int(v))
+    if isinstance(v, torch.SymFloat):
+        return Lit(float(v))
+    if isinstance(v, torch.SymBool):
+        return Lit(bool(v))
+    if isinstance(v, _SCALARS):
+        return Lit(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(typed(x) for x in v)
+    return v
+
+
+def untyped(v):
+    """The plain Python value of a template entry (`Lit` unwrapped, recursively)."""
+    if isinstance(v, Lit):
+        return v.value
+    if isinstance(v, tuple):
+        return tuple(untyped(x) for x in v)
+    return v
+
+
+_MISSING = object()
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """A compute operator with its non-tensor arguments fixed.
@@ -43,21 +103,45 @@ class OpSpec:
     ``kind`` selects the lemmas that apply ("ew", "matmul", "reduce", "softmax", ...), ``params``
     holds kind-specific normalized parameters, and ``target``/``template`` evaluate the operator on
     concrete (or meta) tensors, which also gives output shapes of rewritten calls for free.
+
+    The template is the *full* call: every argument, with scalars typed (`Lit`), so two specs are
+    equal only if they are the same overload called with the same arguments. Read arguments by
+    schema name with `arg`, never by position.
     """
 
     kind: str
     name: str  # printable ATen name, e.g. "aten.mm.default"
     target: Any
-    template: tuple  # (args, kwargs-items) with Slot markers
+    template: tuple  # (args, kwargs-items) with Slot markers and Lit scalars
     params: tuple = ()
     out: int | None = None  # index into a tuple-returning op
     unique: str | None = None  # non-None for random ops: never equal to another call
+
+    def __post_init__(self) -> None:
+        args, kwargs = self.template
+        object.__setattr__(self, "template", (typed(tuple(args)), tuple((k, typed(v)) for k, v in kwargs)))
 
     def param(self, key: str, default=None):
         for k, v in self.params:
             if k == key:
                 return v
         return default
+
+    def arg(self, name: str, default=_MISSING):
+        """The value of the operator's argument ``name`` as its schema binds it (defaults filled
+        in, scalars as plain Python values, tensor arguments as their `Slot`). Raises KeyError for
+        a name the schema does not have (or a non-ATen target), unless ``default`` is given."""
+        bound = _bind(self)
+        if bound is None or name not in bound:
+            if default is not _MISSING:
+                return default
+            raise KeyError(f"{self.name} has no argument {name!r}")
+        return bound[name]
+
+    def slot_of(self, name: str) -> int | None:
+        """The tensor-slot index of argument ``name`` (None if it is not a tensor argument)."""
+        v = self.arg(name, None)
+        return v.i if isinstance(v, Slot) else None
 
     def call(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         args, kwargs = self.template
@@ -81,11 +165,34 @@ class OpSpec:
         return n
 
 
+@lru_cache(maxsize=65536)
+def _bind(spec: OpSpec) -> dict | None:
+    schema = getattr(spec.target, "_schema", None)
+    if schema is None:
+        return None
+    args, kwargs = spec.template
+    out: dict = {}
+    formal = list(schema.arguments)
+    for a, v in zip(formal, args):
+        out[a.name] = untyped(v)
+    given = dict(kwargs)
+    for a in formal[len(args):]:
+        if a.name in given:
+            out[a.name] = untyped(given[a.name])
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            out[a.name] = None
+    return out
+
+
 def _fill(t, tensors):
     if isinstance(t, Slot):
         return tensors[t.i]
+    if isinstance(t, Lit):
+        return t.value
     if isinstance(t, tuple):
-        return type(t)(_fill(x, tensors) for x in t) if type(t) is tuple else t
+        return tuple(_fill(x, tensors) for x in t)
     if isinstance(t, list):
         return [_fill(x, tensors) for x in t]
     return t
@@ -129,7 +236,9 @@ class ExprStore:
 
     # ------------------------------------------------------------------ interning
     def _intern(self, op, attrs, args, shape, dtype) -> Expr:
-        key = (op, attrs, tuple(a.id for a in args))
+        # the dtype is part of a node's identity: the same operator on the same values in another
+        # dtype is another value (an int64 hash is not its float32 spelling)
+        key = (op, attrs, tuple(a.id for a in args), dtype)
         e = self._table.get(key)
         if e is None:
             e = Expr(len(self.nodes), op, attrs, tuple(args), tuple(shape), dtype, key)
@@ -137,8 +246,8 @@ class ExprStore:
             self.nodes.append(e)
         return e
 
-    def find(self, op, attrs, args) -> Expr | None:
-        return self._table.get((op, attrs, tuple(a.id for a in args)))
+    def find(self, op, attrs, args, dtype) -> Expr | None:
+        return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
 
     # ------------------------------------------------------------------ leaves
     def atom(self, name: str, shape, dtype) -> Expr:
