@@ -191,3 +191,96 @@ def test_checker_accepts_right_toy():
         assert counts["plans"] == counts["cases"] == 3
     finally:
         del REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Negative goals: each lemma must *decline* when one of its conditions fails (a rewrite there would
+# be numerically wrong). Each entry: lemma name, a case builder, why the rewrite would be wrong.
+def _decline_cases():
+    from gg_notebook.relations.domains import IdDomain
+
+    aten = torch.ops.aten
+    rng = torch.Generator().manual_seed(7)
+    r = lambda *s: C.randn(rng, *s)  # noqa: E731
+    F = torch.nn.functional
+    out = []
+
+    def add(lemma, case, why):
+        out.append(pytest.param(lemma, case, id=f"{lemma}: {why}"))
+
+    add("partial-linear", C.case(lambda x: torch.div(x, 3, rounding_mode="floor"), (r(3, 4),), rng, partial={0: 2}),
+        "floor division rounds each partial")
+    add("partial-linear", C.case(lambda x: x.to(torch.bfloat16), (r(3, 4),), rng, partial={0: 2}),
+        "a narrowing cast rounds each partial")
+    add("partial-linear", C.case(lambda x: x.to(torch.int32), (r(3, 4) * 10,), rng, partial={0: 2}),
+        "a cast to int truncates each partial")
+    add("partial-linear", C.case(torch.round, (r(3, 4),), rng, partial={0: 2}), "round is not linear")
+    add("partial-linear", C.case(lambda x, m: x.masked_fill(m, 1.0), (r(3, 4), r(3, 4) > 0), rng, partial={0: 2}),
+        "masked_fill with a non-zero value is affine")
+    add("partial-additive", C.case(lambda x: x + 1.0, (r(3, 4),), rng, partial={0: 2}),
+        "a scalar added to every partial")
+    add("partial-additive", C.case(lambda x: 2 - x, (r(3, 4),), rng, partial={0: 2}), "rsub of a scalar")
+    ids = torch.randint(0, 4, (2, 6), generator=rng)
+    add("concat-contract", C.case(lambda g, i: aten.embedding_dense_backward(g, i, 4, -1, True), (r(2, 6, 3), ids),
+                                  rng, split={0: 1, 1: 1}), "scale_grad_by_freq counts ids over all tokens")
+    ctx = C.CaseContext(partition=(2, 2))
+    for flags, why in (((-1, True), "scale_grad_by_freq"), ((1, False), "padding_idx")):
+        spec, _ = C.spec_of(lambda g, i, f=flags: aten.embedding_dense_backward(g, i, 4, f[0], f[1]), r(2, 6, 3), ids)
+        case = C.make_case(spec, (r(2, 6, 3), ids), rng)
+        add("vocab-embedding-backward", type(case)(spec, case.args, case.values, case.store, why, ctx), why)
+    lsm, t = torch.log_softmax(r(6, 5), -1), torch.tensor([0, -100, 2, 3, 4, 1])
+    spec, _ = C.spec_of(lambda l, x: aten.nll_loss_forward(l, x, None, 1, -100)[1], lsm, t)
+    case = C.make_case(spec, (lsm, t), rng)
+    add("nll-total-weight", type(case)(spec, case.args, case.values, case.store, "", C.CaseContext()),
+        "mean reduction counts only non-ignored targets")
+    logits, tgt = r(6, 8), torch.tensor([0, 7, 3, 1, 2, 5])
+    for reduction, weight, why in ((1, None, "reduction mean"), (0, r(8).abs(), "class weights")):
+        def nll(l, x, *w, red=reduction):
+            return aten.nll_loss_forward(l, x, w[0] if w else None, red, -100)[0]
+        tensors = (torch.log_softmax(logits, -1), tgt) + ((weight,) if weight is not None else ())
+        spec, _ = C.spec_of(nll, *tensors)
+        case = C.make_case(spec, (logits, tgt) + tensors[2:], rng, split={0: 1})
+        lsm_e = case.store.call(_log_softmax_spec(), [case.args[0]])
+        add("vocab-cross-entropy", type(case)(spec, (lsm_e,) + case.args[1:], case.values, case.store, why,
+                                              C.CaseContext()), why)
+    return out
+
+
+def _log_softmax_spec():
+    from gg_notebook.ir.specs import softmax_spec
+    return softmax_spec("log_softmax", 1)
+
+
+@pytest.mark.parametrize("name,case", _decline_cases())
+def test_lemma_declines_when_a_condition_fails(name, case):
+    lemma = REGISTRY[name]
+    values = case.values
+    leaf = lambda e: values[e.attrs[0]]  # noqa: E731
+    ref = case.spec.call([evaluate(a, leaf) for a in case.args])
+    plans = list(_plans(lemma, case, tuple(ref.shape)))
+    assert not plans, f"{name} rewrote a call it must decline: {[pretty(p, lambda x: str(x.attrs[0])) for p in plans]}"
+
+
+# A lemma that writes another formula must say, for every operator it rewrites, which arguments
+# it models and which cannot matter; an argument it forgot (ignore_index, scale_grad_by_freq) is
+# how a wrong program gets proved.
+_REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
+              "vocab-cross-entropy-backward"}
+
+
+@pytest.mark.parametrize("name", sorted(_REPLACING))
+def test_replacing_lemma_declares_every_argument(name):
+    lemma = REGISTRY[name]
+    assert lemma.on, f"{name} rewrites into another formula but declares no overloads (on=...)"
+    for op, reads, unaffected in lemma.on:
+        scalars = [a.name for a in op._schema.arguments if not str(a.type).startswith("Tensor")]
+        missing = [a for a in scalars if a not in reads and a not in unaffected]
+        assert not missing, f"{name} on {op}: say whether {missing} change(s) what the lemma relies on"
+
+
+def test_every_lemma_is_either_reapplying_or_declared():
+    """New lemmas land in one of the two groups on purpose."""
+    reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
+                  "merged-batch"}
+    unknown = set(REGISTRY) - reapplying - _REPLACING
+    assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"

@@ -171,9 +171,21 @@ class _SourceKeepingInterpreter(fx.Interpreter):
             return super().run_node(n)
 
 
+def _positional(fn: Callable) -> Callable:
+    """``fn`` called with exactly the given positional arguments: make_fx binds one placeholder per
+    parameter of the function it traces, so a user function with optional parameters
+    (``def rank_fn(x, w, *, bug=None)`` or ``def f(x, w, eps=1e-5)``) would not trace as is."""
+
+    def call(*args):
+        return fn(*args)
+
+    return call
+
+
 def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[fx.Node]]:
     """Trace ``fn(*args)`` to a value-semantics graph; return it and its collective_result nodes."""
     shapes = [tuple(a.shape) for a in args]
+    fn = _positional(fn)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

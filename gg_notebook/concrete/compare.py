@@ -25,6 +25,19 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 BITWISE = False  # set by the concrete check in exact="bitwise" mode
 REDUCTION = 1  # the largest reduction in the program (set by the concrete check): rounding grows with it
+COARSEST = None  # the least precise float dtype the program computes in (set by the concrete check)
+
+
+def coarsest_float(graph):
+    """The float dtype with the largest rounding error among ``graph``'s values (None if none):
+    a float64 result computed through float32 is only float32-accurate."""
+    worst = None
+    for n in graph.nodes:
+        dt = getattr(n, "dtype", None)
+        if dt is not None and dt.is_floating_point and dt in _RTOL:
+            if worst is None or _RTOL[dt] > _RTOL[worst]:
+                worst = dt
+    return worst
 
 
 def reduction_size(graph) -> int:
@@ -64,4 +77,7 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype=None, bitwise: bool | None = N
     if not dtype.is_floating_point:
         return err == 0
     growth = max(1.0, (REDUCTION / 1024) ** 0.5)
-    return err <= _RTOL.get(dtype, 1e-4) * growth * max(scale, 1.0)
+    rtol = _RTOL.get(dtype, 1e-4)
+    if COARSEST is not None:
+        rtol = max(rtol, _RTOL[COARSEST])
+    return err <= rtol * growth * max(scale, 1.0)

@@ -39,8 +39,9 @@ def _validate(engine, problem, result: Result, bitwise: bool) -> Result:
     from gg_notebook.concrete.simulate import SimulationError, simulate
 
     t0 = time.perf_counter()
-    previous = compare.BITWISE, compare.REDUCTION
+    previous = compare.BITWISE, compare.REDUCTION, compare.COARSEST
     compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
+    compare.COARSEST = compare.coarsest_float(engine.seq)
     try:
         try:
             sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s, adversarial=adv) for s, adv in SEEDS]
@@ -53,7 +54,7 @@ def _validate(engine, problem, result: Result, bitwise: bool) -> Result:
             return result
         failure = _check_relations(engine, sims) or _check_instances(engine, sims)
     finally:
-        compare.BITWISE, compare.REDUCTION = previous
+        compare.BITWISE, compare.REDUCTION, compare.COARSEST = previous
     result.stats["validate_s"] = time.perf_counter() - t0
     result.stats["validated"] = failure is None
     result.stats["validated_instances"] = len(engine.instances)

@@ -161,6 +161,8 @@ class Engine:
                 for lemma in lemmas_for(spec.kind):
                     if lemma.name in self.disabled or (self.bitwise and not lemma.bitwise_safe):
                         continue
+                    if not lemma.applies_to(spec):
+                        continue
                     plans = (lemma.plans(self.store, spec, args, out_shape, ctx=self) if lemma.needs_context
                              else lemma.plans(self.store, spec, args, out_shape))
                     for plan in plans:

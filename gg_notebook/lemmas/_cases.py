@@ -16,7 +16,7 @@ def spec_of(fn: Callable, *tensors: torch.Tensor, out: int | None = None) -> tup
     """The OpSpec of the last compute node of ``fn`` and which inputs feed its tensor slots."""
     from gg_notebook.ir.lower import lower
 
-    gm = make_fx(fn)(*tensors)
+    gm = make_fx(lambda *a: fn(*a))(*tensors)  # one placeholder per tensor, whatever fn's defaults
     g = lower(gm)
     calls = [n for n in g.nodes if n.op == "call"]
     node = g.outputs[0] if out is None else calls[out]

@@ -33,6 +33,8 @@ class LemmaCase:
 
     def plans(self, lemma: "Lemma", out_shape: tuple):
         """Run ``lemma`` on this case the way the engine would."""
+        if not lemma.applies_to(self.spec):
+            return iter(())
         if lemma.needs_context:
             return lemma.plans(self.store, self.spec, self.args, out_shape, ctx=self.ctx)
         return lemma.plans(self.store, self.spec, self.args, out_shape)
@@ -50,6 +52,15 @@ class Lemma:
     priority: int = 50
     absorbs: tuple[str, ...] = ()  # kinds of input operators this lemma fuses (kept symbolic until then)
     needs_context: bool = False  # plans(..., ctx=engine): may ask for the partitions the inputs declare
+    # A *replacing* lemma writes another formula (not the same call on pieces), so every argument of
+    # the operators it rewrites matters. It declares them: ``on`` = ((OpOverload, (arguments it
+    # reads and models...), (arguments that cannot change what it relies on...)), ...), covering
+    # every non-tensor argument of the schema (tests/test_lemmas.py checks that), and it fires only
+    # on those overloads. Empty for re-applying lemmas (the same call, all arguments kept).
+    on: tuple = ()
+
+    def applies_to(self, spec) -> bool:
+        return not self.on or any(spec.target == op for op, *_ in self.on)
 
     def __repr__(self) -> str:
         return f"Lemma({self.name})"

@@ -86,6 +86,12 @@ def _peel(S: ExprStore, pieces, target):
     return pieces, target
 
 
+def _is_log_softmax(e: Expr) -> bool:
+    """``e`` is ``aten._log_softmax(x, dim, half_to_float=False)`` (the form the lemmas model)."""
+    return (e.op == "call" and e.attrs.target == aten._log_softmax.default
+            and e.attrs.arg("half_to_float") is False)
+
+
 def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     if spec.out not in (0, None) or len(args) != 2:
         return
@@ -94,7 +100,7 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         return
     ignore_index = spec.arg("ignore_index")
     lsm, target = args
-    if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
+    if not _is_log_softmax(lsm):
         return
     x = lsm.args[0]
     if x.op != "cat" or x.attrs != len(x.shape) - 1 or lsm.attrs.param("dim") != len(x.shape) - 1:
@@ -245,6 +251,7 @@ register(Lemma(
                 "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain"),
     priority=40,
     needs_context=True,
+    on=((aten.nll_loss_forward.default, ("weight", "reduction", "ignore_index"), ()),),
 ))
 register_matcher("masked_pick", match_masked_pick)
 register_matcher("zero_where_equal", match_zero_where_equal)
@@ -304,6 +311,7 @@ register(Lemma(
     bitwise_safe=True,
     priority=30,
     needs_context=True,
+    on=((aten.nll_loss_forward.default, ("weight", "reduction", "ignore_index"), ()),),
 ))
 
 
@@ -333,9 +341,9 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     if spec.param("fn") != "log_softmax" or len(args) != 2:
         return
     gl, lsm = args
-    if gl.op != "call" or gl.attrs.kind != "nll_loss_backward":
+    if gl.op != "call" or gl.attrs.target != aten.nll_loss_backward.default:
         return
-    if lsm.op != "call" or lsm.attrs.kind != "softmax" or lsm.attrs.param("fn") != "log_softmax":
+    if not _is_log_softmax(lsm):
         return
     # nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight)
     nll = gl.attrs
@@ -451,5 +459,6 @@ register(Lemma(
                 "each masked one-hot piece is matched by an exhaustive check over the domain"),
     priority=40,
     needs_context=True,
+    on=((aten._log_softmax_backward_data.default, ("dim", "input_dtype"), ()),),
 ))
 register_matcher("masked_onehot_sub", match_masked_onehot_sub)

@@ -115,6 +115,7 @@ register(Lemma(
     bitwise_safe=True,
     priority=40,
     needs_context=True,
+    on=((torch.ops.aten.embedding.default, (), ("padding_idx", "scale_grad_by_freq", "sparse")),),  # backward-only
 ))
 register_matcher("masked_lookup", match_masked_lookup)
 
@@ -213,5 +214,6 @@ register(Lemma(
     bitwise_safe=False,
     priority=40,
     needs_context=True,
+    on=((torch.ops.aten.embedding_dense_backward.default, ("num_weights", "padding_idx", "scale_grad_by_freq"), ()),),
 ))
 register_matcher("masked_embedding_backward", match_masked_embedding_backward)

@@ -118,7 +118,8 @@ _row([aten.threshold_backward.default, aten.gelu_backward.default, aten.silu_bac
 _row([aten.tanh_backward.default, aten.sigmoid_backward.default], "separately", ("grad_output",))
 _row([aten.masked_fill.Scalar], "separately", ("self",), _fill_is_zero, "the fill value is zero")
 _row([aten.mm.default, aten.bmm.default], "separately", ("self", "mat2"))
-_row([aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default], "separately", ("self",),
+# (sum.default / mean.default are lowered to these: see ir.specs.reduce_spec)
+_row([aten.sum.dim_IntList, aten.mean.dim], "separately", ("self",),
      _reduction_dtype_keeps, "no narrowing dtype= argument")
 _row([aten._softmax_backward_data.default, aten._log_softmax_backward_data.default], "separately",
      ("grad_output",), _softmax_backward_keeps, "input_dtype keeps every value of the gradient")
