@@ -103,6 +103,15 @@ def first_divergent(engine, sims, scaled: list | None = None):
 
 def concrete_check(engine, problem, result: Result, seeds: int = 3, bitwise: bool = False) -> Result:
     """Refute ``result`` with a counterexample, or explain that the numbers agree."""
+    import math
+
+    from gg_notebook.concrete.simulate import few_threads
+
+    with few_threads(sum(math.prod(t.shape) for t in problem.inputs)):
+        return _concrete_check_config(engine, problem, result, seeds, bitwise)
+
+
+def _concrete_check_config(engine, problem, result: Result, seeds: int, bitwise: bool) -> Result:
     from gg_notebook.concrete import compare
 
     previous = compare.BITWISE, compare.REDUCTION, compare.COARSEST

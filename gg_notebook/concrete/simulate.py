@@ -254,7 +254,7 @@ def _reduce(fn, xs):
 
 
 @contextlib.contextmanager
-def _few_threads(elements: int):
+def few_threads(elements: int):
     """Small tensors run fastest on one thread: intra-op threads only add synchronization (on a busy
     machine, tens of milliseconds per tiny matmul)."""
     before = torch.get_num_threads()
@@ -272,7 +272,7 @@ SMALL_ELEMENTS = 1_000_000
 
 def simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int = 0, adversarial: bool = False) -> Simulation:
     """Run everything on seeded random inputs (see `random_inputs`)."""
-    with _few_threads(sum(math.prod(t.shape) for t in problem.inputs)):
+    with few_threads(sum(math.prod(t.shape) for t in problem.inputs)):
         return _simulate(problem, seq, graphs, seed, adversarial)
 
 

@@ -23,14 +23,25 @@ import time
 from gg_notebook.result import Finding, Result, Status
 
 SEEDS = ((1009, False), (2003, True), (3001, True))  # (seed, adversarial)
+# above this many input elements the programs are not run again for validation (a finding says so)
+MAX_ELEMENTS = 4_000_000
 
 
 def validate_proof(engine, problem, result: Result, bitwise: bool = False) -> Result:
     import math
 
-    from gg_notebook.concrete.simulate import _few_threads
+    from gg_notebook.concrete.simulate import few_threads
 
-    with _few_threads(sum(math.prod(t.shape) for t in problem.inputs)):
+    elements = sum(math.prod(t.shape) for t in problem.inputs)
+    if elements > MAX_ELEMENTS:
+        result.findings.append(Finding(
+            "not-validated",
+            f"the proof was not re-checked on fresh inputs (translation validation): the inputs have {elements:,} "
+            f"elements, more than the {MAX_ELEMENTS:,} validation runs at full size; verify a smaller "
+            f"configuration of the same program to have it validated"))
+        result.stats["validated"] = False
+        return result
+    with few_threads(elements):
         return _validate(engine, problem, result, bitwise)
 
 
