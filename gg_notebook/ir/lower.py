@@ -178,8 +178,13 @@ class _Lowerer:
                 val = getattr(self.gm, fx.target, None)
                 if isinstance(val, torch.Tensor):
                     data = val.detach().cpu()
-                    digest = hashlib.sha1(data.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() \
-                        if data.numel() and not data.is_meta else "empty"
+                    if data.is_meta and data.numel():
+                        # no values to compare: a meta constant equals nothing but itself
+                        digest = f"meta:{self.rank}:{fx.name}"
+                    elif data.numel():
+                        digest = hashlib.sha1(data.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                    else:
+                        digest = "empty"
                     c = _TensorConst(digest, tuple(data.shape), data.dtype, data)
                     spec = OpSpec("const", "constant", c, ((), ()))
                     self.env[fx] = self.emit("const", spec, (), tuple(data.shape), data.dtype, target="constant")
