@@ -534,3 +534,29 @@ def test_cli_exits_2_for_assumed_with_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["verify", "--help"])
     assert "2 unknown or assumed" in capsys.readouterr().out
+
+
+def conv_like_seq(x, w1, w2):
+    h = torch.relu(x @ w1)  # [4, 16]
+    h = F.dropout2d(h.view(1, 4, 16, 1), 0.5).view(4, 16)  # dropout: channel-wise
+    return h @ w2
+
+
+def conv_like_tp(x, w1, w2):
+    h = torch.relu(x @ w1)
+    h = F.dropout2d(h.view(1, 4, 8, 1), 0.5).view(4, 8)  # dropout: channel-wise on a rank
+    y = h @ w2
+    dist.all_reduce(y)
+    return y
+
+
+def alpha_seq(x, w1, w2):
+    return F.alpha_dropout(torch.relu(x @ w1), 0.2, training=True) @ w2  # random: alpha dropout
+
+
+def test_dropout2d_is_identity_and_alpha_dropout_is_refused():
+    r = gg.verify(mlp_problem(conv_like_seq, conv_like_tp, random="identity"))
+    assert r.status is gg.Status.ASSUMED and len(r.assumptions) == 2, str(r)
+    with pytest.raises(RandomOpError, match=r"aten.bernoulli.p in the sequential program at .*test_assumed.py:\d+ "
+                                            r".*covers only dropout"):
+        gg.verify(mlp_problem(alpha_seq, mlp_tp_plain, random="identity"))
