@@ -382,8 +382,8 @@ class ProofSession:
                 raise ValueError(f"{node_or_index} has {len(mine)} user relations; pass the one to retract as "
                                  f"relation=..., one of: {', '.join(repr(r.text) for r in mine)}")
             view = mine[0]
-        c = next(c for c in self.engine.user_relations[view.node] if self.engine.show(c.expr) == view.text)
-        self._retract(view.node, c.expr.id)
+        node, expr_id = self._user_ids()[view.index]
+        self._retract(node, expr_id)
         self.actions.append({"op": "retract", "node": view.node, "text": view.text})
         self._changed("retract")
         return view
@@ -498,9 +498,12 @@ class ProofSession:
             self._origin.setdefault((node, e.id), origin)
             self._marks.append({"node": node, "expr": e.id, "steps": len(self.engine.steps)})
 
+    def _user_ids(self) -> list[tuple[str, int]]:
+        """(node, expr id) of each user relation, in `user_relations` order."""
+        return [(n, c.expr.id) for n, cs in self.engine.user_relations.items() for c in cs]
+
     def _view_of(self, node: str, expr_id: int) -> UserRelationView:
-        ids = [(n, c.expr.id) for n, cs in self.engine.user_relations.items() for c in cs]
-        return self.user_relations[ids.index((node, expr_id))]
+        return self.user_relations[self._user_ids().index((node, expr_id))]
 
     def _retract(self, node: str, expr_id: int) -> None:
         """Drop a user relation; take back the steps from its node on and run them again (up to where
