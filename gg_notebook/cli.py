@@ -1,7 +1,8 @@
 """Command line: ``gg-notebook demo | verify FILE.py[:NAME] | examples``.
 
-Exit codes of ``verify``: 0 proved, 1 refuted, 2 unknown, 3 error (including usage errors, so that a
-script never mistakes a typo for an "unknown" verdict). ``demo`` exits 0 when the correct example is
+Exit codes of ``verify``: 0 proved, 1 refuted, 2 unknown or assumed (every output related, but only
+under assumptions such as ``random="identity"``: not a proof), 3 error (including usage errors, so that
+a script never mistakes a typo for an "unknown" verdict). ``demo`` exits 0 when the correct example is
 proved and the buggy one is not, 1 otherwise, 3 on error.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_PROVED, EXIT_REFUTED, EXIT_UNKNOWN, EXIT_ERROR = 0, 1, 2, 3
-_EXIT_BY_STATUS = {"proved": EXIT_PROVED, "refuted": EXIT_REFUTED, "unknown": EXIT_UNKNOWN}
+# "assumed" (proved only under assumptions) is not a proof: it exits like "unknown"
+_EXIT_BY_STATUS = {"proved": EXIT_PROVED, "refuted": EXIT_REFUTED, "unknown": EXIT_UNKNOWN, "assumed": EXIT_UNKNOWN}
 
 DEMO_EXAMPLE, DEMO_FALLBACK, DEMO_BUG, DEMO_WORLD_SIZE = "gpt_block", "mlp", "missing_allreduce", 2
 FACTORY_NAMES = ("problem", "make_problem")
@@ -181,7 +183,7 @@ def _print_report(text: str, status: str | None = None) -> None:
         except ImportError:
             pass
         else:
-            colour = {"proved": "green", "refuted": "red", "unknown": "yellow"}.get(status, "")
+            colour = {"proved": "green", "assumed": "dark_orange", "refuted": "red", "unknown": "yellow"}.get(status, "")
             first, _, rest = text.partition("\n")
             console = Console(highlight=False)
             console.print(Text(first, style=f"bold {colour}"))
@@ -370,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("verify", help="verify the gg.Problem defined in FILE.py[:NAME]",
-                       description="Exit codes: 0 proved, 1 refuted, 2 unknown, 3 error.")
+                       description="Exit codes: 0 proved, 1 refuted, 2 unknown or assumed (proved only under "
+                                   "assumptions, e.g. random=\"identity\": not a proof), 3 error.")
     p.add_argument("target", metavar="FILE.py[:NAME]",
                    help="a Python file; NAME is a gg.Problem or a function returning one (default: the "
                         "single module-level gg.Problem, or a function named problem/make_problem)")

@@ -20,6 +20,18 @@ class ProblemError(ValueError):
     """A malformed `Problem`; the message says which input or placement and how to fix it."""
 
 
+class RandomOpError(ProblemError):
+    """A program uses randomness that `Problem.random` does not allow; names the operator, the
+    program (``rank`` None: the sequential one) and the source line, and says what to do."""
+
+    def __init__(self, message: str, *, op: str, rank: int | None, source: str | None) -> None:
+        super().__init__(message)
+        self.op, self.rank, self.source = op, rank, source
+
+
+RANDOM_POLICIES = ("refuse", "identity")
+
+
 @dataclass(frozen=True)
 class Layout:
     """A custom input layout: ``fn(global_tensor, rank, world_size) -> local_tensor``.
@@ -54,6 +66,12 @@ class Problem:
     everything the operators that read it accept (token ids in ``[0, V)``, class targets in
     ``[0, C)`` plus ``ignore_index``). A proof that relies on a declared domain lists it in
     ``Result.domain_assumptions``, and the example inputs are checked against it.
+
+    ``random`` says what random operators mean (their values are never equal across programs):
+    "refuse" (default) rejects any with an error naming it; "identity" verifies with evaluation
+    semantics - dropout (``F.dropout``, ``nn.Dropout``, ``native_dropout``) is the identity on both
+    sides, each site listed in ``Result.assumptions`` so the verdict is at most "assumed" - while any
+    other random value (``torch.rand``, ``randn``, ``randperm``, ``bernoulli`` ...) is still refused.
     """
 
     sequential: Callable[..., Any]
@@ -66,6 +84,7 @@ class Problem:
     input_names: Sequence[str] | None = None
     meta: dict = field(default_factory=dict)
     domains: dict | None = None
+    random: str = "refuse"
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -128,6 +147,11 @@ def validate_problem(problem: Problem) -> None:
         raise ProblemError("Problem.sequential must be a function (the single-device specification).")
     if not callable(problem.distributed):
         raise ProblemError("Problem.distributed must be a function (one rank's program).")
+    if getattr(problem, "random", "refuse") not in RANDOM_POLICIES:
+        raise ProblemError(
+            f"random={problem.random!r}: use random=\"refuse\" (the default: a random operator is an error) or "
+            f"random=\"identity\" (dropout as the identity, recorded as an assumption)."
+        )
     if not isinstance(problem.world_size, int) or problem.world_size < 1:
         raise ProblemError(f"world_size must be a positive int, got {problem.world_size!r}.")
     n_in, n_pl = len(problem.inputs), len(problem.placements)

@@ -28,9 +28,14 @@ class VerificationError(ValueError):
 
 
 class Status(str, Enum):
-    """The verdict. ``refuted`` needs a concrete counterexample (concrete-execution engine)."""
+    """The verdict. ``refuted`` needs a concrete counterexample (concrete-execution engine).
+
+    ``assumed``: every output is related as expected, but only under assumptions (a user's hint or
+    accepted suggestion the engine could not derive, ``random="identity"``); it is not a proof, and
+    `Result.proved` is False."""
 
     PROVED = "proved"
+    ASSUMED = "assumed"
     REFUTED = "refuted"
     UNKNOWN = "unknown"
 
@@ -125,13 +130,15 @@ class Result:
 
     @property
     def proved(self) -> bool:
-        return self.status is Status.PROVED
+        """True only for a proof without assumptions (never for ``Status.ASSUMED``)."""
+        return self.status is Status.PROVED and not self.assumptions
 
     def headline(self) -> str:
-        if self.status is Status.PROVED:
-            if self.assumptions:
-                return f"proved under {len(self.assumptions)} assumption(s)"
+        if self.status is Status.PROVED and not self.assumptions:
             return "proved"
+        if self.status in (Status.PROVED, Status.ASSUMED):
+            n = len(self.assumptions)
+            return f"assumed: holds only under {n} assumption{'s' if n != 1 else ''} (not a proof)"
         if self.status is Status.REFUTED:
             if self.culprit is not None:
                 where = f", {self.culprit.source}" if self.culprit.source else ""
@@ -180,7 +187,8 @@ class Result:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = {"proved": "#1a7f37", "refuted": "#cf222e", "unknown": "#9a6700"}[self.status.value]
+        colour = {"proved": "#1a7f37", "assumed": "#bc4c00", "refuted": "#cf222e",
+                  "unknown": "#9a6700"}[self.status.value]
         rows = "".join(
             f"<tr><td>{'&#10003;' if r.ok else '&#10007;'}</td><td><code>{html.escape(r.name)}</code></td>"
             f"<td><code>{html.escape(r.relation or '<no relation>')}</code></td>"

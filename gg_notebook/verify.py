@@ -10,7 +10,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.engine.judge import judge
 from gg_notebook.ir.lower import lower
-from gg_notebook.problem import Layout, Problem, ProblemError, validate_expect, validate_problem
+from gg_notebook.problem import Layout, Problem, ProblemError, RandomOpError, validate_expect, validate_problem
 from gg_notebook.relations.expr import ExprStore
 from gg_notebook.relations.inputs import global_atoms, rank_input_terms
 from gg_notebook.result import Result, Status, VerificationError
@@ -58,10 +58,35 @@ def prepare(problem: Problem):
     t0 = time.perf_counter()
     cap = capture_problem(problem)
     t1 = time.perf_counter()
-    seq = _guard("lowering", lower, cap.sequential, None)
+    policy = getattr(problem, "random", "refuse")
+    seq = _guard("lowering", lower, cap.sequential, None, policy)
+    check_random(seq, policy)
     validate_expect(problem, seq.outputs)
-    ranks = [_guard("lowering", lower, gm, r, rank=r) for r, gm in enumerate(cap.ranks)]
+    ranks = [_guard("lowering", lower, gm, r, policy, rank=r) for r, gm in enumerate(cap.ranks)]
+    for g in ranks:
+        check_random(g, policy)
     return _guard("indexing", _index, problem, seq, ranks, stats, t0, t1)
+
+
+def check_random(graph, policy: str) -> None:
+    """`RandomOpError` for the first random operator ``policy`` does not allow (see `Problem.random`)."""
+    for r in getattr(graph, "random_ops", ()):
+        if r.identity:
+            continue
+        at = f" at {r.source}" if r.source else ""
+        code = f" (`{r.code.strip()}`)" if r.code else ""
+        where = f"{r.op}{' (dropout)' if r.kind == 'dropout' else ''} in {r.program}{at}{code}"
+        if r.kind == "dropout":
+            msg = (f"random operator {where}: random values are never equal across programs, so gg_notebook "
+                   f"refuses them by default. Pass gg.Problem(..., random=\"identity\") to verify with evaluation "
+                   f"semantics (dropout as the identity, p ignored; recorded as an assumption, so the verdict is "
+                   f"at most 'assumed'), or remove the randomness (model.eval(), F.dropout(..., training=False)).")
+        else:
+            allowed = " (random=\"identity\" covers only dropout)" if policy == "identity" else ""
+            msg = (f"random operator {where}: its values are random and can never be related across programs"
+                   f"{allowed}. Pass random values as inputs of the problem instead, or remove the randomness; "
+                   f"for dropout use F.dropout / nn.Dropout with random=\"identity\".")
+        raise RandomOpError(msg, op=r.op, rank=r.rank, source=r.source)
 
 
 def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
@@ -144,7 +169,9 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     violation = _domain_violation(problem)
     if violation is not None:
         result = _refute_by_example(result, problem, *violation)
-    if concrete and result.status is not Status.PROVED and not result.assumptions:
+    if concrete and result.status in (Status.UNKNOWN, Status.ASSUMED):
+        # an "assumed" verdict is checked too: a false assumption ends refuted, with the counterexample
+        # (random="identity" is no exception: the simulator runs the same identity-dropout graphs)
         from gg_notebook.concrete.refute import concrete_check
 
         t2 = time.perf_counter()

@@ -11,7 +11,7 @@ from gg_notebook.result import Culprit, OutputRelation, Result, Status
 def make_result(status: str | Status, name: str = "fake") -> Result:
     """A small hand-made Result of the given status (for tests that fake the engine)."""
     status = Status(status)
-    ok = status is Status.PROVED
+    ok = status in (Status.PROVED, Status.ASSUMED)
     culprit = None
     if status is Status.UNKNOWN:
         culprit = Culprit(op="aten.add.Tensor", node="add", source="model.py:3", detail="no relation")
@@ -21,6 +21,7 @@ def make_result(status: str | Status, name: str = "fake") -> Result:
         relations=[OutputRelation(index=0, name="out", relation="y0 + y1" if ok else None,
                                   expected="Replicate()", ok=ok)],
         culprit=culprit,
+        assumptions=["out: y0@r0 (a hint)"] if status is Status.ASSUMED else [],
     )
 
 

@@ -349,10 +349,10 @@ def test_lowering_failure_names_rank(monkeypatch):
 
     real = V.lower
 
-    def broken(gm, rank):
+    def broken(gm, rank, *policy):
         if rank == 1:
             raise LoweringError("could not lower aten.foo (foo) at model.py:3: nope")
-        return real(gm, rank)
+        return real(gm, rank, *policy)
 
     monkeypatch.setattr(V, "lower", broken)
     with pytest.raises(VerificationError) as ei:

@@ -62,7 +62,7 @@ def fake_verify(monkeypatch, fake_result):
 # ---------------------------------------------------------------- exit codes
 
 
-@pytest.mark.parametrize("status, code", [("proved", 0), ("refuted", 1), ("unknown", 2)])
+@pytest.mark.parametrize("status, code", [("proved", 0), ("refuted", 1), ("unknown", 2), ("assumed", 2)])
 def test_verify_exit_code_follows_status(tmp_path, fake_verify, capsys, status, code):
     seen = fake_verify(status)
     assert cli.main(["verify", str(write(tmp_path, ONE_PROBLEM))]) == code

@@ -78,17 +78,53 @@ def test_run_to_line(mlp_bug):
     assert "run to" in w.message.value and state(s) == state(t)
 
 
-def test_accept_matches_api(mlp_bug):
-    s, w, t = pair(mlp_bug)
+def test_accept_matches_api(erfcx_problem):
+    s, w, t = pair(erfcx_problem)
     w.run_button.click()
     t.run()
     assert len(w.suggestion_buttons) == len(t.suggestions()) > 0
     assert "Suggestions" in w.suggestions_box.children[0].value
+    assert not w.suggestion_buttons[0].disabled
     w.suggestion_buttons[0].click()
     t.accept(0)
     assert state(s) == state(t)
-    assert s.relations["add_1"][0].status == "assumed"
-    assert s.done and "assumed" in w.relations_html.value
+    node = s.user_relations[0].node
+    assert s.relations[node][-1].status == "assumed"
+    assert "assumed" in w.relations_html.value
+    # the accepted assumption is listed with a Retract button
+    row = w.assumptions_box.children[1].children[1].value
+    assert len(w.retract_buttons) == 1 and node in row and "(accept)" in row
+
+
+def test_numerically_false_suggestions_cannot_be_accepted(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    sugg = s.suggestions()
+    assert sugg and not any(x.acceptable for x in sugg)  # the program is wrong: no clean relation holds
+    assert all(b.disabled for b in w.suggestion_buttons)
+    rows = "".join(r.children[1].value for r in w.suggestions_box.children[1:])
+    assert "numerically false" in rows and "cannot be accepted" in rows and "add_1 is" in rows
+    before = (state(s), list(s.actions))
+    w.suggestion_buttons[0].click()  # disabled in a browser; a programmatic click is refused inline
+    assert "cannot be accepted" in w.message.value and (state(s), list(s.actions)) == before
+
+
+def test_retract_and_undo_buttons_take_an_assumption_back(erfcx_problem):
+    s = gg.ProofSession(erfcx_problem)
+    w = s.widget()
+    w.run_button.click()
+    stuck = s.stuck.node
+    w.suggestion_buttons[0].click()
+    w.run_button.click()
+    assert s.result().status is gg.Status.ASSUMED and "assumed:" in w.banner.value
+    w.retract_buttons[0].click()
+    assert s.stuck is not None and s.stuck.node == stuck and not s.user_relations
+    assert w.retract_buttons == [] and w.assumptions_box.children == ()
+    assert w.verdict().startswith("stuck at")
+    w.suggestion_buttons[0].click()
+    assert s.user_relations and s.stuck is None
+    w.undo_button.click()  # the last change was the accept: undo takes it back
+    assert not s.user_relations and s.stuck is not None and s.stuck.node == stuck
 
 
 def test_invalid_hint_leaves_state(mlp_bug):
@@ -255,8 +291,8 @@ def test_banner_stuck_and_assumptions(mlp_bug):
 
 
 def test_banner_proved_under_assumptions(erfcx_problem):
-    """A correct program the engine cannot finish: with a (numerically checked) hint it is proved under
-    1 assumption, never plainly proved."""
+    """A correct program the engine cannot finish: with a (numerically checked) hint it is "assumed"
+    (holds under 1 assumption), never proved, and the banner is not the green one."""
     s = gg.ProofSession(erfcx_problem)
     w = s.widget()
     w.run_button.click()
@@ -266,10 +302,11 @@ def test_banner_proved_under_assumptions(erfcx_problem):
     assert "assumed" in w.hint_message.value
     w.run_button.click()
     r = s.result()
-    assert r.proved and r.assumptions
+    assert r.status is gg.Status.ASSUMED and not r.proved and r.assumptions
     n = len(r.assumptions)
-    assert w.verdict() == f"proved under {n} assumption" + ("s" if n > 1 else "")
+    assert w.verdict() == f"assumed: holds only under {n} assumption" + ("s" if n > 1 else "") + " (not a proof)"
     assert w.verdict() in w.banner.value
+    assert "gg-verdict-assumed" in w.banner.value and "#dafbe1" not in w.banner.value
     for a in r.assumptions:
         assert a.split(":")[0] in w.banner.value
 

@@ -126,6 +126,20 @@ def any_clean_output_relation(engine: Engine, k: int):
     return None, None
 
 
+def random_assumptions(graphs) -> list[str]:
+    """One assumption per dropout site that ``random="identity"`` replaced by the identity."""
+    sites: dict[str, list[str]] = {}
+    for g in graphs:
+        for r in getattr(g, "random_ops", ()):
+            if r.identity:
+                where = r.source or f"{r.op} ({r.node})"
+                who = "sequential" if r.rank is None else f"rank {r.rank}"
+                if who not in sites.setdefault(where, []):
+                    sites[where].append(who)
+    return [f"random='identity': dropout at {where} treated as identity ({', '.join(who)})"
+            for where, who in sites.items()]
+
+
 def judge(engine: Engine, problem, stats: dict) -> Result:
     relations: list[OutputRelation] = []
     findings: list[Finding] = []
@@ -137,6 +151,7 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
         for n, cs in engine.user_relations.items() for c in cs
         if c.assumption and any(x.expr.id == c.expr.id for x in engine.relations.get(n, []))
     })
+    assumptions += random_assumptions([engine.seq] + list(engine.index.graphs))
     dependent = sum(1 for n, cs in engine.relations.items()
                     if n not in engine.user_relations and cs and all(c.assumption for c in cs if not c.deferred))
     if engine.stuck_at is not None:
@@ -196,7 +211,10 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
                 input_relations={i.name: [engine.show(c.expr) for c in engine.relations.get(i.name, [])] for i in out.inputs},
                 nearby=engine.nearby(out),
             )
-    status = Status.PROVED if culprit is None and all(r.ok for r in relations) else Status.UNKNOWN
+    status = Status.UNKNOWN
+    if culprit is None and all(r.ok for r in relations):
+        # a proof that needed assumptions is not a proof: at most "assumed"
+        status = Status.ASSUMED if assumptions else Status.PROVED
     if assumptions and dependent:
         findings.append(Finding("assumption", f"{dependent} derived relation(s) depend on the assumptions"))
     return Result(

@@ -50,6 +50,7 @@ class Graph:
     outputs: list[Node]
     rank: int | None = None
     by_name: dict[str, Node] = field(default_factory=dict)
+    random_ops: list = field(default_factory=list)  # lower.RandomOp records (with a Problem.random policy)
 
     def __post_init__(self) -> None:
         for i, n in enumerate(self.nodes):

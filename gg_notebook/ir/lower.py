@@ -40,7 +40,30 @@ FACTORIES = {"zeros", "ones", "full", "arange", "scalar_tensor", "zeros_like", "
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "native_dropout",
           "normal", "uniform", "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
           "randperm", "multinomial", "exponential", "geometric"}
+# values drawn from an RNG (the rest of RANDOM is uninitialized memory: unique, but not random)
+SEEDED = RANDOM - {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 REDUCE_FNS = {"sum": "sum", "mean": "mean", "amax": "amax", "amin": "amin", "prod": "prod", "logsumexp": "logsumexp"}
+
+
+@dataclass(frozen=True)
+class RandomOp:
+    """A random operator found while lowering (see `Problem.random`).
+
+    ``kind`` is "dropout" (a dropout mask: ``bernoulli(1-p) / (1-p)`` multiplying a tensor, or
+    ``native_dropout``) or "random" (any other random value); ``identity`` is True when the lowering
+    replaced the dropout by the identity (``random="identity"``)."""
+
+    op: str
+    kind: str
+    rank: int | None
+    node: str
+    source: str | None
+    code: str | None
+    identity: bool = False
+
+    @property
+    def program(self) -> str:
+        return "the sequential program" if self.rank is None else f"rank {self.rank}'s program"
 
 
 @dataclass(frozen=True)
@@ -101,9 +124,15 @@ def _hashable(v):
 
 
 class _Lowerer:
-    def __init__(self, gm: torch.fx.GraphModule, rank: int | None):
+    def __init__(self, gm: torch.fx.GraphModule, rank: int | None, random: str | None = None):
         self.gm = gm
         self.rank = rank
+        self.random = random
+        self.random_ops: list[RandomOp] = []
+        # random="identity": fx nodes of recognised dropout masks (skipped) and the muls and getitems
+        # they feed (-> the tensor they multiply)
+        self.dropout_skip: set = set()
+        self.dropout_same: dict = {}
         self.nodes: list[Node] = []
         self.env: dict[torch.fx.Node, Any] = {}  # fx node -> Node | list[Node] | _Tuple
         self.names: set[str] = set()
@@ -161,8 +190,24 @@ class _Lowerer:
         inputs: list[Node] = []
         outputs: list[Node] = []
         placeholder_index = 0
+        dropout = _dropout_masks(self.gm) if self.random is not None else {}
+        if self.random == "identity":
+            for site, (skip, same) in dropout.items():
+                self.dropout_skip |= skip
+                self.dropout_same.update(same)
         for fx in self.gm.graph.nodes:
             self.cur = fx
+            if fx.op == "call_function" and self.random is not None and _is_random(fx.target):
+                frames = fx.meta.get("gg_frames") or ()
+                self.random_ops.append(RandomOp(
+                    str(fx.target), "dropout" if fx in dropout else "random", self.rank, fx.name,
+                    fx.meta.get("gg_source"), frames[-1][3] if frames and len(frames[-1]) > 3 else None,
+                    identity=fx in dropout and self.random == "identity"))
+            if fx in self.dropout_skip:
+                continue
+            if fx in self.dropout_same:
+                self.env[fx] = self.env[self.dropout_same[fx]]
+                continue
             if fx.op == "placeholder":
                 shape, dtype = _meta_of(fx)
                 idx = fx.meta.get("gg_input_index", placeholder_index)
@@ -208,7 +253,9 @@ class _Lowerer:
                     ) from exc
             else:
                 raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
-        return Graph(self.nodes, inputs, outputs, rank=self.rank)
+        g = Graph(self.nodes, inputs, outputs, rank=self.rank)
+        g.random_ops = self.random_ops
+        return g
 
     # --------------------------------------------------------------- calls
     def lower_call(self, fx: torch.fx.Node):
@@ -481,6 +528,65 @@ class _Tuple:
         return self.cache[k]
 
 
+def _is_random(target) -> bool:
+    return _packet(target) in SEEDED or torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+def _users_are(node: torch.fx.Node, ok) -> bool:
+    return bool(node.users) and all(ok(u) for u in node.users)
+
+
+def _dropout_masks(gm: torch.fx.GraphModule) -> dict:
+    """Dropout as make_fx spells it, recognised strictly (anything else stays a raw random op):
+
+    * ``m = bernoulli.p(t, q)``, used only by ``d = div.Scalar(m, q)``, where ``t`` (``empty_like`` &
+      co., only shape matters) feeds nothing else and every user of ``d`` is ``mul.Tensor(x, d)`` (or
+      ``(d, x)``) with the shape of ``x`` - ``F.dropout``, ``nn.Dropout``, ``dropout2d``, and the same
+      mask reused by the backward's mul;
+    * ``native_dropout(x, p, train)``: output 0 used as a tensor, output 1 (the mask) used only by
+      ``native_dropout_backward(g, mask, scale)``.
+
+    Returns {random fx node: (fx nodes to skip, {fx node: the fx node it equals})}: with the mask
+    taken as all ones, i.e. evaluation semantics, each mul is its tensor operand."""
+    out: dict = {}
+    getitem = operator.getitem
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.bernoulli.p and len(n.args) >= 2 and isinstance(n.args[0], torch.fx.Node):
+            src, q = n.args[0], n.args[1]
+            if len(n.users) != 1 or len(src.users) != 1 or _packet(src.target) not in (
+                    "empty_like", "empty", "new_empty", "empty_strided", "new_empty_strided"):
+                continue
+            (d,) = n.users
+            if d.target is not aten.div.Scalar or d.args[0] is not n or d.args[1] != q or not isinstance(q, (int, float)):
+                continue
+
+            def is_mask_mul(u, d=d):
+                if u.target is not aten.mul.Tensor or len(u.args) != 2 or d not in u.args or u.args[0] is u.args[1]:
+                    return False
+                x = u.args[1] if u.args[0] is d else u.args[0]
+                return isinstance(x, torch.fx.Node) and _meta_of(x)[0] is not None and _meta_of(x) == _meta_of(u)
+
+            if not _users_are(d, is_mask_mul):
+                continue
+            same = {u: (u.args[1] if u.args[0] is d else u.args[0]) for u in d.users}
+            out[n] = ({src, n, d}, same)
+        elif n.target is aten.native_dropout.default and isinstance(n.args[0], torch.fx.Node):
+            outs = {u.args[1]: u for u in n.users if u.target is getitem}
+            if len(outs) != len(n.users) or 0 not in outs:
+                continue
+            mask = outs.get(1)
+            if mask is not None and not _users_are(mask, lambda u, m=mask: u.target is aten.native_dropout_backward.default
+                                                    and u.args[1] is m and u.args[0] is not m):
+                continue
+            same = {outs[0]: n.args[0]}
+            if mask is not None:
+                same.update({u: u.args[0] for u in mask.users})
+            out[n] = ({n} | ({mask} if mask is not None else set()), same)
+    return out
+
+
 def _packet(target) -> str:
     try:
         return target.overloadpacket.__name__
@@ -500,6 +606,10 @@ def _kind_of(target) -> str:
     return "generic"
 
 
-def lower(gm: torch.fx.GraphModule, rank: int | None = None) -> Graph:
-    """Lower ``gm`` (sequential if ``rank`` is None) into the normalized IR."""
-    return _Lowerer(gm, rank).run()
+def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None = None) -> Graph:
+    """Lower ``gm`` (sequential if ``rank`` is None) into the normalized IR.
+
+    ``random`` (`Problem.random`): None lowers random operators as unique values (never equal to
+    anything); "refuse" and "identity" also record them in ``graph.random_ops`` (the caller refuses
+    them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`)."""
+    return _Lowerer(gm, rank, random).run()

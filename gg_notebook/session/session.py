@@ -17,7 +17,7 @@ from typing import Any, Callable
 from gg_notebook.engine.infer import Candidate, Engine, Step
 from gg_notebook.engine.judge import judge
 from gg_notebook.problem import Problem
-from gg_notebook.result import Result
+from gg_notebook.result import Finding, Result, Status
 from gg_notebook.session.hints import HintError, hint_from_callable, parse_hint
 from gg_notebook.session.suggestions import Suggestion, engine_suggestions
 
@@ -34,6 +34,20 @@ class RelationView:
 
     def __str__(self) -> str:
         return self.text if self.status == "proved" else f"{self.text}  ({self.status})"
+
+
+@dataclass(frozen=True)
+class UserRelationView:
+    """A relation the user gave (a hint or an accepted suggestion); ``index`` is for `retract`."""
+
+    index: int
+    node: str
+    text: str
+    status: str  # "assumed" (not derived by the engine) | "proved"
+    origin: str  # "hint" | "accept"
+
+    def __str__(self) -> str:
+        return f"[{self.index}] {self.node}: {self.text}  ({self.status}, {self.origin})"
 
 
 class ProofSession:
@@ -53,6 +67,12 @@ class ProofSession:
         self._listeners: list[Callable[[str], None]] = []
         self._sims = None  # concrete simulations, computed on first need (None: not available)
         self._sims_error: str | None = None
+        self._false: dict[tuple[str, int], str | None] = {}  # (node, expr id) -> why numerically false
+        # user relations in the order they were added, for undo: {"node", "expr", "steps"} where
+        # "steps" is len(engine.steps) right after the relation was added
+        self._marks: list[dict] = []
+        self._origin: dict[tuple[str, int], str] = {}  # (node, expr id) -> "hint" | "accept"
+        self.load_warnings: list[str] = []  # relations of a loaded session file that were not replayed
         self.version = 0
 
     # ------------------------------------------------------------------ state
@@ -200,7 +220,13 @@ class ProofSession:
             # not stuck: only relations that hold (derived, or matching numerically), no shape guesses
             engine = [x for x in engine if x.kind == "alternative"]
         seen = {x.text for x in numeric}
-        return numeric + [x for x in engine if x.text not in seen]
+        out = numeric + [x for x in engine if x.text not in seen]
+        # accepting is hinting: a guess is checked on the random inputs like a hint, and one that is
+        # numerically false is marked (never acceptable) and ranked after the others
+        for x in out:
+            if not x.proved and x.expr is not None:
+                x.numerically_false = self._check_cached(node, x.expr, "the suggestion")
+        return sorted(out, key=lambda x: not x.acceptable)
 
     @property
     def simulations(self):
@@ -230,8 +256,16 @@ class ProofSession:
                                   proved=self._derivable(node, m.expr), expr=m.expr))
         return out
 
-    def check_numerically(self, node: str, e) -> str | None:
-        """None if relation ``e`` reproduces ``node``'s value on the random inputs, else why not."""
+    def _check_cached(self, node: str, e, what: str) -> str | None:
+        key = (node, e.id)
+        if key not in self._false:
+            self._false[key] = self.check_numerically(node, e, what="it")
+        why = self._false[key]
+        return None if why is None else why.replace(" but it gives ", f" but {what} gives ", 1)
+
+    def check_numerically(self, node: str, e, what: str = "the hint") -> str | None:
+        """None if relation ``e`` reproduces ``node``'s value on the random inputs, else why not
+        (None too when the programs cannot be simulated: see `simulations`)."""
         sims = self.simulations
         if not sims:
             return None
@@ -247,18 +281,26 @@ class ProofSession:
                 w = float(want.reshape(-1)[flat]) if want.numel() else float("nan")
                 g = float(got.reshape(-1)[flat]) if got.numel() else float("nan")
                 return (f"it is numerically false: on random input seed {sim.seed}, {node} is {w:.6g} at flat "
-                        f"index {int(flat)} but the hint gives {g:.6g} (max error {err:.3g})")
+                        f"index {int(flat)} but {what} gives {g:.6g} (max error {err:.3g})")
         return None
 
     def accept(self, k: int, node: str | None = None) -> RelationView:
-        """Accept suggestion ``k`` (from `suggestions`); the proof continues from there."""
+        """Accept suggestion ``k`` (from `suggestions`); the proof continues from there.
+
+        The same as typing it as a hint: a guess is checked on random inputs, and one that is
+        numerically false is refused with ValueError (`HintError`) giving the disagreeing values,
+        the session unchanged. An accepted guess is an *assumption* (`undo` or `retract` it)."""
         sugg = self.suggestions(node)
         if not 0 <= k < len(sugg):
             raise ValueError(f"there are {len(sugg)} suggestions; {k} is not one of them")
         s = sugg[k]
-        self._add(s.node, s.expr, proved=s.proved, why=f"accepted: {s.reason}")
+        if not s.proved:
+            why = s.numerically_false or self.check_numerically(s.node, s.expr, what="the suggestion")
+            if why is not None:
+                raise HintError(f"suggestion {k} for {s.node} ({s.text}) cannot be accepted: {why}")
+        self._add(s.node, s.expr, proved=s.proved, why=f"accepted: {s.reason}", origin="accept")
         self.actions.append({"op": "relation", "node": s.node, "text": s.text, "proved": s.proved,
-                             "why": f"accepted: {s.reason}"})
+                             "why": f"accepted: {s.reason}", "origin": "accept", "suggestion": k})
         self._changed("accept")
         return self.relations[s.node][0] if s.proved else next(
             r for r in self.relations.get(s.node, []) if r.text == s.text)
@@ -282,32 +324,91 @@ class ProofSession:
             why = self.check_numerically(tensor, e)
             if why is not None:
                 raise HintError(f"hint for {tensor} refused: {why}")
-        self._add(tensor, e, proved=proved, why="hint")
+        self._add(tensor, e, proved=proved, why="hint", origin="hint")
         text = self.engine.show(e)
-        self.actions.append({"op": "relation", "node": tensor, "text": text, "proved": proved, "why": "hint"})
+        self.actions.append({"op": "relation", "node": tensor, "text": text, "proved": proved, "why": "hint",
+                             "origin": "hint"})
         self._changed("hint")
         return next(r for r in self.relations.get(tensor, [RelationView(text, "assumed")]) if r.text == text) \
             if tensor in self.relations else RelationView(text, "proved" if proved else "assumed")
 
-    def undo(self) -> Step | None:
-        """Take back the last step."""
+    def undo(self) -> Step | UserRelationView | None:
+        """Take back the last change: a hint or accepted suggestion made after the last step is
+        retracted (what was derived from it is re-run), otherwise the last step is taken back.
+        Returns the step or the retracted relation (None if there was nothing to undo)."""
+        if self._marks and self._marks[-1]["steps"] >= len(self.engine.steps):
+            m = self._marks[-1]
+            view = self._view_of(m["node"], m["expr"])
+            self._retract(m["node"], m["expr"])
+            self.actions.append({"op": "undo", "what": "relation", "node": view.node, "text": view.text})
+            self._changed("undo")
+            return view
         st = self.engine.undo()
         if st is not None:
-            self.actions.append({"op": "undo"})
+            self.actions.append({"op": "undo", "what": "step"})
             self._changed("undo")
         return st
+
+    @property
+    def user_relations(self) -> list[UserRelationView]:
+        """The relations the user gave (hints, accepted suggestions), oldest first; `retract` takes
+        one back by its ``index`` (or by tensor name)."""
+        out: list[UserRelationView] = []
+        for node, cands in self.engine.user_relations.items():
+            for c in cands:
+                out.append(UserRelationView(
+                    len(out), node, self.engine.show(c.expr), "assumed" if c.assumption else "proved",
+                    self._origin.get((node, c.expr.id), "hint")))
+        return out
+
+    def retract(self, node_or_index: str | int, relation: str | None = None) -> UserRelationView:
+        """Remove a relation the user gave, and re-run what depended on it (the proof may be stuck
+        again where it was). ``node_or_index``: an index into `user_relations`, or a tensor name
+        (with ``relation``, its text, when the tensor has several). ValueError if there is none."""
+        rels = self.user_relations
+        if isinstance(node_or_index, int) and not isinstance(node_or_index, bool):
+            if not 0 <= node_or_index < len(rels):
+                raise ValueError(f"there are {len(rels)} user relations; {node_or_index} is not one of them"
+                                 + (f" ({'; '.join(map(str, rels))})" if rels else ""))
+            view = rels[node_or_index]
+        else:
+            mine = [r for r in rels if r.node == node_or_index and (relation is None or r.text == relation.strip())]
+            if not mine:
+                given = "; ".join(map(str, rels)) or "none"
+                raise ValueError(f"no user relation for {node_or_index!r}"
+                                 + (f" equal to {relation!r}" if relation is not None else "")
+                                 + f" (user relations: {given})")
+            if len(mine) > 1:
+                raise ValueError(f"{node_or_index} has {len(mine)} user relations; pass the one to retract as "
+                                 f"relation=..., one of: {', '.join(repr(r.text) for r in mine)}")
+            view = mine[0]
+        node, expr_id = self._user_ids()[view.index]
+        self._retract(node, expr_id)
+        self.actions.append({"op": "retract", "node": view.node, "text": view.text})
+        self._changed("retract")
+        return view
 
     def reset(self) -> None:
         """Start over (the capture is kept; hints are dropped)."""
         self.engine = Engine(*self._base)
+        self._marks = []
         self.actions.append({"op": "reset"})
         self._changed("reset")
 
-    def result(self) -> Result:
-        """The same `Result` type as `gg.verify`, including the assumptions made so far."""
+    def result(self, concrete: bool = False) -> Result:
+        """The same `Result` type as `gg.verify`, including the assumptions made so far: with any,
+        the verdict is at most ``Status.ASSUMED``. With ``concrete``, an assumed or unknown verdict is
+        checked on random inputs as `gg.verify` does (a false assumption ends refuted)."""
         stats = dict(self.stats)
         stats.update(self.engine.stats)
         result = judge(self.engine, self.problem, stats)
+        if self.engine.user_relations and self._sims_error is not None:
+            result.findings.append(Finding("not-checked", "the hints could not be checked on random inputs "
+                                                          f"({self._sims_error})"))
+        if concrete and result.status in (Status.UNKNOWN, Status.ASSUMED):
+            from gg_notebook.concrete.refute import concrete_check
+
+            result = concrete_check(self.engine, self.problem, result, 3, self.engine.bitwise)
         # a snapshot: later steps and hints must not change a result already handed out
         result.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
                                             inputs=dict(st.inputs)) for st in result.steps]
@@ -344,14 +445,36 @@ class ProofSession:
             steps = self.run(until=a.get("until"), max_steps=a.get("steps") or None)
             self.actions[-1]["steps"] = len(steps)
         elif op == "undo":
-            self.undo()
+            if a.get("what") == "relation":  # (files without "what" predate undoing relations)
+                if not self._marks:
+                    raise ValueError("the session file undoes a relation, but none was added")
+                m = self._marks[-1]
+                self._retract(m["node"], m["expr"])
+                self.actions.append(dict(a))
+                self._changed("undo")
+            elif self.engine.undo() is not None:
+                self.actions.append({"op": "undo", "what": "step"})
+                self._changed("undo")
         elif op == "reset":
             self.reset()
+        elif op == "retract":
+            self.retract(a["node"], a.get("text"))
         elif op == "relation":
+            origin = a.get("origin") or ("accept" if str(a.get("why", "")).startswith("accepted") else "hint")
+            if a.get("refused"):  # refused when it was loaded before: kept in the file, not applied
+                self.actions.append(dict(a, origin=origin))
+                return
             e = parse_hint(a["text"], self.engine)
             proved = bool(a.get("proved")) and self._derivable(a["node"], e)
-            self._add(a["node"], e, proved=proved, why=a.get("why", "hint"))
-            self.actions.append(dict(a, proved=proved))
+            if not proved:
+                why = self.check_numerically(a["node"], e)
+                if why is not None:  # e.g. a guess accepted before accepting was checked: not applied
+                    self.load_warnings.append(f"{a['node']}: {a['text']} ({origin}) was not applied: {why}")
+                    self.actions.append(dict(a, origin=origin, refused=why))
+                    return
+            self._add(a["node"], e, proved=proved, why=a.get("why", "hint"), origin=origin)
+            self.actions.append(dict(a, proved=proved, origin=origin))
+            self._changed(origin if origin == "accept" else "hint")
         else:
             raise ValueError(f"unknown action {op!r} in a session file")
 
@@ -362,14 +485,44 @@ class ProofSession:
         return any(not c.assumption and not c.deferred and self.engine.to_term(c.expr).id == t
                    for c in self.engine.relations.get(node, []))
 
-    def _add(self, node: str, e, *, proved: bool, why: str) -> None:
+    def _add(self, node: str, e, *, proved: bool, why: str, origin: str = "hint") -> None:
         if proved:
             cands = self.engine.relations.get(node, [])
             keep = [c for c in cands if c.expr.id == e.id] + [c for c in cands if c.expr.id != e.id]
             if keep and keep[0].expr.id == e.id:
                 self.engine.relations[node] = keep
                 return
+        had = any(c.expr.id == e.id for c in self.engine.user_relations.get(node, []))
         self.engine.add_user_relation(node, Candidate(e, (why,), assumption=not proved))
+        if not had:
+            self._origin.setdefault((node, e.id), origin)
+            self._marks.append({"node": node, "expr": e.id, "steps": len(self.engine.steps)})
+
+    def _user_ids(self) -> list[tuple[str, int]]:
+        """(node, expr id) of each user relation, in `user_relations` order."""
+        return [(n, c.expr.id) for n, cs in self.engine.user_relations.items() for c in cs]
+
+    def _view_of(self, node: str, expr_id: int) -> UserRelationView:
+        return self.user_relations[self._user_ids().index((node, expr_id))]
+
+    def _retract(self, node: str, expr_id: int) -> None:
+        """Drop a user relation; take back the steps from its node on and run them again (up to where
+        the session was, or until stuck), so nothing derived from it survives."""
+        eng = self.engine
+        keep = [c for c in eng.user_relations.get(node, []) if c.expr.id != expr_id]
+        if keep:
+            eng.user_relations[node] = keep
+        else:
+            eng.user_relations.pop(node, None)
+        self._marks = [m for m in self._marks if (m["node"], m["expr"]) != (node, expr_id)]
+        self._origin.pop((node, expr_id), None)
+        step = next((st for st in eng.steps if st.node == node), None)
+        if step is None:  # not visited yet: it was only pending
+            return
+        target = eng.cursor
+        eng.undo_to(step.index)
+        while eng.cursor < target and not eng.done:
+            eng.step()
 
     # ------------------------------------------------------------------ display
     def widget(self):

@@ -25,9 +25,18 @@ class Suggestion:
     kind: str  # "alternative" | "replica" | "concat" | "partial" (| "numeric" with concrete execution)
     proved: bool = False  # True if the engine derived it (accepting it is not an assumption)
     expr: Expr | None = field(default=None, repr=False, compare=False)
+    # why it is false on the session's random inputs (the disagreeing values); None if it is not
+    # known to be false. A numerically false suggestion cannot be accepted.
+    numerically_false: str | None = None
+
+    @property
+    def acceptable(self) -> bool:
+        return self.numerically_false is None
 
     def __str__(self) -> str:
         tag = "proved" if self.proved else "guess"
+        if self.numerically_false is not None:
+            return f"{self.text}  [{tag}: {self.reason}; cannot be accepted: {self.numerically_false}]"
         return f"{self.text}  [{tag}: {self.reason}]"
 
 

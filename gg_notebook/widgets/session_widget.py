@@ -22,6 +22,7 @@ _BADGE = {
     "proved": ("#1a7f37", "#dafbe1"),
     "assumed": ("#9a6700", "#fff1d6"),
     "deferred": ("#57606a", "#eaeef2"),
+    "numerically false": ("#cf222e", "#ffebe9"),
 }
 _MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
 
@@ -44,8 +45,12 @@ class SessionWidget(W.VBox):
     """Step through a `ProofSession` (see the module docstring). Controls are attributes (for tests):
     ``step_button, run_button, undo_button, reset_button, run_to_text, run_to_button, progress,
     progress_label, message, current_html, relations_html, filter_text, suggestions_box,
-    suggestion_buttons, hint_tensor, hint_text, hint_button, hint_message, graph_html, graph_select,
-    graph_info, graph_view, banner``.
+    suggestion_buttons, hint_tensor, hint_text, hint_button, hint_message, assumptions_box,
+    retract_buttons, graph_html, graph_select, graph_info, graph_view, banner``.
+
+    A numerically false suggestion is shown with its disagreeing values and a disabled Accept
+    button. The user relations (hints, accepted suggestions) are listed under "Your relations",
+    each with a Retract button (``session.retract``); Undo takes back the last step or relation.
 
     The graph: with ``anywidget`` installed, ``graph_view`` is a clickable `GraphView` (clicking a node
     selects it in ``graph_select`` and ``graph_info`` shows its relations; the dropdown selects too) and
@@ -70,7 +75,8 @@ class SessionWidget(W.VBox):
         self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn)
         self.run_to_text = W.Text(placeholder="file.py:LINE or op name (aten.bmm)", layout=W.Layout(width="260px"))
         self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn)
-        self.undo_button = W.Button(description="Undo", tooltip="take back the last step", icon="undo", **btn)
+        self.undo_button = W.Button(description="Undo", tooltip="take back the last step, hint or accepted suggestion",
+                                    icon="undo", **btn)
         self.reset_button = W.Button(description="Reset", tooltip="start over (drops hints)", icon="refresh",
                                      button_style="warning", **btn)
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px"))
@@ -87,6 +93,9 @@ class SessionWidget(W.VBox):
         self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)", layout=W.Layout(width="360px"))
         self.hint_button = W.Button(description="Add hint", **btn)
         self.hint_message = W.HTML()
+        self.assumptions_box = W.VBox()
+        self.retract_buttons: list[W.Button] = []
+        self._assumptions_key: tuple | None = None
         self.graph_enabled = graph
         self.graph_html = W.HTML()
         gv = _graph_view_class() if graph else None
@@ -113,7 +122,8 @@ class SessionWidget(W.VBox):
                                   "<code>x@r0</code>, <code>x@r*</code>, <code>concat(a, b, dim=1)</code>, "
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
                            W.HBox([self.hint_tensor, self.hint_text, self.hint_button]), self.hint_message])
-        left = W.VBox([self.current_html, self.suggestions_box, hint_box], layout=W.Layout(width="50%"))
+        left = W.VBox([self.current_html, self.suggestions_box, hint_box, self.assumptions_box],
+                      layout=W.Layout(width="50%"))
         graph_box = self.graph_view if self.graph_view is not None else self.graph_html
         right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
                         graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
@@ -156,6 +166,9 @@ class SessionWidget(W.VBox):
     def _accept(self, k: int) -> None:
         self._do(self.session.accept, k)
 
+    def _retract(self, k: int) -> None:
+        self._do(self.session.retract, k)
+
     def _on_hint(self, _b=None) -> None:
         tensor = self.hint_tensor.value
         text = self.hint_text.value
@@ -197,10 +210,11 @@ class SessionWidget(W.VBox):
         self.step_button.disabled = s.done
         self.run_button.disabled = s.done
         self.run_to_button.disabled = s.done
-        self.undo_button.disabled = not s.engine.steps
+        self.undo_button.disabled = not s.engine.steps and not s.engine.user_relations
         self._render_current()
         self._render_suggestions()
         self._render_hint_default()
+        self._render_assumptions()
         self._render_relations()
         self._render_graph()
         self._render_banner()
@@ -270,15 +284,42 @@ class SessionWidget(W.VBox):
                              + ("" if sugg else " &mdash; none; add a hint below"))]
         buttons = []
         for k, sg in enumerate(sugg):
-            tag = badge("proved") if sg.proved else badge("guess")
-            b = W.Button(description="Accept", tooltip=f"session.accept({k})", layout=W.Layout(width="70px"),
-                         button_style="success" if sg.proved else "")
+            false = getattr(sg, "numerically_false", None)
+            tag = badge("numerically false") if false else badge("proved") if sg.proved else badge("guess")
+            b = W.Button(description="Accept", layout=W.Layout(width="70px"),
+                         tooltip=f"cannot be accepted: {false}" if false else f"session.accept({k})",
+                         button_style="success" if sg.proved else "", disabled=bool(false))
             b.on_click(lambda _b, k=k: self._accept(k))
             buttons.append(b)
+            why = (f"<br><span style='color:#cf222e'>cannot be accepted: {esc(false)}</span>" if false else "")
             rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code style='{_MONO}'>{esc(sg.text)}</code> "
-                                          f"{tag}<br><span style='color:#555'>{esc(sg.reason)}</span></div>")]))
+                                          f"{tag}<br><span style='color:#555'>{esc(sg.reason)}</span>{why}</div>")]))
         self.suggestion_buttons = buttons
         self.suggestions_box.children = tuple(rows)
+
+    def _render_assumptions(self) -> None:
+        """"Your relations": every hint / accepted suggestion with a Retract button."""
+        rels = self.session.user_relations
+        key = tuple((r.node, r.text, r.status, r.origin) for r in rels)
+        if key == self._assumptions_key:
+            return
+        self._assumptions_key = key
+        if not rels:
+            self.retract_buttons = []
+            self.assumptions_box.children = ()
+            return
+        rows: list = [W.HTML("<b>Your relations</b> <span style='color:#666;font-size:11px'>hints and accepted "
+                             "suggestions; an assumed one makes the verdict at most 'assumed'</span>")]
+        buttons = []
+        for r in rels:
+            b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", layout=W.Layout(width="76px"))
+            b.on_click(lambda _b, k=r.index: self._retract(k))
+            buttons.append(b)
+            rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code>{esc(r.node)}</code> = "
+                                          f"<code style='{_MONO}'>{esc(r.text)}</code> {badge(r.status)} "
+                                          f"<span style='color:#555'>({esc(r.origin)})</span></div>")]))
+        self.retract_buttons = buttons
+        self.assumptions_box.children = tuple(rows)
 
     def _set_tensor_options(self) -> None:
         names = [n.name for n in self.session.engine.seq.nodes]
@@ -437,12 +478,13 @@ class SessionWidget(W.VBox):
         return self._result_cache[1]
 
     def verdict(self) -> str:
-        """The banner's text: "proved", "proved under N assumption(s)" or "stuck at <op>, <file:line>"."""
+        """The banner's text: "proved", "assumed: holds only under N assumption(s) (not a proof)" or
+        "stuck at <op>, <file:line>"."""
         r = self.result()
         if r.proved:
-            if r.assumptions:
-                return f"proved under {len(r.assumptions)} assumption" + ("s" if len(r.assumptions) != 1 else "")
             return "proved"
+        if r.status.value in ("assumed", "proved"):  # (a proved status with assumptions is assumed)
+            return r.headline()
         c = r.culprit
         if c is not None:
             return f"stuck at {c.op}, {c.source}" if c.source else f"stuck at {c.op} ({c.node})"
@@ -459,22 +501,28 @@ class SessionWidget(W.VBox):
         except Exception as exc:  # noqa: BLE001
             self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(exc)}</div>"
             return
+        assumed = not r.proved and r.culprit is None and r.status.value in ("assumed", "proved")
         if r.proved:
-            colour, bg = ("#1a7f37", "#dafbe1") if not r.assumptions else ("#9a6700", "#fff1d6")
+            kind, colour, bg = "proved", "#1a7f37", "#dafbe1"
+        elif assumed:  # not the green banner: an assumption is not a proof
+            kind, colour, bg = "assumed", "#bc4c00", "#fff1e5"
         else:
-            colour, bg = "#cf222e", "#ffebe9"
+            kind, colour, bg = "stuck", "#cf222e", "#ffebe9"
         body = ""
         if r.assumptions:
             body += "<ul style='margin:2px 0'>" + "".join(f"<li><code>{esc(a)}</code></li>" for a in r.assumptions) + "</ul>"
+        if assumed:
+            body += ("<div style='font-size:12px'>every output is related as expected, but only if the assumptions "
+                     "above hold: retract them (or undo) to see where the proof needs them</div>")
         if not r.proved and r.culprit is not None:
             c = r.culprit
             body += f"<div>node <code>{esc(c.node)}</code>" + (f": <code>{esc(c.code.strip())}</code>" if c.code else "") \
                 + f"</div><div style='font-size:12px'>{esc(c.detail)}</div>"
-        if not r.proved:
+        if not r.proved and not assumed:
             bad = [o for o in r.relations if not o.ok]
             for o in bad[:4]:
                 body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
-        self.banner.value = (f"<div class='gg-verdict' style='border:2px solid {colour};background:{bg};padding:6px;"
+        self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
 
 

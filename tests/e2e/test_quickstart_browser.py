@@ -1,17 +1,20 @@
 """End-to-end: the SessionWidget in a real JupyterLab, driven by headless chromium (Playwright).
 
 Test 1 runs the quickstart notebook (a copy) and drives its widget: Reset, Step, Step, Run.
-Test 2 builds a buggy session in a scratch notebook, runs it until stuck, accepts a suggestion and
-types an invalid hint.
+Test 2 builds a buggy session in a scratch notebook, runs it until stuck, sees its (numerically
+false) suggestions that cannot be accepted and types an invalid hint. Test 3 accepts a true guess on a
+correct program the engine cannot finish: the banner says "assumed", Retract takes it back.
 
 What these tests rely on in the widget (keep stable, or update here):
 * buttons found by their exact text: "Step", "Run", "Reset", "Accept", "Add hint";
 * the progress label text "<done> / <total> operators";
-* the verdict banner element ``.gg-verdict`` with "proved" / "proved under N assumption(s)" /
-  "stuck at ...";
+* the verdict banner element ``.gg-verdict`` with "proved" / "assumed: holds only under N
+  assumption(s) (not a proof)" / "stuck at ...";
 * the relation table: the ``<table>`` whose header has a "relation(s)" column; one ``<tr>`` per
   tensor holding the relation text and a status badge ("proved" / "assumed");
-* a suggestion row: an HBox holding an "Accept" button and the suggestion's text in ``<code>``;
+* a suggestion row: an HBox holding an "Accept" button and the suggestion's text in ``<code>``; a
+  numerically false suggestion's button is disabled and its row says "numerically false";
+* "Your relations": a row per hint / accepted suggestion with a "Retract" button;
 * the hint row: an HBox holding a text ``<input>`` and the "Add hint" button; an invalid hint
   shows its error inline (HintError text, e.g. "cannot parse ...");
 * the graph view (anywidget ``GraphView``): ``.gg-graph-view g.node[data-gg-node='seq:NAME']`` for
@@ -203,8 +206,9 @@ def test_quickstart_widget_step_and_run(lab, page, notebook_ui):
     wait_until("Step disabled when done", w.button("Step").first.is_disabled, page=page)
 
 
-def test_buggy_session_accept_and_invalid_hint(lab, page, notebook_ui):
-    """A missing all-reduce: Run gets stuck, Accept marks the relation assumed, a bad hint errs."""
+def test_buggy_session_false_suggestions_and_invalid_hint(lab, page, notebook_ui):
+    """A missing all-reduce: Run gets stuck; every suggestion is numerically false (its Accept button
+    disabled); a bad hint errs."""
     name = lab.write_notebook("e2e_scratch_missing_allreduce.ipynb", [
         "import gg_notebook as gg\n"
         "from gg_notebook.examples import get\n"
@@ -218,18 +222,10 @@ def test_buggy_session_accept_and_invalid_hint(lab, page, notebook_ui):
     w.wait_banner(lambda t: "stuck" in t, "'stuck' after Run")
     accept = w.button("Accept")
     wait_until("an Accept button", lambda: accept.count() > 0, page=page)
-
-    # The first suggestion: its text sits in a <code> next to its Accept button.
-    row = accept.first.locator("xpath=..")
-    suggestion = row.locator("code").first.inner_text().strip()
-    assert suggestion, row.inner_text()
-    accept.first.click()
-
-    accepted = w.wait_row(lambda r: suggestion in r and "assumed" in r,
-                          f"with {suggestion!r} marked assumed")
-    assert "assumed" in accepted
-    banner = w.wait_banner(lambda t: "assumption" in t or "stuck" in t, "'assumption' or 'stuck'")
-    assert "assumption" in banner or "stuck" in banner, banner
+    # The program is wrong: no clean relation holds, every suggestion is marked and cannot be accepted.
+    wait_until("'numerically false' suggestions", lambda: "numerically false" in w.text(), page=page)
+    assert all(accept.nth(k).is_disabled() for k in range(accept.count()))
+    assert "cannot be accepted" in w.text()
 
     # An invalid hint: the error is shown inline, nothing else changes.
     rows_before = w.relation_rows()
@@ -241,3 +237,40 @@ def test_buggy_session_accept_and_invalid_hint(lab, page, notebook_ui):
     w.click("Add hint")
     wait_until("inline hint error 'cannot parse'", lambda: "cannot parse" in w.text(), page=page)
     assert w.relation_rows() == rows_before  # a refused hint changes nothing (and sends no update)
+
+
+def test_accept_a_true_guess_is_assumed_and_retract_takes_it_back(lab, page, notebook_ui):
+    """A correct program no lemma finishes: accepting the (numerically true) guess gives the "assumed"
+    banner, not "proved"; Retract takes the assumption back and the proof is stuck again."""
+    name = lab.write_notebook("e2e_scratch_erfcx.ipynb", [
+        "import torch\n"
+        "import gg_notebook as gg\n"
+        "def seq(x):\n"
+        "    return torch.special.erfcx(x)\n"
+        "def tp(x):\n"
+        "    return torch.exp(x * x) * torch.erfc(x)\n"
+        "p = gg.Problem(seq, tp, [torch.randn(4, 6, dtype=torch.float64)], [gg.Shard(1)], 2,\n"
+        "               expect=[gg.Shard(1)])\n"
+        "s = gg.ProofSession(p)\n"
+        "s.widget()",
+    ])
+    w = open_and_run_all(notebook_ui, name)
+    w.wait_progress(lambda d, t: d == 0 and t > 0, "0 / N")
+    w.click("Run")
+    w.wait_banner(lambda t: "stuck" in t, "'stuck' after Run")
+    accept = w.button("Accept")
+    wait_until("an Accept button", lambda: accept.count() > 0, page=page)
+    row = accept.first.locator("xpath=..")
+    suggestion = row.locator("code").first.inner_text().strip()
+    assert suggestion and "numerically false" not in row.inner_text(), row.inner_text()
+    accept.first.click()
+    accepted = w.wait_row(lambda r: suggestion in r and "assumed" in r, f"with {suggestion!r} marked assumed")
+    assert "assumed" in accepted
+    wait_until("the accepted guess under 'Your relations'", lambda: "Your relations" in w.text(), page=page)
+    # (the stuck operator was the last one: accepting its relation finishes the proof)
+    banner = w.wait_banner(lambda t: t.strip().startswith("assumed"), "'assumed' after Accept")
+    assert "holds only under 1 assumption" in banner and "not a proof" in banner, banner
+    assert "gg-verdict-assumed" in (w.root.locator(".gg-verdict").first.get_attribute("class") or "")
+    w.click("Retract")
+    w.wait_banner(lambda t: "stuck" in t, "'stuck' after Retract")
+    wait_until("no 'Your relations' after Retract", lambda: "Your relations" not in w.text(), page=page)
