@@ -309,3 +309,22 @@ def test_a_lemma_that_lies_is_caught_by_translation_validation(monkeypatch):
     r = check(lambda x, w: torch.round(x @ w), _row_parallel(torch.round), _mm_inputs(), [S1, S0])
     assert r.status is not gg.Status.PROVED, r
     assert any(f.kind == "validation-failed" for f in r.findings), r.findings
+
+
+@pytest.mark.parametrize("spelling", ["int_scalars", "float_scalars", "mixed"])
+def test_int_and_float_literals_on_a_float_tensor_are_one_call(spelling):
+    """On a float tensor ``x * 2`` and ``x * 2.0`` compute the same thing: keeping literal types
+    apart must not cost the proof of a program that spells them differently."""
+    def seq(x, w):
+        return torch.clamp((x @ w) * 2 + 1, min=-3)
+
+    def dist_fn(x, w):
+        y = x @ w
+        if spelling == "int_scalars":
+            return torch.clamp(y * 2 + 1, min=-3)
+        if spelling == "float_scalars":
+            return torch.clamp(y * 2.0 + 1.0, min=-3.0)
+        return torch.clamp(y.mul(2.0).add(1), min=-3)
+
+    r = check(seq, dist_fn, _mm_inputs(), [R, S1], expect=(S1,))
+    assert r.status is gg.Status.PROVED, r

@@ -19,7 +19,7 @@ import torch.fx
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.ir.specs import reduce_spec
-from gg_notebook.relations.expr import OpSpec, Slot, typed, untyped
+from gg_notebook.relations.expr import Lit, OpSpec, Slot, typed, untyped
 
 aten = torch.ops.aten
 
@@ -178,6 +178,9 @@ class _Lowerer:
 
         t_args = tuple(conv(a) for a in args)
         t_kwargs = tuple(sorted((k, conv(v)) for k, v in kwargs.items()))
+        if target in SCALAR_CAST_FIRST and inputs and inputs[0].dtype is not None and inputs[0].dtype.is_floating_point:
+            t_args = _floats(t_args)
+            t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
         unique = None
         packet = _packet(target)
         if packet in RANDOM or (hasattr(target, "tags") and torch.Tag.nondeterministic_seeded in target.tags):
@@ -585,6 +588,28 @@ def _dropout_masks(gm: torch.fx.GraphModule) -> dict:
                 same.update({u: u.args[0] for u in mask.users})
             out[n] = ({n} | ({mask} if mask is not None else set()), same)
     return out
+
+
+# Overloads that convert a Python-number operand to the floating-point tensor's dtype before
+# computing: on a float tensor, ``x * 2`` and ``x * 2.0`` are the same call (an int below 2**53 and
+# its float convert to the same value). Not pow & co. (an int exponent may take another kernel
+# path), not integer tensors (``ids == 2.0`` compares in float).
+SCALAR_CAST_FIRST = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.sub.Scalar,
+    aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar, aten.rsub.Tensor, aten.masked_fill.Scalar,
+    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.fill.Scalar,
+    aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar,
+    aten.where.ScalarOther, aten.where.ScalarSelf,
+}
+
+
+def _floats(v):
+    """Python ints (not bools) below 2**53 in a template entry, as floats."""
+    if isinstance(v, Lit) and type(v.value) is int and abs(v.value) < 2 ** 53:
+        return Lit(float(v.value))
+    if isinstance(v, tuple):
+        return tuple(_floats(x) for x in v)
+    return v
 
 
 def _packet(target) -> str:
