@@ -125,6 +125,8 @@ def run_verify(problem, timeout: int = 120):
     except ProblemError as e:
         return "problem_error", str(e)[:500], None
     except VerificationError as e:
+        if "_Timeout" in str(e):  # our alarm went off inside the engine, which wrapped it
+            return "timeout", f"verify took more than {timeout}s", None
         return "internal_error", f"VerificationError: {str(e)[:500]}", None
     except _Timeout:
         return "timeout", f"verify took more than {timeout}s", None

@@ -204,6 +204,13 @@ def _swap(t, p, delta):
     body[i], body[i + delta] = body[i + delta], body[i]
 
 
+def _move_two_later(t, n, p):
+    parent = get_at(t, p[:-1])
+    field, i = p[-1]
+    body = getattr(parent, field)
+    body.insert(i + 2, body.pop(i))
+
+
 def op_move_collective(tree, mutable):
     for path, node in mutable_nodes(tree, mutable):
         if not collective_stmt(node):
@@ -213,6 +220,8 @@ def op_move_collective(tree, mutable):
         body = getattr(parent, field)
         if i + 1 < len(body) and not isinstance(body[i + 1], ast.Return):
             yield Edit("move_collective", "wrong", "later", path, _line(node), lambda t, n, p: _swap(t, p, +1))
+            if i + 2 < len(body) and not isinstance(body[i + 2], ast.Return):
+                yield Edit("move_collective", "wrong", "two later", path, _line(node), _move_two_later)
         if i > 0 and not _is_docstring(body[i - 1]):
             yield Edit("move_collective", "wrong", "earlier", path, _line(node), lambda t, n, p: _swap(t, p, -1))
 
