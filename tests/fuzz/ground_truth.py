@@ -187,6 +187,26 @@ class GroundTruth:
         return dataclasses.asdict(self)
 
 
+def _gloo_safe(problem: Problem) -> Problem:
+    """``run_gloo`` ships outputs as numpy arrays, which have no bfloat16: send those as int16 bit patterns."""
+    from torch.utils import _pytree as pytree
+
+    fn = problem.distributed
+
+    def distributed(*args):
+        leaves, spec = pytree.tree_flatten(fn(*args))
+        leaves = [l.detach().view(torch.int16) if isinstance(l, torch.Tensor) and l.dtype == torch.bfloat16 else l
+                  for l in leaves]
+        return pytree.tree_unflatten(leaves, spec)
+    return dataclasses.replace(problem, distributed=distributed)
+
+
+def _gloo_restore(ranks: list[list], seq: list) -> list[list]:
+    return [[o.view(torch.bfloat16) if isinstance(o, torch.Tensor) and o.dtype == torch.int16 and k < len(seq)
+             and isinstance(seq[k], torch.Tensor) and seq[k].dtype == torch.bfloat16 else o
+             for k, o in enumerate(r)] for r in ranks]
+
+
 def _with_inputs(problem: Problem, inputs) -> Problem:
     return dataclasses.replace(problem, inputs=tuple(inputs))
 
@@ -220,7 +240,8 @@ def check(make_problem: Callable[[], Problem], draws: Sequence[tuple[str, tuple]
         if gloo == "always" or not verdicts or (gloo == "sample" and k < 2):
             gt.backends.append("gloo")
             try:
-                ranks = sim.run_gloo(_with_inputs(make_problem(), inputs), timeout=gloo_timeout)
+                ranks = sim.run_gloo(_gloo_safe(_with_inputs(make_problem(), inputs)), timeout=gloo_timeout)
+                ranks = _gloo_restore(ranks, seq)
                 verdicts.append(("gloo", compare_outputs(p, seq, ranks)))
             except Exception as exc:  # noqa: BLE001 - the program crashed or deadlocked on real processes
                 return GroundTruth("crash", _short(exc), label, gt.backends, gt.local_unsupported)
