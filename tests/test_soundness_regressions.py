@@ -444,3 +444,29 @@ def _lookup(fn):
 
 def test_module_state_rank_counter_and_cached_rank():
     check_pair(_lookup(tp_lookup_counter), _lookup(tp_lookup_cached), gloo="sample")
+
+
+# --------------------------------- 8. (found by the fuzzer) a collective's output buffer of the wrong shape
+
+
+def seq_double(x):
+    return x * 2
+
+
+def tp_gather_bad_buffer(x):  # WRONG: the buffer is sized from the wrong dim; real all_gather raises
+    y = x * 2
+    full = torch.empty((y.shape[1] * dist.get_world_size(), *y.shape[1:]), dtype=y.dtype)
+    dist.all_gather_into_tensor(full, y)
+    return full
+
+
+def tp_gather_buffer(x):
+    y = x * 2
+    full = torch.empty((y.shape[0] * dist.get_world_size(), *y.shape[1:]), dtype=y.dtype)
+    dist.all_gather_into_tensor(full, y)
+    return full
+
+
+def test_all_gather_output_buffer_shape():
+    make = lambda fn: lambda: _problem(seq_double, fn, [_randn(8, 3, seed=10)], [gg.Shard(0)])  # noqa: E731
+    check_pair(make(tp_gather_bad_buffer), make(tp_gather_buffer))
