@@ -1,0 +1,26 @@
+import torch
+import torch.distributed as dist
+import gg_notebook as gg
+
+MUTABLE = ("distributed",)
+CONFIGS = ((2, "float64"), (4, "float64"), (2, "float32"))
+INT_DOMAIN = "ids"
+
+
+def sequential(x):
+    return (x.sum(0) + 1.0) * 0.5
+
+
+def distributed(x):
+    s = x.sum(0)
+    dist.all_reduce(s)
+    s = s + 1.0  # the constant is added once, to the full sum
+    s = s * 0.5
+    return s
+
+
+def make(world_size=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, generator=g, dtype=dtype)
+    return gg.Problem(sequential=sequential, distributed=distributed, inputs=[x],
+                      placements=[gg.Shard(0)], world_size=world_size, expect=[gg.Replicate()])

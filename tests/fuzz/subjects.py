@@ -1,0 +1,139 @@
+"""Fuzzing subjects: a program family whose distributed part the mutators rewrite.
+
+A `Subject` is a module source (a built-in example's file, specialized to its correct program, or a
+hand-written program from ``programs/``), the names of its distributed definitions, how to build a
+`gg.Problem` from a loaded copy of the module, the configurations (world size, dtype) to try, and
+the integer input domain ground truth may draw from.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import mutators
+
+_PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    source: str  # the (specialized) correct module source
+    package: str | None  # package for relative imports
+    mutable: tuple[str, ...]
+    build: Callable  # (module, world_size, dtype) -> Problem
+    configs: tuple[tuple[int, str], ...]
+    int_domain: str = "ids"  # "ids" | "targets" (targets may be -100, the ignore sentinel)
+    gt_inputs: int = 5  # how many input draws ground truth uses (fewer for slow subjects)
+    notes: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    baseline_only: bool = False  # the unmutated program is itself a finding: mutating it adds only noise
+
+    @functools.cached_property
+    def tree(self) -> ast.Module:
+        return ast.parse(self.source)
+
+
+# ---------------------------------------------------------------------------------- built-in examples
+
+# example name -> (module, make attribute, distributed definitions, sizes, configs, gt input draws)
+_EXAMPLE_SPECS = {
+    "mlp": ("mlp", "make", ("mlp_tp",), dict(batch=2, seq=2, hidden=8, ffn=16),
+            ((2, "float64"), (4, "float64"), (2, "float32"), (2, "bfloat16")), 5),
+    "attention": ("attention", "make", ("attention_tp",), dict(batch=1, seq=4, hidden=8, heads=4),
+                  ((2, "float64"), (4, "float64"), (2, "float32")), 5),
+    "attention_fused_qkv": ("attention_fused_qkv", "make", ("fused_qkv_attention_tp",),
+                            dict(batch=1, seq=4, hidden=8, heads=4), ((2, "float64"), (4, "float64")), 5),
+    "vocab_embedding": ("vocab_embedding", "make", ("vocab_parallel_embedding",),
+                        dict(batch=2, seq=4, vocab=16, hidden=4), ((2, "float64"), (4, "float64"), (2, "float32")), 5),
+    "vocab_cross_entropy": ("vocab_cross_entropy", "make",
+                            ("_VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "cross_entropy_tp"),
+                            dict(batch=2, seq=4, vocab=16), ((2, "float64"), (4, "float64"), (2, "float32")), 5),
+    "sp_layernorm_mlp": ("sp_layernorm_mlp", "make", ("sp_layernorm_mlp",), dict(batch=1, seq=4, hidden=8, ffn=16),
+                         ((2, "float64"), (4, "float64"), (2, "float32")), 5),
+    "gpt_block": ("gpt_block", "make", ("parallel_attention", "parallel_mlp", "gpt_block_tp"),
+                  dict(batch=1, seq=2, hidden=8, heads=4, ffn=16), ((2, "float64"), (4, "float64")), 4),
+    "gpt_block_fwd_bwd": ("gpt_block", "make_fwd_bwd",
+                          ("parallel_attention", "parallel_mlp", "gpt_block_tp", "gpt_block_fwd_bwd_tp"),
+                          dict(batch=1, seq=2, hidden=8, heads=4, ffn=16), ((2, "float64"),), 3),
+    "gpt": ("gpt", "make", ("gpt_loss_tp",), dict(layers=1, hidden=8, heads=4, vocab=16, seq=2, batch=1),
+            ((2, "float64"),), 3),
+    "gpt_fwd_bwd": ("gpt", "make", ("gpt_loss_tp", "gpt_fwd_bwd_tp"),
+                    dict(layers=1, hidden=8, heads=4, vocab=16, seq=2, batch=1, backward=True), ((2, "float64"),), 3),
+}
+
+
+def _example_builder(make_attr: str, sizes: dict):
+    def build(module, world_size, dtype):
+        return getattr(module, make_attr)(world_size=world_size, dtype=dtype, **sizes)
+    return build
+
+
+def example_subjects() -> list[Subject]:
+    import importlib
+
+    out = []
+    for name, (mod, make_attr, mutable, sizes, configs, n_inputs) in _EXAMPLE_SPECS.items():
+        m = importlib.import_module(f"gg_notebook.examples.{mod}")
+        tree = mutators.specialize_bug(ast.parse(inspect.getsource(m)), mutable)
+        source = ast.unparse(tree) + "\n"
+        out.append(Subject(f"example:{name}", source, "gg_notebook.examples", mutable,
+                           _example_builder(make_attr, sizes), configs, "ids", n_inputs, tags=("example",)))
+    # The built-in vocab-parallel cross-entropy on targets that include the ignore sentinel -100:
+    # its sequential spec (F.cross_entropy) gives 0 there, Megatron's distributed code does not.
+    ce = next(s for s in out if s.name == "example:vocab_cross_entropy")
+    out.append(Subject("example:vocab_cross_entropy@ignore_index", ce.source, ce.package, ce.mutable, ce.build,
+                       ((2, "float64"),), "targets", 5, notes="targets include -100", tags=("example",),
+                       baseline_only=True))
+    return out
+
+
+# ------------------------------------------------------------------------------ hand-written programs
+
+
+def _program_builder(module, world_size, dtype):
+    return module.make(world_size=world_size, dtype=dtype)
+
+
+def program_subjects() -> list[Subject]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(_PROGRAMS, "*.py"))):
+        stem = os.path.basename(path)[:-3]
+        if stem.startswith("_"):
+            continue
+        with open(path) as f:
+            source = f.read()
+        consts = _module_constants(source)
+        out.append(Subject(f"program:{stem}", source, None, tuple(consts["MUTABLE"]), _program_builder,
+                           tuple(tuple(c) for c in consts["CONFIGS"]), consts.get("INT_DOMAIN", "ids"), 5,
+                           tags=("program",), baseline_only=bool(consts.get("BASELINE_ONLY", False))))
+    return out
+
+
+def _module_constants(source: str) -> dict:
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id.isupper():
+                try:
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def all_subjects() -> dict[str, Subject]:
+    return {s.name: s for s in example_subjects() + program_subjects()}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return getattr(torch, name)
