@@ -191,7 +191,10 @@ class DIndex:
         if op == "call":
             return S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)
         if op == "collective":
-            return self._collective_term(rank, n, coll)
+            term = self._collective_term(rank, n, coll)
+            if term is not None and tuple(term.shape) != tuple(n.shape):
+                _wrong_buffer(rank, n, term)
+            return term
         raise IndexError_(f"unknown IR op {op}")
 
     def _collective_term(self, rank: int, n: Node, coll) -> Expr | None:
@@ -241,6 +244,22 @@ class DIndex:
                 pieces.append(S.slice(x, 0, off, off + splits[pos]))
             return S.cat(pieces, 0)
         raise IndexError_(f"unsupported collective {kind} at {n.source}")
+
+
+def _wrong_buffer(rank: int, n: Node, term: Expr) -> None:
+    """A collective whose output buffer does not have the shape the collective produces: the fake
+    process group used for tracing does not check it, a real one fails ("invalid tensor size")."""
+    from gg_notebook.capture.errors import CaptureError
+
+    info = n.attrs
+    src = n.inputs[0].shape if n.inputs else None
+    where = f" at {n.source}" if n.source else ""
+    code = f" (`{n.code.strip()}`)" if n.code else ""
+    raise CaptureError(
+        f"rank {rank} calls {info.describe()}{where}{code} with an output of shape {tuple(n.shape)}, but with "
+        f"inputs of shape {tuple(src) if src is not None else '?'} on a group of {len(tuple(info.group))} ranks it "
+        f"produces shape {tuple(term.shape)}: a real run fails (gloo/NCCL: invalid tensor size). Allocate the "
+        f"output with shape {tuple(term.shape)}.", rank=rank, source=n.source)
 
 
 def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:

@@ -82,14 +82,17 @@ def _int_draw(t: torch.Tensor, kind: str, g: torch.Generator, world_size: int, s
 def input_draws(problem: Problem, n: int, seed: int, int_domain: str = "ids") -> list[tuple[str, tuple]]:
     """Up to ``n`` input tuples: the problem's own, then random and adversarial ones (seeded)."""
     g = torch.Generator().manual_seed(seed)
+    declared = problem.id_domains()  # an input's declared domain is the problem's precondition
     out = []
     for label, fkind, ikind in DRAW_KINDS[:n]:
         if fkind is None:
             draw = tuple(problem.inputs)
         else:
             draw = []
-            for t in problem.inputs:
-                if t.dtype in _FLOATS:
+            for name, t in zip(problem.input_names, problem.inputs):
+                if name in declared:
+                    x = declared[name].sample(t.shape, g, dtype=t.dtype)
+                elif t.dtype in _FLOATS:
                     x = _float_draw(t, fkind, g)
                 elif t.dtype == torch.bool:
                     x = torch.rand(t.shape, generator=g) < 0.5
