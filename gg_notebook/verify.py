@@ -49,19 +49,25 @@ def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
         raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
-def prepare(problem: Problem):
-    """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats."""
-    from gg_notebook.capture import capture_problem
+def _lower(gm, rank):
+    return _guard("lowering", lower, gm, rank, rank=rank)
+
+
+def prepare(problem: Problem, *, capture: str = "auto"):
+    """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
+
+    ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
+    job runs them: module-level state starts afresh per rank), "inprocess" all in this process,
+    "auto" (default) processes where fork is available (see `gg_notebook.capture.programs`)."""
+    from gg_notebook.capture import capture_and_lower
 
     validate_problem(problem)
-    stats: dict = {}
     t0 = time.perf_counter()
-    cap = capture_problem(problem)
+    cap = capture_and_lower(problem, _lower, capture)
     t1 = time.perf_counter()
-    seq = _guard("lowering", lower, cap.sequential, None)
-    validate_expect(problem, seq.outputs)
-    ranks = [_guard("lowering", lower, gm, r, rank=r) for r, gm in enumerate(cap.ranks)]
-    return _guard("indexing", _index, problem, seq, ranks, stats, t0, t1)
+    validate_expect(problem, cap.sequential.outputs)
+    stats: dict = dict(cap.stats)
+    return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1)
 
 
 def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
@@ -107,7 +113,8 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
     return engine, stats
 
 
-def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3) -> Result:
+def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
+           capture: str = "auto") -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -116,10 +123,13 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
     When the proof does not go through and ``concrete`` is set, both programs are run on ``seeds``
     random inputs: a disagreement refutes the program (with a counterexample), agreement leaves the
-    verdict unknown and says a lemma is missing."""
+    verdict unknown and says a lemma is missing.
+
+    ``capture="auto"`` (default) traces every rank in its own process where the platform forks,
+    ``"inprocess"`` all in this process (see `prepare`)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem)
+    engine, stats = prepare(problem, capture=capture)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))

@@ -138,15 +138,14 @@ class DIndex:
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
     def _build(self) -> None:
-        # collectives by (group, index) -> {rank: node}
+        # collectives by (communicator, index) -> {rank: first result node}; a collective completes
+        # only once every member of its communicator has issued it (reached its node)
         coll: dict[tuple, dict[int, Node]] = {}
         for g in self.graphs:
             for n in g.nodes:
                 if n.op == "collective":
-                    key = (tuple(n.attrs.group), n.attrs.index)
-                    coll.setdefault(key, {})
-                    coll[key].setdefault(g.rank, n)
-        cursors = [0] * self.world_size
+                    coll.setdefault(n.attrs.key, {}).setdefault(g.rank, n)
+        cursors = self._cursors = [0] * self.world_size
         total = sum(len(g.nodes) for g in self.graphs)
         done = 0
         while done < total:
@@ -162,12 +161,11 @@ class DIndex:
                     done += 1
                     progressed = True
             if not progressed:
-                stuck = [
-                    f"rank {r} at {g.nodes[cursors[r]].target} ({g.nodes[cursors[r]].source})"
-                    for r, g in enumerate(self.graphs)
-                    if cursors[r] < len(g.nodes)
-                ]
-                raise IndexError_("the ranks' collectives cannot be matched: " + "; ".join(stuck))
+                stuck = [_waiting_at(r, g.nodes[cursors[r]]) for r, g in enumerate(self.graphs) if cursors[r] < len(g.nodes)]
+                raise IndexError_(
+                    "the ranks' collectives cannot be matched: " + "; ".join(stuck)
+                    + " (a collective completes only when every member of its process group has issued it)"
+                )
 
     def _term(self, rank: int, n: Node, coll) -> Expr | None:
         S = self.store
@@ -198,15 +196,17 @@ class DIndex:
         S = self.store
         info = n.attrs
         group = tuple(info.group)
-        members = coll.get((group, info.index), {})
+        members = coll.get(info.key, {})
         ins: list[Expr] = []
         for m in group:
             mn = members.get(m)
             if mn is None:
                 raise IndexError_(
-                    f"rank {m} never issues collective #{info.index} on group {group} "
+                    f"rank {m} never issues collective #{info.index} on {info.where()} "
                     f"that rank {rank} issues at {n.source}"
                 )
+            if self._cursors[m] < mn.index:
+                return None  # rank m has not issued this collective yet
             key = (m, mn.inputs[0].name)
             if key not in self.node_term:
                 return None
@@ -241,6 +241,12 @@ class DIndex:
                 pieces.append(S.slice(x, 0, off, off + splits[pos]))
             return S.cat(pieces, 0)
         raise IndexError_(f"unsupported collective {kind} at {n.source}")
+
+
+def _waiting_at(rank: int, n: Node) -> str:
+    if n.op == "collective":
+        return f"rank {rank} waits in {n.target} at {n.source}, collective #{n.attrs.index} on {n.attrs.where()}"
+    return f"rank {rank} at {n.target} ({n.source})"
 
 
 def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:
