@@ -266,14 +266,14 @@ def _comm(name: str, pg) -> _Comm:
     if name == default:
         label = f"the default group (ranks {listed})"
     elif name in _GROUP_ORIGINS:
-        label = f"the group created at {_GROUP_ORIGINS[name]} (ranks {listed})"
+        label = f"the group created {_GROUP_ORIGINS[name]} (ranks {listed})"
     else:
         label = f"process group {name!r} (ranks {listed})"
     return _Comm(name, ranks, label)
 
 
 # --------------------------------------------------------------------------------------------------
-# Where process groups were created (for messages): group name -> "file.py:LINE (`code`)".
+# Where process groups were created (for messages): group name -> "by `code` at file.py:LINE".
 
 _GROUP_ORIGINS: dict[str, str] = {}
 
@@ -286,7 +286,7 @@ def _user_call_site() -> str | None:
 
             text = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
             src = format_source((f.f_code.co_filename, f.f_lineno, f.f_code.co_name, text))
-            return f"{src} (`{text}`)" if text else src
+            return f"by `{text}` at {src}" if text else f"at {src}"
         f = f.f_back
     return None
 
