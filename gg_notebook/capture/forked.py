@@ -52,6 +52,10 @@ class RemoteTraceback(Exception):
         return self.args[0] if self.args else ""
 
 
+class ResultNotSent(RuntimeError):
+    """A child finished its call but its result could not be pickled back to the parent."""
+
+
 class ChildDied(Exception):
     """The child running ``items[index]`` ended without sending a result; ``how`` says how it
     ended, e.g. "was killed by signal SIGSEGV"."""
@@ -167,7 +171,8 @@ def _child(fn, item, conn) -> None:
     try:
         data = serialize.dumps(outcome + (out.getvalue(), err.getvalue()))
     except BaseException as e:  # noqa: BLE001
-        problem = RuntimeError(f"the result could not be sent back to the parent process: {type(e).__name__}: {e}")
+        problem = ResultNotSent(f"the result could not be sent back to the parent process: {type(e).__name__}: {e}")
+        problem.item = item
         data = serialize.dumps(("error", exception_payload(problem), out.getvalue(), err.getvalue()))
     try:
         conn.send_bytes(data)

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from gg_notebook.capture.collectives import IssuedCollective, MatchedCollective, match_collectives
 from gg_notebook.capture.errors import CaptureError, program_name
-from gg_notebook.capture.forked import ChildDied, fork_available, run_forked
+from gg_notebook.capture.forked import ChildDied, ResultNotSent, fork_available, run_forked
 from gg_notebook.capture.tracing import _n_outputs, check_output_counts, forget_rank_caches, trace_program, warm_up
 from gg_notebook.ir.graph import Graph
 from gg_notebook.problem import Problem, ProblemError
@@ -101,6 +101,16 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto") -> Low
                 "Run gg.verify(problem, capture='inprocess') to see the crash in this process.",
                 rank=who,
             ) from None
+        except ResultNotSent as e:
+            from gg_notebook.result import VerificationError
+
+            raise VerificationError(
+                f"gg_notebook failed while capturing {program_name(getattr(e, 'item', None))} in its own "
+                f"process: {e}. This is a gg_notebook "
+                "limitation, not a mistake in your problem: please report it with the program that triggers "
+                "it; gg.verify(problem, capture='inprocess') avoids it.", stage="capturing",
+                rank=getattr(e, "item", None),
+            ) from e
     else:
         workers = 1
         captured = []
