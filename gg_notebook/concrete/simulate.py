@@ -160,12 +160,15 @@ def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[di
                 cursors[r] += 1
                 progressed = True
         if not progressed:
-            waiting = "; ".join(
-                f"rank {r} waits in {graphs[r].nodes[cursors[r]].target} at {graphs[r].nodes[cursors[r]].source}"
-                + (f" on {graphs[r].nodes[cursors[r]].attrs.where()}" if graphs[r].nodes[cursors[r]].op == "collective" else "")
-                for r in range(W) if cursors[r] < len(graphs[r].nodes))
+            waiting = "; ".join(_waiting_at(r, graphs[r].nodes[cursors[r]])
+                                for r in range(W) if cursors[r] < len(graphs[r].nodes))
             raise SimulationError(f"the ranks' collectives do not line up (deadlock in simulation: {waiting})")
     return envs
+
+
+def _waiting_at(rank: int, n: Node) -> str:
+    where = f" on {n.attrs.where()}" if n.op == "collective" else ""
+    return f"rank {rank} waits in {n.target} at {n.source}{where}"
 
 
 def _collective(n: Node, rank: int, coll, envs, cursors) -> torch.Tensor | None:
