@@ -207,3 +207,13 @@ def test_in_process_fallback_still_works():
     assert len(result.stats["capture_rank_s"]) == 2
     with pytest.raises(ProblemError, match="capture must be one of"):
         gg.verify(embedding_problem(embedding_with_rank), capture="threads")
+
+
+def test_without_fork_auto_captures_in_process(monkeypatch):
+    import gg_notebook.capture.programs as programs
+
+    monkeypatch.setattr(programs, "fork_available", lambda: False)
+    result = gg.verify(embedding_problem(embedding_with_rank))
+    assert result.status is gg.Status.PROVED and result.stats["capture_mode"] == "inprocess"
+    with pytest.raises(ProblemError, match="needs the fork start method"):
+        gg.verify(embedding_problem(embedding_with_rank), capture="processes")
