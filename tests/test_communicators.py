@@ -179,9 +179,7 @@ def _graph(rank, collectives):
 
 def _index(graphs):
     store = ExprStore()
-    g = [store.atom("X", (4,), torch.float64), store.atom("Y", (4,), torch.float64)]
-    terms = [[store.atom(f"{n}{r}", (4,), torch.float64) for n in "xy"] for r in range(2)]
-    del g
+    terms = [[store.atom(f"{n}{r}", (4,), torch.float64) for n in "xy"] for r in range(2)]  # x0, y0 / x1, y1
     return DIndex(store, graphs, terms)
 
 
