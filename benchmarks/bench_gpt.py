@@ -67,16 +67,20 @@ def run_cell(cell: dict) -> dict:
                        **cell.get("model", MODEL))
         build_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        cpu0 = _cpu_s()
         if profiler is not None:
             profiler.enable()
         result = gg.verify(problem)
         if profiler is not None:
             profiler.disable()
         wall_s = time.perf_counter() - t1
+        cpu1 = _cpu_s()
         st = result.stats
         run = {k: float(st.get(k, float("nan"))) for k in TIME_KEYS}
         run["build_s"] = build_s
         run["wall_s"] = wall_s
+        # CPU seconds of this process and of the per-rank capture processes it forked
+        run["cpu_self_s"], run["cpu_children_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         runs.append(run)
         status = str(result.status)
         culprit = str(result.culprit) if result.culprit is not None else None
@@ -87,8 +91,18 @@ def run_cell(cell: dict) -> dict:
         profiler.dump_stats(str(out))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     peak_mb = peak_kb / (1024 * 1024) if sys.platform == "darwin" else peak_kb / 1024
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest capture process
+    child_mb = child_kb / (1024 * 1024) if sys.platform == "darwin" else child_kb / 1024
     return {"status": status, "culprit": culprit, "runs": runs, "counts": counts,
-            "peak_rss_mb": peak_mb, "import_s": import_s}
+            "peak_rss_mb": peak_mb, "peak_rss_children_mb": child_mb, "import_s": import_s,
+            "capture_mode": result.stats.get("capture_mode"), "capture_workers": result.stats.get("capture_workers")}
+
+
+def _cpu_s() -> tuple[float, float]:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 # ----------------------------------------------------------------------------------- parent side
@@ -118,6 +132,8 @@ def launch(cell: dict, timeout: float) -> dict:
     runs = payload["runs"]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     rec.update(ok=True, verdict=payload["status"], culprit=payload["culprit"], peak_rss_mb=payload["peak_rss_mb"],
+               peak_rss_children_mb=payload.get("peak_rss_children_mb"), capture_mode=payload.get("capture_mode"),
+               capture_workers=payload.get("capture_workers"),
                counts=payload["counts"], import_s=payload["import_s"], runs=runs, median=med)
     if cell["mode"] == "fwd" and (cell["tp"], cell["layers"]) in GRAPHGUARD_FWD_S:
         rec["graphguard_s"] = GRAPHGUARD_FWD_S[(cell["tp"], cell["layers"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from torch.distributed.tensor import Partial, Replicate, Shard
@@ -49,23 +50,29 @@ def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
         raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
-def prepare(problem: Problem):
-    """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats."""
-    from gg_notebook.capture import capture_problem
+def _lower(gm, rank, policy="refuse"):
+    return _guard("lowering", lower, gm, rank, policy, rank=rank)
+
+
+def prepare(problem: Problem, *, capture: str = "auto"):
+    """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
+
+    ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
+    job runs them: module-level state starts afresh per rank), "inprocess" all in this process,
+    "auto" (default) processes where fork is available (see `gg_notebook.capture.programs`)."""
+    from gg_notebook.capture import capture_and_lower
 
     validate_problem(problem)
-    stats: dict = {}
     t0 = time.perf_counter()
-    cap = capture_problem(problem)
+    cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse")), capture)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
-    seq = _guard("lowering", lower, cap.sequential, None, policy)
-    check_random(seq, policy)
-    validate_expect(problem, seq.outputs)
-    ranks = [_guard("lowering", lower, gm, r, policy, rank=r) for r, gm in enumerate(cap.ranks)]
-    for g in ranks:
+    check_random(cap.sequential, policy)
+    validate_expect(problem, cap.sequential.outputs)
+    for g in cap.ranks:
         check_random(g, policy)
-    return _guard("indexing", _index, problem, seq, ranks, stats, t0, t1)
+    stats: dict = dict(cap.stats)
+    return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1)
 
 
 def check_random(graph, policy: str) -> None:
@@ -134,7 +141,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
 
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
-           validate: bool = True) -> Result:
+           validate: bool = True, capture: str = "auto") -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -148,10 +155,14 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     After a proof, ``validate`` (default on) re-checks every relation and every lemma instance it
     used on fresh and adversarial inputs (translation validation, see `concrete.validate`); a
     failure turns the verdict into refuted (an output disagrees) or unknown (the proof is not
-    trusted). Example inputs are checked against the domains declared in ``problem.domains``."""
+    trusted). Example inputs are checked against the domains declared in ``problem.domains``.
+
+
+    ``capture="auto"`` (default) traces every rank in its own process where the platform forks,
+    ``"inprocess"`` all in this process (see `prepare`)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem)
+    engine, stats = prepare(problem, capture=capture)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))

@@ -75,7 +75,7 @@ def test_mlp(W):
         assert tuple(ph[1].meta["val"].shape) == (8, 16 // W)
         (res,) = results(gm)
         info = res.meta["gg_collective"]
-        assert info == CollectiveInfo("all_reduce", "sum", tuple(range(W)), 0)
+        assert info == CollectiveInfo("all_reduce", "sum", tuple(range(W)), 0, comm="0")
         assert res.args[0].target is torch.ops.aten.mm.default
         assert tuple(res.meta["val"].shape) == (4, 8)
         assert res.meta["gg_source"].endswith(line_of(dist_mlp, "all_reduce"))
@@ -294,7 +294,7 @@ def test_mismatched_collective_kind():
     msg = str(ei.value)
     assert "rank 1 calls all_gather_into_tensor at" in msg and "rank 0 calls all_reduce(sum)" in msg
     assert line_of(mismatched_kind, "all_reduce(x)") in msg and line_of(mismatched_kind, "all_gather") in msg
-    assert "collective #0 on group (0, 1)" in msg
+    assert "collective #0 on the default group (ranks 0, 1)" in msg
     assert ei.value.rank == 1
 
 

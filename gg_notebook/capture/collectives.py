@@ -4,14 +4,25 @@ After `rewrite_collectives`, every tensor a collective produces is one node
 ``call_function[target=collective_result](input_node)`` whose ``meta["gg_collective"]`` is a
 `CollectiveInfo` and ``meta["val"]`` the result's fake tensor. The c10d / _c10d_functional ops,
 their getitem / wait_tensor plumbing and the ProcessGroup / ReduceOp torchbind attributes are gone.
+
+Communicators. A collective belongs to one communicator, the process group it was issued on,
+identified by the group's name as resolved while tracing (``"0"`` is the default group, then
+``new_group`` / DeviceMesh groups in creation order, as in a real job) together with its ranks.
+Two groups over the same ranks are two communicators: independent queues whose collectives never
+match each other. A collective's ``index`` is its position in program order among this rank's
+collectives on *its communicator*; every collective (barriers too) also blocks until every member
+has issued it, so the ranks must issue collectives in one consistent order (`check_issue_order`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import operator
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -19,7 +30,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from gg_notebook.capture.errors import CaptureError
-from gg_notebook.capture.source import extra_node_meta
+from gg_notebook.capture.source import extra_node_meta, format_source, is_user_file
 
 
 def collective_result(*inputs):
@@ -35,14 +46,30 @@ class CollectiveInfo:
     kind: str  # all_reduce | all_gather | all_gather_into_tensor | reduce_scatter_tensor | all_to_all_single | broadcast
     reduce_op: str | None  # sum | max | min | avg | product (reductions), else None
     group: tuple[int, ...]  # global ranks of the group, in group order
-    index: int  # program order among this rank's collectives on this group
+    index: int  # program order among this rank's collectives on this communicator
     out_index: int = 0  # list all_gather: whose tensor this node is (group order)
     input_split_sizes: tuple[int, ...] | None = None
     output_split_sizes: tuple[int, ...] | None = None
     src: int | None = None  # broadcast source (global rank)
+    comm: str = ""  # the process group's name as resolved while tracing ("0": the default group)
+    comm_label: str = field(default="", compare=False)  # the communicator in words, for messages
 
     def describe(self) -> str:
         return f"{self.kind}({self.reduce_op})" if self.reduce_op else self.kind
+
+    @property
+    def communicator(self) -> tuple[str, tuple[int, ...]]:
+        """The communicator's identity: (process group name, ranks)."""
+        return self.comm, tuple(self.group)
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...], int]:
+        """What the members of one collective share: (communicator name, ranks, index)."""
+        return self.comm, tuple(self.group), self.index
+
+    def where(self) -> str:
+        """The communicator in words, e.g. "the default group (ranks 0, 1)"."""
+        return self.comm_label or f"group {tuple(self.group)}"
 
 
 @dataclass
@@ -55,6 +82,27 @@ class MatchedCollective:
     kind: str
     reduce_op: str | None
     nodes: dict[int, str | tuple[str, ...]]
+    comm: str = ""
+    comm_label: str = ""
+
+
+Shape = tuple  # (shape tuple, dtype) of a tensor, or None
+
+
+@dataclass(frozen=True)
+class IssuedCollective:
+    """One collective call as one rank issued it, in plain data (it crosses process boundaries).
+
+    ``info`` is the CollectiveInfo of its first result; ``nodes`` are its result nodes in the
+    rank's graph (several for a list all_gather or a multi-tensor all_reduce, none for a barrier),
+    ``inputs`` / ``outputs`` the (shape, dtype) of each result's input and of each result."""
+
+    rank: int
+    info: CollectiveInfo
+    source: str | None
+    nodes: tuple[str, ...] = ()
+    inputs: tuple[Shape, ...] = ()
+    outputs: tuple[Shape, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +224,7 @@ _FUNCTIONAL = {
     _fn.all_to_all_single.default: "all_to_all_single",
     _fn.broadcast.default: "broadcast",
 }
-_DROPPABLE = {_c10d.barrier.default} if hasattr(_c10d, "barrier") else set()
+_BARRIER = {_c10d.barrier.default} if hasattr(_c10d, "barrier") else set()  # no result; still issued
 
 
 def _is_collective_namespace(target) -> bool:
@@ -190,15 +238,86 @@ def _torchbind(gm: fx.GraphModule, node) -> object:
     return node
 
 
-def _group_of_pg(obj) -> tuple[int, ...]:
+@dataclass(frozen=True)
+class _Comm:
+    name: str
+    ranks: tuple[int, ...]
+    label: str
+
+
+def _comm_of_pg(obj) -> _Comm:
     pg = dist.ProcessGroup.unbox(obj) if isinstance(obj, torch.ScriptObject) else obj
-    return tuple(dist.get_process_group_ranks(pg))
+    return _comm(pg.group_name, pg)
 
 
-def _group_of_name(name: str) -> tuple[int, ...]:
+def _comm_of_name(name: str) -> _Comm:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return tuple(dist.get_process_group_ranks(_resolve_process_group(name)))
+    return _comm(str(name), _resolve_process_group(name))
+
+
+def _comm(name: str, pg) -> _Comm:
+    ranks = tuple(dist.get_process_group_ranks(pg))
+    listed = ", ".join(str(r) for r in ranks)
+    try:
+        default = dist.distributed_c10d._get_default_group().group_name
+    except Exception:  # pragma: no cover - no default group
+        default = None
+    if name == default:
+        label = f"the default group (ranks {listed})"
+    elif name in _GROUP_ORIGINS:
+        label = f"the group created {_GROUP_ORIGINS[name]} (ranks {listed})"
+    else:
+        label = f"process group {name!r} (ranks {listed})"
+    return _Comm(name, ranks, label)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where process groups were created (for messages): group name -> "by `code` at file.py:LINE".
+
+_GROUP_ORIGINS: dict[str, str] = {}
+
+
+def _user_call_site() -> str | None:
+    f = sys._getframe(2)
+    while f is not None:
+        if is_user_file(f.f_code.co_filename):
+            import linecache
+
+            text = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+            src = format_source((f.f_code.co_filename, f.f_lineno, f.f_code.co_name, text))
+            return f"by `{text}` at {src}" if text else f"at {src}"
+        f = f.f_back
+    return None
+
+
+@contextmanager
+def record_group_origins() -> Iterator[None]:
+    """Remember where the traced program creates process groups (``dist.new_group``, DeviceMesh)."""
+    c10d = dist.distributed_c10d
+    originals = {name: getattr(c10d, name) for name in ("_new_group_with_tag", "split_group") if hasattr(c10d, name)}
+
+    def recording(orig):
+        @functools.wraps(orig)
+        def create(*args, **kwargs):
+            pg = orig(*args, **kwargs)
+            name = getattr(pg, "group_name", None)
+            if isinstance(name, str) and name not in _GROUP_ORIGINS:
+                site = _user_call_site()
+                if site:
+                    _GROUP_ORIGINS[name] = site
+            return pg
+
+        return create
+
+    _GROUP_ORIGINS.clear()
+    for name, orig in originals.items():
+        setattr(c10d, name, recording(orig))
+    try:
+        yield
+    finally:
+        for name, orig in originals.items():
+            setattr(c10d, name, orig)
 
 
 def _reduce_op(obj) -> str:
@@ -233,12 +352,23 @@ def _meta_from(src: fx.Node, dst: fx.Node) -> None:
 def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
     """Replace collectives by `collective_result` nodes (see module docstring); return them in order.
 
-    Must run while the process group the graph was traced with is still alive.
+    Every collective issued (barriers too, which leave no node) is recorded in program order in
+    ``gm.meta["gg_issued"]`` as ``(CollectiveInfo, source)``. Must run while the process group the
+    graph was traced with is still alive.
     """
     g = gm.graph
-    counters: dict[tuple[int, ...], int] = defaultdict(int)
+    counters: dict[tuple[str, tuple[int, ...]], int] = defaultdict(int)
+    issued: list[tuple[CollectiveInfo, str | None]] = []
     results: list[fx.Node] = []
     dead: list[fx.Node] = []
+
+    def issue(comm: _Comm, kind: str, reduce_op: str | None = None, **extra) -> CollectiveInfo:
+        """The next collective on ``comm`` in this rank's program order."""
+        idx = counters[(comm.name, comm.ranks)]
+        counters[(comm.name, comm.ranks)] += 1
+        info = CollectiveInfo(kind, reduce_op, comm.ranks, idx, comm=comm.name, comm_label=comm.label, **extra)
+        issued.append((info, node.meta.get("gg_source")))
+        return info
 
     def make(before: fx.Node, inp: fx.Node, info: CollectiveInfo, val, replaces: list[fx.Node]) -> fx.Node:
         with g.inserting_before(before):
@@ -263,7 +393,8 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
         if node.op != "call_function":
             continue
         t = node.target
-        if t in _DROPPABLE:
+        if t in _BARRIER:
+            issue(_comm_of_pg(_torchbind(gm, node.args[1])), "barrier")
             dead.append(node)
             continue
         if t in _INPLACE:
@@ -271,51 +402,38 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
             a = node.args
             if kind == "all_reduce":
                 tensors, pg, op = a[0], _torchbind(gm, a[1]), _torchbind(gm, a[2])
-                group = _group_of_pg(pg)
-                idx = counters[group]
-                counters[group] += 1
-                info = CollectiveInfo("all_reduce", _reduce_op(op), group, idx)
+                info = issue(_comm_of_pg(pg), "all_reduce", _reduce_op(op))
                 lists = _getitem_users(node, 0)
                 for i, inp in enumerate(tensors):
                     outs = [u for l in lists for u in _getitem_users(l, i)]
                     make(node, inp, info, _val(inp), outs)
             elif kind == "broadcast":
                 tensors, pg, root = a[0], _torchbind(gm, a[1]), a[2]
-                group = _group_of_pg(pg)
-                idx = counters[group]
-                counters[group] += 1
-                info = CollectiveInfo("broadcast", None, group, idx, src=group[root])
+                comm = _comm_of_pg(pg)
+                info = issue(comm, "broadcast", src=comm.ranks[root])
                 lists = _getitem_users(node, 0)
                 for i, inp in enumerate(tensors):
                     outs = [u for l in lists for u in _getitem_users(l, i)]
                     make(node, inp, info, _val(inp), outs)
             elif kind == "all_gather":
                 out_lists, inputs, pg = a[0], a[1], _torchbind(gm, a[2])
-                group = _group_of_pg(pg)
-                idx = counters[group]
-                counters[group] += 1
+                first = issue(_comm_of_pg(pg), "all_gather")
                 top = _getitem_users(node, 0)
                 for li, (lst, inp) in enumerate(zip(out_lists, inputs)):
                     mids = [u for x in top for u in _getitem_users(x, li)]
                     for j, buf in enumerate(lst):
                         outs = [u for m in mids for u in _getitem_users(m, j)]
-                        info = CollectiveInfo("all_gather", None, group, idx, out_index=j)
+                        info = dataclasses.replace(first, out_index=j)
                         make(node, inp, info, _val(buf), outs)
             elif kind in ("all_gather_into_tensor", "reduce_scatter_tensor"):
                 out, inp, pg = a[0], a[1], _torchbind(gm, a[2])
-                group = _group_of_pg(pg)
-                idx = counters[group]
-                counters[group] += 1
                 op = _reduce_op(_torchbind(gm, a[3])) if kind == "reduce_scatter_tensor" else None
-                info = CollectiveInfo(kind, op, group, idx)
+                info = issue(_comm_of_pg(pg), kind, op)
                 make(node, inp, info, _val(out), _getitem_users(node, 0))
             elif kind == "all_to_all_single":
                 out, inp, pg, out_splits, in_splits = a[0], a[1], _torchbind(gm, a[2]), a[3], a[4]
-                group = _group_of_pg(pg)
-                idx = counters[group]
-                counters[group] += 1
-                info = CollectiveInfo(kind, None, group, idx, input_split_sizes=_split(in_splits),
-                                      output_split_sizes=_split(out_splits))
+                info = issue(_comm_of_pg(pg), kind, input_split_sizes=_split(in_splits),
+                             output_split_sizes=_split(out_splits))
                 r = make(node, inp, info, _val(out), [])
                 # The op returns only a Work: later readers of the output buffer read the result.
                 order = {n: i for i, n in enumerate(g.nodes)}
@@ -328,20 +446,15 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
             kind = _FUNCTIONAL[t]
             a = node.args
             inp = a[0]
-            group = _group_of_name(a[-1])
-            idx = counters[group]
-            counters[group] += 1
-            if kind == "all_reduce":
-                info = CollectiveInfo(kind, _reduce_op(a[1]), group, idx)
-            elif kind == "reduce_scatter_tensor":
-                info = CollectiveInfo(kind, _reduce_op(a[1]), group, idx)
+            comm = _comm_of_name(a[-1])
+            if kind in ("all_reduce", "reduce_scatter_tensor"):
+                info = issue(comm, kind, _reduce_op(a[1]))
             elif kind == "all_to_all_single":
-                info = CollectiveInfo(kind, None, group, idx, input_split_sizes=_split(a[2]),
-                                      output_split_sizes=_split(a[1]))
+                info = issue(comm, kind, input_split_sizes=_split(a[2]), output_split_sizes=_split(a[1]))
             elif kind == "broadcast":
-                info = CollectiveInfo(kind, None, group, idx, src=group[a[1]])
+                info = issue(comm, kind, src=comm.ranks[a[1]])
             else:
-                info = CollectiveInfo(kind, None, group, idx)
+                info = issue(comm, kind)
             waits = [u for u in node.users if u.target is _fn.wait_tensor.default]
             r = make(node, inp, info, _val(node), waits)
             node.replace_all_uses_with(r)
@@ -368,6 +481,7 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
     for n in list(g.nodes):  # ProcessGroup / ReduceOp torchbind attributes no longer used
         if n.op == "get_attr" and not n.users:
             g.erase_node(n)
+    gm.meta["gg_issued"] = issued
     return results  # no recompile: the caller interprets or finishes the graph
 
 
@@ -480,29 +594,47 @@ def _dce(g: fx.Graph) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-rank matching
+# Cross-rank matching (on plain data: the graphs may have been captured in other processes)
 
 
-def _describe(node: fx.Node) -> str:
-    return node.meta["gg_collective"].describe()
+def _shape_of(v) -> Shape:
+    return (tuple(int(s) for s in v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
 
 
-def _shape(node: fx.Node):
-    v = _val(node.args[0]) if node.args else None
-    return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+def issued_collectives(issued: list[tuple[CollectiveInfo, str | None]], results: list[fx.Node],
+                       rank: int | None) -> list[IssuedCollective]:
+    """This rank's collectives in program order (``issued``: `rewrite_collectives`' record), each
+    with its result nodes in the final graph (``results``: `finish_collectives`' list)."""
+    by_key: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for n in results:
+        by_key[n.meta["gg_collective"].key].append(n)
+    out = []
+    for info, source in issued:
+        nodes = by_key.get(info.key, [])
+        out.append(IssuedCollective(
+            rank=-1 if rank is None else rank, info=info, source=source,
+            nodes=tuple(n.name for n in nodes),
+            inputs=tuple(_shape_of(_val(n.args[0]) if n.args else None) for n in nodes),
+            outputs=tuple(_shape_of(_val(n)) for n in nodes),
+        ))
+    return out
 
 
-def match_collectives(per_rank: list[list[fx.Node]]) -> list[MatchedCollective]:
-    """Line up every rank's collectives by (group, index); raise `CaptureError` on any disagreement."""
-    # (group, index) -> rank -> nodes
-    table: dict[tuple[int, ...], dict[int, dict[int, list[fx.Node]]]] = defaultdict(lambda: defaultdict(dict))
-    for rank, nodes in enumerate(per_rank):
-        for n in nodes:
-            info: CollectiveInfo = n.meta["gg_collective"]
-            table[info.group][rank].setdefault(info.index, []).append(n)
+def _on(c: IssuedCollective) -> str:
+    return f"collective #{c.info.index} on {c.info.where()}"
+
+
+def match_collectives(per_rank: list[list[IssuedCollective]]) -> list[MatchedCollective]:
+    """Line up every rank's collectives by (communicator, index); raise `CaptureError` on any
+    disagreement, including an issue order that deadlocks (see `check_issue_order`)."""
+    # communicator -> rank -> index -> call
+    table: dict[tuple, dict[int, dict[int, IssuedCollective]]] = defaultdict(lambda: defaultdict(dict))
+    for rank, calls in enumerate(per_rank):
+        for c in calls:
+            table[c.info.communicator][rank][c.info.index] = c
 
     matched: list[MatchedCollective] = []
-    for group, by_rank in table.items():
+    for (comm, group), by_rank in table.items():
         counts = {r: len(by_rank.get(r, {})) for r in group}
         n_max = max(counts.values())
         for idx in range(n_max):
@@ -511,78 +643,116 @@ def match_collectives(per_rank: list[list[fx.Node]]) -> list[MatchedCollective]:
             if missing:
                 r_has = next(iter(present))
                 r_miss = missing[0]
-                first = present[r_has][0]
+                first = present[r_has]
                 raise CaptureError(
-                    f"rank {r_has} calls {_describe(first)} at {first.meta.get('gg_source')} as collective "
-                    f"#{idx} on group {group}, but rank {r_miss} issues only {counts[r_miss]} collectives on "
-                    f"that group (rank {r_has} issues {counts[r_has]}): the ranks' collectives must line up "
-                    "(in a real run this deadlocks). Make every rank of the group call the same collectives "
-                    "in the same order.",
-                    rank=r_has, source=first.meta.get("gg_source"),
+                    f"rank {r_has} calls {first.info.describe()} at {first.source} as {_on(first)}, "
+                    f"but rank {r_miss} issues only {counts[r_miss]} collectives on that group (rank {r_has} "
+                    f"issues {counts[r_has]}): the ranks' collectives must line up (in a real run this "
+                    "deadlocks). Make every rank of the group call the same collectives in the same order.",
+                    rank=r_has, source=first.source,
                 )
             ref_rank = group[0]
             ref = present[ref_rank]
-            ref_info: CollectiveInfo = ref[0].meta["gg_collective"]
             for r in group[1:]:
                 other = present[r]
-                info: CollectiveInfo = other[0].meta["gg_collective"]
                 problem = None
-                if (info.kind, info.reduce_op) != (ref_info.kind, ref_info.reduce_op):
+                if (other.info.kind, other.info.reduce_op) != (ref.info.kind, ref.info.reduce_op):
                     problem = "different collectives"
-                elif info.kind == "broadcast" and info.src != ref_info.src:
-                    problem = f"broadcast from rank {info.src} vs from rank {ref_info.src}"
-                elif info.kind == "all_to_all_single":
+                elif other.info.kind == "broadcast" and other.info.src != ref.info.src:
+                    problem = f"broadcast from rank {other.info.src} vs from rank {ref.info.src}"
+                elif other.info.kind in ("all_to_all_single", "barrier"):
                     problem = None
-                elif _shape(other[0]) != _shape(ref[0]) or len(other) != len(ref):
-                    problem = f"input shapes {_shape(other[0])} vs {_shape(ref[0])}"
+                elif other.inputs[:1] != ref.inputs[:1] or len(other.nodes) != len(ref.nodes):
+                    problem = f"input shapes {other.inputs[0] if other.inputs else None} vs " \
+                              f"{ref.inputs[0] if ref.inputs else None}"
                 if problem:
                     raise CaptureError(
-                        f"rank {r} calls {info.describe()} at {other[0].meta.get('gg_source')} where rank "
-                        f"{ref_rank} calls {ref_info.describe()} at {ref[0].meta.get('gg_source')} "
-                        f"(collective #{idx} on group {group}; {problem}): the ranks' collectives must "
-                        "line up (in a real run this deadlocks or corrupts data).",
-                        rank=r, source=other[0].meta.get("gg_source"),
+                        f"rank {r} calls {other.info.describe()} at {other.source} where rank {ref_rank} calls "
+                        f"{ref.info.describe()} at {ref.source} ({_on(other)}; {problem}): the ranks' "
+                        "collectives must line up (in a real run this deadlocks or corrupts data).",
+                        rank=r, source=other.source,
                     )
-            if ref_info.kind == "all_to_all_single":
+            if ref.info.kind == "barrier":
+                continue  # no result: matters only for the issue order
+            if ref.info.kind == "all_to_all_single":
                 _check_all_to_all(group, idx, present)
-            nodes = {
-                r: (tuple(n.name for n in ns) if ref_info.kind == "all_gather" else ns[0].name)
-                for r, ns in present.items()
-            }
-            matched.append(MatchedCollective(group, idx, ref_info.kind, ref_info.reduce_op, nodes))
+            nodes = {r: (c.nodes if ref.info.kind == "all_gather" else c.nodes[0]) for r, c in present.items()}
+            matched.append(MatchedCollective(group, idx, ref.info.kind, ref.info.reduce_op, nodes,
+                                             comm=comm, comm_label=ref.info.where()))
+    check_issue_order(per_rank)
     return matched
 
 
-def _check_all_to_all(group, idx, present) -> None:
+def check_issue_order(per_rank: list[list[IssuedCollective]]) -> None:
+    """Every collective blocks until all members of its communicator have issued it: run the ranks'
+    collective sequences under that rule and raise `CaptureError` if they deadlock (e.g. two ranks
+    issuing collectives on two process groups over the same ranks in opposite orders)."""
+    pos = [0] * len(per_rank)
+
+    def at(r: int) -> IssuedCollective | None:
+        return per_rank[r][pos[r]] if pos[r] < len(per_rank[r]) else None
+
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(len(per_rank)):
+            c = at(r)
+            if c is None:
+                continue
+            members = c.info.group
+            if all((m_at := at(m)) is not None and m_at.info.key == c.info.key for m in members):
+                for m in members:
+                    pos[m] += 1
+                progressed = True
+    waiting = [r for r in range(len(per_rank)) if at(r) is not None]
+    if not waiting:
+        return
+    r = waiting[0]
+    c = at(r)
+    m = next(m for m in c.info.group if at(m) is None or at(m).info.key != c.info.key)
+    other = at(m)
+    then = (f"rank {m} has finished its collectives" if other is None else
+            f"rank {m} first waits in {other.info.describe()} at {other.source}, {_on(other)}")
+    raise CaptureError(
+        f"the ranks' collectives deadlock: rank {r} waits in {c.info.describe()} at {c.source}, {_on(c)}, "
+        f"which rank {m} has not issued yet: {then}. A collective completes only when every member of "
+        "its process group has issued it, and collectives on different process groups never match each "
+        "other (even over the same ranks), so the ranks must issue them in one consistent order (in a real "
+        "run this hangs).",
+        rank=r, source=c.source,
+    )
+
+
+def _check_all_to_all(group, idx, present: dict[int, IssuedCollective]) -> None:
     W = len(group)
     sends = {}
     recvs = {}
     for gi, r in enumerate(group):
-        n = present[r][0]
-        info: CollectiveInfo = n.meta["gg_collective"]
-        inp, out = _val(n.args[0]), _val(n)
-        if inp.shape[1:] != out.shape[1:] or inp.dtype != out.dtype:
+        c = present[r]
+        info = c.info
+        (ishape, idtype), (oshape, odtype) = c.inputs[0], c.outputs[0]
+        if ishape[1:] != oshape[1:] or idtype != odtype:
             raise CaptureError(
-                f"rank {r} calls all_to_all_single at {n.meta.get('gg_source')} with input {tuple(inp.shape)} "
-                f"and output {tuple(out.shape)}: they must agree beyond dim 0 (collective #{idx} on group {group}).",
-                rank=r, source=n.meta.get("gg_source"),
+                f"rank {r} calls all_to_all_single at {c.source} with input {ishape} "
+                f"and output {oshape}: they must agree beyond dim 0 ({_on(c)}).",
+                rank=r, source=c.source,
             )
-        ins = info.input_split_sizes or ((inp.shape[0] // W,) * W if inp.shape[0] % W == 0 else None)
-        outs = info.output_split_sizes or ((out.shape[0] // W,) * W if out.shape[0] % W == 0 else None)
+        ins = info.input_split_sizes or ((ishape[0] // W,) * W if ishape[0] % W == 0 else None)
+        outs = info.output_split_sizes or ((oshape[0] // W,) * W if oshape[0] % W == 0 else None)
         if ins is None or outs is None or len(ins) != W or len(outs) != W:
             raise CaptureError(
-                f"rank {r} calls all_to_all_single at {n.meta.get('gg_source')} with sizes that do not split "
-                f"into {W} parts (collective #{idx} on group {group}).",
-                rank=r, source=n.meta.get("gg_source"),
+                f"rank {r} calls all_to_all_single at {c.source} with sizes that do not split "
+                f"into {W} parts ({_on(c)}).",
+                rank=r, source=c.source,
             )
         sends[gi], recvs[gi] = ins, outs
     for i, ri in enumerate(group):
         for j, rj in enumerate(group):
             if sends[i][j] != recvs[j][i]:
-                n = present[rj][0]
+                c = present[rj]
                 raise CaptureError(
                     f"rank {ri} sends {sends[i][j]} rows to rank {rj} in all_to_all_single at "
-                    f"{present[ri][0].meta.get('gg_source')} but rank {rj} expects {recvs[j][i]} at "
-                    f"{n.meta.get('gg_source')} (collective #{idx} on group {group}): the split sizes must agree.",
-                    rank=rj, source=n.meta.get("gg_source"),
+                    f"{present[ri].source} but rank {rj} expects {recvs[j][i]} at "
+                    f"{c.source} ({_on(c)}): the split sizes must agree.",
+                    rank=rj, source=c.source,
                 )

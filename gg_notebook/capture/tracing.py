@@ -1,16 +1,18 @@
 """Trace the sequential program and every rank's program to value-semantics fx graphs.
 
-Each rank r is traced in this process under a fake process group (``init_process_group("fake")``
-with rank r) with `make_fx(torch.func.functionalize(fn), tracing_mode="fake")`: no real memory is
-allocated and ``dist.get_rank()`` is a constant in rank r's graph, so every rank is traced.
+Each rank r is traced under a fake process group (``init_process_group("fake")`` with rank r) with
+`make_fx(torch.func.functionalize(fn), tracing_mode="fake")`: no real memory is allocated and
+``dist.get_rank()`` is a constant in rank r's graph, so every rank is traced.
 
-Per-rank state: a user module that keeps global state (caches, buffers, process groups created at
-import time) leaks it from one rank's trace into the next; nothing generic can undo that. Create
-process groups inside the traced function (``dist.new_group`` works there) and reset caches per call.
+`trace_program` traces one program; `capture.programs` runs it for every rank, each in its own
+process (the semantics of a real job). `capture_problem` traces everything in *this* process and
+returns the fx graphs: there a user module that keeps global state (a counter, a cache) leaks it
+from one rank's trace into the next, which a real job never does.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,18 +32,21 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from gg_notebook.capture.collectives import (
+    IssuedCollective,
     MatchedCollective,
     clear_replay,
     collective_result,
     collective_shims,
     finish_collectives,
-    replay_collective,
+    issued_collectives,
     match_collectives,
+    record_group_origins,
+    replay_collective,
     rewrite_collectives,
 )
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
-from gg_notebook.problem import Layout, Problem, local_input
+from gg_notebook.problem import Layout, Problem, Replicate, local_input
 
 
 @dataclass
@@ -182,8 +187,8 @@ def _positional(fn: Callable) -> Callable:
     return call
 
 
-def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """Trace ``fn(*args)`` to a value-semantics graph; return it and its collective_result nodes."""
+def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
+    """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order."""
     shapes = [tuple(a.shape) for a in args]
     fn = _positional(fn)
     try:
@@ -194,9 +199,9 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                 # Pass 1: plain make_fx, so autograd (torch.autograd.grad inside fn) records the
                 # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
                 # decoded and rewritten here, while the process group is alive.
-                with collective_shims():
+                with collective_shims(), record_group_origins():
                     gm1 = make_fx(fn, tracing_mode="fake", record_stack_traces=False)(*args)
-                rewrite_collectives(gm1, rank)
+                    rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
                 # node inherits the user source of the node it comes from.
                 replay = _SourceKeepingInterpreter(gm1)
@@ -204,7 +209,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                     with torch.no_grad():
                         gm = make_fx(torch.func.functionalize(replay.run), tracing_mode="fake",
                                      record_stack_traces=False)(*args)
-                    results = finish_collectives(gm)
+                    results = issued_collectives(gm1.meta["gg_issued"], finish_collectives(gm), rank)
                     # placeholder vals carry the inputs' requires_grad (make_fx stores detached vals)
                     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
                     for p, a in zip(ph, args):
@@ -260,39 +265,90 @@ def _n_outputs(gm: fx.GraphModule) -> int:
     return len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
 
 
+def forget_rank_caches() -> None:
+    """Drop caches that would carry one rank's trace into the next in this process: DTensor's
+    sharding propagation caches key on a DeviceMesh whose hash ignores the local rank."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+
+        prop = DTensor._op_dispatcher.sharding_propagator
+        prop.propagate_op_sharding.cache_clear()
+        prop._propagate_tensor_meta_cached.cache_clear()
+    except Exception:  # pragma: no cover - private API moved; per-process capture does not need it
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Warm-up: the first trace in a process pays for lazy imports and first-use registrations (about a
+# second). Paid once in the parent before forking, every child inherits it instead of paying it.
+
+
+def _warm_up_program(x, w, ids, table, target):
+    import torch.distributed._functional_collectives as fc
+    import torch.nn.functional as F
+
+    h = F.layer_norm(x + F.embedding(ids, table), (x.shape[-1],))
+    a = torch.softmax((h @ w) @ (h @ w).transpose(-1, -2) / 2.0, dim=-1) @ h
+    y = F.gelu(a.reshape(-1, a.shape[-1]) @ w).view(a.shape).permute(1, 0, 2).contiguous()
+    if dist.is_initialized():
+        dist.all_reduce(y)
+        y = fc.all_reduce(y, "sum", dist.group.WORLD)
+        y = torch.cat(list(fc.all_gather_single(y, 0, dist.group.WORLD).chunk(2)), dim=-1)[..., : y.shape[-1]]
+    loss = F.cross_entropy(y.reshape(-1, y.shape[-1]), target.reshape(-1))
+    (g,) = torch.autograd.grad(loss, [w])
+    return loss, g
+
+
+_warmed_up = False
+
+
+def warm_up() -> float:
+    """Trace a small built-in transformer-like program once in this process (nothing of the user's
+    runs); return the seconds it took (0 after the first call)."""
+    global _warmed_up
+    if _warmed_up:
+        return 0.0
+    _warmed_up = True
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    p = Problem(
+        sequential=_warm_up_program, distributed=_warm_up_program,
+        inputs=(torch.randn(2, 3, 4, generator=g), torch.randn(4, 4, generator=g, requires_grad=True),
+                torch.zeros(2, 3, dtype=torch.long), torch.randn(5, 4, generator=g), torch.zeros(2, 3, dtype=torch.long)),
+        placements=(Replicate(), Replicate(), Replicate(), Replicate(), Replicate()), world_size=2,
+    )
+    try:
+        trace_program(p, None)
+        trace_program(p, 0)
+    except Exception:  # noqa: BLE001 - a warm-up only; the real capture reports real errors
+        pass
+    return time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry points
 
 
-def capture_problem(problem: Problem) -> CapturedProgram:
-    """Trace ``problem.sequential`` once and ``problem.distributed`` on every rank; match collectives."""
-    W = problem.world_size
-    names = list(problem.input_names)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
+def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
+    """Trace the sequential program (``rank=None``) or rank ``rank``'s program of ``problem``;
+    return its finished graph and its collectives in program order."""
     mode = FakeTensorMode()
-    seq_args = _global_fakes(mode, problem.inputs)
-    seq, _ = _trace(problem.sequential, seq_args, None)
-    _finish(seq, names, None)
-    timings["sequential"] = time.perf_counter() - t0
+    globals_ = _global_fakes(mode, problem.inputs)
+    if rank is None:
+        gm, issued = _trace(problem.sequential, globals_, None)
+    else:
+        args = _local_fakes(problem, mode, globals_, rank)
+        with fake_process_group(rank, problem.world_size):
+            gm, issued = _trace(problem.distributed, args, rank)
+    _finish(gm, list(problem.input_names), rank)
+    return gm, issued
 
-    ranks: list[fx.GraphModule] = []
-    per_rank_nodes = []
-    t1 = time.perf_counter()
-    for r in range(W):
-        tr = time.perf_counter()
-        mode = FakeTensorMode()
-        args = _local_fakes(problem, mode, _global_fakes(mode, problem.inputs), r)
-        with fake_process_group(r, W):
-            gm, nodes = _trace(problem.distributed, args, r)
-        _finish(gm, names, r)
-        ranks.append(gm)
-        per_rank_nodes.append(nodes)
-        timings[f"rank{r}"] = time.perf_counter() - tr
-    timings["ranks"] = time.perf_counter() - t1
 
-    counts = [_n_outputs(gm) for gm in ranks]
+def check_output_counts(n_seq: int, counts: list[int]) -> None:
+    """Every rank returns as many tensors as the sequential program; raise `CaptureError` if not."""
+    W = len(counts)
     if len(set(counts)) > 1:
         a = 0
         b = next(r for r in range(W) if counts[r] != counts[0])
@@ -301,15 +357,39 @@ def capture_problem(problem: Problem) -> CapturedProgram:
             "the same number of tensors (one local piece per output of the sequential program).",
             rank=b,
         )
-    n_seq = _n_outputs(seq)
     if counts and counts[0] != n_seq:
         raise CaptureError(
             f"the ranks return {counts[0]} outputs but the sequential program returns {n_seq}: the distributed "
             "function must return one (local) tensor per output of the sequential function, in the same order.",
             rank=0,
         )
+
+
+def capture_problem(problem: Problem) -> CapturedProgram:
+    """Trace ``problem.sequential`` once and ``problem.distributed`` on every rank, all in this
+    process (see the module docstring); match collectives."""
+    W = problem.world_size
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    seq, _ = trace_program(problem, None)
+    timings["sequential"] = time.perf_counter() - t0
+
+    ranks: list[fx.GraphModule] = []
+    per_rank: list[list[IssuedCollective]] = []
+    t1 = time.perf_counter()
+    for r in range(W):
+        tr = time.perf_counter()
+        forget_rank_caches()
+        gm, issued = trace_program(problem, r)
+        ranks.append(gm)
+        per_rank.append(issued)
+        timings[f"rank{r}"] = time.perf_counter() - tr
+    timings["ranks"] = time.perf_counter() - t1
+
+    check_output_counts(_n_outputs(seq), [_n_outputs(gm) for gm in ranks])
     t2 = time.perf_counter()
-    matched = match_collectives(per_rank_nodes)
+    matched = match_collectives(per_rank)
     timings["match"] = time.perf_counter() - t2
     return CapturedProgram(sequential=seq, ranks=ranks, world_size=W, collectives=matched, timings=timings)
 

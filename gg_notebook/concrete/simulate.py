@@ -161,14 +161,15 @@ def run_graph(g: Graph, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """All ranks in lockstep; a collective waits until every member has produced its input."""
+    """All ranks in lockstep; a collective completes once every member of its communicator (process
+    group, matched by name and ranks as in the engine's index) has issued it and produced its input."""
     W = len(graphs)
     envs: list[dict[str, torch.Tensor]] = [{} for _ in range(W)]
     coll: dict[tuple, dict[int, Node]] = {}
     for g in graphs:
         for n in g.nodes:
             if n.op == "collective":
-                coll.setdefault((tuple(n.attrs.group), n.attrs.index), {}).setdefault(g.rank, n)
+                coll.setdefault(n.attrs.key, {}).setdefault(g.rank, n)
     cursors = [0] * W
     while any(cursors[r] < len(graphs[r].nodes) for r in range(W)):
         progressed = False
@@ -179,7 +180,7 @@ def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[di
                 if n.op == "input":
                     env[n.name] = locals_[r][n.attrs]
                 elif n.op == "collective":
-                    v = _collective(n, r, coll, envs)
+                    v = _collective(n, r, coll, envs, cursors)
                     if v is None:
                         break
                     env[n.name] = v
@@ -194,17 +195,29 @@ def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[di
                 cursors[r] += 1
                 progressed = True
         if not progressed:
-            raise SimulationError("the ranks' collectives do not line up (deadlock in simulation)")
+            waiting = "; ".join(_waiting_at(r, graphs[r].nodes[cursors[r]])
+                                for r in range(W) if cursors[r] < len(graphs[r].nodes))
+            raise SimulationError(f"the ranks' collectives do not line up (deadlock in simulation: {waiting})")
     return envs
 
 
-def _collective(n: Node, rank: int, coll, envs) -> torch.Tensor | None:
+def _waiting_at(rank: int, n: Node) -> str:
+    where = f" on {n.attrs.where()}" if n.op == "collective" else ""
+    return f"rank {rank} waits in {n.target} at {n.source}{where}"
+
+
+def _collective(n: Node, rank: int, coll, envs, cursors) -> torch.Tensor | None:
     info = n.attrs
     group = tuple(info.group)
-    members = coll[(group, info.index)]
+    members = coll[info.key]
     ins = []
     for m in group:
-        mn = members[m]
+        mn = members.get(m)
+        if mn is None:
+            raise SimulationError(f"rank {m} never issues collective #{info.index} on {info.where()} "
+                                  f"that rank {rank} issues at {n.source}")
+        if cursors[m] < mn.index:
+            return None  # rank m has not issued this collective yet
         key = mn.inputs[0].name
         if key not in envs[m]:
             return None

@@ -138,15 +138,14 @@ class DIndex:
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
     def _build(self) -> None:
-        # collectives by (group, index) -> {rank: node}
+        # collectives by (communicator, index) -> {rank: first result node}; a collective completes
+        # only once every member of its communicator has issued it (reached its node)
         coll: dict[tuple, dict[int, Node]] = {}
         for g in self.graphs:
             for n in g.nodes:
                 if n.op == "collective":
-                    key = (tuple(n.attrs.group), n.attrs.index)
-                    coll.setdefault(key, {})
-                    coll[key].setdefault(g.rank, n)
-        cursors = [0] * self.world_size
+                    coll.setdefault(n.attrs.key, {}).setdefault(g.rank, n)
+        cursors = self._cursors = [0] * self.world_size
         total = sum(len(g.nodes) for g in self.graphs)
         done = 0
         while done < total:
@@ -162,12 +161,11 @@ class DIndex:
                     done += 1
                     progressed = True
             if not progressed:
-                stuck = [
-                    f"rank {r} at {g.nodes[cursors[r]].target} ({g.nodes[cursors[r]].source})"
-                    for r, g in enumerate(self.graphs)
-                    if cursors[r] < len(g.nodes)
-                ]
-                raise IndexError_("the ranks' collectives cannot be matched: " + "; ".join(stuck))
+                stuck = [_waiting_at(r, g.nodes[cursors[r]]) for r, g in enumerate(self.graphs) if cursors[r] < len(g.nodes)]
+                raise IndexError_(
+                    "the ranks' collectives cannot be matched: " + "; ".join(stuck)
+                    + " (a collective completes only when every member of its process group has issued it)"
+                )
 
     def _term(self, rank: int, n: Node, coll) -> Expr | None:
         S = self.store
@@ -201,15 +199,17 @@ class DIndex:
         S = self.store
         info = n.attrs
         group = tuple(info.group)
-        members = coll.get((group, info.index), {})
+        members = coll.get(info.key, {})
         ins: list[Expr] = []
         for m in group:
             mn = members.get(m)
             if mn is None:
                 raise IndexError_(
-                    f"rank {m} never issues collective #{info.index} on group {group} "
+                    f"rank {m} never issues collective #{info.index} on {info.where()} "
                     f"that rank {rank} issues at {n.source}"
                 )
+            if self._cursors[m] < mn.index:
+                return None  # rank m has not issued this collective yet
             key = (m, mn.inputs[0].name)
             if key not in self.node_term:
                 return None
@@ -257,9 +257,15 @@ def _wrong_buffer(rank: int, n: Node, term: Expr) -> None:
     code = f" (`{n.code.strip()}`)" if n.code else ""
     raise CaptureError(
         f"rank {rank} calls {info.describe()}{where}{code} with an output of shape {tuple(n.shape)}, but with "
-        f"inputs of shape {tuple(src) if src is not None else '?'} on a group of {len(tuple(info.group))} ranks it "
+        f"inputs of shape {tuple(src) if src is not None else '?'} on {info.where()} it "
         f"produces shape {tuple(term.shape)}: a real run fails (gloo/NCCL: invalid tensor size). Allocate the "
         f"output with shape {tuple(term.shape)}.", rank=rank, source=n.source)
+
+
+def _waiting_at(rank: int, n: Node) -> str:
+    if n.op == "collective":
+        return f"rank {rank} waits in {n.target} at {n.source}, collective #{n.attrs.index} on {n.attrs.where()}"
+    return f"rank {rank} at {n.target} ({n.source})"
 
 
 def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:
