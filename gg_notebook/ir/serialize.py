@@ -14,6 +14,7 @@ almost works; what it cannot do is handled here:
 from __future__ import annotations
 
 import io
+import dataclasses
 import pickle
 from typing import Any
 
@@ -35,8 +36,11 @@ def _load_higher_order(name: str):
     return getattr(torch.ops.higher_order, name)
 
 
-def _load_graph(nodes, inputs, outputs, rank):
-    return Graph(nodes, inputs, outputs, rank=rank)
+def _load_graph(nodes, inputs, outputs, rank, extra=None):
+    g = Graph(nodes, inputs, outputs, rank=rank)
+    for k, v in (extra or {}).items():  # every other field (random_ops, ...) as it was
+        setattr(g, k, v)
+    return g
 
 
 class _Pickler(pickle.Pickler):
@@ -49,7 +53,9 @@ class _Pickler(pickle.Pickler):
             return _load_higher_order, (obj.name(),)
         if type(obj) is Graph:
             _check_topological(obj)
-            return _load_graph, (list(obj.nodes), list(obj.inputs), list(obj.outputs), obj.rank)
+            extra = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+                     if f.name not in ("nodes", "inputs", "outputs", "rank", "by_name")}
+            return _load_graph, (list(obj.nodes), list(obj.inputs), list(obj.outputs), obj.rank, extra)
         return NotImplemented
 
 
