@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _RTOL = {torch.float64: 1e-8, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -38,6 +40,19 @@ def coarsest_float(graph):
             if worst is None or _RTOL[dt] > _RTOL[worst]:
                 worst = dt
     return worst
+
+
+@contextlib.contextmanager
+def judged_as(graph, bitwise: bool):
+    """Tolerances for comparing values of ``graph``'s program: bitwise or not, growing with its
+    largest reduction and set by its least precise float dtype (restored afterwards)."""
+    global BITWISE, REDUCTION, COARSEST
+    previous = BITWISE, REDUCTION, COARSEST
+    BITWISE, REDUCTION, COARSEST = bitwise, reduction_size(graph), coarsest_float(graph)
+    try:
+        yield
+    finally:
+        BITWISE, REDUCTION, COARSEST = previous
 
 
 def reduction_size(graph) -> int:

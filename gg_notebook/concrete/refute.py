@@ -112,28 +112,18 @@ def concrete_check(engine, problem, result: Result, seeds: int = 3, bitwise: boo
 
 
 def _concrete_check_config(engine, problem, result: Result, seeds: int, bitwise: bool) -> Result:
-    from gg_notebook.concrete import compare
+    from gg_notebook.concrete.compare import judged_as
 
-    previous = compare.BITWISE, compare.REDUCTION, compare.COARSEST
-    compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
-    compare.COARSEST = compare.coarsest_float(engine.seq)
-    try:
+    with judged_as(engine.seq, bitwise):
         return _concrete_check(engine, problem, result, seeds)
-    finally:
-        compare.BITWISE, compare.REDUCTION, compare.COARSEST = previous
 
 
 def concrete_check_on(engine, problem, result: Result, sims: list, bitwise: bool = False) -> Result:
     """`concrete_check` on simulations that were already run."""
-    from gg_notebook.concrete import compare
+    from gg_notebook.concrete.compare import judged_as
 
-    previous = compare.BITWISE, compare.REDUCTION, compare.COARSEST
-    compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
-    compare.COARSEST = compare.coarsest_float(engine.seq)
-    try:
+    with judged_as(engine.seq, bitwise):
         return _judge_simulations(engine, problem, result, sims)
-    finally:
-        compare.BITWISE, compare.REDUCTION, compare.COARSEST = previous
 
 
 def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:

@@ -46,14 +46,11 @@ def validate_proof(engine, problem, result: Result, bitwise: bool = False) -> Re
 
 
 def _validate(engine, problem, result: Result, bitwise: bool) -> Result:
-    from gg_notebook.concrete import compare
+    from gg_notebook.concrete.compare import judged_as
     from gg_notebook.concrete.simulate import SimulationError, simulate
 
     t0 = time.perf_counter()
-    previous = compare.BITWISE, compare.REDUCTION, compare.COARSEST
-    compare.BITWISE, compare.REDUCTION = bitwise, compare.reduction_size(engine.seq)
-    compare.COARSEST = compare.coarsest_float(engine.seq)
-    try:
+    with judged_as(engine.seq, bitwise):
         try:
             sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s, adversarial=adv) for s, adv in SEEDS]
         except SimulationError as exc:
@@ -64,8 +61,6 @@ def _validate(engine, problem, result: Result, bitwise: bool) -> Result:
             result.stats["validated"] = False
             return result
         failure = _check_relations(engine, sims) or _check_instances(engine, sims)
-    finally:
-        compare.BITWISE, compare.REDUCTION, compare.COARSEST = previous
     result.stats["validate_s"] = time.perf_counter() - t0
     result.stats["validated"] = failure is None
     result.stats["validated_instances"] = len(engine.instances)
