@@ -364,3 +364,62 @@ def test_lowering_failure_names_rank(monkeypatch):
     assert "gg_notebook limitation" in msg
     monkeypatch.undo()
     assert_still_works()
+
+
+# ------------------------------------------------------------------ collectives with wrong buffers (fuzz finds)
+def _rs_problem(rows_of_output):
+    import torch.distributed as dist
+
+    def seq(x, w):
+        return torch.relu(x) @ w
+
+    def dist_fn(x, w):
+        y = torch.relu(x) @ w
+        out = torch.empty(rows_of_output(y, dist.get_world_size()), y.shape[1], dtype=y.dtype)
+        dist.reduce_scatter_tensor(out, y.contiguous())
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    return gg.Problem(seq, dist_fn, [torch.randn(8, 8, generator=g, dtype=torch.float64),
+                                     torch.randn(8, 3, generator=g, dtype=torch.float64)],
+                      [gg.Shard(1), gg.Shard(0)], 4, expect=[gg.Shard(0)])
+
+
+def test_reduce_scatter_into_an_empty_buffer_is_a_clear_error():
+    # 3 // 4 == 0 rows (found by the soundness fuzzer: the engine used to loop on the empty pieces;
+    # gloo aborts with "outputShape[0] * worldSize == inputShape[0]")
+    with pytest.raises(CaptureError, match=r"output of shape \(0, 3\).*shape \(2, 3\)"):
+        gg.verify(_rs_problem(lambda y, w: y.shape[1] // w))
+
+
+def test_tiling_ignores_empty_pieces():
+    from gg_notebook.engine.index import DIndex
+    from gg_notebook.relations.expr import ExprStore
+
+    S = ExprStore()
+    idx = DIndex.__new__(DIndex)
+    x = S.atom("x", (8, 3), torch.float64)
+    idx.slices_of = {x.id: [(0, 0, 0, object()), (0, 0, 0, object())]}  # two empty slices at row 0
+    assert idx.tiling(x) == []  # terminates: nothing to tile
+
+
+def test_reduce_scatter_into_a_wrong_sized_buffer_names_rank_and_line():
+    with pytest.raises(CaptureError, match=r"rank \d calls reduce_scatter_tensor.*test_bad_input.py:\d+.*output of shape \(3, 3\).*input of shape \(8, 3\).*shape \(2, 3\)"):
+        gg.verify(_rs_problem(lambda y, w: 3))
+
+
+def test_list_all_gather_with_more_outputs_than_ranks_names_the_group():
+    import torch.distributed as dist
+
+    def seq(x):
+        return x * 2
+
+    def dist_fn(x):
+        group = dist.new_group([dist.get_rank()])  # a group of one rank
+        outs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(outs, x * 2, group=group)
+        return outs[0]
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises((CaptureError, gg.ProblemError), match=r"rank|group"):
+        gg.verify(gg.Problem(seq, dist_fn, [x], [gg.Replicate()], 2, expect=[gg.Replicate()]))

@@ -109,7 +109,7 @@ class DIndex:
         for dim in sorted({p[0] for p in pieces}):
             by_start: dict[int, tuple[int, DVal]] = {}
             for d, a, b, dv in pieces:
-                if d == dim and (a not in by_start or b > by_start[a][0]):
+                if d == dim and b > a and (a not in by_start or b > by_start[a][0]):  # empty pieces tile nothing
                     by_start[a] = (b, dv)
             cur, chosen = 0, []
             while cur in by_start and cur < term.shape[dim]:
@@ -189,9 +189,10 @@ class DIndex:
         if op == "call":
             return S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)
         if op == "collective":
+            _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)
             if term is not None and tuple(term.shape) != tuple(n.shape):
-                _wrong_buffer(rank, n, term)
+                _wrong_buffer(rank, n, tuple(term.shape))
             return term
         raise IndexError_(f"unknown IR op {op}")
 
@@ -219,6 +220,13 @@ class DIndex:
         if kind == "all_reduce":
             return _reduce(S, fn, ins, n)
         if kind == "all_gather":
+            if info.out_index >= len(ins):
+                from gg_notebook.capture.errors import CaptureError
+
+                raise CaptureError(
+                    f"rank {rank} calls all_gather at {n.source} with more output tensors than the {len(ins)} "
+                    f"ranks of {info.where()}: a real run fails; pass one output tensor per rank of the group.",
+                    rank=rank, source=n.source)
             return ins[info.out_index]
         if kind == "all_gather_into_tensor":
             return S.cat(ins, 0)
@@ -246,20 +254,47 @@ class DIndex:
         raise IndexError_(f"unsupported collective {kind} at {n.source}")
 
 
-def _wrong_buffer(rank: int, n: Node, term: Expr) -> None:
+def _expected_shape(n: Node) -> tuple | None:
+    """The output shape a real process group demands of collective ``n`` (None: not checked here)."""
+    info = n.attrs
+    if not n.inputs:
+        return None
+    src = tuple(n.inputs[0].shape)
+    size = len(tuple(info.group))
+    if info.kind in ("all_reduce", "broadcast", "all_gather"):
+        return src
+    if info.kind == "all_gather_into_tensor" and src:
+        return (src[0] * size,) + src[1:]
+    if info.kind == "reduce_scatter_tensor" and src:
+        return (src[0] // size,) + src[1:] if src[0] % size == 0 else ("not divisible",)
+    return None
+
+
+def _check_buffer(rank: int, n: Node) -> None:
+    want = _expected_shape(n)
+    if want is not None and want != tuple(n.shape):
+        _wrong_buffer(rank, n, want)
+
+
+def _wrong_buffer(rank: int, n: Node, want: tuple) -> None:
     """A collective whose output buffer does not have the shape the collective produces: the fake
     process group used for tracing does not check it, a real one fails ("invalid tensor size")."""
     from gg_notebook.capture.errors import CaptureError
 
     info = n.attrs
-    src = n.inputs[0].shape if n.inputs else None
+    src = tuple(n.inputs[0].shape) if n.inputs else None
     where = f" at {n.source}" if n.source else ""
     code = f" (`{n.code.strip()}`)" if n.code else ""
+    size = len(tuple(info.group))
+    if want == ("not divisible",):
+        fix = (f"the input's first dim ({src[0]}) must be {size} (the group's size) times the output's; "
+               f"pad the input or change the split")
+    else:
+        fix = f"allocate the output with shape {want}"
     raise CaptureError(
-        f"rank {rank} calls {info.describe()}{where}{code} with an output of shape {tuple(n.shape)}, but with "
-        f"inputs of shape {tuple(src) if src is not None else '?'} on {info.where()} it "
-        f"produces shape {tuple(term.shape)}: a real run fails (gloo/NCCL: invalid tensor size). Allocate the "
-        f"output with shape {tuple(term.shape)}.", rank=rank, source=n.source)
+        f"rank {rank} calls {info.describe()}{where}{code} with an output of shape {tuple(n.shape)} for an "
+        f"input of shape {src if src is not None else '?'} on {info.where()}: a real run fails (gloo/NCCL: "
+        f"invalid tensor size); {fix}.", rank=rank, source=n.source)
 
 
 def _waiting_at(rank: int, n: Node) -> str:
