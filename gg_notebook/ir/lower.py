@@ -178,6 +178,8 @@ class _Lowerer:
 
         t_args = tuple(conv(a) for a in args)
         t_kwargs = tuple(sorted((k, conv(v)) for k, v in kwargs.items()))
+        if target in DIM_OF_SELF and inputs:
+            t_args, t_kwargs = _nonnegative_dims(target, t_args, t_kwargs, len(inputs[0].shape))
         if target in SCALAR_CAST_FIRST and inputs and inputs[0].dtype is not None and inputs[0].dtype.is_floating_point:
             t_args = _floats(t_args)
             t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
@@ -256,7 +258,7 @@ class _Lowerer:
                     ) from exc
             else:
                 raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
-        g = Graph(self.nodes, inputs, outputs, rank=self.rank)
+        g = Graph(_live(self.nodes, inputs, outputs), inputs, outputs, rank=self.rank)
         g.random_ops = self.random_ops
         return g
 
@@ -291,6 +293,10 @@ class _Lowerer:
 
         if packet in IDENTITY:
             return env[args[0]]
+        if packet in ASSERTS:
+            return None  # checks, not values (a failing check is a crash of the real run, not a value)
+        if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
+            return self.overwrite(fx, env[args[0]], env[args[1]])
         if packet in ("_to_copy", "to", "_to_dtype", "type_as"):
             src = env[args[0]]
             if dtype == src.dtype:
@@ -452,18 +458,35 @@ class _Lowerer:
         shape, dtype = _meta_of(fx)
         return self.emit("call", spec, (src,), shape, dtype)
 
+    def overwrite(self, fx, dst: Node, src: Node) -> Node:
+        """``copy(dst, src)`` into a buffer nothing initialized (``torch.empty(..).copy_(y)``, an
+        output buffer filled by a kernel): the value is ``src``, broadcast to dst's shape and cast
+        to its dtype; dst's own (undefined) contents never matter."""
+        shape, dtype = _meta_of(fx)
+        v = src
+        if tuple(v.shape) != tuple(shape):
+            v = self.emit("expand", tuple(shape), (v,), shape, v.dtype, name=fx.name + "_expand")
+        if v.dtype != dtype:
+            target = aten._to_copy.default
+            spec = OpSpec("ew", _name(target), target, ((Slot(0),), (("dtype", dtype),)))
+            v = self.emit("call", spec, (v,), shape, dtype, target=_name(target))
+        return v
+
     def addmm(self, fx, packet) -> Node:
-        """addmm(bias, a, b, beta, alpha) -> add(beta*bias, alpha*mm(a, b)); lemmas see mm and add."""
+        """addmm(bias, a, b, beta, alpha) -> add(beta*bias, alpha*mm(a, b)); lemmas see mm and add.
+        With ``beta=0`` the bias is ignored entirely (even NaN or uninitialized): just the product."""
         args, kwargs = fx.args, fx.kwargs
         beta = kwargs.get("beta", 1)
         alpha = kwargs.get("alpha", 1)
-        if beta != 1 or alpha != 1 or packet == "addbmm":
+        if (beta not in (0, 1) or isinstance(beta, bool)) or alpha != 1 or isinstance(alpha, bool) or packet == "addbmm":
             return self.call(fx)
         bias, a, b = (self.env[x] for x in args[:3])
         shape, dtype = _meta_of(fx)
         mm_target = aten.mm.default if packet == "addmm" else aten.bmm.default
         einsum = "ik,kj->ij" if packet == "addmm" else "bik,bkj->bij"
         mm_spec = OpSpec("matmul", _name(mm_target), mm_target, ((Slot(0), Slot(1)), ()), (("einsum", einsum),))
+        if beta == 0:
+            return self.emit("call", mm_spec, (a, b), shape, dtype, target=_name(mm_target))
         mm = self.emit("call", mm_spec, (a, b), shape, dtype, target=_name(mm_target), name=fx.name + "_mm")
         add_target = aten.add.Tensor
         add_spec = OpSpec("ew", _name(add_target), add_target, ((Slot(0), Slot(1)), ()))
@@ -601,6 +624,66 @@ SCALAR_CAST_FIRST = {
     aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar,
     aten.where.ScalarOther, aten.where.ScalarSelf,
 }
+
+
+# Overloads whose ``dim`` arguments index the dims of their first tensor argument (so ``dim=-1``
+# and ``dim=ndim-1`` are one call). Not ops whose dims index the *output* (diag_embed, unsqueeze).
+DIM_OF_SELF = {
+    aten._softmax.default, aten._log_softmax.default, aten._softmax_backward_data.default,
+    aten._log_softmax_backward_data.default, aten.gather.default, aten.index_select.default,
+    aten.cumsum.default, aten.cumprod.default, aten.argmax.default, aten.argmin.default,
+    aten.sort.default, aten.sort.stable, aten.topk.default, aten.flip.default, aten.roll.default,
+    aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default,
+    aten.index_copy.default, aten.index_fill.int_Scalar, aten.slice_scatter.default,
+    aten.select_scatter.default, aten.glu.default, aten.var.correction, aten.std.correction,
+    aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logcumsumexp.default, aten.cummax.default,
+    aten.cummin.default, aten.repeat_interleave.self_int,
+}
+_DIM_ARGS = ("dim", "dims")
+
+
+def _nonnegative_dims(target, t_args: tuple, t_kwargs: tuple, ndim: int):
+    """``dim``/``dims`` arguments of ``target`` taken modulo the first tensor's rank."""
+    if ndim == 0:
+        return t_args, t_kwargs
+    names = [a.name for a in target._schema.arguments]
+
+    def fix(v):
+        if isinstance(v, Lit) and type(v.value) is int and -ndim <= v.value < ndim:
+            return Lit(v.value % ndim)
+        if isinstance(v, tuple):
+            return tuple(fix(x) for x in v)
+        return v
+
+    t_args = tuple(fix(v) if i < len(names) and names[i] in _DIM_ARGS else v for i, v in enumerate(t_args))
+    t_kwargs = tuple((k, fix(v) if k in _DIM_ARGS else v) for k, v in t_kwargs)
+    return t_args, t_kwargs
+
+
+ASSERTS = {"_assert_async", "_assert_scalar", "_functional_assert_async", "_assert_tensor_metadata",
+           "_functional_assert_scalar"}
+UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+
+def _uninitialized(n) -> bool:
+    """An allocation whose contents nothing has written yet."""
+    return (isinstance(n, Node) and n.op == "call" and n.attrs.kind != "const"
+            and _packet(n.attrs.target) in UNINITIALIZED)
+
+
+def _live(nodes: list[Node], inputs: list[Node], outputs: list[Node]) -> list[Node]:
+    """``nodes`` without dead code: only what an output or a collective depends on (a collective
+    is kept even if its result is unused: every member must issue it), and every input."""
+    keep: set[int] = set()
+    stack = [*outputs, *(n for n in nodes if n.op == "collective")]
+    while stack:
+        n = stack.pop()
+        if id(n) in keep:
+            continue
+        keep.add(id(n))
+        stack.extend(n.inputs)
+    keep.update(id(n) for n in inputs)
+    return [n for n in nodes if id(n) in keep]
 
 
 def _floats(v):

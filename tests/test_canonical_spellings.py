@@ -1,0 +1,113 @@
+"""Canonical spellings (issue #8, item 4, first part): one value, one form, whatever the spelling.
+
+Each correct pair below is the same computation written two ways on a replicated input, so the
+proof rests on exact lookup only: it goes through only if both spellings lower to the same terms.
+Next to each, a wrong twin (a different dim, a partially written buffer, a non-zero beta) must not
+be proved. The normalizations themselves are checked numerically against the real operators.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gg_notebook as gg
+from gg_notebook.ir.lower import DIM_OF_SELF, lower
+
+R = gg.Replicate()
+aten = torch.ops.aten
+
+
+def _rn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def same(seq, other, inputs):
+    return gg.verify(gg.Problem(seq, other, inputs, [R] * len(inputs), 2, expect=[R]))
+
+
+SAME = {
+    "softmax dim=-1 vs dim=2": (lambda x: torch.softmax(x, -1), lambda x: torch.softmax(x, dim=2), [_rn(2, 5, 4)]),
+    "log_softmax method vs F": (lambda x: x.log_softmax(dim=-1), lambda x: F.log_softmax(x, 2), [_rn(2, 5, 4)]),
+    "gather dim -1 vs 1": (lambda x, i: x.gather(-1, i), lambda x, i: torch.gather(x, 1, i),
+                           [_rn(4, 6), torch.randint(0, 6, (4, 2), generator=torch.Generator().manual_seed(1))]),
+    "cumsum -2 vs 0": (lambda x: x.cumsum(-2), lambda x: torch.cumsum(x, 0), [_rn(4, 6)]),
+    "flip dims": (lambda x: x.flip(-1), lambda x: torch.flip(x, (1,)), [_rn(4, 6)]),
+    "copy_ into empty_like": (lambda x: x * 2, lambda x: torch.empty_like(x).copy_(x * 2), [_rn(3, 4)]),
+    "copy_ into empty, broadcast": (lambda x: x.expand(3, 4) + 0.0, lambda x: torch.empty(3, 4, dtype=x.dtype).copy_(x) + 0.0,
+                                    [_rn(4)]),
+    "copy_ into new_empty of another dtype": (lambda x: x.float(), lambda x: x.new_empty(x.shape, dtype=torch.float32).copy_(x),
+                                              [_rn(3, 4)]),
+    "baddbmm(empty, beta=0) vs bmm": (lambda a, b: torch.bmm(a, b),
+                                      lambda a, b: torch.baddbmm(torch.empty(2, 5, 5, dtype=a.dtype), a, b, beta=0.0),
+                                      [_rn(2, 5, 4), _rn(2, 4, 5, seed=2)]),
+    "addmm(empty, beta=0) vs mm": (lambda a, b: a @ b, lambda a, b: torch.addmm(torch.empty(5, 3, dtype=a.dtype), a, b, beta=0),
+                                   [_rn(5, 4), _rn(4, 3, seed=2)]),
+    "assert is not a value": (lambda x: x + 1, lambda x: (torch._assert_async(x.abs().sum() >= 0), x + 1)[1], [_rn(3, 4)]),
+}
+
+DIFFERENT = {
+    "softmax over another dim": (lambda x: torch.softmax(x, -1), lambda x: torch.softmax(x, 1), [_rn(2, 4, 4)]),
+    "copy_ into part of a zero buffer": (lambda x: x * 2, lambda x: torch.zeros_like(x).index_copy(0, torch.tensor([0]), (x * 2)[:1]),
+                                         [_rn(3, 4)]),
+    "baddbmm with beta=1 on ones": (lambda a, b: torch.bmm(a, b),
+                                    lambda a, b: torch.baddbmm(torch.ones(2, 5, 5, dtype=a.dtype), a, b, beta=1.0),
+                                    [_rn(2, 5, 4), _rn(2, 4, 5, seed=2)]),
+    "cumsum over another dim": (lambda x: x.cumsum(-1), lambda x: x.cumsum(0), [_rn(4, 4)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAME))
+def test_two_spellings_are_one_value(name):
+    seq, other, inputs = SAME[name]
+    r = same(seq, other, inputs)
+    assert r.status is gg.Status.PROVED, r
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENT))
+def test_a_different_computation_is_not_proved(name):
+    seq, other, inputs = DIFFERENT[name]
+    r = same(seq, other, inputs)
+    assert r.status is gg.Status.REFUTED, r
+
+
+def test_dead_code_is_not_a_step():
+    def seq(x):
+        unused = torch.exp(x).cumsum(0)  # noqa: F841 - dead: no output depends on it
+        return x * 3
+
+    r = same(seq, lambda x: x * 3, [_rn(3, 4)])
+    assert r.status is gg.Status.PROVED, r
+
+
+@pytest.mark.parametrize("op", sorted(DIM_OF_SELF, key=str), ids=str)
+def test_dim_normalization_lists_only_ops_whose_dims_index_their_first_tensor(op):
+    """Every listed overload has a ``dim``/``dims`` argument (so the list has no typo'd entries)."""
+    names = {a.name for a in op._schema.arguments}
+    assert names & {"dim", "dims"}, f"{op} has no dim argument"
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.softmax(x, -2), lambda x: x.cumsum(-1), lambda x: x.flip((-1, -3)), lambda x: x.roll(1, -2),
+    lambda x: x.argmax(-1), lambda x: x.sort(-2).values, lambda x: x.topk(2, -1).indices,
+    lambda x: x.var(-1, correction=0), lambda x: F.glu(x, -1),
+    lambda x: x.index_select(-1, torch.tensor([1, 0])), lambda x: x.logcumsumexp(-3),
+])
+def test_normalized_calls_compute_the_same_values(fn):
+    x = _rn(2, 3, 4)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = lower(make_fx(fn)(x))
+    env = {}
+    for n in g.nodes:
+        env[n.name] = x if n.op == "input" else _apply(n, env)
+    want = fn(x)
+    got = env[g.outputs[0].name]
+    assert torch.equal(got, want)
+
+
+def _apply(n, env):
+    from gg_notebook.relations.expr import apply_op
+
+    return apply_op(n.op, n.attrs, [env[i.name] for i in n.inputs])
