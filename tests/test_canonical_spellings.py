@@ -44,6 +44,13 @@ SAME = {
                                       [_rn(2, 5, 4), _rn(2, 4, 5, seed=2)]),
     "addmm(empty, beta=0) vs mm": (lambda a, b: a @ b, lambda a, b: torch.addmm(torch.empty(5, 3, dtype=a.dtype), a, b, beta=0),
                                    [_rn(5, 4), _rn(4, 3, seed=2)]),
+    "F.linear vs 3-D matmul + bias": (lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.t() + b,
+                                      [_rn(2, 5, 4), _rn(3, 4, seed=1), _rn(3, seed=2)]),
+    "2-D addmm then view vs 3-D matmul + bias": (
+        lambda x, w, b: (torch.addmm(b, x.reshape(-1, 4), w.t())).view(2, 5, 3), lambda x, w, b: torch.matmul(x, w.t()) + b,
+        [_rn(2, 5, 4), _rn(3, 4, seed=1), _rn(3, seed=2)]),
+    "F.linear then gelu vs matmul, bias, gelu": (lambda x, w, b: F.gelu(F.linear(x, w, b)), lambda x, w, b: F.gelu(x @ w.T + b),
+                                                 [_rn(2, 5, 4), _rn(3, 4, seed=1), _rn(3, seed=2)]),
     "assert is not a value": (lambda x: x + 1, lambda x: (torch._assert_async(x.abs().sum() >= 0), x + 1)[1], [_rn(3, 4)]),
 }
 
@@ -69,6 +76,26 @@ def test_two_spellings_are_one_value(name):
 def test_a_different_computation_is_not_proved(name):
     seq, other, inputs = DIFFERENT[name]
     r = same(seq, other, inputs)
+    assert r.status is gg.Status.REFUTED, r
+
+
+LINEAR_SPELLINGS = {
+    "F.linear": lambda x, w, b: F.linear(x, w, b),
+    "matmul + bias": lambda x, w, b: x @ w.t() + b,
+    "addmm on 2-D": lambda x, w, b: torch.addmm(b, x.flatten(0, 1), w.t()).unflatten(0, x.shape[:2]),
+}
+
+
+@pytest.mark.parametrize("rank_spelling", sorted(LINEAR_SPELLINGS))
+@pytest.mark.parametrize("seq_spelling", sorted(LINEAR_SPELLINGS))
+def test_column_parallel_linear_in_every_spelling(seq_spelling, rank_spelling):
+    seq, rank = LINEAR_SPELLINGS[seq_spelling], LINEAR_SPELLINGS[rank_spelling]
+    ins = [_rn(2, 5, 4), _rn(6, 4, seed=1), _rn(6, seed=2)]
+    r = gg.verify(gg.Problem(seq, rank, ins, [R, gg.Shard(0), gg.Shard(0)], 2, expect=[gg.Shard(-1)]))
+    assert r.status is gg.Status.PROVED, r
+    # the bias added twice on the ranks is a bug in every spelling
+    r = gg.verify(gg.Problem(seq, lambda x, w, b: rank(x, w, b) + b, ins, [R, gg.Shard(0), gg.Shard(0)], 2,
+                             expect=[gg.Shard(-1)]))
     assert r.status is gg.Status.REFUTED, r
 
 

@@ -303,7 +303,7 @@ class _Lowerer:
                 return src
             return self.call(fx, kind="ew")
         if packet in VIEWS and shape is not None:
-            return self.emit("view", shape, (env[args[0]],), shape, dtype)
+            return self.view(env[args[0]], tuple(shape), dtype)
         if packet in PERMUTES:
             src = env[args[0]]
             n = len(src.shape)
@@ -457,6 +457,19 @@ class _Lowerer:
             return self.call(fx, kind="reduce", params=params)
         shape, dtype = _meta_of(fx)
         return self.emit("call", spec, (src,), shape, dtype)
+
+    def view(self, src: Node, shape: tuple, dtype, depth: int = 0) -> Node:
+        """``src`` viewed as ``shape``. A view that only regroups the leading dims of an elementwise
+        op whose other operands broadcast over those dims is sunk below it (``view(a + b, s)`` ->
+        ``view(a, s) + b``): ``F.linear`` (2-D addmm, then a view to 3-D) and ``x @ w.t() + b`` (3-D
+        matmul, then the bias) get one form. Values are unchanged, element for element."""
+        if depth < 4 and src.op == "call" and src.attrs.kind == "ew" and src.attrs.unique is None:
+            full = [i for i in src.inputs if tuple(i.shape) == tuple(src.shape)]
+            if len(full) >= 1 and _regroups_leading(src.shape, shape, src.inputs):
+                new_inputs = [self.view(i, shape, i.dtype, depth + 1) if tuple(i.shape) == tuple(src.shape) else i
+                              for i in src.inputs]
+                return self.emit("call", src.attrs, new_inputs, shape, dtype, target=src.target)
+        return self.emit("view", shape, (src,), shape, dtype)
 
     def overwrite(self, fx, dst: Node, src: Node) -> Node:
         """``copy(dst, src)`` into a buffer nothing initialized (``torch.empty(..).copy_(y)``, an
@@ -669,6 +682,28 @@ def _uninitialized(n) -> bool:
     """An allocation whose contents nothing has written yet."""
     return (isinstance(n, Node) and n.op == "call" and n.attrs.kind != "const"
             and _packet(n.attrs.target) in UNINITIALIZED)
+
+
+def _regroups_leading(src_shape: tuple, dst_shape: tuple, operands) -> bool:
+    """Viewing ``src_shape`` as ``dst_shape`` only regroups dims in front of the trailing dims every
+    non-full operand covers (those keep their size and order), so the operands still broadcast."""
+    src_shape, dst_shape = tuple(src_shape), tuple(dst_shape)
+    k = 0  # trailing dims some operand does not broadcast over
+    for o in operands:
+        shape = tuple(o.shape)
+        if shape == src_shape:
+            continue
+        core = list(shape)
+        while core and core[0] == 1:
+            core.pop(0)
+        if not core:
+            continue  # a scalar-like operand broadcasts everywhere
+        if len(core) > len(src_shape) or tuple(core) != src_shape[len(src_shape) - len(core):]:
+            return False
+        k = max(k, len(core))
+    if k == 0 or k > len(dst_shape) or src_shape[len(src_shape) - k:] != dst_shape[len(dst_shape) - k:]:
+        return False
+    return math.prod(src_shape[:len(src_shape) - k]) == math.prod(dst_shape[:len(dst_shape) - k])
 
 
 def _live(nodes: list[Node], inputs: list[Node], outputs: list[Node]) -> list[Node]:
