@@ -138,3 +138,28 @@ def _apply(n, env):
     from gg_notebook.relations.expr import apply_op
 
     return apply_op(n.op, n.attrs, [env[i.name] for i in n.inputs])
+
+
+NEUTRAL = {"plus zero": lambda y: y + 0.0, "minus int zero": lambda y: y - 0, "times one": lambda y: y * 1.0,
+           "divided by one": lambda y: torch.div(y, 1), "add with alpha, zero": lambda y: y.add(0.0, alpha=5)}
+
+
+@pytest.mark.parametrize("name", sorted(NEUTRAL))
+def test_neutral_scalars_before_a_reduction(name):
+    """``y + 0``, ``y * 1``... on a partial sum are ``y`` itself (so they commute with the all-reduce);
+    a non-neutral scalar there is the classic bias-before-reduce bug."""
+    import torch.distributed as dist
+
+    def rank(op):
+        def fn(x, w):
+            y = op(x @ w)
+            dist.all_reduce(y)
+            return y
+        return fn
+
+    ins = [_rn(4, 8), _rn(8, 6, seed=1)]
+    ok = gg.verify(gg.Problem(lambda x, w: x @ w, rank(NEUTRAL[name]), ins, [gg.Shard(1), gg.Shard(0)], 2, expect=[R]))
+    assert ok.status is gg.Status.PROVED, ok
+    bad = gg.verify(gg.Problem(lambda x, w: x @ w, rank(lambda y: y * 0.0), ins, [gg.Shard(1), gg.Shard(0)], 2,
+                               expect=[R]))
+    assert bad.status is gg.Status.REFUTED, bad

@@ -293,6 +293,9 @@ class _Lowerer:
 
         if packet in IDENTITY:
             return env[args[0]]
+        neutral = _neutral_operand(target, args, kwargs, env, shape, dtype)
+        if neutral is not None:
+            return neutral
         if packet in ASSERTS:
             return None  # checks, not values (a failing check is a crash of the real run, not a value)
         if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
@@ -676,6 +679,29 @@ def _nonnegative_dims(target, t_args: tuple, t_kwargs: tuple, ndim: int):
 ASSERTS = {"_assert_async", "_assert_scalar", "_functional_assert_async", "_assert_tensor_metadata",
            "_functional_assert_scalar"}
 UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+
+# x + 0, x - 0, x * 1, x / 1 (a Python number): the same value as x when the result keeps x's
+# dtype and shape. (Not 0 * x: it is not x, and NaN * 0 is NaN.)
+_NEUTRAL = {
+    aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.add.Scalar: 0, aten.sub.Scalar: 0,
+    aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
+}
+
+
+def _neutral_operand(target, args, kwargs, env, shape, dtype):
+    unit = _NEUTRAL.get(target)
+    if unit is None or len(args) < 2 or kwargs.get("rounding_mode") is not None:
+        return None
+    x, c = args[0], args[1]
+    if not isinstance(x, torch.fx.Node) or isinstance(c, torch.fx.Node) or isinstance(c, bool):
+        return None
+    if not isinstance(c, (int, float)) or c != unit:
+        return None
+    src = env.get(x)
+    if not isinstance(src, Node) or src.dtype != dtype or tuple(src.shape) != tuple(shape or ()):
+        return None
+    return src
 
 
 def _uninitialized(n) -> bool:
