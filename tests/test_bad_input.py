@@ -423,3 +423,33 @@ def test_list_all_gather_with_more_outputs_than_ranks_names_the_group():
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises((CaptureError, gg.ProblemError), match=r"rank|group"):
         gg.verify(gg.Problem(seq, dist_fn, [x], [gg.Replicate()], 2, expect=[gg.Replicate()]))
+
+
+@pytest.mark.parametrize("capture", ["inprocess", "processes"])
+def test_a_failing_operator_is_reported_once_not_as_a_torch_log_traceback(capture, capfd):
+    import logging
+
+    def seq(x):
+        return x + 1
+
+    def rank_fn(x):
+        return x + torch.ones(7)  # does not broadcast
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        with pytest.raises(CaptureError, match=r"rank 0 raised RuntimeError at .*test_bad_input.py:\d+.*broadcast"):
+            gg.verify(gg.Problem(seq, rank_fn, [torch.randn(3)], [gg.Replicate()], 2, expect=[gg.Replicate()]),
+                      capture=capture)
+    finally:
+        logger.removeHandler(keep)
+    err = capfd.readouterr().err
+    assert not records, [r.getMessage() for r in records]
+    assert "failed while attempting to run meta" not in err, err[-2000:]

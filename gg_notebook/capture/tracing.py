@@ -176,6 +176,21 @@ class _SourceKeepingInterpreter(fx.Interpreter):
             return super().run_node(n)
 
 
+@contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """torch logs the full traceback of an operator that fails on fake tensors before raising; the
+    error reaches the user once, as a CaptureError naming the program and line, so mute the log."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _positional(fn: Callable) -> Callable:
     """``fn`` called with exactly the given positional arguments: make_fx binds one placeholder per
     parameter of the function it traces, so a user function with optional parameters
@@ -195,7 +210,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
             warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
-            with record_sources():
+            with record_sources(), _quiet_fake_tensor_log():
                 # Pass 1: plain make_fx, so autograd (torch.autograd.grad inside fn) records the
                 # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
                 # decoded and rewritten here, while the process group is alive.
