@@ -266,20 +266,7 @@ def _cumsum_problem() -> gg.Problem:
     Correct, but no lemma knows cumsum, so the proof gets stuck there; everything after it is
     provable once the cumsum's relation is given."""
 
-    def seq(x, w):
-        c = torch.cumsum(x, dim=1)
-        return (c * 2) @ w
-
-    def tp(x, w):
-        rank, world = dist.get_rank(), dist.get_world_size()
-        c = torch.cumsum(x, dim=1)
-        tot = x.sum(dim=1, keepdim=True)
-        parts = [torch.empty_like(tot) for _ in range(world)]
-        dist.all_gather(parts, tot)
-        c = c + sum(parts[:rank], torch.zeros_like(tot))
-        y = (c * 2) @ w
-        dist.all_reduce(y)
-        return y
+    from test_assumed import cumsum_seq as seq, cumsum_tp as tp  # the same program, written once
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, dtype=torch.float64, generator=g)
