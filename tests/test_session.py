@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import gg_notebook as gg
 from gg_notebook import examples as E
