@@ -52,6 +52,16 @@ SAME = {
     "F.linear then gelu vs matmul, bias, gelu": (lambda x, w, b: F.gelu(F.linear(x, w, b)), lambda x, w, b: F.gelu(x @ w.T + b),
                                                  [_rn(2, 5, 4), _rn(3, 4, seed=1), _rn(3, seed=2)]),
     "assert is not a value": (lambda x: x + 1, lambda x: (torch._assert_async(x.abs().sum() >= 0), x + 1)[1], [_rn(3, 4)]),
+    "even columns: stride 2 vs view and select": (lambda x: x[..., ::2] * 2, lambda x: x.view(3, 2, 2)[:, :, 0] * 2,
+                                                  [_rn(3, 4)]),
+    "odd columns: stride 2 vs unflatten": (lambda x: x[:, 1::2].exp(), lambda x: x.unflatten(-1, (3, 2))[..., 1].exp(),
+                                           [_rn(3, 6)]),
+    "strided rows from an offset": (lambda x: x[2::2].sin(), lambda x: x.view(3, 2, 4)[1:, 0].sin(), [_rn(6, 4)]),
+    "sum over two dims vs view + sum": (lambda x: x.sum(dim=(1, 2)), lambda x: x.reshape(2, -1).sum(-1), [_rn(2, 3, 4)]),
+    "sum of all vs nested sums": (lambda x: x.sum(), lambda x: x.sum(-1).sum(0), [_rn(3, 4)]),
+    "mean vs sum / n": (lambda x: x.mean(-1), lambda x: x.sum(dim=1) / x.shape[1], [_rn(3, 4)]),
+    "mean keepdim vs sum keepdim * (1/n)": (lambda x: torch.mean(x, -1, True), lambda x: x.sum(-1, keepdim=True) * 0.25,
+                                            [_rn(3, 4)]),
 }
 
 DIFFERENT = {
@@ -62,6 +72,11 @@ DIFFERENT = {
                                     lambda a, b: torch.baddbmm(torch.ones(2, 5, 5, dtype=a.dtype), a, b, beta=1.0),
                                     [_rn(2, 5, 4), _rn(2, 4, 5, seed=2)]),
     "cumsum over another dim": (lambda x: x.cumsum(-1), lambda x: x.cumsum(0), [_rn(4, 4)]),
+    "even vs odd columns": (lambda x: x[..., ::2] * 2, lambda x: x[..., 1::2] * 2, [_rn(3, 4)]),
+    "stride 2 vs the first half": (lambda x: x[..., ::2] * 2, lambda x: x[..., :2] * 2, [_rn(3, 4)]),
+    "sum over other dims": (lambda x: x.sum(dim=(1, 2)), lambda x: x.sum(dim=(0, 1)), [_rn(3, 3, 3)]),
+    "mean vs sum": (lambda x: x.mean(-1), lambda x: x.sum(-1), [_rn(3, 4)]),
+    "mean vs sum / (n - 1)": (lambda x: x.mean(-1), lambda x: x.sum(-1) / 3, [_rn(3, 5)]),
 }
 
 

@@ -420,10 +420,10 @@ def test_cat_nested_and_merging(seed):
     nested = S.cat([S.cat(es[:2], d), S.cat([es[2], S.cat(es[3:], d)], d)], d)
     assert nested is flat and len(flat.args) == 4
     env.check(nested, torch.cat(vs, d))
-    # a cat along another dim is not flattened
+    # a cat along another dim is not flattened (the nesting is canonical: outer along the smaller dim)
     o = (d + 1) % 3
     mixed = S.cat([S.cat(es[:2], d), S.cat(es[:2], d)], o)
-    assert mixed.op == "cat" and mixed.attrs == o
+    assert mixed.op == "cat" and mixed.attrs == min(d, o)
     env.check(mixed, torch.cat([torch.cat(vs[:2], d)] * 2, o))
     # adjacent slices of one base merge back into the base, non-adjacent ones stay apart
     base, vb = env.atom([6 if i == d else s for i, s in enumerate(shape)])
@@ -580,3 +580,40 @@ def test_pretty():
     assert pretty(S.expand(S.view(x, (1, 24)), (3, 24)), name) == "x.view(1, 24).expand(3, 24)"
     assert pretty(e, name) == "concat(x[0:2].permute(1, 0), sum(y.view(6, 4), x.view(6, 4)), dim=1)"
     assert pretty(S.scale(x, 0.5), name) == "0.5 * x"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nested_concatenations_along_two_dims_get_one_form(seed):
+    """cat_e(cat_d(a0, a1), cat_d(b0, b1)) and cat_d(cat_e(a0, b0), cat_e(a1, b1)) are one node
+    when the inner splits line up (a block layout written either way), and evaluate correctly."""
+    env = Env(seed)
+    S, rng = env.S, env.rng
+    n = rng.randint(2, 4)
+    shape = random_shape(rng, n, lo=2, hi=5)
+    d, e = sorted(rng.sample(range(n), 2))
+    rows = split_sizes(rng, shape[d], rng.randint(2, 3))
+    cols = split_sizes(rng, shape[e], rng.randint(2, 3))
+    blocks, vals = {}, {}
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            s = list(shape)
+            s[d], s[e] = r, c
+            blocks[i, j], vals[i, j] = env.atom(s)
+    rows_first = S.cat([S.cat([blocks[i, j] for j in range(len(cols))], e) for i in range(len(rows))], d)
+    cols_first = S.cat([S.cat([blocks[i, j] for i in range(len(rows))], d) for j in range(len(cols))], e)
+    assert rows_first is cols_first
+    want = torch.cat([torch.cat([vals[i, j] for j in range(len(cols))], e) for i in range(len(rows))], d)
+    env.check(cols_first, want)
+    assert cols_first.op == "cat" and cols_first.attrs == d  # the outer concatenation: the smaller dim
+
+
+def test_nested_concatenations_with_unaligned_splits_stay_nested():
+    env = Env(0)
+    S = env.S
+    a0, v0 = env.atom((2, 3))
+    a1, v1 = env.atom((2, 3))
+    b0, w0 = env.atom((1, 3))
+    b1, w1 = env.atom((3, 3))
+    x = S.cat([S.cat([a0, a1], 0), S.cat([b0, b1], 0)], 1)
+    env.check(x, torch.cat([torch.cat([v0, v1], 0), torch.cat([w0, w1], 0)], 1))
+    assert x.attrs == 1

@@ -243,6 +243,10 @@ def _decline_cases():
         lsm_e = case.store.call(_log_softmax_spec(), [case.args[0]])
         add("vocab-cross-entropy", type(case)(spec, (lsm_e,) + case.args[1:], case.values, case.store, why,
                                               C.CaseContext()), why)
+    add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4),), rng, split={0: 0}),
+        "dtype= narrows the accumulation (float64 -> float32)")
+    add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4).to(torch.bfloat16),), rng,
+                              split={0: 0}), "dtype= changes the type of the mean")
     return out
 
 
@@ -265,7 +269,7 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 # it models and which cannot matter; an argument it forgot (ignore_index, scale_grad_by_freq) is
 # how a wrong program gets proved.
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
-              "vocab-cross-entropy-backward"}
+              "vocab-cross-entropy-backward", "mean-as-sum"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))

@@ -11,9 +11,11 @@ lemmas are matched against the ranks with a single dictionary lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
+from gg_notebook.relations.linear import LinearForms
 
 
 class IndexError_(Exception):
@@ -68,11 +70,37 @@ class DIndex:
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
         self._users: dict[int, list[Expr]] | None = None
+        self._by_form: dict | None = None  # scalar normal form key -> {first coefficient: dval}
+        self.forms = LinearForms(store)
         self._build()
 
     # ------------------------------------------------------------------ public
     def realized(self, term: Expr) -> DVal | None:
         return self.by_term.get(term.id)
+
+    def realized_up_to_factor(self, term: Expr) -> tuple[DVal, Fraction] | None:
+        """A distributed value equal to ``term`` times an exact factor, by the scalar normal form
+        (`gg_notebook.relations.linear`): (dval, f) with ``term == f * dval`` over the reals.
+        f == 1 when some rank holds exactly that value."""
+        if term.dtype is None or not term.dtype.is_floating_point:
+            return None
+        if self._by_form is None:
+            self._by_form = {}
+            for d in self.dvals:
+                if d.dtype is not None and d.dtype.is_floating_point:
+                    k = self.forms.key(d.term)
+                    if k is not None:
+                        self._by_form.setdefault(k[0], {}).setdefault(k[1], d)
+        k = self.forms.key(term)
+        if k is None:
+            return None
+        hit = self._by_form.get(k[0])
+        if not hit:
+            return None
+        if k[1] in hit:
+            return hit[k[1]], Fraction(1)
+        c0, d = next(iter(hit.items()))
+        return d, k[1] / c0
 
     def dval_of(self, rank: int, node: Node) -> DVal:
         return self.node_dval[(rank, node.name)]
@@ -117,6 +145,33 @@ class DIndex:
                 chosen.append(dv)
                 cur = end
             if cur == term.shape[dim] and len(chosen) > 1:
+                out.append((dim, chosen))
+        return out
+
+    def finest_tilings(self, term: Expr) -> list[tuple[int, list[DVal]]]:
+        """Ways to rebuild ``term`` from the *smallest* realized slices of it along one dim: a rank
+        that splits its shard again (micro-batches, chunks) holds finer pieces than the shards."""
+        pieces = self.slices_of.get(term.id)
+        if not pieces:
+            return []
+        out = []
+        for dim in sorted({p[0] for p in pieces}):
+            ends: dict[int, list[tuple[int, DVal]]] = {}
+            for d, a, b, dv in pieces:
+                if d == dim and b > a:
+                    ends.setdefault(a, []).append((b, dv))
+            size = term.shape[dim]
+            # the tiling with the most pieces (longest path from 0 to size), memoized by start
+            best: dict[int, list[DVal] | None] = {size: []}
+            for a in sorted(ends, reverse=True):
+                choice = None
+                for b, dv in ends[a]:
+                    rest = best.get(b)
+                    if rest is not None and (choice is None or len(rest) + 1 > len(choice)):
+                        choice = [dv] + rest
+                best[a] = choice
+            chosen = best.get(0)
+            if chosen and len(chosen) > 1:
                 out.append((dim, chosen))
         return out
 
@@ -307,6 +362,6 @@ def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:
     if fn in ("sum", "max", "min"):
         return S.accum(fn, ins)
     if fn == "avg":
-        return S.scale(S.accum("sum", ins), 1.0 / len(ins))
+        return S.scale(S.accum("sum", ins), Fraction(1, len(ins)))
     # product and anything else: an opaque value unique to this collective
     return S.atom(f"{fn}-reduce:{n.name}@r{n.rank}", n.shape, n.dtype)

@@ -19,7 +19,8 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
-from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, infer_shape, leaves, pretty, size, walk
+from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, infer_shape, is_clean, leaves, pretty,
+                                        size, walk)
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -51,7 +52,8 @@ class Step:
     status: str  # "related" | "stuck" | "input" | "deferred"
     seconds: float = 0.0
     detail: str = ""
-    blamed: str | None = None  # an earlier deferred step this step's failure was attributed to
+    blamed: str | None = None  # an earlier step this step's failure was attributed to
+    saved: tuple | None = None  # (status, detail) before a later step blamed this one (restored by undo)
 
     @property
     def stuck(self) -> bool:
@@ -118,7 +120,22 @@ class Engine:
             return self.index.ref(d)
         for dim, dvals in self.index.tiling(t):
             return self.store.cat([self.index.ref(v) for v in dvals], dim)
+        if not self.bitwise:
+            hit = self.index.realized_up_to_factor(t)
+            if hit is not None and hit[1] == 1:
+                return self.index.ref(hit[0])
         return None
+
+    def up_to_factor(self, t: Expr) -> Expr | None:
+        """``f * ref`` for a distributed value equal to term ``t`` up to an exact factor f (the
+        scalar normal form; never with exact="bitwise"). A relation with f != 1 is not clean."""
+        if self.bitwise:
+            return None
+        hit = self.index.realized_up_to_factor(t)
+        if hit is None:
+            return None
+        d, f = hit
+        return self.store.scale(self.index.ref(d), f)
 
     # ------------------------------------------------------------------ push
     def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
@@ -138,7 +155,14 @@ class Engine:
             return self.store.call(spec, args)  # a constant computation
         matcher = MATCHERS.get(spec.kind)
         if matcher is not None:
-            return matcher(self, spec, args)
+            found = matcher(self, spec, args)
+            if found is not None:
+                return found
+        if spec.unique is None and not self.bitwise:
+            try:
+                return self.up_to_factor(self.store.call(spec, [self.to_term(a) for a in args]))
+            except ShapeError:
+                return None
         return None
 
     def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:
@@ -151,8 +175,8 @@ class Engine:
         out: list[Candidate] = []
         found = self.lookup(spec, args)
         if found is not None:
-            out.append(Candidate(found, ("match",)))
-        if depth > 0 and not out:
+            out.append(Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
+        if depth > 0 and not any(is_clean(c.expr) for c in out):
             try:
                 out_shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
             except ShapeError:
@@ -176,6 +200,7 @@ class Engine:
                     if len(out) >= MAX_CANDIDATES:
                         break
         out = [c for c in _dedupe(out) if not _has_compute(c.expr)]
+        out.sort(key=lambda c: not is_clean(c.expr))  # a clean relation before one up to a factor
         self._push_memo[key] = out
         return out
 
@@ -241,6 +266,8 @@ class Engine:
         else:
             self._failures = []
             cands = self.infer(n)
+            if not cands:
+                cands = self.infer(n, refine=True)
             status = "related" if cands else "stuck"
             deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
             if not cands and self.fusable(n):
@@ -248,6 +275,8 @@ class Engine:
                 status = "deferred" if cands else "stuck"
             if not cands and deferred_inputs:
                 blamed = self.blame(n, deferred_inputs)
+            elif not cands:
+                blamed = self.scale_origin(n)
         cands = self.rank(cands) if status != "deferred" else cands
         extra = [c for c in self.user_relations.get(n.name, []) if c.expr.id not in {x.expr.id for x in cands}]
         if extra:
@@ -268,10 +297,18 @@ class Engine:
             step.detail = self.explain_stuck(n)
             if blamed is not None and blamed is not step:
                 step.blamed = blamed.node
+                blamed.saved = (blamed.status, blamed.detail)
+                if blamed.status == "deferred":
+                    blamed.detail = (f"{blamed.op} could not be related even together with its consumer "
+                                     f"{n.target} ({n.name})")
+                    step.detail = f"its input {blamed.node} ({blamed.op}) has no relation"
+                else:  # its value is held by the ranks only up to a factor that never cancels
+                    blamed.detail = (
+                        f"the ranks hold {blamed.node} only up to a constant factor ({blamed.pretty[0]}), and "
+                        f"{n.target} ({n.name}) needs its exact value: a missing or extra scale factor "
+                        f"(a division by the world size, the number of micro-batches, a softmax scale?)")
+                    step.detail = f"its input {blamed.node} ({blamed.op}) is known only up to a factor"
                 blamed.status = "stuck"
-                blamed.detail = (f"{blamed.op} could not be related even together with its consumer "
-                                 f"{n.target} ({n.name})")
-                step.detail = f"its input {blamed.node} ({blamed.op}) has no relation"
                 self.stuck_at = blamed
             else:
                 self.stuck_at = step
@@ -289,9 +326,9 @@ class Engine:
         self.deferred.pop(step.node, None)
         if step.blamed is not None:
             blamed = next((s for s in self.steps if s.node == step.blamed), None)
-            if blamed is not None:
-                blamed.status = "deferred"
-                blamed.detail = "no relation yet: kept symbolically for a lemma that fuses it with its consumer"
+            if blamed is not None and blamed.saved is not None:
+                blamed.status, blamed.detail = blamed.saved
+                blamed.saved = None
         if self.stuck_at is not None and (self.stuck_at is step or step.blamed is not None):
             self.stuck_at = None
         return step
@@ -387,6 +424,34 @@ class Engine:
         except ShapeError:
             return []
 
+    def scale_origin(self, n: Node) -> Step | None:
+        """The step that introduced a factor ``n`` could not get past: following ``n``'s inputs
+        whose every relation holds only up to a factor (not clean) back to the first such step
+        whose own inputs were clean. None if an input has no such history."""
+        by_node = {s.node: s for s in self.steps}
+        seen: set[str] = set()
+        frontier = [i for i in n.inputs]
+        origin: Step | None = None
+        while frontier:
+            i = frontier.pop()
+            if i.name in seen:
+                continue
+            seen.add(i.name)
+            rels = [c for c in self.relations.get(i.name, []) if not c.deferred]
+            if not rels or any(is_clean(c.expr) for c in rels):
+                continue
+            st = by_node.get(i.name)
+            if st is None:
+                continue
+            node = self.seq.by_name[i.name]
+            scaled_inputs = [j for j in node.inputs
+                             if self.relations.get(j.name) and not any(is_clean(c.expr) for c in self.relations[j.name])]
+            if not scaled_inputs:
+                if origin is None or st.index < origin.index:
+                    origin = st
+            frontier.extend(scaled_inputs)
+        return origin
+
     def blame(self, n: Node, deferred_inputs: list[Step]) -> Step | None:
         """Whose semantics failed: the consumer's (a piece the fused lemma made for ``n``) or the
         deferred producer's? Pieces tagged ``blame=consumer`` point at ``n``."""
@@ -402,13 +467,34 @@ class Engine:
         while not self.done:
             self.step()
 
-    def infer(self, n: Node) -> list[Candidate]:
+    def refined(self, cands: list[Candidate]) -> list[Candidate]:
+        """Other clean relations for the same value: the finest tilings by slices some rank holds
+        (a rank that splits its shard again, into micro-batches or chunks, computes on those)."""
+        out: list[Candidate] = []
+        seen = {c.expr.id for c in cands}
+        for c in cands:
+            if c.deferred:
+                continue
+            t = self.to_term(c.expr)
+            for dim, dvals in self.index.finest_tilings(t):
+                e = self.store.cat([self.index.ref(v) for v in dvals], dim)
+                if e.id not in seen:
+                    seen.add(e.id)
+                    out.append(Candidate(e, c.chain + ("finer tiling",), c.assumption))
+        return out
+
+    def infer(self, n: Node, refine: bool = False) -> list[Candidate]:
         S = self.store
         in_cands = [self.relations.get(i.name, []) for i in n.inputs]
         if n.op == "const":
-            return [Candidate(S.const(n.attrs, n.shape, n.dtype), ("constant",))]
+            return [Candidate(S.const(n.attrs, n.shape, n.dtype), ("constant",))] if not refine else []
         if any(not c for c in in_cands):
             return []
+        if refine:
+            extra = [self.refined(c) for c in in_cands]
+            if not any(extra):
+                return []
+            in_cands = [e + c for c, e in zip(in_cands, extra)]
         out: list[Candidate] = []
         for combo in itertools.islice(itertools.product(*in_cands), MAX_COMBOS):
             args = tuple(c.expr for c in combo)
@@ -435,7 +521,7 @@ class Engine:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
         extended = _dedupe(extended)
-        extended.sort(key=lambda c: (c.assumption, c.expr.op != "ref", size(c.expr)))
+        extended.sort(key=lambda c: (c.assumption, not is_clean(c.expr), c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]
 
     def explain_stuck(self, n: Node) -> str:

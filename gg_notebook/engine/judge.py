@@ -70,9 +70,13 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
                              f"return shapes {shapes}")
     if target is None:
         return False, None, "cannot express the expected relation"
-    tt = engine.to_term(target).id
+    tt = engine.to_term(target)
+    # by the scalar normal form too, but not for a partial sum: W replicas of v/W "sum" to v, which
+    # is true and never what a Partial placement means (a factor must not pass silently)
+    by_form = not engine.bitwise and not isinstance(placement, Partial)
     for c in cands:
-        if engine.to_term(c.expr).id == tt:
+        ct = engine.to_term(c.expr)
+        if ct.id == tt.id or (by_form and engine.index.forms.ratio(tt, ct) == 1):
             return True, Candidate(target, c.chain, c.assumption), ""
     return False, None, f"expected {engine.show(target)}"
 
@@ -104,6 +108,10 @@ def scale_mismatch(engine: Engine, k: int, placement) -> tuple[float, str] | Non
     tt = engine.to_term(target)
     for c in engine.relations.get(seq_out.name, []):
         ct = engine.to_term(c.expr)
+        if not engine.bitwise:  # the scalar normal form: target == r * candidate over the reals
+            r = engine.index.forms.ratio(tt, ct)
+            if r is not None and r != 1:
+                return float(r), engine.show(c.expr)
         f = _factor(tt, ct)
         if f is not None:
             return f, engine.show(c.expr)

@@ -77,6 +77,10 @@ class _Full:
     def __call__(self, *args, **kw):
         return torch.full(self.shape, untyped(self.value), dtype=self.dtype)
 
+    def constant_fill(self):
+        """The value every element equals (read by the scalar normal form)."""
+        return self.value
+
     @staticmethod
     def of(shape, value, dtype) -> "_Full":
         value = untyped(value)
@@ -343,7 +347,7 @@ class _Lowerer:
                 if start == 0 and end == size:
                     return src
                 return self.emit("slice", (dim, start, end), (src,), shape, dtype)
-            return self.call(fx)
+            return self.strided(fx, src, dim, start, int(step), tuple(shape), dtype)
         if packet in ("select", "select_copy"):
             src = env[args[0]]
             n = len(src.shape)
@@ -460,6 +464,25 @@ class _Lowerer:
             return self.call(fx, kind="reduce", params=params)
         shape, dtype = _meta_of(fx)
         return self.emit("call", spec, (src,), shape, dtype)
+
+    def strided(self, fx, src: Node, dim: int, start: int, step: int, shape: tuple, dtype) -> Node:
+        """``x[.., start:end:step]`` as clean data movement when ``step`` divides the dim's size:
+        view the dim as (size/step, step), keep phase ``start % step`` and the rows from
+        ``start // step`` (element j is x[start + j*step] = v[start//step + j, start % step]).
+        Interleaved layouts (``x[..., ::2]``, ``x[..., 1::2]``) then relate like any slice."""
+        size = src.shape[dim]
+        n = shape[dim]
+        if step <= 1 or size % step or n == 0:
+            return self.call(fx)
+        lead, tail = tuple(src.shape[:dim]), tuple(src.shape[dim + 1:])
+        v = self.emit("view", lead + (size // step, step) + tail, (src,), lead + (size // step, step) + tail, dtype,
+                      name=fx.name + "_rows")
+        phase, row0 = start % step, start // step
+        p = self.emit("slice", (dim + 1, phase, phase + 1), (v,), lead + (size // step, 1) + tail, dtype,
+                      name=fx.name + "_phase")
+        if row0 != 0 or n != size // step:
+            p = self.emit("slice", (dim, row0, row0 + n), (p,), lead + (n, 1) + tail, dtype, name=fx.name + "_span")
+        return self.emit("view", shape, (p,), shape, dtype)
 
     def view(self, src: Node, shape: tuple, dtype, depth: int = 0) -> Node:
         """``src`` viewed as ``shape``. A view that only regroups the leading dims of an elementwise

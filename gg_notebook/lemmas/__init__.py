@@ -6,5 +6,6 @@ from gg_notebook.lemmas import partial as _partial  # noqa: F401  (registers)
 from gg_notebook.lemmas import views as _views  # noqa: F401  (registers)
 from gg_notebook.lemmas import vocab as _vocab  # noqa: F401  (registers)
 from gg_notebook.lemmas import cross_entropy as _cross_entropy  # noqa: F401  (registers)
+from gg_notebook.lemmas import scalar as _scalar  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
@@ -377,6 +378,9 @@ class ExprStore:
         if x.op == "slice" and x.attrs[0] == dim:
             s0 = x.attrs[1]
             return self.slice(x.args[0], dim, s0 + start, s0 + end)
+        if x.op == "slice" and x.attrs[0] > dim:  # slices along two dims commute: the smaller dim inside
+            d1, a1, b1 = x.attrs
+            return self.slice(self.slice(x.args[0], dim, start, end), d1, a1, b1)
         if x.op == "cat":
             d = x.attrs
             if d != dim:
@@ -463,9 +467,26 @@ class ExprStore:
             merged.append(x)
         if len(merged) == 1:
             return merged[0]
+        swapped = self._swap_nested(merged, dim)
+        if swapped is not None:
+            return swapped
         shape = list(merged[0].shape)
         shape[dim] = sum(a.shape[dim] for a in merged)
         return self._intern("cat", dim, tuple(merged), shape, merged[0].dtype)
+
+    def _swap_nested(self, pieces: list, dim: int) -> Expr | None:
+        """cat_e(cat_d(a0, a1), cat_d(b0, b1)) == cat_d(cat_e(a0, b0), cat_e(a1, b1)) when the inner
+        concatenations split dim d at the same offsets. The canonical nesting has the outer
+        concatenation along the smaller dim, so both spellings of a block layout get one node."""
+        first = pieces[0]
+        if first.op != "cat" or first.attrs >= dim:
+            return None
+        d = first.attrs
+        sizes = tuple(a.shape[d] for a in first.args)
+        for p in pieces[1:]:
+            if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
+                return None
+        return self.cat([self.cat([p.args[i] for p in pieces], dim) for i in range(len(sizes))], d)
 
     def _join_slices(self, a: Expr, b: Expr, dim: int) -> Expr | None:
         """slice(x, d, i, j) ++ slice(x, d, j, k) == slice(x, d, i, k); same for a whole-prefix."""
@@ -498,12 +519,14 @@ class ExprStore:
             raise ShapeError(f"cannot accumulate shapes {sorted(shapes)}")
         return self._intern("accum", fn, tuple(flat), flat[0].shape, flat[0].dtype)
 
-    def scale(self, x: Expr, factor: float) -> Expr:
+    def scale(self, x: Expr, factor) -> Expr:
+        """``factor * x`` with an exact rational factor (a float is taken at its exact value)."""
+        factor = Fraction(factor)
         if factor == 1:
             return x
         if x.op == "scale":
             return self.scale(x.args[0], x.attrs * factor)
-        return self._intern("scale", float(factor), (x,), x.shape, x.dtype)
+        return self._intern("scale", factor, (x,), x.shape, x.dtype)
 
 
 def _as_slice(x: Expr, dim: int):
@@ -624,7 +647,7 @@ def apply_op(op: str, attrs, vals: list[torch.Tensor]) -> torch.Tensor:
                 out = torch.minimum(out, v)
         return out
     if op == "scale":
-        return vals[0] * attrs
+        return vals[0] * float(attrs)
     raise ValueError(f"cannot evaluate {op}")
 
 
@@ -658,13 +681,23 @@ def pretty(e: Expr, name: Callable[[Expr], str]) -> str:
         elif op == "accum":
             s = f"{x.attrs}({', '.join(go(a) for a in x.args)})"
         elif op == "scale":
-            s = f"{x.attrs:g} * {go(x.args[0])}"
+            s = f"{_number(x.attrs)} * {go(x.args[0])}"
         else:
             s = f"<{op}>"
         memo[x.id] = s
         return s
 
     return go(e)
+
+
+def _number(c) -> str:
+    """A rational factor as people write it: 0.5, 1/3, 12."""
+    c = Fraction(c)
+    if c.denominator == 1:
+        return str(c.numerator)
+    if c.denominator & (c.denominator - 1) == 0 and c.denominator <= 1 << 20:  # a short binary fraction
+        return f"{float(c):g}"
+    return f"({c.numerator}/{c.denominator})"
 
 
 def _const_args(spec: OpSpec) -> str:

@@ -1,0 +1,76 @@
+"""Means as scaled sums: the lemma that lets a mean over a sharded dim reach the ranks' sums.
+
+* ``mean-as-sum``: ``mean(X, dims) = (1/n) * sum(X, dims)`` with ``n`` the number of elements
+  averaged. The sum then splits over a concatenated dim like any sum (``concat-contract``), and each
+  rank's piece is found *up to a factor* by the scalar normal form (a rank that computes the mean of
+  its shard holds ``sum(x_r) / n_r``). The factors are exact rationals and must cancel: the relation
+  is clean only when they do (``all_reduce(mean(x_r)) / W`` over equal shards), otherwise the scale
+  factor stays visible as a finding. Floating point only, and only without a ``dtype=`` that
+  changes the type (the normal form does the same).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from gg_notebook.ir.specs import reduce_spec
+from gg_notebook.lemmas import _cases as C
+from gg_notebook.lemmas.base import Lemma, register
+from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError
+
+aten = torch.ops.aten
+
+
+def _dims(dim, n: int) -> tuple[int, ...]:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(n))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
+
+
+def mean_as_sum(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+    x = args[0]
+    if x.dtype is None or not x.dtype.is_floating_point:
+        return
+    if spec.arg("dtype", None) not in (None, x.dtype):
+        return
+    if x.op not in ("cat", "accum"):  # a whole value: the ranks' own mean is found directly
+        return
+    dims = _dims(spec.arg("dim"), len(x.shape))
+    n = math.prod(x.shape[d] for d in dims)
+    if n == 0:
+        return
+    try:
+        total = S.call(reduce_spec("sum", dims, bool(spec.arg("keepdim"))), [x])
+    except ShapeError:
+        return
+    yield S.scale(total, Fraction(1, n))
+
+
+def _cases(rng):
+    r = lambda *s: C.randn(rng, *s)  # noqa: E731
+    for _ in range(3):
+        m, n, k = C.dims(rng), C.dims(rng), C.dims(rng, 2, 4)
+        yield C.case(lambda x: x.mean(), (r(m, n),), rng, split={0: 0}, description="mean of all, rows split")
+        yield C.case(lambda x: x.mean(-1), (r(m, n),), rng, split={0: 1}, description="mean over the split dim")
+        yield C.case(lambda x: torch.mean(x, dim=(0, 2), keepdim=True), (r(m, k, n),), rng, split={0: 2},
+                     description="mean over two dims, keepdim")
+        yield C.case(lambda x: x.mean(0), (r(m, n),), rng, partial={0: 3}, description="mean of a partial sum")
+        yield C.case(lambda x: x.float().mean(), (r(m, n).float(),), rng, split={0: 0}, description="float32")
+
+
+register(Lemma(
+    name="mean-as-sum",
+    statement="mean(X, dims) = (1/n) * sum(X, dims),  n = number of elements averaged",
+    kinds=("reduce",),
+    plans=mean_as_sum,
+    cases=_cases,
+    conditions=("floating-point X", "no dtype= that changes the type",
+                "the scale factors must cancel for the relation to be clean"),
+    priority=40,
+    on=((aten.mean.dim, ("self", "dim", "keepdim", "dtype"), ()),),
+))

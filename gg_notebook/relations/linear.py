@@ -1,0 +1,432 @@
+"""The scalar normal form: terms as linear combinations with exact rational coefficients.
+
+Over the real numbers, many spellings of one value differ only by where the scalars sit:
+``x.mean()`` is ``x.sum() / n``; an all-reduce with ``ReduceOp.AVG`` is a sum times ``1/W``;
+``(a + b) / 2`` is ``a/2 + b/2``; ``mm(x, g / 4)`` is ``mm(x, g) / 4``; ``x.sum(-1).sum()`` is
+``x.sum()``. `LinearForms.of` writes a term as ``sum_i c_i * b_i``: the ``c_i`` are exact
+`Fraction`s and the *bases* ``b_i`` are terms that no rule below rewrites (a matmul of two
+inputs, a canonical sum, a nonlinear call). Two terms with the same normal form have the same real
+value; a term whose form is a multiple of another's holds that value up to a factor.
+
+Every rule is an identity over the reals, applied only to floating-point tensors (integer
+arithmetic has no ``/``, and an integer mean does not exist), and only where dtype and shape are
+unchanged. The rules:
+
+* ``accum(sum)`` (an all-reduce) adds forms; ``scale`` (``ReduceOp.AVG``) multiplies one;
+* ``add``/``sub`` of two tensors (with ``alpha``), ``neg``, ``mul``/``div`` by a Python number or by
+  a constant tensor whose every element is the same number (``ones_like(l).expand(..) / n``,
+  how autograd spells the gradient of a mean);
+* every operator the linearity table (`gg_notebook.ops.linearity`) lists as linear in an argument
+  is distributed over that argument's form (``mm(x, a/2 + b/2) = mm(x, a)/2 + mm(x, b)/2``);
+* ``mean(x, dims)`` is ``sum(x, dims) / n``; sums are canonical: nested sums merge, ``keepdim``
+  becomes a view, and a sum over whole groups of a reshape looks through the reshape.
+
+A float literal is the rational it is nearest to when that rational has a small denominator
+(``1/3`` written as ``0.333..``); otherwise its exact binary value. The normal form is never used
+with ``exact="bitwise"``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Iterable
+
+import torch
+
+from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
+
+aten = torch.ops.aten
+
+MAX_BASES = 64  # a form with more bases is kept as one opaque base (completeness, not soundness)
+
+Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
+
+
+def coefficient(v) -> Fraction | None:
+    """A Python number as an exact rational (None for bools, NaN, infinities, non-numbers)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int):
+        return Fraction(v)
+    if not math.isfinite(v):
+        return None
+    exact = Fraction(v)
+    near = exact.limit_denominator(1 << 24)
+    return near if float(near) == v else exact
+
+
+def _floating(e: Expr) -> bool:
+    return e.dtype is not None and e.dtype.is_floating_point
+
+
+def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
+    acc: dict[int, list] = {}
+    for b, c in pairs:
+        slot = acc.get(b.id)
+        if slot is None:
+            acc[b.id] = [b, c]
+        else:
+            slot[1] += c
+    out = tuple((b, c) for _, (b, c) in sorted(acc.items()) if c != 0)
+    if len(out) > MAX_BASES:
+        return None
+    return out
+
+
+class LinearForms:
+    """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
+
+    def __init__(self, store: ExprStore) -> None:
+        self.S = store
+        self._memo: dict[int, Form] = {}
+        self._fill_memo: dict[int, Fraction | None] = {}
+
+    # ------------------------------------------------------------------ public
+    def of(self, t: Expr) -> Form:
+        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies."""
+        hit = self._memo.get(t.id)
+        if hit is not None:
+            return hit
+        # iterative post-order over the arguments first (deep graphs must not recurse deeply)
+        stack = [t]
+        while stack:
+            x = stack[-1]
+            todo = [a for a in x.args if a.id not in self._memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            if x.id not in self._memo:
+                form = None
+                if _floating(x):
+                    try:
+                        form = self._rule(x)
+                    except ShapeError:
+                        form = None
+                self._memo[x.id] = form if form else ((x, Fraction(1)),)
+        return self._memo[t.id]
+
+    def trivial(self, t: Expr) -> bool:
+        f = self.of(t)
+        return len(f) == 1 and f[0][0] is t and f[0][1] == 1
+
+    def key(self, t: Expr) -> tuple[tuple, Fraction] | None:
+        """(key, first coefficient): the form up to a factor. Terms whose forms are multiples of
+        each other have the same key; the value of the first is ``c / c'`` times the second."""
+        f = self.of(t)
+        if not f:
+            return None
+        c0 = f[0][1]
+        return (t.shape, t.dtype, tuple((b.id, c / c0) for b, c in f)), c0
+
+    def ratio(self, a: Expr, b: Expr) -> Fraction | None:
+        """r with ``a == r * b`` by their normal forms (None if they are not multiples)."""
+        ka, kb = self.key(a), self.key(b)
+        if ka is None or kb is None or ka[0] != kb[0]:
+            return None
+        return ka[1] / kb[1]
+
+    # ------------------------------------------------------------------ rules
+    def _rule(self, x: Expr) -> Form | None:
+        op = x.op
+        if op == "accum" and x.attrs == "sum":
+            return _normalize(p for a in x.args for p in self.of(a))
+        if op == "scale":
+            c = Fraction(x.attrs)
+            return _normalize((b, c * k) for b, k in self.of(x.args[0]))
+        if op in ("view", "permute", "slice", "expand"):
+            inner = self.of(x.args[0])
+            if len(inner) == 1 and inner[0][0] is x.args[0] and inner[0][1] == 1:
+                return None
+            return self._map(inner, lambda b: _rebuild_unary(self.S, x, b))
+        if op == "cat":
+            return self._cat(x)
+        if op == "call":
+            return self._call(x)
+        return None
+
+    def _map(self, form: Form, fn) -> Form | None:
+        """Apply a linear map to every base (the images are normalized in turn)."""
+        out = []
+        for b, c in form:
+            img = fn(b)
+            if img is None:
+                return None
+            out.extend((bb, c * k) for bb, k in self.of(img))
+        return _normalize(out)
+
+    def _cat(self, x: Expr) -> Form | None:
+        """cat(c*a, c*b) = c*cat(a, b): a common factor comes out (the only canonical case)."""
+        forms = [self.of(a) for a in x.args]
+        if any(len(f) != 1 for f in forms):
+            return None
+        c = forms[0][0][1]
+        if c == 1 or any(f[0][1] != c for f in forms):
+            return None
+        inner = self.S.cat([f[0][0] for f in forms], x.attrs)
+        return _normalize((b, c * k) for b, k in self.of(inner))
+
+    def _call(self, x: Expr) -> Form | None:
+        spec = x.attrs
+        target = spec.target
+        if spec.unique is not None or x.ground:
+            return None
+        args = x.args
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            return self._add(x, -1 if target is aten.sub.Tensor else 1)
+        if target is aten.neg.default:
+            return self._scaled(x, args[0], Fraction(-1))
+        if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            hit = self._times_number(x)
+            if hit is not None:
+                return hit
+        if target is aten.mean.dim:
+            return self._mean(x)
+        if target is aten.sum.dim_IntList:
+            return self._sum(x)
+        return self._distribute(x)
+
+    def _scaled(self, x: Expr, a: Expr, c: Fraction) -> Form | None:
+        if a.shape != x.shape or a.dtype != x.dtype:
+            return None
+        return _normalize((b, c * k) for b, k in self.of(a))
+
+    def _add(self, x: Expr, sign: int) -> Form | None:
+        spec = x.attrs
+        a_slot, b_slot = spec.slot_of("self"), spec.slot_of("other")
+        if a_slot is None or b_slot is None:
+            return None  # a Python scalar operand: affine, not linear
+        alpha = coefficient(spec.arg("alpha", 1))
+        if alpha is None:
+            return None
+        a, b = x.args[a_slot], x.args[b_slot]
+        if a.dtype != x.dtype or b.dtype != x.dtype:
+            return None
+        terms = []
+        for arg, c in ((a, Fraction(1)), (b, sign * alpha)):
+            if self.fill(arg) == 0:  # an accumulator that starts at zeros: adds nothing
+                continue
+            if arg.shape != x.shape:
+                try:
+                    arg = self.S.expand(arg, x.shape)
+                except ShapeError:
+                    return None
+            terms.extend((bb, c * k) for bb, k in self.of(arg))
+        return _normalize(terms)
+
+    def _times_number(self, x: Expr) -> Form | None:
+        """``x * c``, ``x / c`` with c a Python number or a constant tensor filled with one number."""
+        spec = x.attrs
+        divide = spec.target in (aten.div.Tensor, aten.div.Scalar)
+        if divide and spec.arg("rounding_mode", None) is not None:
+            return None
+        s_self, s_other = spec.slot_of("self"), spec.slot_of("other")
+        if s_other is None:  # a Python number
+            c = coefficient(spec.arg("other"))
+            if c is None or (divide and c == 0):
+                return None
+            return self._scaled(x, x.args[s_self], 1 / c if divide else c)
+        if s_self is None:
+            return None
+        a, b = x.args[s_self], x.args[s_other]
+        cb = self.fill(b)
+        if cb is not None and (not divide or cb != 0):
+            return self._scaled(x, a, 1 / cb if divide else cb)
+        if not divide:
+            ca = self.fill(a)
+            if ca is not None:
+                return self._scaled(x, b, ca)
+        return None
+
+    def _mean(self, x: Expr) -> Form | None:
+        from gg_notebook.ir.specs import reduce_spec
+
+        spec = x.attrs
+        src = x.args[0]
+        if spec.arg("dtype", None) not in (None, src.dtype) or src.dtype != x.dtype:
+            return None
+        dims = _dims(spec.arg("dim"), len(src.shape))
+        n = math.prod(src.shape[d] for d in dims)
+        if n == 0:
+            return None
+        s = self.S.call(reduce_spec("sum", dims, bool(spec.arg("keepdim"))), [src])
+        return _normalize((b, k / n) for b, k in self.of(s))
+
+    def _sum(self, x: Expr) -> Form | None:
+        spec = x.attrs
+        src = x.args[0]
+        if spec.arg("dtype", None) not in (None, src.dtype) or src.dtype != x.dtype:
+            return None
+        dims = _dims(spec.arg("dim"), len(src.shape))
+        keep = bool(spec.arg("keepdim"))
+        if keep:  # sum(x, d, keepdim=True) = view(sum(x, d), shape with ones)
+            flat = self._sum_of(src, dims)
+            if flat is None:
+                return None
+            return self._map(((flat, Fraction(1)),), lambda b: self.S.view(b, x.shape))
+        inner = self.of(src)
+        out = []
+        changed = not (len(inner) == 1 and inner[0][0] is src and inner[0][1] == 1)
+        for b, c in inner:
+            s = self._sum_of(b, dims)
+            if s is None:
+                return None
+            if s is not x:
+                changed = True
+            out.append((s, c))
+        if not changed:
+            return None
+        return self._map(tuple(out), lambda b: b)
+
+    def _sum_of(self, y: Expr, dims: tuple[int, ...]) -> Expr | None:
+        """The canonical term of ``sum(y, dims, keepdim=False)``: nested sums merged, reshapes of
+        whole summed groups looked through."""
+        from gg_notebook.ir.specs import reduce_spec
+
+        while True:
+            if not dims:
+                return y
+            if y.op == "call" and y.attrs.target is aten.sum.dim_IntList and not y.attrs.arg("keepdim") \
+                    and y.attrs.arg("dtype", None) in (None, y.args[0].dtype) and y.args[0].dtype == y.dtype:
+                inner = _dims(y.attrs.arg("dim"), len(y.args[0].shape))
+                kept = [d for d in range(len(y.args[0].shape)) if d not in inner]
+                dims = tuple(sorted(set(inner) | {kept[d] for d in dims}))
+                y = y.args[0]
+                continue
+            if y.op == "view":
+                moved = _sum_through_view(y, dims)
+                if moved is not None:
+                    inner_dims, out_shape = moved
+                    s = self._sum_of(y.args[0], inner_dims)
+                    if s is None:
+                        return None
+                    return self.S.view(s, out_shape) if tuple(s.shape) != tuple(out_shape) else s
+            break
+        try:
+            return self.S.call(reduce_spec("sum", dims, False), [y])
+        except ShapeError:
+            return None
+
+    def _distribute(self, x: Expr) -> Form | None:
+        """An operator linear in some arguments (the linearity table), applied to forms."""
+        from gg_notebook.ops.linearity import linear_args
+
+        spec = x.attrs
+        lin = linear_args(spec, [a.dtype for a in x.args])
+        if lin is None or lin[0] != "separately":
+            return None
+        slots = [i for i in lin[1] if not self.trivial(x.args[i])]
+        if not slots:
+            return None
+        terms = [(list(x.args), Fraction(1))]
+        for i in slots:
+            nxt = []
+            for args, c in terms:
+                for b, k in self.of(x.args[i]):
+                    if b.shape != x.args[i].shape or b.dtype != x.args[i].dtype:
+                        return None
+                    new = list(args)
+                    new[i] = b
+                    nxt.append((new, c * k))
+            terms = nxt
+            if len(terms) > MAX_BASES:
+                return None
+        out = []
+        for args, c in terms:
+            call = self.S.call(spec, args)
+            if call.shape != x.shape or call.dtype != x.dtype:
+                return None
+            out.extend((b, c * k) for b, k in self.of(call))
+        return _normalize(out)
+
+    # ------------------------------------------------------------------ constants
+    def fill(self, g: Expr) -> Fraction | None:
+        """The number every element of constant ``g`` equals, read from its structure (no
+        evaluation: a meta-sized problem costs nothing): ``full``, ``ones_like``/``zeros_like``,
+        views and expansions of one, and products/quotients by Python numbers."""
+        if not g.ground or g.dtype is None or not g.dtype.is_floating_point:
+            return None
+        if g.id in self._fill_memo:
+            return self._fill_memo[g.id]
+        v = self._fill(g)
+        self._fill_memo[g.id] = v
+        return v
+
+    def _fill(self, g: Expr) -> Fraction | None:
+        if g.op in ("view", "permute", "slice", "expand"):
+            return self.fill(g.args[0])
+        if g.op == "const":
+            from gg_notebook.relations.expr import untyped
+
+            fill = getattr(g.attrs.target, "constant_fill", None)  # full / ones_like / zeros_like & co
+            return coefficient(untyped(fill())) if fill is not None else None
+        if g.op == "call":
+            spec = g.attrs
+            t = spec.target
+            if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+                if spec.arg("rounding_mode", None) is not None:
+                    return None
+                divide = t in (aten.div.Tensor, aten.div.Scalar)
+                s_self, s_other = spec.slot_of("self"), spec.slot_of("other")
+                a = self.fill(g.args[s_self]) if s_self is not None else None
+                if s_other is None:
+                    b = coefficient(spec.arg("other"))
+                else:
+                    b = self.fill(g.args[s_other])
+                if a is None or b is None or (divide and b == 0):
+                    return None
+                return a / b if divide else a * b
+            if t is aten.neg.default:
+                a = self.fill(g.args[0])
+                return None if a is None else -a
+        return None
+
+
+def _dims(dim, n: int) -> tuple[int, ...]:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(n))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
+
+
+def _sum_through_view(v: Expr, dims: tuple[int, ...]):
+    """sum(view(y, s), dims) = view(sum(y, dims'), s') when every reshape group of the view is
+    either summed whole or not at all: (dims', s'), or None."""
+    src, shape = v.args[0].shape, v.shape
+    groups = reshape_groups(src, shape)
+    if groups is None:
+        return None
+    inner: list[int] = []
+    out_shape: list[int] = []
+    for gi, go in groups:
+        real = [o for o in go if shape[o] != 1]
+        summed = [o for o in go if o in dims]
+        if summed and any(o not in dims for o in real):
+            return None
+        if summed or (not real and any(o in dims for o in go)):
+            inner.extend(gi)
+        else:
+            if any(o in dims for o in go):
+                return None
+            out_shape.extend(shape[o] for o in go)
+    if not inner:
+        return None
+    return tuple(sorted(inner)), tuple(out_shape)
+
+
+def _rebuild_unary(S: ExprStore, x: Expr, b: Expr) -> Expr | None:
+    try:
+        if x.op == "view":
+            return S.view(b, x.attrs)
+        if x.op == "permute":
+            return S.permute(b, x.attrs)
+        if x.op == "slice":
+            d, s, e = x.attrs
+            return S.slice(b, d, s, e)
+        if x.op == "expand":
+            return S.expand(b, x.attrs)
+    except ShapeError:
+        return None
+    return None
