@@ -4,4 +4,4 @@ Every ``programs_*.py`` module in this package defines ``CASES: list[SpellingCas
 `_case.py`); `all_cases()` discovers them, so a new pattern module needs no registration.
 """
 
-from ._case import SpellingCase, all_cases, check_case, modules  # noqa: F401
+from ._case import SpellingCase, all_cases, check_case, evaluate, modules  # noqa: F401

@@ -16,9 +16,19 @@ returning the list of global tensors (small: the suite must stay fast; float64 k
 checks crisp).
 
 A correct case (``bug=False``) must end ``gg.Status.PROVED``. A bug (``bug=True``) must end
-``gg.Status.REFUTED`` with ``result.culprit.source`` on the line of the rank program (or the spec)
-that carries the marker comment ``# BUG`` (``marker``); exactly one line of the case's two
-functions carries it. `check_case` decides both, so the test and the benchmark agree.
+``gg.Status.REFUTED`` and be *localized*:
+
+* exactly one line of the case's two functions carries the marker comment ``# BUG`` (``marker``):
+  the line a human would fix, usually in the rank program;
+* a culprit is a *sequential* operator (`gg.Culprit.source` is a line of the spec), so a bug in the
+  rank program is localized when the culprit is the spec operator whose value first goes wrong:
+  tag that spec line ``# gg: <tag>`` (the convention of gg_notebook/examples) and set
+  ``culprit="<tag>"``. The culprit's source line must be the ``# BUG`` line or that tagged line;
+* and it must not be an operator where the correct twin also gets stuck: ``twin`` names the correct
+  case of the same group; if the twin is not proved, the bug's culprit node must differ from the
+  twin's culprit node (otherwise the "localization" is only where the engine stops anyway).
+
+`check_case` decides all of this, so the test and the benchmark agree.
 
 A case the engine cannot prove (or localize) yet keeps its expectation and sets ``missing`` to a
 one-line description of the missing mechanism; the test marks it ``xfail(strict=True,
@@ -38,6 +48,18 @@ Example::
         name="dp-mean/sum-then-div", pattern="scalar", sequential=mean_seq, distributed=mean_dp,
         inputs=lambda: [rn(8, 4)], placements=[gg.Shard(0)], world_size=2, expect=[gg.Replicate()],
     )]
+
+    def mean_dp_no_div(x):
+        s = x.sum()
+        dist.all_reduce(s)
+        return s / x.numel()  # BUG: not divided by the world size
+
+    # the spec, with its operators tagged:  return x.mean()  # gg: mean
+    CASES.append(SpellingCase(
+        name="dp-mean/bug-no-div", pattern="scalar", sequential=mean_seq, distributed=mean_dp_no_div,
+        inputs=lambda: [rn(8, 4)], placements=[gg.Shard(0)], world_size=2, expect=[gg.Replicate()],
+        bug=True, culprit="mean", twin="dp-mean/sum-then-div",
+    ))
 """
 
 from __future__ import annotations
@@ -45,6 +67,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -72,6 +95,9 @@ class SpellingCase:
     input_names gg.Problem.input_names, if the spec's parameter names should not be used
     random      gg.Problem.random ("refuse" default, or "identity")
     marker      the comment that marks the bug's line in the rank program or the spec
+    culprit     for a bug: the tag of the spec line ``# gg: <tag>`` where the culprit is expected
+                (None: the culprit must be on the ``marker`` line itself)
+    twin        for a bug: the name of the correct case it is paired with
     note        free text (why the program is written this way; what the bug is)
     """
 
@@ -90,6 +116,8 @@ class SpellingCase:
     input_names: Sequence[str] | None = None
     random: str = "refuse"
     marker: str = "# BUG"
+    culprit: str | None = None
+    twin: str | None = None
     note: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -122,22 +150,74 @@ class SpellingCase:
         return hits[0]
 
 
-def check_case(case: SpellingCase, result: gg.Result) -> tuple[bool, str]:
-    """Does ``result`` meet the case's expectation? (ok, one-line explanation)."""
+    def culprit_line(self) -> tuple[str, int] | None:
+        """(file, line) of the spec line tagged ``# gg: <culprit>``, or None without ``culprit``."""
+        if self.culprit is None:
+            return None
+        fn = inspect.unwrap(self.sequential)
+        lines, first = inspect.getsourcelines(fn)
+        path = inspect.getsourcefile(fn)
+        tag = re.compile(r"#\s*gg:\s*" + re.escape(self.culprit) + r"\b")
+        hits = [(path, first + k) for k, text in enumerate(lines) if tag.search(text)]
+        if len(hits) != 1:
+            raise ValueError(f"case {self.name}: expected one '# gg: {self.culprit}' line in the spec, found {hits}")
+        return hits[0]
+
+    def expected_lines(self) -> list[tuple[str, int]]:
+        """Where a bug's culprit may be: the ``# BUG`` line, and the tagged spec line if any."""
+        out = [self.bug_line()]
+        if self.culprit is not None:
+            out.append(self.culprit_line())
+        return out
+
+
+def _short(path: str, line: int) -> str:
+    return f"{path.split('/')[-1]}:{line}"
+
+
+def check_case(case: SpellingCase, result: gg.Result, twin: gg.Result | None = None) -> tuple[bool, str]:
+    """Does ``result`` meet the case's expectation? (ok, one-line explanation).
+
+    For a bug, ``twin`` is the result of the correct twin (``case.twin``), when there is one."""
     if not case.bug:
         if result.status is gg.Status.PROVED and result.proved:
             return True, "proved"
         return False, f"expected proved, got {result.headline()}"
     if result.status is not gg.Status.REFUTED:
         return False, f"expected refuted, got {result.headline()}"
-    path, line = case.bug_line()
     c = result.culprit
     if c is None or not c.source:
         return False, "refuted, but no culprit source line"
     got_file, _, got_line = c.source.rpartition(":")
-    if got_line == str(line) and path.endswith(got_file.split("/")[-1]):
-        return True, f"refuted at {c.source}"
-    return False, f"refuted, but culprit {c.op} at {c.source}, bug at {path.split('/')[-1]}:{line}"
+    want = case.expected_lines()
+    if not any(got_line == str(line) and path.endswith(got_file.split("/")[-1]) for path, line in want):
+        return False, (f"refuted, but culprit {c.op} at {c.source}; expected "
+                       + " or ".join(_short(*w) for w in want))
+    if twin is not None and twin.status is not gg.Status.PROVED and twin.culprit is not None \
+            and twin.culprit.node == c.node:
+        return False, (f"refuted at {c.source}, but the correct twin {case.twin} is stuck at the same "
+                       f"operator ({c.op} {c.node}): not localized")
+    return True, f"refuted at {c.source}"
+
+
+def evaluate(case: SpellingCase, cases: dict | None = None, cache: dict | None = None):
+    """Verify ``case`` (and its twin, for a bug) and judge it: ``(result, ok, message)``.
+
+    ``cases`` maps names to cases (default: `all_cases()`); ``cache`` memoizes results by name."""
+    cache = {} if cache is None else cache
+
+    def run(c: SpellingCase) -> gg.Result:
+        if c.name not in cache:
+            cache[c.name] = c.verify()
+        return cache[c.name]
+
+    result = run(case)
+    twin = None
+    if case.bug and case.twin is not None:
+        cases = cases if cases is not None else {c.name: c for c in all_cases()}
+        twin = run(cases[case.twin])
+    ok, msg = check_case(case, result, twin)
+    return result, ok, msg
 
 
 def modules() -> list:
@@ -155,6 +235,13 @@ def all_cases() -> list[SpellingCase]:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"duplicate spelling case names: {sorted(dup)}")
+    known = set(names)
+    for c in cases:
+        if c.twin is not None and c.twin not in known:
+            raise ValueError(f"case {c.name}: twin {c.twin!r} is not a case")
+        if c.bug:
+            c.bug_line()  # exactly one marker line
+            c.culprit_line()
     return cases
 
 
