@@ -25,8 +25,8 @@ A correct case (``bug=False``) must end ``gg.Status.PROVED``. A bug (``bug=True`
   tag that spec line ``# gg: <tag>`` (the convention of gg_notebook/examples) and set
   ``culprit="<tag>"``. The culprit's source line must be the ``# BUG`` line or that tagged line;
 * and it must not be an operator where the correct twin also gets stuck: ``twin`` names the correct
-  case of the same group; if the twin is not proved, the bug's culprit node must differ from the
-  twin's culprit node (otherwise the "localization" is only where the engine stops anyway).
+  case of the same group; if the twin is not proved, the bug's culprit node and line must differ from the
+  twin's culprit node and line (otherwise the "localization" is only where the engine stops anyway).
 
 `check_case` decides all of this, so the test and the benchmark agree.
 
@@ -194,7 +194,7 @@ def check_case(case: SpellingCase, result: gg.Result, twin: gg.Result | None = N
         return False, (f"refuted, but culprit {c.op} at {c.source}; expected "
                        + " or ".join(_short(*w) for w in want))
     if twin is not None and twin.status is not gg.Status.PROVED and twin.culprit is not None \
-            and twin.culprit.node == c.node:
+            and (twin.culprit.node == c.node or twin.culprit.source == c.source):
         return False, (f"refuted at {c.source}, but the correct twin {case.twin} is stuck at the same "
                        f"operator ({c.op} {c.node}): not localized")
     return True, f"refuted at {c.source}"
