@@ -130,8 +130,11 @@ class SpellingCase:
         )
 
     def verify(self, **kw) -> gg.Result:
+        """`gg.verify` of the case. The suite traces the ranks in this process (``capture="inprocess"``,
+        3x faster than forking one process per rank; the programs keep no module state)."""
         if self.exact is not None:
             kw.setdefault("exact", self.exact)
+        kw.setdefault("capture", "inprocess")
         return gg.verify(self.problem(), **kw)
 
     def bug_line(self) -> tuple[str, int]:

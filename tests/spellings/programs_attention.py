@@ -453,7 +453,7 @@ CASES = [
        _MHA_PL, [R]),
     _c("gqa-tp/grouped-broadcast-no-repeat", gqa_spec_repeat_kv, gqa_tp_grouped_view, _gqa_in, _MHA_PL, [R]),
     _c("gqa-tp/repeat_kv-tp4", gqa_spec_repeat_kv, gqa_tp_repeat_kv, _gqa_in, _MHA_PL, [R], world_size=4),
-    _c("mqa-tp/expand-spec-vs-broadcast-unsqueeze", mqa_spec, mqa_tp, _mqa_in, [R, S1, R, R, S0], [R]),
+    _c("gqa-tp/mqa-expand-spec-vs-broadcast-unsqueeze", mqa_spec, mqa_tp, _mqa_in, [R, S1, R, R, S0], [R]),
     _c("gqa-tp/bug-kv-heads-tiled", gqa_spec_bug, gqa_tp_tiled, _gqa_in, _MHA_PL, [R], bug=True,
        culprit="kv-tiling", twin="gqa-tp/repeat_kv-spec-vs-repeat_interleave",
        note="k.repeat(1, n_rep, 1, 1) tiles the kv heads: query head i meets kv head i % kv instead of i // n_rep"),
@@ -467,7 +467,7 @@ CASES = [
     _c("rope/bug-seq-sharded-no-offset", rope_real_spec_bug, rope_real_seq_no_offset, _rope_in, [S1], [S1],
        bug=True, culprit="positions", twin="rope/real-rotate_half-seq-sharded-offset",
        note="sequence shards rotate with positions 0..S/W-1 on every rank (the rank offset is forgotten)"),
-    _c("rope-attn/heads-sharded-causal", rope_attn_spec, rope_attn_tp, _mha_in, _MHA_PL, [R]),
+    _c("rope/attention-heads-sharded-causal", rope_attn_spec, rope_attn_tp, _mha_in, _MHA_PL, [R]),
 ]
 
 _MISSING = {
@@ -487,7 +487,7 @@ _MISSING = {
         "data movement: repeat_interleave of a head-sharded K (kv sharded consistently with q) into bmm",
     "gqa-tp/grouped-broadcast-no-repeat": "data movement: broadcasting [kv, group] query view vs repeated K in bmm",
     "gqa-tp/repeat_kv-tp4": "data movement: expand+reshape of a head-sharded K into merged-batch bmm",
-    "mqa-tp/expand-spec-vs-broadcast-unsqueeze":
+    "gqa-tp/mqa-expand-spec-vs-broadcast-unsqueeze":
         "data movement: expanded replicated K (MQA) against head-sharded Q in merged-batch bmm",
     "gqa-tp/bug-kv-heads-tiled": "not localized: the correct twin is stuck at the same bmm",
     "rope/real-rotate_half-heads-sharded":
@@ -499,7 +499,7 @@ _MISSING = {
         "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
     "rope/complex-seq-sharded-table-rows": "view_as_complex on a sequence shard and a sliced polar table",
     "rope/bug-seq-sharded-no-offset": "not localized: the correct twin is stuck at the same rotary-table mul",
-    "rope-attn/heads-sharded-causal":
+    "rope/attention-heads-sharded-causal":
         "input-independent values: cos/sin tables (cat of freqs) compared by value inside head-sharded attention",
 }
 

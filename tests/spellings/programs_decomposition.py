@@ -110,6 +110,13 @@ def rmsnorm_hidden_gather_stats(x, w):
     return (x * torch.rsqrt(ms + EPS)) * w
 
 
+def rmsnorm_hidden_sqrt(x, w):
+    ss = (x * x).sum(dim=-1, keepdim=True)
+    dist.all_reduce(ss, op=dist.ReduceOp.SUM)
+    rms = torch.sqrt(ss / H + EPS)
+    return x / rms * w
+
+
 def rmsnorm_hidden_local(x, w):
     # norm over the local hidden shard only: the statistics never see the other ranks' columns
     return F.rms_norm(x, (x.shape[-1],), w, eps=EPS)  # BUG
@@ -308,6 +315,21 @@ def sp_ln_gelu_rank(x, lw, lb, w1, b1, w2, b2):
     return out + b2
 
 
+def sp_ln_gelu_spec_bug(x, lw, lb, w1, b1, w2, b2):
+    h = F.layer_norm(x, (x.shape[-1],), lw, lb, LN_EPS)
+    return F.gelu(h @ w1 + b1, approximate="tanh") @ w2 + b2  # gg: sp-out
+
+
+def sp_ln_gelu_rank_chunk0(x, lw, lb, w1, b1, w2, b2):
+    h = functional_call(_LN, {"weight": lw, "bias": lb}, (x,))
+    parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, h)
+    y = F.gelu(torch.cat(parts, dim=0) @ w1 + b1, approximate="tanh") @ w2
+    dist.all_reduce(y)
+    out = y.chunk(dist.get_world_size(), dim=0)[0]  # BUG: every rank keeps the first chunk
+    return out + b2
+
+
 def sp_ln_gelu_rank_rs_list(x, lw, lb, w1, b1, w2, b2):
     h = F.layer_norm(x, (x.shape[-1],), lw, lb, LN_EPS)
     parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
@@ -420,6 +442,8 @@ CASES = [
        [SHL, SH0], [SHL]),
     _c("rmsnorm-tp-hidden/gather-shard-means", rmsnorm_hidden_spec, rmsnorm_hidden_gather_stats, _sp_norm,
        [SHL, SH0], [SHL]),
+    _c("rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div", rmsnorm_hidden_spec, rmsnorm_hidden_sqrt, _sp_norm,
+       [SHL, SH0], [SHL]),
     _c("rmsnorm-tp-hidden/bug-local-norm", rmsnorm_hidden_spec_bug, rmsnorm_hidden_local, _sp_norm,
        [SHL, SH0], [SHL], bug=True, culprit="local-norm", twin="rmsnorm-tp-hidden/sumsq-allreduce",
        note="F.rms_norm over the local hidden shard: the mean of squares misses the other ranks' columns"),
@@ -454,6 +478,10 @@ CASES = [
        [SH0, R, SH1, SH1, SH0], [SH0]),
     _c("sp-block/layernorm-module-allgather-list-gelu-reducescatter", sp_ln_gelu_spec, sp_ln_gelu_rank,
        _sp_ln_in, [SH0, R, R, SH1, SH0, SH0, R], [SH0]),
+    _c("sp-block/bug-allreduce-then-first-chunk", sp_ln_gelu_spec_bug, sp_ln_gelu_rank_chunk0, _sp_ln_in,
+       [SH0, R, R, SH1, SH0, SH0, R], [SH0], bug=True, culprit="sp-out",
+       twin="sp-block/layernorm-module-allgather-list-gelu-reducescatter",
+       note="all_reduce + chunk instead of reduce_scatter, but the chunk index is not the rank"),
     _c("sp-block/layernorm-allgather-list-gelu-reducescatter-list", sp_ln_gelu_spec, sp_ln_gelu_rank_rs_list,
        _sp_ln_in, [SH0, R, R, SH1, SH0, SH0, R], [SH0]),
     # SDPA math form vs the fused call, heads sharded
@@ -485,6 +513,8 @@ _MISSING = {
         "scalar algebra: mean over a sharded dim = all-reduced sum of shard sums / (H_local * world_size)",
     "rmsnorm-tp-hidden/gather-shard-means":
         "scalar algebra: mean over a sharded dim = mean over ranks of equal-shard means (stack + mean(0))",
+    "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
+        "x*x vs pow(x, 2) and scalar algebra: sum-allreduce / H inside sqrt, x / sqrt(.) vs x * rsqrt(.)",
     "rmsnorm-tp-hidden/bug-local-norm": "not localized: the correct twins are stuck at the same mean.dim",
     "layernorm-sp/written-vs-F.layer_norm":
         "decomposition: native_layer_norm vs mean / sub / pow / mean / add / sqrt / div written out",

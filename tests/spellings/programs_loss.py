@@ -279,6 +279,19 @@ def ce_label_smoothing_rank_logp(logits, target):
     return ((1 - SMOOTH) * nll + SMOOTH * smooth).flatten()
 
 
+def ce_label_smoothing_spec_bug(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), reduction="none",  # gg: smooth
+                           label_smoothing=SMOOTH)
+
+
+def ce_label_smoothing_rank_local_v(logits, target):
+    lse, t = _lse_and_target_logit(logits, target)
+    total = logits.sum(-1)
+    dist.all_reduce(total)
+    smooth = lse - total / logits.size(-1)  # BUG: divided by this rank's vocab slice, not the vocab
+    return ((1.0 - SMOOTH) * (lse - t) + SMOOTH * smooth).view(-1)
+
+
 def ce_z_loss_rank(logits, target):
     lse, t = _lse_and_target_logit(logits, target)
     return (lse - t + Z_COEF * lse ** 2).view(-1)
@@ -630,12 +643,16 @@ CASES = [
        [SL, R], [R], bug=True, culprit="ignored-mean", twin="vocab-ce-ignore/megatron-keep-weighted-sum",
        note="ignored tokens are zeroed but still counted in the mean's denominator"),
     # label smoothing, z-loss
-    _c("vocab-ce-smooth/sum-logits-allreduce", ce_label_smoothing, ce_label_smoothing_rank, _ce_in, [SL, R], [R],
+    _c("vocab-ce-reg/smoothing-sum-logits-allreduce", ce_label_smoothing, ce_label_smoothing_rank, _ce_in, [SL, R], [R],
        domains=CLASS_IDS),
-    _c("vocab-ce-smooth/log-probs-stacked-allreduce", ce_label_smoothing, ce_label_smoothing_rank_logp, _ce_in,
+    _c("vocab-ce-reg/smoothing-log-probs-stacked-allreduce", ce_label_smoothing, ce_label_smoothing_rank_logp, _ce_in,
        [SL, R], [R], domains=CLASS_IDS),
-    _c("vocab-ce-zloss/lse-squared", ce_z_loss, ce_z_loss_rank, _ce_in, [SL, R], [R], domains=CLASS_IDS),
-    _c("vocab-ce-zloss/megatron-plus-gathered-logsumexp", ce_z_loss, ce_z_loss_rank_square, _ce_in, [SL, R],
+    _c("vocab-ce-reg/bug-smoothing-local-vocab-size", ce_label_smoothing_spec_bug, ce_label_smoothing_rank_local_v,
+       _ce_in, [SL, R], [R], domains=CLASS_IDS, bug=True, culprit="smooth",
+       twin="vocab-ce-reg/smoothing-sum-logits-allreduce",
+       note="the smoothing term's mean over the vocabulary divides by V/W"),
+    _c("vocab-ce-reg/zloss-lse-squared", ce_z_loss, ce_z_loss_rank, _ce_in, [SL, R], [R], domains=CLASS_IDS),
+    _c("vocab-ce-reg/zloss-megatron-plus-gathered-logsumexp", ce_z_loss, ce_z_loss_rank_square, _ce_in, [SL, R],
        [R], domains=CLASS_IDS),
     # softmax / log_softmax over a sharded last dim
     _c("sharded-softmax/max-sum-allreduce", softmax_spec, softmax_rank_max_sum, _sm_in, [SL], [SL]),
@@ -688,11 +705,12 @@ _MISSING = {
         "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx",
     "vocab-ce-ignore/logsumexp-where-clamp": _CE + "ignore_index mean = where(valid) sum / clamp(valid count)",
     "vocab-ce-ignore/bug-mean-over-all-tokens": "not localized: the correct twin is stuck at the same _log_softmax",
-    "vocab-ce-smooth/sum-logits-allreduce":
+    "vocab-ce-reg/smoothing-sum-logits-allreduce":
         _CE + "label smoothing = (1-e) nll + e (lse - sum(logits)/V): needs sum over a sharded vocab + algebra",
-    "vocab-ce-smooth/log-probs-stacked-allreduce": _CE + "label smoothing via -sum(logp)/V all-reduced in a stack",
-    "vocab-ce-zloss/lse-squared": _CE + "z-loss term logsumexp(logits)^2 from max + log(sum-allreduce)",
-    "vocab-ce-zloss/megatron-plus-gathered-logsumexp":
+    "vocab-ce-reg/smoothing-log-probs-stacked-allreduce": _CE + "label smoothing via -sum(logp)/V all-reduced in a stack",
+    "vocab-ce-reg/bug-smoothing-local-vocab-size": "not localized: the correct twin is stuck at the same _log_softmax",
+    "vocab-ce-reg/zloss-lse-squared": _CE + "z-loss term logsumexp(logits)^2 from max + log(sum-allreduce)",
+    "vocab-ce-reg/zloss-megatron-plus-gathered-logsumexp":
         "capture refuses all_gather_into_tensor into a stacked [W, ...] output (torch documents that form)",
     "sharded-softmax/max-sum-allreduce":
         "softmax over a sharded dim = exp(x - max-allreduce) / sum-allreduce (no lemma)",
