@@ -499,8 +499,6 @@ _MISSING = {
         "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
     "rope/complex-seq-sharded-table-rows": "view_as_complex on a sequence shard and a sliced polar table",
     "rope/bug-seq-sharded-no-offset": "not localized: the correct twin is stuck at the same rotary-table mul",
-    "rope/attention-heads-sharded-causal":
-        "input-independent values: cos/sin tables (cat of freqs) compared by value inside head-sharded attention",
 }
 
 import dataclasses as _dc  # noqa: E402

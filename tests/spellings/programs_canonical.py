@@ -380,23 +380,15 @@ _MSUM = ("canonical spellings: x.sum((1, 2)) of a dim-2-sharded x vs reshape(B, 
 _INDEX = ("canonical spellings: weight[local] (aten.index.Tensor, one index) is not treated as "
           "embedding(local, weight); the same clamp-and-mask program with F.embedding is proved")
 MISSING = {
-    "row-linear/bias-on-rank0": _BIAS0,
-    "row-linear/addmm-bias-rank0-zeros": _BIAS0,
-    "row-linear/bug-bias-every-rank": _LOCALIZE + " (bias on one rank)",
     "col-linear/einsum": ("canonical spellings: einsum('bsi,oi->bso') lowers to a batch-1 bmm over unsqueeze/permute "
                           "views; not normalized to mm(x.view(-1, in), w.t())"),
-    "multi-dim-sum/view-sum": _MSUM,
-    "multi-dim-sum/sum-twice": _MSUM,
     "multi-dim-sum/flatten-keepdim": _MSUM,
-    "multi-dim-sum/bug-wrong-reshape": _LOCALIZE + " (sums over several dims)",
     "vocab-embed/torchtitan-clamp": _INDEX,
     "vocab-embed/spec-index-megatron": "canonical spellings: the spec's weight[ids] (aten.index.Tensor) is not lowered to embedding(ids, weight)",
     "vocab-embed/tp4-torchtitan-clamp": _INDEX,
     "vocab-embed/bug-wrong-offset": _LOCALIZE + " (weight[ids] vs embedding)",
     "scores/baddbmm-empty-beta0": ("scalar algebra: baddbmm(empty, q, kT, beta=0, alpha=c) = c * bmm(q, kT); seq "
                                    "bmm then / sqrt(d) is not related to the rank's alpha-scaled product"),
-    "scores/scale-query-first": "scalar algebra: (q * c) @ kT = c * (q @ kT) (bmm is linear in each argument), c = d**-0.5",
-    "scores/matmul-mul-reciprocal": "scalar algebra: s.mul(1 / sqrt(d)) vs s / sqrt(d) have no common normal form",
     "scores/bug-wrong-scale": _LOCALIZE + " (scalar algebra)",
     "buffers/matmul-out-slice-assign": ("data movement: out[:] = all_gather_into_tensor(..).permute(1, 0, 2).reshape(..) "
                                         "is not normalized to concat(gelu@r0, gelu@r1, dim=1)"),

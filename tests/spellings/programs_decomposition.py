@@ -515,7 +515,6 @@ _MISSING = {
         "scalar algebra: mean over a sharded dim = mean over ranks of equal-shard means (stack + mean(0))",
     "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
         "x*x vs pow(x, 2) and scalar algebra: sum-allreduce / H inside sqrt, x / sqrt(.) vs x * rsqrt(.)",
-    "rmsnorm-tp-hidden/bug-local-norm": "not localized: the correct twins are stuck at the same mean.dim",
     "layernorm-sp/written-vs-F.layer_norm":
         "decomposition: native_layer_norm vs mean / sub / pow / mean / add / sqrt / div written out",
     "layernorm-sp/var_mean-addcmul-vs-written":

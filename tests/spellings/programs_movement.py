@@ -372,8 +372,6 @@ _CYCLIC = ("data movement: the engine relates seq tanh to the round-robin concat
 _ULY = ("data movement: all_to_all re-layout: seq softmax(dim 0) of concat(x@r, dim=0) must be re-related to the "
         "heads tiling the ranks hold after all_to_all_single, and the return all_to_all normalized back to dim 0")
 MISSING = {
-    "rotate-half/slices": _ROT,
-    "rotate-half/chunk-neg": _ROT,
     "rotate-half/split-stack-flatten-addcmul": _ROT + "; stack(-2).flatten(-2) and addcmul",
     "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
                                     "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
@@ -385,10 +383,7 @@ MISSING = {
     "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
     "swiglu/view-unbind-2d-mm": _GLU + "; view(.., 2, -1).unbind(-2) and a 2-D mm on flattened rows",
     "swiglu/narrow": _GLU,
-    "interleaved-rope/stride-2": _STRIDE,
-    "interleaved-rope/unflatten-pairs": _STRIDE,
     "interleaved-rope/view-unbind-strided-writes": _STRIDE,
-    "interleaved-rope/bug-halves": _LOCALIZE + " (stride-2 slices)",
     "cyclic-rows/gather-stack": _CYCLIC,
     "cyclic-rows/gather-into-tensor-transpose": _CYCLIC,
     "cyclic-rows/strided-writes": _CYCLIC,

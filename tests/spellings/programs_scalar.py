@@ -280,31 +280,11 @@ _RETILE = ("re-tiling: the rank multiplies micro-batch slices of its shard (x@r[
 _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the rank's const/12, so seq mul_1 = "
          "1/2 * concat(mul_1@r); needs coefficient relations through the weight-gradient mm to the all-reduce / W")
 MISSING = {
-    "dp-mean/allreduce-sum-div": _SCALAR,
-    "dp-mean/reduceop-avg": _SCALAR,
     "dp-mean/gather-stack-mean": _SCALAR + " (stack of all_gather'ed scalars, mean over ranks)",
-    "dp-mean/divide-before-reduce": _SCALAR,
-    "dp-mean/global-count": _SCALAR + " (sum / global element count)",
-    "dp-mean/dp4-sum-div": _SCALAR,
-    "dp-mean/bug-no-div": _LOCALIZE + " (scalar algebra)",
-    "dp-mean/bug-div-twice": _LOCALIZE + " (scalar algebra)",
-    "dp-mean/bug-avg-then-div": _LOCALIZE + " (scalar algebra)",
-    "microbatch/accumulate-div": _RETILE,
     "microbatch/stack-mean-avg": _RETILE + "; F.mse_loss is not decomposed (aten.mse_loss)",
     "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
-    "microbatch/python-sum": _RETILE,
-    "microbatch/bug-unscaled": _LOCALIZE + " (re-tiling of micro-batches, scalar algebra)",
-    "grad-mean/allreduce-div": _GRAD,
     "grad-mean/allreduce-avg": _GRAD + "; F.mse_loss / mse_loss_backward are not decomposed",
-    "grad-mean/prescaled-loss": _GRAD,
-    "grad-mean/sum-over-global-count": _GRAD,
     "grad-mean/bug-no-div": _LOCALIZE + " (scalar algebra in the backward)",
-    "nested-sum/sum-last-then-sum": ("nested reductions: seq sum() of concat(mm@r, dim=0) = sum_r of the rank's "
-                                     "sum(-1).sum(); full reductions spelled as nested sums are not merged"),
-    "nested-sum/flatten-sum": "nested reductions: view(-1).sum(0) is not normalized to a full sum()",
-    "nested-sum/keepdim-squeeze": "nested reductions: sum(1, keepdim).sum(0, keepdim).squeeze() is not merged into sum()",
-    "nested-sum/bug-mean-inside": _LOCALIZE + " (nested reductions)",
-    "mean-of-means/allreduce-div": _SCALAR.replace("mean over", "mean(0) over"),
     "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
     "mean-of-means/nested-avg": _SCALAR.replace("mean over", "mean(0) over") + " (mean of half-batch means, AVG)",
     "mean-of-means/sum-and-count": ("capture: dist.all_reduce on a tensor built from Python numbers "
