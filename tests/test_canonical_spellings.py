@@ -57,6 +57,11 @@ SAME = {
     "odd columns: stride 2 vs unflatten": (lambda x: x[:, 1::2].exp(), lambda x: x.unflatten(-1, (3, 2))[..., 1].exp(),
                                            [_rn(3, 6)]),
     "strided rows from an offset": (lambda x: x[2::2].sin(), lambda x: x.view(3, 2, 4)[1:, 0].sin(), [_rn(6, 4)]),
+    "x ** 2 vs x * x": (lambda x: (x ** 2).sum(-1), lambda x: (x * x).sum(-1), [_rn(3, 4)]),
+    "square vs pow(2.0)": (lambda x: x.square(), lambda x: torch.pow(x, 2.0), [_rn(3, 4)]),
+    "F.rms_norm vs written out": (lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6),
+                                  lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+                                  [_rn(3, 4), _rn(4, seed=1)]),
     "sum over two dims vs view + sum": (lambda x: x.sum(dim=(1, 2)), lambda x: x.reshape(2, -1).sum(-1), [_rn(2, 3, 4)]),
     "sum of all vs nested sums": (lambda x: x.sum(), lambda x: x.sum(-1).sum(0), [_rn(3, 4)]),
     "mean vs sum / n": (lambda x: x.mean(-1), lambda x: x.sum(dim=1) / x.shape[1], [_rn(3, 4)]),
@@ -76,6 +81,10 @@ DIFFERENT = {
     "stride 2 vs the first half": (lambda x: x[..., ::2] * 2, lambda x: x[..., :2] * 2, [_rn(3, 4)]),
     "sum over other dims": (lambda x: x.sum(dim=(1, 2)), lambda x: x.sum(dim=(0, 1)), [_rn(3, 3, 3)]),
     "mean vs sum": (lambda x: x.mean(-1), lambda x: x.sum(-1), [_rn(3, 4)]),
+    "x ** 2 vs x ** 3": (lambda x: x ** 2, lambda x: x ** 3, [_rn(3, 4)]),
+    "rms_norm with another eps": (lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6),
+                                  lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w,
+                                  [_rn(3, 4), _rn(4, seed=1)]),
     "mean vs sum / (n - 1)": (lambda x: x.mean(-1), lambda x: x.sum(-1) / 3, [_rn(3, 5)]),
 }
 
@@ -135,6 +144,10 @@ def test_dim_normalization_lists_only_ops_whose_dims_index_their_first_tensor(op
     lambda x: x.argmax(-1), lambda x: x.sort(-2).values, lambda x: x.topk(2, -1).indices,
     lambda x: x.var(-1, correction=0), lambda x: F.glu(x, -1),
     lambda x: x.index_select(-1, torch.tensor([1, 0])), lambda x: x.logcumsumexp(-3),
+    lambda x: x ** 2, lambda x: x.square() + x.pow(2.0), lambda x: torch.ops.aten.add.Scalar(x, 1e-6),
+    lambda x: torch.ops.aten.div.Scalar(x, 3), lambda x: torch.ops.aten.mul.Scalar(x, 0.1),
+    lambda x: x[..., 1::2], lambda x: x[:, ::3], lambda x: x[1::2, ::2],
+    lambda x: F.rms_norm(x, (4,), eps=1e-6),
 ])
 def test_normalized_calls_compute_the_same_values(fn):
     x = _rn(2, 3, 4)

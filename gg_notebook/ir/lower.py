@@ -168,6 +168,8 @@ class _Lowerer:
     def spec_for(self, target, args, kwargs, kind="generic", params=(), out=None):
         """OpSpec + tensor inputs for a call; tensor args become Slots."""
         inputs: list[Node] = []
+        # x + c spelled add.Scalar (decompositions, F.rms_norm) or add.Tensor (user code): one overload
+        target = SCALAR_OVERLOAD_TWIN.get(target, target)
 
         def conv(a):
             if isinstance(a, torch.fx.Node):
@@ -300,6 +302,11 @@ class _Lowerer:
         neutral = _neutral_operand(target, args, kwargs, env, shape, dtype)
         if neutral is not None:
             return neutral
+        if target is aten.pow.Tensor_Scalar and _is_two(args[1] if len(args) > 1 else kwargs.get("exponent")) \
+                and dtype is not None and dtype.is_floating_point and env[args[0]].dtype == dtype:
+            # x ** 2, x.square(), x.pow(2): the kernel computes x * x, bit for bit; one spelling
+            spec, inputs = self.spec_for(aten.mul.Tensor, (args[0], args[0]), {}, kind="ew")
+            return self.emit("call", spec, inputs, shape, dtype)
         if packet in ASSERTS:
             return None  # checks, not values (a failing check is a crash of the real run, not a value)
         if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
@@ -652,6 +659,13 @@ def _dropout_masks(gm: torch.fx.GraphModule) -> dict:
     return out
 
 
+# `.Scalar` overloads that compute exactly what their `.Tensor` twin computes with a Python number
+# (same schema argument names, same type promotion of a wrapped number): lowered to the twin.
+SCALAR_OVERLOAD_TWIN = {
+    aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor, aten.mul.Scalar: aten.mul.Tensor,
+    aten.div.Scalar: aten.div.Tensor,
+}
+
 # Overloads that convert a Python-number operand to the floating-point tensor's dtype before
 # computing: on a float tensor, ``x * 2`` and ``x * 2.0`` are the same call (an int below 2**53 and
 # its float convert to the same value). Not pow & co. (an int exponent may take another kernel
@@ -710,6 +724,10 @@ _NEUTRAL = {
     aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.add.Scalar: 0, aten.sub.Scalar: 0,
     aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
 }
+
+
+def _is_two(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 2
 
 
 def _neutral_operand(target, args, kwargs, env, shape, dtype):
