@@ -54,6 +54,8 @@ BUGS = {
     "no_sum_exp_allreduce": "the SUM all-reduce of sum_exp_logits is missing (each rank normalizes by its own slice)",
     "no_target_offset": "the target is not shifted by vocab_start_index before the gather",
     "no_predicted_allreduce": "predicted_logits is not all-reduced (only the owning rank has the target logit)",
+    "wrong_vocab_start": "the loss's vocabulary range is computed from the global vocabulary size instead of "
+                         "the partition size (every rank but 0 thinks it owns no target)",
 }
 
 
@@ -67,6 +69,7 @@ class GPTConfig:
     batch: int = 2
     ffn: int = 64
     tie: bool = True
+    fused_qkv: bool = True  # Megatron's per-head [q|k|v] layout; False: q, k, v weights stacked
     eps: float = 1e-5
 
     @property
@@ -84,13 +87,22 @@ def _split(params, cfg: GPTConfig):
     return layers, final_w, final_b, head
 
 
-def _self_attention(h, qkv_w, qkv_b, head_dim):
-    """Causal attention over the heads present in ``qkv_w`` ([n_heads * 3 * head_dim, hidden])."""
+def _self_attention(h, qkv_w, qkv_b, head_dim, fused=True):
+    """Causal attention over the heads present in ``qkv_w``: Megatron's fused layout
+    ``[n_heads * (q|k|v) * head_dim, hidden]``, or (``fused=False``) the three projections stacked
+    as ``[3, n_heads * head_dim, hidden]`` (sharded along dim 1)."""
     b, s, _ = h.shape
-    mixed = F.linear(h, qkv_w, qkv_b)                               # [b, s, n * 3 * d]
-    n_heads = mixed.size(-1) // (3 * head_dim)
-    mixed = mixed.view(b, s, n_heads, 3 * head_dim)
-    query, key, value = torch.split(mixed, head_dim, dim=-1)        # each [b, s, n, d]
+    if fused:
+        mixed = F.linear(h, qkv_w, qkv_b)                           # [b, s, n * 3 * d]
+        n_heads = mixed.size(-1) // (3 * head_dim)
+        mixed = mixed.view(b, s, n_heads, 3 * head_dim)
+        query, key, value = torch.split(mixed, head_dim, dim=-1)    # each [b, s, n, d]
+    else:
+        wq, wk, wv = qkv_w.unbind(0)                                # qkv_w: [3, n * d, hidden]
+        bq, bk, bv = qkv_b.unbind(0)
+        n_heads = wq.size(0) // head_dim
+        query, key, value = (F.linear(h, w_, b_).view(b, s, n_heads, head_dim)
+                             for w_, b_ in ((wq, bq), (wk, bk), (wv, bv)))
     query, key, value = (t.permute(0, 2, 1, 3) for t in (query, key, value))
     scores = torch.matmul(query, key.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
     future = torch.triu(torch.ones(s, s, dtype=torch.bool, device=h.device), diagonal=1)
@@ -107,7 +119,7 @@ def gpt_forward_loss(ids, targets, word_emb, pos_emb, *params, cfg: GPTConfig):
     hidden = F.embedding(ids, word_emb) + F.embedding(positions, pos_emb).unsqueeze(0)
     for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b) in layers:
         normed = F.layer_norm(hidden, (cfg.hidden,), ln1_w, ln1_b, cfg.eps)
-        attn = _self_attention(normed, qkv_w, qkv_b, cfg.head_dim)
+        attn = _self_attention(normed, qkv_w, qkv_b, cfg.head_dim, cfg.fused_qkv)
         hidden = hidden + F.linear(attn, proj_w, proj_b)
         normed = F.layer_norm(hidden, (cfg.hidden,), ln2_w, ln2_b, cfg.eps)
         hidden = hidden + F.linear(F.gelu(F.linear(normed, fc1_w, fc1_b)), fc2_w, fc2_b)
@@ -173,6 +185,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         partition_vocab_size = vocab_parallel_logits.size()[-1]
         vocab_start_index, vocab_end_index = _vocab_range(partition_vocab_size, dist.get_rank())
+        if bug == "wrong_vocab_start":  # rank * global vocabulary size
+            vocab_start_index = dist.get_rank() * partition_vocab_size * dist.get_world_size()
+            vocab_end_index = vocab_start_index + partition_vocab_size
 
         # calculate_predicted_logits
         vocab_parallel_logits -= logits_max.unsqueeze(dim=-1)
@@ -239,7 +254,7 @@ def gpt_forward_loss_tp(ids, targets, word_emb, pos_emb, *params, cfg: GPTConfig
     for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b) in layers:
         normed = F.layer_norm(hidden, (cfg.hidden,), ln1_w, ln1_b, cfg.eps)
         mixed_in = _CopyToTensorParallelRegion.apply(normed)
-        attn = _self_attention(mixed_in, qkv_w, qkv_b, cfg.head_dim)  # this rank's heads
+        attn = _self_attention(mixed_in, qkv_w, qkv_b, cfg.head_dim, cfg.fused_qkv)  # this rank's heads
         hidden = hidden + _row_parallel(attn, proj_w, proj_b)
         normed = F.layer_norm(hidden, (cfg.hidden,), ln2_w, ln2_b, cfg.eps)
         hidden = hidden + _row_parallel(F.gelu(_column_parallel(normed, fc1_w, fc1_b)), fc2_w, fc2_b)
@@ -271,14 +286,16 @@ def make_inputs(cfg: GPTConfig, *, seed: int = 0, dtype=torch.float32, requires_
     names = ["input_ids", "labels", "word_embeddings.weight", "position_embeddings.weight"]
     placements = [Replicate(), Replicate(), Shard(0), Replicate()]
     for i in range(cfg.layers):
+        qkv = (3 * h,) if cfg.fused_qkv else (3, h)
         inputs += [w(h, scale=0.1, offset=1.0), w(h, scale=0.1),
-                   w(3 * h, h, scale=h ** -0.5), w(3 * h, scale=0.1),
+                   w(*qkv, h, scale=h ** -0.5), w(*qkv, scale=0.1),
                    w(h, h, scale=h ** -0.5), w(h, scale=0.1),
                    w(h, scale=0.1, offset=1.0), w(h, scale=0.1),
                    w(f, h, scale=h ** -0.5), w(f, scale=0.1),
                    w(h, f, scale=f ** -0.5), w(h, scale=0.1)]
         names += [f"layers.{i}.{n}" for n in LAYER_PARAMS]
-        placements += list(LAYER_PLACEMENTS)
+        placements += list(LAYER_PLACEMENTS) if cfg.fused_qkv else \
+            list(LAYER_PLACEMENTS[:2]) + [Shard(1), Shard(1)] + list(LAYER_PLACEMENTS[4:])
     inputs += [w(h, scale=0.1, offset=1.0), w(h, scale=0.1)]
     names += ["final_layernorm.weight", "final_layernorm.bias"]
     placements += [Replicate(), Replicate()]
@@ -290,7 +307,7 @@ def make_inputs(cfg: GPTConfig, *, seed: int = 0, dtype=torch.float32, requires_
 
 
 def make_problem(world_size: int = 2, *, layers: int = 1, backward: bool = False, tie: bool = True,
-                 bug: str | None = None, seed: int = 0, dtype=torch.float32, **sizes):
+                 fused_qkv: bool = True, bug: str | None = None, seed: int = 0, dtype=torch.float32, **sizes):
     """The `gg.Problem` of the independent GPT on ``world_size`` tensor-parallel ranks."""
     import functools
 
@@ -298,7 +315,7 @@ def make_problem(world_size: int = 2, *, layers: int = 1, backward: bool = False
 
     if bug is not None and bug not in BUGS:
         raise ValueError(f"unknown bug {bug!r}; known: {', '.join(BUGS)}")
-    cfg = GPTConfig(layers=layers, tie=tie, **sizes)
+    cfg = GPTConfig(layers=layers, tie=tie, fused_qkv=fused_qkv, **sizes)
     if cfg.heads % world_size or cfg.vocab % world_size or cfg.ffn % world_size:
         raise ValueError("heads, vocab and ffn must be divisible by the tensor-parallel size")
     inputs, names, placements = make_inputs(cfg, seed=seed, dtype=dtype, requires_grad=backward)
@@ -316,7 +333,8 @@ def make_problem(world_size: int = 2, *, layers: int = 1, backward: bool = False
         placements=placements,
         world_size=world_size,
         expect=expect,
-        name=f"independent_gpt[{kind},tp{world_size},L{layers}]" + (f"[{bug}]" if bug else ""),
+        name=f"independent_gpt[{kind},tp{world_size},L{layers}" + ("" if fused_qkv else ",qkv-stacked")
+             + ("" if tie else ",untied") + "]" + (f"[{bug}]" if bug else ""),
         input_names=names,
         # Megatron's vocab-parallel cross-entropy has no ignore_index: every label is a token id
         domains={"labels": range(0, cfg.vocab)},

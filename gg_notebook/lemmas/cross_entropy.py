@@ -25,6 +25,7 @@ from gg_notebook.ir.specs import ew_spec, reduce_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
 from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale_rows_spec
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
@@ -95,8 +96,10 @@ def _is_log_softmax(e: Expr) -> bool:
 def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     if spec.out not in (0, None) or len(args) != 2:
         return
-    # nll_loss_forward(self, target, weight, reduction, ignore_index): no class weights, per token
-    if spec.arg("weight") is not None or spec.arg("reduction") != 0:
+    # nll_loss_forward(self, target, weight, reduction, ignore_index): no class weights; per token
+    # (reduction none), or the sum / mean over tokens of the per-token loss (reduction sum / mean)
+    reduction = spec.arg("reduction")
+    if spec.arg("weight") is not None or reduction not in (0, 1, 2):
         return
     ignore_index = spec.arg("ignore_index")
     lsm, target = args
@@ -121,9 +124,15 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         off += p.shape[-1]
     loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
     if ignore_index in domain:
+        if reduction != 0:
+            return  # the mean divides by the number of non-ignored targets: data-dependent
         # positions whose target is ignore_index have loss 0: the ranks must zero them too
         loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, t])
-    yield S.view(loss, out_shape)
+    if reduction == 0:
+        yield S.view(loss, out_shape)
+    else:
+        # sum / mean over every token: a full reduction of the per-token loss (whatever its view)
+        yield S.call(full_reduce_spec("mean" if reduction == 1 else "sum"), [loss])
 
 
 def match_zero_where_equal(engine, spec: OpSpec, args: tuple) -> Expr | None:
@@ -347,7 +356,8 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
         return
     # nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight)
     nll = gl.attrs
-    if nll.arg("weight") is not None or nll.arg("reduction") != 0 or len(gl.args) < 3 or gl.args[1].id != lsm.id:
+    reduction = nll.arg("reduction")
+    if nll.arg("weight") is not None or reduction not in (0, 1, 2) or len(gl.args) != 4 or gl.args[1].id != lsm.id:
         return
     if spec.arg("input_dtype") != lsm.dtype:
         return  # a cast in the backward: the rewrite would not round the same way
@@ -370,12 +380,25 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     exps = [S.call(exp, [S.call(sub, [p, mk])]) for p in pieces]
     total = S.accum("sum", [S.call(reduce_spec("sum", (plast,), False), [e]) for e in exps])
     tk = S.view(total, lead + (1,))
-    gk = S.view(g, lead + (1,))
+    # the factor of every row: g (none), g broadcast (sum), g / total_weight (mean)
+    ones = (1,) * (len(lead) + 1)
+    if reduction == 0:
+        gk = S.view(g, lead + (1,))
+    elif reduction == 2:
+        gk = S.view(g, ones)
+    else:
+        gk = S.call(div, [S.view(g, ones), S.view(gl.args[3], ones)])
+    # an input-independent factor (torch.autograd.grad of the loss itself) is compared by value
+    scale = mul
+    if ground_value(gk, ctx) is not None:
+        scale = scale_rows_spec()
+        if hasattr(ctx, "to_term"):
+            gk = ctx.to_term(gk)  # refs to rank constants read as the constants themselves
     outs, off = [], 0
     for p, e in zip(pieces, exps):
         soft = S.call(div, [e, tk])
         d = S.call(masked_onehot_sub_spec(off, vocab, domain), [soft, t2])
-        outs.append(S.call(mul, [d, gk]))
+        outs.append(S.call(scale, [d, gk]))
         off += p.shape[-1]
     yield S.view(S.cat(outs, plast), out_shape)
 
