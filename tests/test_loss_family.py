@@ -256,3 +256,49 @@ def test_cross_entropy_mean_declines_when_ignore_index_is_possible():
         # no declared domain: -100 may occur; the mean / sum of zeroed positions is data-dependent
         plans = list(lemma.plans(case.store, spec, (lsm, case.args[1]), (), ctx=C.CaseContext()))
         assert not plans
+
+
+# ------------------------------------------------------------------ other spellings of the ranks
+def lse_spelling(logits, target):
+    """logsumexp written out (max all-reduce, exp-sum all-reduce, ``log(s) + m``) minus the target
+    logit gathered from the *unshifted* logits (torch.gather, where, multiply by the mask)."""
+    part = logits.size(-1)
+    lo = dist.get_rank() * part
+    m = logits.amax(dim=-1, keepdim=True)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.exp(logits - m).sum(dim=-1)
+    dist.all_reduce(s)
+    lse = torch.log(s) + m.squeeze(-1)
+    inside = (target >= lo) & (target < lo + part)
+    local = torch.where(inside, target - lo, torch.zeros_like(target))
+    picked = torch.gather(logits, -1, local.unsqueeze(-1)).squeeze(-1) * inside
+    dist.all_reduce(picked)
+    return (lse - picked).mean()
+
+
+def gathered_logits(logits, target):
+    """All-gather the vocabulary shards, then torch's own cross-entropy."""
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, logits)
+    full = torch.cat(parts, dim=-1)
+    return F.cross_entropy(full.view(-1, full.size(-1)), target.view(-1))
+
+
+def _spelling_problem(fn):
+    logits, target = _inputs(False)
+    return gg.Problem(sequential=ce_mean, distributed=fn, inputs=[logits, target],
+                      placements=[Shard(2), Replicate()], world_size=2, expect=[Replicate()],
+                      input_names=["logits", "target"], domains={"target": range(0, V)})
+
+
+def test_cross_entropy_on_gathered_logits_proved():
+    r = gg.verify(_spelling_problem(gathered_logits))
+    assert r.status == gg.Status.PROVED, str(r)
+
+
+@pytest.mark.xfail(strict=True, reason="the vocab-cross-entropy plan is one formula, log(sum exp(x - m)) - "
+                   "pick(x - m); log(s) + m - pick(x) is the same value only after m cancels, which needs a "
+                   "linear normal form over the stabilizer m (issue 8, items 1 and 6)")
+def test_logsumexp_spelling_proved():
+    r = gg.verify(_spelling_problem(lse_spelling))
+    assert r.status == gg.Status.PROVED, str(r)
