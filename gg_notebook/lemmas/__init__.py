@@ -5,7 +5,9 @@ from gg_notebook.lemmas import concat as _concat  # noqa: F401  (registers)
 from gg_notebook.lemmas import partial as _partial  # noqa: F401  (registers)
 from gg_notebook.lemmas import views as _views  # noqa: F401  (registers)
 from gg_notebook.lemmas import vocab as _vocab  # noqa: F401  (registers)
+from gg_notebook.lemmas import loss_reduce as _loss_reduce  # noqa: F401  (registers matchers)
 from gg_notebook.lemmas import cross_entropy as _cross_entropy  # noqa: F401  (registers)
 from gg_notebook.lemmas import scalar as _scalar  # noqa: F401  (registers)
+from gg_notebook.lemmas import reduce_regroup as _reduce_regroup  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

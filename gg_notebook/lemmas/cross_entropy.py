@@ -25,6 +25,7 @@ from gg_notebook.ir.specs import ew_spec, reduce_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
 from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale_rows_spec
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
@@ -95,8 +96,10 @@ def _is_log_softmax(e: Expr) -> bool:
 def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
     if spec.out not in (0, None) or len(args) != 2:
         return
-    # nll_loss_forward(self, target, weight, reduction, ignore_index): no class weights, per token
-    if spec.arg("weight") is not None or spec.arg("reduction") != 0:
+    # nll_loss_forward(self, target, weight, reduction, ignore_index): no class weights; per token
+    # (reduction none), or the sum / mean over tokens of the per-token loss (reduction sum / mean)
+    reduction = spec.arg("reduction")
+    if spec.arg("weight") is not None or reduction not in (0, 1, 2):
         return
     ignore_index = spec.arg("ignore_index")
     lsm, target = args
@@ -121,9 +124,15 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         off += p.shape[-1]
     loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
     if ignore_index in domain:
+        if reduction != 0:
+            return  # the mean divides by the number of non-ignored targets: data-dependent
         # positions whose target is ignore_index have loss 0: the ranks must zero them too
         loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, t])
-    yield S.view(loss, out_shape)
+    if reduction == 0:
+        yield S.view(loss, out_shape)
+    else:
+        # sum / mean over every token: a full reduction of the per-token loss (whatever its view)
+        yield S.call(full_reduce_spec("mean" if reduction == 1 else "sum"), [loss])
 
 
 def match_zero_where_equal(engine, spec: OpSpec, args: tuple) -> Expr | None:
@@ -203,9 +212,9 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     return None
 
 
-def _nll_none(ignore_index):
+def _nll_none(ignore_index, reduction=0):
     def nll(lsm, t):
-        return aten.nll_loss_forward(lsm, t, None, 0, ignore_index)[0]
+        return aten.nll_loss_forward(lsm, t, None, reduction, ignore_index)[0]
     return nll
 
 
@@ -213,22 +222,24 @@ def _cases(rng):
     """Targets drawn from the whole accepted domain (sentinels included), several ignore_index
     values (the default -100, a class id such as a pad token 0, one never used), two dtypes, and a
     declared domain without the sentinel."""
-    for k in range(4):
+    for k in range(6):
         b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
         dtype = torch.float64 if k % 2 == 0 else torch.float32
-        ignore_index = (-100, 0, v + 5, -100)[k]
-        declared = IdDomain.range(0, v) if k == 3 else None
+        ignore_index = (-100, 0, v + 5, -100, -100, -100)[k]
+        declared = IdDomain.range(0, v) if k >= 3 else None
+        reduction = (0, 0, 0, 0, 1, 2)[k]  # mean / sum: only where no target can be ignore_index
         logits = C.randn(rng, b * s, v, dtype=dtype)
         domain = declared or IdDomain.range(0, v).union(IdDomain.of_values([ignore_index]))
         target = domain.sample((b * s,), rng)
 
-        spec, order = C.spec_of(_nll_none(ignore_index), torch.log_softmax(logits, -1), target)
+        spec, order = C.spec_of(_nll_none(ignore_index, reduction), torch.log_softmax(logits, -1), target)
         assert order == [0, 1]
         case = C.make_case(spec, (logits, target), rng, split={0: 1})
         # the lemma sees log_softmax symbolically (deferred), as the engine hands it over
         lsm = case.store.call(_log_softmax_spec(), [case.args[0]])
         yield type(case)(case.spec, (lsm, case.args[1]), case.values, case.store,
-                         f"cross-entropy over a vocabulary split in uneven shards, ignore_index={ignore_index}, "
+                         f"cross-entropy over a vocabulary split in uneven shards, reduction={reduction}, "
+                         f"ignore_index={ignore_index}, "
                          f"{dtype}, targets in {domain.describe()}", C.CaseContext(domain=declared))
 
 
@@ -240,12 +251,13 @@ def _log_softmax_spec():
 register(Lemma(
     name="vocab-cross-entropy",
     statement="nll(log_softmax(concat(x_r, -1)), t) = log(sum_r sum(exp(x_r - m))) - sum_r masked_pick_r(x_r - m, t),"
-              " m = max_r amax(x_r)",
+              " m = max_r amax(x_r); reduction sum / mean: full_sum / full_mean of that",
     kinds=("nll_loss",),
     absorbs=("softmax",),
     plans=vocab_cross_entropy,
     cases=_cases,
-    conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
+    conditions=("logits concatenated along the vocabulary (last) dim", "no class weights",
+                "reduction sum / mean only if no target can be ignore_index (else the divisor is data-dependent)",
                 "targets range over what nll_loss accepts ([0, V) and ignore_index) or a declared narrower domain",
                 "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
                 "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain"),
@@ -347,7 +359,8 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
         return
     # nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight)
     nll = gl.attrs
-    if nll.arg("weight") is not None or nll.arg("reduction") != 0 or len(gl.args) < 3 or gl.args[1].id != lsm.id:
+    reduction = nll.arg("reduction")
+    if nll.arg("weight") is not None or reduction not in (0, 1, 2) or len(gl.args) != 4 or gl.args[1].id != lsm.id:
         return
     if spec.arg("input_dtype") != lsm.dtype:
         return  # a cast in the backward: the rewrite would not round the same way
@@ -370,12 +383,25 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     exps = [S.call(exp, [S.call(sub, [p, mk])]) for p in pieces]
     total = S.accum("sum", [S.call(reduce_spec("sum", (plast,), False), [e]) for e in exps])
     tk = S.view(total, lead + (1,))
-    gk = S.view(g, lead + (1,))
+    # the factor of every row: g (none), g broadcast (sum), g / total_weight (mean)
+    ones = (1,) * (len(lead) + 1)
+    if reduction == 0:
+        gk = S.view(g, lead + (1,))
+    elif reduction == 2:
+        gk = S.view(g, ones)
+    else:
+        gk = S.call(div, [S.view(g, ones), S.view(gl.args[3], ones)])
+    # an input-independent factor (torch.autograd.grad of the loss itself) is compared by value
+    scale = mul
+    if ground_value(gk, ctx) is not None:
+        scale = scale_rows_spec()
+        if hasattr(ctx, "to_term"):
+            gk = ctx.to_term(gk)  # refs to rank constants read as the constants themselves
     outs, off = [], 0
     for p, e in zip(pieces, exps):
         soft = S.call(div, [e, tk])
         d = S.call(masked_onehot_sub_spec(off, vocab, domain), [soft, t2])
-        outs.append(S.call(mul, [d, gk]))
+        outs.append(S.call(scale, [d, gk]))
         off += p.shape[-1]
     yield S.view(S.cat(outs, plast), out_shape)
 
@@ -423,37 +449,50 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
 
 
 def _backward_cases(rng):
-    for _ in range(3):
+    from gg_notebook.ir.lower import _Full
+
+    for k in range(5):
         n, v = C.dims(rng), C.dims(rng, 4, 12)
+        reduction = (0, 0, 0, 1, 2)[k]
         logits = C.randn(rng, n, v)
         target = torch.randint(0, v, (n,), generator=rng)
-        g = C.randn(rng, n)
+        g = C.randn(rng, n) if reduction == 0 else C.randn(rng, 1).reshape(())
         lsm_v = torch.log_softmax(logits, -1)
-        tw = aten.nll_loss_forward(lsm_v, target, None, 0, -100)[1]
-        gl_v = aten.nll_loss_backward(g, lsm_v, target, None, 0, -100, tw)
+        tw = aten.nll_loss_forward(lsm_v, target, None, reduction, -100)[1]
+        gl_v = aten.nll_loss_backward(g, lsm_v, target, None, reduction, -100, tw)
 
         def lsm_bwd(gl, l):
             return aten._log_softmax_backward_data(gl, l, 1, torch.float64)
 
         spec, order = C.spec_of(lsm_bwd, gl_v, lsm_v)
-        nll_spec, _ = C.spec_of(lambda g, l, t, w: aten.nll_loss_backward(g, l, t, None, 0, -100, w), g, lsm_v, target, tw)
+        nll_spec, _ = C.spec_of(lambda g, l, t, w, r=reduction: aten.nll_loss_backward(g, l, t, None, r, -100, w),
+                                g, lsm_v, target, tw)
         case = C.make_case(nll_spec, (g, logits, target, tw), rng, split={1: 1})
         S_ = case.store
         lsm = S_.call(_log_softmax_spec(), [case.args[1]])
-        gl = S_.call(nll_spec, [case.args[0], lsm, case.args[2], case.args[3]])
-        yield type(case)(spec, (gl, lsm), case.values, S_, "log_softmax backward of nll, vocabulary split",
+        g_e, tw_e = case.args[0], case.args[3]
+        if reduction == 1:
+            # torch.autograd.grad(loss): an input-independent upstream gradient and token count
+            gval, twval = float(g), float(tw)
+            g_e = S_.const(OpSpec("const", f"full({gval})", _Full.of((), gval, g.dtype), ((), ())), (), g.dtype)
+            tw_e = S_.const(OpSpec("const", f"full({twval})", _Full.of((), twval, tw.dtype), ((), ())), (), tw.dtype)
+        gl = S_.call(nll_spec, [g_e, lsm, case.args[2], tw_e])
+        yield type(case)(spec, (gl, lsm), case.values, S_,
+                         f"log_softmax backward of nll, vocabulary split, reduction={reduction}",
                          C.CaseContext(domain=IdDomain.range(0, v)))
 
 
 register(Lemma(
     name="vocab-cross-entropy-backward",
     statement="log_softmax_backward(nll_backward(g, L, t), L), L = log_softmax(concat(x_r, -1))"
-              " = concat_r((exp(x_r - m) / sum_r sum(exp(x_r - m)) - onehot_r(t)) * g)",
+              " = concat_r((exp(x_r - m) / sum_r sum(exp(x_r - m)) - onehot_r(t)) * G),"
+              " G = g (none), g (sum), g / total_weight (mean)",
     kinds=("softmax_backward",),
     absorbs=("nll_loss_backward", "softmax"),
     plans=vocab_cross_entropy_backward,
     cases=_backward_cases,
-    conditions=("logits concatenated along the vocabulary (last) dim", "reduction='none', no class weights",
+    conditions=("logits concatenated along the vocabulary (last) dim", "no class weights (any reduction)",
+                "an input-independent factor G is matched by value (scale_rows)",
                 "ignore_index lies outside the targets' domain (declared, or outside [0, V) and unused)",
                 "input_dtype of the backward is the log-probabilities' dtype",
                 "each masked one-hot piece is matched by an exhaustive check over the domain"),
