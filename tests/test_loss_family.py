@@ -198,8 +198,6 @@ def test_independent_gpt_forward_proved():
     assert r.status == gg.Status.PROVED, str(r)
 
 
-@pytest.mark.xfail(strict=True, reason="data movement: the gradient of Megatron's fused per-head QKV weight is a "
-                   "concatenation over ranks nested inside the q|k|v concatenation (issue 8, item 3)")
 def test_independent_gpt_forward_backward_proved():
     r = gg.verify(make_problem(2, layers=1, backward=True))
     assert r.status == gg.Status.PROVED, str(r)

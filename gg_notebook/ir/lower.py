@@ -498,9 +498,16 @@ class _Lowerer:
         matmul, then the bias) get one form. Values are unchanged, element for element."""
         if depth < 4 and src.op == "call" and src.attrs.kind == "ew" and src.attrs.unique is None:
             full = [i for i in src.inputs if tuple(i.shape) == tuple(src.shape)]
-            if len(full) >= 1 and _regroups_leading(src.shape, shape, src.inputs):
-                new_inputs = [self.view(i, shape, i.dtype, depth + 1) if tuple(i.shape) == tuple(src.shape) else i
-                              for i in src.inputs]
+            plan = _sunk_shapes(tuple(src.shape), tuple(shape), src.inputs) if full else None
+            if plan is not None:
+                new_inputs = []
+                for i, s_new in zip(src.inputs, plan):
+                    if tuple(i.shape) == tuple(src.shape):
+                        new_inputs.append(self.view(i, shape, i.dtype, depth + 1))
+                    elif s_new is not None and tuple(s_new) != tuple(i.shape):
+                        new_inputs.append(self.emit("view", s_new, (i,), s_new, i.dtype, name=f"{i.name}_bview"))
+                    else:
+                        new_inputs.append(i)
                 return self.emit("call", src.attrs, new_inputs, shape, dtype, target=src.target)
         return self.emit("view", shape, (src,), shape, dtype)
 
@@ -749,6 +756,39 @@ def _uninitialized(n) -> bool:
     """An allocation whose contents nothing has written yet."""
     return (isinstance(n, Node) and n.op == "call" and n.attrs.kind != "const"
             and _packet(n.attrs.target) in UNINITIALIZED)
+
+
+def _sunk_shapes(src_shape: tuple, dst_shape: tuple, operands) -> list | None:
+    """Can ``view(op(a, b, ..), dst)`` be written ``op(view(a, dst), view(b, s_b), ..)``? For every
+    operand that broadcasts (its non-1 dims are a suffix of ``src_shape``), the view must split the
+    output at that suffix's boundary: the leading dims it broadcasts over regroup among themselves
+    and its own dims among themselves. Then its new shape ``s_b`` is the matching suffix of ``dst``
+    (None: the operand stays, a scalar-like one). Returns the new shapes, or None if not possible."""
+    out: list = []
+    broadcast = False
+    for o in operands:
+        shape = tuple(o.shape)
+        if shape == src_shape:
+            out.append(dst_shape)
+            continue
+        core = list(shape)
+        while core and core[0] == 1:
+            core.pop(0)
+        if not core:
+            out.append(None)  # broadcasts everywhere
+            continue
+        broadcast = True
+        k = len(core)
+        if k > len(src_shape) or tuple(core) != src_shape[len(src_shape) - k:]:
+            return None
+        lead = math.prod(src_shape[:len(src_shape) - k])
+        m = next((j for j in range(len(dst_shape) + 1) if math.prod(dst_shape[:j]) == lead), None)
+        if m is None or m == len(dst_shape) and core:
+            return None
+        out.append(tuple(dst_shape[m:]))
+    # only for an operand that broadcasts (a bias): that is what makes two spellings differ; a view
+    # of a plain elementwise result stays where the program put it
+    return out if broadcast else None
 
 
 def _regroups_leading(src_shape: tuple, dst_shape: tuple, operands) -> bool:

@@ -37,7 +37,9 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
     roles = dim_roles(spec, shapes, out_shape)
     if roles is None:
         return
-    seen = set()
+    # every concatenated operand proposes its piece boundaries; for one role, the coarsest first
+    # (operands split finer are regrouped: a rank may hold the q|k|v pieces of its shard as one)
+    proposals = []
     for i, a in enumerate(args):
         if a.op != "cat":
             continue
@@ -45,12 +47,16 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
         role = roles[i][d]
         if role is None or (want == "out") != (role[0] == "out") or role[0] == "bcast":
             continue
-        if role in seen:
+        proposals.append((role, len(a.args), i, tuple(cat_bounds(a))))
+    roles_order = list(dict.fromkeys(p[0] for p in sorted(proposals, key=lambda p: p[2])))
+    seen = set()
+    for role, _, i, bounds in sorted(proposals, key=lambda p: (roles_order.index(p[0]), p[1], p[2])):
+        if (role, bounds) in seen:
             continue
-        seen.add(role)
+        seen.add((role, bounds))
         pieces = []
         try:
-            for lo, hi in cat_bounds(a):
+            for lo, hi in bounds:
                 new_args = []
                 for j, b in enumerate(args):
                     dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]
