@@ -422,88 +422,95 @@ def _splice(gm: fx.GraphModule, node: fx.Node, traced: _Traced) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the pass
-def _generic_fx_names(gm: fx.GraphModule, rank) -> set[str]:
-    """Names of the fx nodes the lowering makes a call of kind "generic"."""
-    from gg_notebook.ir.lower import _Lowerer
+def _ground(n, memo: dict) -> bool:
+    """``n`` depends on no input, collective or random value (a constant the engine computes)."""
+    if n.name in memo:
+        return memo[n.name]
+    if n.op == "const":
+        out = True
+    elif n.op in ("input", "collective"):
+        out = False
+    elif n.op == "call" and n.attrs.unique is not None:
+        out = False
+    else:
+        out = all(_ground(i, memo) for i in n.inputs)
+    memo[n.name] = out
+    return out
 
-    g = _Lowerer(gm, rank, None).run()
-    return {n.fx_name for n in g.nodes if n.op == "call" and n.attrs.kind == "generic"}
+
+def _stuck_calls(graph) -> list:
+    """The graph's calls of kind "generic" that are not constant computations."""
+    memo: dict = {}
+    return [n for n in graph.nodes if n.op == "call" and n.attrs.kind == "generic" and not _ground(n, memo)]
 
 
-def _where(node: fx.Node) -> tuple[str | None, str]:
-    source = node.meta.get("gg_source")
-    frames = node.meta.get("gg_frames") or ()
-    code = frames[-1][3] if frames and len(frames[-1]) > 3 else None
-    at = f" at {source}" if source else ""
-    at += f" (`{code.strip()}`)" if code else ""
-    return source, at
+def decompose_step(gm: fx.GraphModule, graph, user: dict) -> bool:
+    """One round: replace, in ``gm``, the calls that ``graph`` (``gm`` lowered) left "generic" by
+    their definitions. True if anything changed."""
+    names = {n.fx_name for n in _stuck_calls(graph)}
+    if not names:
+        return False
+    nodes = [n for n in gm.graph.nodes if n.name in names and n.op == "call_function"]
+    done: dict = gm.meta.setdefault("gg_decomposed", {})  # str(op) -> number of calls replaced
+    changed = False
+    for node in reversed(nodes):  # users first: a backward's definition frees its forward's extras
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) or _packet(target) in _never():
+            continue
+        if node.meta.get("gg_collective") is not None or target in node.meta.get("gg_decomposed_chain", ()):
+            continue
+        fn = definition_of(target, user)
+        if fn is None:
+            continue
+        traced = _trace_definition(fn, node)
+        if traced is None:
+            continue
+        if _splice(gm, node, traced):
+            done[str(target)] = done.get(str(target), 0) + 1
+            changed = True
+    return changed
 
 
-def decompose(gm: fx.GraphModule, rank: int | None, user: dict | None = None) -> fx.GraphModule:
-    """Replace, in place, every call of ``gm`` the lowering would make "generic" by its definition
-    (recursively); returns ``gm``. Raises `CustomOpError` for a user-library operator that is left
+def lower_decomposed(gm: fx.GraphModule, rank: int | None, user: dict | None, lower: Callable):
+    """``lower()`` (which lowers ``gm``) after replacing, in place and recursively, every call it
+    leaves "generic" by its definition. Raises `CustomOpError` for a user-library operator left
     without a definition (unless ``user`` maps it to None)."""
     user = dict(user or {})
-    done: dict = gm.meta.setdefault("gg_decomposed", {})  # str(op) -> number of calls replaced
+    graph = lower()
     for _ in range(MAX_ROUNDS):
-        names = _generic_fx_names(gm, rank)
-        nodes = [n for n in gm.graph.nodes if n.name in names and n.op == "call_function"]
-        changed = False
-        for node in reversed(nodes):  # users first: a backward's definition frees its forward's extras
-            target = node.target
-            if not isinstance(target, torch._ops.OpOverload) or _packet(target) in _never():
-                continue
-            if node.meta.get("gg_collective") is not None or target in node.meta.get("gg_decomposed_chain", ()):
-                continue
-            fn = definition_of(target, user)
-            if fn is None:
-                continue
-            traced = _trace_definition(fn, node)
-            if traced is None:
-                continue
-            if _splice(gm, node, traced):
-                done[str(target)] = done.get(str(target), 0) + 1
-                changed = True
-        if not changed:
+        if not decompose_step(gm, graph, user):
             break
-    _refuse_opaque_custom_ops(gm, rank, user)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+        graph = lower()
+    graph.decomposed = dict(gm.meta.get("gg_decomposed", {}))
+    _refuse_opaque_custom_ops(graph, rank, user)
+    return graph
 
 
-def _refuse_opaque_custom_ops(gm: fx.GraphModule, rank, user: dict) -> None:
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+def _refuse_opaque_custom_ops(graph, rank, user: dict) -> None:
+    for n in graph.nodes:
+        if n.op != "call" or n.attrs.kind != "generic":
             continue
-        if _is_builtin_namespace(target) or node.meta.get("gg_collective") is not None:
-            continue
-        if not node.users and not isinstance(node.meta.get("val"), torch.Tensor):
+        target = n.attrs.target
+        if not isinstance(target, torch._ops.OpOverload) or _is_builtin_namespace(target):
             continue
         found, fn = _user_entry(target, user)
         if found and fn is None:
             continue  # kept opaque on purpose
-        if _packet(target) in _never() or target.namespace in ("_c10d_functional", "c10d", "_dtensor", "profiler"):
+        if target.namespace in ("_c10d_functional", "c10d", "_dtensor", "profiler"):
             continue
-        source, at = _where(node)
+        at = f" at {n.source}" if n.source else ""
+        at += f" (`{n.code.strip()}`)" if n.code else ""
         prog = "the sequential program" if rank is None else f"rank {rank}'s program"
-        why = ("its definition did not apply to these arguments (it failed, declined, or changed an output's "
-               "shape or dtype)" if found or definition_of(target, {}) is not None
+        why = ("its definition did not apply to these arguments (it failed, returned NotImplemented, or changed "
+               "an output's shape or dtype)" if found or definition_of(target, {}) is not None
                else "it has no decomposition and no CompositeImplicitAutograd kernel")
         qual = f"torch.ops.{target.namespace}.{_packet(target)}.{target._overloadname}"
         raise CustomOpError(
             f"{prog} calls the custom operator {target}{at}, which gg_notebook cannot see inside: {why}. "
             f"Give its definition in plain PyTorch: gg.Problem(..., decompositions={{{qual}: fn}}) where "
-            f"fn takes the operator's arguments and returns its outputs (the same tensors, shapes and dtypes); "
+            f"fn takes the operator's arguments and returns its outputs (same shapes and dtypes); "
             f"or map it to None to keep it opaque (then it is related only where both programs call it on the "
-            f"same values).", op=str(target), rank=rank, source=source)
+            f"same values).", op=str(target), rank=rank, source=n.source)
 
 
-def describe(gm: fx.GraphModule) -> dict:
-    """{operator: number of calls replaced by its definition} for a decomposed graph."""
-    return dict(gm.meta.get("gg_decomposed", {}))
-
-
-__all__ = ["BUILTIN", "CustomOpError", "decompose", "definition_of", "describe"]
-
+__all__ = ["BUILTIN", "CustomOpError", "definition_of", "lower_decomposed"]

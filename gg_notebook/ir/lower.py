@@ -786,10 +786,7 @@ def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None 
     ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
     lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`)."""
     if decompositions is not None:
-        from gg_notebook.ir.decompose import decompose
+        from gg_notebook.ir.decompose import lower_decomposed
 
-        gm = decompose(gm, rank, decompositions)
-    g = _Lowerer(gm, rank, random).run()
-    if decompositions is not None:
-        g.decomposed = dict(gm.meta.get("gg_decomposed", {}))
-    return g
+        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random).run())
+    return _Lowerer(gm, rank, random).run()
