@@ -270,14 +270,16 @@ class _Traced:
 
     def __init__(self, gm: fx.GraphModule, n_tensors: int):
         self.gm, self.n_tensors = gm, n_tensors
+        self.complete: dict = {}  # frozenset of the user's operators -> `_complete`'s answer
 
 
 _CACHE: dict = {}
 
 
-def _trace_definition(fn: Callable, node: fx.Node) -> _Traced | None:
+def _trace_definition(fn: Callable, node: fx.Node, cache: bool = True) -> _Traced | None:
     """``fn`` applied to ``node``'s arguments, traced on fake tensors; None if ``fn`` declines
-    (returns NotImplemented) or fails on them."""
+    (returns NotImplemented) or fails on them. Traces of PyTorch's and the built-in definitions
+    are cached by the arguments' metadata (``cache``; not the user's: their lifetime is a problem's)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -286,9 +288,9 @@ def _trace_definition(fn: Callable, node: fx.Node) -> _Traced | None:
     vals = [flat[i].meta.get("val") for i in positions]
     if any(not isinstance(v, torch.Tensor) for v in vals):
         return None  # a symbolic or non-tensor node argument: leave the call alone
-    key = (node.target, id(fn), tuple(_meta_key(v) for v in vals),
+    key = (node.target, fn, tuple(_meta_key(v) for v in vals),
            tuple(_static_key(a) for i, a in enumerate(flat) if i not in positions), len(flat))
-    if key in _CACHE:
+    if cache and key in _CACHE:
         return _CACHE[key]
 
     def run(*tensors):
@@ -315,7 +317,8 @@ def _trace_definition(fn: Callable, node: fx.Node) -> _Traced | None:
         traced = None
     except Exception:  # noqa: BLE001 - a definition that does not apply to these arguments
         traced = None
-    _CACHE[key] = traced
+    if cache:
+        _CACHE[key] = traced
     return traced
 
 
@@ -444,7 +447,100 @@ def _stuck_calls(graph) -> list:
     return [n for n in graph.nodes if n.op == "call" and n.attrs.kind == "generic" and not _ground(n, memo)]
 
 
-def decompose_step(gm: fx.GraphModule, graph, user: dict) -> bool:
+def _definition_traced(node: fx.Node, user: dict) -> _Traced | None:
+    """``node``'s definition traced on its arguments, if it has one and it applies."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or _packet(target) in _never():
+        return None
+    if node.meta.get("gg_collective") is not None or target in node.meta.get("gg_decomposed_chain", ()):
+        return None
+    fn = definition_of(target, user)
+    if fn is None:
+        return None
+    return _trace_definition(fn, node, cache=not _user_entry(target, user)[0])
+
+
+def _complete(traced: _Traced, user: dict, depth: int) -> bool:
+    """The definition ends, recursively, in operators the lowering knows (or constants and random
+    values): only then is it used. (PyTorch's definition of a partial ``slice_scatter`` is an
+    ``_unsafe_masked_index``, no better known than the original: that one stays whole.)"""
+    from gg_notebook.ir.lower import _Lowerer
+
+    key = frozenset(user)
+    if key in traced.complete:
+        return traced.complete[key]
+    traced.complete[key] = False  # cut cycles
+    ok = True
+    graph = _Lowerer(traced.gm, None, None).run()
+    by_name = {n.name: n for n in traced.gm.graph.nodes}
+    for n in _stuck_calls(graph):
+        node = by_name.get(n.fx_name)
+        if node is None or node.op != "call_function":
+            ok = False
+            break
+        if isinstance(node.target, torch._ops.OpOverload) and _packet(node.target) in _never():
+            continue
+        sub = _definition_traced(node, user) if depth > 0 else None
+        if sub is None or not _complete(sub, user, depth - 1):
+            ok = False
+            break
+    traced.complete[key] = ok
+    return ok
+
+
+_TOL = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3),
+        torch.bfloat16: (2e-2, 1e-2)}
+MAX_CHECK_ELEMENTS = 1 << 20
+
+
+def _check_user_definition(node: fx.Node, fn: Callable, rank) -> None:
+    """A user's definition against the operator's own kernel, on random inputs of the call's
+    shapes (floating-point arguments on the CPU, up to `MAX_CHECK_ELEMENTS`; otherwise, or if the
+    kernel does not run here, it is trusted as given). `CustomOpError` if they disagree."""
+    flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in flat]
+    tensors = [v for v in vals if v is not None]
+    if any(not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point or v.device.type != "cpu"
+           for v in tensors) or sum(v.numel() for v in tensors) > MAX_CHECK_ELEMENTS:
+        return
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(tuple(v.shape), generator=g, dtype=torch.float64).to(v.dtype) if v is not None else a
+            for a, v in zip(flat, vals)]
+    args, kwargs = pytree.tree_unflatten(full, spec)
+    try:
+        with torch.no_grad():
+            want = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no kernel for this device or these inputs: nothing to compare
+        return
+    with torch.no_grad():
+        got = fn(*args, **kwargs)
+    want_l = list(want) if isinstance(want, (tuple, list)) else [want]
+    got_l = list(got) if isinstance(got, (tuple, list)) else [got]
+    for k, (w, o) in enumerate(zip(want_l, got_l)):
+        if not isinstance(w, torch.Tensor) or not isinstance(o, torch.Tensor) or w.shape != o.shape:
+            continue  # shapes are checked where the definition is spliced
+        rtol, atol = _TOL.get(w.dtype, (0.0, 0.0))
+        if not torch.allclose(o.to(w.dtype), w, rtol=rtol, atol=atol, equal_nan=True):
+            err = (o.double() - w.double()).abs().nan_to_num(float("inf")).max().item()
+            _, at = _where(node)
+            prog = "the sequential program" if rank is None else f"rank {rank}'s program"
+            raise CustomOpError(
+                f"the definition given for {node.target} in Problem.decompositions disagrees with the operator's own "
+                f"kernel (output {k}, max error {err:.3g} on random inputs of the shapes of its call in {prog}{at}): "
+                f"fix the definition; the proof would be about the definition, not the operator.",
+                op=str(node.target), rank=rank, source=node.meta.get("gg_source"))
+
+
+def _where(node: fx.Node) -> tuple[str | None, str]:
+    source = node.meta.get("gg_source")
+    frames = node.meta.get("gg_frames") or ()
+    code = frames[-1][3] if frames and len(frames[-1]) > 3 else None
+    at = f" at {source}" if source else ""
+    at += f" (`{code.strip()}`)" if code else ""
+    return source, at
+
+
+def decompose_step(gm: fx.GraphModule, graph, user: dict, rank=None) -> bool:
     """One round: replace, in ``gm``, the calls that ``graph`` (``gm`` lowered) left "generic" by
     their definitions. True if anything changed."""
     names = {n.fx_name for n in _stuck_calls(graph)}
@@ -455,16 +551,14 @@ def decompose_step(gm: fx.GraphModule, graph, user: dict) -> bool:
     changed = False
     for node in reversed(nodes):  # users first: a backward's definition frees its forward's extras
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload) or _packet(target) in _never():
-            continue
-        if node.meta.get("gg_collective") is not None or target in node.meta.get("gg_decomposed_chain", ()):
-            continue
-        fn = definition_of(target, user)
-        if fn is None:
-            continue
-        traced = _trace_definition(fn, node)
+        traced = _definition_traced(node, user)
         if traced is None:
             continue
+        found, fn = _user_entry(target, user)
+        if not found and not _complete(traced, user, MAX_ROUNDS):
+            continue  # (a user's definition is used as given: the op has nothing better)
+        if found:
+            _check_user_definition(node, fn, rank)
         if _splice(gm, node, traced):
             done[str(target)] = done.get(str(target), 0) + 1
             changed = True
@@ -478,7 +572,7 @@ def lower_decomposed(gm: fx.GraphModule, rank: int | None, user: dict | None, lo
     user = dict(user or {})
     graph = lower()
     for _ in range(MAX_ROUNDS):
-        if not decompose_step(gm, graph, user):
+        if not decompose_step(gm, graph, user, rank):
             break
         graph = lower()
     graph.decomposed = dict(gm.meta.get("gg_decomposed", {}))
