@@ -16,15 +16,18 @@ Where the definitions come from, first match wins:
 3. PyTorch's ``torch._decomp.decomposition_table`` (refs and decompositions);
 4. the operator's CompositeImplicitAutograd kernel.
 
-How: each call is re-traced on fake tensors of its arguments' shapes, dtypes and strides (with
-``make_fx`` and ``functionalize``, as the capture does) and the traced operators are spliced into
-the fx graph in its place, with the call's source line and stack, so findings still point at the
-user's line. Only calls the lowering would make "generic" are touched (found by lowering the graph
-once): an operator with a lemma (softmax, layer norm, nll_loss, embedding, matmul, reductions,
-elementwise ...) stays whole. A definition is used only if every output that is read keeps its
-shape and dtype. Random operators are never decomposed; a definition that draws random values
-(dropout inside attention) brings its random operators into the graph, where `Problem.random`
-applies to them as to any other.
+How (`lower_decomposed`): the graph is lowered; each call the lowering left "generic" (and that
+is not a constant computation) is re-traced on fake tensors of its arguments' shapes, dtypes,
+strides and storage offsets (with ``make_fx`` and ``functionalize``, as the capture does), and the
+traced operators are spliced into the fx graph in its place, with the call's source line and stack,
+so findings still point at the user's line; then the graph is lowered again, until nothing changes.
+An operator with a lemma (softmax, layer norm, nll_loss, embedding, matmul, reductions, elementwise
+...) is never "generic", so it stays whole. A definition is used only if it ends, recursively, in
+known operators (`_complete`) and every output that is read keeps its shape and dtype. Random
+operators are never decomposed; a definition that draws random values brings its random operators
+into the graph, where `Problem.random` applies to them as to any other (SDPA with ``dropout_p > 0``
+is already captured in its math form, with its dropout). A user's definition is checked against the
+operator's own kernel on random inputs where that kernel runs (`_check_user_definition`).
 
 A definition equals the operator over the reals, not bit for bit, so `gg.verify` decomposes only in
 ``exact="real"`` mode. Operators from user libraries (``torch.library``) that have no definition
@@ -229,12 +232,17 @@ def definition_of(target, user: dict) -> Callable | None:
 _NEVER = None  # filled lazily: packets the lowering treats as random or constant
 
 
+# Scans stay whole: PyTorch defines them with an n x n triangular mask (quadratic memory in the
+# simulator), which gives the lemmas nothing simpler to split - a scan is for a lemma of its own.
+KEEP = {"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "_cummax_helper", "_cummin_helper"}
+
+
 def _never() -> set:
     global _NEVER
     if _NEVER is None:
         from gg_notebook.ir import lower as L
 
-        _NEVER = set(L.RANDOM) | set(L.FACTORIES)
+        _NEVER = set(L.RANDOM) | set(L.FACTORIES) | KEEP
     return _NEVER
 
 
