@@ -72,6 +72,13 @@ class Problem:
     semantics - dropout (``F.dropout``, ``nn.Dropout``, ``native_dropout``) is the identity on both
     sides, each site listed in ``Result.assumptions`` so the verdict is at most "assumed" - while any
     other random value (``torch.rand``, ``randn``, ``randperm``, ``bernoulli`` ...) is still refused.
+
+    ``decompositions`` defines operators gg_notebook cannot see inside, by the operator:
+    ``{torch.ops.mylib.fused_ln.default: fn}`` where ``fn`` takes the operator's arguments and
+    returns its outputs in plain PyTorch (``None`` instead of ``fn`` keeps the operator opaque).
+    Operators without a lemma are replaced by such definitions on both sides before the proof
+    (PyTorch's own decompositions for ATen operators: SDPA, group norm, ...; see
+    `gg_notebook.ir.decompose`); a custom operator with no definition is an error.
     """
 
     sequential: Callable[..., Any]
@@ -85,6 +92,7 @@ class Problem:
     meta: dict = field(default_factory=dict)
     domains: dict | None = None
     random: str = "refuse"
+    decompositions: dict | None = None
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -98,6 +106,7 @@ class Problem:
         if self.name is None:
             self.name = getattr(self.distributed, "__name__", "problem")
         self.domains = dict(self.domains or {})
+        self.decompositions = dict(self.decompositions or {})
 
     def id_domains(self) -> dict:
         """``{input name: IdDomain}`` for the declared domains (validated by `validate_problem`)."""
@@ -199,12 +208,29 @@ def validate_problem(problem: Problem) -> None:
                 f"placement {i} ({name}) is {p!r}: use Replicate(), Shard(d), Partial() or gg.Layout(fn)."
             )
     _validate_domains(problem)
+    _validate_decompositions(problem)
     if problem.expect is not None:
         for k, e in enumerate(problem.expect):
             if not isinstance(e, (Replicate, Shard, Partial)):
                 raise ProblemError(
                     f"expect[{k}] is {e!r}: use Replicate(), Shard(d) or Partial() for each output."
                 )
+
+
+def _validate_decompositions(problem: Problem) -> None:
+    decs = getattr(problem, "decompositions", None) or {}
+    if not isinstance(decs, dict):
+        raise ProblemError(f"decompositions must be a dict {{operator: function}}, got {type(decs).__name__}.")
+    for op, fn in decs.items():
+        if not isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            raise ProblemError(
+                f"decompositions is keyed by {op!r}, which is not an operator: key each definition by the operator "
+                f"as the programs call it, e.g. torch.ops.mylib.fused_ln.default (or torch.ops.mylib.fused_ln for "
+                f"every overload).")
+        if fn is not None and not callable(fn):
+            raise ProblemError(
+                f"decompositions[{op}] is {fn!r}: give a function that takes the operator's arguments and returns "
+                f"its outputs, or None to keep the operator opaque.")
 
 
 def _validate_domains(problem: Problem) -> None:

@@ -50,21 +50,26 @@ def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
         raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
-def _lower(gm, rank, policy="refuse"):
-    return _guard("lowering", lower, gm, rank, policy, rank=rank)
+def _lower(gm, rank, policy="refuse", decompositions=None):
+    return _guard("lowering", lower, gm, rank, policy, decompositions, rank=rank)
 
 
-def prepare(problem: Problem, *, capture: str = "auto"):
+def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
 
     ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
     job runs them: module-level state starts afresh per rank), "inprocess" all in this process,
-    "auto" (default) processes where fork is available (see `gg_notebook.capture.programs`)."""
+    "auto" (default) processes where fork is available (see `gg_notebook.capture.programs`).
+
+    Operators without a lemma are decomposed (`gg_notebook.ir.decompose`) only for ``exact="real"``:
+    a definition equals its operator over the reals, not bit for bit."""
     from gg_notebook.capture import capture_and_lower
 
     validate_problem(problem)
     t0 = time.perf_counter()
-    cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse")), capture)
+    decompositions = dict(getattr(problem, "decompositions", None) or {}) if exact == "real" else None
+    cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse"),
+                                                       decompositions=decompositions), capture)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)
@@ -72,6 +77,12 @@ def prepare(problem: Problem, *, capture: str = "auto"):
     for g in cap.ranks:
         check_random(g, policy)
     stats: dict = dict(cap.stats)
+    decomposed: dict = {}  # operator -> calls replaced by its definition, over all programs
+    for g in (cap.sequential, *cap.ranks):
+        for op, k in getattr(g, "decomposed", {}).items():
+            decomposed[op] = decomposed.get(op, 0) + k
+    if decomposed:
+        stats["decomposed"] = decomposed
     return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1)
 
 
@@ -162,7 +173,7 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     ``"inprocess"`` all in this process (see `prepare`)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem, capture=capture)
+    engine, stats = prepare(problem, capture=capture, exact=exact)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))

@@ -51,6 +51,7 @@ class Graph:
     rank: int | None = None
     by_name: dict[str, Node] = field(default_factory=dict)
     random_ops: list = field(default_factory=list)  # lower.RandomOp records (with a Problem.random policy)
+    decomposed: dict = field(default_factory=dict)  # operator -> calls replaced by its definition (ir.decompose)
 
     def __post_init__(self) -> None:
         for i, n in enumerate(self.nodes):

@@ -856,10 +856,18 @@ def _kind_of(target) -> str:
     return "generic"
 
 
-def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None = None) -> Graph:
+def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None = None,
+          decompositions: dict | None = None) -> Graph:
     """Lower ``gm`` (sequential if ``rank`` is None) into the normalized IR.
 
     ``random`` (`Problem.random`): None lowers random operators as unique values (never equal to
     anything); "refuse" and "identity" also record them in ``graph.random_ops`` (the caller refuses
-    them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`)."""
+    them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`).
+
+    ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
+    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`)."""
+    if decompositions is not None:
+        from gg_notebook.ir.decompose import lower_decomposed
+
+        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random).run())
     return _Lowerer(gm, rank, random).run()
