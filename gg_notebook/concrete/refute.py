@@ -76,7 +76,7 @@ def first_divergent(engine, sims, scaled: list | None = None):
 
     An operator rebuilt only up to a constant factor has no clean relation, so it is divergent; the
     scaled match is recorded in ``scaled`` so that the report can say so."""
-    from gg_notebook.relations.expr import is_clean
+    from gg_notebook.relations.expr import has_factor
 
     stuck = engine.stuck_at
     proved = lambda c: not c.assumption and not c.deferred  # noqa: E731
@@ -86,13 +86,13 @@ def first_divergent(engine, sims, scaled: list | None = None):
     cancels: dict[str, bool] = {}
     for n in reversed(engine.seq.nodes):
         cancels[n.name] = any(
-            any(proved(c) and is_clean(c.expr) for c in engine.relations.get(u.name, [])) or cancels.get(u.name, False)
+            any(proved(c) and not has_factor(c.expr) for c in engine.relations.get(u.name, [])) or cancels.get(u.name, False)
             for u in users.get(n.name, []))
     for n in engine.seq.nodes:
         if n.op in ("input", "const"):
             continue
         cands = engine.relations.get(n.name, [])
-        if any(proved(c) and (is_clean(c.expr) or cancels[n.name]) for c in cands):
+        if any(proved(c) and (not has_factor(c.expr) or cancels[n.name]) for c in cands):
             continue  # proved relation: it cannot diverge
         if any(c.deferred for c in cands):
             continue  # judged together with the operator that fuses it

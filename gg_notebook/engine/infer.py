@@ -19,7 +19,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
-from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, infer_shape, is_clean, leaves, pretty,
+from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
 
 MAX_CANDIDATES = 4
@@ -176,7 +176,7 @@ class Engine:
         found = self.lookup(spec, args)
         if found is not None:
             out.append(Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
-        if depth > 0 and not any(is_clean(c.expr) for c in out):
+        if depth > 0 and not any(not has_factor(c.expr) for c in out):
             try:
                 out_shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
             except ShapeError:
@@ -200,7 +200,7 @@ class Engine:
                     if len(out) >= MAX_CANDIDATES:
                         break
         out = [c for c in _dedupe(out) if not _has_compute(c.expr)]
-        out.sort(key=lambda c: not is_clean(c.expr))  # a clean relation before one up to a factor
+        out.sort(key=lambda c: has_factor(c.expr))  # a clean relation before one up to a factor
         self._push_memo[key] = out
         return out
 
@@ -438,14 +438,14 @@ class Engine:
                 continue
             seen.add(i.name)
             rels = [c for c in self.relations.get(i.name, []) if not c.deferred]
-            if not rels or any(is_clean(c.expr) for c in rels):
+            if not rels or any(not has_factor(c.expr) for c in rels):
                 continue
             st = by_node.get(i.name)
             if st is None:
                 continue
             node = self.seq.by_name[i.name]
             scaled_inputs = [j for j in node.inputs
-                             if self.relations.get(j.name) and not any(is_clean(c.expr) for c in self.relations[j.name])]
+                             if self.relations.get(j.name) and not any(not has_factor(c.expr) for c in self.relations[j.name])]
             if not scaled_inputs:
                 if origin is None or st.index < origin.index:
                     origin = st
@@ -521,7 +521,7 @@ class Engine:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
         extended = _dedupe(extended)
-        extended.sort(key=lambda c: (c.assumption, not is_clean(c.expr), c.expr.op != "ref", size(c.expr)))
+        extended.sort(key=lambda c: (c.assumption, has_factor(c.expr), c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]
 
     def explain_stuck(self, n: Node) -> str:

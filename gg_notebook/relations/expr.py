@@ -728,6 +728,12 @@ def is_clean(e: Expr) -> bool:
     return all(x.op in CLEAN_OPS for x in walk(e))
 
 
+def has_factor(e: Expr) -> bool:
+    """True if ``e`` holds a value only up to a factor (a ``scale`` node: never clean). Constant
+    computations are not factors: a relation may compute on constants."""
+    return any(x.op == "scale" for x in walk(e))
+
+
 def size(e: Expr) -> int:
     """Number of distinct nodes: the cost used to rank candidate relations."""
     return sum(1 for _ in walk(e))

@@ -387,9 +387,6 @@ MISSING = {
     "vocab-embed/spec-index-megatron": "canonical spellings: the spec's weight[ids] (aten.index.Tensor) is not lowered to embedding(ids, weight)",
     "vocab-embed/tp4-torchtitan-clamp": _INDEX,
     "vocab-embed/bug-wrong-offset": _LOCALIZE + " (weight[ids] vs embedding)",
-    "scores/baddbmm-empty-beta0": ("scalar algebra: baddbmm(empty, q, kT, beta=0, alpha=c) = c * bmm(q, kT); seq "
-                                   "bmm then / sqrt(d) is not related to the rank's alpha-scaled product"),
-    "scores/bug-wrong-scale": _LOCALIZE + " (scalar algebra)",
     "buffers/matmul-out-slice-assign": ("data movement: out[:] = all_gather_into_tensor(..).permute(1, 0, 2).reshape(..) "
                                         "is not normalized to concat(gelu@r0, gelu@r1, dim=1)"),
     "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "

@@ -502,15 +502,8 @@ CASES = [
 # Correct spellings the engine cannot prove yet (and bugs it cannot localize yet): the missing
 # mechanism, one line each (tests/test_spellings.py marks them xfail(strict=True)).
 _MISSING = {
-    "rmsnorm-sp/written-vs-F.rms_norm":
-        "canonical spelling: add.Scalar (F.rms_norm's decomposition, add_) vs add.Tensor(x, 1e-6) (user `+ eps`)",
-    "rmsnorm-sp/module-vs-written": "canonical spelling: add.Tensor(x, eps) vs add.Scalar(x, eps)",
     "rmsnorm-sp/sqrt-div-vs-F.rms_norm":
         "decomposition normal form: x*x vs pow(x, 2); x / sqrt(y) vs x * rsqrt(y); w*(..) vs (..)*w",
-    "rmsnorm-sp/F.rms_norm-vs-written": "canonical spelling: add.Tensor(x, eps) vs add.Scalar(x, eps)",
-    "rmsnorm-sp/bug-eps-outside-sqrt": "not localized: the correct twin is stuck at the same add (add.Scalar/Tensor)",
-    "rmsnorm-tp-hidden/sumsq-allreduce":
-        "scalar algebra: mean over a sharded dim = all-reduced sum of shard sums / (H_local * world_size)",
     "rmsnorm-tp-hidden/gather-shard-means":
         "scalar algebra: mean over a sharded dim = mean over ranks of equal-shard means (stack + mean(0))",
     "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
@@ -539,8 +532,6 @@ _MISSING = {
         "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
     "sdpa-heads/einsum-math-vs-math":
         "canonical spelling: einsum's bmm layout (permute/view order) vs matmul's; x * d**-0.5 vs x / sqrt(d)",
-    "sdpa-heads/bug-softmax-over-queries":
-        "F.scaled_dot_product_attention in the spec is refused as a random op (dropout_p=0)",
 }
 
 import dataclasses as _dc  # noqa: E402

@@ -696,7 +696,6 @@ _MISSING = {
         _CE + "needs logsumexp of gathered shard logsumexps and a one_hot masked target-logit sum",
     "vocab-ce/bug-target-offset-not-subtracted":
         "a rank that raises on valid inputs (index out of bounds) ends unknown ('not-simulated'), not refuted",
-    "vocab-ce/megatron-mean": _CE + "nll_loss reduction='mean' = mean of the per-token loss (scalar algebra)",
     "vocab-ce/loss-parallel-sum": _CE + "log_softmax spelling and nll_loss reduction='sum' = sum of per-token loss",
     "vocab-ce/logsumexp-sum-div-numel": _CE + "reduction='mean' = sum / numel (scalar algebra) on a logsumexp spelling",
     "vocab-ce-ignore/megatron-keep-weighted-sum":
@@ -725,11 +724,8 @@ _MISSING = {
     "online-softmax/ring-lse-merge": "merge of normalized per-shard outputs weighted by exp(lse_r - logsumexp(lse))",
     "online-softmax/ring-sigmoid-update": "ring-flash-attention's sigmoid / logsigmoid incremental lse merge",
     "online-softmax/bug-no-rescale": "not localized: the correct twins are stuck at the same _softmax",
-    "vocab-ce-grad/megatron-autograd-function":
-        _CE + "reduction mean (.mean() on the rank) and its backward through the hand-written Function",
     "vocab-ce-grad/reduce-region-autograd": _CE + "autograd of the written-out loss (log, exp, gather backward)",
     "vocab-ce-grad/softmax-minus-onehot": _CE + "hand-written gradient (softmax - onehot) / N",
-    "vocab-ce-grad/bug-grad-not-scaled": "not localized: the correct twin is stuck at the same _log_softmax",
     "vocab-ce-grad/bug-dnn-all_reduce-backward": "not localized: the correct twin is stuck at the same _log_softmax",
 }
 
