@@ -481,7 +481,34 @@ class Engine:
                 if e.id not in seen:
                     seen.add(e.id)
                     out.append(Candidate(e, c.chain + ("finer tiling",), c.assumption))
+            e = self.coarsened(c.expr)
+            if e is not None and e.id not in seen:
+                seen.add(e.id)
+                out.append(Candidate(e, c.chain + ("coarser tiling",), c.assumption))
         return out
+
+    def coarsened(self, e: Expr) -> Expr | None:
+        """``e`` (a concatenation) with every longest run of consecutive pieces that some rank
+        holds as one value replaced by that value (a rank's shard made of several pieces: its
+        q|k|v blocks, its heads)."""
+        if e.op != "cat" or len(e.args) < 3:
+            return None
+        pieces, d = e.args, e.attrs
+        out, i, changed = [], 0, False
+        while i < len(pieces):
+            for j in range(len(pieces), i + 1, -1):
+                if j - i == len(pieces):
+                    continue  # the whole: realize() already tried it
+                run = self.store.cat(list(pieces[i:j]), d)
+                r = self.realize(run) if run.op == "cat" else None
+                if r is not None and r.op == "ref":
+                    out.append(r)
+                    i, changed = j, True
+                    break
+            else:
+                out.append(pieces[i])
+                i += 1
+        return self.store.cat(out, d) if changed else None
 
     def infer(self, n: Node, refine: bool = False) -> list[Candidate]:
         S = self.store

@@ -302,6 +302,9 @@ class _Lowerer:
         neutral = _neutral_operand(target, args, kwargs, env, shape, dtype)
         if neutral is not None:
             return neutral
+        if target is aten.pow.Tensor_Scalar and _is_one(args[1] if len(args) > 1 else kwargs.get("exponent")) \
+                and env[args[0]].dtype == dtype and tuple(env[args[0]].shape) == tuple(shape):
+            return env[args[0]]  # x ** 1 (autograd's derivative of x ** 2) is x, bit for bit
         if target is aten.pow.Tensor_Scalar and _is_two(args[1] if len(args) > 1 else kwargs.get("exponent")) \
                 and dtype is not None and dtype.is_floating_point and env[args[0]].dtype == dtype:
             # x ** 2, x.square(), x.pow(2): the kernel computes x * x, bit for bit; one spelling
@@ -731,6 +734,10 @@ _NEUTRAL = {
     aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.add.Scalar: 0, aten.sub.Scalar: 0,
     aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
 }
+
+
+def _is_one(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 1
 
 
 def _is_two(v) -> bool:
