@@ -402,6 +402,8 @@ class _Lowerer:
             return self.split(fx, packet)
         if packet in ("addmm", "baddbmm", "addbmm"):
             return self.addmm(fx, packet)
+        if packet == "bmm" and shape is not None and shape[0] == 1:
+            return self.single_bmm(fx, shape, dtype)
         if packet in ("mm", "bmm"):
             spec_str = "ik,kj->ij" if packet == "mm" else "bik,bkj->bij"
             return self.call(fx, kind="matmul", params=(("einsum", spec_str),))
@@ -486,6 +488,20 @@ class _Lowerer:
             return self.call(fx, kind="reduce", params=params)
         shape, dtype = _meta_of(fx)
         return self.emit("call", spec, (src,), shape, dtype)
+
+    def single_bmm(self, fx, shape, dtype) -> Node:
+        """A batch-1 ``bmm`` (how ``torch.einsum`` spells a plain matrix product) is ``mm`` of the two
+        matrices, viewed back: one form for ``einsum('bsi,oi->bso')``, ``x @ w.t()`` and ``F.linear``."""
+        a, b = self.env[fx.args[0]], self.env[fx.args[1]]
+        if not isinstance(a, Node) or not isinstance(b, Node) or a.dtype != b.dtype:
+            return self.call(fx, kind="matmul", params=(("einsum", "bik,bkj->bij"),))
+        a2 = self.view(a, tuple(a.shape[1:]), a.dtype)
+        b2 = self.view(b, tuple(b.shape[1:]), b.dtype)
+        target = aten.mm.default
+        spec = OpSpec("matmul", _name(target), target, ((Slot(0), Slot(1)), ()), (("einsum", "ik,kj->ij"),))
+        prod = self.emit("call", spec, (a2, b2), tuple(shape[1:]), dtype, target=_name(target),
+                         name=fx.name + "_mm")
+        return self.view(prod, tuple(shape), dtype)
 
     def _row_ids(self, weight_fx, indices, rows: int):
         """The id tensor of ``weight[ids]`` (one index tensor, on dim 0) if every id is provably in

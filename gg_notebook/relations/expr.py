@@ -318,6 +318,9 @@ class ExprStore:
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
             return x
+        real = [p for p in perm if x.shape[p] != 1]
+        if real == sorted(real):  # only size-1 dims move: the same elements in the same order, a view
+            return self.view(x, tuple(x.shape[p] for p in perm))
         if x.op == "permute":
             inner = x.attrs
             return self.permute(x.args[0], tuple(inner[p] for p in perm))

@@ -384,8 +384,6 @@ MISSING = {
     "col-linear/einsum": ("canonical spellings: einsum('bsi,oi->bso') lowers to a batch-1 bmm over unsqueeze/permute "
                           "views; not normalized to mm(x.view(-1, in), w.t())"),
     "multi-dim-sum/flatten-keepdim": _MSUM,
-    "buffers/matmul-out-slice-assign": ("data movement: out[:] = all_gather_into_tensor(..).permute(1, 0, 2).reshape(..) "
-                                        "is not normalized to concat(gelu@r0, gelu@r1, dim=1)"),
     "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "
                                       "slice writes (slice_scatter(zeros, y@r, cols r*n:(r+1)*n)) = concat(y@r0, y@r1)"),
     "buffers/bug-no-offset": _LOCALIZE + " (zero-padded all-reduce gather)",
