@@ -7,6 +7,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
+from gg_notebook.relations.movement import movement_of
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -42,9 +43,12 @@ def _replicate_ok(engine: Engine, k: int, cands: list[Candidate]) -> Candidate |
     for c in cands:
         terms.setdefault(engine.to_term(c.expr).id, c)
     chosen = None
+    mv = movement_of(idx)
     for g in idx.graphs:
         t = idx.dval_of(g.rank, g.outputs[k]).term
         c = terms.get(t.id)
+        if c is None:  # the same data movement of the same values, spelled differently
+            c = next((x for x in cands if not x.deferred and mv.equal(engine.to_term(x.expr), t)), None)
         if c is None:
             return None
         chosen = chosen or c
@@ -76,7 +80,8 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     by_form = not engine.bitwise and not isinstance(placement, Partial)
     for c in cands:
         ct = engine.to_term(c.expr)
-        if ct.id == tt.id or (by_form and engine.index.forms.ratio(tt, ct) == 1):
+        if ct.id == tt.id or movement_of(engine.index).equal(ct, tt) \
+                or (by_form and engine.index.forms.ratio(tt, ct) == 1):
             return True, Candidate(target, c.chain, c.assumption), ""
     return False, None, f"expected {engine.show(target)}"
 

@@ -1,0 +1,278 @@
+"""Data movement decided exactly: the index-tensor decision procedure and the lookups built on it.
+
+A *pure data-movement* term is built from ``view``, ``permute``, ``slice``, ``cat`` and ``expand``
+over opaque *leaves* (any other node: an input atom, a compute call, a constant, an accumulation).
+Every element of its value is one element of one leaf, at a position that depends only on shapes.
+So two such terms are equal for *all* values of their leaves iff they are equal when every leaf
+holds distinct integers (``arange`` with a different offset per leaf): the evaluated "index
+tensors" say which leaf element each output element is.
+
+The normalizing constructors of `ExprStore` give most spellings one node, but not all (a permute
+of an expand versus an expand of a permute, ``repeat_interleave`` versus ``repeat_kv``, a stack
++ flatten versus a gather + transpose + reshape). This module decides the rest:
+
+* `MovementIndex.equal(a, b)`: the decision procedure (memoized; refused above `MAX_NUMEL`
+  elements, so meta-sized problems never allocate: they fall back to structural equality);
+* `MovementIndex.realized(term)`: a distributed value whose term is index-equal to ``term``;
+* `MovementIndex.call(spec, args)`: a rank's compute call whose arguments are index-equal to
+  ``args`` (including the operand order of commutative operators);
+* `MovementIndex.piece(term)`: a compute call that a rank applied to a *concatenation* along a
+  position-wise dim is, piece by piece, the call on the pieces: ``mm(x, cat(a, b, dim=1))`` holds
+  ``mm(x, a)`` as its columns ``[0, a.cols)``; the index knows every such piece as a slice of the
+  rank's value (so a sequential ``mm(x, w)`` re-tiled into ``w``'s column blocks finds them);
+* `retile(...)`: re-relate a value as another clean rebuild from realized values that are pure
+  movement of the same leaves (a stuck operator's input tiled along another dim, e.g. Ulysses'
+  sequence <-> heads re-layouts), by the index-tensor search of `gg_notebook.relations.layout`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, apply_op
+
+MOVE_OPS = frozenset({"view", "permute", "slice", "cat", "expand"})
+MAX_NUMEL = 1 << 20  # index tensors larger than this are not built (structural equality only)
+MAX_CHECKS = 8  # candidates compared per lookup
+
+_aten = torch.ops.aten
+# operators whose two tensor operands commute (bit for bit: IEEE + and * are commutative)
+_COMMUTATIVE = {
+    _aten.mul.Tensor: (), _aten.add.Tensor: (("alpha", 1),), _aten.maximum.default: (),
+    _aten.minimum.default: (), _aten.eq.Tensor: (), _aten.ne.Tensor: (), _aten.logical_and.default: (),
+    _aten.logical_or.default: (), _aten.bitwise_and.Tensor: (), _aten.bitwise_or.Tensor: (),
+}
+
+
+def is_movement(e: Expr) -> bool:
+    return e.op in MOVE_OPS
+
+
+class MovementIndex:
+    """Index-tensor equality and movement-aware lookups over one `DIndex` (built lazily)."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+        self.store: ExprStore = index.store
+        self._leaves: dict[int, tuple[int, ...] | None] = {}
+        self._eq: dict[tuple[int, int], bool] = {}
+        self._by_sig: dict | None = None
+        self._calls: dict | None = None
+        # piece term id -> (dval, dim, start, end): a call on a piece of a concatenated operand
+        self.pieces: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ leaves and index tensors
+    def leaves(self, e: Expr) -> tuple[int, ...]:
+        """Ids of the opaque leaves ``e`` moves (``(e.id,)`` for a non-movement node), sorted."""
+        hit = self._leaves.get(e.id)
+        if hit is not None:
+            return hit
+        if e.op not in MOVE_OPS:
+            out = (e.id,)
+        else:
+            acc: set[int] = set()
+            for a in e.args:
+                acc.update(self.leaves(a))
+            out = tuple(sorted(acc))
+        self._leaves[e.id] = out
+        return out
+
+    def signature(self, e: Expr) -> tuple:
+        return (tuple(e.shape), e.dtype, self.leaves(e))
+
+    def _small(self, e: Expr, numbering: dict) -> bool:
+        """Every node of ``e`` (and the leaves' total) small enough to evaluate on index tensors."""
+        seen: set[int] = set()
+        stack = [e]
+        while stack:
+            x = stack.pop()
+            if x.id in seen:
+                continue
+            seen.add(x.id)
+            if math.prod(x.shape) > MAX_NUMEL:
+                return False
+            if x.op in MOVE_OPS:
+                stack.extend(x.args)
+        return True
+
+    def index_tensor(self, e: Expr, numbering: dict) -> torch.Tensor:
+        """``e`` evaluated with leaf ``l`` holding ``arange(numbering[l.id], ...)`` (int64)."""
+        memo: dict[int, torch.Tensor] = {}
+
+        def go(x: Expr) -> torch.Tensor:
+            v = memo.get(x.id)
+            if v is not None:
+                return v
+            if x.op not in MOVE_OPS:
+                off = numbering[x.id]
+                v = torch.arange(off, off + math.prod(x.shape), dtype=torch.int64).view(x.shape)
+            else:
+                v = apply_op(x.op, x.attrs, [go(a) for a in x.args])
+            memo[x.id] = v
+            return v
+
+        return go(e)
+
+    def numbering(self, leaf_ids: Iterable[int]) -> dict | None:
+        out, off = {}, 0
+        for i in sorted(set(leaf_ids)):
+            out[i] = off
+            off += math.prod(self.store.nodes[i].shape)
+        if off > 4 * MAX_NUMEL:
+            return None
+        return out
+
+    def equal(self, a: Expr, b: Expr) -> bool:
+        """True iff ``a`` and ``b`` are the same data movement of the same leaves (so equal for all
+        leaf values). False when they differ or when deciding it would need too large tensors."""
+        if a.id == b.id:
+            return True
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            return False
+        if a.op not in MOVE_OPS and b.op not in MOVE_OPS:
+            return False  # two different opaque nodes
+        key = (a.id, b.id) if a.id < b.id else (b.id, a.id)
+        hit = self._eq.get(key)
+        if hit is not None:
+            return hit
+        la, lb = self.leaves(a), self.leaves(b)
+        res = False
+        if set(la) == set(lb):
+            num = self.numbering(la)
+            if num is not None and self._small(a, num) and self._small(b, num):
+                try:
+                    res = bool(torch.equal(self.index_tensor(a, num), self.index_tensor(b, num)))
+                except (RuntimeError, ShapeError):  # pragma: no cover - malformed movement
+                    res = False
+        self._eq[key] = res
+        return res
+
+    # ------------------------------------------------------------------ realized values
+    def _sig_table(self) -> dict:
+        if self._by_sig is None:
+            table: dict = {}
+            for d in self.index.dvals:
+                table.setdefault(self.signature(d.term), []).append(d)
+            self._by_sig = table
+        return self._by_sig
+
+    def realized(self, term: Expr):
+        """A distributed value whose term is index-equal to ``term`` (a pure movement), or None."""
+        if term.op not in MOVE_OPS:
+            return None
+        for d in self._sig_table().get(self.signature(term), [])[:MAX_CHECKS]:
+            if self.equal(term, d.term):
+                return d
+        return None
+
+    # ------------------------------------------------------------------ compute calls
+    def _call_table(self) -> dict:
+        if self._calls is None:
+            table: dict = {}
+            for d in self.index.dvals:
+                t = d.term
+                if t.op == "call":
+                    key = (t.attrs, tuple(self.signature(a) for a in t.args))
+                    table.setdefault(key, []).append(d)
+            self._calls = table
+        return self._calls
+
+    def call(self, spec: OpSpec, terms: list[Expr]):
+        """A distributed value computing ``spec`` on arguments index-equal to ``terms`` (also with
+        the two operands of a commutative operator swapped), or None."""
+        orders = [list(terms)]
+        if _commutes(spec) and len(terms) == 2:
+            orders.append([terms[1], terms[0]])
+        table = self._call_table()
+        for args in orders:
+            if not any(a.op in MOVE_OPS for a in args) and args is orders[0]:
+                continue  # no movement to decide: the structural lookup already missed it
+            for d in table.get((spec, tuple(self.signature(a) for a in args)), [])[:MAX_CHECKS]:
+                if all(self.equal(a, b) for a, b in zip(args, d.term.args)):
+                    return d
+        return None
+
+    # ------------------------------------------------------------------ pieces of calls on concatenations
+    def register_pieces(self, term: Expr, dval) -> None:
+        """Record the pieces of ``term`` (a rank's compute call) that are the same call on one piece
+        of a concatenated operand along a dim mapping position-wise to an output dim."""
+        from gg_notebook.lemmas.dims import dim_roles
+
+        if term.op != "call" or term.attrs.unique is not None:
+            return
+        args = term.args
+        if not any(a.op == "cat" for a in args):
+            return
+        try:
+            roles = dim_roles(term.attrs, [a.shape for a in args], term.shape)
+        except Exception:  # noqa: BLE001 - an operator without a dim table
+            return
+        if roles is None:
+            return
+        S = self.store
+        for i, a in enumerate(args):
+            if a.op != "cat":
+                continue
+            role = roles[i][a.attrs]
+            if role is None or role[0] != "out":
+                continue
+            k = role[1]
+            off = 0
+            for part in a.args:
+                lo, hi = off, off + part.shape[a.attrs]
+                off = hi
+                try:
+                    new_args = []
+                    for j, b in enumerate(args):
+                        dj = [t for t, r in enumerate(roles[j]) if r == role]
+                        new_args.append(S.slice(b, dj[0], lo, hi) if dj else b)
+                    piece = S.call(term.attrs, new_args)
+                except ShapeError:
+                    continue
+                if piece.shape[k] == term.shape[k]:
+                    continue
+                self.pieces.setdefault(piece.id, (dval, k, lo, hi))
+
+    def piece(self, term: Expr):
+        """(dval, dim, start, end) when ``term`` is a registered piece of a rank's call."""
+        return self.pieces.get(term.id)
+
+
+def _commutes(spec: OpSpec) -> bool:
+    fixed = _COMMUTATIVE.get(spec.target)
+    if fixed is None:
+        return False
+    args, kwargs = spec.template
+    from gg_notebook.relations.expr import Slot
+
+    if len(args) < 2 or not isinstance(args[0], Slot) or not isinstance(args[1], Slot):
+        return False
+    return all(spec.arg(k, None) == v for k, v in fixed)
+
+
+def movement_of(index) -> MovementIndex:
+    """The `MovementIndex` of a `DIndex` (created on first use)."""
+    m = getattr(index, "_movement", None)
+    if m is None:
+        m = MovementIndex(index)
+        index._movement = m
+    return m
+
+
+def movement_lookup(index, spec: OpSpec, terms: list[Expr], found: Expr | None) -> Expr | None:
+    """Engine hook: a relation for ``spec(terms)`` when no rank holds that term verbatim: a rank's
+    call on index-equal arguments (a ref), or a registered piece of a rank's call (a slice of a ref).
+    ``found`` is the interned term of the call, if the store has it."""
+    m = movement_of(index)
+    if found is not None:
+        hit = m.piece(found)
+        if hit is not None:
+            d, k, lo, hi = hit
+            return index.store.slice(index.ref(d), k, lo, hi)
+    d = m.call(spec, terms)
+    if d is not None:
+        return index.ref(d)
+    return None
