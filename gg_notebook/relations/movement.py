@@ -61,6 +61,7 @@ class MovementIndex:
         self._eq: dict[tuple[int, int], bool] = {}
         self._by_sig: dict | None = None
         self._calls: dict | None = None
+        self._ew: dict | None = None
         # piece term id -> (dval, dim, start, end): a call on a piece of a concatenated operand
         self.pieces: dict[int, tuple] = {}
 
@@ -180,6 +181,42 @@ class MovementIndex:
             self._calls = table
         return self._calls
 
+    def _ew_table(self) -> dict:
+        if self._ew is None:
+            table: dict = {}
+            for d in self.index.dvals:
+                t = d.term
+                if t.op == "call":
+                    key = _row_key(t.attrs, t.shape, t.args)
+                    if key is not None:
+                        table.setdefault(self._row_sig(key, t.args), []).append(d)
+            self._ew = table
+        return self._ew
+
+    def _row_sig(self, key, args) -> tuple:
+        return (key[0], tuple((math.prod(a.shape), tuple(a.shape[len(a.shape) - key[1]:]), a.dtype, self.leaves(a))
+                              for a in args))
+
+    def ew_call(self, spec: OpSpec, terms: list[Expr], shape: tuple):
+        """A row-wise call (elementwise without broadcasting, or a softmax over the last dim) on
+        arguments that are the same data movement up to a reshape of the leading dims:
+        ``op(x.view(a)) == op(x.view(b)).view(a)``. Returns the dval or None."""
+        key = _row_key(spec, shape, terms)
+        if key is None:
+            return None
+        S = self.store
+        for d in self._ew_table().get(self._row_sig(key, terms), [])[:MAX_CHECKS]:
+            ok = True
+            for a, b in zip(terms, d.term.args):
+                tail = tuple(a.shape[len(a.shape) - key[1]:])
+                flat = (math.prod(a.shape) // max(math.prod(tail), 1),) + tail
+                if not self.equal(S.view(a, flat), S.view(b, flat)):
+                    ok = False
+                    break
+            if ok:
+                return d
+        return None
+
     def call(self, spec: OpSpec, terms: list[Expr]):
         """A distributed value computing ``spec`` on arguments index-equal to ``terms`` (also with
         the two operands of a commutative operator swapped), or None."""
@@ -241,6 +278,24 @@ class MovementIndex:
         return self.pieces.get(term.id)
 
 
+def _row_key(spec: OpSpec, shape: tuple, args) -> tuple | None:
+    """(operator key without its dims, trailing dims kept) for calls that act row by row: an
+    elementwise op whose tensor operands all have the output's shape (key: the spec, no dim
+    kept), or a softmax / log-softmax over the last dim (key: the spec with that dim abstracted,
+    the last dim kept). None for anything else."""
+    if spec.out is not None or spec.unique is not None or not args:
+        return None
+    if any(tuple(a.shape) != tuple(shape) for a in args):
+        return None
+    if spec.kind == "ew":
+        return (spec, 0)
+    if spec.kind == "softmax" and len(args) == 1 and shape and spec.param("dim") == len(shape) - 1:
+        targs, kwargs = spec.template
+        if len(targs) >= 2 and spec.target in (_aten._softmax.default, _aten._log_softmax.default):
+            return ((spec.target, targs[:1] + targs[2:], kwargs, spec.param("fn")), 1)
+    return None
+
+
 def _commutes(spec: OpSpec) -> bool:
     fixed = _COMMUTATIVE.get(spec.target)
     if fixed is None:
@@ -275,4 +330,14 @@ def movement_lookup(index, spec: OpSpec, terms: list[Expr], found: Expr | None) 
     d = m.call(spec, terms)
     if d is not None:
         return index.ref(d)
+    if spec.kind in ("ew", "softmax"):
+        from gg_notebook.relations.expr import infer_shape
+
+        try:
+            shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
+        except ShapeError:
+            return None
+        d = m.ew_call(spec, terms, shape)
+        if d is not None:
+            return index.store.view(index.ref(d), shape)
     return None
