@@ -19,7 +19,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
-from gg_notebook.relations.movement import movement_lookup
+from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
 
@@ -487,6 +487,11 @@ class Engine:
                 if e.id not in seen:
                     seen.add(e.id)
                     out.append(Candidate(e, c.chain + ("finer tiling",), c.assumption))
+            # other tilings of the same elements by values the ranks compute on (index tensors)
+            for e in retile(self.index, t):
+                if e.id not in seen:
+                    seen.add(e.id)
+                    out.append(Candidate(e, c.chain + ("re-tiling",), c.assumption))
         return out
 
     def infer(self, n: Node, refine: bool = False) -> list[Candidate]:

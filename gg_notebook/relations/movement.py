@@ -194,27 +194,39 @@ class MovementIndex:
         return self._ew
 
     def _row_sig(self, key, args) -> tuple:
-        return (key[0], tuple((math.prod(a.shape), tuple(a.shape[len(a.shape) - key[1]:]), a.dtype, self.leaves(a))
+        dim = key[1]
+        return (key[0], tuple((math.prod(a.shape), None if dim is None else a.shape[dim], a.dtype, self.leaves(a))
                               for a in args))
 
+    def _rows(self, a: Expr, dim: int | None) -> Expr:
+        """``a`` as [rows, row length]: the operator's dim moved last, the other dims flattened."""
+        S = self.store
+        n = math.prod(a.shape)
+        if dim is None:
+            return S.view(a, (n,))
+        perm = [i for i in range(len(a.shape)) if i != dim] + [dim]
+        return S.view(S.permute(a, perm), (n // max(a.shape[dim], 1), a.shape[dim]))
+
     def ew_call(self, spec: OpSpec, terms: list[Expr], shape: tuple):
-        """A row-wise call (elementwise without broadcasting, or a softmax over the last dim) on
-        arguments that are the same data movement up to a reshape of the leading dims:
-        ``op(x.view(a)) == op(x.view(b)).view(a)``. Returns the dval or None."""
+        """A row-wise call (elementwise without broadcasting, or a softmax along one dim) that some
+        rank applies to the same rows in the same order, however the rows are laid out:
+        ``op(a, dim=j)`` vs the rank's ``op(b, dim=k)`` with ``a`` and ``b`` equal as
+        [rows, row] after moving j resp. k last. Returns a relation over the rank's value."""
         key = _row_key(spec, shape, terms)
         if key is None:
             return None
         S = self.store
         for d in self._ew_table().get(self._row_sig(key, terms), [])[:MAX_CHECKS]:
-            ok = True
-            for a, b in zip(terms, d.term.args):
-                tail = tuple(a.shape[len(a.shape) - key[1]:])
-                flat = (math.prod(a.shape) // max(math.prod(tail), 1),) + tail
-                if not self.equal(S.view(a, flat), S.view(b, flat)):
-                    ok = False
-                    break
-            if ok:
-                return d
+            k = _row_key(d.term.attrs, d.term.shape, d.term.args)[1]
+            if all(self.equal(self._rows(a, key[1]), self._rows(b, k)) for a, b in zip(terms, d.term.args)):
+                rows = self._rows(self.index.ref(d), k)
+                if key[1] is None:
+                    return S.view(rows, shape)
+                j = key[1]
+                perm = [i for i in range(len(shape)) if i != j] + [j]
+                moved = S.view(rows, tuple(shape[i] for i in perm))
+                inv = [perm.index(i) for i in range(len(shape))]
+                return S.permute(moved, inv)
         return None
 
     def call(self, spec: OpSpec, terms: list[Expr]):
@@ -279,20 +291,19 @@ class MovementIndex:
 
 
 def _row_key(spec: OpSpec, shape: tuple, args) -> tuple | None:
-    """(operator key without its dims, trailing dims kept) for calls that act row by row: an
-    elementwise op whose tensor operands all have the output's shape (key: the spec, no dim
-    kept), or a softmax / log-softmax over the last dim (key: the spec with that dim abstracted,
-    the last dim kept). None for anything else."""
+    """(operator key without its dim, the dim it acts along or None) for calls that act row by
+    row: an elementwise op whose tensor operands all have the output's shape (key: the spec), or a
+    softmax / log-softmax (key: the spec with its dim abstracted). None for anything else."""
     if spec.out is not None or spec.unique is not None or not args:
         return None
     if any(tuple(a.shape) != tuple(shape) for a in args):
         return None
     if spec.kind == "ew":
-        return (spec, 0)
-    if spec.kind == "softmax" and len(args) == 1 and shape and spec.param("dim") == len(shape) - 1:
+        return (spec, None)
+    if spec.kind == "softmax" and len(args) == 1 and shape:
         targs, kwargs = spec.template
         if len(targs) >= 2 and spec.target in (_aten._softmax.default, _aten._log_softmax.default):
-            return ((spec.target, targs[:1] + targs[2:], kwargs, spec.param("fn")), 1)
+            return ((spec.target, targs[:1] + targs[2:], kwargs, spec.param("fn")), spec.param("dim"))
     return None
 
 
@@ -337,7 +348,93 @@ def movement_lookup(index, spec: OpSpec, terms: list[Expr], found: Expr | None) 
             shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
         except ShapeError:
             return None
-        d = m.ew_call(spec, terms, shape)
-        if d is not None:
-            return index.store.view(index.ref(d), shape)
+        return m.ew_call(spec, terms, shape)
     return None
+
+
+# ---------------------------------------------------------------------- re-tiling
+MAX_RETILE_CANDIDATES = 24
+
+
+def _computed_on(index, d) -> bool:
+    """Does some rank compute on ``d`` (is its term an argument of a compute call)?"""
+    return any(u.op == "call" for u in index.users_of(d.term))
+
+
+def retile(index, term: Expr, sources=None) -> list[Expr]:
+    """Clean rebuilds of ``term`` (a pure data movement of some leaves) from realized values that
+    move the same leaves: one relation per dim the search can tile along (guillotine cuts into
+    boxes of the values, each possibly reshaped/transposed once: `gg_notebook.relations.layout`).
+
+    ``sources``: the dvals to rebuild from (default: the values some rank computes on whose
+    leaves are among ``term``'s). Every relation returned is checked on index tensors."""
+    from gg_notebook.relations.layout import rebuild_plans
+
+    m = movement_of(index)
+    if term.op == "call" and sources is None:
+        return []  # a computed value: the ranks' pieces of it are found by the lemmas
+    L = set(m.leaves(term))
+    num = m.numbering(L)
+    if num is None or not m._small(term, num):
+        return []
+    T = m.index_tensor(term, num).reshape(-1)
+    n = T.numel()
+    if n == 0:
+        return []
+    total = max(num[i] + math.prod(index.store.nodes[i].shape) for i in num)
+    inv = torch.full((total,), -1, dtype=torch.int64)
+    inv[T] = torch.arange(n, dtype=torch.int64)
+    if int((inv >= 0).sum()) != n:
+        return []  # the term repeats elements (a broadcast): no box tiling of distinct pieces
+    if sources is None:
+        sources = [d for d in index.dvals
+                   if d.term.id != term.id and set(m.leaves(d.term)) <= L and _computed_on(index, d)]
+    locs, dvals = [], []
+    for d in sources:
+        if len(dvals) >= MAX_RETILE_CANDIDATES:
+            break
+        if not set(m.leaves(d.term)) <= L or not m._small(d.term, num):
+            continue
+        A = inv[m.index_tensor(d.term, num).reshape(-1)]
+        if A.numel() == 0 or bool((A < 0).any()):
+            continue  # holds elements the term does not have
+        locs.append(A.view(d.term.shape).to(torch.int32))
+        dvals.append(d)
+    if not dvals:
+        return []
+    refs = [index.ref(d) for d in dvals]
+    out: list[Expr] = []
+    seen: set[int] = set()
+    for build in rebuild_plans(locs, tuple(term.shape)):
+        try:
+            rel = build(index.store, refs)
+        except ShapeError:
+            continue
+        if rel.id in seen:
+            continue
+        seen.add(rel.id)
+        # the rebuild must be the same data movement as the term (decided on index tensors)
+        if m.equal(_to_term(index, rel), term):
+            out.append(rel)
+    return out
+
+
+def _to_term(index, e: Expr) -> Expr:
+    from gg_notebook.engine.infer import rebuild
+
+    memo: dict[int, Expr] = {}
+
+    def go(x: Expr) -> Expr:
+        hit = memo.get(x.id)
+        if hit is not None:
+            return hit
+        if x.op == "ref":
+            r = index.dvals[x.attrs[0]].term
+        elif not x.args:
+            r = x
+        else:
+            r = rebuild(index.store, x, [go(a) for a in x.args])
+        memo[x.id] = r
+        return r
+
+    return go(e)
