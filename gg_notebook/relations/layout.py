@@ -44,6 +44,9 @@ _ALLOWED = ("index, slice, cat, split, reshape or transpose")
 
 # ====================================================================== terms
 def _what(problem: Problem, i: int) -> str:
+    what = getattr(problem, "what", None)
+    if what is not None:
+        return what
     return f"input {i} ({problem.input_names[i]})"
 
 
@@ -574,3 +577,30 @@ def rebuild_plans(locs: list[torch.Tensor], G: tuple, max_numel: int = MAX_NUMEL
         return lambda store, refs: _build(plan, cands, store, list(refs), {})
 
     return [builder(p) for p in plans]
+
+
+# ====================================================================== output layouts (expect)
+class _OutputShim:
+    """What `_layout_term` / `_check_terms` read of a problem, for the k-th *output*."""
+
+    def __init__(self, layout, example: torch.Tensor, world_size: int, k: int):
+        self.placements = [layout]
+        self.inputs = [example]
+        self.world_size = world_size
+        self.input_names = [f"output {k}"]
+        self.what = f"expect[{k}] (a Layout of output {k})"
+
+
+_OUT_CACHE: dict = {}
+
+
+def output_layout_terms(layout, shape: tuple, dtype, world_size: int, k: int, store: ExprStore,
+                        capture_layout) -> tuple[Expr, list[Expr]]:
+    """(atom, terms): the atom standing for the sequential k-th output and, per rank, the clean term
+    over it that ``layout.fn(output, rank, W)`` computes (refused like an input Layout if it
+    computes values)."""
+    example = torch.zeros(shape, dtype=dtype)
+    shim = _OutputShim(layout, example, world_size, k)
+    atom = store.atom(f"<expect[{k}]>", tuple(shape), dtype)
+    terms = [_layout_term(shim, 0, store, atom, capture_layout, r) for r in range(world_size)]
+    return atom, terms

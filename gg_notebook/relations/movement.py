@@ -139,10 +139,10 @@ class MovementIndex:
         hit = self._eq.get(key)
         if hit is not None:
             return hit
-        la, lb = self.leaves(a), self.leaves(b)
+        la, lb = set(self.leaves(a)), set(self.leaves(b))
         res = False
-        if set(la) == set(lb):
-            num = self.numbering(la)
+        if la & lb:  # (syntactic leaves may differ: a slice of a concatenation may use one piece)
+            num = self.numbering(la | lb)
             if num is not None and self._small(a, num) and self._small(b, num):
                 try:
                     res = bool(torch.equal(self.index_tensor(a, num), self.index_tensor(b, num)))
@@ -361,13 +361,14 @@ def _computed_on(index, d) -> bool:
     return any(u.op == "call" for u in index.users_of(d.term))
 
 
-def retile(index, term: Expr, sources=None) -> list[Expr]:
+def retile(index, term: Expr, sources=None, strict: bool = False) -> list[Expr]:
     """Clean rebuilds of ``term`` (a pure data movement of some leaves) from realized values that
     move the same leaves: one relation per dim the search can tile along (guillotine cuts into
     boxes of the values, each possibly reshaped/transposed once: `gg_notebook.relations.layout`).
 
     ``sources``: the dvals to rebuild from (default: the values some rank computes on whose
-    leaves are among ``term``'s). Every relation returned is checked on index tensors."""
+    leaves are among ``term``'s); with ``strict`` every source must consist of elements of
+    ``term`` only (else nothing is returned). Every relation returned is checked on index tensors."""
     from gg_notebook.relations.layout import rebuild_plans
 
     m = movement_of(index)
@@ -394,9 +395,13 @@ def retile(index, term: Expr, sources=None) -> list[Expr]:
         if len(dvals) >= MAX_RETILE_CANDIDATES:
             break
         if not set(m.leaves(d.term)) <= L or not m._small(d.term, num):
+            if strict:
+                return []
             continue
         A = inv[m.index_tensor(d.term, num).reshape(-1)]
         if A.numel() == 0 or bool((A < 0).any()):
+            if strict:
+                return []
             continue  # holds elements the term does not have
         locs.append(A.view(d.term.shape).to(torch.int32))
         dvals.append(d)
@@ -434,6 +439,28 @@ def _to_term(index, e: Expr) -> Expr:
             r = x
         else:
             r = rebuild(index.store, x, [go(a) for a in x.args])
+        memo[x.id] = r
+        return r
+
+    return go(e)
+
+
+def substitute(store: ExprStore, e: Expr, repl: dict) -> Expr:
+    """``e`` with the leaves whose id is in ``repl`` replaced (rebuilt with the normalizing constructors)."""
+    from gg_notebook.engine.infer import rebuild
+
+    memo: dict[int, Expr] = {}
+
+    def go(x: Expr) -> Expr:
+        hit = memo.get(x.id)
+        if hit is not None:
+            return hit
+        if x.id in repl:
+            r = repl[x.id]
+        elif not x.args:
+            r = x
+        else:
+            r = rebuild(store, x, [go(a) for a in x.args])
         memo[x.id] = r
         return r
 
