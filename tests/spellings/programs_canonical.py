@@ -387,8 +387,6 @@ MISSING = {
     "vocab-embed/spec-index-megatron": "canonical spellings: the spec's weight[ids] (aten.index.Tensor) is not lowered to embedding(ids, weight)",
     "vocab-embed/tp4-torchtitan-clamp": _INDEX,
     "vocab-embed/bug-wrong-offset": _LOCALIZE + " (weight[ids] vs embedding)",
-    "buffers/matmul-out-slice-assign": ("data movement: out[:] = all_gather_into_tensor(..).permute(1, 0, 2).reshape(..) "
-                                        "is not normalized to concat(gelu@r0, gelu@r1, dim=1)"),
     "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "
                                       "slice writes (slice_scatter(zeros, y@r, cols r*n:(r+1)*n)) = concat(y@r0, y@r1)"),
     "buffers/bug-no-offset": _LOCALIZE + " (zero-padded all-reduce gather)",
