@@ -305,3 +305,36 @@ def test_expect_none_finds_a_transposed_concatenation():
     r = gg.verify(p, capture="inprocess")
     assert r.status is gg.Status.PROVED, r.headline()
     assert "permute" in r.relations[0].relation
+
+
+def _gather_rows_written(x, w):
+    import torch.distributed as dist
+
+    y = torch.tanh(x @ w)
+    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, y)
+    out = torch.empty(2 * y.shape[0], y.shape[1], dtype=y.dtype)
+    for r, p in enumerate(parts):
+        out[r::2] = p
+    return out
+
+
+def _gather_rows_half_written(x, w):
+    import torch.distributed as dist
+
+    y = torch.tanh(x @ w)
+    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, y)
+    out = torch.empty(2 * y.shape[0], y.shape[1], dtype=y.dtype)
+    out[0::2] = parts[0]  # the odd rows are never written
+    return out
+
+
+def test_buffer_filled_by_strided_writes():
+    L = gg.Layout(_rows, name="round-robin")
+    ok = gg.Problem(sequential=_tanh_mm, distributed=_gather_rows_written, inputs=_inputs(),
+                    placements=[L, gg.Replicate()], world_size=2, expect=[gg.Replicate()])
+    assert gg.verify(ok, capture="inprocess").status is gg.Status.PROVED
+    half = gg.Problem(sequential=_tanh_mm, distributed=_gather_rows_half_written, inputs=_inputs(),
+                      placements=[L, gg.Replicate()], world_size=2, expect=[gg.Replicate()])
+    assert gg.verify(half, capture="inprocess", concrete=False).status is not gg.Status.PROVED

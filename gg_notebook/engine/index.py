@@ -16,7 +16,7 @@ from fractions import Fraction
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms
-from gg_notebook.relations.movement import movement_of
+from gg_notebook.relations.movement import canonical_write, movement_of
 
 
 class IndexError_(Exception):
@@ -251,7 +251,8 @@ class DIndex:
         if op == "expand":
             return S.expand(t(n.inputs[0]), n.attrs)
         if op == "call":
-            return S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)
+            # a buffer filled entirely by writes is the data movement of what was written
+            return canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
         if op == "collective":
             _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)

@@ -465,3 +465,108 @@ def substitute(store: ExprStore, e: Expr, repl: dict) -> Expr:
         return r
 
     return go(e)
+
+
+# ---------------------------------------------------------------------- writes into buffers
+_UNINIT = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+
+def _packet(spec: OpSpec) -> str:
+    n = spec.name[5:] if spec.name.startswith("aten.") else spec.name
+    return n.split(".")[0]
+
+
+def _write_index(m: MovementIndex, e: Expr, num: dict, memo: dict):
+    """Index tensor of ``e`` where writes into buffers are data movement too: ``slice_scatter``,
+    a same-dtype ``copy`` (the source, broadcast), and uninitialized buffers (-1). None if ``e``
+    computes anything else (or is too large)."""
+    v = memo.get(e.id)
+    if v is not None:
+        return v
+    if math.prod(e.shape) > MAX_NUMEL:
+        return None
+    if e.op in MOVE_OPS:
+        vals = [_write_index(m, a, num, memo) for a in e.args]
+        if any(x is None for x in vals):
+            return None
+        v = apply_op(e.op, e.attrs, vals)
+    elif e.op == "call" and _packet(e.attrs) in _UNINIT:  # (unique: never equal to another buffer)
+        v = torch.full(tuple(e.shape), -1, dtype=torch.int64)
+    elif e.op == "call" and e.attrs.target == _aten.slice_scatter.default and len(e.args) == 2:
+        base, src = (_write_index(m, a, num, memo) for a in e.args)
+        if base is None or src is None or e.args[0].dtype != e.args[1].dtype:
+            return None
+        sp = e.attrs
+        v = torch.slice_scatter(base, src, sp.arg("dim"), sp.arg("start"), sp.arg("end"), sp.arg("step"))
+    elif e.op == "call" and e.attrs.target == _aten.copy.default and len(e.args) == 2:
+        dst, src = e.args
+        if dst.dtype != src.dtype:
+            return None
+        s = _write_index(m, src, num, memo)
+        if s is None:
+            return None
+        v = s.expand(tuple(dst.shape)).clone()
+    else:
+        if e.id not in num:
+            return None
+        off = num[e.id]
+        v = torch.arange(off, off + math.prod(e.shape), dtype=torch.int64).view(e.shape)
+    memo[e.id] = v
+    return v
+
+
+def _write_leaves(e: Expr, out: set, seen: set) -> None:
+    if e.id in seen:
+        return
+    seen.add(e.id)
+    if e.op in MOVE_OPS or (e.op == "call" and e.attrs.target in (_aten.slice_scatter.default, _aten.copy.default)):
+        for a in e.args:
+            _write_leaves(a, out, seen)
+    elif not (e.op == "call" and _packet(e.attrs) in _UNINIT):
+        out.add(e.id)
+
+
+def canonical_write(index, term: Expr) -> Expr:
+    """A buffer filled entirely by writes (``out = empty(..); out[r::W] = p_r`` ...) as the clean
+    data movement of what was written, when no element is left uninitialized; else ``term``."""
+    if term.op != "call" or term.attrs.target not in (_aten.slice_scatter.default, _aten.copy.default):
+        return term
+    m = movement_of(index)
+    leaves: set[int] = set()
+    _write_leaves(term, leaves, set())
+    if not leaves:
+        return term
+    num = m.numbering(leaves)
+    if num is None:
+        return term
+    T = _write_index(m, term, num, {})
+    if T is None or bool((T < 0).any()):
+        return term
+    sources = [index.realized(index.store.nodes[i]) for i in sorted(leaves)]
+    if any(d is None for d in sources):
+        return term
+    flat = T.reshape(-1)
+    total = max(num[i] + math.prod(index.store.nodes[i].shape) for i in num)
+    inv = torch.full((total,), -1, dtype=torch.int64)
+    inv[flat] = torch.arange(flat.numel(), dtype=torch.int64)
+    if int((inv >= 0).sum()) != flat.numel():
+        return term  # an element written twice from one place: not a box tiling
+    from gg_notebook.relations.layout import rebuild_plans
+
+    locs = []
+    for d in sources:
+        off = num[d.term.id]
+        A = inv[torch.arange(off, off + math.prod(d.term.shape))]
+        if bool((A < 0).any()):
+            return term  # a source only partly written (or overwritten later)
+        locs.append(A.view(d.term.shape).to(torch.int32))
+    refs = [index.ref(d) for d in sources]
+    for build in rebuild_plans(locs, tuple(term.shape)):
+        try:
+            new = _to_term(index, build(index.store, refs))
+        except ShapeError:
+            continue
+        got = m.index_tensor(new, num) if m._small(new, num) else None
+        if got is not None and torch.equal(got, T):
+            return new
+    return term
