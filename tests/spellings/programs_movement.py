@@ -376,8 +376,6 @@ MISSING = {
     "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
                                     "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
     "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
-    "interleaved-rope/view-unbind-strided-writes": _STRIDE,
-    "cyclic-rows/strided-writes": _CYCLIC,
 }
 
 CASES = [
