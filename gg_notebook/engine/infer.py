@@ -435,32 +435,14 @@ class Engine:
             return []
 
     def scale_origin(self, n: Node) -> Step | None:
-        """The step that introduced a factor ``n`` could not get past: following ``n``'s inputs
-        whose every relation holds only up to a factor (not clean) back to the first such step
-        whose own inputs were clean. None if an input has no such history."""
+        """The input step of ``n`` whose value the ranks hold only up to a factor (every relation
+        has one), where the factor should have cancelled and did not: the latest step of such a
+        chain, next to the operator that needs the exact value. None if there is no such input."""
         by_node = {s.node: s for s in self.steps}
-        seen: set[str] = set()
-        frontier = [i for i in n.inputs]
-        origin: Step | None = None
-        while frontier:
-            i = frontier.pop()
-            if i.name in seen:
-                continue
-            seen.add(i.name)
-            rels = [c for c in self.relations.get(i.name, []) if not c.deferred]
-            if not rels or any(not has_factor(c.expr) for c in rels):
-                continue
-            st = by_node.get(i.name)
-            if st is None:
-                continue
-            node = self.seq.by_name[i.name]
-            scaled_inputs = [j for j in node.inputs
-                             if self.relations.get(j.name) and not any(not has_factor(c.expr) for c in self.relations[j.name])]
-            if not scaled_inputs:
-                if origin is None or st.index < origin.index:
-                    origin = st
-            frontier.extend(scaled_inputs)
-        return origin
+        found = [by_node[i.name] for i in n.inputs
+                 if i.name in by_node and (rels := [c for c in self.relations.get(i.name, []) if not c.deferred])
+                 and all(has_factor(c.expr) for c in rels)]
+        return max(found, key=lambda st: st.index) if found else None
 
     def blame(self, n: Node, deferred_inputs: list[Step]) -> Step | None:
         """Whose semantics failed: the consumer's (a piece the fused lemma made for ``n``) or the
