@@ -269,6 +269,7 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 # it models and which cannot matter; an argument it forgot (ignore_index, scale_grad_by_freq) is
 # how a wrong program gets proved.
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
+              "softmax-over-split-dim", "logsumexp-over-split-dim",
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup"}
 
 
