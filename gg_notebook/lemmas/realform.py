@@ -493,7 +493,7 @@ def real_value(S: ExprStore, args, build, label: str) -> Expr:
     """``call(real_value, args)`` whose value is ``build(S, holes)`` with holes standing for args."""
     from gg_notebook.relations.expr import OpSpec, Slot
 
-    holes = tuple(S.atom(f"$real{i}", tuple(a.shape), a.dtype) for i, a in enumerate(args))
+    holes = tuple(S.atom(f"$real{i}{tuple(a.shape)}", tuple(a.shape), a.dtype) for i, a in enumerate(args))
     formula = build(S, list(holes))
     fn = RealValue(formula, holes, label)
     spec = OpSpec("real_value", f"real[{label}]", fn, (tuple(Slot(i) for i in range(len(args))), ()),

@@ -116,6 +116,16 @@ def logsumexp_over_split(S: ExprStore, spec, args: tuple, out_shape: tuple):
     if x.op != "cat" or x.attrs not in D or not x.dtype.is_floating_point:
         return
     pieces = list(x.args)
+    peeled = _peel_rows(pieces, x.attrs) if D == (nd - 1,) else None
+    if peeled is not None:  # per-rank [.., V_r] shards seen through a view of their leading dims
+        last = len(peeled[0].shape) - 1
+
+        def build_peeled(S_, holes):
+            return S_.call(reduce_spec("logsumexp", (last,), False), [S_.cat(holes, last)])
+        try:
+            yield S.view(real_value(S, peeled, build_peeled, "logsumexp"), out_shape)
+        except ShapeError:
+            pass
 
     def build(S_, holes):
         return S_.call(reduce_spec("logsumexp", D, keep), [S_.cat(holes, x.attrs)])
