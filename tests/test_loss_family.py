@@ -130,9 +130,6 @@ def test_megatron_cross_entropy_proved(spelling, backward, world_size):
     assert r.status == gg.Status.PROVED, str(r)
 
 
-@pytest.mark.xfail(strict=True, reason="a view between log_softmax and nll_loss: the engine keeps a producer "
-                   "symbolic only for a fusing *direct* consumer (engine/infer.py fusable), so log_softmax of "
-                   "the vocabulary-split logits gets stuck before nll_loss sees it")
 def test_log_softmax_then_view_then_nll():
     r = gg.verify(problem("sum-log_softmax-then-view", 2))
     assert r.status == gg.Status.PROVED, str(r)
@@ -287,9 +284,6 @@ def test_cross_entropy_on_gathered_logits_proved():
     assert r.status == gg.Status.PROVED, str(r)
 
 
-@pytest.mark.xfail(strict=True, reason="the vocab-cross-entropy plan is one formula, log(sum exp(x - m)) - "
-                   "pick(x - m); log(s) + m - pick(x) is the same value only after m cancels, which needs a "
-                   "linear normal form over the stabilizer m (issue 8, items 1 and 6)")
 def test_logsumexp_spelling_proved():
     r = gg.verify(_spelling_problem(lse_spelling))
     assert r.status == gg.Status.PROVED, str(r)

@@ -29,7 +29,7 @@ from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.lemmas.realform import real_value
 from gg_notebook.relations.domains import IdDomain
-from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, Slot
 
 aten = torch.ops.aten
 
@@ -104,6 +104,8 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         return
     ignore_index = spec.arg("ignore_index")
     lsm, target = args
+    if lsm.op == "view" and _is_log_softmax(lsm.args[0]) and lsm.args[0].shape[-1] == lsm.shape[-1]:
+        lsm = lsm.args[0]  # a view between log_softmax and nll_loss that keeps the class dim
     if not _is_log_softmax(lsm):
         return
     x = lsm.args[0]
@@ -112,6 +114,11 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     vocab = x.shape[-1]
     domain = nll_target_domain(ctx, target, vocab, ignore_index)
     pieces, t = _peel(S, list(x.args), target)
+    if tuple(t.shape) != tuple(pieces[0].shape[:-1]):
+        try:
+            t = S.view(t, pieces[0].shape[:-1])  # the targets in the logits' leading shape
+        except ShapeError:
+            return
     last = len(pieces[0].shape) - 1
     lead = tuple(pieces[0].shape[:-1])
     m = S.accum("max", [S.call(reduce_spec("amax", (last,), False), [p]) for p in pieces])
