@@ -12,6 +12,13 @@ operators: the engine keeps ``log_softmax`` symbolic (deferred) until ``nll_loss
 ``masked_pick_r`` is matched to the rank's masked gather by an exhaustive check over all target ids
 (see domain.py), whatever spelling the rank used (advanced indexing or gather, ``x[mask] = 0`` or
 ``masked_fill``).
+
+The same lemma also proposes the loss as a `real_value` (``LSE(concat(x)) - sum_r pick_r(x_r)``, or
+with the picks taken from ``x_r - m`` and ``m`` added back), matched by the real normal form of
+`realform` to whatever the ranks computed: ``log(s) + m - pick(x)``, per-shard ``logsumexp``
+combined, ... A view between log_softmax and nll_loss that keeps the class dim is looked through.
+``nll-over-split-classes`` covers ranks that hold their shard of the log-probabilities (DTensor's
+``loss_parallel``): ``nll(concat(y_r), t) = -sum_r pick_r(y_r, t)`` for any input y.
 """
 
 from __future__ import annotations
@@ -295,7 +302,8 @@ def _log_softmax_spec():
 register(Lemma(
     name="vocab-cross-entropy",
     statement="nll(log_softmax(concat(x_r, -1)), t) = log(sum_r sum(exp(x_r - m))) - sum_r masked_pick_r(x_r - m, t),"
-              " m = max_r amax(x_r); reduction sum / mean: full_sum / full_mean of that",
+              " m = max_r amax(x_r), or (real_value) LSE(concat(x)) - sum_r masked_pick_r(x_r, t);"
+              " reduction sum / mean: full_sum / full_mean of that",
     kinds=("nll_loss",),
     absorbs=("softmax",),
     plans=vocab_cross_entropy,
@@ -304,7 +312,8 @@ register(Lemma(
                 "reduction sum / mean only if no target can be ignore_index (else the divisor is data-dependent)",
                 "targets range over what nll_loss accepts ([0, V) and ignore_index) or a declared narrower domain",
                 "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
-                "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain"),
+                "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain",
+                "a real_value piece is matched by the real normal form (exact='real' only)"),
     priority=40,
     needs_context=True,
     on=((aten.nll_loss_forward.default, ("weight", "reduction", "ignore_index"), ()),),
