@@ -276,11 +276,19 @@ class Engine:
                 cands = self.infer(n, refine=True)
             status = "related" if cands else "stuck"
             deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
+            if cands and n.op == "view" and deferred_inputs:  # a view of a value kept symbolically
+                cands = [Candidate(c.expr, c.chain, c.assumption, deferred=True) for c in cands]
+                status = "deferred"
             if not cands and self.fusable(n):
                 cands = self.defer(n)
                 status = "deferred" if cands else "stuck"
             if not cands and deferred_inputs:
                 blamed = self.blame(n, deferred_inputs)
+                while blamed is not None and self.seq.by_name[blamed.node].op == "view":  # to the producer
+                    ins = [self.deferred[i.name] for i in self.seq.by_name[blamed.node].inputs if i.name in self.deferred]
+                    if not ins:
+                        break
+                    blamed = ins[0]
             elif not cands:
                 blamed = self.scale_origin(n)
         cands = self.rank(cands) if status != "deferred" else cands
@@ -419,9 +427,18 @@ class Engine:
             return False
         if self._users is None:
             self._users = self.seq.users()
-        return any(
-            u.op == "call" and n.attrs.kind in absorbed_by(u.attrs.kind) for u in self._users.get(n.name, [])
-        )
+        kind = n.attrs.kind
+        frontier, seen = list(self._users.get(n.name, [])), set()
+        while frontier:  # through pure views (a reshape keeps every value: the lemma sees the view)
+            u = frontier.pop()
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if u.op == "call" and kind in absorbed_by(u.attrs.kind):
+                return True
+            if u.op == "view" and u.name not in self.seq_output_names:
+                frontier.extend(self._users.get(u.name, []))
+        return False
 
     def defer(self, n: Node) -> list[Candidate]:
         """Keep ``n`` applied to its inputs' relations, for a fused lemma at its consumer."""
