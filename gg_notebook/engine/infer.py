@@ -142,6 +142,10 @@ class Engine:
         self.stats["lookups"] += 1
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
+            if all(t.ground for t in terms):
+                # arguments that are constants, even if the relation reads them from a rank: the
+                # result is a constant too (interned by value, see relations/ground.py)
+                return self.store.call(spec, terms)
             try:
                 _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
             except ShapeError:
@@ -547,6 +551,12 @@ class Engine:
             if r is not None and r.id != c.expr.id:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
+            t = self.to_term(c.expr)
+            if t.op == "const" and r is not None and r.op == "ref":
+                # a constant every rank holds whole may also be held in pieces (rank r: its rows)
+                for dim, dvals in self.index.tiling(t):
+                    tiled = self.store.cat([self.index.ref(v) for v in dvals], dim)
+                    extended.append(Candidate(tiled, c.chain + ("realize",), c.assumption))
         extended = _dedupe(extended)
         extended.sort(key=lambda c: (c.assumption, has_factor(c.expr), c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]
