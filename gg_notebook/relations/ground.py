@@ -285,16 +285,16 @@ def describe(t: torch.Tensor, uniform: bool | None = None) -> str:
     if t.numel() == 0:
         return f"{dt}[{shape}] empty"
     flat = t.reshape(-1)
+    if t.dim() == 1 and t.numel() >= 3 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+        step = int(flat[1] - flat[0])
+        if step != 0 and torch.equal(flat, flat[0] + step * torch.arange(t.numel(), dtype=t.dtype)):
+            first = int(flat[0])
+            return f"{dt}[{shape}] arange({first}, {first + step * t.numel()}" + (f", {step})" if step != 1 else ")")
     if t.numel() <= 6:
         vals = ", ".join(_num(x) for x in flat.tolist())
         return f"{dt}[{shape}] [{vals}]"
     if _uniform(t) if uniform is None else uniform:
         return f"{dt}[{shape}] full {_num(flat[0].item())}"
-    if t.dim() == 1 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
-        step = int(flat[1] - flat[0])
-        if step != 0 and torch.equal(flat, flat[0] + step * torch.arange(t.numel(), dtype=t.dtype)):
-            first = int(flat[0])
-            return f"{dt}[{shape}] arange({first}, {first + step * t.numel()}" + (f", {step})" if step != 1 else ")")
     digest = hashlib.blake2b(_raw(t).numpy().tobytes(), digest_size=4).hexdigest()
     return f"{dt}[{shape}] #{digest}"
 
