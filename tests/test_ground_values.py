@@ -131,6 +131,10 @@ def test_random_and_structural_terms_are_kept_by_spelling(monkeypatch):
     doubled = S.call(_call(aten.mul.Tensor, Slot(0), 2.0, kind="ew"), [r1])
     assert doubled.op == "call"
 
+    # as_strided reads the argument's memory layout, which a value node does not keep
+    strided = S.call(_call(aten.as_strided.default, Slot(0), (2, 2), (1, 2)), [_arange(S, 4)])
+    assert strided.op == "call"
+
     # too large: never evaluated (the factory would raise if it ran)
     def boom(*a, **k):
         raise AssertionError("a value over the size cap was evaluated")

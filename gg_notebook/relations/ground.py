@@ -22,7 +22,7 @@ lemma, or ends unknown: never a false proof).
 What is not canonicalized (kept as today: a structural term compared by its spelling):
 
 * random operators (``spec.unique`` set: rand, dropout masks, uninitialized ``empty``) and
-  anything computed from them;
+  anything computed from them; operators that read memory layout rather than values (``as_strided``);
 * values larger than `MAX_ELEMENTS` elements (meta-sized benchmark problems never allocate them),
   operators whose work estimate exceeds `MAX_WORK`, and everything once a store has kept
   `MAX_BYTES` bytes of values;
@@ -47,6 +47,10 @@ MAX_ELEMENTS = 2 ** 22  # largest value (elements) evaluated and stored
 MAX_WORK = 2 ** 28  # largest work estimate (multiply-adds) of one evaluation
 MAX_BYTES = 1 << 30  # values a store keeps, in total
 _EVALUATED = frozenset({"const", "call", "view", "permute", "slice", "cat", "expand", "accum"})
+# operators whose result depends on the argument's memory layout, not only its value (a value node
+# is stored contiguous; the program's tensor may be a strided view)
+_LAYOUT_DEPENDENT = frozenset({"as_strided", "as_strided_copy", "as_strided_", "as_strided_scatter", "set_",
+                               "resize_", "resize", "resize_as_", "_reshape_alias_copy"})
 
 
 class Value:
@@ -133,6 +137,8 @@ def canonical(store: "ExprStore", op: str, attrs, args, shape, dtype) -> "Expr |
         return None  # a structural (too large, random...) argument: keep the spelling
     if op in ("const", "call") and getattr(attrs, "unique", None) is not None:
         return None  # random (or uninitialized memory): never equal to anything else
+    if op == "call" and _packet(attrs.target) in _LAYOUT_DEPENDENT:
+        return None
     if op == "accum" and (dtype is None or dtype.is_floating_point or dtype.is_complex):
         return None  # the rounding of a real reduction is the backend's: keep it structural
     numel = math.prod(int(s) for s in shape)
@@ -164,6 +170,13 @@ def canonical(store: "ExprStore", op: str, attrs, args, shape, dtype) -> "Expr |
     table[key] = node
     store._value_bytes = budget + v.tensor.numel() * v.tensor.element_size()
     return node
+
+
+def _packet(target) -> str:
+    try:
+        return target.overloadpacket.__name__
+    except AttributeError:
+        return getattr(target, "__name__", "")
 
 
 def _work(op: str, attrs, args, numel: int) -> int:
