@@ -21,6 +21,7 @@ from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
+from gg_notebook.relations.ground import is_value
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -142,10 +143,13 @@ class Engine:
         self.stats["lookups"] += 1
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
-            if all(t.ground for t in terms):
-                # arguments that are constants, even if the relation reads them from a rank: the
-                # result is a constant too (interned by value, see relations/ground.py)
-                return self.store.call(spec, terms)
+            if all(is_value(t) for t in terms):
+                # arguments that are input-independent values, even if the relation reads them from
+                # a rank: the result is a value too (relations/ground.py), which `rank` relates to the
+                # ranks by value; a result too large to evaluate goes the usual way (lemmas)
+                v = self.store.call(spec, terms)
+                if is_value(v):
+                    return v
             try:
                 _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
             except ShapeError:
@@ -552,7 +556,7 @@ class Engine:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
             t = self.to_term(c.expr)
-            if t.op == "const" and r is not None and r.op == "ref":
+            if is_value(t) and r is not None and r.op == "ref":
                 # a constant every rank holds whole may also be held in pieces (rank r: its rows)
                 for dim, dvals in self.index.tiling(t):
                     tiled = self.store.cat([self.index.ref(v) for v in dvals], dim)
