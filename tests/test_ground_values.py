@@ -146,6 +146,14 @@ def test_random_and_structural_terms_are_kept_by_spelling(monkeypatch):
     assert small.op == "slice"
 
 
+def test_in_place_operators_do_not_write_stored_values():
+    S = ExprStore()
+    pos = _arange(S, 4)
+    bumped = S.call(_call(aten.add_.Tensor, Slot(0), 10, kind="ew"), [pos])
+    assert torch.equal(ground.value_of(bumped), torch.arange(10, 14))
+    assert torch.equal(ground.value_of(pos), torch.arange(4)) and _arange(S, 4) is pos
+
+
 def test_float_all_reduce_stays_structural_int_all_reduce_is_a_value():
     S = ExprStore()
     f = [_arange(S, 4, dtype=torch.float32), _arange(S, 1, 5, dtype=torch.float32)]

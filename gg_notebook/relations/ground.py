@@ -172,6 +172,13 @@ def canonical(store: "ExprStore", op: str, attrs, args, shape, dtype) -> "Expr |
     return node
 
 
+def _mutates(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return True  # not an ATen operator: assume the worst
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
 def _packet(target) -> str:
     try:
         return target.overloadpacket.__name__
@@ -203,6 +210,8 @@ def _call_on_cpu(spec, vals) -> torch.Tensor:
     from gg_notebook.relations.expr import _fill
 
     args, kwargs = spec.template
+    if vals and _mutates(spec.target):
+        vals = [v.clone() for v in vals]  # an in-place operator must not write a stored value
     kw = {k: _fill(v, vals) for k, v in kwargs}
     if "device" in kw:
         kw["device"] = torch.device("cpu")
