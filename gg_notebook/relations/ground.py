@@ -76,6 +76,25 @@ class Value:
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.tensor.clone()
 
+    def constant_fill(self):
+        """The number every element equals, for the scalar normal form (relations/linear.py); None
+        unless the value is uniform and floating. A float16/bfloat16/float32 element is read as the
+        simplest rational that rounds to it (``float32(1/12)`` reads as 1/12, as ``ones / 12`` spelled
+        out does); a float64 element as itself."""
+        if not self._uniform or self.tensor.numel() == 0 or not self.dtype.is_floating_point:
+            return None
+        v = self.tensor.reshape(-1)[0].item()
+        if self.dtype == torch.float64 or not math.isfinite(v):
+            return v
+        from fractions import Fraction
+
+        exact = Fraction(v)
+        for bound in (1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24):
+            c = exact.limit_denominator(bound)
+            if torch.tensor(float(c), dtype=self.dtype).item() == v:
+                return float(c)
+        return v
+
     def __eq__(self, other) -> bool:
         return (isinstance(other, Value) and self.digest == other.digest and self.shape == other.shape
                 and self.dtype == other.dtype and torch.equal(self._bytes, other._bytes))
