@@ -490,8 +490,6 @@ _MISSING = {
     "gqa-tp/mqa-expand-spec-vs-broadcast-unsqueeze":
         "data movement: expanded replicated K (MQA) against head-sharded Q in merged-batch bmm",
     "gqa-tp/bug-kv-heads-tiled": "not localized: the correct twin is stuck at the same bmm",
-    "rope/real-rotate_half-heads-sharded":
-        "input-independent values: rotary tables (outer(arange, inv_freq), cos/sin) compared by value",
     "rope/real-rotate_half-seq-sharded-offset":
         "input-independent values with a rank offset: arange(rank*S/W, ...) tables tile the spec's table",
     "rope/complex-polar-heads-sharded": "view_as_complex / polar / view_as_real: no relation through complex views",
