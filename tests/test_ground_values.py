@@ -246,11 +246,7 @@ def rank_program(lookup: str, positions):
 
 
 LOOKUPS = {"F.embedding": seq_embedding, "wpe[pos]": seq_index, "GPT-2 arange(0, t, dtype=long)": seq_gpt2}
-_NO_INDEX_LEMMA = pytest.mark.xfail(strict=True, reason="aten.index.Tensor (weight[ids]) with ids split along the "
-                                                        "sequence: no lemma (issue 8 item 4 lowers weight[ids] as "
-                                                        "an embedding)")
-POS_CASES = [pytest.param(lk, ps, marks=[_NO_INDEX_LEMMA] if lk == "wpe[pos]" else [])
-             for lk in sorted(LOOKUPS) for ps in sorted(POSITIONS)]
+POS_CASES = [(lk, ps) for lk in sorted(LOOKUPS) for ps in sorted(POSITIONS)]
 
 
 def _pos_inputs():

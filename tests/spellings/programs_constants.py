@@ -205,7 +205,6 @@ _ROPE = ("input-independent values: seq outer(arange(S), inv_freq) vs the rank's
          "inv_freq) (or a slice of a global cache, a position-id matmul); cos/sin tables must be evaluated by value "
          "and tiled across ranks")
 MISSING = {
-    "positions/arange-plus-offset-index": _POS + "; also wpe[pos] (aten.index) vs embedding",
     "positions/chunk-of-global-arange": _POS,
     "positions/slice-of-table": _POS + " (the rank slices the table instead of looking up)",
     "causal-mask/tril-where": _MASK + "; torch.where(keep, s, -inf) vs masked_fill(~keep)",
