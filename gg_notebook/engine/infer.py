@@ -22,6 +22,7 @@ from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
+from gg_notebook.relations.ground import is_value
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -143,6 +144,13 @@ class Engine:
         self.stats["lookups"] += 1
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
+            if all(is_value(t) for t in terms):
+                # arguments that are input-independent values, even if the relation reads them from
+                # a rank: the result is a value too (relations/ground.py), which `rank` relates to the
+                # ranks by value; a result too large to evaluate goes the usual way (lemmas)
+                v = self.store.call(spec, terms)
+                if is_value(v):
+                    return v
             try:
                 _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
             except ShapeError:
@@ -561,6 +569,12 @@ class Engine:
             if r is not None and r.id != c.expr.id:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
+            t = self.to_term(c.expr)
+            if is_value(t) and r is not None and r.op == "ref":
+                # a constant every rank holds whole may also be held in pieces (rank r: its rows)
+                for dim, dvals in self.index.tiling(t):
+                    tiled = self.store.cat([self.index.ref(v) for v in dvals], dim)
+                    extended.append(Candidate(tiled, c.chain + ("realize",), c.assumption))
         extended = _dedupe(extended)
         extended.sort(key=lambda c: (c.assumption, has_factor(c.expr), c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]
