@@ -13,10 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import torch
+
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
-from gg_notebook.relations.linear import LinearForms
+from gg_notebook.relations.linear import LinearForms, TooLarge
 from gg_notebook.relations.movement import canonical_write, movement_of
+
+
+aten = torch.ops.aten
 
 
 class IndexError_(Exception):
@@ -94,13 +99,29 @@ class DIndex:
         if self._by_form is None:
             self._by_form = {}
             for d in self.dvals:
-                if d.dtype is not None and d.dtype.is_floating_point:
-                    k = self.forms.key(d.term)
+                if self.forms.worth_indexing(d.term):
+                    k = self.forms.key(d.term, budget=40)
                     if k is not None:
                         self._by_form.setdefault(k[0], {}).setdefault(k[1], d)
-        k = self.forms.key(term)
-        if k is None:
+        sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
+        if self.forms.worth_indexing(term, depth=3) or sum_root:
+            try:
+                form = self.forms.of(term)
+            except TooLarge:
+                return None
+        else:
+            # no number near its root: take it as its own base (term == 1 * term, an identity;
+            # normalizing its whole history would cost more than it finds)
+            form = ((term, Fraction(1)),)
+        if len(form) == 1:  # c * b: a rank may hold the base b itself
+            b, c = form[0]
+            d = self.by_term.get(b.id)
+            if d is not None:
+                return d, c
+        if not form:
             return None
+        c0 = form[0][1]
+        k = ((term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form)), c0)
         hit = self._by_form.get(k[0])
         if not hit:
             return None

@@ -95,7 +95,13 @@ class RealForms:
         return form
 
     def key(self, t: Expr):
-        return (tuple(t.shape), t.dtype, self.of(t))
+        """(shape, dtype, form), or None when the linear form is too large to compute."""
+        from gg_notebook.relations.linear import TooLarge
+
+        try:
+            return (tuple(t.shape), t.dtype, self.of(t))
+        except TooLarge:
+            return None
 
     # ------------------------------------------------------------------ structure
     def _opaque(self, t: Expr):
@@ -103,7 +109,7 @@ class RealForms:
 
     def _form(self, t: Expr) -> Form:
         pairs = []
-        for b, c in self.linear.of(t):
+        for b, c in self.linear.of(t, 80):
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)
@@ -445,6 +451,29 @@ def forms_of(index) -> RealForms:
     return rf
 
 
+_EXP_LOG = frozenset({"exp", "log", "logsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax"})
+
+
+def _near_exp_or_log(t: Expr, depth: int = 3) -> bool:
+    """Is there an exp / log / log-sum-exp / softmax at most ``depth`` operators below ``t``? Only
+    such values can differ from a spelling by what this normal form rewrites; indexing the forms
+    of every value of a large graph costs seconds."""
+    stack, seen = [(t, 0)], set()
+    while stack:
+        x, k = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if x.op == "call":
+            target = x.attrs.target
+            packet = getattr(getattr(target, "overloadpacket", None), "__name__", "")
+            if packet in _EXP_LOG:
+                return True
+        if k < depth:
+            stack.extend((a, k + 1) for a in x.args)
+    return False
+
+
 def realized_by_form(index, term: Expr):
     """A distributed value whose real normal form equals ``term``'s (same shape and dtype)."""
     if not _floating(term):
@@ -454,10 +483,13 @@ def realized_by_form(index, term: Expr):
     if table is None:
         table = {}
         for d in index.dvals:
-            if _floating(d.term) and not d.term.ground:
-                table.setdefault(rf.key(d.term), d)
+            if _floating(d.term) and not d.term.ground and _near_exp_or_log(d.term):
+                k = rf.key(d.term)
+                if k is not None:
+                    table.setdefault(k, d)
         index._real_by_key = table
-    return table.get(rf.key(term))
+    k = rf.key(term)
+    return table.get(k) if k is not None else None
 
 
 # ---------------------------------------------------------------------------- the synthetic operator

@@ -74,20 +74,38 @@ def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
     return out
 
 
+class TooLarge(Exception):
+    """A normal form would take too many terms to compute (the answer is then: not known)."""
+
+
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore) -> None:
+    def __init__(self, store: ExprStore, budget: int = 150) -> None:
         self.S = store
         self._memo: dict[int, Form] = {}
         self._fill_memo: dict[int, Fraction | None] = {}
+        self.budget = budget  # terms one top-level question may normalize (large graphs: no answer)
+        self._left: int | None = None
 
     # ------------------------------------------------------------------ public
-    def of(self, t: Expr) -> Form:
-        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies."""
+    def of(self, t: Expr, budget: int | None = None) -> Form:
+        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies. Raises
+        `TooLarge` when answering would normalize more than ``budget`` new terms (default
+        ``self.budget``; every form computed so far stays memoized: each is complete)."""
         hit = self._memo.get(t.id)
         if hit is not None:
             return hit
+        top = self._left is None
+        if top:
+            self._left = self.budget if budget is None else budget
+        try:
+            return self._of(t)
+        finally:
+            if top:
+                self._left = None
+
+    def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
         stack = [t]
         while stack:
@@ -98,6 +116,9 @@ class LinearForms:
                 continue
             stack.pop()
             if x.id not in self._memo:
+                self._left -= 1
+                if self._left < 0:
+                    raise TooLarge(t)
                 form = None
                 if _floating(x):
                     try:
@@ -107,14 +128,55 @@ class LinearForms:
                 self._memo[x.id] = form if form else ((x, Fraction(1)),)
         return self._memo[t.id]
 
+    def scalar_root(self, t: Expr) -> bool:
+        """Does ``t``'s own operator bring in a number (a scale, a mean, a sum that may merge, a
+        product or quotient by a number or by a constant filled with one, a negation)?"""
+        if t.op == "scale":
+            return True
+        if t.op != "call" or t.ground:
+            return False
+        target = t.attrs.target
+        if target in (aten.mean.dim, aten.sum.dim_IntList, aten.neg.default):
+            return True
+        if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            spec = t.attrs
+            if spec.slot_of("other") is None:
+                return True
+            return any(self.fill(a) is not None for a in t.args)
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            return coefficient(t.attrs.arg("alpha", 1)) != 1 or target is aten.sub.Tensor
+        return False
+
+    def worth_indexing(self, t: Expr, depth: int = 2) -> bool:
+        """Could ``t`` be found *up to a factor* where its structure is not found as is? Only terms
+        with a number at or just below their root (a mean, an average, a scaled product, a sum of
+        scaled parts): indexing every value's normal form costs too much on large graphs, and a
+        query whose form is one base is looked up by that base directly."""
+        if not _floating(t):
+            return False
+        if self.scalar_root(t):
+            return True
+        if t.op == "accum" and any(a.op == "call" and a.attrs.target in (aten.add.Tensor, aten.sub.Tensor)
+                                   for a in t.args):
+            return True  # something added to one rank's part before the all-reduce (a bias on rank 0)
+        if depth == 0 or not t.args:
+            return False
+        if t.op in ("accum", "view", "permute", "slice", "expand", "cat") or (t.op == "call" and not t.ground):
+            return any(self.worth_indexing(a, depth - 1) for a in t.args)
+        return False
+
     def trivial(self, t: Expr) -> bool:
-        f = self.of(t)
+        f = self.of(t)  # (TooLarge propagates to the top-level question)
         return len(f) == 1 and f[0][0] is t and f[0][1] == 1
 
-    def key(self, t: Expr) -> tuple[tuple, Fraction] | None:
+    def key(self, t: Expr, budget: int | None = None) -> tuple[tuple, Fraction] | None:
         """(key, first coefficient): the form up to a factor. Terms whose forms are multiples of
-        each other have the same key; the value of the first is ``c / c'`` times the second."""
-        f = self.of(t)
+        each other have the same key; the value of the first is ``c / c'`` times the second.
+        None if the form is empty or too large to compute."""
+        try:
+            f = self.of(t, budget)
+        except TooLarge:
+            return None
         if not f:
             return None
         c0 = f[0][1]
