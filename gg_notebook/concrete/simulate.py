@@ -223,17 +223,31 @@ def _collective(n: Node, rank: int, coll, envs, cursors) -> torch.Tensor | None:
             return None
         ins.append(envs[m][key])
     kind, fn = info.kind, info.reduce_op
+    v = _collective_value(n, rank, group, members, ins)
+    if tuple(v.shape) != tuple(n.shape):
+        raise SimulationError(f"rank {rank}: {info.describe()} at {n.source} produced shape {tuple(v.shape)}, "
+                              f"its output has shape {tuple(n.shape)}")
+    return v
+
+
+def _collective_value(n: Node, rank: int, group, members, ins) -> torch.Tensor:
+    from gg_notebook.engine.index import _is_stacked_gather, _is_stacked_scatter
+
+    info = n.attrs
+    kind, fn = info.kind, info.reduce_op
     if kind in ("all_reduce", "reduce_scatter_tensor"):
         total = _reduce(fn, ins)
         if kind == "all_reduce":
             return total
         pos = group.index(rank)
+        if _is_stacked_scatter(n):
+            return total[pos]
         size = n.shape[0]
         return total.narrow(0, pos * size, size)
     if kind == "all_gather":
         return ins[info.out_index]
     if kind == "all_gather_into_tensor":
-        return torch.cat(ins, 0)
+        return torch.stack(ins, 0) if _is_stacked_gather(n) else torch.cat(ins, 0)
     if kind == "broadcast":
         return ins[group.index(info.src)] if info.src in group else ins[0]
     if kind == "all_to_all_single":
