@@ -28,6 +28,52 @@ class SimulationError(RuntimeError):
     """The programs cannot be simulated (too large, or an op failed on real values)."""
 
 
+class RankRaised(SimulationError):
+    """A rank's own operator raised on the rank's actual values: the user's program fails there.
+
+    Raised only when the operator is one the rank's program calls (an ATen or user operator in its
+    graph, not a simulator construct) and it accepts the same arguments as fake tensors (shapes,
+    dtypes and every other argument are fine: tracing ran it), so the error depends on the values
+    alone (an index out of bounds, a failed ``torch._assert``, a singular matrix)."""
+
+    def __init__(self, rank: int, node: Node, exc: BaseException):
+        self.rank, self.node, self.exc = rank, node, exc
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self.error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        super().__init__(f"rank {rank}: {node.target} ({node.name}) at {node.source} raised on real values: "
+                         f"{self.error}")
+
+    def describe(self) -> str:
+        code = f" (`{self.node.code.strip()}`)" if self.node.code else ""
+        where = f" at {self.node.source}" if self.node.source else ""
+        return f"rank {self.rank} raised {self.error} in {self.node.target}{where}{code}"
+
+
+# Exceptions that say "these values are not accepted" (never a missing kernel or a wrong call).
+_VALUE_ERRORS = (IndexError, RuntimeError, ValueError, ZeroDivisionError)
+
+
+def _raised_by_operator(n: Node, vals: list, exc: BaseException) -> bool:
+    """Did the rank's own operator ``n`` reject its actual values (see `RankRaised`)?"""
+    if n.op != "call" or not isinstance(exc, _VALUE_ERRORS) or isinstance(exc, (NotImplementedError, SimulationError)):
+        return False
+    target = getattr(n.attrs, "target", None)
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace in ("gg_capture", "prims"):
+        return False
+    if "not implemented" in str(exc).lower():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in vals]
+            out = n.attrs.call(fakes)
+    except Exception:  # noqa: BLE001 - the call itself is wrong (shapes, dtypes): a simulator problem
+        return False
+    # the call as traced: same result shape and dtype as the rank's graph says
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(n.shape) and out.dtype == n.dtype
+
+
 @dataclass
 class Simulation:
     seed: int
@@ -190,6 +236,8 @@ def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[di
                     except SimulationError:
                         raise
                     except Exception as exc:  # noqa: BLE001
+                        if _raised_by_operator(n, [env[i.name] for i in n.inputs], exc):
+                            raise RankRaised(r, n, exc) from exc
                         raise SimulationError(f"rank {r}: {n.target} ({n.name}) at {n.source} failed on real "
                                               f"values: {type(exc).__name__}: {exc}") from exc
                 cursors[r] += 1
@@ -312,5 +360,9 @@ def _simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int, adve
         raise
     except Exception as exc:  # noqa: BLE001
         raise SimulationError(f"the sequential program failed on random inputs: {type(exc).__name__}: {exc}") from exc
-    ranks = run_ranks(graphs, locals_)
+    try:
+        ranks = run_ranks(graphs, locals_)
+    except RankRaised as exc:
+        exc.seed, exc.inputs, exc.local_inputs = seed, inputs, locals_
+        raise
     return Simulation(seed, inputs, seq_env, ranks, locals_)
