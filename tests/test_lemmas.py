@@ -27,7 +27,11 @@ def _same(got: torch.Tensor, ref: torch.Tensor) -> str | None:
     """None if ``got`` matches ``ref``, else a short reason."""
     if tuple(got.shape) != tuple(ref.shape):
         return f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if ref.is_floating_point() or ref.is_complex():
+    if ref.is_complex() or got.is_complex():
+        if not (ref.is_complex() and got.is_complex()):
+            return f"complex/real result differs (dtypes {got.dtype} / {ref.dtype})"
+        return _same(torch.view_as_real(got.resolve_conj()), torch.view_as_real(ref.resolve_conj()))
+    if ref.is_floating_point():
         tol = _TOL.get(ref.dtype, ATOL)
         if not torch.allclose(got.to(torch.float64), ref.to(torch.float64), atol=tol, rtol=tol, equal_nan=True):
             err = (got.to(torch.float64) - ref.to(torch.float64)).abs().max().item()
