@@ -292,11 +292,21 @@ class DIndex:
                 return S.cat([S.view(x, (1,) + tuple(x.shape)) for x in ins], 0)
             return S.cat(ins, 0)
         if kind == "reduce_scatter_tensor":
-            total = _reduce(S, fn, ins, n)
             pos = group.index(rank)
+            out = tuple(n.shape)
             if _is_stacked_scatter(n):
-                # the stacked input form [W, *output] (documented by torch): this rank's row
-                return S.view(S.slice(total, 0, pos, pos + 1), tuple(n.shape))
+                # the stacked input form [W, *output] (documented by torch) is the concatenated
+                # form of the same data: merge the stack dim into the first output dim
+                W = len(group)
+                flat = (W * out[0],) + out[1:] if out else (W,)
+                total = _reduce(S, fn, [S.view(x, flat) for x in ins], n)
+                size = out[0] if out else 1
+                piece = S.slice(total, 0, pos * size, (pos + 1) * size)
+                if not out:
+                    return S.view(piece, ())
+                self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
+                return piece
+            total = _reduce(S, fn, ins, n)
             size = n.shape[0]
             self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
             return S.slice(total, 0, pos * size, (pos + 1) * size)

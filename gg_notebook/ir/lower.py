@@ -315,6 +315,12 @@ class _Lowerer:
             src = env[args[0]]
             if dtype == src.dtype:
                 return src
+            if target is aten._to_copy.default and _same_placement_kwargs(fx, kwargs):
+                # x.type_as(y) / x.to(y) spell the target's device and layout; when they are the
+                # input's own, the call is x.to(dtype) (one spelling, and shapes infer on meta)
+                kept = {k: v for k, v in kwargs.items() if k not in ("device", "layout", "pin_memory")}
+                spec, inputs = self.spec_for(target, args, kept, kind="ew")
+                return self.emit("call", spec, inputs, shape, dtype)
             return self.call(fx, kind="ew")
         if packet in VIEWS and shape is not None:
             return self.view(env[args[0]], tuple(shape), dtype)
@@ -627,6 +633,20 @@ def _is_random(target, args=(), kwargs=None) -> bool:
 
 
 _NO_ARG = object()
+
+
+def _same_placement_kwargs(fx: torch.fx.Node, kwargs) -> bool:
+    """Do ``_to_copy``'s device / layout / pin_memory keywords leave the input where it is?"""
+    src = fx.args[0].meta.get("val") if fx.args and isinstance(fx.args[0], torch.fx.Node) else None
+    if not isinstance(src, torch.Tensor):
+        return False
+    device = kwargs.get("device")
+    if device is not None and torch.device(device) != src.device:
+        return False
+    layout = kwargs.get("layout")
+    if layout is not None and layout != src.layout:
+        return False
+    return kwargs.get("pin_memory") in (None, False)
 
 
 def _schema_arg(target, args, kwargs, name: str):
