@@ -233,6 +233,13 @@ def row_parallel_rs_list(x, w):
     return out
 
 
+def row_parallel_rs_list_copies(x, w):
+    y = x.matmul(w)
+    out = torch.empty(4, 5, dtype=y.dtype)
+    dist.reduce_scatter(out, [y[:4].clone(), y[4:].clone()])  # separate tensors: concatenated by the capture
+    return out
+
+
 def row_parallel_rs_list_reversed(x, w):
     y = torch.matmul(x, w)
     out = torch.empty(4, 5, dtype=y.dtype)
@@ -250,7 +257,7 @@ def row_parallel_rs_list_uneven(x, w):
 _RP_IN = lambda: [rn(8, 6, seed=1), rn(6, 5, seed=2)]  # noqa: E731
 
 
-@pytest.mark.parametrize("rank_fn", [row_parallel_rs_stacked, row_parallel_rs_list])
+@pytest.mark.parametrize("rank_fn", [row_parallel_rs_stacked, row_parallel_rs_list, row_parallel_rs_list_copies])
 def test_reduce_scatter_stacked_and_list_forms(rank_fn):
     proved(verify(row_parallel, rank_fn, _RP_IN(), [S1, S0], [S0]))
 

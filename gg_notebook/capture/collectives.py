@@ -212,6 +212,28 @@ def _list_form_error(pg, what: str, problem: str, fix: str) -> CaptureError:
     return CaptureError(f"rank {rank} calls {what}{where}: {problem}; {fix}.", rank=rank, source=src)
 
 
+def _whole_of(pieces: list) -> torch.Tensor | None:
+    """The tensor ``pieces`` tile, when they are consecutive contiguous views of one contiguous
+    tensor in order (``list(y.chunk(W))``): the collective then reads that tensor itself, one value,
+    instead of a concatenation of its pieces."""
+    base = getattr(pieces[0], "_base", None) if pieces else None
+    if base is None or any(getattr(p, "_base", None) is not base for p in pieces):
+        return None
+    try:
+        if not base.is_contiguous() or not all(p.is_contiguous() for p in pieces):
+            return None
+        off = base.storage_offset()
+        for p in pieces:
+            if p.storage_offset() != off:
+                return None
+            off += p.numel()
+        if off != base.storage_offset() + base.numel():
+            return None
+    except Exception:  # noqa: BLE001 - storage not inspectable: concatenate instead
+        return None
+    return base
+
+
 def _shim_reduce_scatter_list(orig):
     """``dist.reduce_scatter(output, input_list)``: the list form is ``reduce_scatter_tensor``
     of the inputs concatenated along dim 0 (stacked for 0-d tensors): one collective, whose input
@@ -230,8 +252,13 @@ def _shim_reduce_scatter_list(orig):
                 f"shape {tuple(out.shape)} on a group of {size} ranks (a real run fails or needs uneven splits)",
                 f"pass exactly {size} tensors, each of the output's shape and dtype",
             )
-        cat = torch.cat(pieces, 0) if out.dim() else torch.stack(pieces)
-        return self._reduce_scatter_base(out, cat, *args, **kwargs)
+        whole = _whole_of(pieces)
+        flat = ((size * out.shape[0],) + tuple(out.shape[1:])) if out.dim() else (size,)
+        if whole is not None:
+            src = whole.reshape(flat)
+        else:
+            src = torch.cat(pieces, 0) if out.dim() else torch.stack(pieces)
+        return self._reduce_scatter_base(out, src, *args, **kwargs)
 
     return reduce_scatter
 
@@ -254,14 +281,15 @@ def _shim_alltoall_list(orig):
                 f"pass one input and one output tensor per rank of the group, all of one dtype",
             )
         rows = all(t.dim() >= 1 for t in ts) and len({tuple(t.shape[1:]) for t in ts}) == 1
+        whole = _whole_of(list(inputs))
         if rows:
-            src = torch.cat(list(inputs), 0)
+            src = whole.reshape((-1,) + tuple(ts[0].shape[1:])) if whole is not None else torch.cat(list(inputs), 0)
             in_splits = [int(t.shape[0]) for t in inputs]
             out_splits = [int(t.shape[0]) for t in outputs]
             buf = _not_constant(torch.empty((sum(out_splits),) + tuple(ts[0].shape[1:]), dtype=ts[0].dtype,
                                             device=ts[0].device))
         else:
-            src = torch.cat([t.reshape(-1) for t in inputs], 0)
+            src = whole.reshape(-1) if whole is not None else torch.cat([t.reshape(-1) for t in inputs], 0)
             in_splits = [t.numel() for t in inputs]
             out_splits = [t.numel() for t in outputs]
             buf = _not_constant(torch.empty((sum(out_splits),), dtype=ts[0].dtype, device=ts[0].device))

@@ -694,14 +694,13 @@ _MISSING = {
         _CE + "needs log_softmax over a sharded dim = x - max-allreduce - log(sum-allreduce) and gather of -logp",
     "vocab-ce/logsumexp-allgather-onehot-none":
         _CE + "needs logsumexp of gathered shard logsumexps and a one_hot masked target-logit sum",
-    "vocab-ce/bug-target-offset-not-subtracted":
-        "a rank that raises on valid inputs (index out of bounds) ends unknown ('not-simulated'), not refuted",
     "vocab-ce/loss-parallel-sum": _CE + "log_softmax spelling and nll_loss reduction='sum' = sum of per-token loss",
     "vocab-ce/logsumexp-sum-div-numel": _CE + "reduction='mean' = sum / numel (scalar algebra) on a logsumexp spelling",
     "vocab-ce-ignore/megatron-keep-weighted-sum":
         _CE + "ignore_index mean = sum(loss * keep) / sum(keep) (total_weight) is not modelled",
     "vocab-ce-ignore/loss-parallel-boolean-index-mean":
-        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx",
+        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx "
+        "(refused with the rewrite (loss * mask).sum() / mask.sum())",
     "vocab-ce-ignore/logsumexp-where-clamp": _CE + "ignore_index mean = where(valid) sum / clamp(valid count)",
     "vocab-ce-ignore/bug-mean-over-all-tokens": "not localized: the correct twin is stuck at the same _log_softmax",
     "vocab-ce-reg/smoothing-sum-logits-allreduce":
@@ -710,7 +709,7 @@ _MISSING = {
     "vocab-ce-reg/bug-smoothing-local-vocab-size": "not localized: the correct twin is stuck at the same _log_softmax",
     "vocab-ce-reg/zloss-lse-squared": _CE + "z-loss term logsumexp(logits)^2 from max + log(sum-allreduce)",
     "vocab-ce-reg/zloss-megatron-plus-gathered-logsumexp":
-        "capture refuses all_gather_into_tensor into a stacked [W, ...] output (torch documents that form)",
+        "logsumexp over a sharded vocab (z-loss) from the stacked all_gather of the shards' logsumexps (no lemma)",
     "sharded-softmax/max-sum-allreduce":
         "softmax over a sharded dim = exp(x - max-allreduce) / sum-allreduce (no lemma)",
     "sharded-softmax/no-max-sum-allreduce": "softmax over a sharded dim = exp(x) / sum-allreduce(exp(x)) (no lemma)",

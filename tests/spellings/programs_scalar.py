@@ -287,9 +287,6 @@ MISSING = {
     "grad-mean/bug-no-div": _LOCALIZE + " (scalar algebra in the backward)",
     "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
     "mean-of-means/nested-avg": _SCALAR.replace("mean over", "mean(0) over") + " (mean of half-batch means, AVG)",
-    "mean-of-means/sum-and-count": ("capture: dist.all_reduce on a tensor built from Python numbers "
-                                    "(torch.tensor(float(n))) runs the placeholder collective eagerly (CaptureError); "
-                                    "then scalar algebra for sum / sum of counts"),
     "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }
 
