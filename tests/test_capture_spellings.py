@@ -156,6 +156,9 @@ def test_all_reduce_of_non_integer_constants_is_not_folded():
     assert _fold_ground(S, "max", [full(0.1), full(0.2)]) is full(0.2)
     assert _fold_ground(S, "sum", [full(2.0 ** 53), full(1.0)]) is None  # not exact in float64
     assert _fold_ground(S, "sum", [full(4.0), S.atom("x", (), torch.float64)]) is None
+    garbage = S.const(OpSpec("const", "empty", torch.ops.aten.empty.memory_format, (((),), ()), unique="r0:empty"),
+                      (), torch.float64)
+    assert _fold_ground(S, "sum", [garbage, garbage]) is None  # uninitialized memory has no value
 
 
 # ------------------------------------------------------------------------------------------------

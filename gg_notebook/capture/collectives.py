@@ -704,8 +704,8 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
             raise CaptureError(
                 f"{'the sequential program' if rank is None else f'rank {rank}'} uses the collective "
                 f"{t} at {node.meta.get('gg_source')}, which gg_notebook does not support yet: use "
-                "all_reduce, all_gather, all_gather_into_tensor, reduce_scatter_tensor, "
-                "all_to_all_single or broadcast.",
+                "all_reduce, all_gather, all_gather_into_tensor, reduce_scatter / reduce_scatter_tensor, "
+                "all_to_all / all_to_all_single, gather, scatter or broadcast (for dist.reduce: all_reduce).",
                 rank=rank, source=node.meta.get("gg_source"),
             )
 

@@ -433,6 +433,8 @@ def _fold_ground(S: ExprStore, fn: str, ins: list[Expr]) -> Expr | None:
     constant is the value a real process group computes, bit for bit. None: not folded."""
     if not ins or not all(e.ground for e in ins) or any(e.dtype is None for e in ins):
         return None
+    if any(_has_unique(e) for e in ins):
+        return None  # uninitialized (empty) or random values: no value to fold
     if len({(tuple(e.shape), e.dtype) for e in ins}) != 1 or math.prod(ins[0].shape) > _FOLD_MAX_NUMEL:
         return None
     dtype = ins[0].dtype
@@ -470,6 +472,20 @@ def _fold_ground(S: ExprStore, fn: str, ins: list[Expr]) -> Expr | None:
         for v in vals[1:]:
             out = torch.maximum(out, v) if fn == "max" else torch.minimum(out, v)
     return _const_term(S, out.to(dtype))
+
+
+def _has_unique(e: Expr) -> bool:
+    """Does ``e`` read a value that is unique to one call (``empty``, a random draw)?"""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if getattr(x.attrs, "unique", None) is not None:
+            return True
+        stack.extend(x.args)
+    return False
 
 
 def _const_term(S: ExprStore, value: torch.Tensor) -> Expr:
