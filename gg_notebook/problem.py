@@ -211,9 +211,9 @@ def validate_problem(problem: Problem) -> None:
     _validate_decompositions(problem)
     if problem.expect is not None:
         for k, e in enumerate(problem.expect):
-            if not isinstance(e, (Replicate, Shard, Partial)):
+            if not isinstance(e, (Replicate, Shard, Partial, Layout)):
                 raise ProblemError(
-                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d) or Partial() for each output."
+                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d), Partial() or gg.Layout(fn) for each output."
                 )
 
 

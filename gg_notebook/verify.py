@@ -50,8 +50,17 @@ def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
         raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
-def _lower(gm, rank, policy="refuse", decompositions=None):
-    return _guard("lowering", lower, gm, rank, policy, decompositions, rank=rank)
+def _lower(gm, rank, policy="refuse", decompositions=None, input_ranges=None):
+    return _guard("lowering", lower, gm, rank, policy, decompositions, input_ranges, rank=rank)
+
+
+def input_ranges(problem: Problem) -> dict:
+    """{input index: (lo, hi)} for the integer inputs whose domain the problem declares."""
+    out = {}
+    for name, d in problem.id_domains().items():
+        if name in problem.input_names and d.ranges:
+            out[problem.input_names.index(name)] = (d.ranges[0][0], d.ranges[-1][1] - 1)
+    return out
 
 
 def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
@@ -69,7 +78,8 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     t0 = time.perf_counter()
     decompositions = dict(getattr(problem, "decompositions", None) or {}) if exact == "real" else None
     cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse"),
-                                                       decompositions=decompositions), capture)
+                                                       decompositions=decompositions,
+                                                       input_ranges=input_ranges(problem)), capture)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)

@@ -57,6 +57,10 @@ SAME = {
     "odd columns: stride 2 vs unflatten": (lambda x: x[:, 1::2].exp(), lambda x: x.unflatten(-1, (3, 2))[..., 1].exp(),
                                            [_rn(3, 6)]),
     "strided rows from an offset": (lambda x: x[2::2].sin(), lambda x: x.view(3, 2, 4)[1:, 0].sin(), [_rn(6, 4)]),
+    "einsum matrix product vs @": (lambda a, b: torch.einsum("ik,kj->ij", a, b), lambda a, b: a @ b,
+                                   [_rn(5, 4), _rn(4, 3, seed=2)]),
+    "batch-1 bmm vs mm": (lambda a, b: torch.bmm(a[None], b[None])[0], lambda a, b: torch.mm(a, b),
+                          [_rn(5, 4), _rn(4, 3, seed=2)]),
     "x ** 2 vs x * x": (lambda x: (x ** 2).sum(-1), lambda x: (x * x).sum(-1), [_rn(3, 4)]),
     "square vs pow(2.0)": (lambda x: x.square(), lambda x: torch.pow(x, 2.0), [_rn(3, 4)]),
     "F.rms_norm vs written out": (lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6),
@@ -191,3 +195,76 @@ def test_neutral_scalars_before_a_reduction(name):
     bad = gg.verify(gg.Problem(lambda x, w: x @ w, rank(lambda y: y * 0.0), ins, [gg.Shard(1), gg.Shard(0)], 2,
                                expect=[R]))
     assert bad.status is gg.Status.REFUTED, bad
+
+
+# ------------------------------------------------------------------ weight[ids] vs F.embedding
+_W = _rn(10, 4, seed=5)
+_IDS = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(6))
+
+
+def _index_problem(seq, other, domains=None):
+    return gg.Problem(seq, other, [_W, _IDS], [R, R], 2, expect=[R], domains=domains or {})
+
+
+@pytest.mark.parametrize("seq,other", [
+    (lambda w, i: w[i.clamp(0, 9)], lambda w, i: F.embedding(i.clamp(0, 9), w)),
+    (lambda w, i: w[i % 10], lambda w, i: F.embedding(torch.remainder(i, 10), w)),
+    (lambda w, i: w[torch.arange(4)] + i.sum(), lambda w, i: F.embedding(torch.arange(4), w) + i.sum()),
+    (lambda w, i: w[torch.where(i > 4, i.clamp(0, 9), 0)], lambda w, i: F.embedding(torch.where(i > 4, i.clamp(0, 9), 0), w)),
+], ids=["clamp", "remainder", "arange", "where with zero"])
+def test_row_lookup_by_ids_in_range_is_an_embedding(seq, other):
+    assert gg.verify(_index_problem(seq, other)).status is gg.Status.PROVED
+
+
+def test_row_lookup_with_unbounded_ids_is_not_an_embedding():
+    def seq(w, i):
+        return w[(i - 3).clamp(min=0)]  # no upper bound: an id past V fails here ...
+
+    def emb(w, i):
+        return F.embedding((i - 3).clamp(0, 9), w)  # ... and is clamped there
+
+    assert gg.verify(_index_problem(seq, emb)).status is not gg.Status.PROVED
+
+
+def test_row_lookup_is_an_embedding_when_the_ids_domain_is_declared():
+    def seq(w, i):
+        return w[i]
+
+    def emb(w, i):
+        return F.embedding(i, w)
+
+    assert gg.verify(_index_problem(seq, emb, {"i": range(0, 10)})).status is gg.Status.PROVED
+    # without the declaration a negative id wraps in w[i] and fails in F.embedding: not one value
+    assert gg.verify(_index_problem(seq, emb)).status is not gg.Status.PROVED
+    # a domain with negative ids is not enough either
+    assert gg.verify(_index_problem(seq, emb, {"i": range(-10, 10)})).status is not gg.Status.PROVED
+
+
+def test_gradient_of_a_row_lookup_is_the_embedding_gradient():
+    def seq(w, i):
+        (g,) = torch.autograd.grad((w[i] ** 2).sum(), w)
+        return g
+
+    def emb(w, i):
+        (g,) = torch.autograd.grad((F.embedding(i, w) ** 2).sum(), w)
+        return g
+
+    w = _W.clone().requires_grad_()
+    p = gg.Problem(seq, emb, [w, _IDS], [R, R], 2, expect=[R], domains={"i": range(0, 10)})
+    assert gg.verify(p).status is gg.Status.PROVED
+
+
+def test_integer_ranges():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from gg_notebook.ir.ranges import IntRanges
+
+    def f(i):
+        return (i.clamp(0, 9), i - 3, torch.arange(2, 8), torch.where(i > 0, i, -1), i.remainder(5),
+                (i.clamp(0, 9) - 3).clamp(min=0), i.clamp(max=4), i.masked_fill(i > 3, 7))
+
+    g = lower(make_fx(f)(_IDS))
+    ranges = IntRanges({0: (0, 9)})
+    got = [ranges.of(o) for o in g.outputs]
+    assert got == [(0, 9), (-3, 6), (2, 7), (-1, 9), (0, 4), (0, 6), (0, 4), (0, 9)]
+    assert [IntRanges().of(o) for o in g.outputs][:2] == [(0, 9), None]  # unknown input: only clamp bounds

@@ -377,8 +377,6 @@ def test_gather_to_root():
     refuted(verify(double, gather_to_root_forgets_broadcast, [rn(8, 3)], [S0], [R]))
 
 
-@pytest.mark.xfail(strict=True, reason="sum over the stack dim of gathered partial sums (sum(stack(a_r), 0) = "
-                                       "sum_r a_r) is not normalized on the rank side")
 def test_gather_partial_sums_to_root():
     proved(verify(column_sum, gather_sum_on_root, [rn(8, 3)], [S0], [R]))
 

@@ -138,8 +138,6 @@ def gqa_tp(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-@pytest.mark.xfail(strict=True, reason="GQA repeats each kv head (unsqueeze, expand, view of a concatenation): "
-                   "re-tiling that data movement into the ranks' pieces needs data movement decided exactly (item 3)")
 def test_tp_sdpa_gqa_proved():
     q, k, v = _rn(2, 4, S, 8), _rn(2, 2, S, 8, seed=1), _rn(2, 2, S, 8, seed=2)
     _proved(gg.Problem(gqa_seq, gqa_tp, [q, k, v], [gg.Shard(1)] * 3, 2, expect=[gg.Shard(1)]))

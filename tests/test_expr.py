@@ -235,7 +235,7 @@ def test_permute_compositions(seed):
     env = Env(200 + seed)
     S = env.S
     for _ in range(10):
-        shape = random_shape(env.rng, ndim=env.rng.randint(2, 5))
+        shape = random_shape(env.rng, ndim=env.rng.randint(2, 5), lo=2)  # (size-1 dims: see below)
         x, v = env.atom(shape)
         e, ref = x, v
         for _ in range(env.rng.randint(1, 4)):
@@ -617,3 +617,20 @@ def test_nested_concatenations_with_unaligned_splits_stay_nested():
     x = S.cat([S.cat([a0, a1], 0), S.cat([b0, b1], 0)], 1)
     env.check(x, torch.cat([torch.cat([v0, v1], 0), torch.cat([w0, w1], 0)], 1))
     assert x.attrs == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_permute_that_only_moves_size_one_dims_is_a_view(seed):
+    env = Env(900 + seed)
+    S = env.S
+    shape = random_shape(env.rng, ndim=4, lo=2)
+    shape[env.rng.randrange(4)] = 1
+    x, v = env.atom(shape)
+    ones = [i for i, n in enumerate(shape) if n == 1]
+    real = [i for i, n in enumerate(shape) if n != 1]
+    perm = list(real)
+    for i in ones:  # put every size-1 dim anywhere, keep the others in order
+        perm.insert(env.rng.randint(0, len(perm)), i)
+    e = S.permute(x, perm)
+    env.check(e, v.permute(perm))
+    assert e is x or e.op == "view"

@@ -77,6 +77,9 @@ SPELLINGS = [
     ("gradient of a mean", lambda x: torch.ones_like(x.sum()).expand(3, 4) / 12 * x, [(3, 4)]),
     ("div by a filled tensor", lambda x: x / torch.full((3, 4), 8.0, dtype=torch.float64), [(3, 4)]),
     ("sum of a scaled average", lambda x, y: ((x + y) * 0.5).sum(0), [(3, 4), (3, 4)]),
+    ("mean of a stack of means", lambda x, y: torch.stack([x.mean(0), y.mean(0)]).mean(0), [(3, 4), (2, 4)]),
+    ("sum over a concatenated dim", lambda x, y: torch.cat([x, y], 1).sum((0, 1)), [(3, 4), (3, 2)]),
+    ("sum over a size-1 dim", lambda x: x.sum(0), [(1, 4)]),
 ]
 
 
@@ -111,8 +114,10 @@ def _key_pair(fa, fb, *shapes, dtype=torch.float64):
     (lambda x, y: (x @ y) / 4, lambda x, y: x @ (y / 4), [(3, 4), (4, 2)]),
     (lambda x: x.sum() / 3, lambda x: x.sum() * (1 / 3), [(3, 4)]),
     (lambda x: x.mean(1, keepdim=True), lambda x: x.sum(1, keepdim=True) / 4, [(3, 4)]),
+    (lambda x, y: torch.stack([x.mean(), y.mean()]).mean(), lambda x, y: (x.mean() + y.mean()) / 2, [(3, 4), (3, 4)]),
+    (lambda x: x.sum(0), lambda x: x.view(4), [(1, 4)]),
 ], ids=["mean=sum/n", "mean=nested*0.05", "sum=reshape-sum", "sum=keepdim-nested", "avg", "mm-scale", "1/3",
-        "mean-keepdim"])
+        "mean-keepdim", "stack-mean", "size-1-sum"])
 def test_spellings_of_one_value_share_a_form(fa, fb, shapes):
     assert _key_pair(fa, fb, *shapes) == 1
 

@@ -33,6 +33,10 @@ def _rebuild(outs: list[torch.Tensor], placement):
 
 
 def _pstr(p, W) -> str:
+    from gg_notebook.problem import Layout
+
+    if isinstance(p, Layout):
+        return f"rank r's output == {p!r}(output, r, {W})"
     if isinstance(p, Replicate):
         return "every rank's output (Replicate())"
     if isinstance(p, Shard):
@@ -42,9 +46,22 @@ def _pstr(p, W) -> str:
 
 def _output_mismatch(engine, problem, sims):
     """First (seed, k, placement, seq value, rebuilt value) where an output disagrees, else None."""
+    from gg_notebook.engine.judge import Rebuilt, any_clean_output_relation
+    from gg_notebook.problem import Layout
+
+    W = engine.index.world_size
     for k, out in enumerate(engine.seq.outputs):
         placements = [problem.expect[k]] if problem.expect is not None else \
             [Replicate()] + [Shard(d) for d in range(len(out.shape))] + [Partial()]
+        rebuild_rel = None
+        if problem.expect is None:  # another clean rebuild the judge found (round-robin rows, ...)
+            try:
+                p_found, c_found = any_clean_output_relation(engine, k)
+            except Exception:  # noqa: BLE001 - no symbolic rebuild: the numbers decide
+                p_found = None
+            if isinstance(p_found, Rebuilt):
+                placements.append(p_found)
+                rebuild_rel = c_found.expr
         bad = None
         for p in placements:
             p_bad = None
@@ -52,11 +69,23 @@ def _output_mismatch(engine, problem, sims):
                 want = sim.seq[out.name]
                 outs = [sim.ranks[g.rank][g.outputs[k].name] for g in engine.index.graphs]
                 try:
-                    rebuilt = _rebuild(outs, p)
+                    if isinstance(p, Layout):  # rank r holds layout.fn(output, r, W)
+                        wants = [p.fn(want, r, W) for r in range(W)]
+                        rebuilt, want_each = outs, wants
+                    elif isinstance(p, Rebuilt):
+                        rebuilt, want_each = [evaluate_relation(engine, rebuild_rel, sim)], None
+                    else:
+                        rebuilt, want_each = _rebuild(outs, p), None
                 except Exception:  # noqa: BLE001 - shapes that cannot combine this way
                     p_bad = (sim, k, p, want, None)
                     break
-                for v in rebuilt:
+                for j, v in enumerate(rebuilt):
+                    if want_each is not None:
+                        w = want_each[j]
+                        if v.shape != w.shape or not close(w, v, w.dtype):
+                            p_bad = (sim, k, p, want, None)
+                            break
+                        continue
                     if v.shape != want.shape or not close(want, v, want.dtype):
                         p_bad = (sim, k, p, want, v)
                         break

@@ -19,6 +19,7 @@ import torch
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms
+from gg_notebook.relations.movement import canonical_write, movement_of
 
 
 class IndexError_(Exception):
@@ -80,6 +81,12 @@ class DIndex:
     # ------------------------------------------------------------------ public
     def realized(self, term: Expr) -> DVal | None:
         return self.by_term.get(term.id)
+
+    def realized_movement(self, term: Expr) -> DVal | None:
+        """A value some rank holds whose term is the same data movement as ``term`` (decided on
+        index tensors, `gg_notebook.relations.movement`), when no rank holds ``term`` verbatim."""
+        d = self.by_term.get(term.id)
+        return d if d is not None else movement_of(self).realized(term)
 
     def realized_up_to_factor(self, term: Expr) -> tuple[DVal, Fraction] | None:
         """A distributed value equal to ``term`` times an exact factor, by the scalar normal form
@@ -188,6 +195,8 @@ class DIndex:
             self.by_term[term.id] = d
         d.locations.append((rank, node))
         self.node_dval[(rank, node.name)] = d
+        if term.op == "call" and len(d.locations) == 1:
+            movement_of(self).register_pieces(term, d)
         hint = self._slice_hint.pop((rank, node.name), None)
         if hint is None and term.op == "slice":
             hint = (term.args[0],) + tuple(term.attrs)
@@ -245,7 +254,8 @@ class DIndex:
         if op == "expand":
             return S.expand(t(n.inputs[0]), n.attrs)
         if op == "call":
-            return S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)
+            # a buffer filled entirely by writes is the data movement of what was written
+            return canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
         if op == "collective":
             _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)

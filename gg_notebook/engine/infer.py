@@ -19,6 +19,7 @@ from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
+from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
 
@@ -115,7 +116,7 @@ class Engine:
         if e.op == "ref":
             return e
         t = self.to_term(e)
-        d = self.index.realized(t)
+        d = self.index.realized_movement(t)
         if d is not None:
             return self.index.ref(d)
         for dim, dvals in self.index.tiling(t):
@@ -151,6 +152,11 @@ class Engine:
                 d = self.index.realized(t)
                 if d is not None:
                     return self.index.ref(d)
+            # the same call on arguments that are the same data movement (decided on index
+            # tensors), or one piece of a rank's call on a concatenated operand
+            hit = movement_lookup(self.index, spec, terms, t)
+            if hit is not None:
+                return hit
         if all(a.ground for a in args) and spec.unique is None:
             return self.store.call(spec, args)  # a constant computation
         matcher = MATCHERS.get(spec.kind)
@@ -481,7 +487,39 @@ class Engine:
                 if e.id not in seen:
                     seen.add(e.id)
                     out.append(Candidate(e, c.chain + ("finer tiling",), c.assumption))
+            e = self.coarsened(c.expr)
+            if e is not None and e.id not in seen:
+                seen.add(e.id)
+                out.append(Candidate(e, c.chain + ("coarser tiling",), c.assumption))
+            # other tilings of the same elements by values the ranks compute on (index tensors)
+            for e in retile(self.index, t):
+                if e.id not in seen:
+                    seen.add(e.id)
+                    out.append(Candidate(e, c.chain + ("re-tiling",), c.assumption))
         return out
+
+    def coarsened(self, e: Expr) -> Expr | None:
+        """``e`` (a concatenation) with every longest run of consecutive pieces that some rank
+        holds as one value replaced by that value (a rank's shard made of several pieces: its
+        q|k|v blocks, its heads)."""
+        if e.op != "cat" or len(e.args) < 3:
+            return None
+        pieces, d = e.args, e.attrs
+        out, i, changed = [], 0, False
+        while i < len(pieces):
+            for j in range(len(pieces), i + 1, -1):
+                if j - i == len(pieces):
+                    continue  # the whole: realize() already tried it
+                run = self.store.cat(list(pieces[i:j]), d)
+                r = self.realize(run) if run.op == "cat" else None
+                if r is not None and r.op == "ref":
+                    out.append(r)
+                    i, changed = j, True
+                    break
+            else:
+                out.append(pieces[i])
+                i += 1
+        return self.store.cat(out, d) if changed else None
 
     def infer(self, n: Node, refine: bool = False) -> list[Candidate]:
         S = self.store

@@ -7,6 +7,8 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
+from gg_notebook.relations.movement import movement_of, retile, substitute
+from gg_notebook.problem import Layout
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -42,13 +44,46 @@ def _replicate_ok(engine: Engine, k: int, cands: list[Candidate]) -> Candidate |
     for c in cands:
         terms.setdefault(engine.to_term(c.expr).id, c)
     chosen = None
+    mv = movement_of(idx)
     for g in idx.graphs:
         t = idx.dval_of(g.rank, g.outputs[k]).term
         c = terms.get(t.id)
+        if c is None:  # the same data movement of the same values, spelled differently
+            c = next((x for x in cands if not x.deferred and mv.equal(engine.to_term(x.expr), t)), None)
         if c is None:
             return None
         chosen = chosen or c
     return chosen
+
+
+def _layout_ok(engine: Engine, k: int, layout, cands: list[Candidate]) -> tuple[bool, Candidate | None, str]:
+    """expect[k] is a gg.Layout: every rank's output must be ``layout.fn(seq output, rank, W)``
+    (decided on the terms: the layout's clean term per rank, with the sequential output's relation
+    substituted for the global tensor, against the rank's output, by index tensors)."""
+    from gg_notebook.capture import capture_layout
+    from gg_notebook.relations.layout import output_layout_terms
+
+    S, idx = engine.store, engine.index
+    seq_out = engine.seq.outputs[k]
+    cache = engine.__dict__.setdefault("_output_layouts", {})
+    if k not in cache:
+        cache[k] = output_layout_terms(layout, tuple(seq_out.shape), seq_out.dtype, idx.world_size, k, S,
+                                       capture_layout)
+    atom, terms = cache[k]
+    mv = movement_of(idx)
+    outs = [idx.dval_of(g.rank, g.outputs[k]) for g in idx.graphs]
+    for c in cands:
+        if c.deferred:
+            continue
+        ct = engine.to_term(c.expr)
+        try:
+            wants = [substitute(S, t, {atom.id: ct}) for t in terms]
+        except ShapeError:
+            continue
+        if all(w.id == o.term.id or mv.equal(w, o.term) for w, o in zip(wants, outs)):
+            rebuilt = retile(idx, ct, sources=outs)
+            return True, Candidate(rebuilt[0] if rebuilt else c.expr, c.chain, c.assumption), ""
+    return False, None, f"every rank r's output to be {_placement_str(layout)}(output, r, {idx.world_size})"
 
 
 def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | None, str]:
@@ -57,6 +92,8 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     cands = engine.relations.get(seq_out.name, [])
     if not cands:
         return False, None, "no relation was found for this output"
+    if isinstance(placement, Layout):
+        return _layout_ok(engine, k, placement, cands)
     if isinstance(placement, Replicate):
         c = _replicate_ok(engine, k, cands)
         if c is not None:
@@ -76,7 +113,8 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     by_form = not engine.bitwise and not isinstance(placement, Partial)
     for c in cands:
         ct = engine.to_term(c.expr)
-        if ct.id == tt.id or (by_form and engine.index.forms.ratio(tt, ct) == 1):
+        if ct.id == tt.id or movement_of(engine.index).equal(ct, tt) \
+                or (by_form and engine.index.forms.ratio(tt, ct) == 1):
             return True, Candidate(target, c.chain, c.assumption), ""
     return False, None, f"expected {engine.show(target)}"
 
@@ -121,8 +159,17 @@ def scale_mismatch(engine: Engine, k: int, placement) -> tuple[float, str] | Non
     return None
 
 
+class Rebuilt:
+    """The placement reported when the ranks' outputs rebuild the output by another clean relation."""
+
+    def __repr__(self) -> str:
+        return "a clean rebuild (pieces of every rank's output, reshaped/transposed)"
+
+
 def any_clean_output_relation(engine: Engine, k: int):
-    """Without ``expect``: try replica, shards along each dim, partial sum, in that order."""
+    """Without ``expect``: try replica, shards along each dim, partial sum, in that order; then any
+    clean rebuild of the output from the ranks' outputs, each of which must hold only elements of
+    it (a round-robin row layout, a head-permuted concatenation, a shard of a view...)."""
     shape = engine.seq.outputs[k].shape
     for p in [Replicate()] + [Shard(d) for d in range(len(shape))] + [Partial()]:
         try:
@@ -131,6 +178,14 @@ def any_clean_output_relation(engine: Engine, k: int):
             continue
         if ok:
             return p, c
+    idx = engine.index
+    outs = [idx.dval_of(g.rank, g.outputs[k]) for g in idx.graphs]
+    for c in engine.relations.get(engine.seq.outputs[k].name, []):
+        if c.deferred:
+            continue
+        rebuilt = retile(idx, engine.to_term(c.expr), sources=outs, strict=True)
+        if rebuilt:
+            return Rebuilt(), Candidate(rebuilt[0], c.chain, c.assumption)
     return None, None
 
 

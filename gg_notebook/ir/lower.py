@@ -128,7 +128,11 @@ def _hashable(v):
 
 
 class _Lowerer:
-    def __init__(self, gm: torch.fx.GraphModule, rank: int | None, random: str | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, rank: int | None, random: str | None = None,
+                 input_ranges: dict | None = None):
+        from gg_notebook.ir.ranges import IntRanges
+
+        self.ranges = IntRanges(input_ranges)  # integer value ranges (declared input domains)
         self.gm = gm
         self.rank = rank
         self.random = random
@@ -302,11 +306,22 @@ class _Lowerer:
         neutral = _neutral_operand(target, args, kwargs, env, shape, dtype)
         if neutral is not None:
             return neutral
+        if target is aten.pow.Tensor_Scalar and _is_one(args[1] if len(args) > 1 else kwargs.get("exponent")) \
+                and env[args[0]].dtype == dtype and tuple(env[args[0]].shape) == tuple(shape):
+            return env[args[0]]  # x ** 1 (autograd's derivative of x ** 2) is x, bit for bit
         if target is aten.pow.Tensor_Scalar and _is_two(args[1] if len(args) > 1 else kwargs.get("exponent")) \
                 and dtype is not None and dtype.is_floating_point and env[args[0]].dtype == dtype:
             # x ** 2, x.square(), x.pow(2): the kernel computes x * x, bit for bit; one spelling
             spec, inputs = self.spec_for(aten.mul.Tensor, (args[0], args[0]), {}, kind="ew")
             return self.emit("call", spec, inputs, shape, dtype)
+        if target is aten.index.Tensor:
+            hit = self.index_as_embedding(fx, shape, dtype)
+            if hit is not None:
+                return hit
+        if target is aten.index_put.default:
+            hit = self.index_put_as_embedding_backward(fx, shape, dtype)
+            if hit is not None:
+                return hit
         if packet in ASSERTS:
             return None  # checks, not values (a failing check is a crash of the real run, not a value)
         if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
@@ -397,6 +412,8 @@ class _Lowerer:
             # a reinterpretation of the last dim (pairs <-> complex numbers): lemmas in
             # gg_notebook.lemmas.complex_views move it through concatenations of the other dims
             return self.call(fx, kind="complex_view")
+        if packet == "bmm" and shape is not None and shape[0] == 1:
+            return self.single_bmm(fx, shape, dtype)
         if packet in ("mm", "bmm"):
             spec_str = "ik,kj->ij" if packet == "mm" else "bik,bkj->bij"
             return self.call(fx, kind="matmul", params=(("einsum", spec_str),))
@@ -481,6 +498,65 @@ class _Lowerer:
             return self.call(fx, kind="reduce", params=params)
         shape, dtype = _meta_of(fx)
         return self.emit("call", spec, (src,), shape, dtype)
+
+    def single_bmm(self, fx, shape, dtype) -> Node:
+        """A batch-1 ``bmm`` (how ``torch.einsum`` spells a plain matrix product) is ``mm`` of the two
+        matrices, viewed back: one form for ``einsum('bsi,oi->bso')``, ``x @ w.t()`` and ``F.linear``."""
+        a, b = self.env[fx.args[0]], self.env[fx.args[1]]
+        if not isinstance(a, Node) or not isinstance(b, Node) or a.dtype != b.dtype:
+            return self.call(fx, kind="matmul", params=(("einsum", "bik,bkj->bij"),))
+        a2 = self.view(a, tuple(a.shape[1:]), a.dtype)
+        b2 = self.view(b, tuple(b.shape[1:]), b.dtype)
+        target = aten.mm.default
+        spec = OpSpec("matmul", _name(target), target, ((Slot(0), Slot(1)), ()), (("einsum", "ik,kj->ij"),))
+        prod = self.emit("call", spec, (a2, b2), tuple(shape[1:]), dtype, target=_name(target),
+                         name=fx.name + "_mm")
+        return self.view(prod, tuple(shape), dtype)
+
+    def _row_ids(self, weight_fx, indices, rows: int):
+        """The id tensor of ``weight[ids]`` (one index tensor, on dim 0) if every id is provably in
+        ``[0, rows)`` (`gg_notebook.ir.ranges`), else None."""
+        if not isinstance(indices, (list, tuple)) or len(indices) != 1 or not isinstance(indices[0], torch.fx.Node):
+            return None
+        ids = self.env.get(indices[0])
+        if not isinstance(ids, Node) or ids.dtype not in (torch.int64, torch.int32):
+            return None
+        return indices[0] if self.ranges.within(ids, 0, rows - 1) else None
+
+    def index_as_embedding(self, fx, shape, dtype) -> Node | None:
+        """``weight[ids]`` is ``F.embedding(ids, weight)`` when every id is in ``[0, V)`` (a negative
+        id wraps in one and fails in the other): clamped ids, declared domains, aranges."""
+        weight_fx, indices = fx.args[0], fx.args[1]
+        weight = self.env.get(weight_fx)
+        if not isinstance(weight, Node) or len(weight.shape) != 2:
+            return None
+        ids_fx = self._row_ids(weight_fx, indices, weight.shape[0])
+        if ids_fx is None:
+            return None
+        spec, inputs = self.spec_for(aten.embedding.default, (weight_fx, ids_fx), {}, kind="embedding")
+        return self.emit("call", spec, inputs, shape, dtype)
+
+    def index_put_as_embedding_backward(self, fx, shape, dtype) -> Node | None:
+        """``zeros(V, H).index_put_([ids], g, accumulate=True)`` (autograd's gradient of
+        ``weight[ids]``) is ``embedding_dense_backward(g, ids, V)`` when every id is in ``[0, V)``."""
+        args = list(fx.args) + [fx.kwargs.get("accumulate", False)] * (4 - len(fx.args))
+        base_fx, indices, values_fx, accumulate = args[:4]
+        base = self.env.get(base_fx)
+        values = self.env.get(values_fx) if isinstance(values_fx, torch.fx.Node) else None
+        if accumulate is not True or not isinstance(base, Node) or not isinstance(values, Node):
+            return None
+        fill = getattr(base.attrs.target, "constant_fill", None) if base.op == "const" else None
+        if fill is None or untyped(fill()) != 0 or len(base.shape) != 2 or values.dtype != dtype:
+            return None
+        ids_fx = self._row_ids(base_fx, indices, base.shape[0])
+        if ids_fx is None:
+            return None
+        ids = self.env[ids_fx]
+        if tuple(values.shape) != tuple(ids.shape) + (base.shape[1],) or tuple(shape) != tuple(base.shape):
+            return None
+        spec, inputs = self.spec_for(aten.embedding_dense_backward.default,
+                                     (values_fx, ids_fx, base.shape[0], -1, False), {}, kind="embedding_backward")
+        return self.emit("call", spec, inputs, shape, dtype)
 
     def strided(self, fx, src: Node, dim: int, start: int, step: int, shape: tuple, dtype) -> Node:
         """``x[.., start:end:step]`` as clean data movement when ``step`` divides the dim's size:
@@ -788,6 +864,10 @@ _NEUTRAL = {
 }
 
 
+def _is_one(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 1
+
+
 def _is_two(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 2
 
@@ -912,7 +992,7 @@ def _kind_of(target) -> str:
 
 
 def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None = None,
-          decompositions: dict | None = None) -> Graph:
+          decompositions: dict | None = None, input_ranges: dict | None = None) -> Graph:
     """Lower ``gm`` (sequential if ``rank`` is None) into the normalized IR.
 
     ``random`` (`Problem.random`): None lowers random operators as unique values (never equal to
@@ -920,9 +1000,12 @@ def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None 
     them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`).
 
     ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
-    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`)."""
+    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`).
+
+    ``input_ranges``: {input index: (lo, hi)} inclusive bounds of integer inputs (from
+    `Problem.domains`), used where a spelling is one value only on a range (`gg_notebook.ir.ranges`)."""
     if decompositions is not None:
         from gg_notebook.ir.decompose import lower_decomposed
 
-        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random).run())
-    return _Lowerer(gm, rank, random).run()
+        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random, input_ranges).run())
+    return _Lowerer(gm, rank, random, input_ranges).run()

@@ -318,6 +318,9 @@ class ExprStore:
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
             return x
+        real = [p for p in perm if x.shape[p] != 1]
+        if real == sorted(real):  # only size-1 dims move: the same elements in the same order, a view
+            return self.view(x, tuple(x.shape[p] for p in perm))
         if x.op == "permute":
             inner = x.attrs
             return self.permute(x.args[0], tuple(inner[p] for p in perm))
@@ -500,6 +503,19 @@ class ExprStore:
         shape = tuple(int(s) if s != -1 else x.shape[i - (len(shape) - len(x.shape))] for i, s in enumerate(shape))
         if shape == x.shape:
             return x
+        lead = len(shape) - len(x.shape)
+        if x.op == "expand":  # a broadcast of a broadcast is one broadcast of the source
+            return self.expand(x.args[0], shape)
+        if x.op == "cat" and x.shape[x.attrs] == shape[x.attrs + lead]:
+            # the concatenated dim is not broadcast: each piece broadcasts on its own (GQA's
+            # repeat_kv of head-sharded K/V stays a concatenation over the ranks)
+            d = x.attrs
+            pieces = []
+            for a in x.args:
+                s = list(shape)
+                s[d + lead] = a.shape[d]
+                pieces.append(self.expand(a, s))
+            return self.cat(pieces, d + lead)
         return self._intern("expand", shape, (x,), shape, x.dtype)
 
     def accum(self, fn: str, xs: Iterable[Expr]) -> Expr:

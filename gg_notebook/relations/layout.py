@@ -44,6 +44,9 @@ _ALLOWED = ("index, slice, cat, split, reshape or transpose")
 
 # ====================================================================== terms
 def _what(problem: Problem, i: int) -> str:
+    what = getattr(problem, "what", None)
+    if what is not None:
+        return what
     return f"input {i} ({problem.input_names[i]})"
 
 
@@ -527,3 +530,77 @@ def _check_terms(problem: Problem, i: int, atom: Expr, terms: list[Expr]) -> Non
                 f"{_what(problem, i)}: the traced Layout disagrees with running it on rank {r} "
                 f"(data-dependent layout?); a Layout must depend only on shapes, rank and world size"
             )
+
+
+# ====================================================================== re-tiling (engine)
+def rebuild_plans(locs: list[torch.Tensor], G: tuple, max_numel: int = MAX_NUMEL) -> list[Callable]:
+    """Rebuilds of a global box ``G`` from locals given as index tensors (``locs[r]`` holds, for
+    every local element, the flat index in ``G`` of the element it is; every value in range).
+
+    Unlike a Layout, the locals need not cover ``G``: plans that cover it are returned, one per
+    top-level dim the cover cuts along first (plus a single piece if one local holds it whole), as
+    builders ``build(store, refs) -> Expr`` (``refs[r]`` the ref of local r). Used by the engine to
+    re-relate a value to another tiling of the same elements (`gg_notebook.relations.movement`)."""
+    numel = math.prod(G)
+    if numel == 0 or numel > max_numel:
+        return []
+    I = _index_tensor(G)
+    cands: list[_Cand] = []
+    for r, L in enumerate(locs):
+        cands.extend(_candidates(r, L, G))
+    if not cands:
+        return []
+    pos = []
+    for L in locs:
+        pr = torch.full((numel,), -1, dtype=torch.int32)
+        if L.numel():
+            pr[L.reshape(-1).long()] = torch.arange(L.numel(), dtype=torch.int32)
+        pos.append(pr)
+    search = _Search(I, cands, pos, G)
+    lo, hi = tuple(0 for _ in G), tuple(G)
+    dims = tuple(range(len(G)))
+    plans = []
+    whole = search.solve(lo, hi, ())
+    if whole is not None and whole[0] == "piece":
+        plans.append(whole)
+    for d in dims:
+        if G[d] <= 1:
+            continue
+        try:
+            plan = search.cover(lo, hi, d, tuple(e for e in dims if e != d))
+        except (RuntimeError, IndexError):  # pragma: no cover - defensive: a malformed local
+            plan = None
+        if plan is not None and plan not in plans:
+            plans.append(plan)
+
+    def builder(plan):
+        return lambda store, refs: _build(plan, cands, store, list(refs), {})
+
+    return [builder(p) for p in plans]
+
+
+# ====================================================================== output layouts (expect)
+class _OutputShim:
+    """What `_layout_term` / `_check_terms` read of a problem, for the k-th *output*."""
+
+    def __init__(self, layout, example: torch.Tensor, world_size: int, k: int):
+        self.placements = [layout]
+        self.inputs = [example]
+        self.world_size = world_size
+        self.input_names = [f"output {k}"]
+        self.what = f"expect[{k}] (a Layout of output {k})"
+
+
+_OUT_CACHE: dict = {}
+
+
+def output_layout_terms(layout, shape: tuple, dtype, world_size: int, k: int, store: ExprStore,
+                        capture_layout) -> tuple[Expr, list[Expr]]:
+    """(atom, terms): the atom standing for the sequential k-th output and, per rank, the clean term
+    over it that ``layout.fn(output, rank, W)`` computes (refused like an input Layout if it
+    computes values)."""
+    example = torch.zeros(shape, dtype=dtype)
+    shim = _OutputShim(layout, example, world_size, k)
+    atom = store.atom(f"<expect[{k}]>", tuple(shape), dtype)
+    terms = [_layout_term(shim, 0, store, atom, capture_layout, r) for r in range(world_size)]
+    return atom, terms

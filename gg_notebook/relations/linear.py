@@ -269,15 +269,29 @@ class LinearForms:
         out = []
         changed = not (len(inner) == 1 and inner[0][0] is src and inner[0][1] == 1)
         for b, c in inner:
-            s = self._sum_of(b, dims)
-            if s is None:
+            terms = self._sum_terms(b, dims)
+            if terms is None:
                 return None
-            if s is not x:
+            if len(terms) != 1 or terms[0] is not x:
                 changed = True
-            out.append((s, c))
+            out.extend((t, c) for t in terms)
         if not changed:
             return None
         return self._map(tuple(out), lambda b: b)
+
+    def _sum_terms(self, y: Expr, dims: tuple[int, ...]) -> list[Expr] | None:
+        """``sum(y, dims)`` as a sum of canonical sum terms: a concatenation along a summed dim
+        splits into its pieces (the ranks' shards, an all-gathered stack of per-rank values)."""
+        if y.op == "cat" and y.attrs in dims:
+            out: list[Expr] = []
+            for piece in y.args:
+                t = self._sum_terms(piece, dims)
+                if t is None:
+                    return None
+                out.extend(t)
+            return out
+        s = self._sum_of(y, dims)
+        return None if s is None else [s]
 
     def _sum_of(self, y: Expr, dims: tuple[int, ...]) -> Expr | None:
         """The canonical term of ``sum(y, dims, keepdim=False)``: nested sums merged, reshapes of
@@ -287,6 +301,14 @@ class LinearForms:
         while True:
             if not dims:
                 return y
+            ones = [d for d in dims if y.shape[d] == 1]
+            if ones:  # summing a size-1 dim drops it: a view
+                rest = tuple(d for d in dims if y.shape[d] != 1)
+                out_shape = tuple(n for i, n in enumerate(y.shape) if i not in dims)
+                s = self._sum_of(y, rest) if rest else y
+                if s is None:
+                    return None
+                return self.S.view(s, out_shape) if tuple(s.shape) != out_shape else s
             if y.op == "call" and y.attrs.target is aten.sum.dim_IntList and not y.attrs.arg("keepdim") \
                     and y.attrs.arg("dtype", None) in (None, y.args[0].dtype) and y.args[0].dtype == y.dtype:
                 inner = _dims(y.attrs.arg("dim"), len(y.args[0].shape))

@@ -481,15 +481,6 @@ _MISSING = {
     "mha-tp/one-head-per-rank-bmm":
         "merged-batch bmm: spec [B*NH] batch (view of a head-sharded permute) vs the rank's 3-D bmm with no head dim",
     "mha-tp/bug-mask-not-applied": "not localized: the correct twin is stuck at the same add (scores + mask)",
-    "gqa-tp/repeat_kv-spec-vs-repeat_interleave":
-        "data movement: expand+reshape (repeat_kv) of a head-sharded K vs the ranks' repeat_interleave into bmm",
-    "gqa-tp/repeat_interleave-spec-vs-repeat_kv":
-        "data movement: repeat_interleave of a head-sharded K (kv sharded consistently with q) into bmm",
-    "gqa-tp/grouped-broadcast-no-repeat": "data movement: broadcasting [kv, group] query view vs repeated K in bmm",
-    "gqa-tp/repeat_kv-tp4": "data movement: expand+reshape of a head-sharded K into merged-batch bmm",
-    "gqa-tp/mqa-expand-spec-vs-broadcast-unsqueeze":
-        "data movement: expanded replicated K (MQA) against head-sharded Q in merged-batch bmm",
-    "gqa-tp/bug-kv-heads-tiled": "not localized: the correct twin is stuck at the same bmm",
     "rope/real-rotate_half-heads-sharded":
         "input-independent values: rotary tables (outer(arange, inv_freq), cos/sin) compared by value",
     "rope/real-rotate_half-seq-sharded-offset":

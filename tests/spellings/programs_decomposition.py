@@ -504,8 +504,6 @@ CASES = [
 _MISSING = {
     "rmsnorm-sp/sqrt-div-vs-F.rms_norm":
         "decomposition normal form: x*x vs pow(x, 2); x / sqrt(y) vs x * rsqrt(y); w*(..) vs (..)*w",
-    "rmsnorm-tp-hidden/gather-shard-means":
-        "scalar algebra: mean over a sharded dim = mean over ranks of equal-shard means (stack + mean(0))",
     "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
         "x*x vs pow(x, 2) and scalar algebra: sum-allreduce / H inside sqrt, x / sqrt(.) vs x * rsqrt(.)",
     "layernorm-sp/written-vs-F.layer_norm":

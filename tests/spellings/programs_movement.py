@@ -375,24 +375,7 @@ MISSING = {
     "rotate-half/split-stack-flatten-addcmul": _ROT + "; stack(-2).flatten(-2) and addcmul",
     "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
                                     "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
-    "fused-qkv/view-unbind": ("data movement: view(b, s, 3, -1).unbind(2) of the fused projection is not normalized "
-                              "to the same slices as split/chunk (seq split_0 = concat(mm@r[:, 0:4].view(..)))"),
-    "fused-qkv/shard-in-program": ("re-tiling: the rank cuts its columns of each block of the replicated wqkv; seq "
-                                   "mm(x, wqkv) is not re-related as a block-ordered column concat of mm@r"),
-    "swiglu/chunk": _GLU,
     "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
-    "swiglu/view-unbind-2d-mm": _GLU + "; view(.., 2, -1).unbind(-2) and a 2-D mm on flattened rows",
-    "swiglu/narrow": _GLU,
-    "interleaved-rope/view-unbind-strided-writes": _STRIDE,
-    "cyclic-rows/gather-stack": _CYCLIC,
-    "cyclic-rows/gather-into-tensor-transpose": _CYCLIC,
-    "cyclic-rows/strided-writes": _CYCLIC,
-    "cyclic-rows/bug-cat": _LOCALIZE + " (re-interleaving data movement)",
-    "ulysses/reshape-transpose": _ULY,
-    "ulysses/chunk-cat": _ULY,
-    "ulysses/heads-first": _ULY,
-    "ulysses/sp4-reshape-transpose": _ULY,
-    "ulysses/bug-missing-transpose-back": _LOCALIZE + " (all_to_all re-layout)",
 }
 
 CASES = [

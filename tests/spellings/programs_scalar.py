@@ -280,13 +280,9 @@ _RETILE = ("re-tiling: the rank multiplies micro-batch slices of its shard (x@r[
 _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the rank's const/12, so seq mul_1 = "
          "1/2 * concat(mul_1@r); needs coefficient relations through the weight-gradient mm to the all-reduce / W")
 MISSING = {
-    "dp-mean/gather-stack-mean": _SCALAR + " (stack of all_gather'ed scalars, mean over ranks)",
-    "microbatch/stack-mean-avg": _RETILE + "; F.mse_loss is not decomposed (aten.mse_loss)",
     "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
-    "grad-mean/allreduce-avg": _GRAD + "; F.mse_loss / mse_loss_backward are not decomposed",
     "grad-mean/bug-no-div": _LOCALIZE + " (scalar algebra in the backward)",
     "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
-    "mean-of-means/nested-avg": _SCALAR.replace("mean over", "mean(0) over") + " (mean of half-batch means, AVG)",
     "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }
 
