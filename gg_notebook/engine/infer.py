@@ -309,10 +309,14 @@ class Engine:
                                      f"{n.target} ({n.name})")
                     step.detail = f"its input {blamed.node} ({blamed.op}) has no relation"
                 else:  # its value is held by the ranks only up to a factor that never cancels
+                    partial = any(x.op == "accum" for c in blamed.candidates for x in walk(c.expr))
+                    why = ("is an all-reduce missing (the ranks hold per-rank parts of it, with a factor: a mean "
+                           "over a sharded dim?), or a scale factor" if partial else
+                           "a missing or extra scale factor (a division by the world size, the number of "
+                           "micro-batches, a softmax scale?)")
                     blamed.detail = (
                         f"the ranks hold {blamed.node} only up to a constant factor ({blamed.pretty[0]}), and "
-                        f"{n.target} ({n.name}) needs its exact value: a missing or extra scale factor "
-                        f"(a division by the world size, the number of micro-batches, a softmax scale?)")
+                        f"{n.target} ({n.name}) needs its exact value: {why}")
                     step.detail = f"its input {blamed.node} ({blamed.op}) is known only up to a factor"
                 blamed.status = "stuck"
                 self.stuck_at = blamed

@@ -381,8 +381,6 @@ _MSUM = ("canonical spellings: x.sum((1, 2)) of a dim-2-sharded x vs reshape(B, 
 _INDEX = ("canonical spellings: weight[local] (aten.index.Tensor, one index) is not treated as "
           "embedding(local, weight); the same clamp-and-mask program with F.embedding is proved")
 MISSING = {
-    "col-linear/einsum": ("canonical spellings: einsum('bsi,oi->bso') lowers to a batch-1 bmm over unsqueeze/permute "
-                          "views; not normalized to mm(x.view(-1, in), w.t())"),
     "multi-dim-sum/flatten-keepdim": _MSUM,
     "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "
                                       "slice writes (slice_scatter(zeros, y@r, cols r*n:(r+1)*n)) = concat(y@r0, y@r1)"),
