@@ -201,8 +201,6 @@ def sp_ranks(q, k, v, *, offset=True):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.xfail(strict=True, reason="the shifted causal mask is an input-independent constant; relating "
-                   "the ranks' masks to rows of the sequential tril needs values compared by value (item 2)")
 def test_sp_sdpa_causal_proved():
     q, k, v = (_rn(2, 2, S, 8, seed=i) for i in range(3))
     _proved(gg.Problem(sp_seq, sp_ranks, [q, k, v], [gg.Shard(2)] * 3, 2, expect=[gg.Shard(2)]))

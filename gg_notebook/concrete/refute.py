@@ -117,12 +117,16 @@ def first_divergent(engine, sims, scaled: list | None = None):
         cancels[n.name] = any(
             any(proved(c) and not has_factor(c.expr) for c in engine.relations.get(u.name, [])) or cancels.get(u.name, False)
             for u in users.get(n.name, []))
+    factored = {m.name for m in engine.seq.nodes
+                if (rs := [c for c in engine.relations.get(m.name, []) if proved(c)]) and all(has_factor(c.expr) for c in rs)}
     for n in engine.seq.nodes:
         if n.op in ("input", "const"):
             continue
         cands = engine.relations.get(n.name, [])
         if any(proved(c) and (not has_factor(c.expr) or cancels[n.name]) for c in cands):
             continue  # proved relation: it cannot diverge
+        if n.name in factored and any(u.name in factored for u in users.get(n.name, [])):
+            continue  # a factor carried on to a consumer: blame where it stops (should have cancelled)
         if any(c.deferred for c in cands):
             continue  # judged together with the operator that fuses it
         rels = [c for c in cands if c.assumption]

@@ -142,6 +142,10 @@ class DIndex:
         """Ways to rebuild ``term`` by concatenating realized slices of it: [(dim, [dvals])]."""
         pieces = self.slices_of.get(term.id)
         if not pieces:
+            if term.op == "const":  # an input-independent value: the ranks' values that tile it
+                from gg_notebook.relations.ground import value_tiling
+
+                return value_tiling(self, term)
             return []
         out = []
         for dim in sorted({p[0] for p in pieces}):

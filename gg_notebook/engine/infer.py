@@ -22,6 +22,7 @@ from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
+from gg_notebook.relations.ground import is_value
 
 MAX_CANDIDATES = 4
 MAX_COMBOS = 16
@@ -143,6 +144,13 @@ class Engine:
         self.stats["lookups"] += 1
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
+            if all(is_value(t) for t in terms):
+                # arguments that are input-independent values, even if the relation reads them from
+                # a rank: the result is a value too (relations/ground.py), which `rank` relates to the
+                # ranks by value; a result too large to evaluate goes the usual way (lemmas)
+                v = self.store.call(spec, terms)
+                if is_value(v):
+                    return v
             try:
                 _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
             except ShapeError:
@@ -276,11 +284,19 @@ class Engine:
                 cands = self.infer(n, refine=True)
             status = "related" if cands else "stuck"
             deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
+            if cands and n.op == "view" and deferred_inputs:  # a view of a value kept symbolically
+                cands = [Candidate(c.expr, c.chain, c.assumption, deferred=True) for c in cands]
+                status = "deferred"
             if not cands and self.fusable(n):
                 cands = self.defer(n)
                 status = "deferred" if cands else "stuck"
             if not cands and deferred_inputs:
                 blamed = self.blame(n, deferred_inputs)
+                while blamed is not None and self.seq.by_name[blamed.node].op == "view":  # to the producer
+                    ins = [self.deferred[i.name] for i in self.seq.by_name[blamed.node].inputs if i.name in self.deferred]
+                    if not ins:
+                        break
+                    blamed = ins[0]
             elif not cands:
                 blamed = self.scale_origin(n)
         cands = self.rank(cands) if status != "deferred" else cands
@@ -419,9 +435,18 @@ class Engine:
             return False
         if self._users is None:
             self._users = self.seq.users()
-        return any(
-            u.op == "call" and n.attrs.kind in absorbed_by(u.attrs.kind) for u in self._users.get(n.name, [])
-        )
+        kind = n.attrs.kind
+        frontier, seen = list(self._users.get(n.name, [])), set()
+        while frontier:  # through pure views (a reshape keeps every value: the lemma sees the view)
+            u = frontier.pop()
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if u.op == "call" and kind in absorbed_by(u.attrs.kind):
+                return True
+            if u.op == "view" and u.name not in self.seq_output_names:
+                frontier.extend(self._users.get(u.name, []))
+        return False
 
     def defer(self, n: Node) -> list[Candidate]:
         """Keep ``n`` applied to its inputs' relations, for a fused lemma at its consumer."""
@@ -435,32 +460,14 @@ class Engine:
             return []
 
     def scale_origin(self, n: Node) -> Step | None:
-        """The step that introduced a factor ``n`` could not get past: following ``n``'s inputs
-        whose every relation holds only up to a factor (not clean) back to the first such step
-        whose own inputs were clean. None if an input has no such history."""
+        """The input step of ``n`` whose value the ranks hold only up to a factor (every relation
+        has one), where the factor should have cancelled and did not: the latest step of such a
+        chain, next to the operator that needs the exact value. None if there is no such input."""
         by_node = {s.node: s for s in self.steps}
-        seen: set[str] = set()
-        frontier = [i for i in n.inputs]
-        origin: Step | None = None
-        while frontier:
-            i = frontier.pop()
-            if i.name in seen:
-                continue
-            seen.add(i.name)
-            rels = [c for c in self.relations.get(i.name, []) if not c.deferred]
-            if not rels or any(not has_factor(c.expr) for c in rels):
-                continue
-            st = by_node.get(i.name)
-            if st is None:
-                continue
-            node = self.seq.by_name[i.name]
-            scaled_inputs = [j for j in node.inputs
-                             if self.relations.get(j.name) and not any(not has_factor(c.expr) for c in self.relations[j.name])]
-            if not scaled_inputs:
-                if origin is None or st.index < origin.index:
-                    origin = st
-            frontier.extend(scaled_inputs)
-        return origin
+        found = [by_node[i.name] for i in n.inputs
+                 if i.name in by_node and (rels := [c for c in self.relations.get(i.name, []) if not c.deferred])
+                 and all(has_factor(c.expr) for c in rels)]
+        return max(found, key=lambda st: st.index) if found else None
 
     def blame(self, n: Node, deferred_inputs: list[Step]) -> Step | None:
         """Whose semantics failed: the consumer's (a piece the fused lemma made for ``n``) or the
@@ -562,6 +569,12 @@ class Engine:
             if r is not None and r.id != c.expr.id:
                 extended.append(Candidate(r, c.chain + ("realize",), c.assumption))
             extended.append(c)
+            t = self.to_term(c.expr)
+            if is_value(t) and r is not None and r.op == "ref":
+                # a constant every rank holds whole may also be held in pieces (rank r: its rows)
+                for dim, dvals in self.index.tiling(t):
+                    tiled = self.store.cat([self.index.ref(v) for v in dvals], dim)
+                    extended.append(Candidate(tiled, c.chain + ("realize",), c.assumption))
         extended = _dedupe(extended)
         extended.sort(key=lambda c: (c.assumption, has_factor(c.expr), c.expr.op != "ref", size(c.expr)))
         return extended[:MAX_CANDIDATES]

@@ -12,6 +12,13 @@ operators: the engine keeps ``log_softmax`` symbolic (deferred) until ``nll_loss
 ``masked_pick_r`` is matched to the rank's masked gather by an exhaustive check over all target ids
 (see domain.py), whatever spelling the rank used (advanced indexing or gather, ``x[mask] = 0`` or
 ``masked_fill``).
+
+The same lemma also proposes the loss as a `real_value` (``LSE(concat(x)) - sum_r pick_r(x_r)``, or
+with the picks taken from ``x_r - m`` and ``m`` added back), matched by the real normal form of
+`realform` to whatever the ranks computed: ``log(s) + m - pick(x)``, per-shard ``logsumexp``
+combined, ... A view between log_softmax and nll_loss that keeps the class dim is looked through.
+``nll-over-split-classes`` covers ranks that hold their shard of the log-probabilities (DTensor's
+``loss_parallel``): ``nll(concat(y_r), t) = -sum_r pick_r(y_r, t)`` for any input y.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from gg_notebook.lemmas.base import Lemma, register, register_matcher
 from gg_notebook.lemmas.domain import eval_on_domain
 from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale_rows_spec
 from gg_notebook.lemmas.masking import kept_rows
+from gg_notebook.lemmas.realform import real_value
 from gg_notebook.relations.domains import IdDomain
-from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, Slot
 
 aten = torch.ops.aten
 
@@ -103,6 +111,8 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         return
     ignore_index = spec.arg("ignore_index")
     lsm, target = args
+    if lsm.op == "view" and _is_log_softmax(lsm.args[0]) and lsm.args[0].shape[-1] == lsm.shape[-1]:
+        lsm = lsm.args[0]  # a view between log_softmax and nll_loss that keeps the class dim
     if not _is_log_softmax(lsm):
         return
     x = lsm.args[0]
@@ -111,6 +121,11 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     vocab = x.shape[-1]
     domain = nll_target_domain(ctx, target, vocab, ignore_index)
     pieces, t = _peel(S, list(x.args), target)
+    if tuple(t.shape) != tuple(pieces[0].shape[:-1]):
+        try:
+            t = S.view(t, pieces[0].shape[:-1])  # the targets in the logits' leading shape
+        except ShapeError:
+            return
     last = len(pieces[0].shape) - 1
     lead = tuple(pieces[0].shape[:-1])
     m = S.accum("max", [S.call(reduce_spec("amax", (last,), False), [p]) for p in pieces])
@@ -128,11 +143,47 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
             return  # the mean divides by the number of non-ignored targets: data-dependent
         # positions whose target is ignore_index have loss 0: the ranks must zero them too
         loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, t])
+    yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+    # other spellings, matched by value over the reals (realform): the loss is LSE(x) minus the
+    # picked logit, however the ranks stabilize, combine and pick it (log(s) + m - pick(x),
+    # log(s) - pick(x - m), per-shard logsumexp gathered and combined ...)
+    for shifted in (False, True):
+        for keep in ((True, False) if shifted else (False,)):  # keepdim=False last: its failures are blamed
+            m = S.accum("max", [S.call(reduce_spec("amax", (last,), keep), [p]) for p in pieces])
+            mk = m if keep else S.view(m, lead + (1,))
+            src = [S.call(sub, [p, mk]) for p in pieces] if shifted else pieces
+            picks, off = [], 0
+            for p, sh in zip(pieces, src):
+                picks.append(S.call(masked_pick_spec(off, vocab, domain), [sh, t]))
+                off += p.shape[-1]
+            for shape in dict.fromkeys((lead, tuple(target.shape))):
+                loss = real_value(S, pieces + picks + ([mk] if shifted else []),
+                                  _ce_builder(len(pieces), last, shifted, shape), "cross-entropy per token")
+                if ignore_index in domain:
+                    loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, S.view(t, shape)])
+                yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+
+
+def _reduced(S, loss, t, reduction, ignore_index, domain, out_shape):
     if reduction == 0:
         yield S.view(loss, out_shape)
     else:
         # sum / mean over every token: a full reduction of the per-token loss (whatever its view)
         yield S.call(full_reduce_spec("mean" if reduction == 1 else "sum"), [loss])
+
+
+def _ce_builder(n: int, last: int, shifted: bool, shape):
+    """LSE_last(cat(x)) - sum_r pick_r (+ m: picks of x - m) over holes x_0..x_n-1, pick_0.., [m]."""
+    def build(S, h):
+        xs, picks = h[:n], h[n:2 * n]
+        lse = S.call(reduce_spec("logsumexp", (last,), False), [S.cat(xs, last)])
+        acc = S.call(ew_spec(aten.sub.Tensor, 2), [lse, picks[0]])
+        for p in picks[1:]:
+            acc = S.call(ew_spec(aten.sub.Tensor, 2), [acc, p])
+        if shifted:
+            acc = S.call(ew_spec(aten.sub.Tensor, 2), [acc, S.view(h[2 * n], lse.shape)])
+        return S.view(acc, shape)
+    return build
 
 
 def match_zero_where_equal(engine, spec: OpSpec, args: tuple) -> Expr | None:
@@ -251,7 +302,8 @@ def _log_softmax_spec():
 register(Lemma(
     name="vocab-cross-entropy",
     statement="nll(log_softmax(concat(x_r, -1)), t) = log(sum_r sum(exp(x_r - m))) - sum_r masked_pick_r(x_r - m, t),"
-              " m = max_r amax(x_r); reduction sum / mean: full_sum / full_mean of that",
+              " m = max_r amax(x_r), or (real_value) LSE(concat(x)) - sum_r masked_pick_r(x_r, t);"
+              " reduction sum / mean: full_sum / full_mean of that",
     kinds=("nll_loss",),
     absorbs=("softmax",),
     plans=vocab_cross_entropy,
@@ -260,13 +312,79 @@ register(Lemma(
                 "reduction sum / mean only if no target can be ignore_index (else the divisor is data-dependent)",
                 "targets range over what nll_loss accepts ([0, V) and ignore_index) or a declared narrower domain",
                 "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
-                "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain"),
+                "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain",
+                "a real_value piece is matched by the real normal form (exact='real' only)"),
     priority=40,
     needs_context=True,
     on=((aten.nll_loss_forward.default, ("weight", "reduction", "ignore_index"), ()),),
 ))
 register_matcher("masked_pick", match_masked_pick)
 register_matcher("zero_where_equal", match_zero_where_equal)
+
+
+# ---------------------------------------------------------------------------- nll over split classes
+def nll_over_split(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=None):
+    """nll_loss(concat_C(y_r), t) = -sum_r masked_pick_r(y_r, t): the input needs not be
+    log-probabilities (a rank holding its shard of log_softmax, as DTensor's loss_parallel does)."""
+    if spec.out not in (0, None) or len(args) != 2:
+        return
+    reduction = spec.arg("reduction")
+    if spec.arg("weight") is not None or reduction not in (0, 1, 2):
+        return
+    ignore_index = spec.arg("ignore_index")
+    y, target = args
+    if y.op != "cat" or len(y.shape) != 2 or y.attrs != 1 or not y.dtype.is_floating_point:
+        return
+    classes = y.shape[-1]
+    domain = nll_target_domain(ctx, target, classes, ignore_index)
+    if ignore_index in domain and reduction != 0:
+        return  # the mean divides by the number of non-ignored targets: data-dependent
+    pieces, t = _peel(S, list(y.args), target)
+    lead = tuple(pieces[0].shape[:-1])
+    picks, off = [], 0
+    for p in pieces:
+        picks.append(S.call(masked_pick_spec(off, classes, domain), [p, t]))
+        off += p.shape[-1]
+    for shape in dict.fromkeys((lead, tuple(target.shape))):
+        def build(S_, h, shape=shape):
+            acc = S_.accum("sum", [S_.view(x, shape) for x in h])
+            return S_.call(ew_spec(aten.neg.default, 1), [acc])
+        loss = real_value(S, picks, build, "nll per token")
+        if ignore_index in domain:
+            loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, S.view(t, shape)])
+        yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+
+
+def _nll_split_cases(rng):
+    for k in range(5):
+        b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
+        ignore_index = (-100, -100, 0, -100, -100)[k]
+        reduction = (0, 1, 0, 2, 1)[k]
+        declared = IdDomain.range(0, v) if k in (1, 3) else None
+        domain = declared or IdDomain.range(0, v).union(IdDomain.of_values([ignore_index]))
+        y = C.randn(rng, b * s, v)
+        target = domain.sample((b * s,), rng)
+        spec, order = C.spec_of(_nll_none(ignore_index, reduction), y, target)
+        case = C.make_case(spec, (y, target), rng, split={0: 1})
+        yield type(case)(case.spec, case.args, case.values, case.store,
+                         f"nll over classes split in shards, reduction={reduction}, ignore_index={ignore_index}"
+                         + (" (declines)" if k == 4 else ""), C.CaseContext(domain=declared))
+
+
+register(Lemma(
+    name="nll-over-split-classes",
+    statement="nll_loss(concat(y_r, -1), t) = -sum_r masked_pick_r(y_r, t); sum / mean: full_sum / full_mean",
+    kinds=("nll_loss",),
+    plans=nll_over_split,
+    cases=_nll_split_cases,
+    conditions=("the input (any values) concatenated along the class dim", "no class weights",
+                "reduction sum / mean only if no target can be ignore_index",
+                "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
+                "each masked_pick is matched by an exhaustive check over the domain"),
+    priority=42,
+    needs_context=True,
+    on=((aten.nll_loss_forward.default, ("weight", "reduction", "ignore_index"), ()),),
+))
 
 
 # ---------------------------------------------------------------------------- total weight

@@ -231,6 +231,10 @@ class ShapeError(ValueError):
 class ExprStore:
     """Interns expressions and owns the normalizing constructors."""
 
+    # ground nodes (no atom/ref leaf, not random) are evaluated and interned by value, so that
+    # equal input-independent values are one node whatever their spelling (relations/ground.py)
+    by_value = True
+
     def __init__(self) -> None:
         self._table: dict[tuple, Expr] = {}
         self.nodes: list[Expr] = []
@@ -241,6 +245,12 @@ class ExprStore:
         # dtype is another value (an int64 hash is not its float32 spelling)
         key = (op, attrs, tuple(a.id for a in args), dtype)
         e = self._table.get(key)
+        if e is None and self.by_value and op not in ("atom", "ref") and all(a.ground for a in args):
+            from gg_notebook.relations.ground import canonical
+
+            e = canonical(self, op, attrs, args, shape, dtype)
+            if e is not None:
+                self._table[key] = e
         if e is None:
             e = Expr(len(self.nodes), op, attrs, tuple(args), tuple(shape), dtype, key)
             self._table[key] = e

@@ -480,8 +480,6 @@ _MISSING = {
     "mha-tp/one-head-per-rank-bmm":
         "merged-batch bmm: spec [B*NH] batch (view of a head-sharded permute) vs the rank's 3-D bmm with no head dim",
     "mha-tp/bug-mask-not-applied": "not localized: the correct twin is stuck at the same add (scores + mask)",
-    "rope/real-rotate_half-heads-sharded":
-        "input-independent values: rotary tables (outer(arange, inv_freq), cos/sin) compared by value",
     "rope/real-rotate_half-seq-sharded-offset":
         "input-independent values with a rank offset: arange(rank*S/W, ...) tables tile the spec's table",
     "rope/complex-spec-vs-real-even-odd":

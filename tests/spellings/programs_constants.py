@@ -205,21 +205,10 @@ _ROPE = ("input-independent values: seq outer(arange(S), inv_freq) vs the rank's
          "inv_freq) (or a slice of a global cache, a position-id matmul); cos/sin tables must be evaluated by value "
          "and tiled across ranks")
 MISSING = {
-    "positions/arange-start-end": _POS,
-    "positions/arange-plus-offset-index": _POS + "; also wpe[pos] (aten.index) vs embedding",
     "positions/chunk-of-global-arange": _POS,
     "positions/slice-of-table": _POS + " (the rank slices the table instead of looking up)",
-    "positions/sp4-arange-start-end": _POS,
-    "positions/bug-no-offset": _LOCALIZE + " (input-independent positions)",
-    "causal-mask/triu-diagonal-offset": _MASK,
-    "causal-mask/arange-compare": _MASK,
     "causal-mask/tril-where": _MASK + "; torch.where(keep, s, -inf) vs masked_fill(~keep)",
-    "causal-mask/bug-no-offset": _LOCALIZE + " (input-independent masks)",
-    "rope-tables/positions-offset": _ROPE,
-    "rope-tables/slice-of-cache": _ROPE,
     "rope-tables/position-ids-matmul": _ROPE,
-    "rope-tables/sp4-positions-offset": _ROPE,
-    "rope-tables/bug-no-offset": _LOCALIZE + " (input-independent rotary tables)",
 }
 
 CASES = [

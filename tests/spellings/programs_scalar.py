@@ -281,7 +281,6 @@ _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the ran
          "1/2 * concat(mul_1@r); needs coefficient relations through the weight-gradient mm to the all-reduce / W")
 MISSING = {
     "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
-    "grad-mean/bug-no-div": _LOCALIZE + " (scalar algebra in the backward)",
     "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
     "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }

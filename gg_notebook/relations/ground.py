@@ -1,0 +1,351 @@
+"""Input-independent values, compared by value.
+
+Position ids (``torch.arange(r * n, (r + 1) * n)``), causal and block masks built from shapes and
+the rank, rotary tables (``inv_freq``, ``torch.outer(t, inv_freq)``, cos/sin, ``torch.polar``):
+whatever a program computes without reading its inputs is *ground* (no ``atom``/``ref`` leaf, no
+random operator). Compared by its spelling, ``arange(0, 8)[4:8]``, ``arange(4, 8)`` and
+``arange(8) + 4`` would be three different values. Here every ground node is evaluated when it is
+interned (`canonical`, called from `ExprStore._intern`) and replaced by one *value node*: a
+``const`` whose `OpSpec` target is a `Value`, keyed by (dtype, shape, exact bytes). Equal values are
+one node whatever their spelling; a slice, view, concatenation... of a value node is evaluated in
+turn, so a rank's rows of a table are the value node of those rows; `value_tiling` finds which
+values the ranks hold that tile a sequential value (rank r holds rows [r*n, (r+1)*n)).
+
+What "equal" means: the same dtype, the same shape and the same bytes, compared bitwise, on values
+computed on CPU by PyTorch's reference kernels (the semantics the rest of the tool, the simulator
+and translation validation included, also evaluates on). So ``0.0`` and ``-0.0`` are different
+values, and two NaNs are equal only with the same payload: an operator given equal bits returns
+equal bits, which is all the merge needs; nothing is ever equal "up to rounding": a rotary table
+computed in another order that differs in the last bit is another value (the proof then needs a
+lemma, or ends unknown: never a false proof).
+
+What is not canonicalized (kept as today: a structural term compared by its spelling):
+
+* random operators (``spec.unique`` set: rand, dropout masks, uninitialized ``empty``) and
+  anything computed from them; operators that read memory layout rather than values (``as_strided``);
+* values larger than `MAX_ELEMENTS` elements (meta-sized benchmark problems never allocate them),
+  operators whose work estimate exceeds `MAX_WORK`, and everything once a store has kept
+  `MAX_BYTES` bytes of values;
+* ``scale`` nodes and floating-point ``accum`` nodes: the expression language's own arithmetic,
+  whose rounding a real backend does not promise (an all-reduce sums in its own order);
+* anything whose evaluation fails, is not a dense CPU tensor, or disagrees with the recorded
+  shape/dtype (a meta constant, a quantized or sparse tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gg_notebook.relations.expr import Expr, ExprStore
+
+MAX_ELEMENTS = 2 ** 22  # largest value (elements) evaluated and stored
+MAX_WORK = 2 ** 28  # largest work estimate (multiply-adds) of one evaluation
+MAX_BYTES = 1 << 30  # values a store keeps, in total
+_EVALUATED = frozenset({"const", "call", "view", "permute", "slice", "cat", "expand", "accum"})
+# operators whose result depends on the argument's memory layout, not only its value (a value node
+# is stored contiguous; the program's tensor may be a strided view)
+_LAYOUT_DEPENDENT = frozenset({"as_strided", "as_strided_copy", "as_strided_", "as_strided_scatter", "set_",
+                               "resize_", "resize", "resize_as_", "_reshape_alias_copy"})
+
+
+class Value:
+    """The target of a value node's `OpSpec`: calling it gives (a copy of) the value.
+
+    Two `Value`s are equal iff they have the same dtype, shape and bytes."""
+
+    __slots__ = ("tensor", "digest", "shape", "dtype", "_bytes", "_uniform")
+
+    def __init__(self, tensor: torch.Tensor, digest: str, raw: torch.Tensor, uniform: bool):
+        self.tensor = tensor
+        self.digest = digest
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self._bytes = raw  # the value's bytes (uint8, 1-D): exact comparison on a digest hit
+        self._uniform = uniform
+
+    @property
+    def uniform(self) -> bool:
+        """Every element has the same bytes (zeros, ones, a full(...) tensor; True if empty)."""
+        return self._uniform
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.tensor.clone()
+
+    def constant_fill(self):
+        """The number every element equals, for the scalar normal form (relations/linear.py); None
+        unless the value is uniform and floating. A float16/bfloat16/float32 element is read as the
+        simplest rational that rounds to it (``float32(1/12)`` reads as 1/12, as ``ones / 12`` spelled
+        out does); a float64 element as itself."""
+        if not self._uniform or self.tensor.numel() == 0 or not self.dtype.is_floating_point:
+            return None
+        v = self.tensor.reshape(-1)[0].item()
+        if self.dtype == torch.float64 or not math.isfinite(v):
+            return v
+        from fractions import Fraction
+
+        exact = Fraction(v)
+        for bound in (1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24):
+            c = exact.limit_denominator(bound)
+            if torch.tensor(float(c), dtype=self.dtype).item() == v:
+                return float(c)
+        return v
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Value) and self.digest == other.digest and self.shape == other.shape
+                and self.dtype == other.dtype and torch.equal(self._bytes, other._bytes))
+
+    def __hash__(self) -> int:
+        return hash((self.digest, self.shape))
+
+    def __repr__(self) -> str:
+        return f"Value({describe(self.tensor)})"
+
+    def __reduce__(self):
+        return (_value_of, (self.tensor,))
+
+
+def _value_of(t: torch.Tensor) -> "Value":
+    v = _as_value(t)
+    if v is None:
+        raise ValueError("not a value tensor")
+    return v
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _as_value(t) -> Value | None:
+    if (not isinstance(t, torch.Tensor) or t.is_meta or t.device.type != "cpu" or t.layout != torch.strided
+            or t.is_quantized):
+        return None
+    # (a contiguous result may share memory with its argument's value: values are never written,
+    # and `Value.__call__` hands out copies)
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
+    raw = _raw(t)
+    data = raw.numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    size = t.element_size()
+    return Value(t, digest, raw, data[size:] == data[:-size] if len(data) > size else True)
+
+
+def is_value(e: "Expr") -> bool:
+    """True if ``e`` is a canonical value node."""
+    return e.op == "const" and isinstance(getattr(e.attrs, "target", None), Value)
+
+
+def value_of(e: "Expr") -> torch.Tensor | None:
+    """The tensor of a value node (not a copy: do not modify it); None for any other node."""
+    return e.attrs.target.tensor if is_value(e) else None
+
+
+# ---------------------------------------------------------------------- canonicalization
+def canonical(store: "ExprStore", op: str, attrs, args, shape, dtype) -> "Expr | None":
+    """The value node equal to the ground node (op, attrs, args) about to be interned in ``store``,
+    or None to intern the node as it is (not ground, random, too large, not evaluable)."""
+    if op not in _EVALUATED:
+        return None
+    if op == "const" and isinstance(getattr(attrs, "target", None), Value):
+        return None  # a value node itself
+    if any(not is_value(a) for a in args):
+        return None  # a structural (too large, random...) argument: keep the spelling
+    if op in ("const", "call") and getattr(attrs, "unique", None) is not None:
+        return None  # random (or uninitialized memory): never equal to anything else
+    if op == "call" and _packet(attrs.target) in _LAYOUT_DEPENDENT:
+        return None
+    if op == "accum" and (dtype is None or dtype.is_floating_point or dtype.is_complex):
+        return None  # the rounding of a real reduction is the backend's: keep it structural
+    numel = math.prod(int(s) for s in shape)
+    if numel > MAX_ELEMENTS or _work(op, attrs, args, numel) > MAX_WORK:
+        return None
+    budget = getattr(store, "_value_bytes", 0)
+    if budget > MAX_BYTES:
+        return None
+    try:
+        out = _evaluate(op, attrs, [value_of(a) for a in args])
+    except Exception:  # noqa: BLE001 - not evaluable here: keep the spelling
+        return None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        return None
+    v = _as_value(out)
+    if v is None:
+        return None
+    table = store.__dict__.setdefault("_values", {})
+    key = (v.dtype, v.shape, v.digest)
+    node = table.get(key)
+    if node is not None and node.attrs.target == v:
+        return node
+    if node is not None:  # a digest collision: never merge different bytes
+        return None
+    from gg_notebook.relations.expr import OpSpec
+
+    spec = OpSpec("const", describe(v.tensor, v.uniform), v, ((), ()))
+    node = store.const(spec, v.shape, v.dtype)
+    table[key] = node
+    store._value_bytes = budget + v.tensor.numel() * v.tensor.element_size()
+    return node
+
+
+def _mutates(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return True  # not an ATen operator: assume the worst
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _packet(target) -> str:
+    try:
+        return target.overloadpacket.__name__
+    except AttributeError:
+        return getattr(target, "__name__", "")
+
+
+def _work(op: str, attrs, args, numel: int) -> int:
+    """A rough upper bound of the multiply-adds one evaluation costs."""
+    if op == "call" and getattr(attrs, "kind", None) == "matmul" and args:
+        inner = max((int(a.shape[-1]) for a in args if a.shape), default=1)
+        return numel * inner
+    return numel + sum(math.prod(a.shape) for a in args)
+
+
+def _evaluate(op: str, attrs, vals: list) -> torch.Tensor:
+    from gg_notebook.relations.expr import apply_op
+
+    if op == "const":
+        return _call_on_cpu(attrs, [])
+    if op == "call":
+        return _call_on_cpu(attrs, vals)
+    return apply_op(op, attrs, vals)
+
+
+def _call_on_cpu(spec, vals) -> torch.Tensor:
+    """``spec`` called on ``vals``, a factory's ``device`` argument (``device=x.device`` of a
+    meta or GPU tensor) taken as the CPU: the value does not depend on where it is computed."""
+    from gg_notebook.relations.expr import _fill
+
+    args, kwargs = spec.template
+    if vals and _mutates(spec.target):
+        vals = [v.clone() for v in vals]  # an in-place operator must not write a stored value
+    kw = {k: _fill(v, vals) for k, v in kwargs}
+    if "device" in kw:
+        kw["device"] = torch.device("cpu")
+    if "pin_memory" in kw:
+        kw["pin_memory"] = False
+    with torch.no_grad():
+        out = spec.target(*_fill(args, vals), **kw)
+    if spec.out is not None:
+        out = out[spec.out]
+    return out
+
+
+# ---------------------------------------------------------------------- tilings across ranks
+def value_tiling(index, term: "Expr") -> list:
+    """Ways to rebuild the value node ``term`` by concatenating values the ranks hold, found by
+    value: [(dim, [dvals])] (one tiling per dim, the fewest pieces first). Uniform values (every
+    element equal) are not tiled: any slice of them is already the same constant."""
+    memo = index.__dict__.setdefault("_value_tilings", {})
+    hit = memo.get(term.id)
+    if hit is not None:
+        return hit
+    memo[term.id] = out = []
+    want = value_of(term)
+    if want is None or want.dim() == 0 or want.numel() < 2:
+        return out
+    if term.attrs.target.uniform:
+        return out
+    pieces = _held_values(index).get((want.dtype, want.dim()), [])
+    for dim in range(want.dim()):
+        cands = [d for d in pieces if _fits(d.term.shape, want.shape, dim)]
+        if not cands:
+            continue
+        chosen = _tile(want, dim, cands)
+        if chosen is not None and len(chosen) > 1:
+            out.append((dim, chosen))
+    return out
+
+
+def _held_values(index) -> dict:
+    """The ranks' value nodes, by (dtype, ndim)."""
+    held = index.__dict__.get("_held_values")
+    if held is None:
+        held = {}
+        for d in index.dvals:
+            v = value_of(d.term)
+            if v is not None and v.dim() > 0:
+                held.setdefault((v.dtype, v.dim()), []).append(d)
+        index._held_values = held
+    return held
+
+
+def _fits(piece: tuple, whole: tuple, dim: int) -> bool:
+    return (len(piece) == len(whole) and 0 < piece[dim] < whole[dim]
+            and all(piece[i] == whole[i] for i in range(len(whole)) if i != dim))
+
+
+def _tile(want: torch.Tensor, dim: int, cands: list):
+    """Pieces (dvals) whose values, concatenated along ``dim``, are ``want`` bit for bit: a
+    depth-first search over offsets, longer pieces first; None if there is none."""
+    by_len: dict[int, dict[str, list]] = {}
+    for d in cands:
+        v = d.term.attrs.target
+        by_len.setdefault(d.term.shape[dim], {}).setdefault(v.digest, []).append(d)
+    lengths = sorted(by_len, reverse=True)
+    size = want.shape[dim]
+    dead: set[int] = set()
+
+    def go(cur: int):
+        if cur == size:
+            return []
+        if cur in dead:
+            return None
+        for n in lengths:
+            if cur + n > size:
+                continue
+            part = _as_value(want.narrow(dim, cur, n))
+            for d in by_len[n].get(part.digest, []):
+                if d.term.attrs.target == part:
+                    rest = go(cur + n)
+                    if rest is not None:
+                        return [d] + rest
+        dead.add(cur)
+        return None
+
+    return go(0)
+
+
+# ---------------------------------------------------------------------- printing
+def describe(t: torch.Tensor, uniform: bool | None = None) -> str:
+    """A short, deterministic rendering of a value (a function of dtype, shape and contents)."""
+    dt = str(t.dtype).replace("torch.", "")
+    shape = "x".join(str(s) for s in t.shape) or "scalar"
+    if t.numel() == 0:
+        return f"{dt}[{shape}] empty"
+    flat = t.reshape(-1)
+    if t.dim() == 1 and t.numel() >= 3 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+        step = int(flat[1] - flat[0])
+        if step != 0 and torch.equal(flat, flat[0] + step * torch.arange(t.numel(), dtype=t.dtype)):
+            first = int(flat[0])
+            return f"{dt}[{shape}] arange({first}, {first + step * t.numel()}" + (f", {step})" if step != 1 else ")")
+    if t.numel() <= 6:
+        vals = ", ".join(_num(x) for x in flat.tolist())
+        return f"{dt}[{shape}] [{vals}]"
+    if _uniform(t) if uniform is None else uniform:
+        return f"{dt}[{shape}] full {_num(flat[0].item())}"
+    digest = hashlib.blake2b(_raw(t).numpy().tobytes(), digest_size=4).hexdigest()
+    return f"{dt}[{shape}] #{digest}"
+
+
+def _uniform(t: torch.Tensor) -> bool:
+    data, size = _raw(t.contiguous()).numpy().tobytes(), t.element_size()
+    return len(data) <= size or data[size:] == data[:-size]
+
+
+def _num(x) -> str:
+    if isinstance(x, float):
+        return repr(x)
+    return str(x)
