@@ -704,8 +704,6 @@ _MISSING = {
         _CE + "label smoothing = (1-e) nll + e (lse - sum(logits)/V): needs sum over a sharded vocab + algebra",
     "vocab-ce-reg/smoothing-log-probs-stacked-allreduce": _CE + "label smoothing via -sum(logp)/V all-reduced in a stack",
     "vocab-ce-reg/bug-smoothing-local-vocab-size": "not localized: the correct twin is stuck at the same _log_softmax",
-    "vocab-ce-reg/zloss-megatron-plus-gathered-logsumexp":
-        "logsumexp over a sharded vocab (z-loss) from the stacked all_gather of the shards' logsumexps (no lemma)",
     "online-softmax/flash-decoding-gather-merge":
         "online-softmax merge of per-shard (max, sum, unnormalized out) across a sharded key dim (no lemma)",
     "online-softmax/max-then-sum-allreduce":
