@@ -104,8 +104,12 @@ class Counterexample:
     inputs: dict[str, str]  # input name -> how it was drawn
     shapes: tuple = ()  # (sequential shape, rebuilt shape)
     tensors: list = field(default_factory=list, repr=False)  # the global inputs themselves (not in JSON)
+    raised: str = ""  # a rank's program raised on these inputs (which rank, what, where)
 
     def __str__(self) -> str:
+        if self.raised:
+            return (f"seed {self.seed}: {self.raised}, while the sequential program runs on the same inputs "
+                    f"({', '.join(f'{k} {v}' for k, v in self.inputs.items())})")
         if self.shapes and self.shapes[0] != self.shapes[1]:
             return (f"seed {self.seed}: output {self.output} has shape {self.shapes[0]} but "
                     f"{self.expected_relation} has shape {self.shapes[1]}")

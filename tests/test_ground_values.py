@@ -497,8 +497,6 @@ def rank_complex_rope(q):
     return torch.view_as_real(qc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
 
 
-@pytest.mark.xfail(strict=True, reason="view_as_complex / view_as_real of a sequence-sharded tensor: no lemma "
-                                       "(issue 8, item 7); the tables themselves are related by value")
 def test_complex_rope_on_a_sequence_shard():
     r = _verify(seq_complex_rope, rank_complex_rope, [_rn(S_LEN, 8, dtype=torch.float32)], [gg.Shard(0)], [gg.Shard(0)])
     _proved(r)

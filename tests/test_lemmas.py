@@ -27,7 +27,11 @@ def _same(got: torch.Tensor, ref: torch.Tensor) -> str | None:
     """None if ``got`` matches ``ref``, else a short reason."""
     if tuple(got.shape) != tuple(ref.shape):
         return f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if ref.is_floating_point() or ref.is_complex():
+    if ref.is_complex() or got.is_complex():
+        if not (ref.is_complex() and got.is_complex()):
+            return f"complex/real result differs (dtypes {got.dtype} / {ref.dtype})"
+        return _same(torch.view_as_real(got.resolve_conj()), torch.view_as_real(ref.resolve_conj()))
+    if ref.is_floating_point():
         tol = _TOL.get(ref.dtype, ATOL)
         if not torch.allclose(got.to(torch.float64), ref.to(torch.float64), atol=tol, rtol=tol, equal_nan=True):
             err = (got.to(torch.float64) - ref.to(torch.float64)).abs().max().item()
@@ -286,6 +290,6 @@ def test_replacing_lemma_declares_every_argument(name):
 def test_every_lemma_is_either_reapplying_or_declared():
     """New lemmas land in one of the two groups on purpose."""
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
-                  "merged-batch", "ew-through-view"}
+                  "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist"}
     unknown = set(REGISTRY) - reapplying - _REPLACING
     assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"

@@ -116,8 +116,33 @@ class IssuedCollective:
 _PG = torch._C._distributed_c10d.ProcessGroup
 
 
+def _not_constant(t: torch.Tensor) -> torch.Tensor:
+    """Make make_fx forget that ``t`` (a buffer the shim created) holds a known constant.
+
+    make_fx evaluates an operator eagerly when every tensor argument is a small known constant
+    (``torch.tensor(float(n))``, numel <= 1) and remembers the result as the output's value. For a
+    collective under the fake process group that value is wrong (the fake group communicates
+    nothing), and a later ``.item()`` would bake it into the graph. A collective always gets one
+    of the shim's own buffers, so making those non-constant keeps every collective symbolic: its
+    result is a traced value and ``.item()`` on it is reported as data-dependent."""
+    from torch.fx.experimental import proxy_tensor as pt
+
+    if getattr(t, "constant", None) is not None:  # a FakeTensor that remembers a small real value
+        t.constant = None
+    mode = pt.get_proxy_mode()
+    if mode is None:
+        return t
+    try:
+        slot = pt.get_proxy_slot(t, mode.tracer, None)
+        if slot is not None and slot.constant is not None:
+            mode.tracer.tensor_tracker[t] = pt._ProxyTensor(slot.proxy, None)
+    except Exception:  # pragma: no cover - private make_fx API moved: constants stay folded
+        pass
+    return t
+
+
 def _fresh(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return _not_constant(torch.empty_like(t, memory_format=torch.contiguous_format))
 
 
 def _shim_inplace_list(orig):
@@ -128,7 +153,7 @@ def _shim_inplace_list(orig):
         if not isinstance(tensors, (list, tuple)):
             return orig(self, tensors, *args, **kwargs)
         with extra_node_meta(gg_shim=True):
-            tmps = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+            tmps = [_not_constant(t.clone(memory_format=torch.contiguous_format)) for t in tensors]
         work = orig(self, tmps, *args, **kwargs)
         with extra_node_meta(gg_shim=True):
             for t, tmp in zip(tensors, tmps):
@@ -168,7 +193,181 @@ def _shim_single_output(orig):
     return method
 
 
+def _group_rank_and_size(pg) -> tuple[int, int]:
+    return int(pg.rank()), int(pg.size())
+
+
+def _site_words() -> tuple[str, str | None]:
+    """(" by `code` at file:line", "file:line") of the user's call, or ("", None)."""
+    site = _user_site()
+    if site is None:
+        return "", None
+    src, text = site
+    return (f" by `{text}` at {src}" if text else f" at {src}"), src
+
+
+def _list_form_error(pg, what: str, problem: str, fix: str) -> CaptureError:
+    rank = dist.get_rank() if dist.is_initialized() else None
+    where, src = _site_words()
+    return CaptureError(f"rank {rank} calls {what}{where}: {problem}; {fix}.", rank=rank, source=src)
+
+
+def _whole_of(pieces: list) -> torch.Tensor | None:
+    """The tensor ``pieces`` tile, when they are consecutive contiguous views of one contiguous
+    tensor in order (``list(y.chunk(W))``): the collective then reads that tensor itself, one value,
+    instead of a concatenation of its pieces."""
+    base = getattr(pieces[0], "_base", None) if pieces else None
+    if base is None or any(getattr(p, "_base", None) is not base for p in pieces):
+        return None
+    try:
+        if not base.is_contiguous() or not all(p.is_contiguous() for p in pieces):
+            return None
+        off = base.storage_offset()
+        for p in pieces:
+            if p.storage_offset() != off:
+                return None
+            off += p.numel()
+        if off != base.storage_offset() + base.numel():
+            return None
+    except Exception:  # noqa: BLE001 - storage not inspectable: concatenate instead
+        return None
+    return base
+
+
+def _shim_reduce_scatter_list(orig):
+    """``dist.reduce_scatter(output, input_list)``: the list form is ``reduce_scatter_tensor``
+    of the inputs concatenated along dim 0 (stacked for 0-d tensors): one collective, whose input
+    is a plain data movement of the list."""
+
+    def reduce_scatter(self, outputs, inputs, *args, **kwargs):
+        if not (isinstance(outputs, (list, tuple)) and len(outputs) == 1 and isinstance(inputs, (list, tuple))
+                and len(inputs) == 1 and isinstance(inputs[0], (list, tuple))):
+            return orig(self, outputs, inputs, *args, **kwargs)
+        out, pieces = outputs[0], list(inputs[0])
+        _, size = _group_rank_and_size(self)
+        if len(pieces) != size or any(p.shape != out.shape or p.dtype != out.dtype for p in pieces):
+            raise _list_form_error(
+                self, "dist.reduce_scatter(output, input_list)",
+                f"input_list holds {len(pieces)} tensors of shapes {[tuple(p.shape) for p in pieces]} for an output of "
+                f"shape {tuple(out.shape)} on a group of {size} ranks (a real run fails or needs uneven splits)",
+                f"pass exactly {size} tensors, each of the output's shape and dtype",
+            )
+        whole = _whole_of(pieces)
+        flat = ((size * out.shape[0],) + tuple(out.shape[1:])) if out.dim() else (size,)
+        if whole is not None:
+            src = whole.reshape(flat)
+        else:
+            src = torch.cat(pieces, 0) if out.dim() else torch.stack(pieces)
+        return self._reduce_scatter_base(out, src, *args, **kwargs)
+
+    return reduce_scatter
+
+
+def _shim_alltoall_list(orig):
+    """``dist.all_to_all(output_list, input_list)``: ``all_to_all_single`` of the inputs
+    concatenated along dim 0 with split sizes = the list entries' sizes (flattened when the
+    entries do not agree beyond dim 0), the output read back into the list's tensors."""
+
+    def alltoall(self, outputs, inputs, *args, **kwargs):
+        if not (isinstance(outputs, (list, tuple)) and isinstance(inputs, (list, tuple))):
+            return orig(self, outputs, inputs, *args, **kwargs)
+        _, size = _group_rank_and_size(self)
+        ts = list(outputs) + list(inputs)
+        if len(outputs) != size or len(inputs) != size or len({t.dtype for t in ts}) != 1:
+            raise _list_form_error(
+                self, "dist.all_to_all(output_list, input_list)",
+                f"it passes {len(outputs)} outputs and {len(inputs)} inputs on a group of {size} ranks"
+                + ("" if len({t.dtype for t in ts}) <= 1 else " with different dtypes"),
+                f"pass one input and one output tensor per rank of the group, all of one dtype",
+            )
+        rows = all(t.dim() >= 1 for t in ts) and len({tuple(t.shape[1:]) for t in ts}) == 1
+        whole = _whole_of(list(inputs))
+        if rows:
+            src = whole.reshape((-1,) + tuple(ts[0].shape[1:])) if whole is not None else torch.cat(list(inputs), 0)
+            in_splits = [int(t.shape[0]) for t in inputs]
+            out_splits = [int(t.shape[0]) for t in outputs]
+            buf = _not_constant(torch.empty((sum(out_splits),) + tuple(ts[0].shape[1:]), dtype=ts[0].dtype,
+                                            device=ts[0].device))
+        else:
+            src = whole.reshape(-1) if whole is not None else torch.cat([t.reshape(-1) for t in inputs], 0)
+            in_splits = [t.numel() for t in inputs]
+            out_splits = [t.numel() for t in outputs]
+            buf = _not_constant(torch.empty((sum(out_splits),), dtype=ts[0].dtype, device=ts[0].device))
+        from torch.distributed import AllToAllOptions
+
+        opts = args[0] if args else kwargs.get("opts", AllToAllOptions())
+        work = self.alltoall_base(buf, src, out_splits, in_splits, opts)
+        off = 0
+        for t, k in zip(outputs, out_splits):
+            t.copy_(buf[off:off + k].view(t.shape))
+            off += k
+        return work
+
+    return alltoall
+
+
+def _shim_gather(orig):
+    """``dist.gather(tensor, gather_list, dst)``: an all_gather whose results only the destination
+    reads (every rank issues it; the others' results are unused)."""
+
+    def gather(self, outputs, inputs, opts=None, *args, **kwargs):
+        if not (isinstance(inputs, (list, tuple)) and len(inputs) == 1 and opts is not None):
+            return orig(self, outputs, inputs, *([opts] if opts is not None else []), *args, **kwargs)
+        rank, size = _group_rank_and_size(self)
+        x = inputs[0]
+        if rank == opts.rootRank:
+            lst = list(outputs[0]) if outputs and isinstance(outputs[0], (list, tuple)) else []
+            if len(lst) != size or any(t.shape != x.shape or t.dtype != x.dtype for t in lst):
+                raise _list_form_error(
+                    self, "dist.gather(tensor, gather_list, dst)",
+                    f"gather_list holds {len(lst)} tensors of shapes {[tuple(t.shape) for t in lst]} for a tensor "
+                    f"of shape {tuple(x.shape)} on a group of {size} ranks",
+                    f"on the destination pass {size} tensors of the tensor's shape and dtype",
+                )
+        else:
+            lst = [_fresh(x) for _ in range(size)]
+        return self.allgather([lst], [x], torch._C._distributed_c10d.AllgatherOptions())
+
+    return gather
+
+
+def _shim_scatter(orig):
+    """``dist.scatter(tensor, scatter_list, src)``: a broadcast of the source's list (stacked)
+    from which every rank takes its own entry."""
+
+    def scatter(self, outputs, inputs, opts=None, *args, **kwargs):
+        if not (isinstance(outputs, (list, tuple)) and len(outputs) == 1 and opts is not None):
+            return orig(self, outputs, inputs, *([opts] if opts is not None else []), *args, **kwargs)
+        rank, size = _group_rank_and_size(self)
+        out = outputs[0]
+        if rank == opts.rootRank:
+            lst = list(inputs[0]) if inputs and isinstance(inputs[0], (list, tuple)) else []
+            if len(lst) != size or any(t.shape != out.shape or t.dtype != out.dtype for t in lst):
+                raise _list_form_error(
+                    self, "dist.scatter(tensor, scatter_list, src)",
+                    f"scatter_list holds {len(lst)} tensors of shapes {[tuple(t.shape) for t in lst]} for an output "
+                    f"of shape {tuple(out.shape)} on a group of {size} ranks",
+                    f"on the source pass {size} tensors of the output's shape and dtype",
+                )
+            buf = torch.stack(lst)
+        else:
+            buf = _not_constant(torch.empty((size,) + tuple(out.shape), dtype=out.dtype, device=out.device))
+        from torch.distributed import BroadcastOptions
+
+        b = BroadcastOptions()
+        b.rootRank = opts.rootRank
+        work = self.broadcast([buf], b)
+        out.copy_(buf[rank])
+        return work
+
+    return scatter
+
+
 _SHIMS = {
+    "reduce_scatter": _shim_reduce_scatter_list,
+    "alltoall": _shim_alltoall_list,
+    "gather": _shim_gather,
+    "scatter": _shim_scatter,
     "allreduce": _shim_inplace_list,
     "broadcast": _shim_inplace_list,
     "allgather": _shim_allgather,
@@ -181,12 +380,34 @@ _SHIMS = {
 }
 
 
+_OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
+
+
+def _refuse_object_collective(name: str):
+    def refuse(*args, **kwargs):
+        rank = dist.get_rank() if dist.is_initialized() else None
+        where, src = _site_words()
+        raise CaptureError(
+            f"rank {rank} calls dist.{name}{where}: collectives on Python objects "
+            "cannot be traced (the objects travel as pickled bytes, so their values are not known while "
+            "tracing and every later use of them would be data-dependent). Exchange tensors instead "
+            "(dist.all_gather / all_gather_into_tensor / broadcast of a tensor), or compute the value on "
+            "every rank from shapes, the rank and the configuration.",
+            rank=rank, source=src,
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
 @contextmanager
 def collective_shims() -> Iterator[None]:
     # Save the raw class attributes (pybind11 stores methods as descriptors in the class __dict__;
     # getattr would unwrap them and restoring that would lose the binding of self).
     saved: dict = {}
     missing = object()
+    modules = (dist, dist.distributed_c10d)
+    saved_fns = [(m, name, getattr(m, name)) for m in modules for name in _OBJECT_COLLECTIVES if hasattr(m, name)]
     try:
         for name, make in _SHIMS.items():
             orig = getattr(_PG, name, None)
@@ -194,6 +415,8 @@ def collective_shims() -> Iterator[None]:
                 continue
             saved[name] = _PG.__dict__.get(name, missing)
             setattr(_PG, name, make(orig))
+        for m, name, _ in saved_fns:
+            setattr(m, name, _refuse_object_collective(name))
         yield
     finally:
         for name, raw in saved.items():
@@ -201,6 +424,8 @@ def collective_shims() -> Iterator[None]:
                 delattr(_PG, name)
             else:
                 setattr(_PG, name, raw)
+        for m, name, fn in saved_fns:
+            setattr(m, name, fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,6 +501,19 @@ def _comm(name: str, pg) -> _Comm:
 # Where process groups were created (for messages): group name -> "by `code` at file.py:LINE".
 
 _GROUP_ORIGINS: dict[str, str] = {}
+
+
+def _user_site() -> tuple[str, str] | None:
+    """(file:line, code) of the innermost user frame on the Python stack (None outside user code)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if is_user_file(f.f_code.co_filename):
+            import linecache
+
+            text = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+            return format_source((f.f_code.co_filename, f.f_lineno, f.f_code.co_name, text)), text
+        f = f.f_back
+    return None
 
 
 def _user_call_site() -> str | None:
@@ -466,8 +704,8 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
             raise CaptureError(
                 f"{'the sequential program' if rank is None else f'rank {rank}'} uses the collective "
                 f"{t} at {node.meta.get('gg_source')}, which gg_notebook does not support yet: use "
-                "all_reduce, all_gather, all_gather_into_tensor, reduce_scatter_tensor, "
-                "all_to_all_single or broadcast.",
+                "all_reduce, all_gather, all_gather_into_tensor, reduce_scatter / reduce_scatter_tensor, "
+                "all_to_all / all_to_all_single, gather, scatter or broadcast (for dist.reduce: all_reduce).",
                 rank=rank, source=node.meta.get("gg_source"),
             )
 
@@ -493,7 +731,10 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
 _REPLAY_SHAPES: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
 
 
-@torch.library.custom_op("gg_capture::collective", mutates_args=())
+# Tagged nondeterministic_seeded only so that make_fx never constant-folds it: a collective on a tensor
+# built from Python numbers (``torch.tensor(float(n))``, no proxy) would otherwise run this placeholder
+# eagerly (make_fx evaluates ops whose inputs are all small constants).
+@torch.library.custom_op("gg_capture::collective", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _collective_op(x: torch.Tensor, key: int) -> torch.Tensor:
     raise RuntimeError("gg_capture::collective is a tracing placeholder and cannot run")
 

@@ -127,13 +127,22 @@ _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, Gu
 
 
 def _is_data_dependent(e: BaseException) -> bool:
+    return _data_dependent_kind(e) is not None
+
+
+def _data_dependent_kind(e: BaseException) -> str | None:
+    """"shape" for an operator whose output shape depends on tensor values (``x[mask]``,
+    masked_select, nonzero, unique), "value" for any other read of tensor values into Python
+    (``.item()``, ``if t > 0:``), None if ``e`` is not about data dependence."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, DynamicOutputShapeException):
+            return "shape"
         if isinstance(e, _DATA_DEPENDENT) or "data-dependent" in str(e) or "data dependent" in str(e):
-            return True
+            return "value"
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureError:
@@ -144,7 +153,25 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     at = f" at {src}" if src else ""
     code = f" (`{frame[3]}`)" if frame and frame[3] else ""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if _is_data_dependent(e):
+    kind = _data_dependent_kind(e)
+    if kind == "shape":
+        msg = (
+            f"{prog}: an operator whose result's shape depends on tensor values cannot be traced{at}{code} "
+            f"({type(e).__name__}: {text}): boolean-mask indexing `x[mask]`, torch.masked_select, nonzero and "
+            "unique keep only the selected elements. Keep the shape fixed and weight by the mask instead: a "
+            "masked mean `x[mask].mean()` is `(x * mask).sum() / mask.sum()` (or `torch.where(mask, x, 0).sum() "
+            "/ mask.sum()`), a masked sum is `(x * mask).sum()`, and `x.masked_fill(~mask, 0)` zeroes the rest."
+        )
+    elif kind == "value" and "_local_scalar_dense" in f"{text} {e!r}":
+        msg = (
+            f"{prog}: control flow that depends on tensor values cannot be traced{at}{code} "
+            f"({type(e).__name__}: {text}): branching on a tensor (`if t > 0:`) or reading its value into "
+            "Python (`.item()`, `float(t)`, `int(t)`) needs a value that is not known while tracing (after a "
+            "collective it even comes from other ranks). Compute both branches and select with torch.where(...), "
+            "keep the value a tensor (`s / n` instead of `s / n.item()`), or base the decision on Python values "
+            "(shapes, rank, configuration) instead of tensor contents."
+        )
+    elif kind is not None:
         msg = (
             f"{prog}: control flow that depends on tensor values cannot be traced{at}{code} "
             f"({type(e).__name__}: {text}). Compute both branches and select with torch.where(...), "

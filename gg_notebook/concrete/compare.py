@@ -13,6 +13,12 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(max absolute error, the scale it is judged against)."""
     if a.shape != b.shape:
         return float("inf"), 1.0
+    if a.dtype.is_complex or b.dtype.is_complex:
+        # complex values: compare (real, imaginary) pairs; a complex and a real tensor never agree
+        # (casting complex to real would silently drop the imaginary parts)
+        if not (a.dtype.is_complex and b.dtype.is_complex):
+            return float("inf"), 1.0
+        return max_error(torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj()))
     if not a.dtype.is_floating_point and not b.dtype.is_floating_point:
         return float((a != b).any()), 1.0
     a64, b64 = a.double(), b.double()
@@ -89,6 +95,8 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype=None, bitwise: bool | None = N
     if err == float("inf"):
         return False
     dtype = dtype or a.dtype
+    if dtype.is_complex:
+        dtype = torch.float64 if dtype == torch.complex128 else torch.float32 if dtype == torch.complex64 else torch.float16
     if not dtype.is_floating_point:
         return err == 0
     growth = max(1.0, (REDUCTION / 1024) ** 0.5)

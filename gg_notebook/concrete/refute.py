@@ -15,7 +15,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.concrete.compare import close, max_error
 from gg_notebook.concrete.search import candidates_for, evaluate_relation
-from gg_notebook.concrete.simulate import SimulationError, simulate
+from gg_notebook.concrete.simulate import RankRaised, SimulationError, simulate
 from gg_notebook.result import Counterexample, Culprit, Finding, Result, Status
 
 
@@ -170,9 +170,35 @@ def concrete_check_on(engine, problem, result: Result, sims: list, bitwise: bool
         return _judge_simulations(engine, problem, result, sims)
 
 
+def refute_rank_raised(engine, problem, result: Result, exc: RankRaised) -> Result:
+    """A rank's own operator raised on that rank's share of inputs on which the sequential program
+    runs fine: the distributed program fails where the specification does not. Refuted, with the
+    inputs as counterexample and the rank, error and line as evidence."""
+    inputs = {name: f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+              for name, t in zip(problem.input_names, exc.inputs)}
+    what = exc.describe()
+    result.counterexample = Counterexample(
+        seed=exc.seed, output=-1, expected_relation="a run of every rank", max_error=float("inf"),
+        relative_error=float("inf"), sequential=[], rebuilt=[], worst_index=(), inputs=inputs,
+        tensors=[t.detach() for t in exc.inputs], raised=what)
+    why = (f"on seed {exc.seed}, {what}, on inputs where the sequential program runs to the end: the "
+           "distributed program fails where the specification does not")
+    result.findings.append(Finding("rank-raised", why, exc.node.source))
+    if result.culprit is not None:
+        result.culprit.detail += "; " + why
+    else:
+        n = exc.node
+        result.culprit = Culprit(op=n.target, node=f"{n.name}@r{exc.rank}", source=n.source, code=n.code,
+                                 detail=why, input_relations={}, nearby=[])
+    result.status = Status.REFUTED
+    return result
+
+
 def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
     try:
         sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s) for s in range(seeds)]
+    except RankRaised as exc:
+        return refute_rank_raised(engine, problem, result, exc)
     except SimulationError as exc:
         result.findings.append(Finding("not-simulated", f"no concrete check: {exc}"))
         return result

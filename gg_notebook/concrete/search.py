@@ -52,7 +52,7 @@ def candidates_for(engine, sims, seq_node, limit: int = 6, scaled: bool = False)
 
     def factor_of(values) -> float | None:
         """One factor c with want == c * value on every input, if there is one (and c != 1)."""
-        if not want[0].dtype.is_floating_point:
+        if not want[0].dtype.is_floating_point or any(v.dtype.is_complex for v in values):
             return None
         cs = []
         for v, w in zip(values, want):

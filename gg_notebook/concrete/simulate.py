@@ -28,6 +28,52 @@ class SimulationError(RuntimeError):
     """The programs cannot be simulated (too large, or an op failed on real values)."""
 
 
+class RankRaised(SimulationError):
+    """A rank's own operator raised on the rank's actual values: the user's program fails there.
+
+    Raised only when the operator is one the rank's program calls (an ATen or user operator in its
+    graph, not a simulator construct) and it accepts the same arguments as fake tensors (shapes,
+    dtypes and every other argument are fine: tracing ran it), so the error depends on the values
+    alone (an index out of bounds, a failed ``torch._assert``, a singular matrix)."""
+
+    def __init__(self, rank: int, node: Node, exc: BaseException):
+        self.rank, self.node, self.exc = rank, node, exc
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self.error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        super().__init__(f"rank {rank}: {node.target} ({node.name}) at {node.source} raised on real values: "
+                         f"{self.error}")
+
+    def describe(self) -> str:
+        code = f" (`{self.node.code.strip()}`)" if self.node.code else ""
+        where = f" at {self.node.source}" if self.node.source else ""
+        return f"rank {self.rank} raised {self.error} in {self.node.target}{where}{code}"
+
+
+# Exceptions that say "these values are not accepted" (never a missing kernel or a wrong call).
+_VALUE_ERRORS = (IndexError, RuntimeError, ValueError, ZeroDivisionError)
+
+
+def _raised_by_operator(n: Node, vals: list, exc: BaseException) -> bool:
+    """Did the rank's own operator ``n`` reject its actual values (see `RankRaised`)?"""
+    if n.op != "call" or not isinstance(exc, _VALUE_ERRORS) or isinstance(exc, (NotImplementedError, SimulationError)):
+        return False
+    target = getattr(n.attrs, "target", None)
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace in ("gg_capture", "prims"):
+        return False
+    if "not implemented" in str(exc).lower():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in vals]
+            out = n.attrs.call(fakes)
+    except Exception:  # noqa: BLE001 - the call itself is wrong (shapes, dtypes): a simulator problem
+        return False
+    # the call as traced: same result shape and dtype as the rank's graph says
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(n.shape) and out.dtype == n.dtype
+
+
 @dataclass
 class Simulation:
     seed: int
@@ -190,6 +236,8 @@ def run_ranks(graphs: list[Graph], locals_: list[list[torch.Tensor]]) -> list[di
                     except SimulationError:
                         raise
                     except Exception as exc:  # noqa: BLE001
+                        if _raised_by_operator(n, [env[i.name] for i in n.inputs], exc):
+                            raise RankRaised(r, n, exc) from exc
                         raise SimulationError(f"rank {r}: {n.target} ({n.name}) at {n.source} failed on real "
                                               f"values: {type(exc).__name__}: {exc}") from exc
                 cursors[r] += 1
@@ -223,17 +271,31 @@ def _collective(n: Node, rank: int, coll, envs, cursors) -> torch.Tensor | None:
             return None
         ins.append(envs[m][key])
     kind, fn = info.kind, info.reduce_op
+    v = _collective_value(n, rank, group, members, ins)
+    if tuple(v.shape) != tuple(n.shape):
+        raise SimulationError(f"rank {rank}: {info.describe()} at {n.source} produced shape {tuple(v.shape)}, "
+                              f"its output has shape {tuple(n.shape)}")
+    return v
+
+
+def _collective_value(n: Node, rank: int, group, members, ins) -> torch.Tensor:
+    from gg_notebook.engine.index import _is_stacked_gather, _is_stacked_scatter
+
+    info = n.attrs
+    kind, fn = info.kind, info.reduce_op
     if kind in ("all_reduce", "reduce_scatter_tensor"):
         total = _reduce(fn, ins)
         if kind == "all_reduce":
             return total
         pos = group.index(rank)
+        if _is_stacked_scatter(n):
+            return total[pos]
         size = n.shape[0]
         return total.narrow(0, pos * size, size)
     if kind == "all_gather":
         return ins[info.out_index]
     if kind == "all_gather_into_tensor":
-        return torch.cat(ins, 0)
+        return torch.stack(ins, 0) if _is_stacked_gather(n) else torch.cat(ins, 0)
     if kind == "broadcast":
         return ins[group.index(info.src)] if info.src in group else ins[0]
     if kind == "all_to_all_single":
@@ -298,5 +360,9 @@ def _simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int, adve
         raise
     except Exception as exc:  # noqa: BLE001
         raise SimulationError(f"the sequential program failed on random inputs: {type(exc).__name__}: {exc}") from exc
-    ranks = run_ranks(graphs, locals_)
+    try:
+        ranks = run_ranks(graphs, locals_)
+    except RankRaised as exc:
+        exc.seed, exc.inputs, exc.local_inputs = seed, inputs, locals_
+        raise
     return Simulation(seed, inputs, seq_env, ranks, locals_)

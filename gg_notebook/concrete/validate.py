@@ -47,12 +47,21 @@ def validate_proof(engine, problem, result: Result, bitwise: bool = False) -> Re
 
 def _validate(engine, problem, result: Result, bitwise: bool) -> Result:
     from gg_notebook.concrete.compare import judged_as
-    from gg_notebook.concrete.simulate import SimulationError, simulate
+    from gg_notebook.concrete.simulate import RankRaised, SimulationError, simulate
 
     t0 = time.perf_counter()
     with judged_as(engine.seq, bitwise):
         try:
             sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s, adversarial=adv) for s, adv in SEEDS]
+        except RankRaised as exc:
+            # a rank's operator rejects values on which the sequential program runs: not a proof
+            from gg_notebook.concrete.refute import refute_rank_raised
+
+            result.stats["validated"] = False
+            result.findings.append(Finding(
+                "validation-failed", f"re-running the programs on fresh inputs: {exc.describe()}", exc.node.source))
+            result.status = Status.UNKNOWN
+            return refute_rank_raised(engine, problem, result, exc)
         except SimulationError as exc:
             result.findings.append(Finding(
                 "not-validated",

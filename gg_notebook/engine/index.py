@@ -10,6 +10,7 @@ lemmas are matched against the ranks with a single dictionary lookup.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -319,10 +320,26 @@ class DIndex:
                     rank=rank, source=n.source)
             return ins[info.out_index]
         if kind == "all_gather_into_tensor":
+            if _is_stacked_gather(n):
+                # the stacked form [W, *input] (documented by torch): a stack of the inputs
+                return S.cat([S.view(x, (1,) + tuple(x.shape)) for x in ins], 0)
             return S.cat(ins, 0)
         if kind == "reduce_scatter_tensor":
-            total = _reduce(S, fn, ins, n)
             pos = group.index(rank)
+            out = tuple(n.shape)
+            if _is_stacked_scatter(n):
+                # the stacked input form [W, *output] (documented by torch) is the concatenated
+                # form of the same data: merge the stack dim into the first output dim
+                W = len(group)
+                flat = (W * out[0],) + out[1:] if out else (W,)
+                total = _reduce(S, fn, [S.view(x, flat) for x in ins], n)
+                size = out[0] if out else 1
+                piece = S.slice(total, 0, pos * size, (pos + 1) * size)
+                if not out:
+                    return S.view(piece, ())
+                self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
+                return piece
+            total = _reduce(S, fn, ins, n)
             size = n.shape[0]
             self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
             return S.slice(total, 0, pos * size, (pos + 1) * size)
@@ -353,11 +370,37 @@ def _expected_shape(n: Node) -> tuple | None:
     size = len(tuple(info.group))
     if info.kind in ("all_reduce", "broadcast", "all_gather"):
         return src
-    if info.kind == "all_gather_into_tensor" and src:
-        return (src[0] * size,) + src[1:]
+    if info.kind == "all_gather_into_tensor":
+        if _is_stacked_gather(n):
+            return (size,) + src
+        return (src[0] * size,) + src[1:] if src else (size,)
     if info.kind == "reduce_scatter_tensor" and src:
+        if _is_stacked_scatter(n):
+            return src[1:]
         return (src[0] // size,) + src[1:] if src[0] % size == 0 else ("not divisible",)
     return None
+
+
+def _is_stacked_gather(n: Node) -> bool:
+    """all_gather_into_tensor into an output of shape [W, *input.shape]: torch documents both a
+    concatenation along dim 0 and this stack of the inputs along a new leading dim."""
+    if n.attrs.kind != "all_gather_into_tensor" or not n.inputs:
+        return False
+    src = tuple(n.inputs[0].shape)
+    size = len(tuple(n.attrs.group))
+    return tuple(n.shape) == (size,) + src and (not src or tuple(n.shape) != (src[0] * size,) + src[1:])
+
+
+def _is_stacked_scatter(n: Node) -> bool:
+    """reduce_scatter_tensor from an input of shape [W, *output.shape] (torch documents both a
+    concatenation of the outputs along dim 0 and this stack)."""
+    if n.attrs.kind != "reduce_scatter_tensor" or not n.inputs:
+        return False
+    src = tuple(n.inputs[0].shape)
+    size = len(tuple(n.attrs.group))
+    if not src or src[0] != size or tuple(n.shape) != src[1:]:
+        return False
+    return not (src[0] % size == 0 and tuple(n.shape) == (src[0] // size,) + src[1:])
 
 
 def _check_buffer(rank: int, n: Node) -> None:
@@ -377,8 +420,12 @@ def _wrong_buffer(rank: int, n: Node, want: tuple) -> None:
     code = f" (`{n.code.strip()}`)" if n.code else ""
     size = len(tuple(info.group))
     if want == ("not divisible",):
-        fix = (f"the input's first dim ({src[0]}) must be {size} (the group's size) times the output's; "
-               f"pad the input or change the split")
+        fix = (f"the input's first dim ({src[0]}) must be {size} (the group's size) times the output's "
+               f"(or the input a stack of {size} outputs); pad the input or change the split")
+    elif info.kind == "all_gather_into_tensor" and src is not None:
+        stacked = (size,) + src
+        fix = (f"allocate the output with shape {want} (the inputs concatenated along dim 0)"
+               + (f" or {stacked} (the inputs stacked along a new dim 0)" if stacked != want else ""))
     else:
         fix = f"allocate the output with shape {want}"
     raise CaptureError(
@@ -394,9 +441,102 @@ def _waiting_at(rank: int, n: Node) -> str:
 
 
 def _reduce(S: ExprStore, fn: str | None, ins: list[Expr], n: Node) -> Expr:
+    if fn in ("sum", "max", "min", "avg"):
+        folded = _fold_ground(S, "sum" if fn == "avg" else fn, ins)
+        if folded is not None:
+            return folded if fn != "avg" else S.scale(folded, Fraction(1, len(ins)))
     if fn in ("sum", "max", "min"):
         return S.accum(fn, ins)
     if fn == "avg":
         return S.scale(S.accum("sum", ins), Fraction(1, len(ins)))
     # product and anything else: an opaque value unique to this collective
     return S.atom(f"{fn}-reduce:{n.name}@r{n.rank}", n.shape, n.dtype)
+
+
+_FOLD_MAX_NUMEL = 1 << 16
+_MANTISSA = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def _fold_ground(S: ExprStore, fn: str, ins: list[Expr]) -> Expr | None:
+    """A reduction over input-independent values (``n = torch.tensor(float(x.shape[0]));
+    dist.all_reduce(n)``: every rank's count), computed by value: a constant term, so that the
+    result compares by value (``full(8.0)``) and its fill reads as a number in the scalar normal
+    form. Folded only when the result is the same in every summation order (max/min always; a sum
+    when every value is an integer and the sum of magnitudes is exactly representable), so the
+    constant is the value a real process group computes, bit for bit. None: not folded."""
+    if not ins or not all(e.ground for e in ins) or any(e.dtype is None for e in ins):
+        return None
+    if any(_has_unique(e) for e in ins):
+        return None  # uninitialized (empty) or random values: no value to fold
+    if len({(tuple(e.shape), e.dtype) for e in ins}) != 1 or math.prod(ins[0].shape) > _FOLD_MAX_NUMEL:
+        return None
+    dtype = ins[0].dtype
+    if dtype.is_complex or dtype == torch.bool:
+        return None
+    from gg_notebook.relations.expr import evaluate
+
+    def leaf(e):
+        raise ValueError("not input-independent")
+
+    try:
+        vals = [evaluate(e, leaf).to(dtype) for e in ins]
+    except Exception:  # noqa: BLE001 - a constant we cannot evaluate stays an accumulation term
+        return None
+    if any(v.is_meta for v in vals):
+        return None
+    if fn == "sum":
+        if dtype.is_floating_point:
+            wide = [v.double() for v in vals]
+            if not all(bool(torch.all(torch.isfinite(w) & (w == w.round()))) for w in wide):
+                return None
+            bound = sum(w.abs() for w in wide)
+            if bound.numel() and float(bound.max()) >= 2.0 ** _MANTISSA.get(dtype, 0):
+                return None
+        else:
+            wide = [v.long() for v in vals]
+            total = sum(w.abs() for w in wide)
+            if total.numel() and int(total.max()) > torch.iinfo(dtype).max:
+                return None
+        out = vals[0].clone()
+        for v in vals[1:]:
+            out = out + v
+    else:
+        out = vals[0].clone()
+        for v in vals[1:]:
+            out = torch.maximum(out, v) if fn == "max" else torch.minimum(out, v)
+    return _const_term(S, out.to(dtype))
+
+
+def _has_unique(e: Expr) -> bool:
+    """Does ``e`` read a value that is unique to one call (``empty``, a random draw)?"""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if getattr(x.attrs, "unique", None) is not None:
+            return True
+        stack.extend(x.args)
+    return False
+
+
+def _const_term(S: ExprStore, value: torch.Tensor) -> Expr:
+    """A constant term holding ``value``: ``full`` when every element is one number (the scalar
+    normal form reads its fill), else content-keyed."""
+    import hashlib
+
+    from gg_notebook.ir.lower import _Full, _TensorConst
+    from gg_notebook.relations.expr import OpSpec
+
+    shape, dtype = tuple(value.shape), value.dtype
+    flat = value.reshape(-1)
+    if flat.numel() and not torch.isnan(flat).any() and bool(torch.all(flat == flat[0])) \
+            and bool(torch.all(torch.signbit(flat) == torch.signbit(flat[0]))):
+        v = flat[0].item()
+        spec = OpSpec("const", f"full({v})", _Full.of(shape, v, dtype), ((), ()))
+    else:
+        data = value.contiguous()
+        digest = hashlib.sha1(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
+        spec = OpSpec("const", "constant", _TensorConst(digest, shape, dtype, data), ((), ()))
+    return S.const(spec, shape, dtype)

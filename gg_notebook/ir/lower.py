@@ -195,7 +195,7 @@ class _Lowerer:
             t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
         unique = None
         packet = _packet(target)
-        if packet in RANDOM or (hasattr(target, "tags") and torch.Tag.nondeterministic_seeded in target.tags):
+        if packet in RANDOM or _is_random(target, args, kwargs):
             unique = f"{self.rank}:{self.cur.name if self.cur is not None else id(target)}"
         spec = OpSpec(kind, _name(target), target, (t_args, t_kwargs), tuple(params), out, unique)
         return spec, inputs
@@ -212,7 +212,7 @@ class _Lowerer:
                 self.dropout_same.update(same)
         for fx in self.gm.graph.nodes:
             self.cur = fx
-            if fx.op == "call_function" and self.random is not None and _is_random(fx.target):
+            if fx.op == "call_function" and self.random is not None and _is_random(fx.target, fx.args, fx.kwargs):
                 frames = fx.meta.get("gg_frames") or ()
                 self.random_ops.append(RandomOp(
                     str(fx.target), "dropout" if fx in dropout else "random", self.rank, fx.name,
@@ -330,6 +330,12 @@ class _Lowerer:
             src = env[args[0]]
             if dtype == src.dtype:
                 return src
+            if target is aten._to_copy.default and _same_placement_kwargs(fx, kwargs):
+                # x.type_as(y) / x.to(y) spell the target's device and layout; when they are the
+                # input's own, the call is x.to(dtype) (one spelling, and shapes infer on meta)
+                kept = {k: v for k, v in kwargs.items() if k not in ("device", "layout", "pin_memory")}
+                spec, inputs = self.spec_for(target, args, kept, kind="ew")
+                return self.emit("call", spec, inputs, shape, dtype)
             return self.call(fx, kind="ew")
         if packet in VIEWS and shape is not None:
             return self.view(env[args[0]], tuple(shape), dtype)
@@ -402,6 +408,10 @@ class _Lowerer:
             return self.split(fx, packet)
         if packet in ("addmm", "baddbmm", "addbmm"):
             return self.addmm(fx, packet)
+        if packet in ("view_as_complex", "view_as_real", "view_as_complex_copy", "view_as_real_copy"):
+            # a reinterpretation of the last dim (pairs <-> complex numbers): lemmas in
+            # gg_notebook.lemmas.complex_views move it through concatenations of the other dims
+            return self.call(fx, kind="complex_view")
         if packet == "bmm" and shape is not None and shape[0] == 1:
             return self.single_bmm(fx, shape, dtype)
         if packet in ("mm", "bmm"):
@@ -683,8 +693,53 @@ class _Tuple:
         return self.cache[k]
 
 
-def _is_random(target) -> bool:
-    return _packet(target) in SEEDED or torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+def _is_random(target, args=(), kwargs=None) -> bool:
+    """Does this call draw random numbers? The random packets do; an operator tagged
+    ``nondeterministic_seeded`` does unless it has a ``dropout_p`` argument equal to 0 (attention
+    kernels such as ``_scaled_dot_product_flash_attention_for_cpu`` are tagged because they *can*
+    drop out; with ``dropout_p=0.0`` they are deterministic)."""
+    if _packet(target) in SEEDED:
+        return True
+    if torch.Tag.nondeterministic_seeded not in getattr(target, "tags", ()):
+        return False
+    p = _schema_arg(target, args, kwargs or {}, "dropout_p")
+    if p is _NO_ARG:
+        return True
+    return not (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0)
+
+
+_NO_ARG = object()
+
+
+def _same_placement_kwargs(fx: torch.fx.Node, kwargs) -> bool:
+    """Do ``_to_copy``'s device / layout / pin_memory keywords leave the input where it is?"""
+    src = fx.args[0].meta.get("val") if fx.args and isinstance(fx.args[0], torch.fx.Node) else None
+    if not isinstance(src, torch.Tensor):
+        return False
+    device = kwargs.get("device")
+    if device is not None and torch.device(device) != src.device:
+        return False
+    layout = kwargs.get("layout")
+    if layout is not None and layout != src.layout:
+        return False
+    return kwargs.get("pin_memory") in (None, False)
+
+
+def _schema_arg(target, args, kwargs, name: str):
+    """The value ``name`` is bound to in a call of OpOverload ``target`` (its default if not passed);
+    `_NO_ARG` if the schema has no such argument (or no default and it is not passed)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return _NO_ARG
+    for i, a in enumerate(schema.arguments):
+        if a.name != name:
+            continue
+        if not a.kwarg_only and i < len(args):
+            return args[i]
+        if name in kwargs:
+            return kwargs[name]
+        return a.default_value if a.has_default_value() else _NO_ARG
+    return _NO_ARG
 
 
 def _users_are(node: torch.fx.Node, ok) -> bool:

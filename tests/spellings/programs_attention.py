@@ -482,10 +482,8 @@ _MISSING = {
     "mha-tp/bug-mask-not-applied": "not localized: the correct twin is stuck at the same add (scores + mask)",
     "rope/real-rotate_half-seq-sharded-offset":
         "input-independent values with a rank offset: arange(rank*S/W, ...) tables tile the spec's table",
-    "rope/complex-polar-heads-sharded": "view_as_complex / polar / view_as_real: no relation through complex views",
     "rope/complex-spec-vs-real-even-odd":
         "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
-    "rope/complex-seq-sharded-table-rows": "view_as_complex on a sequence shard and a sliced polar table",
     "rope/bug-seq-sharded-no-offset": "not localized: the correct twin is stuck at the same rotary-table mul",
 }
 

@@ -518,12 +518,12 @@ _MISSING = {
         "decomposition (tanh formula vs gelu) and the 3-D `x @ w1 + b1` vs 2-D addmm + final view",
     "sp-block/rmsnorm-allgather-swiglu-reducescatter":
         "canonical spelling add.Scalar vs add.Tensor (F.rms_norm vs written) and silu vs g * sigmoid(g)",
-    "sp-block/layernorm-allgather-list-gelu-reducescatter-list":
-        "capture: the list form dist.reduce_scatter(out, chunks) (c10d.reduce_scatter_) is not supported",
     "sdpa-heads/F.sdpa-vs-math":
-        "F.scaled_dot_product_attention (dropout_p=0) is refused as a random op; no decomposition to its math form",
+        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
+        "cancel against the spec's / sqrt(d)",
     "sdpa-heads/einsum-math-vs-F.sdpa":
-        "F.scaled_dot_product_attention (dropout_p=0) is refused as a random op; no decomposition to its math form",
+        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
+        "cancel against the spec's / sqrt(d)",
     "sdpa-heads/F.sdpa-causal-vs-triu-mask":
         "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
     "sdpa-heads/tril-masked_fill-vs-F.sdpa-causal":

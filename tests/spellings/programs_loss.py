@@ -692,21 +692,18 @@ _CE = "vocab-parallel cross-entropy lemma only matches Megatron's reduction='non
 _MISSING = {
     "vocab-ce/logsumexp-allgather-onehot-none":
         _CE + "needs logsumexp of gathered shard logsumexps and a one_hot masked target-logit sum",
-    "vocab-ce/bug-target-offset-not-subtracted":
-        "a rank that raises on valid inputs (index out of bounds) ends unknown ('not-simulated'), not refuted",
     "vocab-ce/logsumexp-sum-div-numel": _CE + "reduction='mean' = sum / numel (scalar algebra) on a logsumexp spelling",
     "vocab-ce-ignore/megatron-keep-weighted-sum":
         _CE + "ignore_index mean = sum(loss * keep) / sum(keep) (total_weight) is not modelled",
     "vocab-ce-ignore/loss-parallel-boolean-index-mean":
-        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx",
+        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx "
+        "(refused with the rewrite (loss * mask).sum() / mask.sum())",
     "vocab-ce-ignore/logsumexp-where-clamp": _CE + "ignore_index mean = where(valid) sum / clamp(valid count)",
     "vocab-ce-ignore/bug-mean-over-all-tokens": "not localized: the correct twin is stuck at the same _log_softmax",
     "vocab-ce-reg/smoothing-sum-logits-allreduce":
         _CE + "label smoothing = (1-e) nll + e (lse - sum(logits)/V): needs sum over a sharded vocab + algebra",
     "vocab-ce-reg/smoothing-log-probs-stacked-allreduce": _CE + "label smoothing via -sum(logp)/V all-reduced in a stack",
     "vocab-ce-reg/bug-smoothing-local-vocab-size": "not localized: the correct twin is stuck at the same _log_softmax",
-    "vocab-ce-reg/zloss-megatron-plus-gathered-logsumexp":
-        "capture refuses all_gather_into_tensor into a stacked [W, ...] output (torch documents that form)",
     "online-softmax/flash-decoding-gather-merge":
         "online-softmax merge of per-shard (max, sum, unnormalized out) across a sharded key dim (no lemma)",
     "online-softmax/max-then-sum-allreduce":

@@ -282,9 +282,6 @@ _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the ran
 MISSING = {
     "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
     "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
-    "mean-of-means/sum-and-count": ("capture: dist.all_reduce on a tensor built from Python numbers "
-                                    "(torch.tensor(float(n))) runs the placeholder collective eagerly (CaptureError); "
-                                    "then scalar algebra for sum / sum of counts"),
     "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }
 
