@@ -101,7 +101,7 @@ class DIndex:
             self._by_form = {}
             for d in self.dvals:
                 if self.forms.worth_indexing(d.term):
-                    k = self.forms.key(d.term, budget=40)
+                    k = self.forms.key(d.term, budget=20)
                     if k is not None:
                         self._by_form.setdefault(k[0], {}).setdefault(k[1], d)
         sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))

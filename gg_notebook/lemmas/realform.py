@@ -109,7 +109,7 @@ class RealForms:
 
     def _form(self, t: Expr) -> Form:
         pairs = []
-        for b, c in self.linear.of(t, 80):
+        for b, c in self.linear.of(t, 30):
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)

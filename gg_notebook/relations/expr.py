@@ -202,7 +202,7 @@ def _fill(t, tensors):
 class Expr:
     """A hash-consed expression node. Build them through `ExprStore`, never directly."""
 
-    __slots__ = ("id", "op", "attrs", "args", "shape", "dtype", "key", "ground", "pending")
+    __slots__ = ("id", "op", "attrs", "args", "shape", "dtype", "key", "ground", "pending", "scaled")
 
     def __init__(self, id, op, attrs, args, shape, dtype, key):
         self.id = id
@@ -215,6 +215,7 @@ class Expr:
         # ground: no ref/atom leaves (a constant); pending: a compute call on non-constant values
         self.ground = op not in ("ref", "atom") and all(a.ground for a in args)
         self.pending = (op == "call" and not self.ground) or any(a.pending for a in args)
+        self.scaled = op == "scale" or any(a.scaled for a in args)  # holds a value only up to a factor
 
     def __repr__(self) -> str:
         return f"Expr#{self.id}<{self.op}>"
@@ -757,7 +758,7 @@ def is_clean(e: Expr) -> bool:
 def has_factor(e: Expr) -> bool:
     """True if ``e`` holds a value only up to a factor (a ``scale`` node: never clean). Constant
     computations are not factors: a relation may compute on constants."""
-    return any(x.op == "scale" for x in walk(e))
+    return e.scaled
 
 
 def size(e: Expr) -> int:

@@ -81,10 +81,11 @@ class TooLarge(Exception):
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, budget: int = 150) -> None:
+    def __init__(self, store: ExprStore, budget: int = 30) -> None:
         self.S = store
         self._memo: dict[int, Form] = {}
         self._fill_memo: dict[int, Fraction | None] = {}
+        self._worth: dict[tuple, bool] = {}
         self.budget = budget  # terms one top-level question may normalize (large graphs: no answer)
         self._left: int | None = None
 
@@ -152,6 +153,13 @@ class LinearForms:
         with a number at or just below their root (a mean, an average, a scaled product, a sum of
         scaled parts): indexing every value's normal form costs too much on large graphs, and a
         query whose form is one base is looked up by that base directly."""
+        key = (t.id, depth)
+        hit = self._worth.get(key)
+        if hit is None:
+            hit = self._worth[key] = self._worth_indexing(t, depth)
+        return hit
+
+    def _worth_indexing(self, t: Expr, depth: int) -> bool:
         if not _floating(t):
             return False
         if self.scalar_root(t):
