@@ -114,20 +114,20 @@ class DIndex:
             # no number near its root: take it as its own base (term == 1 * term, an identity;
             # normalizing its whole history would cost more than it finds)
             form = ((term, Fraction(1)),)
+        if not form:
+            return None
+        c0 = form[0][1]
+        k = ((term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form)), c0)
+        hit = self._by_form.get(k[0]) or {}
+        if k[1] in hit:  # some rank holds exactly this value: prefer it to any multiple
+            return hit[k[1]], Fraction(1)
         if len(form) == 1:  # c * b: a rank may hold the base b itself
             b, c = form[0]
             d = self.by_term.get(b.id)
             if d is not None:
                 return d, c
-        if not form:
-            return None
-        c0 = form[0][1]
-        k = ((term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form)), c0)
-        hit = self._by_form.get(k[0])
         if not hit:
             return None
-        if k[1] in hit:
-            return hit[k[1]], Fraction(1)
         c0, d = next(iter(hit.items()))
         return d, k[1] / c0
 
