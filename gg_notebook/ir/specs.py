@@ -22,6 +22,16 @@ _REDUCE_TARGETS = {
 }
 
 
+def reduced_dims(dim, n: int) -> tuple[int, ...]:
+    """A reduction's ``dim`` argument as sorted non-negative dims of an ``n``-dim input (None or an
+    empty list: every dim)."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(n))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
+
+
 def reduce_spec(fn: str, dims: tuple[int, ...], keepdim: bool, dtype=None) -> OpSpec | None:
     target = _REDUCE_TARGETS.get(fn)
     if target is None:

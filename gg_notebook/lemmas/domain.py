@@ -39,11 +39,27 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
         if x.id in memo:
             return memo[x.id]
         if x.op == "const":
-            v = x.attrs.call([])
-            flat = v.reshape(-1)
-            if v.numel() == 0 or not bool((flat == flat[0]).all()):
-                return None  # only uniform constants (scalars, zeros_like, full) are elementwise
-            r = flat[0].clone()
+            target = x.attrs.target
+            stored = getattr(target, "tensor", None)  # a constant compared by value (relations/ground.py)
+            if isinstance(stored, torch.Tensor) and isinstance(getattr(target, "_uniform", None), bool):
+                if not target._uniform or stored.numel() == 0:
+                    return None
+                memo[x.id] = stored.reshape(-1)[0].clone()
+                return memo[x.id]
+            fill = getattr(target, "constant_fill", None)
+            v = fill() if fill is not None else None
+            if v is not None and not isinstance(v, torch.Tensor):
+                from gg_notebook.relations.expr import untyped
+
+                v = untyped(v)
+            if v is not None and isinstance(v, (bool, int, float)):
+                r = torch.tensor(v, dtype=x.dtype)  # a uniform constant, without materializing it
+            else:
+                v = x.attrs.call([])
+                flat = v.reshape(-1)
+                if v.numel() == 0 or not bool((flat == flat[0]).all()):
+                    return None  # only uniform constants (scalars, zeros_like, full) are elementwise
+                r = flat[0].clone()
         elif x.op == "view":
             if nelem(x) != numel:
                 return None

@@ -43,6 +43,8 @@ from fractions import Fraction
 
 import torch
 
+from gg_notebook.ir.specs import reduced_dims
+
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError
 
 aten = torch.ops.aten
@@ -54,14 +56,6 @@ Form = frozenset
 
 def _floating(e: Expr) -> bool:
     return e.dtype is not None and e.dtype.is_floating_point
-
-
-def _dims(dim, n: int) -> tuple[int, ...]:
-    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
-        return tuple(range(n))
-    if isinstance(dim, int):
-        dim = (dim,)
-    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
 
 
 class _Fail(Exception):
@@ -179,7 +173,7 @@ class RealForms:
             if a.dtype != b.dtype or (target is aten.sum.dim_IntList and spec.arg("dtype", None) not in (None, a.dtype)):
                 return None
             in_shape = tuple(a.shape)
-            D = _dims(spec.arg("dim"), len(in_shape))
+            D = reduced_dims(spec.arg("dim"), len(in_shape))
             keep = bool(spec.arg("keepdim"))
             fa = self._sub(a)
             if target is aten.logsumexp.default:

@@ -16,20 +16,13 @@ from fractions import Fraction
 
 import torch
 
-from gg_notebook.ir.specs import reduce_spec
+
+from gg_notebook.ir.specs import reduce_spec, reduced_dims
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register
 from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError
 
 aten = torch.ops.aten
-
-
-def _dims(dim, n: int) -> tuple[int, ...]:
-    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
-        return tuple(range(n))
-    if isinstance(dim, int):
-        dim = (dim,)
-    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
 
 
 def mean_as_sum(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
@@ -40,7 +33,7 @@ def mean_as_sum(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
         return
     if x.op not in ("cat", "accum"):  # a whole value: the ranks' own mean is found directly
         return
-    dims = _dims(spec.arg("dim"), len(x.shape))
+    dims = reduced_dims(spec.arg("dim"), len(x.shape))
     n = math.prod(x.shape[d] for d in dims)
     if n == 0:
         return

@@ -34,6 +34,8 @@ from typing import Iterable
 
 import torch
 
+from gg_notebook.ir.specs import reduced_dims
+
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
 
 aten = torch.ops.aten
@@ -316,7 +318,7 @@ class LinearForms:
         src = x.args[0]
         if spec.arg("dtype", None) not in (None, src.dtype) or src.dtype != x.dtype:
             return None
-        dims = _dims(spec.arg("dim"), len(src.shape))
+        dims = reduced_dims(spec.arg("dim"), len(src.shape))
         n = math.prod(src.shape[d] for d in dims)
         if n == 0:
             return None
@@ -328,7 +330,7 @@ class LinearForms:
         src = x.args[0]
         if spec.arg("dtype", None) not in (None, src.dtype) or src.dtype != x.dtype:
             return None
-        dims = _dims(spec.arg("dim"), len(src.shape))
+        dims = reduced_dims(spec.arg("dim"), len(src.shape))
         keep = bool(spec.arg("keepdim"))
         if keep:  # sum(x, d, keepdim=True) = view(sum(x, d), shape with ones)
             flat = self._sum_of(src, dims)
@@ -381,7 +383,7 @@ class LinearForms:
                 return self.S.view(s, out_shape) if tuple(s.shape) != out_shape else s
             if y.op == "call" and y.attrs.target is aten.sum.dim_IntList and not y.attrs.arg("keepdim") \
                     and y.attrs.arg("dtype", None) in (None, y.args[0].dtype) and y.args[0].dtype == y.dtype:
-                inner = _dims(y.attrs.arg("dim"), len(y.args[0].shape))
+                inner = reduced_dims(y.attrs.arg("dim"), len(y.args[0].shape))
                 kept = [d for d in range(len(y.args[0].shape)) if d not in inner]
                 dims = tuple(sorted(set(inner) | {kept[d] for d in dims}))
                 y = y.args[0]
@@ -473,14 +475,6 @@ class LinearForms:
                 a = self.fill(g.args[0])
                 return None if a is None else -a
         return None
-
-
-def _dims(dim, n: int) -> tuple[int, ...]:
-    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
-        return tuple(range(n))
-    if isinstance(dim, int):
-        dim = (dim,)
-    return tuple(sorted({int(d) % max(n, 1) for d in dim}))
 
 
 def _sum_through_view(v: Expr, dims: tuple[int, ...]):
