@@ -102,6 +102,7 @@ def test_hash_consing_same_expression_same_object():
     S = env.S
     x, _ = env.atom((4, 6), "x")
     assert S.atom("x", (4, 6), torch.float64) is x
+    assert S.atom("x", (6, 4), torch.float64) is not x  # same name and dtype, another shape: another leaf
     assert S.view(x, (2, 12)) is S.view(x, (2, 12))
     assert S.view(x, (24,)) is S.view(x, (-1,))
     assert S.permute(x, (1, 0)) is S.transpose(x, 0, 1)

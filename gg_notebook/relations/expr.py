@@ -263,7 +263,9 @@ class ExprStore:
 
     # ------------------------------------------------------------------ leaves
     def atom(self, name: str, shape, dtype) -> Expr:
-        return self._intern("atom", (name,), (), shape, dtype)
+        # the shape is part of an atom's identity: two leaves of one name and dtype but different
+        # shapes are different values (attrs[0] stays the name)
+        return self._intern("atom", (name, tuple(int(n) for n in shape)), (), shape, dtype)
 
     def ref(self, dval_id: int, shape, dtype) -> Expr:
         return self._intern("ref", (dval_id,), (), shape, dtype)
