@@ -54,6 +54,14 @@ def _cases(rng):
                      description="mean over two dims, keepdim")
         yield C.case(lambda x: x.mean(0), (r(m, n),), rng, partial={0: 3}, description="mean of a partial sum")
         yield C.case(lambda x: x.float().mean(), (r(m, n).float(),), rng, split={0: 0}, description="float32")
+    # adversarial values: zeros, large magnitudes of both signs, bfloat16 rounding, a single element per piece
+    z = r(6, 4)
+    z[::2] = 0.0
+    z[1, :] = 1e6
+    z[3, :] = -1e6
+    yield C.case(lambda x: x.mean(0), (z,), rng, split={0: 0}, pieces=6, description="zeros, +-1e6, one row per piece")
+    yield C.case(lambda x: x.mean(-1), (r(3, 8).to(torch.bfloat16),), rng, split={0: 1}, description="bfloat16")
+    yield C.case(lambda x: x.mean(), (r(1, 1),), rng, partial={0: 2}, description="a single element, partial")
 
 
 register(Lemma(
