@@ -247,6 +247,15 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
             elif name == "aten.gather.default" and w.args[0].id == u.id:
                 if w.attrs.arg("dim") in (-1, len(u.shape) - 1) and index_ok(strip_view(w.args[1], lead)):
                     picks.append(w)
+    from gg_notebook.lemmas.onehot import onehot_picks
+
+    for w, kind in onehot_picks(engine, x_t, t_t, domain, start):  # sum(x * onehot(t - start), -1)
+        if kind == "masked":
+            d = index.realized(w)
+            if d is not None:
+                return index.ref(d)
+        else:
+            picks.append(w)
     for p in picks:
         base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
         for e in [base] + index.users_of(base):
@@ -494,13 +503,25 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     pieces, t2 = _peel(S, list(x.args), t)
     lead = tuple(pieces[0].shape[:-1])
     plast = len(lead)
-    m = S.accum("max", [S.call(reduce_spec("amax", (plast,), False), [p]) for p in pieces])
-    mk = S.view(m, lead + (1,))
+    for keep in (False, True):  # the row maximum with or without keepdim (the ranks' spelling)
+        m = S.accum("max", [S.call(reduce_spec("amax", (plast,), keep), [p]) for p in pieces])
+        mk = m if keep else S.view(m, lead + (1,))
+        yield from _ce_backward_plan(S, pieces, mk, lead, plast, gl, g, t2, reduction, vocab, domain, out_shape, ctx)
+
+
+def _ce_backward_plan(S, pieces, mk, lead, plast, gl, g, t2, reduction, vocab, domain, out_shape, ctx):
     sub, exp = ew_spec(aten.sub.Tensor, 2), ew_spec(aten.exp.default, 1)
     div, mul = ew_spec(aten.div.Tensor, 2), ew_spec(aten.mul.Tensor, 2)
     exps = [S.call(exp, [S.call(sub, [p, mk])]) for p in pieces]
-    total = S.accum("sum", [S.call(reduce_spec("sum", (plast,), False), [e]) for e in exps])
-    tk = S.view(total, lead + (1,))
+    for keep in (False, True):  # the row sum with or without keepdim
+        total = S.accum("sum", [S.call(reduce_spec("sum", (plast,), keep), [e]) for e in exps])
+        tk = total if keep else S.view(total, lead + (1,))
+        yield from _ce_backward_rows(S, pieces, exps, tk, lead, plast, gl, g, t2, reduction, vocab, domain,
+                                     out_shape, ctx)
+
+
+def _ce_backward_rows(S, pieces, exps, tk, lead, plast, gl, g, t2, reduction, vocab, domain, out_shape, ctx):
+    div, mul = ew_spec(aten.div.Tensor, 2), ew_spec(aten.mul.Tensor, 2)
     # the factor of every row: g (none), g broadcast (sum), g / total_weight (mean)
     ones = (1,) * (len(lead) + 1)
     if reduction == 0:
@@ -539,6 +560,12 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
     S = engine.store
     domain = spec.param("domain").values(t_rel.dtype)
     inside = (domain >= start) & (domain < start + v_local)
+    from gg_notebook.lemmas.onehot import onehot_subs
+
+    for w in onehot_subs(engine, p_t, t_t, domain, start):  # p - onehot(t - start) * in_shard
+        d = index.realized(w)
+        if d is not None:
+            return index.ref(d)
     p2 = S.view(p_t, (n, v_local))
     for w in index.users_of(p2):
         if w.op != "call" or w.attrs.name != "aten.index_put.default" or len(w.args) != 4 or w.args[0].id != p2.id:

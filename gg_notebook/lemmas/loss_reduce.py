@@ -193,7 +193,43 @@ def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 if d is not None:
                     r = index.ref(d)
                     return r if c.id == x_t.id else engine.store.view(r, shape)
+        if not getattr(engine, "bitwise", False):
+            for u in index.users_of(c):  # x / n for the factor 1 / n (real-only: x / n != x * fl(1 / n))
+                if tuple(u.shape) != shape or u.dtype != x_t.dtype or not _divides_by_reciprocal(u, c, gv):
+                    continue
+                d = index.realized(u)
+                if d is not None:
+                    r = index.ref(d)
+                    return r if c.id == x_t.id else engine.store.view(r, shape)
     return None
+
+
+def _divides_by_reciprocal(u: Expr, c: Expr, gv: torch.Tensor) -> bool:
+    """``u`` is ``c / f`` (true division) with ``f`` an input-independent uniform number whose
+    reciprocal, rounded to ``gv``'s dtype, is every element of ``gv``."""
+    if u.op != "call" or u.attrs.name not in ("aten.div.Tensor", "aten.div.Scalar") or not u.args:
+        return False
+    if u.args[0].id != c.id or u.attrs.arg("rounding_mode", None) is not None:
+        return False
+    if len(u.args) == 1:
+        f = u.attrs.arg("other")
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            return False
+        fv = float(f)
+    elif len(u.args) == 2:
+        v = ground_value(u.args[1])
+        if v is None or v.numel() != 1:
+            return False
+        fv = float(v.reshape(()))
+    else:
+        return False
+    if fv == 0 or gv.numel() == 0 or not gv.dtype.is_floating_point:
+        return False
+    flat = gv.reshape(-1)
+    if not bool((flat == flat[0]).all()):
+        return False
+    recip = torch.tensor(1.0, dtype=torch.float64) / torch.tensor(fv, dtype=torch.float64)
+    return bool(recip.to(gv.dtype) == flat[0])
 
 
 register_matcher("full_reduce", match_full_reduce)

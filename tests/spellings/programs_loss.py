@@ -690,9 +690,6 @@ CASES = [
 
 _CE = "vocab-parallel cross-entropy lemma only matches Megatron's reduction='none' spelling; "
 _MISSING = {
-    "vocab-ce/logsumexp-allgather-onehot-none":
-        _CE + "needs logsumexp of gathered shard logsumexps and a one_hot masked target-logit sum",
-    "vocab-ce/logsumexp-sum-div-numel": _CE + "reduction='mean' = sum / numel (scalar algebra) on a logsumexp spelling",
     "vocab-ce-ignore/megatron-keep-weighted-sum":
         _CE + "ignore_index mean = sum(loss * keep) / sum(keep) (total_weight) is not modelled",
     "vocab-ce-ignore/loss-parallel-boolean-index-mean":
@@ -712,7 +709,6 @@ _MISSING = {
     "online-softmax/ring-sigmoid-update": "ring-flash-attention's sigmoid / logsigmoid incremental lse merge",
     "online-softmax/bug-no-rescale": "not localized: the correct twins are stuck at the same _softmax",
     "vocab-ce-grad/reduce-region-autograd": _CE + "autograd of the written-out loss (log, exp, gather backward)",
-    "vocab-ce-grad/softmax-minus-onehot": _CE + "hand-written gradient (softmax - onehot) / N",
     "vocab-ce-grad/bug-dnn-all_reduce-backward": "not localized: the correct twin is stuck at the same _log_softmax",
 }
 
