@@ -238,7 +238,8 @@ def _decline_cases():
     add("nll-total-weight", type(case)(spec, case.args, case.values, case.store, "", C.CaseContext()),
         "mean reduction counts only non-ignored targets")
     logits, tgt = r(6, 8), torch.tensor([0, 7, 3, 1, 2, 5])
-    for reduction, weight, why in ((1, None, "reduction mean"), (0, r(8).abs(), "class weights")):
+    # (reduction mean with ignore_index possible is modelled: sum of the zeroed losses / count_kept)
+    for reduction, weight, why in ((0, r(8).abs(), "class weights"), (1, r(8).abs(), "class weights, mean")):
         def nll(l, x, *w, red=reduction):
             return aten.nll_loss_forward(l, x, w[0] if w else None, red, -100)[0]
         tensors = (torch.log_softmax(logits, -1), tgt) + ((weight,) if weight is not None else ())

@@ -231,19 +231,31 @@ def test_reduce_regroup_declines_a_view_that_mixes_reduced_and_kept_elements():
     assert not plans
 
 
-def test_cross_entropy_mean_declines_when_ignore_index_is_possible():
+def test_cross_entropy_mean_with_ignore_index_divides_by_the_kept_count():
+    """-100 may occur (no declared domain): the mean is the sum of the zeroed per-token losses over
+    the number of kept targets (count_kept), never a plain full mean; the plans are identities."""
+    from gg_notebook.relations.expr import walk
+
     lemma = REGISTRY["vocab-cross-entropy"]
     rng = torch.Generator().manual_seed(6)
-    logits, tgt = C.randn(rng, 6, 8), torch.tensor([0, 7, 3, 1, 2, 5])
+    logits, tgt = C.randn(rng, 6, 8), torch.tensor([0, -100, 3, 1, -100, 5])
     for reduction in (1, 2):
         spec, _ = C.spec_of(lambda l, t, r=reduction: torch.ops.aten.nll_loss_forward(l, t, None, r, -100)[0],
                             torch.log_softmax(logits, -1), tgt)
         case = C.make_case(spec, (logits, tgt), rng, split={0: 1})
         from gg_notebook.ir.specs import softmax_spec
         lsm = case.store.call(softmax_spec("log_softmax", 1), [case.args[0]])
-        # no declared domain: -100 may occur; the mean / sum of zeroed positions is data-dependent
         plans = list(lemma.plans(case.store, spec, (lsm, case.args[1]), (), ctx=C.CaseContext()))
-        assert not plans
+        assert plans
+        ref = torch.ops.aten.nll_loss_forward(torch.log_softmax(logits, -1), tgt, None, reduction, -100)[0]
+        for plan in plans:
+            kinds = {x.attrs.kind for x in walk(plan) if x.op == "call"}
+            assert "zero_where_equal" in kinds
+            assert ("count_kept" in kinds) == (reduction == 1)
+            assert not any(x.op == "call" and x.attrs.kind == "full_reduce" and x.attrs.param("fn") == "mean"
+                           for x in walk(plan))
+            got = evaluate(plan, lambda e: case.values[e.attrs[0]])
+            assert torch.allclose(got, ref)
 
 
 # ------------------------------------------------------------------ other spellings of the ranks

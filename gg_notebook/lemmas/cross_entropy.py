@@ -139,11 +139,13 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         off += p.shape[-1]
     loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
     if ignore_index in domain:
-        if reduction != 0:
-            return  # the mean divides by the number of non-ignored targets: data-dependent
-        # positions whose target is ignore_index have loss 0: the ranks must zero them too
-        loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, t])
-    yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+        # positions whose target is ignore_index have loss 0: the ranks must zero them too; the
+        # mean divides by the number of kept targets (ignore_mean.py)
+        for shape in dict.fromkeys((lead, tuple(target.shape))):
+            zeroed = S.call(zero_where_equal_spec(ignore_index, domain), [S.view(loss, shape), S.view(t, shape)])
+            yield from _reduced(S, zeroed, S.view(t, shape), reduction, ignore_index, domain, out_shape)
+    else:
+        yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
     # other spellings, matched by value over the reals (realform): the loss is LSE(x) minus the
     # picked logit, however the ranks stabilize, combine and pick it (log(s) + m - pick(x),
     # log(s) - pick(x - m), per-shard logsumexp gathered and combined ...)
@@ -159,14 +161,23 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
             for shape in dict.fromkeys((lead, tuple(target.shape))):
                 loss = real_value(S, pieces + picks + ([mk] if shifted else []),
                                   _ce_builder(len(pieces), last, shifted, shape), "cross-entropy per token")
+                tv = t
                 if ignore_index in domain:
-                    loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, S.view(t, shape)])
-                yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+                    tv = S.view(t, shape)
+                    loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, tv])
+                yield from _reduced(S, loss, tv, reduction, ignore_index, domain, out_shape)
 
 
 def _reduced(S, loss, t, reduction, ignore_index, domain, out_shape):
     if reduction == 0:
         yield S.view(loss, out_shape)
+    elif reduction == 1 and ignore_index in domain:
+        # the mean over the kept tokens: sum of the (zeroed) per-token loss / number of kept targets
+        from gg_notebook.lemmas.ignore_mean import count_kept_spec
+
+        total = S.call(full_reduce_spec("sum"), [loss])
+        count = S.call(count_kept_spec(ignore_index, domain, loss.dtype), [t])
+        yield S.call(ew_spec(aten.div.Tensor, 2), [total, count])
     else:
         # sum / mean over every token: a full reduction of the per-token loss (whatever its view)
         yield S.call(full_reduce_spec("mean" if reduction == 1 else "sum"), [loss])
@@ -282,15 +293,22 @@ def _cases(rng):
     """Targets drawn from the whole accepted domain (sentinels included), several ignore_index
     values (the default -100, a class id such as a pad token 0, one never used), two dtypes, and a
     declared domain without the sentinel."""
-    for k in range(6):
+    for k in range(10):
         b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
         dtype = torch.float64 if k % 2 == 0 else torch.float32
-        ignore_index = (-100, 0, v + 5, -100, -100, -100)[k]
-        declared = IdDomain.range(0, v) if k >= 3 else None
-        reduction = (0, 0, 0, 0, 1, 2)[k]  # mean / sum: only where no target can be ignore_index
+        ignore_index = (-100, 0, v + 5, -100, -100, -100, -100, 0, -100, -100)[k]
+        declared = IdDomain.range(0, v) if 3 <= k < 6 else None
+        # mean / sum with ignore_index possible (k >= 6): sum of the zeroed losses / kept count
+        reduction = (0, 0, 0, 0, 1, 2, 1, 1, 2, 1)[k]
         logits = C.randn(rng, b * s, v, dtype=dtype)
+        if k == 8:
+            logits[0, 1] = -float("inf")  # a class that can never be picked
         domain = declared or IdDomain.range(0, v).union(IdDomain.of_values([ignore_index]))
         target = domain.sample((b * s,), rng)
+        if k == 9:
+            target[:] = ignore_index  # every target ignored: the mean is 0 / 0 on both sides
+        elif k == 6:
+            target[0] = ignore_index
 
         spec, order = C.spec_of(_nll_none(ignore_index, reduction), torch.log_softmax(logits, -1), target)
         assert order == [0, 1]
@@ -312,13 +330,15 @@ register(Lemma(
     name="vocab-cross-entropy",
     statement="nll(log_softmax(concat(x_r, -1)), t) = log(sum_r sum(exp(x_r - m))) - sum_r masked_pick_r(x_r - m, t),"
               " m = max_r amax(x_r), or (real_value) LSE(concat(x)) - sum_r masked_pick_r(x_r, t);"
-              " reduction sum / mean: full_sum / full_mean of that",
+              " reduction sum / mean: full_sum / full_mean of that; mean with ignore_index possible:"
+              " full_sum(zero_where_equal(loss, t)) / count_kept(t)",
     kinds=("nll_loss",),
     absorbs=("softmax",),
     plans=vocab_cross_entropy,
     cases=_cases,
     conditions=("logits concatenated along the vocabulary (last) dim", "no class weights",
-                "reduction sum / mean only if no target can be ignore_index (else the divisor is data-dependent)",
+                "reduction mean with ignore_index possible: sum of the zeroed losses / count_kept(t), the count "
+                "matched to a rank's full sum of a 0/1 function of the targets checked on the whole domain",
                 "targets range over what nll_loss accepts ([0, V) and ignore_index) or a declared narrower domain",
                 "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
                 "each masked_pick / zero_where_equal piece is matched by an exhaustive check over the domain",
@@ -346,8 +366,6 @@ def nll_over_split(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ct
         return
     classes = y.shape[-1]
     domain = nll_target_domain(ctx, target, classes, ignore_index)
-    if ignore_index in domain and reduction != 0:
-        return  # the mean divides by the number of non-ignored targets: data-dependent
     pieces, t = _peel(S, list(y.args), target)
     lead = tuple(pieces[0].shape[:-1])
     picks, off = [], 0
@@ -359,35 +377,40 @@ def nll_over_split(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ct
             acc = S_.accum("sum", [S_.view(x, shape) for x in h])
             return S_.call(ew_spec(aten.neg.default, 1), [acc])
         loss = real_value(S, picks, build, "nll per token")
+        tv = t
         if ignore_index in domain:
-            loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, S.view(t, shape)])
-        yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+            tv = S.view(t, shape)
+            loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, tv])
+        yield from _reduced(S, loss, tv, reduction, ignore_index, domain, out_shape)
 
 
 def _nll_split_cases(rng):
-    for k in range(5):
+    for k in range(7):
         b, s, v = C.dims(rng), C.dims(rng), C.dims(rng, 4, 12)
-        ignore_index = (-100, -100, 0, -100, -100)[k]
-        reduction = (0, 1, 0, 2, 1)[k]
+        ignore_index = (-100, -100, 0, -100, -100, 3, -100)[k]
+        reduction = (0, 1, 0, 2, 1, 2, 1)[k]
         declared = IdDomain.range(0, v) if k in (1, 3) else None
         domain = declared or IdDomain.range(0, v).union(IdDomain.of_values([ignore_index]))
         y = C.randn(rng, b * s, v)
         target = domain.sample((b * s,), rng)
+        if k == 6:
+            target[:] = ignore_index  # all ignored: NaN on both sides
         spec, order = C.spec_of(_nll_none(ignore_index, reduction), y, target)
         case = C.make_case(spec, (y, target), rng, split={0: 1})
         yield type(case)(case.spec, case.args, case.values, case.store,
-                         f"nll over classes split in shards, reduction={reduction}, ignore_index={ignore_index}"
-                         + (" (declines)" if k == 4 else ""), C.CaseContext(domain=declared))
+                         f"nll over classes split in shards, reduction={reduction}, ignore_index={ignore_index}",
+                         C.CaseContext(domain=declared))
 
 
 register(Lemma(
     name="nll-over-split-classes",
-    statement="nll_loss(concat(y_r, -1), t) = -sum_r masked_pick_r(y_r, t); sum / mean: full_sum / full_mean",
+    statement="nll_loss(concat(y_r, -1), t) = -sum_r masked_pick_r(y_r, t); sum / mean: full_sum / full_mean"
+              " (mean with ignore_index possible: full_sum(zeroed) / count_kept(t))",
     kinds=("nll_loss",),
     plans=nll_over_split,
     cases=_nll_split_cases,
     conditions=("the input (any values) concatenated along the class dim", "no class weights",
-                "reduction sum / mean only if no target can be ignore_index",
+                "reduction mean with ignore_index possible: sum of the zeroed losses / count_kept(t)",
                 "positions whose target is ignore_index are zeroed (when ignore_index is in the domain)",
                 "each masked_pick is matched by an exhaustive check over the domain"),
     priority=42,
