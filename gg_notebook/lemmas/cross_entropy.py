@@ -269,17 +269,22 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
             picks.append(w)
     for p in picks:
         base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
-        for e in [base] + index.users_of(base):
-            if e is not base:
-                keep = kept_rows(e, base, lead)
-                kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
-                if kv is None or not bool((kv == inside).all()):
+        # the pick itself, or negated first (-logp.gather(..) * mask: a relation up to the factor -1)
+        negs = [] if getattr(engine, "bitwise", False) else [
+            u for u in index.users_of(base)
+            if u.op == "call" and u.attrs.target is aten.neg.default and u.dtype == base.dtype]
+        for b, sign in [(base, 1)] + [(u, -1) for u in negs]:
+            for e in [b] + index.users_of(b):
+                if e is not b:
+                    keep = kept_rows(e, b, lead)
+                    kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
+                    if kv is None or not bool((kv == inside).all()):
+                        continue
+                elif bool((~inside).any()):
                     continue
-            elif bool((~inside).any()):
-                continue
-            d = index.realized(e)
-            if d is not None:
-                return index.ref(d)
+                d = index.realized(e)
+                if d is not None:
+                    return index.ref(d) if sign == 1 else engine.store.scale(index.ref(d), -1)
     return None
 
 

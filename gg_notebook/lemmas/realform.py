@@ -515,15 +515,17 @@ class RealValue:
 _HOLE = 0
 
 
-def real_value(S: ExprStore, args, build, label: str) -> Expr:
-    """``call(real_value, args)`` whose value is ``build(S, holes)`` with holes standing for args."""
+def real_value(S: ExprStore, args, build, label: str, scaled: bool = False) -> Expr:
+    """``call(real_value, args)`` whose value is ``build(S, holes)`` with holes standing for args.
+    ``scaled``: the matcher may relate it to a rank value up to an exact factor (a relation that is
+    not clean until a later operator cancels the factor)."""
     from gg_notebook.relations.expr import OpSpec, Slot
 
     holes = tuple(S.atom(f"$real{i}{tuple(a.shape)}", tuple(a.shape), a.dtype) for i, a in enumerate(args))
     formula = build(S, list(holes))
     fn = RealValue(formula, holes, label)
-    spec = OpSpec("real_value", f"real[{label}]", fn, (tuple(Slot(i) for i in range(len(args))), ()),
-                  (("label", label), ("blame", "consumer")))
+    params = (("label", label), ("blame", "consumer")) + ((("scaled", True),) if scaled else ())
+    spec = OpSpec("real_value", f"real[{label}]", fn, (tuple(Slot(i) for i in range(len(args))), ()), params)
     return S.call(spec, list(args))
 
 
@@ -551,8 +553,49 @@ def substitute(S: ExprStore, formula: Expr, binding: dict) -> Expr:
     return memo[formula.id]
 
 
+def _scaled_key(f: Form):
+    """(f / c0, c0): the form divided by the coefficient of its base of least hash (a canonical
+    choice within one process), so that proportional forms share the first item."""
+    if not f:
+        return None
+    b0, c0 = min(f, key=lambda bc: (hash(bc[0]), repr(bc[1])))
+    return frozenset((b, c / c0) for b, c in f), c0
+
+
+def realized_by_form_up_to_factor(index, term: Expr):
+    """(dval, f) with ``term == f * dval`` over the reals (real normal forms proportional by an exact
+    rational f != 0), or None. The forms are compared exactly after scaling."""
+    if not _floating(term):
+        return None
+    rf = forms_of(index)
+    table = getattr(index, "_real_by_scaled_key", None)
+    if table is None:
+        realized_by_form(index, term)  # builds the exact table
+        table = {}
+        for k, d in index._real_by_key.items():
+            sk = _scaled_key(k[2])
+            if sk is not None:
+                table.setdefault((k[0], k[1], sk[0]), (d, sk[1]))
+        index._real_by_scaled_key = table
+    k = rf.key(term)
+    if k is None:
+        return None
+    sk = _scaled_key(k[2])
+    if sk is None:
+        return None
+    hit = table.get((k[0], k[1], sk[0]))
+    if hit is None:
+        return None
+    d, c_rank = hit
+    f = sk[1] / c_rank
+    if frozenset((b, c * f) for b, c in rf.of(d.term)) != k[2]:
+        return None
+    return d, f
+
+
 def match_real_value(engine, spec, args) -> Expr | None:
-    """A rank value equal over the reals to the formula applied to ``args``' terms."""
+    """A rank value equal over the reals to the formula applied to ``args``' terms (or, for a
+    formula tagged ``scaled``, a multiple of one: ``f * ref``, a relation up to a factor)."""
     if getattr(engine, "bitwise", False):
         return None
     fn = spec.target
@@ -562,4 +605,12 @@ def match_real_value(engine, spec, args) -> Expr | None:
     d = index.realized(t)
     if d is None:
         d = realized_by_form(index, t)
+    if d is None:  # a rank value equal by the linear (scalar) normal form alone
+        hit = index.realized_up_to_factor(t)
+        if hit is not None and (hit[1] == 1 or spec.param("scaled")):
+            return index.ref(hit[0]) if hit[1] == 1 else engine.store.scale(index.ref(hit[0]), hit[1])
+    if d is None and spec.param("scaled"):
+        hit = realized_by_form_up_to_factor(index, t)
+        if hit is not None:
+            return engine.store.scale(index.ref(hit[0]), hit[1])
     return index.ref(d) if d is not None else None

@@ -696,10 +696,6 @@ _MISSING = {
     "vocab-ce-ignore/logsumexp-where-clamp":
         "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
         "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
-    "vocab-ce-reg/smoothing-sum-logits-allreduce":
-        _CE + "label smoothing = (1-e) nll + e (lse - sum(logits)/V): needs sum over a sharded vocab + algebra",
-    "vocab-ce-reg/smoothing-log-probs-stacked-allreduce": _CE + "label smoothing via -sum(logp)/V all-reduced in a stack",
-    "vocab-ce-reg/bug-smoothing-local-vocab-size": "not localized: the correct twin is stuck at the same _log_softmax",
     "online-softmax/flash-decoding-gather-merge":
         "online-softmax merge of per-shard (max, sum, unnormalized out) across a sharded key dim (no lemma)",
     "online-softmax/max-then-sum-allreduce":
