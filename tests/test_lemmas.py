@@ -276,7 +276,7 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
               "softmax-over-split-dim", "logsumexp-over-split-dim", "nll-over-split-classes",
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "sum-log-softmax-over-split",
-              "constant-on-domain", "select-by-constant-mask"}
+              "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))

@@ -103,7 +103,7 @@ class RealForms:
 
     def _form(self, t: Expr) -> Form:
         pairs = []
-        for b, c in self.linear.of(t, 30):
+        for b, c in self.linear.of(t, 120):
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)
@@ -168,6 +168,8 @@ class RealForms:
             if target is aten.div.Tensor:
                 fy = self.inverse(fy)
             return self.mul_form(fx, fy)
+        if target in (aten.bmm.default, aten.mm.default):
+            return self.matmul_form(b)
         if spec.kind == "reduce" and target in (aten.sum.dim_IntList, aten.logsumexp.default):
             (a,) = b.args
             if a.dtype != b.dtype or (target is aten.sum.dim_IntList and spec.arg("dtype", None) not in (None, a.dtype)):
@@ -196,6 +198,37 @@ class RealForms:
             diff = self.add_forms(fa, lse_b, -1)
             return diff if target is aten._log_softmax.default else self.exp_form(diff, in_shape)
         return None
+
+    def matmul_form(self, b: Expr) -> Form | None:
+        """``mm(P, v)`` / ``bmm(P, v)`` with ``P = sum_i k_i exp(W_i)``: linear in ``P``, and a part
+        ``C`` of ``W_i`` constant along the contracted (last) dim of ``P`` factors out of each row:
+        ``mm(exp(C + R), v) = exp(C) * mm(exp(R), v)``. The product ``mm(exp(R), v)`` is the base
+        ``("lmm", out_shape, R, v)``, written *inside* an exponent as its formal logarithm, so that
+        ``exp(C + lmm)`` denotes ``exp(C) * mm(exp(R), v)`` and exponentials multiply into it
+        (an online-softmax merge rescales unnormalized partial outputs this way). Only exponents
+        are ever added to it: no rule takes the logarithm of an ``lmm`` value apart."""
+        p, v = b.args
+        if p.dtype != b.dtype or v.dtype != b.dtype or len(p.shape) != len(b.shape):
+            return None
+        pshape, oshape = tuple(p.shape), tuple(b.shape)
+        last = len(pshape) - 1
+        fp = self._sub(p)
+        out = []
+        for base, k in fp:
+            if base[0] != "exp":
+                raise _Fail("a matmul of a non-exponential")
+            R, C = [], []
+            for x, c in base[2]:
+                (C if self._const_along(x, (last,)) else R).append((x, c))
+            if not R:
+                raise _Fail("a matmul of a row constant")
+            c_out = []
+            for x, c in C:
+                inner = x[2]  # ("bc", pshape, inner) with inner's last dim 1
+                c_out.append((self.bc_base(inner, oshape) if inner[1] != oshape else inner, c))
+            lmm = ("lmm", oshape, self._norm(R), v.id)
+            out.append((("exp", oshape, self._norm(c_out + [(lmm, Fraction(1))])), k))
+        return self._norm(out)
 
     def _is_opaque(self, f: Form, t: Expr) -> bool:
         return len(f) == 1 and next(iter(f)) == (self._opaque(t), Fraction(1))
@@ -259,6 +292,13 @@ class RealForms:
             return ("exp", to, self.view_form(b[2], to))
         if kind == "view":
             return self.view_base(b[2], to)
+        if kind == "bc":
+            inner = b[2]
+            frm, ishape = b[1], inner[1]
+            # a broadcast along the last dim only, viewed with the last dim kept: broadcast the view
+            if (len(frm) == len(ishape) and frm[:-1] == ishape[:-1] and ishape[-1] == 1 and to and to[-1] == frm[-1]
+                    and math.prod(to[:-1]) == math.prod(frm[:-1])):
+                return self.bc_base(self.view_base(inner, to[:-1] + (1,)), to)
         return ("view", to, b)
 
     def view_form(self, f: Form, to) -> Form:
