@@ -182,7 +182,12 @@ class RealForms:
                 s = self.sum_exp_form(self.exp_form(fa, in_shape), in_shape, D)
                 out = self.log_form(s)
             else:
-                out = self.sum_exp_form(fa, in_shape, D)
+                try:
+                    out = self.sum_exp_form(fa, in_shape, D)
+                except _Fail:
+                    out = self.sum_of_slices(a, D)
+                    if out is None:
+                        raise
             return self.view_form(out, shape) if keep else out
         if spec.kind == "softmax" and target in (aten._softmax.default, aten._log_softmax.default):
             (a,) = b.args
@@ -229,6 +234,26 @@ class RealForms:
             lmm = ("lmm", oshape, self._norm(R), v.id)
             out.append((("exp", oshape, self._norm(c_out + [(lmm, Fraction(1))])), k))
         return self._norm(out)
+
+    def sum_of_slices(self, a: Expr, D) -> Form | None:
+        """``sum_d(a)`` over one small dim ``d`` along which ``a`` is built from a concatenation (the
+        stack of gathered per-rank values) = the sum of the forms of its slices ``a[i]`` (each
+        written by pushing the slice through elementwise operators down to the concatenation)."""
+        if len(D) != 1:
+            return None
+        d = D[0]
+        size = a.shape[d]
+        if size > MAX_SLICES or size < 2 or not _cat_below(a, d):
+            return None
+        red = tuple(s for i, s in enumerate(a.shape) if i != d)
+        pairs = []
+        for i in range(size):
+            t = _slice_through(self.S, a, d, i)
+            if t is None:
+                return None
+            for b, c in self.view_form(self.of(t), red):
+                pairs.append((b, c))
+        return self._norm(pairs)
 
     def _is_opaque(self, f: Form, t: Expr) -> bool:
         return len(f) == 1 and next(iter(f)) == (self._opaque(t), Fraction(1))
@@ -446,6 +471,48 @@ class RealForms:
             x = _rewrap(wrappers, core)
             out.append((("exp", shape, frozenset(others | {(x, Fraction(1))})), c))
         return out
+
+
+MAX_SLICES = 16
+
+
+def _cat_below(t: Expr, d: int, depth: int = 4) -> bool:
+    """Is there a concatenation along ``d`` within ``depth`` elementwise operators of ``t``?"""
+    if t.op == "cat" and t.attrs == d:
+        return True
+    if depth == 0 or t.op != "call" or t.attrs.kind != "ew":
+        return False
+    return any(len(x.shape) == len(t.shape) and x.shape[d] == t.shape[d] and _cat_below(x, d, depth - 1)
+               for x in t.args)
+
+
+def _slice_through(S: ExprStore, t: Expr, d: int, i: int, depth: int = 8) -> Expr | None:
+    """A term equal to ``t[i:i+1]`` along ``d``, with the slice pushed through elementwise
+    operators (operands of size 1 along ``d`` broadcast: kept whole) into a concatenation along
+    ``d``; None if some operator is in the way."""
+    if t.shape[d] == 1:
+        return t
+    if t.op == "cat" and t.attrs == d:
+        return S.slice(t, d, i, i + 1)
+    if depth == 0 or t.op != "call" or t.attrs.kind != "ew" or t.attrs.unique is not None:
+        return None
+    nd = len(t.shape)
+    args = []
+    for x in t.args:
+        k = len(x.shape) - (nd - d)  # x's dim aligned with d (broadcasting aligns the trailing dims)
+        if k < 0 or x.shape[k] == 1:
+            args.append(x)  # broadcast along d: the same operand for every slice
+            continue
+        if len(x.shape) != nd or x.ground:
+            return None
+        y = _slice_through(S, x, d, i, depth - 1)
+        if y is None:
+            return None
+        args.append(y)
+    try:
+        return S.call(t.attrs, args)
+    except ShapeError:
+        return None
 
 
 def _unwrap(x):
