@@ -103,10 +103,62 @@ class RealForms:
 
     def _form(self, t: Expr) -> Form:
         pairs = []
-        for b, c in self.linear.of(t, 120):
+        lin = list(self.linear.of(t, 120))
+        lin, extra = self._log_sigmoid_pairs(lin)
+        pairs.extend(extra)
+        for b, c in lin:
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)
+
+    def _log_sigmoid_pairs(self, lin):
+        """PyTorch's decomposition of ``F.logsigmoid(x)``, ``minimum(0, x) - log1p(exp(-abs(x)))``,
+        as two bases of a linear form with opposite coefficients: replaced by logsigmoid's form."""
+        if len(lin) < 2:
+            return lin, []
+        mins = {}
+        for i, (b, c) in enumerate(lin):
+            x = _min_zero_arg(b)
+            if x is not None:
+                mins[x.id] = (i, c, x)
+        if not mins:
+            return lin, []
+        used, extra = set(), []
+        for j, (b, c) in enumerate(lin):
+            x = _log1p_exp_neg_abs_arg(b)
+            if x is None or x.id not in mins:
+                continue
+            i, ci, _ = mins[x.id]
+            if ci != -c or i in used or j in used or b.shape != lin[i][0].shape:
+                continue
+            try:
+                f = self.log_sigmoid_form(self._sub(x))
+            except (_Fail, ShapeError):
+                continue
+            used.update((i, j))
+            extra.extend((bb, ci * k) for bb, k in f)
+        return [p for k, p in enumerate(lin) if k not in used], extra
+
+    def _sigmoid_parts(self, f: Form):
+        """(A, W) with ``f = A - B`` (A: the positive terms, B: the negated negative ones) and
+        ``exp(W) = exp(A) + exp(B)`` merged into one exponential (log-sum-exp pieces); else _Fail."""
+        A = frozenset((b, c) for b, c in f if c > 0)
+        B = frozenset((b, -c) for b, c in f if c < 0)
+        shape = next(iter(f))[0][1] if f else None
+        if not A or not B or shape is None:
+            raise _Fail("sigmoid of a one-sided form")
+        total = self._norm([(("exp", shape, A), Fraction(1)), (("exp", shape, B), Fraction(1))])
+        return A, self.log_form(total)
+
+    def sigmoid_form(self, f: Form, shape) -> Form:
+        """``sigmoid(A - B) = exp(A) / (exp(A) + exp(B)) = exp(A - W)``."""
+        A, W = self._sigmoid_parts(f)
+        return self.exp_form(self.add_forms(A, W, -1), shape)
+
+    def log_sigmoid_form(self, f: Form) -> Form:
+        """``logsigmoid(A - B) = A - log(exp(A) + exp(B)) = A - W``."""
+        A, W = self._sigmoid_parts(f)
+        return self.add_forms(A, W, -1)
 
     def _base(self, b: Expr) -> Form:
         """The form of a base of the linear form (a term no linear rule rewrites)."""
@@ -154,6 +206,11 @@ class RealForms:
             if a.dtype != b.dtype:
                 return None
             return self.log_form(self._sub(a))
+        if target is aten.sigmoid.default:
+            (a,) = b.args
+            if a.dtype != b.dtype:
+                return None
+            return self.sigmoid_form(self._sub(a), shape)
         if target in (aten.mul.Tensor, aten.div.Tensor):
             if len(b.args) != 2 or any(a.dtype != b.dtype for a in b.args):
                 return None
@@ -265,7 +322,53 @@ class RealForms:
             acc[b] = acc.get(b, Fraction(0)) + c
         items = [(b, c) for b, c in acc.items() if c != 0]
         items = self._merge_lse(items)
+        items = self._complement_lse(items)
         return frozenset(items)
+
+    def _complement_lse(self, items):
+        """``k exp(W) - k exp(W + L(P) - L(Q)) = k exp(W + L(Q minus P) - L(Q))`` for log-sum-exp
+        bases over pieces P a proper part of Q (``exp L(Q) = exp L(P) + exp L(Q minus P)``): one minus
+        a sigmoid weight is the weight of the other pieces (ring attention's output update)."""
+        exps = [(i, b, c) for i, (b, c) in enumerate(items) if b[0] == "exp"]
+        if len(exps) < 2 or not any(c < 0 for _, _, c in exps) or not any(c > 0 for _, _, c in exps):
+            return items
+        for i, b1, c1 in exps:
+            for j, b2, c2 in exps:
+                if i == j or c2 != -c1 or b1[1] != b2[1]:
+                    continue
+                diff = self._norm_plain(list(b2[2]) + [(x, -k) for x, k in b1[2]])
+                if len(diff) != 2:
+                    continue
+                (x1, k1), (x2, k2) = sorted(diff, key=lambda p: -p[1])
+                if k1 != 1 or k2 != -1:
+                    continue
+                w1, core1 = _unwrap(x1)
+                w2, core2 = _unwrap(x2)
+                if w1 != w2 or core1[0] != "lse" or core2[0] != "lse" or core1[1:4] != core2[1:4]:
+                    continue
+                p1, p2 = list(core1[4]), list(core2[4])
+                rest = list(p2)
+                try:
+                    for x in p1:
+                        rest.remove(x)
+                except ValueError:
+                    continue
+                if not rest:
+                    continue
+                core3 = ("lse",) + core1[1:4] + (self._canon_pieces(rest, core1[2]),)
+                w = self._norm_plain(list(b1[2]) + [(_rewrap(w1, core3), Fraction(1)), (x2, Fraction(-1))])
+                if not w:
+                    continue
+                out = [p for k, p in enumerate(items) if k not in (i, j)] + [(("exp", b1[1], w), c1)]
+                return self._complement_lse(self._merge_lse(out))
+        return items
+
+    @staticmethod
+    def _norm_plain(pairs) -> Form:
+        acc: dict = {}
+        for b, c in pairs:
+            acc[b] = acc.get(b, Fraction(0)) + c
+        return frozenset((b, c) for b, c in acc.items() if c != 0)
 
     def add_forms(self, a: Form, b: Form, k=1) -> Form:
         return self._norm(list(a) + [(bb, c * k) for bb, c in b])
@@ -476,6 +579,45 @@ class RealForms:
 MAX_SLICES = 16
 
 
+def _call_of(e: Expr, target, n: int) -> bool:
+    return e.op == "call" and e.attrs.target is target and len(e.args) == n and e.attrs.out is None
+
+
+def _is_zero_const(e: Expr) -> bool:
+    from gg_notebook.lemmas.masking import is_zero
+
+    return e.ground and is_zero(e)
+
+
+def _min_zero_arg(b: Expr) -> Expr | None:
+    """x for ``minimum(0, x)`` / ``minimum(x, 0)`` (a zero constant, same dtype)."""
+    if not _call_of(b, aten.minimum.default, 2):
+        return None
+    u, v = b.args
+    if _is_zero_const(u) and not _is_zero_const(v) and v.dtype == b.dtype and tuple(v.shape) == tuple(b.shape):
+        return v
+    if _is_zero_const(v) and not _is_zero_const(u) and u.dtype == b.dtype and tuple(u.shape) == tuple(b.shape):
+        return u
+    return None
+
+
+def _log1p_exp_neg_abs_arg(b: Expr) -> Expr | None:
+    """x for ``log1p(exp(neg(abs(x))))``."""
+    if not _call_of(b, aten.log1p.default, 1):
+        return None
+    e = b.args[0]
+    if not _call_of(e, aten.exp.default, 1):
+        return None
+    n = e.args[0]
+    if not _call_of(n, aten.neg.default, 1):
+        return None
+    a = n.args[0]
+    if not _call_of(a, aten.abs.default, 1):
+        return None
+    x = a.args[0]
+    return x if x.dtype == b.dtype and tuple(x.shape) == tuple(b.shape) else None
+
+
 def _cat_below(t: Expr, d: int, depth: int = 4) -> bool:
     """Is there a concatenation along ``d`` within ``depth`` elementwise operators of ``t``?"""
     if t.op == "cat" and t.attrs == d:
@@ -552,7 +694,7 @@ def forms_of(index) -> RealForms:
     return rf
 
 
-_EXP_LOG = frozenset({"exp", "log", "logsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax"})
+_EXP_LOG = frozenset({"exp", "log", "logsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax", "sigmoid", "log1p"})
 
 
 def _near_exp_or_log(t: Expr, depth: int = 3) -> bool:

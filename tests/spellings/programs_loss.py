@@ -696,13 +696,6 @@ _MISSING = {
     "vocab-ce-ignore/logsumexp-where-clamp":
         "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
         "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
-    "online-softmax/flash-decoding-gather-merge":
-        "online-softmax merge of per-shard (max, sum, unnormalized out) across a sharded key dim (no lemma)",
-    "online-softmax/max-then-sum-allreduce":
-        "canonical spelling x * (1/sqrt(d)) vs x / sqrt(d); then the max/sum all-reduce softmax-matmul merge",
-    "online-softmax/ring-lse-merge": "merge of normalized per-shard outputs weighted by exp(lse_r - logsumexp(lse))",
-    "online-softmax/ring-sigmoid-update": "ring-flash-attention's sigmoid / logsigmoid incremental lse merge",
-    "online-softmax/bug-no-rescale": "not localized: the correct twins are stuck at the same _softmax",
     "vocab-ce-grad/reduce-region-autograd": _CE + "autograd of the written-out loss (log, exp, gather backward)",
     "vocab-ce-grad/bug-dnn-all_reduce-backward": "not localized: the correct twin is stuck at the same _log_softmax",
 }
