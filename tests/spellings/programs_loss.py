@@ -597,6 +597,117 @@ def ce_fwd_bwd_softmax_minus_onehot(logits, target):
 
 # ---------------------------------------------------------------------------------------------
 
+# more spellings of the mechanisms of issue #8 item 6 (one-hot target picks, the mean over kept
+# tokens, label smoothing over a split vocabulary, online-softmax merges), each with a bug
+
+
+def ce_none_bug_onehot(logits, target):
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), target.view(-1), reduction="none")  # gg: onehot
+
+
+def ce_onehot_arange_rank(logits, target):
+    """The target logit via a comparison with arange (rows of out-of-shard ids are zero already)."""
+    part = logits.shape[-1]
+    lo = dist.get_rank() * part
+    m = logits.detach().max(-1, keepdim=True).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    se = torch.sum(torch.exp(logits - m), dim=-1)
+    dist.all_reduce(se)
+    hit = (torch.arange(part) == (target - lo).unsqueeze(-1)).to(logits.dtype)
+    tgt = (hit * logits).sum(dim=-1)
+    dist.all_reduce(tgt)
+    return (se.log() + m.squeeze(-1) - tgt).flatten()
+
+
+def ce_onehot_no_offset_rank(logits, target):
+    part = logits.shape[-1]
+    m = logits.amax(-1, keepdim=True)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    se = torch.exp(logits - m).sum(-1)
+    dist.all_reduce(se)
+    hit = F.one_hot(target.clamp(0, part - 1), part).to(logits.dtype)  # BUG: the shard's first id is not subtracted
+    tgt = (logits * hit).sum(-1)
+    dist.all_reduce(tgt)
+    return (se.log() + m.squeeze(-1) - tgt).reshape(-1)
+
+
+def ce_ignore_rank_nonneg_count(logits, target):
+    """-100 is the only negative id nll_loss accepts: the kept tokens are the non-negative ones."""
+    loss = ce_logsumexp_gather(logits, target)
+    loss = loss.masked_fill(target.view(-1) == IGNORE, 0.0)
+    return loss.sum() / (target >= 0).sum()
+
+
+def ce_ignore_mean_bug_pad(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: pad-count
+
+
+def ce_ignore_rank_pad_count(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    return torch.where(keep, loss, 0.0).sum() / keep.sum()
+
+
+def ce_ignore_rank_pad_count_bug(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    return torch.where(keep, loss, 0.0).sum() / (target != 0).sum()  # BUG: counts the kept tokens as "not pad id 0"
+
+
+def ce_label_smoothing_rank_mean_logp(logits, target):
+    """Smoothing term written as the mean over the vocabulary of -log p: (V * lse - sum(x)) / V."""
+    lse, t = _lse_and_target_logit(logits, target)
+    total = logits.sum(dim=-1)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    vocab = logits.shape[-1] * dist.get_world_size()
+    smooth = (lse * vocab - total) / vocab
+    return torch.add((1 - SMOOTH) * (lse - t), smooth, alpha=SMOOTH).reshape(-1)
+
+
+def ce_label_smoothing_spec_bug_local_sum(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), reduction="none",  # gg: smooth-sum
+                           label_smoothing=SMOOTH)
+
+
+def ce_label_smoothing_rank_local_sum(logits, target):
+    lse, t = _lse_and_target_logit(logits, target)
+    total = logits.sum(dim=-1)  # BUG: this shard's logits only, the SUM all-reduce is missing
+    smooth = lse - total / V
+    return ((1 - SMOOTH) * (lse - t) + SMOOTH * smooth).reshape(-1)
+
+
+def lse_allreduce_rank(q, k, v):
+    """Normalized per-shard outputs with their logsumexp, merged by a MAX then two SUM all-reduces."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.size(-1))
+    lse = s.logsumexp(dim=-1, keepdim=True)
+    out = torch.softmax(s, dim=-1) @ v
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    w = torch.exp(lse - m)
+    num = out * w
+    dist.all_reduce(num)
+    dist.all_reduce(w)
+    return num / w
+
+
+def attn_spec_bug_weights(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1) @ v  # gg: first-block
+
+
+def ring_lse_rank_first_block_weights(q, k, v):
+    world = dist.get_world_size()
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    out = torch.exp(s - lse) @ v
+    outs = [torch.empty_like(out) for _ in range(world)]
+    lses = [torch.empty_like(lse) for _ in range(world)]
+    dist.all_gather(outs, out)
+    dist.all_gather(lses, lse)
+    return sum(o * torch.exp(l - lses[0]) for o, l in zip(outs, lses))  # BUG: weights relative to block 0, not normalized
+
+
+# ---------------------------------------------------------------------------------------------
+
 R, SL = gg.Replicate(), gg.Shard(-1)
 SEQ = gg.Shard(2)
 
@@ -686,6 +797,31 @@ CASES = [
        _ce_in_grad, [SL, R], [R, SL], domains=CLASS_IDS, bug=True, culprit="dnn-grad", twin="vocab-ce-grad/reduce-region-autograd",
        note="torch.distributed.nn.functional.all_reduce sums the gradient over ranks in backward: "
             "d logits is world_size times the true gradient"),
+    # one-hot target picks, the mean over kept tokens, smoothing, online softmax: more spellings
+    _c("vocab-ce/arange-compare-pick-none", ce_none, ce_onehot_arange_rank, _ce_in, [SL, R], [R], domains=CLASS_IDS),
+    _c("vocab-ce/arange-compare-pick-none-tp4", ce_none, ce_onehot_arange_rank, _ce_in, [SL, R], [R],
+       domains=CLASS_IDS, world_size=4),
+    _c("vocab-ce/bug-onehot-no-offset", ce_none_bug_onehot, ce_onehot_no_offset_rank, _ce_in, [SL, R], [R],
+       domains=CLASS_IDS, bug=True, culprit="onehot", twin="vocab-ce/arange-compare-pick-none",
+       note="one_hot(target.clamp(...)) without subtracting the shard's first id: rank 1 picks the wrong logit"),
+    _c("vocab-ce-ignore/masked_fill-nonneg-count", ce_ignore_mean, ce_ignore_rank_nonneg_count, _ce_in_ign,
+       [SL, R], [R]),
+    _c("vocab-ce-ignore/where-bool-count", ce_ignore_mean, ce_ignore_rank_pad_count, _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-count-not-pad-zero", ce_ignore_mean_bug_pad, ce_ignore_rank_pad_count_bug, _ce_in_ign,
+       [SL, R], [R], bug=True, culprit="pad-count", twin="vocab-ce-ignore/where-bool-count",
+       note="the divisor counts targets != 0 (a pad id) instead of targets != ignore_index"),
+    _c("vocab-ce-reg/smoothing-mean-neg-logp-tp4", ce_label_smoothing, ce_label_smoothing_rank_mean_logp, _ce_in,
+       [SL, R], [R], domains=CLASS_IDS, world_size=4),
+    _c("vocab-ce-reg/bug-smoothing-sum-not-all-reduced", ce_label_smoothing_spec_bug_local_sum,
+       ce_label_smoothing_rank_local_sum, _ce_in, [SL, R], [R], domains=CLASS_IDS, bug=True, culprit="smooth-sum",
+       twin="vocab-ce-reg/smoothing-sum-logits-allreduce",
+       note="the smoothing term sums this shard's logits only"),
+    _c("online-softmax/lse-max-allreduce-einsum", attn_spec, lse_allreduce_rank, _qkv_decode, [R, SEQ, SEQ], [R]),
+    _c("online-softmax/flash-decoding-gather-merge-tp4", attn_spec, flash_decoding_rank, _qkv_decode,
+       [R, SEQ, SEQ], [R], world_size=4),
+    _c("online-softmax/bug-weights-relative-to-first-block", attn_spec_bug_weights, ring_lse_rank_first_block_weights,
+       _qkv_decode, [R, SEQ, SEQ], [R], bug=True, culprit="first-block", twin="online-softmax/ring-lse-merge",
+       note="each block weighted by exp(lse_r - lse_0): the weights do not sum to one"),
 ]
 
 _CE = "vocab-parallel cross-entropy lemma only matches Megatron's reduction='none' spelling; "
