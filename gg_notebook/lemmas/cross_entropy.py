@@ -535,6 +535,16 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
         m = S.accum("max", [S.call(reduce_spec("amax", (plast,), keep), [p]) for p in pieces])
         mk = m if keep else S.view(m, lead + (1,))
         yield from _ce_backward_plan(S, pieces, mk, lead, plast, gl, g, t2, reduction, vocab, domain, out_shape, ctx)
+    if reduction in (1, 2):
+        # autograd of a written-out forward: the gather's and the exp's gradients, added (ce_grad.py)
+        from gg_notebook.lemmas.ce_grad import split_plans
+
+        ones = (1,) * (len(lead) + 1)
+        gk = S.view(g, ones) if reduction == 2 else S.call(ew_spec(aten.div.Tensor, 2),
+                                                            [S.view(g, ones), S.view(gl.args[3], ones)])
+        if ground_value(gk, ctx) is not None:
+            gk = ctx.to_term(gk) if hasattr(ctx, "to_term") else gk
+            yield from split_plans(S, pieces, lead, plast, gk, domain, t2, out_shape)
 
 
 def _ce_backward_plan(S, pieces, mk, lead, plast, gl, g, t2, reduction, vocab, domain, out_shape, ctx):

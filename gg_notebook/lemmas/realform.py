@@ -220,6 +220,9 @@ class RealForms:
             if sa is None or so is None:
                 return None
             x, y = b.args[sa], b.args[so]
+            c = _uniform_number(x) if target is aten.div.Tensor else None
+            if c is not None and not y.ground:  # c / y for a constant c filled with one number
+                return self.scale_form(self.inverse(self.bc_form(self._sub(y), tuple(y.shape), shape)), c)
             fx = self.bc_form(self._sub(x), tuple(x.shape), shape)
             fy = self.bc_form(self._sub(y), tuple(y.shape), shape)
             if target is aten.div.Tensor:
@@ -369,6 +372,9 @@ class RealForms:
         for b, c in pairs:
             acc[b] = acc.get(b, Fraction(0)) + c
         return frozenset((b, c) for b, c in acc.items() if c != 0)
+
+    def scale_form(self, f: Form, c: Fraction) -> Form:
+        return self._norm([(b, k * c) for b, k in f])
 
     def add_forms(self, a: Form, b: Form, k=1) -> Form:
         return self._norm(list(a) + [(bb, c * k) for bb, c in b])
@@ -577,6 +583,23 @@ class RealForms:
 
 
 MAX_SLICES = 16
+
+
+def _uniform_number(e: Expr) -> Fraction | None:
+    """The exact rational every element of a ground constant equals (nonzero), or None."""
+    if not e.ground or e.dtype is None or not e.dtype.is_floating_point:
+        return None
+    from gg_notebook.lemmas.loss_reduce import ground_value
+    from gg_notebook.relations.linear import coefficient
+
+    v = ground_value(e)
+    if v is None or v.numel() == 0:
+        return None
+    flat = v.reshape(-1)
+    if not bool((flat == flat[0]).all()):
+        return None
+    c = coefficient(float(flat[0]))
+    return c if c else None
 
 
 def _call_of(e: Expr, target, n: int) -> bool:

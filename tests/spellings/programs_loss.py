@@ -706,6 +706,45 @@ def ring_lse_rank_first_block_weights(q, k, v):
     return sum(o * torch.exp(l - lses[0]) for o, l in zip(outs, lses))  # BUG: weights relative to block 0, not normalized
 
 
+def ce_sum_fwd_bwd(logits, target):
+    loss = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, [logits])
+    return loss, grad
+
+
+def ce_mean_fwd_bwd_bug_count(logits, target):
+    loss = F.cross_entropy(logits.view(-1, V), target.view(-1))  # gg: wrong-count
+    (grad,) = torch.autograd.grad(loss, [logits])
+    return loss, grad
+
+
+def _region_loss_terms(logits, target):
+    """log(sum exp) and the target logit, all-reduced through Megatron's identity-backward region."""
+    m = logits.detach().max(dim=-1, keepdim=True).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    shifted = logits - m
+    sum_exp = _ReduceFromRegion.apply(torch.exp(shifted).sum(dim=-1))
+    start, end = _vocab_range(logits)
+    inside = (target >= start) & (target < end)
+    idx = torch.where(inside, target - start, torch.zeros_like(target))
+    picked = torch.where(inside, torch.gather(shifted, -1, idx[..., None])[..., 0], 0.0)
+    return torch.log(sum_exp), _ReduceFromRegion.apply(picked)
+
+
+def ce_fwd_bwd_region_sum(logits, target):
+    lse, picked = _region_loss_terms(logits, target)
+    loss = torch.sum(lse - picked)
+    (grad,) = torch.autograd.grad(loss, [logits])
+    return loss, grad
+
+
+def ce_fwd_bwd_region_seq_count(logits, target):
+    lse, picked = _region_loss_terms(logits, target)
+    loss = (lse - picked).sum() / target.size(-1)  # BUG: divided by the sequence length, not the token count
+    (grad,) = torch.autograd.grad(loss, [logits])
+    return loss, grad
+
+
 # ---------------------------------------------------------------------------------------------
 
 R, SL = gg.Replicate(), gg.Shard(-1)
@@ -822,9 +861,14 @@ CASES = [
     _c("online-softmax/bug-weights-relative-to-first-block", attn_spec_bug_weights, ring_lse_rank_first_block_weights,
        _qkv_decode, [R, SEQ, SEQ], [R], bug=True, culprit="first-block", twin="online-softmax/ring-lse-merge",
        note="each block weighted by exp(lse_r - lse_0): the weights do not sum to one"),
+    _c("vocab-ce-grad/region-autograd-sum-where", ce_sum_fwd_bwd, ce_fwd_bwd_region_sum, _ce_in_grad, [SL, R],
+       [R, SL], domains=CLASS_IDS),
+    _c("vocab-ce-grad/bug-mean-over-sequence-length", ce_mean_fwd_bwd_bug_count, ce_fwd_bwd_region_seq_count,
+       _ce_in_grad, [SL, R], [R, SL], domains=CLASS_IDS, bug=True, culprit="wrong-count",
+       twin="vocab-ce-grad/reduce-region-autograd",
+       note="the mean divides by the sequence length (the batch dim forgotten), not the number of tokens"),
 ]
 
-_CE = "vocab-parallel cross-entropy lemma only matches Megatron's reduction='none' spelling; "
 _MISSING = {
     "vocab-ce-ignore/loss-parallel-boolean-index-mean":
         "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx "
@@ -832,8 +876,6 @@ _MISSING = {
     "vocab-ce-ignore/logsumexp-where-clamp":
         "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
         "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
-    "vocab-ce-grad/reduce-region-autograd": _CE + "autograd of the written-out loss (log, exp, gather backward)",
-    "vocab-ce-grad/bug-dnn-all_reduce-backward": "not localized: the correct twin is stuck at the same _log_softmax",
 }
 
 import dataclasses as _dc  # noqa: E402
