@@ -96,12 +96,16 @@ def softmax_matmul_over_split_keys(S: ExprStore, spec: OpSpec, args: tuple, out_
             continue
 
 
-def _case(rng, b, h, q, ks, dv, dtype=torch.float64, scale=1.0, split_v=True, description=""):
+def _case(rng, b, h, q, ks, dv, dtype=torch.float64, scale=1.0, split_v=True, description="", masked=None):
     """softmax(s) @ v through the [b*h, q, k] view attention uses; s split along the keys."""
     from gg_notebook.ir.specs import softmax_spec
 
     k = sum(ks)
     s = scale * C.randn(rng, b, h, q, k, dtype=dtype)
+    if masked == "key":
+        s[..., 0] = -float("inf")  # a masked key (probability 0)
+    elif masked == "row":
+        s[0, 0, 0, :] = -float("inf")  # a fully masked row: NaN on both sides
     v = C.randn(rng, b * h, k, dv, dtype=dtype)
     p = torch.softmax(s, -1).view(b * h, q, k)
     spec, _ = C.spec_of(torch.bmm, p, v)
@@ -120,6 +124,8 @@ def _cases(rng):
         yield _case(rng, b, h, q, [k_total], dv, dtype=dtype, scale=scale,
                     description=f"softmax @ v, keys split, {dtype}, score scale {scale}")
     b, h, q, dv = 2, 2, 3, 4
+    yield _case(rng, b, h, q, [7], dv, masked="key", description="a masked key (-inf score)")
+    yield _case(rng, b, h, q, [7], dv, masked="row", description="a fully masked row (-inf scores)")
     yield _case(rng, b, h, q, [6], dv, split_v=False, description="values split along another dim (declines)")
 
 
