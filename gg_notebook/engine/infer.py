@@ -287,7 +287,8 @@ class Engine:
             if cands and n.op == "view" and deferred_inputs:  # a view of a value kept symbolically
                 cands = [Candidate(c.expr, c.chain, c.assumption, deferred=True) for c in cands]
                 status = "deferred"
-            if not cands and self.fusable(n):
+            # (an input known only up to a factor that should cancel here is blamed, not deferred)
+            if not cands and self.fusable(n) and self.scale_origin(n) is None:
                 cands = self.defer(n)
                 status = "deferred" if cands else "stuck"
             if not cands and deferred_inputs:
