@@ -999,13 +999,22 @@ def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None 
     anything); "refuse" and "identity" also record them in ``graph.random_ops`` (the caller refuses
     them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`).
 
-    ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
-    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`).
+    ``decompositions`` (`Problem.decompositions`; None: off, i.e. exact="bitwise"): first rewrite
+    the graph into the pointwise normal form (`gg_notebook.ir.pointwise_normal`), then replace every
+    call that would lower to a "generic" call by its definition in known operators
+    (`gg_notebook.ir.decompose`).
 
     ``input_ranges``: {input index: (lo, hi)} inclusive bounds of integer inputs (from
     `Problem.domains`), used where a spelling is one value only on a range (`gg_notebook.ir.ranges`)."""
     if decompositions is not None:
         from gg_notebook.ir.decompose import lower_decomposed
+        from gg_notebook.ir.pointwise_normal import normalize
 
-        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random, input_ranges).run())
+        def lower_normalized():
+            # one spelling per pointwise function on every program (real mode only), also inside
+            # the definitions the decomposition spliced in
+            normalize(gm)
+            return _Lowerer(gm, rank, random, input_ranges).run()
+
+        return lower_decomposed(gm, rank, decompositions, lower_normalized)
     return _Lowerer(gm, rank, random, input_ranges).run()
