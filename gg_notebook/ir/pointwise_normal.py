@@ -17,7 +17,7 @@ spelling                                     canonical form
 ``v ** -0.5``, ``1 / sqrt(v)``               ``rsqrt(v)``
 ``a / sqrt(v)``                              ``a * rsqrt(v)``
 ``1 / (1 + exp(-x))``                        ``sigmoid(x)``
-``x * sigmoid(x)``, ``x / (1 + exp(-x))``    ``silu(x)``
+``x * sigmoid(x)``, ``x / (1 + exp(-x))``    ``silu(x)`` (``r * silu(x)`` with one more factor)
 ``0.5 * x * (1 + tanh(sqrt(2/pi) *           ``gelu(x, approximate="tanh")``
 (x + 0.044715 * x ** 3)))`` (any association
 of the products, constants exactly PyTorch's)
@@ -337,16 +337,28 @@ class _Rewriter:
         return True
 
     def rule_silu(self, n: fx.Node) -> bool:
-        """``x * sigmoid(x)``, ``x / (1 + exp(-x))`` -> ``silu(x)``."""
+        """``x * sigmoid(x)``, ``x / (1 + exp(-x))`` -> ``silu(x)``; with one more factor ``r`` in the
+        product (``r * sigmoid(x) * x``, any association) -> ``r * silu(x)``."""
         if not (_plain_mul(n) or _plain_div(n)) or _dtype(n) not in _FLOATS:
             return False
-        coef, fs = _product(n, _dtype(n), depth=3)
-        if coef != 1 or len(fs) != 2:
+        coef, fs = _product(n, _dtype(n), depth=4)
+        if coef != 1 or len(fs) not in (2, 3):
             return False
         for (f, e), (g, k) in ((a, b) for a in fs.items() for b in fs.items() if a[0] is not b[0]):
-            if k == 1 and _sigmoid_of(f, e) is g and _shape(g) == _shape(n) and _dtype(g) == _dtype(n):
-                self.replace(n, self.emit(n, n, aten.silu.default, (g,)), "written-silu")
-                return True
+            if k != 1 or _sigmoid_of(f, e) is not g or _shape(g) != _shape(n) or _dtype(g) != _dtype(n):
+                continue
+            rest = [(r, j) for r, j in fs.items() if r is not f and r is not g]
+            if len(rest) == 1 and (rest[0][1] != 1 or not isinstance(rest[0][0], fx.Node)
+                                   or _dtype(rest[0][0]) != _dtype(n)):
+                continue
+            silu = self.emit(n, n, aten.silu.default, (g,))
+            if rest:
+                silu = self.emit(n, n, aten.mul.Tensor, (rest[0][0], silu))
+                if _shape(silu) != _shape(n):
+                    self.erase_dead(silu)
+                    continue
+            self.replace(n, silu, "written-silu")
+            return True
         return False
 
     def rule_gelu_tanh(self, n: fx.Node) -> bool:

@@ -502,22 +502,6 @@ CASES = [
 # Correct spellings the engine cannot prove yet (and bugs it cannot localize yet): the missing
 # mechanism, one line each (tests/test_spellings.py marks them xfail(strict=True)).
 _MISSING = {
-    "rmsnorm-sp/sqrt-div-vs-F.rms_norm":
-        "decomposition normal form: x*x vs pow(x, 2); x / sqrt(y) vs x * rsqrt(y); w*(..) vs (..)*w",
-    "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
-        "x*x vs pow(x, 2) and scalar algebra: sum-allreduce / H inside sqrt, x / sqrt(.) vs x * rsqrt(.)",
-    "layernorm-sp/written-vs-F.layer_norm":
-        "decomposition: native_layer_norm vs mean / sub / pow / mean / add / sqrt / div written out",
-    "layernorm-sp/var_mean-addcmul-vs-written":
-        "decomposition: var_mean(correction=0) + addcmul vs mean / (x-mu)**2 / mean written out",
-    "layernorm-sp/F.layer_norm-vs-written": "decomposition: written-out layer norm (spec) vs native_layer_norm (rank)",
-    "swiglu-tp/sigmoid-product": "decomposition: silu(g) vs g * sigmoid(g)",
-    "swiglu-tp/exp-division": "decomposition: silu(g) vs g / (1 + exp(-g))",
-    "gelu-tanh-tp/written-vs-F.gelu": "decomposition: gelu(approximate='tanh') vs the written-out tanh formula",
-    "gelu-tanh-tp/F.gelu-addmm-vs-written":
-        "decomposition (tanh formula vs gelu) and the 3-D `x @ w1 + b1` vs 2-D addmm + final view",
-    "sp-block/rmsnorm-allgather-swiglu-reducescatter":
-        "canonical spelling add.Scalar vs add.Tensor (F.rms_norm vs written) and silu vs g * sigmoid(g)",
     "sdpa-heads/F.sdpa-vs-math":
         "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
         "cancel against the spec's / sqrt(d)",
