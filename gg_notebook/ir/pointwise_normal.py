@@ -258,12 +258,16 @@ class _Rewriter:
         new.meta["gg_normal_form_of"] = str(origin.target)
         return new
 
-    def replace(self, old: fx.Node, new: fx.Node, rule: str) -> None:
-        if _shape(new) != _shape(old) or _dtype(new) != _dtype(old):
-            raise AssertionError(f"pointwise normal form {rule}: {old.format_node()} changed shape or dtype")
+    def replace(self, old: fx.Node, new: fx.Node, rule: str) -> bool:
+        """Use ``new`` for ``old`` - only if it has the same shape and dtype (else ``new`` is
+        dropped and False returned)."""
+        if _shape(new) != _shape(old) or _dtype(new) != _dtype(old) or _shape(new) is None:
+            self.erase_dead(new)
+            return False
         old.replace_all_uses_with(new)
         self.counts[rule] = self.counts.get(rule, 0) + 1
         self.erase_dead(old)
+        return True
 
     def erase_dead(self, n: fx.Node) -> None:
         stack = [n]
@@ -299,14 +303,11 @@ class _Rewriter:
             return False
         if p == 3:
             sq = self.emit(n, n, aten.mul.Tensor, (x, x))
-            self.replace(n, self.emit(n, n, aten.mul.Tensor, (sq, x)), "pow3-as-mul")
-            return True
+            return self.replace(n, self.emit(n, n, aten.mul.Tensor, (sq, x)), "pow3-as-mul")
         if p == 0.5:
-            self.replace(n, self.emit(n, n, aten.sqrt.default, (x,)), "pow-half-as-sqrt")
-            return True
+            return self.replace(n, self.emit(n, n, aten.sqrt.default, (x,)), "pow-half-as-sqrt")
         if p == -0.5:
-            self.replace(n, self.emit(n, n, aten.rsqrt.default, (x,)), "pow-minus-half-as-rsqrt")
-            return True
+            return self.replace(n, self.emit(n, n, aten.rsqrt.default, (x,)), "pow-minus-half-as-rsqrt")
         return False
 
     def rule_rsqrt(self, n: fx.Node) -> bool:
@@ -314,8 +315,7 @@ class _Rewriter:
         if _call(n, aten.reciprocal.default) and len(n.args) == 1 and not n.kwargs:
             s = _through(n.args[0])
             if _call(s, aten.sqrt.default) and len(s.args) == 1 and _dtype(s) == _dtype(n) in _FLOATS:
-                self.replace(n, self.emit(n, n, aten.rsqrt.default, (s.args[0],)), "reciprocal-sqrt-as-rsqrt")
-                return True
+                return self.replace(n, self.emit(n, n, aten.rsqrt.default, (s.args[0],)), "reciprocal-sqrt-as-rsqrt")
             return False
         if not _plain_div(n) or not isinstance(n.args[1], fx.Node):
             return False
@@ -323,8 +323,7 @@ class _Rewriter:
         if not _call(s, aten.sqrt.default) or len(s.args) != 1 or _dtype(s) not in _FLOATS:
             return False
         r = self.emit(n, s, aten.rsqrt.default, (s.args[0],))
-        self.replace(n, self.emit(n, n, aten.mul.Tensor, (a, r)), "div-sqrt-as-mul-rsqrt")
-        return True
+        return self.replace(n, self.emit(n, n, aten.mul.Tensor, (a, r)), "div-sqrt-as-mul-rsqrt")
 
     def rule_sigmoid(self, n: fx.Node) -> bool:
         """``1 / (1 + exp(-x))`` -> ``sigmoid(x)``."""
@@ -333,8 +332,7 @@ class _Rewriter:
         x = _one_plus_exp_neg(n.args[0])
         if x is None or _shape(x) != _shape(n) or _dtype(x) != _dtype(n):
             return False
-        self.replace(n, self.emit(n, n, aten.sigmoid.default, (x,)), "written-sigmoid")
-        return True
+        return self.replace(n, self.emit(n, n, aten.sigmoid.default, (x,)), "written-sigmoid")
 
     def rule_silu(self, n: fx.Node) -> bool:
         """``x * sigmoid(x)``, ``x / (1 + exp(-x))`` -> ``silu(x)``; with one more factor ``r`` in the
@@ -354,11 +352,8 @@ class _Rewriter:
             silu = self.emit(n, n, aten.silu.default, (g,))
             if rest:
                 silu = self.emit(n, n, aten.mul.Tensor, (rest[0][0], silu))
-                if _shape(silu) != _shape(n):
-                    self.erase_dead(silu)
-                    continue
-            self.replace(n, silu, "written-silu")
-            return True
+            if self.replace(n, silu, "written-silu"):
+                return True
         return False
 
     def rule_gelu_tanh(self, n: fx.Node) -> bool:
@@ -388,8 +383,8 @@ class _Rewriter:
             forms = [_product(a, dt) for a in s.args]
             want = [(Fraction(1), {x: 1}), (GELU_KAPPA, {x: 3})]
             if forms == want or forms == want[::-1]:
-                self.replace(n, self.emit(n, n, aten.gelu.default, (x,), {"approximate": "tanh"}), "written-gelu-tanh")
-                return True
+                return self.replace(n, self.emit(n, n, aten.gelu.default, (x,), {"approximate": "tanh"}),
+                                    "written-gelu-tanh")
         return False
 
     def rule_addcmul(self, n: fx.Node) -> bool:
@@ -403,8 +398,7 @@ class _Rewriter:
         prod = self.emit(n, n, aten.mul.Tensor, (t1, t2))
         if value != 1:
             prod = self.emit(n, n, aten.mul.Tensor, (prod, value))
-        self.replace(n, self.emit(n, n, aten.add.Tensor, (b, prod)), "addcmul-as-add-mul")
-        return True
+        return self.replace(n, self.emit(n, n, aten.add.Tensor, (b, prod)), "addcmul-as-add-mul")
 
     def _biased_var(self, n: fx.Node, x: fx.Node, dims: list, keepdim: bool):
         mean_k = self.emit(n, n, aten.mean.dim, (x, dims, True))
@@ -445,8 +439,7 @@ class _Rewriter:
         x, dims, keepdim = got
         if n.target is aten.var.correction:
             var, _, _ = self._biased_var(n, x, dims, keepdim)
-            self.replace(n, var, "biased-var-written")
-            return True
+            return self.replace(n, var, "biased-var-written")
         outs = _getitems(n)
         if outs is None:
             return False
@@ -502,8 +495,6 @@ class _Rewriter:
                 for rule in self.RULES:
                     try:
                         done = getattr(self, rule)(n)
-                    except AssertionError:
-                        raise
                     except Exception:  # noqa: BLE001 - a call these rules cannot read: left as it is
                         done = False
                     if done:
