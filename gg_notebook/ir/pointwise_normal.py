@@ -8,25 +8,20 @@ values, and the proof stops there although no lemma is missing. Before lowering 
 same rules, so a lemma's plan does not depend on which spelling a program used. The rules, each a
 real identity on every argument it accepts (anything else is left alone):
 
-===========================================  ====================================================
-spelling                                     canonical form
-===========================================  ====================================================
-``x ** 3``, ``x.pow(3.0)``                   ``(x * x) * x``  (``x ** 2`` is ``x * x`` already,
-                                             `gg_notebook.ir.lower`)
-``v ** 0.5``                                 ``sqrt(v)``
-``v ** -0.5``, ``1 / sqrt(v)``               ``rsqrt(v)``
-``a / sqrt(v)``                              ``a * rsqrt(v)``
-``1 / (1 + exp(-x))``                        ``sigmoid(x)``
-``x * sigmoid(x)``, ``x / (1 + exp(-x))``    ``silu(x)`` (``r * silu(x)`` with one more factor)
-``0.5 * x * (1 + tanh(sqrt(2/pi) *           ``gelu(x, approximate="tanh")``
-(x + 0.044715 * x ** 3)))`` (any association
-of the products, constants exactly PyTorch's)
-``addcmul(b, t1, t2, value=c)``              ``b + t1 * t2`` (``* c`` unless c == 1)
-``var_mean(x, d, correction=0, keepdim=k)``  ``(mean((x - m) * (x - m), d, k), mean(x, d, k))``
-``var(x, d, correction=0)``                  with ``m = mean(x, d, keepdim=True)``
-``native_layer_norm(x, shape, w, b, eps)``   ``(x - m) * rsqrt(mean((x - m) * (x - m)) + eps)
-(float32/float64, statistics unread)         * w + b`` over the normalized dims
-===========================================  ====================================================
+* ``x ** 3``, ``x.pow(3.0)`` -> ``(x * x) * x`` (``x ** 2`` is ``x * x`` already, in the lowering);
+  ``v ** 0.5`` -> ``sqrt(v)``; ``v ** -0.5`` and ``1 / sqrt(v)`` -> ``rsqrt(v)``;
+* ``a / sqrt(v)`` -> ``a * rsqrt(v)``;
+* ``1 / (1 + exp(-x))`` -> ``sigmoid(x)``;
+* ``x * sigmoid(x)``, ``x / (1 + exp(-x))`` -> ``silu(x)`` (with one more factor ``r`` in the
+  product, any association: ``r * silu(x)``);
+* ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x ** 3)))``, any association of the products,
+  the constants exactly PyTorch's doubles -> ``gelu(x, approximate="tanh")``;
+* ``addcmul(b, t1, t2, value=c)`` -> ``b + t1 * t2`` (``* c`` unless c == 1);
+* ``var_mean(x, d, correction=0, keepdim=k)`` -> ``(mean((x - m) * (x - m), d, k), mean(x, d, k))``
+  with ``m = mean(x, d, keepdim=True)``; ``var(x, d, correction=0)`` likewise (float32/float64);
+* ``native_layer_norm(x, shape, w, b, eps)`` whose mean and rstd outputs nothing reads (a backward
+  reads them: then it stays whole), float32/float64 -> ``(x - m) * rsqrt(var + eps) * w + b`` over
+  the normalized dims, with the biased ``var`` above.
 
 Activations keep their fused operator (``silu``, ``gelu``, ``sigmoid``: elementwise, the lemmas know
 them whole); norms are written out (the statistics are reductions the reduce lemmas split across
