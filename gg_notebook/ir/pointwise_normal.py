@@ -98,12 +98,6 @@ def _call(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
-def _arg(n: fx.Node, i: int, name: str, default=None):
-    if len(n.args) > i:
-        return n.args[i]
-    return n.kwargs.get(name, default)
-
-
 def _only_args(n: fx.Node, k: int, allowed: dict | None = None) -> bool:
     """``n`` has at most ``k`` positional arguments and only the keyword arguments in ``allowed``,
     each at its given value (e.g. ``{"alpha": 1}``)."""
