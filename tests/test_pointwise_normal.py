@@ -425,3 +425,42 @@ def test_layer_norm_with_backward_keeps_the_fused_op():
 
 
 _ = dist  # the rank programs above need no collective
+
+
+# ------------------------------------------------------------------------------ float32 scalars
+def test_float32_scalar_operand_rounded():
+    """On a float32 tensor, ``ms + 1e-6`` adds float32(1e-6): one call with F.rms_norm's ``add_(ms,
+    9.99999997e-07)`` - bit for bit (so also with exact="bitwise")."""
+
+    def spec(x, w):
+        return F.rms_norm(x, (x.shape[-1],), w, eps=1e-6)
+
+    def rank(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    x, w = torch.randn(4, 2, 8), 1 + 0.1 * torch.randn(8)
+    assert torch.equal(rank(x, w), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 9.999999974752427e-07) * w)
+    p = gg.Problem(sequential=spec, distributed=rank, inputs=[x, w], placements=[gg.Shard(0), gg.Replicate()],
+                   world_size=2, expect=[gg.Shard(0)])
+    for exact in ("real", "bitwise"):
+        assert gg.verify(p, capture="inprocess", exact=exact).status is gg.Status.PROVED, exact
+
+
+def test_float32_rounding_declines():
+    from gg_notebook.ir.lower import _other_as_float32
+    from gg_notebook.relations.expr import Lit
+
+    assert _other_as_float32((Slot(0), Lit(1e-6))) == (Slot(0), Lit(9.999999974752427e-07))
+    assert _other_as_float32((Slot(0), Lit(0.5))) == (Slot(0), Lit(0.5))  # exact already
+    assert _other_as_float32((Slot(0), Lit(3))) == (Slot(0), Lit(3))  # ints: not this rule
+    assert _other_as_float32((Slot(0), Slot(1))) == (Slot(0), Slot(1))
+    # a bfloat16 tensor computes with the scalar in float32, not rounded to bfloat16: not rewritten
+    def spec(x):
+        return x + 1e-3
+
+    def rank(x):
+        return x + float(torch.tensor(1e-3, dtype=torch.bfloat16).item())
+
+    p = gg.Problem(sequential=spec, distributed=rank, inputs=[torch.randn(4, 8, dtype=torch.bfloat16) * 100],
+                   placements=[gg.Shard(0)], world_size=2, expect=[gg.Shard(0)])
+    assert gg.verify(p, capture="inprocess").status is not gg.Status.PROVED

@@ -193,6 +193,8 @@ class _Lowerer:
         if target in SCALAR_CAST_FIRST and inputs and inputs[0].dtype is not None and inputs[0].dtype.is_floating_point:
             t_args = _floats(t_args)
             t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
+        if target in ROUNDS_OTHER_TO_FLOAT32 and inputs and inputs[0].dtype == torch.float32:
+            t_args = _other_as_float32(t_args)
         unique = None
         packet = _packet(target)
         if packet in RANDOM or _is_random(target, args, kwargs):
@@ -815,6 +817,23 @@ SCALAR_CAST_FIRST = {
     aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar,
     aten.where.ScalarOther, aten.where.ScalarSelf,
 }
+
+
+# On a float32 tensor, ``x + c`` (and -, *, /) with a Python float c computes with c rounded to
+# float32 (the CPU kernels read a scalar operand as their float32 compute type; a wrapped-number
+# tensor is cast to the common dtype float32): so ``ms + 1e-6`` and F.rms_norm's ``add_(ms,
+# float32(1e-6))`` are one call. Not float16/bfloat16 (their compute type is float32, not theirs).
+ROUNDS_OTHER_TO_FLOAT32 = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+
+
+def _other_as_float32(t_args: tuple) -> tuple:
+    """``(self, other)`` with a float ``other`` (a Python number) rounded to float32."""
+    if len(t_args) != 2 or not isinstance(t_args[0], Slot) or not isinstance(t_args[1], Lit) \
+            or type(t_args[1].value) is not float:
+        return t_args
+    c = t_args[1].value
+    r = float(torch.tensor(c, dtype=torch.float64).to(torch.float32).item())
+    return t_args if r == c or math.isnan(c) else (t_args[0], Lit(r))
 
 
 # Overloads whose ``dim`` arguments index the dims of their first tensor argument (so ``dim=-1``
