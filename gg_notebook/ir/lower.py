@@ -193,6 +193,8 @@ class _Lowerer:
         if target in SCALAR_CAST_FIRST and inputs and inputs[0].dtype is not None and inputs[0].dtype.is_floating_point:
             t_args = _floats(t_args)
             t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
+        if target in ROUNDS_OTHER_TO_FLOAT32 and inputs and inputs[0].dtype == torch.float32:
+            t_args = _other_as_float32(t_args)
         unique = None
         packet = _packet(target)
         if packet in RANDOM or _is_random(target, args, kwargs):
@@ -817,6 +819,23 @@ SCALAR_CAST_FIRST = {
 }
 
 
+# On a float32 tensor, ``x + c`` (and -, *, /) with a Python float c computes with c rounded to
+# float32 (the CPU kernels read a scalar operand as their float32 compute type; a wrapped-number
+# tensor is cast to the common dtype float32): so ``ms + 1e-6`` and F.rms_norm's ``add_(ms,
+# float32(1e-6))`` are one call. Not float16/bfloat16 (their compute type is float32, not theirs).
+ROUNDS_OTHER_TO_FLOAT32 = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+
+
+def _other_as_float32(t_args: tuple) -> tuple:
+    """``(self, other)`` with a float ``other`` (a Python number) rounded to float32."""
+    if len(t_args) != 2 or not isinstance(t_args[0], Slot) or not isinstance(t_args[1], Lit) \
+            or type(t_args[1].value) is not float:
+        return t_args
+    c = t_args[1].value
+    r = float(torch.tensor(c, dtype=torch.float64).to(torch.float32).item())
+    return t_args if r == c or math.isnan(c) else (t_args[0], Lit(r))
+
+
 # Overloads whose ``dim`` arguments index the dims of their first tensor argument (so ``dim=-1``
 # and ``dim=ndim-1`` are one call). Not ops whose dims index the *output* (diag_embed, unsqueeze).
 DIM_OF_SELF = {
@@ -999,13 +1018,22 @@ def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None 
     anything); "refuse" and "identity" also record them in ``graph.random_ops`` (the caller refuses
     them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`).
 
-    ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
-    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`).
+    ``decompositions`` (`Problem.decompositions`; None: off, i.e. exact="bitwise"): first rewrite
+    the graph into the pointwise normal form (`gg_notebook.ir.pointwise_normal`), then replace every
+    call that would lower to a "generic" call by its definition in known operators
+    (`gg_notebook.ir.decompose`).
 
     ``input_ranges``: {input index: (lo, hi)} inclusive bounds of integer inputs (from
     `Problem.domains`), used where a spelling is one value only on a range (`gg_notebook.ir.ranges`)."""
     if decompositions is not None:
         from gg_notebook.ir.decompose import lower_decomposed
+        from gg_notebook.ir.pointwise_normal import normalize
 
-        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random, input_ranges).run())
+        def lower_normalized():
+            # one spelling per pointwise function on every program (real mode only), also inside
+            # the definitions the decomposition spliced in
+            normalize(gm)
+            return _Lowerer(gm, rank, random, input_ranges).run()
+
+        return lower_decomposed(gm, rank, decompositions, lower_normalized)
     return _Lowerer(gm, rank, random, input_ranges).run()

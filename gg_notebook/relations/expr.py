@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from gg_notebook.ir.pointwise_normal import commuted_args
+
 CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
 ACCUM_FNS = ("sum", "max", "min")
 
@@ -259,6 +261,8 @@ class ExprStore:
         return e
 
     def find(self, op, attrs, args, dtype) -> Expr | None:
+        if op == "call":
+            args = commuted_args(attrs, tuple(args))
         return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
 
     # ------------------------------------------------------------------ leaves
@@ -276,7 +280,8 @@ class ExprStore:
     def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
         if shape is None:
             shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
-        return self._intern("call", spec, tuple(args), shape, dtype)
+        # a * b and b * a: one term (operands of a commutative call in a canonical order)
+        return self._intern("call", spec, commuted_args(spec, tuple(args)), shape, dtype)
 
     # ------------------------------------------------------------------ clean constructors
     def view(self, x: Expr, shape: Sequence[int]) -> Expr:

@@ -473,8 +473,6 @@ CASES = [
 _MISSING = {
     "mha-tp/triu-spec-vs-tril-masked_fill":
         "input-independent values: scores + triu(full(-inf), 1) vs masked_fill(~tril(ones)) compared by value",
-    "mha-tp/per-head-loop":
-        "data movement: the spec's mm(x, wq) = concat over ranks and heads of mm(x, wq_local[:, head cols])",
     "mha-tp/F.sdpa-is_causal": "F.scaled_dot_product_attention (dropout_p=0) is refused as a random op",
     "mha-tp/tril-masked_fill-tp4": "input-independent values: additive triu(-inf) mask vs masked_fill(~tril)",
     "mha-tp/one-head-per-rank-bmm":

@@ -372,10 +372,8 @@ _CYCLIC = ("data movement: the engine relates seq tanh to the round-robin concat
 _ULY = ("data movement: all_to_all re-layout: seq softmax(dim 0) of concat(x@r, dim=0) must be re-related to the "
         "heads tiling the ranks hold after all_to_all_single, and the return all_to_all normalized back to dim 0")
 MISSING = {
-    "rotate-half/split-stack-flatten-addcmul": _ROT + "; stack(-2).flatten(-2) and addcmul",
     "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
                                     "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
-    "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
 }
 
 CASES = [
