@@ -170,6 +170,10 @@ class DIndex:
         if d.id in self._dval_key:
             return self._dval_key[d.id]
         k = self.forms.key(d.term, budget=20) if self.forms.worth_indexing(d.term) else None
+        if k is None and d.term.op == "view" and self.forms.worth_indexing(d.term):
+            # a view costs what its base costs: normalize the base first (memoized), then the view
+            if self.forms.key(d.term.args[0], budget=20) is not None:
+                k = self.forms.key(d.term, budget=20)
         self._dval_key[d.id] = k
         return k
 

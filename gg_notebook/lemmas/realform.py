@@ -843,30 +843,32 @@ def realized_by_form_up_to_factor(index, term: Expr):
     rational f != 0), or None. The forms are compared exactly after scaling."""
     if not _floating(term):
         return None
+    candidates = index.same_inputs(term)  # proportional forms read the same inputs
+    if not candidates:
+        return None
     rf = forms_of(index)
-    table = getattr(index, "_real_by_scaled_key", None)
-    if table is None:
-        realized_by_form(index, term)  # builds the exact table
-        table = {}
-        for k, d in index._real_by_key.items():
-            sk = _scaled_key(k[2])
-            if sk is not None:
-                table.setdefault((k[0], k[1], sk[0]), (d, sk[1]))
-        index._real_by_scaled_key = table
     k = rf.key(term)
     if k is None:
         return None
     sk = _scaled_key(k[2])
     if sk is None:
         return None
-    hit = table.get((k[0], k[1], sk[0]))
-    if hit is None:
-        return None
-    d, c_rank = hit
-    f = sk[1] / c_rank
-    if frozenset((b, c * f) for b, c in rf.of(d.term)) != k[2]:
-        return None
-    return d, f
+    keys = getattr(index, "_real_key", None)
+    if keys is None:
+        keys = index._real_key = {}
+    for d in candidates:
+        if d.id not in keys:
+            keys[d.id] = rf.key(d.term) if not d.term.ground and _near_exp_or_log(d.term) else None
+        kd = keys[d.id]
+        if kd is None or kd[:2] != k[:2]:
+            continue
+        skd = _scaled_key(kd[2])
+        if skd is None or skd[0] != sk[0]:
+            continue
+        f = sk[1] / skd[1]
+        if frozenset((b, c * f) for b, c in kd[2]) == k[2]:
+            return d, f
+    return None
 
 
 def match_real_value(engine, spec, args) -> Expr | None:
