@@ -550,7 +550,9 @@ class ExprStore:
 
     def scale(self, x: Expr, factor) -> Expr:
         """``factor * x`` with an exact rational factor (a float is taken at its exact value)."""
-        factor = Fraction(factor)
+        from gg_notebook.relations.exact import Radical
+
+        factor = factor if isinstance(factor, Radical) else Fraction(factor)
         if factor == 1:
             return x
         if x.op == "scale":
@@ -721,6 +723,8 @@ def pretty(e: Expr, name: Callable[[Expr], str]) -> str:
 
 def _number(c) -> str:
     """A rational factor as people write it: 0.5, 1/3, 12."""
+    if not isinstance(c, (int, float, Fraction)):
+        return f"({c})"  # an exact radical (relations/exact.py)
     c = Fraction(c)
     if c.denominator == 1:
         return str(c.numerator)
