@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+_EMBEDDING = torch.ops.aten.embedding.default
 CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
 ACCUM_FNS = ("sum", "max", "min")
 
@@ -259,7 +260,22 @@ class ExprStore:
         return e
 
     def find(self, op, attrs, args, dtype) -> Expr | None:
+        if op == "call" and self.by_value and getattr(attrs, "kind", None) == "ew":
+            args = self._broadcast_args(attrs, args)
+        if op == "call" and self.by_value and getattr(attrs, "target", None) is _EMBEDDING:
+            from gg_notebook.relations.ground import canonical_call
+
+            alt = canonical_call(self, attrs, args)
+            if alt is not None:
+                return alt
         return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
+
+    def _broadcast_args(self, spec, args):
+        """Value-node operands of an elementwise call in their smallest broadcast form (ground.py)."""
+        from gg_notebook.relations.ground import minimal_broadcast
+
+        new = minimal_broadcast(self, spec, args)
+        return args if new is None else new
 
     # ------------------------------------------------------------------ leaves
     def atom(self, name: str, shape, dtype) -> Expr:
@@ -276,6 +292,14 @@ class ExprStore:
     def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
         if shape is None:
             shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
+        if self.by_value and spec.kind == "ew":
+            args = self._broadcast_args(spec, args)
+        if self.by_value and spec.target is _EMBEDDING:  # a lookup at constant ids: rows of the table
+            from gg_notebook.relations.ground import canonical_call
+
+            alt = canonical_call(self, spec, args)
+            if alt is not None:
+                return alt
         return self._intern("call", spec, tuple(args), shape, dtype)
 
     # ------------------------------------------------------------------ clean constructors
