@@ -318,10 +318,10 @@ def rope_real_spec(q):
 def rope_real_spec_bug(q):
     s = q.shape[1]
     t = torch.arange(s, dtype=torch.float64)
-    freqs = torch.outer(t, _inv_freq(q.shape[-1]))  # gg: positions
+    freqs = torch.outer(t, _inv_freq(q.shape[-1]))
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
-    return q * cos + rotate_half(q) * sin
+    return q * cos + rotate_half(q) * sin  # gg: positions
 
 
 def rope_real_heads(q):
@@ -471,20 +471,8 @@ CASES = [
 ]
 
 _MISSING = {
-    "mha-tp/triu-spec-vs-tril-masked_fill":
-        "input-independent values: scores + triu(full(-inf), 1) vs masked_fill(~tril(ones)) compared by value",
-    "mha-tp/per-head-loop":
-        "data movement: the spec's mm(x, wq) = concat over ranks and heads of mm(x, wq_local[:, head cols])",
-    "mha-tp/F.sdpa-is_causal": "F.scaled_dot_product_attention (dropout_p=0) is refused as a random op",
-    "mha-tp/tril-masked_fill-tp4": "input-independent values: additive triu(-inf) mask vs masked_fill(~tril)",
-    "mha-tp/one-head-per-rank-bmm":
-        "merged-batch bmm: spec [B*NH] batch (view of a head-sharded permute) vs the rank's 3-D bmm with no head dim",
-    "mha-tp/bug-mask-not-applied": "not localized: the correct twin is stuck at the same add (scores + mask)",
-    "rope/real-rotate_half-seq-sharded-offset":
-        "input-independent values with a rank offset: arange(rank*S/W, ...) tables tile the spec's table",
     "rope/complex-spec-vs-real-even-odd":
         "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
-    "rope/bug-seq-sharded-no-offset": "not localized: the correct twin is stuck at the same rotary-table mul",
 }
 
 import dataclasses as _dc  # noqa: E402

@@ -197,18 +197,7 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
 _LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_POS = ("input-independent values: seq embedding(const arange(S), wpe) vs the ranks' lookups at arange(start, "
-        "start+S/W) (or wpe[pos], wpe[a:b]); the constant positions must be tiled across ranks by value")
-_MASK = ("input-independent values: seq masked_fill with const triu(ones(S, S), 1) vs rank masks built from "
-         "shapes and rank (triu diagonal=1+start, arange comparison, tril); mask rows must be compared by value")
-_ROPE = ("input-independent values: seq outer(arange(S), inv_freq) vs the rank's outer(arange(start, end), "
-         "inv_freq) (or a slice of a global cache, a position-id matmul); cos/sin tables must be evaluated by value "
-         "and tiled across ranks")
 MISSING = {
-    "positions/chunk-of-global-arange": _POS,
-    "positions/slice-of-table": _POS + " (the rank slices the table instead of looking up)",
-    "causal-mask/tril-where": _MASK + "; torch.where(keep, s, -inf) vs masked_fill(~keep)",
-    "rope-tables/position-ids-matmul": _ROPE,
 }
 
 CASES = [

@@ -518,18 +518,6 @@ _MISSING = {
         "decomposition (tanh formula vs gelu) and the 3-D `x @ w1 + b1` vs 2-D addmm + final view",
     "sp-block/rmsnorm-allgather-swiglu-reducescatter":
         "canonical spelling add.Scalar vs add.Tensor (F.rms_norm vs written) and silu vs g * sigmoid(g)",
-    "sdpa-heads/F.sdpa-vs-math":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/einsum-math-vs-F.sdpa":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/F.sdpa-causal-vs-triu-mask":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/tril-masked_fill-vs-F.sdpa-causal":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/einsum-math-vs-math":
-        "canonical spelling: einsum's bmm layout (permute/view order) vs matmul's; x * d**-0.5 vs x / sqrt(d)",
 }
 
 import dataclasses as _dc  # noqa: E402
