@@ -134,10 +134,9 @@ def _value_arg(to_term):
 
 
 def _mask_node(S: ExprStore, mask: torch.Tensor) -> Expr | None:
-    from gg_notebook.engine.index import _const_term
+    from gg_notebook.relations.ground import _value_node
 
-    node = _const_term(S, mask.contiguous())
-    return node if value_of(node) is not None else None
+    return _value_node(S, mask.contiguous())
 
 
 # ---------------------------------------------------------------------------------- the lemmas
@@ -146,13 +145,15 @@ def neg_inf_mask(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=
     if len(args) < 2 or any(a.dtype is None for a in args):
         return
     dtype = next((a.dtype for a in args if tuple(a.shape) == tuple(out_shape) and a.dtype.is_floating_point), None)
-    hit = decode(spec, args, out_shape, dtype, _value_arg(to_term))
-    if hit is None:
+    memo = S.__dict__.setdefault("_neg_inf_masks", {})  # decoding a [S, S] mask is not free: once per call
+    key = (spec, tuple(to_term(a).id for a in args), tuple(out_shape))
+    if key not in memo:
+        hit = decode(spec, args, out_shape, dtype, _value_arg(to_term))
+        memo[key] = None if hit is None else (hit[0], _mask_node(S, hit[1]))
+    hit = memo[key]
+    if hit is None or hit[1] is None:
         return
-    xi, mask = hit
-    node = _mask_node(S, mask)
-    if node is None:
-        return
+    xi, node = hit
     try:
         yield S.call(MASK_SPEC, [args[xi], node])
     except ShapeError:

@@ -362,8 +362,11 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
     if getattr(spec, "kind", None) != "ew" or len(args) < 2 or \
             not any(a.op == "expand" or a.op == "view" or is_value(a) for a in args):
         return None
+    shapes = [tuple(a.shape) for a in args]
+    if all(s == shapes[0] for s in shapes) and not any(is_value(a) for a in args):
+        return None  # no broadcasting at all (the common case): nothing to drop
     try:
-        out = tuple(torch.broadcast_shapes(*(tuple(a.shape) for a in args)))
+        out = tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
         return None
     memo = store.__dict__.setdefault("_min_bcast", {})
@@ -417,6 +420,8 @@ def _shrink(store: "ExprStore", a: "Expr", out: tuple, others: list) -> "Expr | 
         k = j + n - x.dim()
         if x.shape[j] > 1 and need[k] == out[k]:
             first = x.narrow(j, 0, 1)
+            if not torch.equal(_raw_rows(x.narrow(j, 1, 1)), _raw_rows(first)):
+                continue  # the second slice already differs (the usual case: a cheap answer)
             if torch.equal(_raw_rows(x), _raw_rows(first.expand_as(x))):
                 x = first
     others_nd = max((len(s) for s in others), default=0)
