@@ -89,15 +89,23 @@ def _flash_cpu_forward(query, key, value, dropout_p=0.0, is_causal=False, *, att
     ``softmax`` and the two forms are equal over the reals; this one is what people write, so the
     spec and rank spellings meet without a lemma for ``_safe_softmax``. With dropout, a mask, GQA
     (fewer key heads) or an empty key sequence it declines (PyTorch's definition is used)."""
+    def pytorch():
+        from torch._decomp import decomposition_table
+
+        fn = decomposition_table.get(aten._scaled_dot_product_flash_attention_for_cpu.default)
+        if fn is None:
+            return NotImplemented
+        return fn(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
     if dropout_p != 0.0 or attn_mask is not None:
-        return NotImplemented
+        return pytorch()
     if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
-        return NotImplemented
+        return pytorch()
     if query.shape[:-2] != key.shape[:-2] or key.shape[:-1] != value.shape[:-1]:
-        return NotImplemented  # GQA (enable_gqa) or broadcast batch dims: not this definition
+        return pytorch()  # GQA (enable_gqa) or broadcast batch dims: not this definition
     L, S = query.size(-2), key.size(-2)
     if S == 0 or not query.dtype.is_floating_point:
-        return NotImplemented
+        return pytorch()
     factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     attn = torch.matmul(query, key.transpose(-2, -1)) * factor
     if is_causal:

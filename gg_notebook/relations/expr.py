@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 _EMBEDDING = torch.ops.aten.embedding.default
+_MASKED_FILL = torch.ops.aten.masked_fill.Scalar
 CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
 ACCUM_FNS = ("sum", "max", "min")
 
@@ -236,6 +237,8 @@ class ExprStore:
     # ground nodes (no atom/ref leaf, not random) are evaluated and interned by value, so that
     # equal input-independent values are one node whatever their spelling (relations/ground.py)
     by_value = True
+    # real-number-only normal forms of terms (exact="real"; set by gg.verify): relations/safe_softmax.py
+    real = False
 
     def __init__(self) -> None:
         self._table: dict[tuple, Expr] = {}
@@ -268,6 +271,12 @@ class ExprStore:
             alt = canonical_call(self, attrs, args)
             if alt is not None:
                 return alt
+        if op == "call" and self.real and getattr(attrs, "target", None) is _MASKED_FILL:
+            from gg_notebook.relations.safe_softmax import canonical_safe_softmax
+
+            alt = canonical_safe_softmax(self, attrs, args)
+            if alt is not None:
+                return alt
         return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
 
     def _broadcast_args(self, spec, args):
@@ -298,6 +307,12 @@ class ExprStore:
             from gg_notebook.relations.ground import canonical_call
 
             alt = canonical_call(self, spec, args)
+            if alt is not None:
+                return alt
+        if self.real and spec.target is _MASKED_FILL:  # _safe_softmax without an all-masked row
+            from gg_notebook.relations.safe_softmax import canonical_safe_softmax
+
+            alt = canonical_safe_softmax(self, spec, args)
             if alt is not None:
                 return alt
         return self._intern("call", spec, tuple(args), shape, dtype)
