@@ -363,8 +363,8 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
             not any(a.op == "expand" or a.op == "view" or is_value(a) for a in args):
         return None
     shapes = [tuple(a.shape) for a in args]
-    if all(s == shapes[0] for s in shapes) and not any(is_value(a) for a in args):
-        return None  # no broadcasting at all (the common case): nothing to drop
+    if all(s == shapes[0] for s in shapes) and not any(a.op == "expand" or is_value(a) for a in args):
+        return None  # no broadcasting at all (the common case): a view of the full shape stays
     try:
         out = tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
