@@ -11,8 +11,9 @@ Where the definitions come from, first match wins:
 
 1. the user's ``Problem.decompositions`` (``{torch.ops.mylib.fused_ln.default: fn}``; ``None``
    keeps an operator opaque);
-2. `BUILTIN` here: the backward of SDPA (the gradient of its math form, through autograd), the
-   efficient-attention kernels, ``all``/``any`` over dims of a bool tensor as ``amin``/``amax``;
+2. `BUILTIN` here: SDPA's CPU kernel without dropout or mask as the plain math form people write
+   (``softmax(q @ k^T * scale [masked_fill(~tril, -inf)]) @ v``), the backward of SDPA (the gradient
+   of its math form, through autograd), the efficient-attention kernels, ``all``/``any`` over dims of a bool tensor as ``amin``/``amax``;
 3. PyTorch's ``torch._decomp.decomposition_table`` (refs and decompositions);
 4. the operator's CompositeImplicitAutograd kernel.
 
