@@ -274,7 +274,8 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 # how a wrong program gets proved.
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
               "softmax-over-split-dim", "logsumexp-over-split-dim", "nll-over-split-classes",
-              "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup"}
+              "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "neg-inf-mask",
+              "embedding-constant-ids"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))
@@ -290,6 +291,7 @@ def test_replacing_lemma_declares_every_argument(name):
 def test_every_lemma_is_either_reapplying_or_declared():
     """New lemmas land in one of the two groups on purpose."""
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
-                  "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist"}
+                  "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
+                  "neg-inf-mask-split"}
     unknown = set(REGISTRY) - reapplying - _REPLACING
     assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"
