@@ -127,6 +127,9 @@ def _hashable(v):
     return typed(v)
 
 
+INDEX_PUTS = (aten.index_put.default, aten.index_put_.default)
+
+
 class _Lowerer:
     def __init__(self, gm: torch.fx.GraphModule, rank: int | None, random: str | None = None,
                  input_ranges: dict | None = None):
@@ -166,6 +169,19 @@ class _Lowerer:
             source=fx.meta.get("gg_source") if fx is not None else None, code=code, frames=frames,
             rank=self.rank, fx_name=fx.name if fx is not None else "",
         )
+        if op == "call" and dtype is not None and not dtype.is_floating_point and not dtype.is_complex and \
+                (getattr(attrs, "kind", None) == "ew" or getattr(attrs, "target", None) in INDEX_PUTS):
+            same = self.ranges.same_as_operand(n)
+            if same is not None:
+                return same  # equal to that operand for every value the input can take
+            v = self.ranges.constant(n)
+            if v is not None:
+                # an integer/boolean function of a ranged input that takes one value on the whole
+                # range (``target < 0`` for targets in [0, V)): that value, as a constant
+                spec = OpSpec("const", f"full({v})", _Full.of(shape, v, dtype), ((), ()))
+                n = Node(name=n.name, op="const", attrs=spec, inputs=(), shape=tuple(shape), dtype=dtype,
+                         target="constant", source=n.source, code=n.code, frames=n.frames, rank=n.rank,
+                         fx_name=n.fx_name)
         self.nodes.append(n)
         return n
 
@@ -324,7 +340,10 @@ class _Lowerer:
                 return hit
         if packet in ASSERTS:
             return None  # checks, not values (a failing check is a crash of the real run, not a value)
-        if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
+        if packet == "copy" and len(args) >= 2 and isinstance(env.get(args[0]), Node) and \
+                isinstance(env.get(args[1]), Node):
+            # functional copy(dst, src) (a functionalized ``dst.copy_(src)``, an in-place collective
+            # written back into its buffer) is src, whatever dst held: only dst's shape and dtype count
             return self.overwrite(fx, env[args[0]], env[args[1]])
         if packet in ("_to_copy", "to", "_to_dtype", "type_as"):
             src = env[args[0]]
@@ -598,9 +617,9 @@ class _Lowerer:
         return self.emit("view", shape, (src,), shape, dtype)
 
     def overwrite(self, fx, dst: Node, src: Node) -> Node:
-        """``copy(dst, src)`` into a buffer nothing initialized (``torch.empty(..).copy_(y)``, an
-        output buffer filled by a kernel): the value is ``src``, broadcast to dst's shape and cast
-        to its dtype; dst's own (undefined) contents never matter."""
+        """``copy(dst, src)``: the value is ``src``, broadcast to dst's shape and cast to its dtype;
+        dst's own contents never matter (an uninitialized buffer, ``torch.empty(..).copy_(y)``, or a
+        buffer that a functionalized in-place write replaces)."""
         shape, dtype = _meta_of(fx)
         v = src
         if tuple(v.shape) != tuple(shape):
