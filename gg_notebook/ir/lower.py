@@ -169,6 +169,10 @@ class _Lowerer:
             source=fx.meta.get("gg_source") if fx is not None else None, code=code, frames=frames,
             rank=self.rank, fx_name=fx.name if fx is not None else "",
         )
+        if op == "call" and getattr(attrs, "target", None) in INDEX_PUTS and len(inputs) >= 3 and \
+                attrs.arg("accumulate", True) is False and tuple(inputs[0].shape) == tuple(shape) and \
+                inputs[0].dtype == dtype and all(self.ranges.never_true(m) for m in inputs[1:-1]):
+            return inputs[0]  # x[mask] = v with a mask that holds no True: nothing is written
         if op == "call" and dtype is not None and not dtype.is_floating_point and not dtype.is_complex and \
                 (getattr(attrs, "kind", None) == "ew" or getattr(attrs, "target", None) in INDEX_PUTS):
             same = self.ranges.same_as_operand(n)
@@ -332,6 +336,8 @@ class _Lowerer:
             return self.emit("call", spec, inputs, shape, dtype)
         if target is aten.index.Tensor:
             hit = self.index_as_embedding(fx, shape, dtype)
+            if hit is None:
+                hit = self.index_as_gather(fx, shape, dtype)
             if hit is not None:
                 return hit
         if target is aten.index_put.default:
@@ -554,6 +560,29 @@ class _Lowerer:
             return None
         spec, inputs = self.spec_for(aten.embedding.default, (weight_fx, ids_fx), {}, kind="embedding")
         return self.emit("call", spec, inputs, shape, dtype)
+
+    def index_as_gather(self, fx, shape, dtype) -> Node | None:
+        """``x[arange(n), ids]`` (one pick per row of a matrix, as written-out cross-entropies pick
+        the target's logit) is ``x.gather(1, ids.unsqueeze(1)).view(n)`` when every id is in
+        ``[0, C)`` (a negative id wraps in one and fails in the other)."""
+        x_fx, indices = fx.args[0], fx.args[1]
+        x = self.env.get(x_fx)
+        if not isinstance(x, Node) or len(x.shape) != 2 or not isinstance(indices, (list, tuple)) or len(indices) != 2:
+            return None
+        if not all(isinstance(i, torch.fx.Node) for i in indices):
+            return None
+        rows, cols = self.env.get(indices[0]), self.env.get(indices[1])
+        n, C = x.shape
+        if not isinstance(rows, Node) or not isinstance(cols, Node) or tuple(cols.shape) != (n,) \
+                or cols.dtype not in (torch.int64, torch.int32) or not _is_arange(rows, n):
+            return None
+        if not self.ranges.within(cols, 0, C - 1):
+            return None
+        idx = self.view(cols, (n, 1), cols.dtype)
+        target = aten.gather.default
+        spec = OpSpec("generic", _name(target), target, ((Slot(0), 1, Slot(1)), ()))
+        picked = self.emit("call", spec, (x, idx), (n, 1), dtype, target=_name(target), name=fx.name + "_gather")
+        return self.view(picked, tuple(shape), dtype)
 
     def index_put_as_embedding_backward(self, fx, shape, dtype) -> Node | None:
         """``zeros(V, H).index_put_([ids], g, accumulate=True)`` (autograd's gradient of
@@ -904,6 +933,19 @@ def _neutral_operand(target, args, kwargs, env, shape, dtype):
     if not isinstance(src, Node) or src.dtype != dtype or tuple(src.shape) != tuple(shape or ()):
         return None
     return src
+
+
+def _is_arange(n, length: int) -> bool:
+    """Is ``n`` the constant ``arange(length)`` (int, shape (length,))?"""
+    if not isinstance(n, Node) or n.op != "const" or tuple(n.shape) != (length,) or length > 1 << 22:
+        return False
+    if n.dtype not in (torch.int64, torch.int32):
+        return False
+    try:
+        v = n.attrs.call([])
+    except Exception:  # noqa: BLE001 - not materializable here
+        return False
+    return isinstance(v, torch.Tensor) and v.device.type != "meta" and torch.equal(v, torch.arange(length, dtype=v.dtype))
 
 
 def _uninitialized(n) -> bool:

@@ -59,6 +59,17 @@ class IntRanges:
             return None
         return flat[0].item()
 
+    def never_true(self, n: Node) -> bool:
+        """Is boolean ``n`` False everywhere, for every value of the input it depends on (a uniform
+        False constant, or ``target < 0`` for targets in [0, V))?"""
+        if n.dtype != torch.bool:
+            return False
+        if n.op == "const":
+            v = _uniform_value(n)
+            return v is not None and not bool(v)
+        hit = self._image.image(n)
+        return hit is not None and hit[1].numel() > 0 and not bool(hit[1].any())
+
     def same_as_operand(self, n: Node) -> Node | None:
         """An operand of ``n`` (same shape and dtype) that ``n`` equals on the whole range of the
         input both are functions of (``ids[mask] = 0`` where the mask is False for every id)."""

@@ -23,6 +23,8 @@ combined, ... A view between log_softmax and nll_loss that keeps the class dim i
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,7 @@ class MaskedPick:
         local = t - self.start
         valid = (local >= 0) & (local < x.shape[-1])
         picked = torch.gather(x, -1, local.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
-        return picked * valid.to(x.dtype)
+        return torch.where(valid, picked, torch.zeros((), dtype=x.dtype))  # 0, even where x is -inf
 
 
 def masked_pick_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
@@ -221,9 +223,11 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     inside = (domain >= start) & (domain < start + v_local)
 
     def strip_view(e: Expr, shape) -> Expr | None:
+        # the index in any shape of the same elements (reshapes keep row-major order, which is all
+        # the domain evaluation needs): Megatron masks the targets as [s, b] and views them flat
         while e.op == "view" and tuple(e.shape) != tuple(shape):
             e = e.args[0]
-        return e if tuple(e.shape) == tuple(shape) else None
+        return e if math.prod(e.shape) == math.prod(shape) else None
 
     def index_ok(J: Expr | None) -> bool:
         if J is None:
@@ -249,17 +253,22 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
                     picks.append(w)
     for p in picks:
         base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
-        for e in [base] + index.users_of(base):
-            if e is not base:
-                keep = kept_rows(e, base, lead)
-                kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
-                if kv is None or not bool((kv == inside).all()):
+        # the rank may zero the out-of-shard picks in any shape of them (Megatron views the picks
+        # as [s, b] before masking): each reshape of the picks keeps their order
+        bases = [base] + [v for v in index.users_of(p) if v.op == "view" and v.id != base.id]
+        for b in bases:
+            for e in [b] + index.users_of(b):
+                if e is not b:
+                    keep = kept_rows(e, b, tuple(b.shape))
+                    kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
+                    if kv is None or not bool((kv == inside).all()):
+                        continue
+                elif bool((~inside).any()):
                     continue
-            elif bool((~inside).any()):
-                continue
-            d = index.realized(e)
-            if d is not None:
-                return index.ref(d)
+                d = index.realized(e)
+                if d is not None:
+                    r = index.ref(d)
+                    return r if tuple(e.shape) == lead else engine.store.view(r, lead)
     return None
 
 
