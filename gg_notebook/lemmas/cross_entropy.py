@@ -533,6 +533,29 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     yield S.view(S.cat(outs, plast), out_shape)
 
 
+def _view_root(e: Expr) -> Expr:
+    while e.op == "view":
+        e = e.args[0]
+    return e
+
+
+def _picks_at(picked: Expr, p2: Expr, rows: Expr, cols: Expr) -> bool:
+    """Is ``picked`` ``p2[rows, cols]`` (rows = arange): spelled as that index, or as the gather the
+    lowering makes of it, ``p2.gather(1, cols.view(n, 1)).view(n)``?"""
+    if picked.op == "call" and picked.attrs.name == "aten.index.Tensor":
+        return [a.id for a in picked.args] == [p2.id, rows.id, cols.id]
+    if picked.op != "view" or tuple(picked.shape) != tuple(cols.shape):
+        return False
+    g = picked.args[0]
+    if g.op != "call" or g.attrs.name != "aten.gather.default" or len(g.args) != 2 or g.args[0].id != p2.id:
+        return False
+    if g.attrs.arg("dim") != 1 or g.attrs.arg("sparse_grad", False) is not False:
+        return False
+    idx = g.args[1]
+    return tuple(idx.shape) == (cols.shape[0], 1) and _view_root(idx).id == _view_root(cols).id and \
+        math.prod(_view_root(cols).shape) == cols.shape[0]
+
+
 def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
     """Find a rank value equal to ``p - onehot(t - start)`` (in-shard targets only), written as
     ``p2d[arange, J] -= U`` (index_put of the picked entries minus U)."""
@@ -564,7 +587,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if vals.op != "call" or vals.attrs.name != "aten.sub.Tensor" or len(vals.args) != 2:
             continue
         picked, u = vals.args
-        if picked.op != "call" or picked.attrs.name != "aten.index.Tensor" or [a.id for a in picked.args] != [p2.id, rows.id, cols.id]:
+        if not _picks_at(picked, p2, rows, cols):
             continue
         uv = eval_on_domain(u, t_t, domain)
         if uv is None or not bool((uv == inside.to(uv.dtype)).all()):

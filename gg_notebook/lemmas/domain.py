@@ -102,4 +102,8 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
         memo[x.id] = r
         return r
 
-    return go(term)
+    r = go(term)
+    if r is None or tuple(r.shape) == tuple(values.shape):
+        return r
+    # a term that does not read ``var`` (a uniform constant): the same value at every position
+    return r.reshape(()).expand(values.shape) if r.numel() == 1 else None
