@@ -72,8 +72,10 @@ def read_graph(src, *, label: str, constants: Mapping[str, Any] | Callable[[str]
                ) -> GraphProgram:
     """A `GraphProgram` from a ``GraphModule`` / ``nn.Module``, a path to printed source, or the
     printed source itself."""
-    if isinstance(src, torch.nn.Module):
-        module, text, where = src, None, label
+    if isinstance(src, fx.GraphModule):
+        module, text = _portable_graph_module(src, label), None
+    elif isinstance(src, torch.nn.Module):
+        module, text = src, None
     else:
         text, where = _source_text(src, label)
         module = _compile_module(text, where, label)
@@ -107,7 +109,9 @@ def _compile_module(text: str, where: str, label: str) -> torch.nn.Module:
         import linecache
 
         linecache.cache[where] = (len(text), None, text.splitlines(True), where)  # source lines for findings
-    ns: dict = {"__name__": f"gg_graph_{next(_counter)}", "__file__": where}
+    # gm.print_readable() prints no imports: the names a printed graph uses are given
+    ns: dict = {"__name__": f"gg_graph_{next(_counter)}", "__file__": where, "torch": torch,
+                "device": torch.device, "inf": float("inf"), "nan": float("nan")}
     try:
         exec(code, ns)  # noqa: S102 - the user's own graph file, as `import` would run it
     except Exception as e:  # noqa: BLE001
@@ -126,6 +130,45 @@ def _compile_module(text: str, where: str, label: str) -> torch.nn.Module:
         return classes[0]()
     except Exception as e:  # noqa: BLE001
         raise GraphImportError(f"{label}: building {classes[0].__name__}() failed: {type(e).__name__}: {e}") from None
+
+
+def _portable_graph_module(gm: fx.GraphModule, label: str) -> fx.GraphModule:
+    """A copy of ``gm`` that runs here: device arguments on the CPU, functional collectives through
+    the group mapping (`_run_collective`)."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+
+    def cpu(a):
+        if isinstance(a, torch.device):
+            return torch.device("cpu")
+        if isinstance(a, (list, tuple)):
+            return type(a)(cpu(x) for x in a)
+        if isinstance(a, dict):
+            return {k: cpu(v) for k, v in a.items()}
+        return a
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        n.args, n.kwargs = cpu(n.args), cpu(n.kwargs)
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload) and t.namespace == _FUNCTIONAL and \
+                not t._schema.name.endswith("wait_tensor"):
+            n.target = _CollectiveCall(t, label)
+    gm.recompile()
+    return gm
+
+
+class _CollectiveCall:
+    """A functional collective of an imported GraphModule, run through the group mapping."""
+
+    def __init__(self, op, label: str) -> None:
+        self.op, self.label = op, label
+        self.__name__ = f"collective_{op._schema.name.split('::')[-1]}"
+
+    def __call__(self, *args, **kwargs):
+        return _run_collective(self.op, self.label, list(args), dict(kwargs))
 
 
 def _cpu_device(*args, **kwargs) -> torch.device:
@@ -218,7 +261,7 @@ def _fx_collectives(module) -> tuple[tuple[str, str], ...]:
         return ()
     out = []
     for n in module.graph.nodes:
-        t = n.target
+        t = n.target.op if isinstance(n.target, _CollectiveCall) else n.target
         if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == _FUNCTIONAL:
             g = _group_arg(str(t), list(n.args), dict(n.kwargs))
             if g is not None:
