@@ -14,5 +14,6 @@ from gg_notebook.lemmas import softmax as _softmax  # noqa: F401  (registers)
 from gg_notebook.lemmas import ew_views as _ew_views  # noqa: F401  (registers)
 from gg_notebook.lemmas import attn_mask as _attn_mask  # noqa: F401  (registers)
 from gg_notebook.lemmas import const_lookup as _const_lookup  # noqa: F401  (registers)
+from gg_notebook.lemmas import pick as _pick  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]
