@@ -6,6 +6,7 @@ published GPT graphs are verified when ../shared/graphguard is present."""
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -198,64 +199,35 @@ def test_an_unparsable_dump_names_the_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- GraphGuard
-GRAPHGUARD = Path(__file__).resolve().parents[2] / "shared" / "graphguard" / "gpt"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import graphguard_gpt as G  # noqa: E402
+
+needs_graphguard = pytest.mark.skipif(not G.available(2, 1), reason="GraphGuard's graphs are not on this machine")
 
 
-def _fused_layer_norm_affine_fwd(x: Tensor, weight: Tensor, bias: Tensor, normalized_shape: list[int],
-                                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    out, mean, rstd = torch.ops.aten.native_layer_norm.default(x, normalized_shape, weight, bias, eps)
-    return out, mean.reshape(-1), rstd.reshape(-1)
-
-
-def graphguard_problem(tp: int, layers: int):
-    """GraphGuard's GPT graphs with its input relations (its verify_gpt.py, as its README states)."""
-    S0, S1, R = gg.Shard(0), gg.Shard(1), gg.Replicate()
-    pl = {}
-    for l in range(layers):
-        k = 12 * l
-        pl.update({f"primals_{i + k}": S0 for i in (4, 5, 10, 11)})
-        pl.update({f"primals_{i + k}": S1 for i in (6, 12)})
-        pl.update({f"primals_{i + k}": R for i in (7, 8, 9, 13, 14, 15)})
-    pl["primals_1"] = S0
-    pl[f"primals_{4 + 12 * layers}"] = S0
-    pl.update({f"primals_{i}": R for i in [2, 3] + list(range(5 + 12 * layers, 11 + 12 * layers))})
-    vocab = 98304
-    return from_graphs(
-        GRAPHGUARD / f"paral1_layer{layers}" / "fw.g0.r0.py",
-        [GRAPHGUARD / f"paral{tp}_layer{layers}" / f"fw.g0.r{r}.py" for r in range(tp)],
-        pl, outputs=["div_2"], expect=[R], constants=lambda name: 0, random="identity",
-        definitions={"apex::fused_layer_norm_affine_fwd": _fused_layer_norm_affine_fwd},
-        domains={f"primals_{6 + 12 * layers}": range(vocab), f"primals_{9 + 12 * layers}": range(vocab)})
-
-
-@pytest.mark.skipif(not GRAPHGUARD.is_dir(), reason="GraphGuard's graphs are not on this machine")
+@needs_graphguard
 def test_graphguard_gpt_tp2_one_layer():
-    r = gg.verify(graphguard_problem(2, 1))
+    r = gg.verify(G.problem(2, 1))
     # proved but for dropout, which GraphGuard also takes as the identity: the only assumptions
     assert r.status is gg.Status.ASSUMED, str(r)
     assert r.assumptions and all("dropout" in str(a) for a in r.assumptions), r.assumptions
 
 
-@pytest.mark.skipif(not GRAPHGUARD.is_dir(), reason="GraphGuard's graphs are not on this machine")
+@needs_graphguard
 def test_graphguard_gpt_without_the_embedding_all_reduce_is_not_proved(tmp_path):
     """Rank graphs that skip the vocab-parallel embedding's all-reduce: never proved, and the
     proof stops at the sequential operator that first needs the reduced value."""
     import re
 
-    p = graphguard_problem(2, 1)
     srcs = []
     for r in range(2):
-        text = (GRAPHGUARD / "paral2_layer1" / f"fw.g0.r{r}.py").read_text()
+        text = (G.ROOT / "paral2_layer1" / f"fw.g0.r{r}.py").read_text()
         text, n = re.subn(r"torch\.ops\._c10d_functional\.all_reduce\.default\((slice_scatter), 'sum', '12'\)",
                           r"torch.ops.aten.clone.default(\1)", text, count=1)
         assert n == 1
         path = tmp_path / f"fw.g0.r{r}.py"
         path.write_text(text)
         srcs.append(path)
-    bad = from_graphs(GRAPHGUARD / "paral1_layer1" / "fw.g0.r0.py", srcs, dict(zip(p.input_names, p.placements)),
-                      outputs=["div_2"], expect=[gg.Replicate()], constants=lambda name: 0, random="identity",
-                      definitions={"apex::fused_layer_norm_affine_fwd": _fused_layer_norm_affine_fwd},
-                      domains=p.domains)
-    r = gg.verify(bad)
+    r = gg.verify(G.problem(2, 1, ranks=srcs))
     assert r.status not in (gg.Status.PROVED, gg.Status.ASSUMED), str(r)
     assert r.culprit is not None and "paral1_layer1/fw.g0.r0.py" in (r.culprit.source or ""), str(r)
