@@ -248,6 +248,14 @@ def _decline_cases():
         lsm_e = case.store.call(_log_softmax_spec(), [case.args[0]])
         add("vocab-cross-entropy", type(case)(spec, (lsm_e,) + case.args[1:], case.values, case.store, why,
                                               C.CaseContext()), why)
+    x6 = r(4, 6)
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(0, i), (x6, torch.randint(0, 4, (1, 6), generator=rng)),
+                                            rng, split={0: 1}), "the gathered dim is not the split one")
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(1, i), (x6, torch.randint(0, 6, (4, 2), generator=rng)),
+                                            rng, split={0: 1}), "two picks per row")
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(1, i, sparse_grad=True),
+                                            (x6, torch.randint(0, 6, (4, 1), generator=rng)), rng, split={0: 1}),
+        "sparse_grad")
     add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4),), rng, split={0: 0}),
         "dtype= narrows the accumulation (float64 -> float32)")
     add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4).to(torch.bfloat16),), rng,
@@ -276,7 +284,8 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
               "softmax-over-split-dim", "logsumexp-over-split-dim", "nll-over-split-classes",
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "sum-log-softmax-over-split",
-              "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys"}
+              "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys", "neg-inf-mask",
+              "embedding-constant-ids", "gather-over-split-classes"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))
@@ -292,6 +301,7 @@ def test_replacing_lemma_declares_every_argument(name):
 def test_every_lemma_is_either_reapplying_or_declared():
     """New lemmas land in one of the two groups on purpose."""
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
-                  "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist"}
+                  "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
+                  "neg-inf-mask-split"}
     unknown = set(REGISTRY) - reapplying - _REPLACING
     assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"

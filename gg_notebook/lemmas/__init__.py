@@ -17,5 +17,8 @@ from gg_notebook.lemmas import ew_views as _ew_views  # noqa: F401  (registers)
 from gg_notebook.lemmas import smoothing as _smoothing  # noqa: F401  (registers)
 from gg_notebook.lemmas import domain_const as _domain_const  # noqa: F401  (registers)
 from gg_notebook.lemmas import online_softmax as _online_softmax  # noqa: F401  (registers)
+from gg_notebook.lemmas import attn_mask as _attn_mask  # noqa: F401  (registers)
+from gg_notebook.lemmas import const_lookup as _const_lookup  # noqa: F401  (registers)
+from gg_notebook.lemmas import pick as _pick  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

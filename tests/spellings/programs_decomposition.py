@@ -470,6 +470,39 @@ def sdpa_heads_math_wrong_dim(q, k, v):
     return torch.softmax(s, dim=-2) @ v  # BUG: normalizes over queries instead of keys
 
 
+def sdpa_heads_scaled_qk(q, k, v):
+    # scale q and k by d**-1/4 each (fp16-friendly; what SDPA's own math form does)
+    c = q.size(-1) ** -0.25
+    return torch.softmax((q * c) @ (k * c).transpose(-2, -1), dim=-1) @ v
+
+
+def sdpa_heads_explicit_scale(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def sdpa_math_spec_scale(q, k, v):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # gg: scale
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def sdpa_heads_scale_q_only(q, k, v):
+    c = q.size(-1) ** -0.25
+    return torch.softmax((q * c) @ k.transpose(-2, -1), dim=-1) @ v  # BUG: k is never scaled
+
+
+def sdpa_heads_scale_without_sqrt(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0 / q.shape[-1])  # BUG: 1/d instead of 1/sqrt(d)
+
+
+def sdpa_math_spec_probs(q, k, v):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    return torch.softmax(scores, dim=-1) @ v  # gg: probs
+
+
+def sdpa_heads_causal_by_mistake(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # BUG: the spec is not causal
+
+
 def _qkv():
     return [rn(B, NH, S, D, seed=0), rn(B, NH, S, D, seed=1), rn(B, NH, S, D, seed=2)]
 
@@ -584,23 +617,22 @@ CASES = [
        note="softmax(dim=-2): normalized over the queries"),
     _c("sdpa-heads/bug-softmax-over-queries", sdpa_spec_bug, sdpa_heads_math_wrong_dim, _qkv, [SH1, SH1, SH1],
        [SH1], bug=True, culprit="softmax-dim", twin="sdpa-heads/einsum-math-vs-F.sdpa", note="softmax(dim=-2): normalized over the queries"),
+    _c("sdpa-heads/q-and-k-scaled-by-fourth-root", sdpa_math, sdpa_heads_scaled_qk, _qkv, [SH1, SH1, SH1], [SH1]),
+    _c("sdpa-heads/F.sdpa-explicit-scale", sdpa_math, sdpa_heads_explicit_scale, _qkv, [SH1, SH1, SH1], [SH1]),
+    _c("sdpa-heads/bug-only-q-scaled", sdpa_math_spec_scale, sdpa_heads_scale_q_only, _qkv, [SH1, SH1, SH1],
+       [SH1], bug=True, culprit="scale", twin="sdpa-heads/q-and-k-scaled-by-fourth-root",
+       note="q * d**-1/4 but k unscaled: scores off by d**-1/4 (an irrational factor)"),
+    _c("sdpa-heads/bug-F.sdpa-scale-without-sqrt", sdpa_math_spec_scale, sdpa_heads_scale_without_sqrt, _qkv,
+       [SH1, SH1, SH1], [SH1], bug=True, culprit="scale", twin="sdpa-heads/F.sdpa-explicit-scale",
+       note="scale=1/d instead of 1/sqrt(d)"),
+    _c("sdpa-heads/bug-F.sdpa-causal-spec-not", sdpa_math_spec_probs, sdpa_heads_causal_by_mistake, _qkv,
+       [SH1, SH1, SH1], [SH1], bug=True, culprit="probs", twin="sdpa-heads/F.sdpa-vs-math",
+       note="is_causal=True on the ranks, the spec attends to every key"),
 ]
 
 # Correct spellings the engine cannot prove yet (and bugs it cannot localize yet): the missing
 # mechanism, one line each (tests/test_spellings.py marks them xfail(strict=True)).
 _MISSING = {
-    "sdpa-heads/F.sdpa-vs-math":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/einsum-math-vs-F.sdpa":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/F.sdpa-causal-vs-triu-mask":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/tril-masked_fill-vs-F.sdpa-causal":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/einsum-math-vs-math":
-        "canonical spelling: einsum's bmm layout (permute/view order) vs matmul's; x * d**-0.5 vs x / sqrt(d)",
 }
 
 import dataclasses as _dc  # noqa: E402
