@@ -119,10 +119,31 @@ register(Lemma(
 
 
 # ---------------------------------------------------------------------------- constant masks
+MAX_EVAL = 1 << 12  # a larger constant mask (a causal mask) is read only through its fill value
+
+
 def _const_mask(m: Expr):
     from gg_notebook.lemmas.loss_reduce import ground_value
 
     if m.dtype != torch.bool or not m.ground:
+        return None
+    base = m
+    while base.op in ("view", "expand"):
+        base = base.args[0]
+    fill = getattr(getattr(base.attrs, "target", None), "constant_fill", None) if base.op == "const" else None
+    if fill is not None:
+        from gg_notebook.relations.expr import untyped
+
+        try:
+            value = untyped(fill())
+        except Exception:  # noqa: BLE001 - not a uniform constant
+            value = None
+        if isinstance(value, bool):
+            return value
+    n = 1
+    for s_ in m.shape:
+        n *= s_
+    if n > MAX_EVAL:
         return None
     v = ground_value(m)
     if v is None or v.numel() == 0:
