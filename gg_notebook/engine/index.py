@@ -20,6 +20,7 @@ from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms, TooLarge
 from gg_notebook.relations.movement import canonical_write, movement_of
+from gg_notebook.relations.zero_sum import zero_padded_sum
 
 
 aten = torch.ops.aten
@@ -284,6 +285,9 @@ class DIndex:
             term = self._collective_term(rank, n, coll)
             if term is not None and tuple(term.shape) != tuple(n.shape):
                 _wrong_buffer(rank, n, tuple(term.shape))
+            if term is not None and term.op == "accum":
+                # zero buffers each written in disjoint slots, then summed: a gather (relations/zero_sum.py)
+                term = zero_padded_sum(self, term)
             return term
         raise IndexError_(f"unknown IR op {op}")
 

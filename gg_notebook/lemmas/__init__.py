@@ -12,5 +12,7 @@ from gg_notebook.lemmas import reduce_regroup as _reduce_regroup  # noqa: F401  
 from gg_notebook.lemmas import complex_views as _complex_views  # noqa: F401  (registers)
 from gg_notebook.lemmas import softmax as _softmax  # noqa: F401  (registers)
 from gg_notebook.lemmas import ew_views as _ew_views  # noqa: F401  (registers)
+from gg_notebook.lemmas import slice_shared as _slice_shared  # noqa: F401  (registers)
+from gg_notebook.lemmas import sum_regroup as _sum_regroup  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

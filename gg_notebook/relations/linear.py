@@ -37,6 +37,7 @@ import torch
 from gg_notebook.ir.specs import reduced_dims
 
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
+from gg_notebook.relations.sum_merge import merge_slice_sums
 
 aten = torch.ops.aten
 
@@ -128,6 +129,8 @@ class LinearForms:
                         form = self._rule(x)
                     except ShapeError:
                         form = None
+                if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
+                    form = merge_slice_sums(self, form) or form
                 self._memo[x.id] = form if form else ((x, Fraction(1)),)
         return self._memo[t.id]
 

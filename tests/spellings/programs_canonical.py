@@ -373,18 +373,11 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
 _BIAS0 = ("partial sums: bias added on rank 0 only before the all-reduce: sum(mm@r0 + b, mm@r1) = "
           "sum(mm@r0, mm@r1) + b is not derived (a term added on exactly one rank; zeros on the others)")
-_MSUM = ("canonical spellings: x.sum((1, 2)) of a dim-2-sharded x vs reshape(B, -1).sum(-1), sum(2).sum(1), "
-         "flatten(1).sum(1, keepdim): sums over several dims not normalized (only sum(dim=[-2, -1]) matches)")
 _INDEX = ("canonical spellings: weight[local] (aten.index.Tensor, one index) is not treated as "
           "embedding(local, weight); the same clamp-and-mask program with F.embedding is proved")
 MISSING = {
-    "multi-dim-sum/flatten-keepdim": _MSUM,
-    "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "
-                                      "slice writes (slice_scatter(zeros, y@r, cols r*n:(r+1)*n)) = concat(y@r0, y@r1)"),
-    "buffers/bug-no-offset": _LOCALIZE + " (zero-padded all-reduce gather)",
 }
 
 CASES = [

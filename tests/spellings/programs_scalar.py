@@ -274,15 +274,9 @@ def _c(name, seq, dist_fn, inputs, placements, *, missing=None, world_size=2, cu
 # tests/test_spellings.py marks these xfail(strict=True, reason=...); diagnosis in the lead's notes.
 _SCALAR = ("scalar algebra: seq mean over a dim-0-sharded tensor is (1/W) * sum_r mean@r; needs relations with "
            "rational coefficients (mean = sum/n, / world_size, ReduceOp.AVG) that cancel")
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_RETILE = ("re-tiling: the rank multiplies micro-batch slices of its shard (x@r[0:2] @ w, x@r[1::2] @ w); seq "
-           "mm over concat(x@r0, x@r1, dim=0) is not re-related to that finer tiling; then scalar algebra for / MICRO")
 _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the rank's const/12, so seq mul_1 = "
          "1/2 * concat(mul_1@r); needs coefficient relations through the weight-gradient mm to the all-reduce / W")
 MISSING = {
-    "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
-    "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
-    "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }
 
 CASES = [
