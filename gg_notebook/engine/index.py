@@ -20,6 +20,7 @@ from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms, TooLarge
 from gg_notebook.relations.movement import canonical_write, movement_of
+from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
 from gg_notebook.relations.zero_sum import zero_padded_sum
 
 
@@ -221,6 +222,8 @@ class DIndex:
         self.node_dval[(rank, node.name)] = d
         if term.op == "call" and len(d.locations) == 1:
             movement_of(self).register_pieces(term, d)
+        elif term.op == "cat" and len(d.locations) == 1:
+            register_cat_pieces(self, term, d)
         hint = self._slice_hint.pop((rank, node.name), None)
         if hint is None and term.op == "slice":
             hint = (term.args[0],) + tuple(term.attrs)
@@ -279,7 +282,8 @@ class DIndex:
             return S.expand(t(n.inputs[0]), n.attrs)
         if op == "call":
             # a buffer filled entirely by writes is the data movement of what was written
-            return canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
+            # (and a product with a constant of signs is slices and negations: relations/sign_blocks.py)
+            return sign_blocks(S, canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)))
         if op == "collective":
             _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)

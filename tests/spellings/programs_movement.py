@@ -360,9 +360,6 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_ROT = ("data movement: cat((-x2, x1), dim=3) of head-sharded halves is a nested concat(concat(.., dim=2), "
-        "concat(.., dim=2), dim=3); not normalized to a dim-2 concat of the ranks' cats (index-tensor equality)")
 _GLU = ("re-tiling: the rank's weight is a cat of column slices of each half of the replicated w_ug; seq "
         "mm(x, w_ug) is not re-related as the column concat [mm@r0 up | mm@r1 up | mm@r0 gate | mm@r1 gate]")
 _STRIDE = ("data movement: stride-2 slice x[..., ::2] of a head-sharded tensor has no lemma (slice with step 2 on "
@@ -372,9 +369,6 @@ _CYCLIC = ("data movement: the engine relates seq tanh to the round-robin concat
 _ULY = ("data movement: all_to_all re-layout: seq softmax(dim 0) of concat(x@r, dim=0) must be re-related to the "
         "heads tiling the ranks hold after all_to_all_single, and the return all_to_all normalized back to dim 0")
 MISSING = {
-    "rotate-half/split-stack-flatten-addcmul": _ROT + "; stack(-2).flatten(-2) and addcmul",
-    "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
-                                    "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
     "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
 }
 
