@@ -32,27 +32,23 @@ MAX_NUMEL = 1 << 16
 
 
 def _signs(k: Expr, shape: tuple):
-    """(dim, [(lo, hi, sign)]) for constant ``k`` broadcast to ``shape``, or None."""
+    """(dim, [(lo, hi, sign)]) for constant ``k`` broadcast to ``shape``, or None. Decided on ``k``'s
+    own (small) value: a dim it broadcasts along (size 1) does not vary."""
     from gg_notebook.relations.ground import value_of
 
     v = value_of(k)
-    if v is None or v.numel() > MAX_NUMEL:
+    if v is None or v.numel() > MAX_NUMEL or v.dim() > len(shape) or v.numel() == 0 or not shape:
         return None
-    try:
-        v = v.expand(shape)
-    except RuntimeError:
+    v = v.reshape((1,) * (len(shape) - v.dim()) + tuple(v.shape))
+    if any(s != 1 and s != n for s, n in zip(v.shape, shape)):
         return None
-    if v.numel() == 0 or not bool(((v == 1) | (v == -1)).all()):
+    if not bool(((v == 1) | (v == -1)).all()):
         return None
-    varying = []
-    for d in range(len(shape)):
-        first = v.narrow(d, 0, 1)
-        if not bool((v == first).all()):
-            varying.append(d)
+    varying = [d for d in range(len(shape)) if v.shape[d] > 1 and not bool((v == v.narrow(d, 0, 1)).all())]
     if len(varying) > 1:
         return None
     if not varying:
-        return 0 if shape else None, [(0, shape[0] if shape else 1, float(v.reshape(-1)[0]))]
+        return 0, [(0, shape[0], float(v.reshape(-1)[0]))]
     d = varying[0]
     line = v.movedim(d, -1).reshape(-1, shape[d])[0]
     runs, lo = [], 0

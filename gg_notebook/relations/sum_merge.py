@@ -11,8 +11,8 @@ time, until no two bases merge. The identity holds over the reals (a sum is asso
 normal form is never used with ``exact="bitwise"``.
 
 Bases handled: ``sum(slice(y, d, a, b), D)`` with ``d`` in ``D`` (canonical sums have no keepdim),
-optionally under one ``view`` (how ``keepdim=True`` is normalized), which must be the same view for
-every piece of a run.
+optionally under one ``view`` (how ``keepdim=True`` is normalized); every piece of a run has the
+same shape. A slice one element long along ``d`` counts as its own sum over ``d``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ aten = torch.ops.aten
 
 
 def _sum_of_slice(b: Expr):
-    """(view shape or None, y, d, a, e, dims) when ``b`` is ``[view](sum(y[a:e along d], dims))``
-    with d summed; else None."""
-    view = None
+    """(shape, y, d, a, e, dims) when base ``b`` is ``sum(y[a:e along d], dims)`` (d in dims) viewed as
+    ``shape`` (b's own shape); else None. Canonical sums drop summed dims of size 1, so a slice one
+    element long along d may appear as ``[view](sum(y[a:a+1], dims - {d}))`` or, with nothing else
+    summed, as ``[view](y[a:a+1])``: the sum over d of a one-element extent is that extent."""
+    shape = tuple(b.shape)
     if b.op == "view":
-        view = tuple(b.shape)
         b = b.args[0]
+    if b.op == "slice":
+        d, a, e = b.attrs
+        if e - a != 1:
+            return None
+        return shape, b.args[0], d, a, e, (d,)
     if b.op != "call" or b.attrs.target is not aten.sum.dim_IntList or len(b.args) != 1:
         return None
     spec = b.attrs
@@ -45,8 +51,10 @@ def _sum_of_slice(b: Expr):
     dims = tuple(reduced_dims(spec.arg("dim"), len(src.shape)))
     d, a, e = src.attrs
     if d not in dims:
-        return None
-    return view, src.args[0], d, a, e, dims
+        if e - a != 1:
+            return None
+        dims = tuple(sorted(dims + (d,)))
+    return shape, src.args[0], d, a, e, dims
 
 
 def merge_slice_sums(forms, form: tuple) -> tuple | None:
@@ -88,8 +96,8 @@ def merge_slice_sums(forms, form: tuple) -> tuple | None:
                 merged = forms._sum_of(whole, dims)
                 if merged is None:
                     continue
-                if view is not None:
-                    merged = S.view(merged, view) if tuple(merged.shape) != view else merged
+                if tuple(merged.shape) != view:
+                    merged = S.view(merged, view)
             except ShapeError:
                 continue
             drop.update(p[2] for p in run)

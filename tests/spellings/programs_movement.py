@@ -53,6 +53,31 @@ def tp_rotate_half_roll_sign(x, cos, sin):
     return x * cos + torch.roll(x, shifts=half, dims=-1) * sign * sin
 
 
+def tp_rotate_half_roll_sign_tensor(x, cos, sin):
+    # the sign vector from a Python list, the roll as a method with a negative shift (same rotation)
+    half = x.shape[-1] // 2
+    sign = torch.tensor([-1.0] * half + [1.0] * half, dtype=x.dtype)
+    return x * cos + x.roll(-half, -1) * sign * sin
+
+
+def tp_rotate_half_addcmul_inplace(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    out = x * cos
+    out.addcmul_(torch.cat((-x2, x1), dim=-1), sin)
+    return out
+
+
+def tp_rotate_half_roll_sign_flipped(x, cos, sin):
+    half = x.shape[-1] // 2
+    sign = torch.cat([torch.ones(half, dtype=x.dtype), -torch.ones(half, dtype=x.dtype)])  # BUG: signs flipped
+    return x * cos + torch.roll(x, shifts=half, dims=-1) * sign * sin
+
+
+def tp_rotate_half_addcmul_negated(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin, value=-1.0)  # BUG: value=-1 subtracts
+
+
 def tp_rotate_half_swapped(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((x2, -x1), dim=-1)  # BUG: the halves' signs swapped: rotates the other way
@@ -380,6 +405,14 @@ CASES = [
     _c("rotate-half/roll-times-sign", rope_rotate_half, tp_rotate_half_roll_sign, _rope_inputs, [S2, R, R], [S2]),
     _c("rotate-half/bug-swapped-halves", rope_rotate_half, tp_rotate_half_swapped, _rope_inputs, [S2, R, R], [S2],
        culprit="rotate", twin="rotate-half/chunk-neg"),
+    _c("rotate-half/roll-sign-tensor", rope_rotate_half, tp_rotate_half_roll_sign_tensor, _rope_inputs, [S2, R, R],
+       [S2]),
+    _c("rotate-half/addcmul-inplace", rope_rotate_half, tp_rotate_half_addcmul_inplace, _rope_inputs, [S2, R, R],
+       [S2]),
+    _c("rotate-half/bug-roll-sign-flipped", rope_rotate_half, tp_rotate_half_roll_sign_flipped, _rope_inputs,
+       [S2, R, R], [S2], culprit="rotate", twin="rotate-half/roll-times-sign"),
+    _c("rotate-half/bug-addcmul-negated", rope_rotate_half, tp_rotate_half_addcmul_negated, _rope_inputs,
+       [S2, R, R], [S2], culprit="rope", twin="rotate-half/split-stack-flatten-addcmul"),
     _c("fused-qkv/chunk", fused_qkv, tp_qkv_chunk, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
     _c("fused-qkv/split-sizes", fused_qkv, tp_qkv_split_sizes, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
     _c("fused-qkv/view-unbind", fused_qkv, tp_qkv_view_unbind, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
