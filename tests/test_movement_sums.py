@@ -216,3 +216,45 @@ def test_zero_buffer_gathers(world):
     for why, prog in wrongs.items():
         r = gg.verify(gg.Problem(distributed=prog, **common), capture="inprocess")
         assert r.status is not gg.Status.PROVED, why
+
+
+# ------------------------------------------------------------------------------------------ products
+@pytest.mark.parametrize("seed", SEEDS)
+def test_products_in_one_order(seed):
+    """Random product trees (with silu) of same-shaped factors: one normal form for every order and
+    grouping, equal in value to the tree; a broadcast factor or another dtype keeps its own form."""
+    from gg_notebook.relations.products import MUL, SILU, canonical_product
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(15):
+        shape = tuple(int(s) for s in torch.randint(1, 5, (2,), generator=g))
+        S = ExprStore()
+        F = LinearForms(S, budget=200)
+        atoms = [S.atom(f"a{i}", shape, torch.float64) for i in range(3)]
+        vals = {f"a{i}": torch.randn(shape, generator=g, dtype=torch.float64) for i in range(3)}
+        vals["a0"].view(-1)[0] = 0.0
+        leaf = lambda e: vals[e.attrs[0]]  # noqa: E731
+        a, b, c = atoms
+        silu_c = S.call(SILU, [c])
+        spellings = [
+            S.call(MUL, [S.call(MUL, [a, b]), silu_c]),
+            S.call(MUL, [silu_c, S.call(MUL, [b, a])]),
+            S.call(MUL, [S.call(MUL, [S.call(MUL, [a, S.call(ew_spec(aten.sigmoid.default, 1), [c])]), c]), b]),
+            S.call(MUL, [b, S.call(MUL, [c, S.call(MUL, [S.call(ew_spec(aten.sigmoid.default, 1), [c]), a])])]),
+        ]
+        want = evaluate(spellings[0], leaf)
+        for t in spellings:
+            assert F.ratio(t, spellings[0]) == 1
+            canon = canonical_product(S, t)
+            if canon is not None:
+                torch.testing.assert_close(evaluate(canon, leaf), want)
+        # not the same value: a factor missing, a factor twice
+        assert F.ratio(S.call(MUL, [S.call(MUL, [a, b]), c]), spellings[0]) is None
+        assert F.ratio(S.call(MUL, [S.call(MUL, [a, a]), silu_c]), spellings[0]) is None
+        # a broadcast factor stays whole (no reordering across shapes)
+        row = S.atom("r", (1, shape[1]), torch.float64)
+        t = S.call(MUL, [S.call(MUL, [a, row]), b])
+        assert canonical_product(S, S.call(MUL, [a, row])) is None
+        vals["r"] = torch.randn(1, shape[1], generator=g, dtype=torch.float64)
+        form = F.of(t)
+        torch.testing.assert_close(sum(float(k) * evaluate(x, leaf) for x, k in form), evaluate(t, leaf))

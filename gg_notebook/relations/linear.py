@@ -37,6 +37,7 @@ import torch
 from gg_notebook.ir.specs import reduced_dims
 
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
+from gg_notebook.relations.products import canonical_product, worth_indexing as product_worth_indexing
 from gg_notebook.relations.sum_merge import merge_slice_sums
 
 aten = torch.ops.aten
@@ -172,6 +173,8 @@ class LinearForms:
         if t.op == "accum" and any(a.op == "call" and a.attrs.target in (aten.add.Tensor, aten.sub.Tensor)
                                    for a in t.args):
             return True  # something added to one rank's part before the all-reduce (a bias on rank 0)
+        if product_worth_indexing(t):
+            return True
         if depth == 0 or not t.args:
             return False
         if t.op in ("accum", "view", "permute", "slice", "expand", "cat") or (t.op == "call" and not t.ground):
@@ -256,6 +259,10 @@ class LinearForms:
             hit = self._times_number(x)
             if hit is not None:
                 return hit
+        if target in (aten.mul.Tensor, aten.silu.default):  # products in one order (relations/products.py)
+            canon = canonical_product(self.S, x)
+            if canon is not None:
+                return self.of(canon)
         if target is aten.mean.dim:
             return self._mean(x)
         if target is aten.sum.dim_IntList:

@@ -188,6 +188,28 @@ def tp_swiglu_split_halves(x, w_ug, w_down):
     return out
 
 
+def tp_swiglu_sigmoid_first(x, w_ug, w_down):
+    # silu written out, factors in another order, the local halves cut with narrow
+    w_up, w_gate = w_ug.chunk(2, dim=1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = w_up.shape[1] // world
+    up = torch.matmul(x, w_up.narrow(1, rank * n, n))
+    gate = torch.matmul(x, w_gate.narrow(1, rank * n, n))
+    out = (torch.sigmoid(gate) * gate * up) @ w_down
+    dist.all_reduce(out)
+    return out
+
+
+def tp_swiglu_missing_gate_factor(x, w_ug, w_down):
+    w_up, w_gate = w_ug.chunk(2, dim=1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    up = x @ w_up.chunk(world, dim=1)[rank]
+    gate = x @ w_gate.chunk(world, dim=1)[rank]
+    out = (up * torch.sigmoid(gate)) @ w_down  # BUG: sigmoid(gate) is not silu(gate) = gate * sigmoid(gate)
+    dist.all_reduce(out)
+    return out
+
+
 def tp_swiglu_view_unbind(x, w_ug, w_down):
     h = x @ _local_up_gate(w_ug)
     up, gate = h.view(*h.shape[:-1], 2, -1).unbind(-2)
@@ -385,17 +407,13 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
-_GLU = ("re-tiling: the rank's weight is a cat of column slices of each half of the replicated w_ug; seq "
-        "mm(x, w_ug) is not re-related as the column concat [mm@r0 up | mm@r1 up | mm@r0 gate | mm@r1 gate]")
 _STRIDE = ("data movement: stride-2 slice x[..., ::2] of a head-sharded tensor has no lemma (slice with step 2 on "
            "an unsharded dim); unflatten+select and strided writes not normalized to the same index map")
 _CYCLIC = ("data movement: the engine relates seq tanh to the round-robin concat(tanh@r0[0:1], tanh@r1[0:1], ...), "
            "but the ranks' re-interleaving (all_gather + stack/transpose/strided writes) is not normalized to it")
 _ULY = ("data movement: all_to_all re-layout: seq softmax(dim 0) of concat(x@r, dim=0) must be re-related to the "
         "heads tiling the ranks hold after all_to_all_single, and the return all_to_all normalized back to dim 0")
-MISSING = {
-    "swiglu/split-halves-unfused": _GLU + " (two mms); silu spelled g * sigmoid(g) (decomposition)",
-}
+MISSING: dict = {}
 
 CASES = [
     _c("rotate-half/slices", rope_rotate_half, tp_rotate_half_slices, _rope_inputs, [S2, R, R], [S2]),
@@ -423,6 +441,9 @@ CASES = [
     _c("swiglu/layout-chunk", swiglu, tp_swiglu_layout_chunk, _swiglu_inputs, [R, GLU_LAYOUT, S0], [R]),
     _c("swiglu/chunk", swiglu, tp_swiglu_chunk, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/split-halves-unfused", swiglu, tp_swiglu_split_halves, _swiglu_inputs, [R, R, S0], [R]),
+    _c("swiglu/sigmoid-first-narrow", swiglu, tp_swiglu_sigmoid_first, _swiglu_inputs, [R, R, S0], [R]),
+    _c("swiglu/bug-missing-gate-factor", swiglu, tp_swiglu_missing_gate_factor, _swiglu_inputs, [R, R, S0], [R],
+       culprit="act", twin="swiglu/split-halves-unfused"),
     _c("swiglu/view-unbind-2d-mm", swiglu, tp_swiglu_view_unbind, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/narrow", swiglu, tp_swiglu_narrow, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/bug-naive-column-shard", swiglu, tp_swiglu_naive_column_shard, _swiglu_inputs, [R, R, S0], [R],
