@@ -78,6 +78,7 @@ class DIndex:
         # so a relation whose term no rank holds whole can still be rebuilt from its pieces
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
+        self._alias: dict[tuple[int, str], Expr] = {}  # another term of the same value (sign_blocks)
         self._users: dict[int, list[Expr]] | None = None
         self._by_form: dict | None = None  # scalar normal form key -> {first coefficient: dval}
         self.forms = LinearForms(store)
@@ -220,6 +221,9 @@ class DIndex:
             self.by_term[term.id] = d
         d.locations.append((rank, node))
         self.node_dval[(rank, node.name)] = d
+        alias = self._alias.pop((rank, node.name), None)
+        if alias is not None:
+            self.by_term.setdefault(alias.id, d)
         if term.op == "call" and len(d.locations) == 1:
             movement_of(self).register_pieces(term, d)
         elif term.op == "cat" and len(d.locations) == 1:
@@ -282,8 +286,13 @@ class DIndex:
             return S.expand(t(n.inputs[0]), n.attrs)
         if op == "call":
             # a buffer filled entirely by writes is the data movement of what was written
-            # (and a product with a constant of signs is slices and negations: relations/sign_blocks.py)
-            return sign_blocks(S, canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype)))
+            term = canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
+            # a product with a constant of signs is slices and negations (relations/sign_blocks.py);
+            # the product's own term stays an alias of the value
+            moved = sign_blocks(S, term)
+            if moved is not term:
+                self._alias[(rank, n.name)] = term
+            return moved
         if op == "collective":
             _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)
