@@ -47,19 +47,31 @@ class DVal:
     def dtype(self):
         return self.term.dtype
 
+    # (number of locations, ranks) and (number of locations, world size, label): a replicated
+    # constant can have thousands of locations, and every printed relation names its values
+    _ranks_memo: tuple | None = field(default=None, repr=False)
+    _label_memo: tuple | None = field(default=None, repr=False)
+
     @property
     def ranks(self) -> list[int]:
-        return sorted({r for r, _ in self.locations})
+        memo = self._ranks_memo
+        if memo is None or memo[0] != len(self.locations):
+            memo = self._ranks_memo = (len(self.locations), sorted({r for r, _ in self.locations}))
+        return list(memo[1])
 
     def label(self, world_size: int | None = None) -> str:
+        memo = self._label_memo
+        if memo is not None and memo[0] == len(self.locations) and memo[1] == world_size:
+            return memo[2]
         rank, node = self.locations[0]
-        ranks = self.ranks
-        if world_size is not None and len(ranks) == world_size and world_size > 1:
+        text = f"{node.name}@r{rank}"
+        if world_size is not None and world_size > 1 and len(self.ranks) == world_size:
             # the same value on every rank: name it once, say it is replicated
             names = {n.name for _, n in self.locations}
             if len(names) == 1:
-                return f"{node.name}@r*"
-        return f"{node.name}@r{rank}"
+                text = f"{node.name}@r*"
+        self._label_memo = (len(self.locations), world_size, text)
+        return text
 
 
 class DIndex:
@@ -80,7 +92,12 @@ class DIndex:
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
         self._alias: dict[tuple[int, str], Expr] = {}  # another term of the same value (sign_blocks)
         self._users: dict[int, list[Expr]] | None = None
-        self._by_form: dict | None = None  # scalar normal form key -> {first coefficient: dval}
+        # (shape, dtype, leaf set) -> floating dvals in index order: a value equal to a multiple of
+        # another has the same global inputs, so a query only normalizes the values of its bucket
+        self._form_buckets: dict[tuple, list[DVal]] | None = None
+        self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
+        self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
+        self._atom_bits: dict[int, int] = {}
         self.forms = LinearForms(store)
         self._build()
 
@@ -100,13 +117,11 @@ class DIndex:
         f == 1 when some rank holds exactly that value."""
         if term.dtype is None or not term.dtype.is_floating_point:
             return None
-        if self._by_form is None:
-            self._by_form = {}
-            for d in self.dvals:
-                if self.forms.worth_indexing(d.term):
-                    k = self.forms.key(d.term, budget=20)
-                    if k is not None:
-                        self._by_form.setdefault(k[0], {}).setdefault(k[1], d)
+        # A multiple of a value reads the same global inputs. Inputs that cancel out ((x + y) - y)
+        # are not looked through: such a value is not found up to a factor (never a wrong match).
+        bucket = self.same_inputs(term)
+        if not bucket:
+            return None
         sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
         if self.forms.worth_indexing(term, depth=3) or sum_root:
             try:
@@ -120,10 +135,14 @@ class DIndex:
         if not form:
             return None
         c0 = form[0][1]
-        k = ((term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form)), c0)
-        hit = self._by_form.get(k[0]) or {}
-        if k[1] in hit:  # some rank holds exactly this value: prefer it to any multiple
-            return hit[k[1]], Fraction(1)
+        key = (term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form))
+        hit: dict = {}  # first coefficient -> dval, in index order
+        for d in bucket:
+            k = self._key_of(d)
+            if k is not None and k[0] == key:
+                hit.setdefault(k[1], d)
+        if c0 in hit:  # some rank holds exactly this value: prefer it to any multiple
+            return hit[c0], Fraction(1)
         if len(form) == 1:  # c * b: a rank may hold the base b itself
             b, c = form[0]
             d = self.by_term.get(b.id)
@@ -131,8 +150,58 @@ class DIndex:
                 return d, c
         if not hit:
             return None
-        c0, d = next(iter(hit.items()))
-        return d, k[1] / c0
+        c1, d = next(iter(hit.items()))
+        return d, c0 / c1
+
+    def same_inputs(self, term: Expr) -> list[DVal]:
+        """Floating values some rank holds with ``term``'s shape and dtype that read exactly the
+        global inputs ``term`` reads (in index order): the only candidates for a value equal to
+        ``term`` by a normal form (up to inputs that cancel out, which normal forms do not find)."""
+        if term.dtype is None or not term.dtype.is_floating_point:
+            return []
+        if self._form_buckets is None:
+            buckets: dict[tuple, list[DVal]] = {}
+            for d in self.dvals:
+                t = d.term
+                if t.dtype is not None and t.dtype.is_floating_point:
+                    buckets.setdefault((t.shape, t.dtype, self.leaf_mask(t)), []).append(d)
+            self._form_buckets = buckets
+        return self._form_buckets.get((term.shape, term.dtype, self.leaf_mask(term)), [])
+
+    def _key_of(self, d: DVal) -> tuple | None:
+        """The form key of a value some rank holds (None: not worth indexing, or too large)."""
+        if d.id in self._dval_key:
+            return self._dval_key[d.id]
+        k = self.forms.key(d.term, budget=20) if self.forms.worth_indexing(d.term) else None
+        self._dval_key[d.id] = k
+        return k
+
+    def leaf_mask(self, term: Expr) -> int:
+        """The global inputs ``term`` reads, as a bit set (constants read none)."""
+        memo = self._leaf_masks
+        hit = memo.get(term.id)
+        if hit is not None:
+            return hit
+        stack = [term]
+        while stack:
+            x = stack[-1]
+            if x.id in memo:
+                stack.pop()
+                continue
+            todo = [a for a in x.args if a.id not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            if x.op in ("atom", "ref"):
+                bit = self._atom_bits.setdefault(x.id, 1 << len(self._atom_bits))
+                memo[x.id] = bit
+            else:
+                m = 0
+                for a in x.args:
+                    m |= memo[a.id]
+                memo[x.id] = m
+        return memo[term.id]
 
     def dval_of(self, rank: int, node: Node) -> DVal:
         return self.node_dval[(rank, node.name)]

@@ -11,9 +11,12 @@ per (operator, argument relations), and recorded as `Step`s so a session can rep
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
@@ -61,6 +64,20 @@ class Step:
     def stuck(self) -> bool:
         return self.status == "stuck"
 
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` torch intra-op threads, restoring the previous number after."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 class Engine:
     def __init__(self, seq: Graph, index: DIndex, store: ExprStore, input_relations: dict[str, list[Candidate]]):
@@ -483,8 +500,12 @@ class Engine:
         return deferred_inputs[0]
 
     def run(self) -> None:
-        while not self.done:
-            self.step()
+        # the engine's tensor work is many small evaluations (id domains, input-independent
+        # values): intra-op threads cost more in hand-offs than they save, most of all on a busy
+        # machine, so the whole run uses one (the caller's setting is restored)
+        with torch_threads(1):
+            while not self.done:
+                self.step()
 
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds

@@ -156,6 +156,18 @@ def match_full_reduce(engine, spec: OpSpec, args: tuple) -> Expr | None:
     return None
 
 
+def _equal_broadcast(a: torch.Tensor, b: torch.Tensor, shape: tuple) -> bool:
+    """``broadcast_to(a, shape) == broadcast_to(b, shape)`` elementwise, compared at the (smaller)
+    broadcast shape of ``a`` and ``b``: broadcasting further only repeats elements of both alike."""
+    try:
+        if torch.broadcast_shapes(tuple(a.shape), tuple(b.shape), shape) != torch.Size(shape):
+            return False
+        common = torch.broadcast_shapes(tuple(a.shape), tuple(b.shape))
+    except RuntimeError:
+        return False
+    return torch.equal(torch.broadcast_to(a, common), torch.broadcast_to(b, common))
+
+
 def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
     """A rank value ``x * f`` with ``f`` input-independent and equal, by value and broadcast to
     ``x``'s shape, to the factor ``args[1]`` (itself input-independent)."""
@@ -167,7 +179,7 @@ def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
     x_t = engine.to_term(x_rel)
     shape = tuple(x_t.shape)
     try:
-        want = torch.broadcast_to(gv, shape)
+        torch.broadcast_shapes(tuple(gv.shape), shape)
     except RuntimeError:
         return None
     for c in _view_family(index, x_t, depth=1):
@@ -184,11 +196,7 @@ def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
             fv = ground_value(f)
             if fv is None or fv.dtype != gv.dtype:
                 continue
-            try:
-                got = torch.broadcast_to(fv, shape)
-            except RuntimeError:
-                continue
-            if torch.equal(got, want):
+            if _equal_broadcast(fv, gv, shape):
                 d = index.realized(u)
                 if d is not None:
                     r = index.ref(d)

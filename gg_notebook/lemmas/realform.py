@@ -472,18 +472,22 @@ def realized_by_form(index, term: Expr):
     """A distributed value whose real normal form equals ``term``'s (same shape and dtype)."""
     if not _floating(term):
         return None
+    candidates = index.same_inputs(term)  # equal forms read the same inputs
+    if not candidates:
+        return None
     rf = forms_of(index)
-    table = getattr(index, "_real_by_key", None)
-    if table is None:
-        table = {}
-        for d in index.dvals:
-            if _floating(d.term) and not d.term.ground and _near_exp_or_log(d.term):
-                k = rf.key(d.term)
-                if k is not None:
-                    table.setdefault(k, d)
-        index._real_by_key = table
+    keys = getattr(index, "_real_key", None)
+    if keys is None:
+        keys = index._real_key = {}  # dval id -> its real normal form key (None: none)
     k = rf.key(term)
-    return table.get(k) if k is not None else None
+    if k is None:
+        return None
+    for d in candidates:
+        if d.id not in keys:
+            keys[d.id] = rf.key(d.term) if not d.term.ground and _near_exp_or_log(d.term) else None
+        if keys[d.id] == k:
+            return d
+    return None
 
 
 # ---------------------------------------------------------------------------- the synthetic operator
