@@ -172,7 +172,7 @@ class DIndex:
         """The form key of a value some rank holds (None: not worth indexing, or too large)."""
         if d.id in self._dval_key:
             return self._dval_key[d.id]
-        k = self.forms.key(d.term, budget=20) if self.forms.worth_indexing(d.term) else None
+        k = self.forms.key(d.term, budget=40) if self.forms.worth_indexing(d.term) else None
         self._dval_key[d.id] = k
         return k
 
