@@ -114,6 +114,16 @@ class Problem:
 
         return {name: IdDomain.of(d) for name, d in self.domains.items()}
 
+    @classmethod
+    def from_graphs(cls, sequential, ranks, placements, **kwargs) -> "Problem":
+        """A problem whose programs are graphs captured elsewhere: ``torch.fx.GraphModule`` objects
+        or their printed source (paths or text), one single-device graph and one per rank; see
+        `gg_notebook.adapters.graphs.from_graphs` for ``outputs``, ``constants``, ``definitions``,
+        ``groups``, ``domains``, ``random``..."""
+        from gg_notebook.adapters.graphs import from_graphs
+
+        return from_graphs(sequential, ranks, placements, **kwargs)
+
     def local_inputs(self, rank: int, inputs: Sequence[torch.Tensor] | None = None) -> tuple:
         """The tensors rank ``rank`` receives, derived from (these or the example) global inputs."""
         inputs = self.inputs if inputs is None else inputs

@@ -93,7 +93,7 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
             decomposed[op] = decomposed.get(op, 0) + k
     if decomposed:
         stats["decomposed"] = decomposed
-    return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1)
+    return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1, exact == "real")
 
 
 def check_random(graph, policy: str) -> None:
@@ -117,11 +117,12 @@ def check_random(graph, policy: str) -> None:
         raise RandomOpError(msg, op=r.op, rank=r.rank, source=r.source)
 
 
-def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float):
+def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real: bool = True):
     from gg_notebook.capture import capture_layout
     from gg_notebook.relations.layout import layout_terms_and_relation
 
     store = ExprStore()
+    store.real = real  # real-number-only term normal forms (relations/safe_softmax.py) are allowed
     atoms = global_atoms(problem, store)
     layout_terms: dict = {}
     layout_rel_builders: dict = {}

@@ -247,6 +247,14 @@ def _decline_cases():
         lsm_e = case.store.call(_log_softmax_spec(), [case.args[0]])
         add("vocab-cross-entropy", type(case)(spec, (lsm_e,) + case.args[1:], case.values, case.store, why,
                                               C.CaseContext()), why)
+    x6 = r(4, 6)
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(0, i), (x6, torch.randint(0, 4, (1, 6), generator=rng)),
+                                            rng, split={0: 1}), "the gathered dim is not the split one")
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(1, i), (x6, torch.randint(0, 6, (4, 2), generator=rng)),
+                                            rng, split={0: 1}), "two picks per row")
+    add("gather-over-split-classes", C.case(lambda a, i: a.gather(1, i, sparse_grad=True),
+                                            (x6, torch.randint(0, 6, (4, 1), generator=rng)), rng, split={0: 1}),
+        "sparse_grad")
     add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4),), rng, split={0: 0}),
         "dtype= narrows the accumulation (float64 -> float32)")
     add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4).to(torch.bfloat16),), rng,
@@ -274,7 +282,8 @@ def test_lemma_declines_when_a_condition_fails(name, case):
 # how a wrong program gets proved.
 _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entropy", "nll-total-weight",
               "softmax-over-split-dim", "logsumexp-over-split-dim", "nll-over-split-classes",
-              "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup"}
+              "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "neg-inf-mask",
+              "embedding-constant-ids", "gather-over-split-classes"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))
@@ -291,6 +300,6 @@ def test_every_lemma_is_either_reapplying_or_declared():
     """New lemmas land in one of the two groups on purpose."""
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
-                  "slice-hoist-shared", "sum-regroup-slices", "ew-fusion"}
+                  "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split"}
     unknown = set(REGISTRY) - reapplying - _REPLACING
     assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"

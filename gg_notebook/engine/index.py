@@ -348,7 +348,11 @@ class DIndex:
             return S.permute(t(n.inputs[0]), n.attrs)
         if op == "slice":
             d, a, b = n.attrs
-            return S.slice(t(n.inputs[0]), d, a, b)
+            base = t(n.inputs[0])
+            # a piece of base, whatever normal form the store gives it (slice(permute(x)) is kept
+            # as permute(slice(x))): the value is still the [a:b] slice of base along d
+            self._slice_hint[(rank, n.name)] = (base, d, a, b)
+            return S.slice(base, d, a, b)
         if op == "cat":
             return S.cat([t(x) for x in n.inputs], n.attrs)
         if op == "expand":

@@ -11,8 +11,9 @@ Where the definitions come from, first match wins:
 
 1. the user's ``Problem.decompositions`` (``{torch.ops.mylib.fused_ln.default: fn}``; ``None``
    keeps an operator opaque);
-2. `BUILTIN` here: the backward of SDPA (the gradient of its math form, through autograd), the
-   efficient-attention kernels, ``all``/``any`` over dims of a bool tensor as ``amin``/``amax``;
+2. `BUILTIN` here: SDPA's CPU kernel without dropout or mask as the plain math form people write
+   (``softmax(q @ k^T * scale [masked_fill(~tril, -inf)]) @ v``), the backward of SDPA (the gradient
+   of its math form, through autograd), the efficient-attention kernels, ``all``/``any`` over dims of a bool tensor as ``amin``/``amax``;
 3. PyTorch's ``torch._decomp.decomposition_table`` (refs and decompositions);
 4. the operator's CompositeImplicitAutograd kernel.
 
@@ -77,6 +78,42 @@ def _sdpa_grads(grad_out, query, key, value, attn_mask, is_causal, scale):
         _, vjp = torch.func.vjp(lambda q, k, v: _sdpa_math(q, k, v, attn_mask, 0.0, is_causal, scale),
                                 query, key, value)
         return vjp(grad_out)
+
+
+def _flash_cpu_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """SDPA (CPU flash kernel) without dropout and without an explicit mask, in math form:
+    ``softmax(masked(q @ k^T * scale)) @ v``, the causal mask a ``masked_fill`` with ``~tril(ones)``.
+
+    PyTorch's own math form scales q and k by ``sqrt(scale)`` each and uses ``_safe_softmax`` (rows
+    that are entirely -inf give 0 instead of NaN). Without ``attn_mask`` no row is entirely masked
+    (the causal mask keeps column 0 of every row), so over finite scores ``_safe_softmax`` is
+    ``softmax`` and the two forms are equal over the reals; this one is what people write, so the
+    spec and rank spellings meet without a lemma for ``_safe_softmax``. With dropout, a mask, GQA
+    (fewer key heads) or an empty key sequence it declines (PyTorch's definition is used)."""
+    def pytorch():
+        from torch._decomp import decomposition_table
+
+        fn = decomposition_table.get(aten._scaled_dot_product_flash_attention_for_cpu.default)
+        if fn is None:
+            return NotImplemented
+        return fn(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
+    if dropout_p != 0.0 or attn_mask is not None:
+        return pytorch()
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        return pytorch()
+    if query.shape[:-2] != key.shape[:-2] or key.shape[:-1] != value.shape[:-1]:
+        return pytorch()  # GQA (enable_gqa) or broadcast batch dims: not this definition
+    L, S = query.size(-2), key.size(-2)
+    if S == 0 or not query.dtype.is_floating_point:
+        return pytorch()
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    attn = torch.matmul(query, key.transpose(-2, -1)) * factor
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        attn = attn.masked_fill(keep.logical_not(), float("-inf"))
+    out = torch.matmul(torch.softmax(attn, dim=-1), value)
+    return out, torch.logsumexp(attn, dim=-1)
 
 
 def _flash_cpu_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask=None,
@@ -223,6 +260,7 @@ UNFUSE: dict = {
 BUILTIN: dict = {
     aten.roll.default: _roll,
     aten._safe_softmax.default: _safe_softmax,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_cpu_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _flash_cpu_backward,
     aten._scaled_dot_product_efficient_attention.default: _efficient_forward,
     aten._scaled_dot_product_efficient_attention_backward.default: _efficient_backward,

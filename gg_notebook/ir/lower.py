@@ -127,6 +127,9 @@ def _hashable(v):
     return typed(v)
 
 
+INDEX_PUTS = (aten.index_put.default, aten.index_put_.default)
+
+
 class _Lowerer:
     def __init__(self, gm: torch.fx.GraphModule, rank: int | None, random: str | None = None,
                  input_ranges: dict | None = None):
@@ -166,6 +169,23 @@ class _Lowerer:
             source=fx.meta.get("gg_source") if fx is not None else None, code=code, frames=frames,
             rank=self.rank, fx_name=fx.name if fx is not None else "",
         )
+        if op == "call" and getattr(attrs, "target", None) in INDEX_PUTS and len(inputs) >= 3 and \
+                attrs.arg("accumulate", True) is False and tuple(inputs[0].shape) == tuple(shape) and \
+                inputs[0].dtype == dtype and all(self.ranges.never_true(m) for m in inputs[1:-1]):
+            return inputs[0]  # x[mask] = v with a mask that holds no True: nothing is written
+        if op == "call" and dtype is not None and not dtype.is_floating_point and not dtype.is_complex and \
+                (getattr(attrs, "kind", None) == "ew" or getattr(attrs, "target", None) in INDEX_PUTS):
+            same = self.ranges.same_as_operand(n)
+            if same is not None:
+                return same  # equal to that operand for every value the input can take
+            v = self.ranges.constant(n)
+            if v is not None:
+                # an integer/boolean function of a ranged input that takes one value on the whole
+                # range (``target < 0`` for targets in [0, V)): that value, as a constant
+                spec = OpSpec("const", f"full({v})", _Full.of(shape, v, dtype), ((), ()))
+                n = Node(name=n.name, op="const", attrs=spec, inputs=(), shape=tuple(shape), dtype=dtype,
+                         target="constant", source=n.source, code=n.code, frames=n.frames, rank=n.rank,
+                         fx_name=n.fx_name)
         self.nodes.append(n)
         return n
 
@@ -193,6 +213,8 @@ class _Lowerer:
         if target in SCALAR_CAST_FIRST and inputs and inputs[0].dtype is not None and inputs[0].dtype.is_floating_point:
             t_args = _floats(t_args)
             t_kwargs = tuple((k, _floats(v)) for k, v in t_kwargs)
+        if target in ROUNDS_OTHER_TO_FLOAT32 and inputs and inputs[0].dtype == torch.float32:
+            t_args = _other_as_float32(t_args)
         unique = None
         packet = _packet(target)
         if packet in RANDOM or _is_random(target, args, kwargs):
@@ -316,6 +338,8 @@ class _Lowerer:
             return self.emit("call", spec, inputs, shape, dtype)
         if target is aten.index.Tensor:
             hit = self.index_as_embedding(fx, shape, dtype)
+            if hit is None:
+                hit = self.index_as_gather(fx, shape, dtype)
             if hit is not None:
                 return hit
         if target is aten.index_put.default:
@@ -324,7 +348,10 @@ class _Lowerer:
                 return hit
         if packet in ASSERTS:
             return None  # checks, not values (a failing check is a crash of the real run, not a value)
-        if packet == "copy" and len(args) >= 2 and _uninitialized(env[args[0]]):
+        if packet == "copy" and len(args) >= 2 and isinstance(env.get(args[0]), Node) and \
+                isinstance(env.get(args[1]), Node):
+            # functional copy(dst, src) (a functionalized ``dst.copy_(src)``, an in-place collective
+            # written back into its buffer) is src, whatever dst held: only dst's shape and dtype count
             return self.overwrite(fx, env[args[0]], env[args[1]])
         if packet in ("_to_copy", "to", "_to_dtype", "type_as"):
             src = env[args[0]]
@@ -536,6 +563,29 @@ class _Lowerer:
         spec, inputs = self.spec_for(aten.embedding.default, (weight_fx, ids_fx), {}, kind="embedding")
         return self.emit("call", spec, inputs, shape, dtype)
 
+    def index_as_gather(self, fx, shape, dtype) -> Node | None:
+        """``x[arange(n), ids]`` (one pick per row of a matrix, as written-out cross-entropies pick
+        the target's logit) is ``x.gather(1, ids.unsqueeze(1)).view(n)`` when every id is in
+        ``[0, C)`` (a negative id wraps in one and fails in the other)."""
+        x_fx, indices = fx.args[0], fx.args[1]
+        x = self.env.get(x_fx)
+        if not isinstance(x, Node) or len(x.shape) != 2 or not isinstance(indices, (list, tuple)) or len(indices) != 2:
+            return None
+        if not all(isinstance(i, torch.fx.Node) for i in indices):
+            return None
+        rows, cols = self.env.get(indices[0]), self.env.get(indices[1])
+        n, C = x.shape
+        if not isinstance(rows, Node) or not isinstance(cols, Node) or tuple(cols.shape) != (n,) \
+                or cols.dtype not in (torch.int64, torch.int32) or not _is_arange(rows, n):
+            return None
+        if not self.ranges.within(cols, 0, C - 1):
+            return None
+        idx = self.view(cols, (n, 1), cols.dtype)
+        target = aten.gather.default
+        spec = OpSpec("generic", _name(target), target, ((Slot(0), 1, Slot(1)), ()))
+        picked = self.emit("call", spec, (x, idx), (n, 1), dtype, target=_name(target), name=fx.name + "_gather")
+        return self.view(picked, tuple(shape), dtype)
+
     def index_put_as_embedding_backward(self, fx, shape, dtype) -> Node | None:
         """``zeros(V, H).index_put_([ids], g, accumulate=True)`` (autograd's gradient of
         ``weight[ids]``) is ``embedding_dense_backward(g, ids, V)`` when every id is in ``[0, V)``."""
@@ -598,9 +648,9 @@ class _Lowerer:
         return self.emit("view", shape, (src,), shape, dtype)
 
     def overwrite(self, fx, dst: Node, src: Node) -> Node:
-        """``copy(dst, src)`` into a buffer nothing initialized (``torch.empty(..).copy_(y)``, an
-        output buffer filled by a kernel): the value is ``src``, broadcast to dst's shape and cast
-        to its dtype; dst's own (undefined) contents never matter."""
+        """``copy(dst, src)``: the value is ``src``, broadcast to dst's shape and cast to its dtype;
+        dst's own contents never matter (an uninitialized buffer, ``torch.empty(..).copy_(y)``, or a
+        buffer that a functionalized in-place write replaces)."""
         shape, dtype = _meta_of(fx)
         v = src
         if tuple(v.shape) != tuple(shape):
@@ -817,6 +867,23 @@ SCALAR_CAST_FIRST = {
 }
 
 
+# On a float32 tensor, ``x + c`` (and -, *, /) with a Python float c computes with c rounded to
+# float32 (the CPU kernels read a scalar operand as their float32 compute type; a wrapped-number
+# tensor is cast to the common dtype float32): so ``ms + 1e-6`` and F.rms_norm's ``add_(ms,
+# float32(1e-6))`` are one call. Not float16/bfloat16 (their compute type is float32, not theirs).
+ROUNDS_OTHER_TO_FLOAT32 = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+
+
+def _other_as_float32(t_args: tuple) -> tuple:
+    """``(self, other)`` with a float ``other`` (a Python number) rounded to float32."""
+    if len(t_args) != 2 or not isinstance(t_args[0], Slot) or not isinstance(t_args[1], Lit) \
+            or type(t_args[1].value) is not float:
+        return t_args
+    c = t_args[1].value
+    r = float(torch.tensor(c, dtype=torch.float64).to(torch.float32).item())
+    return t_args if r == c or math.isnan(c) else (t_args[0], Lit(r))
+
+
 # Overloads whose ``dim`` arguments index the dims of their first tensor argument (so ``dim=-1``
 # and ``dim=ndim-1`` are one call). Not ops whose dims index the *output* (diag_embed, unsqueeze).
 DIM_OF_SELF = {
@@ -885,6 +952,19 @@ def _neutral_operand(target, args, kwargs, env, shape, dtype):
     if not isinstance(src, Node) or src.dtype != dtype or tuple(src.shape) != tuple(shape or ()):
         return None
     return src
+
+
+def _is_arange(n, length: int) -> bool:
+    """Is ``n`` the constant ``arange(length)`` (int, shape (length,))?"""
+    if not isinstance(n, Node) or n.op != "const" or tuple(n.shape) != (length,) or length > 1 << 22:
+        return False
+    if n.dtype not in (torch.int64, torch.int32):
+        return False
+    try:
+        v = n.attrs.call([])
+    except Exception:  # noqa: BLE001 - not materializable here
+        return False
+    return isinstance(v, torch.Tensor) and v.device.type != "meta" and torch.equal(v, torch.arange(length, dtype=v.dtype))
 
 
 def _uninitialized(n) -> bool:
@@ -999,13 +1079,22 @@ def lower(gm: torch.fx.GraphModule, rank: int | None = None, random: str | None 
     anything); "refuse" and "identity" also record them in ``graph.random_ops`` (the caller refuses
     them), and "identity" replaces recognised dropout by the identity (see `_dropout_masks`).
 
-    ``decompositions`` (`Problem.decompositions`; None: off): first replace every call that would
-    lower to a "generic" call by its definition in known operators (`gg_notebook.ir.decompose`).
+    ``decompositions`` (`Problem.decompositions`; None: off, i.e. exact="bitwise"): first rewrite
+    the graph into the pointwise normal form (`gg_notebook.ir.pointwise_normal`), then replace every
+    call that would lower to a "generic" call by its definition in known operators
+    (`gg_notebook.ir.decompose`).
 
     ``input_ranges``: {input index: (lo, hi)} inclusive bounds of integer inputs (from
     `Problem.domains`), used where a spelling is one value only on a range (`gg_notebook.ir.ranges`)."""
     if decompositions is not None:
         from gg_notebook.ir.decompose import lower_decomposed
+        from gg_notebook.ir.pointwise_normal import normalize
 
-        return lower_decomposed(gm, rank, decompositions, lambda: _Lowerer(gm, rank, random, input_ranges).run())
+        def lower_normalized():
+            # one spelling per pointwise function on every program (real mode only), also inside
+            # the definitions the decomposition spliced in
+            normalize(gm)
+            return _Lowerer(gm, rank, random, input_ranges).run()
+
+        return lower_decomposed(gm, rank, decompositions, lower_normalized)
     return _Lowerer(gm, rank, random, input_ranges).run()

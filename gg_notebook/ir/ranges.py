@@ -41,6 +41,50 @@ class IntRanges:
     def __init__(self, inputs: dict[int, Range] | None = None) -> None:
         self.inputs = dict(inputs or {})
         self._memo: dict[int, Range | None] = {}
+        self._image = _Image(self)
+
+    def constant(self, n: Node):
+        """The one value an integer or boolean elementwise function of a ranged input takes on
+        its whole range (``target < 0`` for targets in ``[0, V)`` is False), else None."""
+        if not self.inputs:
+            return None
+        hit = self._image._of(n)  # not memoized: ``n`` may be a candidate the caller discards
+        if hit is None or hit[0] is None:
+            return None
+        v = hit[1]
+        if not isinstance(v, torch.Tensor) or v.numel() == 0:
+            return None
+        flat = v.reshape(-1)
+        if not bool((flat == flat[0]).all()):
+            return None
+        return flat[0].item()
+
+    def never_true(self, n: Node) -> bool:
+        """Is boolean ``n`` False everywhere, for every value of the input it depends on (a uniform
+        False constant, or ``target < 0`` for targets in [0, V))?"""
+        if n.dtype != torch.bool:
+            return False
+        if n.op == "const":
+            v = _uniform_value(n)
+            return v is not None and not bool(v)
+        hit = self._image.image(n)
+        return hit is not None and hit[1].numel() > 0 and not bool(hit[1].any())
+
+    def same_as_operand(self, n: Node) -> Node | None:
+        """An operand of ``n`` (same shape and dtype) that ``n`` equals on the whole range of the
+        input both are functions of (``ids[mask] = 0`` where the mask is False for every id)."""
+        if not self.inputs:
+            return None
+        hit = self._image._of(n)  # not memoized (see `constant`)
+        if hit is None or hit[0] is None:
+            return None
+        for i in n.inputs:
+            if tuple(i.shape) != tuple(n.shape) or i.dtype != n.dtype:
+                continue
+            other = self._image.image(i)
+            if other is not None and other[0] is hit[0] and torch.equal(other[1], hit[1]):
+                return i
+        return None
 
     def of(self, n: Node) -> Range | None:
         key = id(n)
@@ -55,6 +99,21 @@ class IntRanges:
     def _range(self, n: Node) -> Range | None:
         if n.op == "input":
             return self.inputs.get(n.attrs)
+        r = self._interval(n)
+        if r is None and n.op == "call":
+            r = self._image_range(n)
+        return r
+
+    def _image_range(self, n: Node) -> Range | None:
+        """The exact range of an elementwise integer function of one ranged input, by evaluating it on
+        every value of the input's range (``masked = ids - start; masked[out_of_shard] = 0`` is in
+        ``[0, n)``, which interval arithmetic cannot see: the mask excludes the negative ids)."""
+        img = self._image.of(n)
+        if img is None or img.numel() == 0:
+            return None
+        return int(img.min()), int(img.max())
+
+    def _interval(self, n: Node) -> Range | None:
         if n.op in _MOVEMENT:
             return self.of(n.inputs[0])
         if n.op == "cat":
@@ -128,3 +187,122 @@ def _const_range(n: Node) -> Range | None:
         return (min(start, last), max(start, last))
     return None
 
+
+
+MAX_IMAGE = 1 << 22  # largest input range evaluated exhaustively
+_ELEMENTWISE_PUT = (aten.index_put.default, aten.index_put_.default)
+
+
+class _Image:
+    """Values of elementwise functions of one integer input on *every* value of its range.
+
+    A node's image is (input node, 1-D tensor) with element i the node's value where that input
+    holds ``lo + i`` (a uniform constant: (None, its value)). Only operators that combine operands
+    position by position qualify (elementwise kernels, ``x[mask] = v`` with a same-shape boolean
+    mask), and every operand must be the one input seen through reshapes (row-major order: positions
+    stay aligned) or a uniform constant; anything else has no image. Memoized per node."""
+
+    def __init__(self, ranges: "IntRanges") -> None:
+        self.ranges = ranges
+        self.memo: dict[int, tuple | None] = {}
+
+    def of(self, n: Node) -> torch.Tensor | None:
+        hit = self.image(n)
+        return None if hit is None or hit[0] is None else hit[1]
+
+    def image(self, n: Node) -> tuple | None:
+        key = id(n)
+        if key not in self.memo:
+            self.memo[key] = self._of(n)
+        return self.memo[key]
+
+    def _of(self, n: Node):
+        if n.op == "input":
+            r = self.ranges.inputs.get(n.attrs)
+            if r is None or r[1] - r[0] + 1 > MAX_IMAGE or not _int(n.dtype):
+                return None
+            return n, torch.arange(r[0], r[1] + 1, dtype=n.dtype)
+        if n.op == "const":
+            v = _uniform_value(n)
+            return None if v is None else (None, v)
+        if n.op in _MOVEMENT:
+            src = n.inputs[0]
+            hit = self.image(src)
+            if hit is None:
+                return None
+            if hit[0] is src:
+                # data movement of the input itself: every element is still one of the input's
+                # elements, so this node ranges over the same values (a variable of its own)
+                return n, hit[1]
+            if n.op == "view" and _numel(src.shape) == _numel(n.shape):
+                return hit  # a reshape keeps row-major positions aligned
+            return None
+        if n.op != "call":
+            return None
+        spec = n.attrs
+        if spec.kind != "ew" and spec.target not in _ELEMENTWISE_PUT:
+            return None
+        if getattr(spec, "unique", None) is not None:
+            return None
+        if spec.target in _ELEMENTWISE_PUT:
+            if spec.arg("accumulate", True) is not False or any(i.dtype != torch.bool for i in n.inputs[1:-1]):
+                return None
+        full = [i for i in n.inputs if i.op != "const"]
+        if any(tuple(i.shape) != tuple(n.shape) for i in full):
+            return None  # broadcasting would pair other positions
+        if any(i.op == "const" and _numel(i.shape) not in (1, _numel(n.shape)) for i in n.inputs):
+            return None
+        var, vals = None, []
+        for i in n.inputs:
+            hit = self.image(i)
+            if hit is None:
+                return None
+            if hit[0] is not None:
+                if var is not None and hit[0] is not var:
+                    return None  # two different inputs: positions are not one value's
+                var = hit[0]
+            vals.append(hit[1])
+        if var is None:
+            # uniform operands only: the result is uniform too (one value for every position)
+            try:
+                out = spec.call(vals)
+            except Exception:  # noqa: BLE001
+                return None
+            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                return None
+            return None, out.reshape(())
+        length = self.image(var)[1].shape[0]
+        if spec.target in _ELEMENTWISE_PUT:  # a uniform mask as a mask of every position
+            vals = [vals[0]] + [v.expand(length) if v.dim() == 0 else v for v in vals[1:-1]] + [vals[-1]]
+        try:
+            out = spec.call(vals)
+        except Exception:  # noqa: BLE001 - not evaluable this way: no image
+            return None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (length,):
+            return None
+        return var, out
+
+
+def _numel(shape) -> int:
+    k = 1
+    for s in shape:
+        k *= s
+    return k
+
+
+def _uniform_value(n: Node) -> torch.Tensor | None:
+    fill = getattr(n.attrs.target, "constant_fill", None)
+    if fill is not None:
+        v = untyped(fill())
+        if isinstance(v, (bool, int, float)):
+            return torch.tensor(v, dtype=n.dtype)
+    target = n.attrs.target
+    stored = getattr(target, "tensor", None)  # a value node (relations/ground.py)
+    if isinstance(stored, torch.Tensor) and getattr(target, "_uniform", False) and stored.numel() > 0:
+        return stored.reshape(-1)[0].clone()
+    data = getattr(target, "data", None)  # a tensor baked into the graph (lowering's _TensorConst)
+    if isinstance(data, torch.Tensor) and 0 < data.numel() <= 1 << 16 and data.device.type != "meta":
+        flat = data.reshape(-1)
+        if bool((flat == flat[0]).all()):
+            return flat[0].clone()
+    return None

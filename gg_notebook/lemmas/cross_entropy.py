@@ -23,6 +23,8 @@ combined, ... A view between log_softmax and nll_loss that keeps the class dim i
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,7 @@ class MaskedPick:
         local = t - self.start
         valid = (local >= 0) & (local < x.shape[-1])
         picked = torch.gather(x, -1, local.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
-        return picked * valid.to(x.dtype)
+        return torch.where(valid, picked, torch.zeros((), dtype=x.dtype))  # 0, even where x is -inf
 
 
 def masked_pick_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
@@ -221,9 +223,11 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     inside = (domain >= start) & (domain < start + v_local)
 
     def strip_view(e: Expr, shape) -> Expr | None:
+        # the index in any shape of the same elements (reshapes keep row-major order, which is all
+        # the domain evaluation needs): Megatron masks the targets as [s, b] and views them flat
         while e.op == "view" and tuple(e.shape) != tuple(shape):
             e = e.args[0]
-        return e if tuple(e.shape) == tuple(shape) else None
+        return e if math.prod(e.shape) == math.prod(shape) else None
 
     def index_ok(J: Expr | None) -> bool:
         if J is None:
@@ -249,17 +253,22 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
                     picks.append(w)
     for p in picks:
         base = engine.store.view(p, lead) if tuple(p.shape) != lead else p
-        for e in [base] + index.users_of(base):
-            if e is not base:
-                keep = kept_rows(e, base, lead)
-                kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
-                if kv is None or not bool((kv == inside).all()):
+        # the rank may zero the out-of-shard picks in any shape of them (Megatron views the picks
+        # as [s, b] before masking): each reshape of the picks keeps their order
+        bases = [base] + [v for v in index.users_of(p) if v.op == "view" and v.id != base.id]
+        for b in bases:
+            for e in [b] + index.users_of(b):
+                if e is not b:
+                    keep = kept_rows(e, b, tuple(b.shape))
+                    kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
+                    if kv is None or not bool((kv == inside).all()):
+                        continue
+                elif bool((~inside).any()):
                     continue
-            elif bool((~inside).any()):
-                continue
-            d = index.realized(e)
-            if d is not None:
-                return index.ref(d)
+                d = index.realized(e)
+                if d is not None:
+                    r = index.ref(d)
+                    return r if tuple(e.shape) == lead else engine.store.view(r, lead)
     return None
 
 
@@ -524,6 +533,29 @@ def vocab_cross_entropy_backward(S: ExprStore, spec: OpSpec, args: tuple, out_sh
     yield S.view(S.cat(outs, plast), out_shape)
 
 
+def _view_root(e: Expr) -> Expr:
+    while e.op == "view":
+        e = e.args[0]
+    return e
+
+
+def _picks_at(picked: Expr, p2: Expr, rows: Expr, cols: Expr) -> bool:
+    """Is ``picked`` ``p2[rows, cols]`` (rows = arange): spelled as that index, or as the gather the
+    lowering makes of it, ``p2.gather(1, cols.view(n, 1)).view(n)``?"""
+    if picked.op == "call" and picked.attrs.name == "aten.index.Tensor":
+        return [a.id for a in picked.args] == [p2.id, rows.id, cols.id]
+    if picked.op != "view" or tuple(picked.shape) != tuple(cols.shape):
+        return False
+    g = picked.args[0]
+    if g.op != "call" or g.attrs.name != "aten.gather.default" or len(g.args) != 2 or g.args[0].id != p2.id:
+        return False
+    if g.attrs.arg("dim") != 1 or g.attrs.arg("sparse_grad", False) is not False:
+        return False
+    idx = g.args[1]
+    return tuple(idx.shape) == (cols.shape[0], 1) and _view_root(idx).id == _view_root(cols).id and \
+        math.prod(_view_root(cols).shape) == cols.shape[0]
+
+
 def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
     """Find a rank value equal to ``p - onehot(t - start)`` (in-shard targets only), written as
     ``p2d[arange, J] -= U`` (index_put of the picked entries minus U)."""
@@ -555,7 +587,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if vals.op != "call" or vals.attrs.name != "aten.sub.Tensor" or len(vals.args) != 2:
             continue
         picked, u = vals.args
-        if picked.op != "call" or picked.attrs.name != "aten.index.Tensor" or [a.id for a in picked.args] != [p2.id, rows.id, cols.id]:
+        if not _picks_at(picked, p2, rows, cols):
             continue
         uv = eval_on_domain(u, t_t, domain)
         if uv is None or not bool((uv == inside.to(uv.dtype)).all()):

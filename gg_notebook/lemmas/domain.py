@@ -25,6 +25,10 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
     keeps element i of every operand tied to element i of ``var``.
     """
     memo: dict[int, torch.Tensor] = {var.id: values}
+    root = var
+    while root.op == "view":  # a reshape keeps row-major order: the same elements, position by position
+        root = root.args[0]
+        memo[root.id] = values
     numel = 1
     for s in var.shape:
         numel *= s
@@ -98,4 +102,8 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
         memo[x.id] = r
         return r
 
-    return go(term)
+    r = go(term)
+    if r is None or tuple(r.shape) == tuple(values.shape):
+        return r
+    # a term that does not read ``var`` (a uniform constant): the same value at every position
+    return r.reshape(()).expand(values.shape) if r.numel() == 1 else None

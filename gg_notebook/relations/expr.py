@@ -26,6 +26,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from gg_notebook.ir.pointwise_normal import commuted_args
+
+_EMBEDDING = torch.ops.aten.embedding.default
+_MASKED_FILL = torch.ops.aten.masked_fill.Scalar
 CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
 ACCUM_FNS = ("sum", "max", "min")
 
@@ -235,6 +239,8 @@ class ExprStore:
     # ground nodes (no atom/ref leaf, not random) are evaluated and interned by value, so that
     # equal input-independent values are one node whatever their spelling (relations/ground.py)
     by_value = True
+    # real-number-only normal forms of terms (exact="real"; set by gg.verify): relations/safe_softmax.py
+    real = False
 
     def __init__(self) -> None:
         self._table: dict[tuple, Expr] = {}
@@ -259,7 +265,30 @@ class ExprStore:
         return e
 
     def find(self, op, attrs, args, dtype) -> Expr | None:
+        if op == "call" and self.by_value and getattr(attrs, "kind", None) == "ew":
+            args = self._broadcast_args(attrs, args)
+        if op == "call" and self.by_value and getattr(attrs, "target", None) is _EMBEDDING:
+            from gg_notebook.relations.ground import canonical_call
+
+            alt = canonical_call(self, attrs, args)
+            if alt is not None:
+                return alt
+        if op == "call" and self.real and getattr(attrs, "target", None) is _MASKED_FILL:
+            from gg_notebook.relations.safe_softmax import canonical_safe_softmax
+
+            alt = canonical_safe_softmax(self, attrs, args)
+            if alt is not None:
+                return alt
+        if op == "call":
+            args = commuted_args(attrs, tuple(args))
         return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
+
+    def _broadcast_args(self, spec, args):
+        """Value-node operands of an elementwise call in their smallest broadcast form (ground.py)."""
+        from gg_notebook.relations.ground import minimal_broadcast
+
+        new = minimal_broadcast(self, spec, args)
+        return args if new is None else new
 
     # ------------------------------------------------------------------ leaves
     def atom(self, name: str, shape, dtype) -> Expr:
@@ -276,7 +305,22 @@ class ExprStore:
     def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
         if shape is None:
             shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
-        return self._intern("call", spec, tuple(args), shape, dtype)
+        if self.by_value and spec.kind == "ew":
+            args = self._broadcast_args(spec, args)
+        if self.by_value and spec.target is _EMBEDDING:  # a lookup at constant ids: rows of the table
+            from gg_notebook.relations.ground import canonical_call
+
+            alt = canonical_call(self, spec, args)
+            if alt is not None:
+                return alt
+        if self.real and spec.target is _MASKED_FILL:  # _safe_softmax without an all-masked row
+            from gg_notebook.relations.safe_softmax import canonical_safe_softmax
+
+            alt = canonical_safe_softmax(self, spec, args)
+            if alt is not None:
+                return alt
+        # a * b and b * a: one term (operands of a commutative call in a canonical order)
+        return self._intern("call", spec, commuted_args(spec, tuple(args)), shape, dtype)
 
     # ------------------------------------------------------------------ clean constructors
     def view(self, x: Expr, shape: Sequence[int]) -> Expr:
@@ -550,7 +594,9 @@ class ExprStore:
 
     def scale(self, x: Expr, factor) -> Expr:
         """``factor * x`` with an exact rational factor (a float is taken at its exact value)."""
-        factor = Fraction(factor)
+        from gg_notebook.relations.exact import Radical
+
+        factor = factor if isinstance(factor, Radical) else Fraction(factor)
         if factor == 1:
             return x
         if x.op == "scale":
@@ -721,6 +767,8 @@ def pretty(e: Expr, name: Callable[[Expr], str]) -> str:
 
 def _number(c) -> str:
     """A rational factor as people write it: 0.5, 1/3, 12."""
+    if not isinstance(c, (int, float, Fraction)):
+        return f"({c})"  # an exact radical (relations/exact.py)
     c = Fraction(c)
     if c.denominator == 1:
         return str(c.numerator)

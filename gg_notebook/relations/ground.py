@@ -349,3 +349,155 @@ def _num(x) -> str:
     if isinstance(x, float):
         return repr(x)
     return str(x)
+
+
+# ---------------------------------------------------------------------- broadcast operands
+def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
+    """The arguments of the elementwise call ``spec(args)`` with every value-node operand in its
+    smallest broadcast form, or None if nothing changes: leading size-1 dims dropped, and a dim
+    along which the value is constant cut to size 1, as long as the other operands keep the output
+    shape. ``cos[None, :, None, :]`` ([1, S, 1, D]), ``cos[:, None, :]`` ([S, 1, D]) and a table
+    expanded over the batch ([B, S, 1, D]) then make one call: the same value at every output
+    position, so the rewrite is exact (bit for bit)."""
+    if getattr(spec, "kind", None) != "ew" or len(args) < 2 or \
+            not any(a.op == "expand" or a.op == "view" or is_value(a) for a in args):
+        return None
+    shapes = [tuple(a.shape) for a in args]
+    if all(s == shapes[0] for s in shapes) and not any(a.op == "expand" or is_value(a) for a in args):
+        return None  # no broadcasting at all (the common case): a view of the full shape stays
+    try:
+        out = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return None
+    memo = store.__dict__.setdefault("_min_bcast", {})
+    new, changed = [], False
+    for i, a in enumerate(args):
+        if not is_value(a):
+            inner = _unbroadcast(a)
+            if inner is not None:
+                others = [tuple(b.shape) for j, b in enumerate(args) if j != i]
+                try:
+                    if tuple(torch.broadcast_shapes(tuple(inner.shape), *others)) == out:
+                        a, changed = inner, True  # the other operands broadcast it the same way
+                except RuntimeError:
+                    pass
+            new.append(a)
+            continue
+        others = [tuple(b.shape) for j, b in enumerate(args) if j != i]
+        key = (a.id, out, tuple(others))
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = _shrink(store, a, out, others) or a
+        new.append(hit)
+        changed = changed or hit is not a
+    return tuple(new) if changed else None
+
+
+def _unbroadcast(a: "Expr") -> "Expr | None":
+    """X for an operand that is X broadcast (``expand``) or X with leading size-1 dims (a view)."""
+    if a.op == "expand":
+        return a.args[0]
+    if a.op == "view":
+        x = a.args[0]
+        k = len(a.shape) - len(x.shape)
+        if k > 0 and tuple(a.shape[k:]) == tuple(x.shape) and all(n == 1 for n in a.shape[:k]):
+            return x
+    return None
+
+
+def _shrink(store: "ExprStore", a: "Expr", out: tuple, others: list) -> "Expr | None":
+    t = value_of(a)
+    if t.numel() > MAX_ELEMENTS or t.dim() == 0:
+        return None
+    n = len(out)
+    need = [1] * n  # the output size each dim keeps from the other operands alone
+    for s in others:
+        for j, size in enumerate(s):
+            k = j + n - len(s)
+            need[k] = max(need[k], size)
+    x = t
+    for j in range(x.dim()):
+        k = j + n - x.dim()
+        if x.shape[j] > 1 and need[k] == out[k]:
+            first = x.narrow(j, 0, 1)
+            if not torch.equal(_raw_rows(x.narrow(j, 1, 1)), _raw_rows(first)):
+                continue  # the second slice already differs (the usual case: a cheap answer)
+            if torch.equal(_raw_rows(x), _raw_rows(first.expand_as(x))):
+                x = first
+    others_nd = max((len(s) for s in others), default=0)
+    while x.dim() > 0 and x.shape[0] == 1 and others_nd >= x.dim():  # the others keep the output's rank
+        x = x.reshape(tuple(x.shape[1:]))
+    if tuple(x.shape) == tuple(t.shape):
+        return None
+    try:
+        if tuple(torch.broadcast_shapes(tuple(x.shape), *others)) != out:
+            return None
+    except RuntimeError:
+        return None
+    return _value_node(store, x.contiguous())
+
+
+def _raw_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _value_node(store: "ExprStore", t: torch.Tensor) -> "Expr | None":
+    v = _as_value(t)
+    if v is None:
+        return None
+    table = store.__dict__.setdefault("_values", {})
+    key = (v.dtype, v.shape, v.digest)
+    node = table.get(key)
+    if node is not None:
+        return node if node.attrs.target == v else None
+    from gg_notebook.relations.expr import OpSpec
+
+    spec = OpSpec("const", describe(v.tensor, v.uniform), v, ((), ()))
+    node = store.const(spec, v.shape, v.dtype)
+    table[key] = node
+    store._value_bytes = getattr(store, "_value_bytes", 0) + v.tensor.numel() * v.tensor.element_size()
+    return node
+
+
+# ---------------------------------------------------------------------- lookups by constant ids
+def canonical_call(store: "ExprStore", spec, args) -> "Expr | None":
+    """A data-movement term for ``embedding(w, ids)`` with constant ids, or None: the table rows
+    ``w[a:b]`` when the ids are ``arange(a, b)`` (position embeddings of one sequence shard, however
+    the positions were built), and the lookup of the first row of ids broadcast over the dims along
+    which the ids are constant (``arange(...).expand(batch, -1)``). A lookup copies rows, so both are
+    exact (bit for bit); ids out of the table's range are left alone (the lookup fails there)."""
+    import torch as _t
+
+    if spec.target is not _t.ops.aten.embedding.default or len(args) != 2:
+        return None
+    wi, ii = spec.slot_of("weight"), spec.slot_of("indices")
+    if wi is None or ii is None:
+        return None
+    w, ids = args[wi], args[ii]
+    t = value_of(ids)
+    if t is None or len(w.shape) != 2 or t.dtype not in (_t.int64, _t.int32) or t.numel() == 0:
+        return None
+    n = w.shape[0]
+    if int(t.min()) < 0 or int(t.max()) >= n:
+        return None
+    lead = 0  # leading dims along which every row of ids is the same
+    while lead < t.dim() - 1 and t.shape[lead] > 1 and _t.equal(t, t.narrow(lead, 0, 1).expand_as(t)):
+        lead += 1
+    while lead < t.dim() - 1 and t.shape[lead] == 1:
+        lead += 1
+    if lead:
+        row = t
+        for _ in range(lead):
+            row = row[0]
+        inner_ids = _value_node(store, row.contiguous())
+        if inner_ids is None:
+            return None
+        new = list(args)
+        new[ii] = inner_ids
+        inner = store.call(spec, new)
+        return store.expand(inner, tuple(t.shape) + (w.shape[1],))
+    if t.dim() == 1:
+        a = int(t[0])
+        if _t.equal(t, _t.arange(a, a + t.numel(), dtype=t.dtype)):
+            return store.slice(w, 0, a, a + t.numel())
+    return None

@@ -22,7 +22,9 @@ unchanged. The rules:
   becomes a view, and a sum over whole groups of a reshape looks through the reshape.
 
 A float literal is the rational it is nearest to when that rational has a small denominator
-(``1/3`` written as ``0.333..``); otherwise its exact binary value. The normal form is never used
+(``1/3`` written as ``0.333..``), else the square or fourth root of a short rational it is within a
+few ulps of (``math.sqrt(8)``, ``8 ** -0.5``, SDPA's ``sqrt(scale)``: relations/exact.py, so that
+``(q * c) @ (k * c).T`` cancels against ``/ math.sqrt(d)`` exactly); otherwise its exact binary value. The normal form is never used
 with ``exact="bitwise"``.
 """
 
@@ -57,6 +59,14 @@ def coefficient(v) -> Fraction | None:
         return None
     exact = Fraction(v)
     near = exact.limit_denominator(1 << 24)
+    if float(near) == v and near.denominator <= 1 << 16:
+        return near
+    # ``math.sqrt(d)``, ``d ** -0.5``, SDPA's ``sqrt(scale)``: the square or fourth root it spells
+    from gg_notebook.relations.exact import read_float
+
+    rad = read_float(v)
+    if rad is not None:
+        return rad
     return near if float(near) == v else exact
 
 
@@ -65,13 +75,18 @@ def _floating(e: Expr) -> bool:
 
 
 def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
+    from gg_notebook.relations.exact import Inexpressible
+
     acc: dict[int, list] = {}
     for b, c in pairs:
         slot = acc.get(b.id)
         if slot is None:
             acc[b.id] = [b, c]
         else:
-            slot[1] += c
+            try:
+                slot[1] += c
+            except Inexpressible:  # c1 + c2 with different radicals: not one coefficient
+                return None
     out = tuple((b, c) for _, (b, c) in sorted(acc.items()) if c != 0)
     if len(out) > MAX_BASES:
         return None
@@ -211,7 +226,7 @@ class LinearForms:
         if op == "accum" and x.attrs == "sum":
             return _normalize(p for a in x.args for p in self.of(a))
         if op == "scale":
-            c = Fraction(x.attrs)
+            c = x.attrs if not isinstance(x.attrs, float) else Fraction(x.attrs)
             return _normalize((b, c * k) for b, k in self.of(x.args[0]))
         if op in ("view", "permute", "slice", "expand"):
             inner = self.of(x.args[0])

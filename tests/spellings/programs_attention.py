@@ -141,6 +141,32 @@ def mha_tp_local_head_dim(x, wq, wk, wv, wo):
     return out
 
 
+def mha_tp_where_arange(x, wq, wk, wv, wo):
+    heads = NH // dist.get_world_size()
+    b, s, _ = x.shape
+    q, k, v = (torch.matmul(x, w).view(b, s, heads, D).transpose(1, 2) for w in (wq, wk, wv))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5
+    pos = torch.arange(s)
+    scores = torch.where(pos[None, :] <= pos[:, None], scores, float("-inf"))  # keys up to the query
+    out = torch.matmul(F.softmax(scores, dim=-1), v).transpose(1, 2).flatten(2) @ wo
+    dist.all_reduce(out)
+    return out
+
+
+def mha_tp_sees_next(x, wq, wk, wv, wo):
+    b, s, _ = x.shape
+    heads = NH // dist.get_world_size()
+    q = (x @ wq).view(b, s, heads, D).transpose(1, 2)
+    k = (x @ wk).view(b, s, heads, D).transpose(1, 2)
+    v = (x @ wv).view(b, s, heads, D).transpose(1, 2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+    mask = torch.triu(torch.full((s, s), float("-inf"), dtype=x.dtype), 2)  # BUG: diagonal=2 lets a query see the next key
+    ctx = torch.softmax(scores + mask, dim=-1) @ v
+    out = ctx.transpose(1, 2).reshape(b, s, heads * D) @ wo
+    dist.all_reduce(out)
+    return out
+
+
 def mha_tp_no_mask(x, wq, wk, wv, wo):
     b, s, _ = x.shape
     heads = NH // dist.get_world_size()
@@ -318,10 +344,10 @@ def rope_real_spec(q):
 def rope_real_spec_bug(q):
     s = q.shape[1]
     t = torch.arange(s, dtype=torch.float64)
-    freqs = torch.outer(t, _inv_freq(q.shape[-1]))  # gg: positions
+    freqs = torch.outer(t, _inv_freq(q.shape[-1]))
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
-    return q * cos + rotate_half(q) * sin
+    return q * cos + rotate_half(q) * sin  # gg: positions
 
 
 def rope_real_heads(q):
@@ -446,6 +472,9 @@ CASES = [
        note="head_dim = local columns / global heads = D / world_size: scores scaled by the wrong sqrt"),
     _c("mha-tp/bug-mask-not-applied", mha_spec_bug_mask, mha_tp_no_mask, _mha_in, _MHA_PL, [R], bug=True,
        culprit="mask", twin="mha-tp/triu-spec-vs-tril-masked_fill", note="the causal mask is dropped on the ranks"),
+    _c("mha-tp/where-arange-compare", mha_spec, mha_tp_where_arange, _mha_in, _MHA_PL, [R]),
+    _c("mha-tp/bug-mask-sees-next-key", mha_spec_bug_mask, mha_tp_sees_next, _mha_in, _MHA_PL, [R], bug=True,
+       culprit="mask", twin="mha-tp/triu-spec-vs-tril-masked_fill", note="triu(-inf, diagonal=2): one future key visible"),
     # GQA / MQA
     _c("gqa-tp/repeat_kv-spec-vs-repeat_interleave", gqa_spec_repeat_kv, gqa_tp_interleave, _gqa_in,
        _MHA_PL, [R]),
@@ -471,20 +500,8 @@ CASES = [
 ]
 
 _MISSING = {
-    "mha-tp/triu-spec-vs-tril-masked_fill":
-        "input-independent values: scores + triu(full(-inf), 1) vs masked_fill(~tril(ones)) compared by value",
-    "mha-tp/per-head-loop":
-        "data movement: the spec's mm(x, wq) = concat over ranks and heads of mm(x, wq_local[:, head cols])",
-    "mha-tp/F.sdpa-is_causal": "F.scaled_dot_product_attention (dropout_p=0) is refused as a random op",
-    "mha-tp/tril-masked_fill-tp4": "input-independent values: additive triu(-inf) mask vs masked_fill(~tril)",
-    "mha-tp/one-head-per-rank-bmm":
-        "merged-batch bmm: spec [B*NH] batch (view of a head-sharded permute) vs the rank's 3-D bmm with no head dim",
-    "mha-tp/bug-mask-not-applied": "not localized: the correct twin is stuck at the same add (scores + mask)",
-    "rope/real-rotate_half-seq-sharded-offset":
-        "input-independent values with a rank offset: arange(rank*S/W, ...) tables tile the spec's table",
     "rope/complex-spec-vs-real-even-odd":
         "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
-    "rope/bug-seq-sharded-no-offset": "not localized: the correct twin is stuck at the same rotary-table mul",
 }
 
 import dataclasses as _dc  # noqa: E402

@@ -60,6 +60,16 @@ def sp_positions_no_offset(x, wpe):
     return x + F.embedding(pos, wpe)
 
 
+def sp_positions_narrow_table(x, wpe):
+    s_local = x.size(1)
+    return x + wpe.narrow(0, dist.get_rank() * s_local, s_local).unsqueeze(0)
+
+
+def sp_positions_off_by_one(x, wpe):
+    s_local, rank = x.shape[1], dist.get_rank()
+    return x + wpe[rank * s_local + 1:(rank + 1) * s_local + 1]  # BUG: rows shifted by one position
+
+
 def _pos_inputs():
     return [rn(2, 8, 6), rn(16, 6, seed=1)]
 
@@ -113,6 +123,22 @@ def cp_mask_no_offset(q, k):
     scores = q @ k.t() / math.sqrt(q.shape[-1])
     mask = torch.ones(s_local, s, dtype=torch.bool).triu(1)  # BUG: the diagonal ignores the rank's offset
     return scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+
+def cp_mask_additive_zeros_masked_fill(q, k):
+    # an additive float mask: zeros with -inf above this rank's diagonal
+    s_local, s = q.shape[0], k.shape[0]
+    start = dist.get_rank() * s_local
+    rows = torch.arange(start, start + s_local).unsqueeze(1)
+    bias = torch.zeros(s_local, s, dtype=q.dtype).masked_fill(torch.arange(s) > rows, float("-inf"))
+    return (q @ k.t() / math.sqrt(q.shape[-1]) + bias).softmax(-1)
+
+
+def cp_mask_see_one_ahead(q, k):
+    s_local, s = q.shape[0], k.shape[0]
+    start = dist.get_rank() * s_local
+    mask = torch.ones(s_local, s, dtype=torch.bool).triu(2 + start)  # BUG: each query also sees the next key
+    return (q @ k.t() / math.sqrt(q.shape[-1])).masked_fill(mask, float("-inf")).softmax(-1)
 
 
 def _mask_inputs():
@@ -184,6 +210,25 @@ def sp_rope_no_offset(x):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def sp_rope_table_expanded(x):
+    # the tables broadcast explicitly to the activations' shape
+    d, s_local = x.shape[-1], x.shape[1]
+    t = torch.arange(s_local, dtype=torch.float64) + dist.get_rank() * s_local
+    freqs = t[:, None] * _inv_freq(d)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[None, :, None, :].expand_as(x)
+    x1, x2 = x.chunk(2, -1)
+    return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
+
+
+def sp_rope_offset_by_world(x):
+    d, s_local = x.shape[-1], x.shape[1]
+    start = dist.get_rank() * dist.get_world_size()  # BUG: offset by the world size, not the local length
+    t = torch.arange(start, start + s_local, dtype=torch.float64)
+    emb = torch.cat((torch.outer(t, _inv_freq(d)),) * 2, dim=-1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * emb.cos()[:, None, :] + torch.cat((-x2, x1), dim=-1) * emb.sin()[:, None, :]
+
+
 def _rope_inputs():
     return [rn(2, 8, 2, 4)]
 
@@ -197,18 +242,7 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
 _LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_POS = ("input-independent values: seq embedding(const arange(S), wpe) vs the ranks' lookups at arange(start, "
-        "start+S/W) (or wpe[pos], wpe[a:b]); the constant positions must be tiled across ranks by value")
-_MASK = ("input-independent values: seq masked_fill with const triu(ones(S, S), 1) vs rank masks built from "
-         "shapes and rank (triu diagonal=1+start, arange comparison, tril); mask rows must be compared by value")
-_ROPE = ("input-independent values: seq outer(arange(S), inv_freq) vs the rank's outer(arange(start, end), "
-         "inv_freq) (or a slice of a global cache, a position-id matmul); cos/sin tables must be evaluated by value "
-         "and tiled across ranks")
 MISSING = {
-    "positions/chunk-of-global-arange": _POS,
-    "positions/slice-of-table": _POS + " (the rank slices the table instead of looking up)",
-    "causal-mask/tril-where": _MASK + "; torch.where(keep, s, -inf) vs masked_fill(~keep)",
-    "rope-tables/position-ids-matmul": _ROPE,
 }
 
 CASES = [
@@ -220,16 +254,26 @@ CASES = [
        world_size=4),
     _c("positions/bug-no-offset", add_positions, sp_positions_no_offset, _pos_inputs, [S1, R], [S1],
        culprit="positions", twin="positions/arange-start-end"),
+    _c("positions/narrow-table", add_positions, sp_positions_narrow_table, _pos_inputs, [S1, R], [S1]),
+    _c("positions/bug-slice-off-by-one", add_positions, sp_positions_off_by_one, _pos_inputs, [S1, R], [S1],
+       culprit="positions", twin="positions/slice-of-table"),
     _c("causal-mask/rows-of-global", causal_probs, cp_mask_rows_of_global, _mask_inputs, [S0, R], [S0]),
     _c("causal-mask/triu-diagonal-offset", causal_probs, cp_mask_triu_diagonal, _mask_inputs, [S0, R], [S0]),
     _c("causal-mask/arange-compare", causal_probs, cp_mask_arange_compare, _mask_inputs, [S0, R], [S0]),
     _c("causal-mask/tril-where", causal_probs, cp_mask_tril_where, _mask_inputs, [S0, R], [S0]),
+    _c("causal-mask/additive-zeros-masked_fill", causal_probs, cp_mask_additive_zeros_masked_fill, _mask_inputs,
+       [S0, R], [S0]),
+    _c("causal-mask/bug-sees-one-key-ahead", causal_probs, cp_mask_see_one_ahead, _mask_inputs, [S0, R], [S0],
+       culprit="masked", twin="causal-mask/triu-diagonal-offset"),
     _c("causal-mask/bug-no-offset", causal_probs, cp_mask_no_offset, _mask_inputs, [S0, R], [S0],
        culprit="masked", twin="causal-mask/triu-diagonal-offset"),
     _c("rope-tables/positions-offset", rope_seq, sp_rope_positions_offset, _rope_inputs, [S1], [S1]),
     _c("rope-tables/slice-of-cache", rope_seq, sp_rope_slice_cache, _rope_inputs, [S1], [S1]),
     _c("rope-tables/position-ids-matmul", rope_seq, sp_rope_position_ids, _rope_inputs, [S1], [S1]),
     _c("rope-tables/sp4-positions-offset", rope_seq, sp_rope_positions_offset, _rope_inputs, [S1], [S1], world_size=4),
+    _c("rope-tables/table-expanded-to-activations", rope_seq, sp_rope_table_expanded, _rope_inputs, [S1], [S1]),
+    _c("rope-tables/bug-offset-by-world-size", rope_seq, sp_rope_offset_by_world, _rope_inputs, [S1], [S1],
+       culprit="rope", twin="rope-tables/positions-offset"),
     _c("rope-tables/bug-no-offset", rope_seq, sp_rope_no_offset, _rope_inputs, [S1], [S1],
        culprit="rope", twin="rope-tables/positions-offset"),
 ]

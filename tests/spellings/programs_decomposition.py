@@ -81,6 +81,21 @@ def rmsnorm_sp_eps_outside(x, w):
     return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + EPS) * w  # BUG
 
 
+def rmsnorm_sp_pow_minus_half(x, w):
+    # (ms + eps) ** -0.5 instead of rsqrt; the weight first
+    ms = x.square().mean(dim=-1, keepdim=True)
+    return w * (x * (ms + EPS) ** -0.5)
+
+
+def rmsnorm_spec_mean(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w  # gg: mean-of-squares
+
+
+def rmsnorm_sp_sum_of_squares(x, w):
+    ss = (x * x).sum(-1, keepdim=True)  # BUG: sum where the norm takes the mean of the squares
+    return x / torch.sqrt(ss + EPS) * w
+
+
 # RMSNorm over a hidden dim that is sharded (e.g. a QK-norm over tensor-parallel heads, or a norm
 # applied inside the TP region): the sum of squares has to be all-reduced.
 
@@ -156,6 +171,27 @@ def layernorm_sp_fn(x, w, b):
     return F.layer_norm(x, [H], weight=w, bias=b, eps=LN_EPS)
 
 
+def layernorm_sp_var_biased_rsqrt(x, w, b):
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    mu = torch.mean(x, dim=2, keepdim=True)
+    return b + w * ((x - mu) * (var + LN_EPS).rsqrt())
+
+
+def layernorm_sp_var_mean_pow(x, w, b):
+    var, mu = torch.var_mean(x, -1, correction=0, keepdim=True)
+    return (x - mu) * torch.pow(var + LN_EPS, -0.5) * w + b
+
+
+def layernorm_spec_center(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, LN_EPS)  # gg: ln-center
+
+
+def layernorm_sp_uncentered_var(x, w, b):
+    mu = x.mean(-1, keepdim=True)
+    var = (x * x).mean(-1, keepdim=True)  # BUG: E[x^2], not E[(x - mu)^2]
+    return (x - mu) * torch.rsqrt(var + LN_EPS) * w + b
+
+
 def layernorm_spec_bug(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, LN_EPS)  # gg: unbiased-var
 
@@ -196,6 +232,21 @@ def swiglu_tp_exp(x, wg, wu, wd):
     h = g / (1.0 + torch.exp(-g)) * torch.matmul(x, wu)
     y = torch.matmul(h, wd)
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def swiglu_tp_reciprocal(x, wg, wu, wd):
+    g, u = x @ wg, x @ wu
+    gate = g * (1.0 / (1.0 + torch.exp(-g)))
+    y = torch.matmul(u * gate, wd)
+    dist.all_reduce(y)
+    return y
+
+
+def swiglu_tp_sigmoid_of_up(x, wg, wu, wd):
+    g, u = x @ wg, x @ wu
+    y = (g * torch.sigmoid(u) * u) @ wd  # BUG: the sigmoid of the up projection, not of the gate
+    dist.all_reduce(y)
     return y
 
 
@@ -252,6 +303,22 @@ def gelu_mlp_spec_bug(x, w1, b1, w2):
 
 def gelu_mlp_tp_written(x, w1, b1, w2):
     h = _gelu_tanh_formula(x @ w1 + b1)
+    y = h @ w2
+    dist.all_reduce(y)
+    return y
+
+
+def gelu_mlp_tp_products(x, w1, b1, w2):
+    h = torch.addmm(b1, x.flatten(0, 1), w1)
+    g = h * 0.5 * (1 + torch.tanh((2 / math.pi) ** 0.5 * (h + 0.044715 * h * h * h)))
+    y = g @ w2
+    dist.all_reduce(y)
+    return y.unflatten(0, x.shape[:2])
+
+
+def gelu_mlp_tp_square(x, w1, b1, w2):
+    h = x @ w1 + b1
+    h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 2)))  # BUG: h**2, not h**3
     y = h @ w2
     dist.all_reduce(y)
     return y
@@ -403,6 +470,39 @@ def sdpa_heads_math_wrong_dim(q, k, v):
     return torch.softmax(s, dim=-2) @ v  # BUG: normalizes over queries instead of keys
 
 
+def sdpa_heads_scaled_qk(q, k, v):
+    # scale q and k by d**-1/4 each (fp16-friendly; what SDPA's own math form does)
+    c = q.size(-1) ** -0.25
+    return torch.softmax((q * c) @ (k * c).transpose(-2, -1), dim=-1) @ v
+
+
+def sdpa_heads_explicit_scale(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def sdpa_math_spec_scale(q, k, v):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # gg: scale
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def sdpa_heads_scale_q_only(q, k, v):
+    c = q.size(-1) ** -0.25
+    return torch.softmax((q * c) @ k.transpose(-2, -1), dim=-1) @ v  # BUG: k is never scaled
+
+
+def sdpa_heads_scale_without_sqrt(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0 / q.shape[-1])  # BUG: 1/d instead of 1/sqrt(d)
+
+
+def sdpa_math_spec_probs(q, k, v):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    return torch.softmax(scores, dim=-1) @ v  # gg: probs
+
+
+def sdpa_heads_causal_by_mistake(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # BUG: the spec is not causal
+
+
 def _qkv():
     return [rn(B, NH, S, D, seed=0), rn(B, NH, S, D, seed=1), rn(B, NH, S, D, seed=2)]
 
@@ -437,6 +537,10 @@ CASES = [
     _c("rmsnorm-sp/bug-eps-outside-sqrt", rmsnorm_spec_eps, rmsnorm_sp_eps_outside,
        lambda: [_x(scale=1e-3), _norm_w()], [SH0, R], [SH0], bug=True, culprit="eps-outside-sqrt", twin="rmsnorm-sp/module-vs-written",
        note="x / (sqrt(ms) + eps) instead of x * rsqrt(ms + eps); activations of scale 1e-3 make eps matter"),
+    _c("rmsnorm-sp/pow-minus-half-vs-F.rms_norm", rmsnorm_fn, rmsnorm_sp_pow_minus_half, _sp_norm, [SH0, R], [SH0]),
+    _c("rmsnorm-sp/bug-sum-of-squares", rmsnorm_spec_mean, rmsnorm_sp_sum_of_squares, _sp_norm, [SH0, R], [SH0],
+       bug=True, culprit="mean-of-squares", twin="rmsnorm-sp/sqrt-div-vs-F.rms_norm",
+       note="the sum of squares where RMSNorm takes their mean"),
     # RMSNorm over a sharded hidden dim
     _c("rmsnorm-tp-hidden/sumsq-allreduce", rmsnorm_hidden_spec, rmsnorm_hidden_allreduce, _sp_norm,
        [SHL, SH0], [SHL]),
@@ -456,6 +560,13 @@ CASES = [
        world_size=4),
     _c("layernorm-sp/bug-unbiased-var", layernorm_spec_bug, layernorm_sp_unbiased, _ln_in, [SH0, R, R], [SH0],
        bug=True, culprit="unbiased-var", twin="layernorm-sp/module-vs-F.layer_norm", note="x.var(-1) is the unbiased estimator; LayerNorm uses 1/N"),
+    _c("layernorm-sp/var-unbiased-False-rsqrt-vs-F.layer_norm", layernorm_fn, layernorm_sp_var_biased_rsqrt, _ln_in,
+       [SH0, R, R], [SH0]),
+    _c("layernorm-sp/var_mean-pow-vs-written", layernorm_written, layernorm_sp_var_mean_pow, _ln_in, [SH0, R, R],
+       [SH0], world_size=4),
+    _c("layernorm-sp/bug-uncentered-var", layernorm_spec_center, layernorm_sp_uncentered_var, _ln_in, [SH0, R, R],
+       [SH0], bug=True, culprit="ln-center", twin="layernorm-sp/written-vs-F.layer_norm",
+       note="the variance as E[x^2] without subtracting the mean"),
     # SwiGLU TP MLP
     _c("swiglu-tp/sigmoid-product", swiglu_spec, swiglu_tp_sigmoid, _mlp_w, [R, SH1, SH1, SH0], [R]),
     _c("swiglu-tp/exp-division", swiglu_spec, swiglu_tp_exp, _mlp_w, [R, SH1, SH1, SH0], [R]),
@@ -465,6 +576,10 @@ CASES = [
     _c("swiglu-tp/F.silu-matmul", swiglu_spec, swiglu_tp_silu, _mlp_w, [R, SH1, SH1, SH0], [R]),
     _c("swiglu-tp/bug-gelu-gate", swiglu_spec_bug, swiglu_tp_gelu, _mlp_w, [R, SH1, SH1, SH0], [R], bug=True,
        culprit="wrong-activation", twin="swiglu-tp/F.silu-matmul", note="GELU on the gate where the model is SwiGLU"),
+    _c("swiglu-tp/reciprocal-sigmoid", swiglu_spec, swiglu_tp_reciprocal, _mlp_w, [R, SH1, SH1, SH0], [R]),
+    _c("swiglu-tp/bug-sigmoid-of-up", swiglu_spec_bug, swiglu_tp_sigmoid_of_up, _mlp_w, [R, SH1, SH1, SH0], [R],
+       bug=True, culprit="wrong-activation", twin="swiglu-tp/sigmoid-product",
+       note="g * sigmoid(u) * u: the activation gates the wrong projection"),
     # tanh-GELU TP MLP
     _c("gelu-tanh-tp/written-vs-F.gelu", gelu_mlp_spec, gelu_mlp_tp_written, _gelu_w, [R, SH1, SH0, SH0], [R]),
     _c("gelu-tanh-tp/F.gelu-addmm-vs-written", gelu_mlp_spec_written, gelu_mlp_tp_fn, _gelu_w,
@@ -472,6 +587,11 @@ CASES = [
     _c("gelu-tanh-tp/nn.GELU-module", gelu_mlp_spec, gelu_mlp_tp_module, _gelu_w, [R, SH1, SH0, SH0], [R]),
     _c("gelu-tanh-tp/bug-erf-gelu", gelu_mlp_spec_bug, gelu_mlp_tp_erf, _gelu_w, [R, SH1, SH0, SH0], [R],
        bug=True, culprit="erf-gelu", twin="gelu-tanh-tp/nn.GELU-module", note="exact GELU in the rank, tanh approximation in the model"),
+    _c("gelu-tanh-tp/cube-products-addmm-vs-F.gelu", gelu_mlp_spec, gelu_mlp_tp_products, _gelu_w,
+       [R, SH1, SH0, SH0], [R]),
+    _c("gelu-tanh-tp/bug-square-not-cube", gelu_mlp_spec_bug, gelu_mlp_tp_square, _gelu_w, [R, SH1, SH0, SH0], [R],
+       bug=True, culprit="erf-gelu", twin="gelu-tanh-tp/written-vs-F.gelu",
+       note="h ** 2 where the tanh approximation has h ** 3"),
     # sequence-parallel blocks
     _c("sp-block/rmsnorm-allgather-swiglu-reducescatter", sp_rms_swiglu_spec, sp_rms_swiglu_rank,
        lambda: [_x(), _norm_w(), rn(H, FF, seed=2) / 4, rn(H, FF, seed=3) / 4, rn(FF, H, seed=4) / 6],
@@ -497,39 +617,22 @@ CASES = [
        note="softmax(dim=-2): normalized over the queries"),
     _c("sdpa-heads/bug-softmax-over-queries", sdpa_spec_bug, sdpa_heads_math_wrong_dim, _qkv, [SH1, SH1, SH1],
        [SH1], bug=True, culprit="softmax-dim", twin="sdpa-heads/einsum-math-vs-F.sdpa", note="softmax(dim=-2): normalized over the queries"),
+    _c("sdpa-heads/q-and-k-scaled-by-fourth-root", sdpa_math, sdpa_heads_scaled_qk, _qkv, [SH1, SH1, SH1], [SH1]),
+    _c("sdpa-heads/F.sdpa-explicit-scale", sdpa_math, sdpa_heads_explicit_scale, _qkv, [SH1, SH1, SH1], [SH1]),
+    _c("sdpa-heads/bug-only-q-scaled", sdpa_math_spec_scale, sdpa_heads_scale_q_only, _qkv, [SH1, SH1, SH1],
+       [SH1], bug=True, culprit="scale", twin="sdpa-heads/q-and-k-scaled-by-fourth-root",
+       note="q * d**-1/4 but k unscaled: scores off by d**-1/4 (an irrational factor)"),
+    _c("sdpa-heads/bug-F.sdpa-scale-without-sqrt", sdpa_math_spec_scale, sdpa_heads_scale_without_sqrt, _qkv,
+       [SH1, SH1, SH1], [SH1], bug=True, culprit="scale", twin="sdpa-heads/F.sdpa-explicit-scale",
+       note="scale=1/d instead of 1/sqrt(d)"),
+    _c("sdpa-heads/bug-F.sdpa-causal-spec-not", sdpa_math_spec_probs, sdpa_heads_causal_by_mistake, _qkv,
+       [SH1, SH1, SH1], [SH1], bug=True, culprit="probs", twin="sdpa-heads/F.sdpa-vs-math",
+       note="is_causal=True on the ranks, the spec attends to every key"),
 ]
 
 # Correct spellings the engine cannot prove yet (and bugs it cannot localize yet): the missing
 # mechanism, one line each (tests/test_spellings.py marks them xfail(strict=True)).
 _MISSING = {
-    "rmsnorm-sp/sqrt-div-vs-F.rms_norm":
-        "decomposition normal form: x*x vs pow(x, 2); x / sqrt(y) vs x * rsqrt(y); w*(..) vs (..)*w",
-    "rmsnorm-tp-hidden/sumsq-allreduce-sqrt-div":
-        "x*x vs pow(x, 2) and scalar algebra: sum-allreduce / H inside sqrt, x / sqrt(.) vs x * rsqrt(.)",
-    "layernorm-sp/written-vs-F.layer_norm":
-        "decomposition: native_layer_norm vs mean / sub / pow / mean / add / sqrt / div written out",
-    "layernorm-sp/var_mean-addcmul-vs-written":
-        "decomposition: var_mean(correction=0) + addcmul vs mean / (x-mu)**2 / mean written out",
-    "layernorm-sp/F.layer_norm-vs-written": "decomposition: written-out layer norm (spec) vs native_layer_norm (rank)",
-    "swiglu-tp/sigmoid-product": "decomposition: silu(g) vs g * sigmoid(g)",
-    "swiglu-tp/exp-division": "decomposition: silu(g) vs g / (1 + exp(-g))",
-    "gelu-tanh-tp/written-vs-F.gelu": "decomposition: gelu(approximate='tanh') vs the written-out tanh formula",
-    "gelu-tanh-tp/F.gelu-addmm-vs-written":
-        "decomposition (tanh formula vs gelu) and the 3-D `x @ w1 + b1` vs 2-D addmm + final view",
-    "sp-block/rmsnorm-allgather-swiglu-reducescatter":
-        "canonical spelling add.Scalar vs add.Tensor (F.rms_norm vs written) and silu vs g * sigmoid(g)",
-    "sdpa-heads/F.sdpa-vs-math":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/einsum-math-vs-F.sdpa":
-        "SDPA's decomposition scales q and k by sqrt(scale) each: an irrational factor the scalar algebra does not "
-        "cancel against the spec's / sqrt(d)",
-    "sdpa-heads/F.sdpa-causal-vs-triu-mask":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/tril-masked_fill-vs-F.sdpa-causal":
-        "F.scaled_dot_product_attention(is_causal=True) is refused as a random op; no decomposition",
-    "sdpa-heads/einsum-math-vs-math":
-        "canonical spelling: einsum's bmm layout (permute/view order) vs matmul's; x * d**-0.5 vs x / sqrt(d)",
 }
 
 import dataclasses as _dc  # noqa: E402
