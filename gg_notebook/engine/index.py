@@ -20,6 +20,8 @@ from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms, TooLarge
 from gg_notebook.relations.movement import canonical_write, movement_of
+from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
+from gg_notebook.relations.zero_sum import zero_padded_sum
 
 
 aten = torch.ops.aten
@@ -88,6 +90,7 @@ class DIndex:
         # so a relation whose term no rank holds whole can still be rebuilt from its pieces
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
+        self._alias: dict[tuple[int, str], Expr] = {}  # another term of the same value (sign_blocks)
         self._users: dict[int, list[Expr]] | None = None
         # (shape, dtype, leaf set) -> floating dvals in index order: a value equal to a multiple of
         # another has the same global inputs, so a query only normalizes the values of its bucket
@@ -169,11 +172,11 @@ class DIndex:
         """The form key of a value some rank holds (None: not worth indexing, or too large)."""
         if d.id in self._dval_key:
             return self._dval_key[d.id]
-        k = self.forms.key(d.term, budget=20) if self.forms.worth_indexing(d.term) else None
+        k = self.forms.key(d.term, budget=40) if self.forms.worth_indexing(d.term) else None
         if k is None and d.term.op == "view" and self.forms.worth_indexing(d.term):
             # a view costs what its base costs: normalize the base first (memoized), then the view
-            if self.forms.key(d.term.args[0], budget=20) is not None:
-                k = self.forms.key(d.term, budget=20)
+            if self.forms.key(d.term.args[0], budget=40) is not None:
+                k = self.forms.key(d.term, budget=40)
         self._dval_key[d.id] = k
         return k
 
@@ -291,8 +294,13 @@ class DIndex:
             self.by_term[term.id] = d
         d.locations.append((rank, node))
         self.node_dval[(rank, node.name)] = d
+        alias = self._alias.pop((rank, node.name), None)
+        if alias is not None:
+            self.by_term.setdefault(alias.id, d)
         if term.op == "call" and len(d.locations) == 1:
             movement_of(self).register_pieces(term, d)
+        elif term.op == "cat" and len(d.locations) == 1:
+            register_cat_pieces(self, term, d)
         hint = self._slice_hint.pop((rank, node.name), None)
         if hint is None and term.op == "slice":
             hint = (term.args[0],) + tuple(term.attrs)
@@ -355,12 +363,21 @@ class DIndex:
             return S.expand(t(n.inputs[0]), n.attrs)
         if op == "call":
             # a buffer filled entirely by writes is the data movement of what was written
-            return canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
+            term = canonical_write(self, S.call(n.attrs, [t(x) for x in n.inputs], n.shape, n.dtype))
+            # a product with a constant of signs is slices and negations (relations/sign_blocks.py);
+            # the product's own term stays an alias of the value
+            moved = sign_blocks(S, term)
+            if moved is not term:
+                self._alias[(rank, n.name)] = term
+            return moved
         if op == "collective":
             _check_buffer(rank, n)
             term = self._collective_term(rank, n, coll)
             if term is not None and tuple(term.shape) != tuple(n.shape):
                 _wrong_buffer(rank, n, tuple(term.shape))
+            if term is not None and term.op == "accum":
+                # zero buffers each written in disjoint slots, then summed: a gather (relations/zero_sum.py)
+                term = zero_padded_sum(self, term)
             return term
         raise IndexError_(f"unknown IR op {op}")
 

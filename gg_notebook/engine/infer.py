@@ -451,6 +451,8 @@ class Engine:
         """Can a lemma at one of ``n``'s consumers fuse ``n``? (1-hop look-ahead.)"""
         if n.op != "call" or n.name in self.seq_output_names:
             return False
+        if n.attrs.kind == "ew" and any(i.name in self.deferred for i in n.inputs):
+            return False  # elementwise fusion is one level deep: a failure stays at the first stuck operator
         if self._users is None:
             self._users = self.seq.users()
         kind = n.attrs.kind

@@ -211,7 +211,54 @@ def _safe_softmax(x, dim, dtype=None):
     return out.masked_fill(torch.all(x.eq(float("-inf")), dim, keepdim=True), 0.0)
 
 
+def _roll(x, shifts, dims=()):
+    """``torch.roll`` as data movement: along each dim, the last ``k`` elements then the first
+    ``n - k`` (``k = shift mod n``); with no dims, the flattened tensor rolled and viewed back."""
+    shifts = list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        if len(shifts) != 1:
+            return NotImplemented
+        return _roll(x.reshape(-1), shifts, [0]).view(x.shape)
+    if len(shifts) != len(dims):
+        return NotImplemented
+    out = x
+    for s, d in zip(shifts, dims):
+        n = out.shape[d]
+        if n == 0:
+            continue
+        k = int(s) % n
+        if k:
+            out = torch.cat((out.narrow(d, n - k, k), out.narrow(d, 0, n - k)), d)
+    return out if out is not x else x.clone()
+
+
+def _addc(op):
+    def definition(self, tensor1, tensor2, *, value=1):
+        ts = (self, tensor1, tensor2)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or any(t.dtype != self.dtype for t in ts) or not self.dtype.is_floating_point):
+            return NotImplemented
+        p = op(tensor1, tensor2)
+        if value != 1:
+            p = p * value
+        return self + p
+    return definition
+
+
+# Fused elementwise arithmetic that programs equally write unfused (``torch.addcmul(x * cos, rot,
+# sin)`` for ``x * cos + rot * sin``): replaced by its definition in ``exact="real"`` mode even
+# though it has a lemma (it is elementwise), so both spellings meet (`lower_decomposed`).
+# ``addcmul(a, b, c, value=v) = a + (b * c) * v``; ``addcdiv`` with ``/``. Same-dtype floating
+# operands and a Python-number ``value`` only (else kept whole).
+UNFUSE: dict = {
+    aten.addcmul.default: _addc(torch.mul),
+    aten.addcdiv.default: _addc(torch.div),
+}
+
+
 BUILTIN: dict = {
+    aten.roll.default: _roll,
     aten._safe_softmax.default: _safe_softmax,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_cpu_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _flash_cpu_backward,
@@ -611,11 +658,24 @@ def decompose_step(gm: fx.GraphModule, graph, user: dict, rank=None) -> bool:
     return changed
 
 
+def _unfuse(gm: fx.GraphModule) -> None:
+    """Replace every `UNFUSE` call of ``gm`` by its definition (where it applies)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in UNFUSE]
+    if not nodes:
+        return
+    done: dict = gm.meta.setdefault("gg_decomposed", {})
+    for node in nodes:
+        traced = _trace_definition(UNFUSE[node.target], node)
+        if traced is not None and _splice(gm, node, traced):
+            done[str(node.target)] = done.get(str(node.target), 0) + 1
+
+
 def lower_decomposed(gm: fx.GraphModule, rank: int | None, user: dict | None, lower: Callable):
     """``lower()`` (which lowers ``gm``) after replacing, in place and recursively, every call it
     leaves "generic" by its definition. Raises `CustomOpError` for a user-library operator left
     without a definition (unless ``user`` maps it to None)."""
     user = dict(user or {})
+    _unfuse(gm)
     graph = lower()
     for _ in range(MAX_ROUNDS):
         if not decompose_step(gm, graph, user, rank):

@@ -20,5 +20,8 @@ from gg_notebook.lemmas import online_softmax as _online_softmax  # noqa: F401  
 from gg_notebook.lemmas import attn_mask as _attn_mask  # noqa: F401  (registers)
 from gg_notebook.lemmas import const_lookup as _const_lookup  # noqa: F401  (registers)
 from gg_notebook.lemmas import pick as _pick  # noqa: F401  (registers)
+from gg_notebook.lemmas import slice_shared as _slice_shared  # noqa: F401  (registers)
+from gg_notebook.lemmas import sum_regroup as _sum_regroup  # noqa: F401  (registers)
+from gg_notebook.lemmas import ew_fusion as _ew_fusion  # noqa: F401  (registers, and its matcher)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

@@ -39,6 +39,8 @@ import torch
 from gg_notebook.ir.specs import reduced_dims
 
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
+from gg_notebook.relations.products import canonical_product, worth_indexing as product_worth_indexing
+from gg_notebook.relations.sum_merge import merge_slice_sums
 
 aten = torch.ops.aten
 
@@ -143,6 +145,8 @@ class LinearForms:
                         form = self._rule(x)
                     except ShapeError:
                         form = None
+                if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
+                    form = merge_slice_sums(self, form) or form
                 self._memo[x.id] = form if form else ((x, Fraction(1)),)
         return self._memo[t.id]
 
@@ -184,6 +188,8 @@ class LinearForms:
         if t.op == "accum" and any(a.op == "call" and a.attrs.target in (aten.add.Tensor, aten.sub.Tensor)
                                    for a in t.args):
             return True  # something added to one rank's part before the all-reduce (a bias on rank 0)
+        if product_worth_indexing(t):
+            return True
         if depth == 0 or not t.args:
             return False
         if t.op in ("accum", "view", "permute", "slice", "expand", "cat") or (t.op == "call" and not t.ground):
@@ -268,6 +274,10 @@ class LinearForms:
             hit = self._times_number(x)
             if hit is not None:
                 return hit
+        if target in (aten.mul.Tensor, aten.silu.default):  # products in one order (relations/products.py)
+            canon = canonical_product(self.S, x)
+            if canon is not None:
+                return self.of(canon)
         if target is aten.mean.dim:
             return self._mean(x)
         if target is aten.sum.dim_IntList:

@@ -542,15 +542,23 @@ def canonical_write(index, term: Expr) -> Expr:
     T = _write_index(m, term, num, {})
     if T is None or bool((T < 0).any()):
         return term
+    return rebuild_from_index(index, T, num, leaves) or term
+
+
+def rebuild_from_index(index, T: torch.Tensor, num: dict, leaves) -> Expr | None:
+    """The clean data movement of realized ``leaves`` whose index tensor (leaf ``l`` numbered from
+    ``num[l]``) is ``T``, or None (a leaf not realized, an element of ``T`` repeated, a leaf only
+    partly used, or no box rebuild matches ``T``)."""
+    m = movement_of(index)
     sources = [index.realized(index.store.nodes[i]) for i in sorted(leaves)]
     if any(d is None for d in sources):
-        return term
+        return None
     flat = T.reshape(-1)
     total = max(num[i] + math.prod(index.store.nodes[i].shape) for i in num)
     inv = torch.full((total,), -1, dtype=torch.int64)
     inv[flat] = torch.arange(flat.numel(), dtype=torch.int64)
     if int((inv >= 0).sum()) != flat.numel():
-        return term  # an element written twice from one place: not a box tiling
+        return None  # an element written twice from one place: not a box tiling
     from gg_notebook.relations.layout import rebuild_plans
 
     locs = []
@@ -558,10 +566,10 @@ def canonical_write(index, term: Expr) -> Expr:
         off = num[d.term.id]
         A = inv[torch.arange(off, off + math.prod(d.term.shape))]
         if bool((A < 0).any()):
-            return term  # a source only partly written (or overwritten later)
+            return None  # a source only partly written (or overwritten later)
         locs.append(A.view(d.term.shape).to(torch.int32))
     refs = [index.ref(d) for d in sources]
-    for build in rebuild_plans(locs, tuple(term.shape)):
+    for build in rebuild_plans(locs, tuple(T.shape)):
         try:
             new = _to_term(index, build(index.store, refs))
         except ShapeError:
@@ -569,4 +577,4 @@ def canonical_write(index, term: Expr) -> Expr:
         got = m.index_tensor(new, num) if m._small(new, num) else None
         if got is not None and torch.equal(got, T):
             return new
-    return term
+    return None

@@ -293,8 +293,44 @@ def gather_zero_buffer_no_offset(x, w):
     return out
 
 
+def gather_zeros_narrow_copy(x, w):
+    # zeros in the output's dtype, then copy_ into a narrowed view of this rank's columns
+    y = F.gelu(torch.matmul(x, w))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = y.new_zeros(y.shape[0], y.shape[1] * world)
+    out.narrow(1, rank * y.shape[1], y.shape[1]).copy_(y)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_zero_buffer_reversed(x, w):
+    y = F.gelu(x @ w)
+    n, world = y.shape[1], dist.get_world_size()
+    slot = world - 1 - dist.get_rank()
+    out = torch.zeros(x.shape[0], n * world, dtype=y.dtype)
+    out[:, slot * n:(slot + 1) * n] = y  # BUG: the ranks' column blocks land in reverse order
+    dist.all_reduce(out)
+    return out
+
+
+def total_keepdim_both(x):
+    t = x.sum(-1, keepdim=True).sum(-2, keepdim=True)
+    dist.all_reduce(t)
+    return t.view(-1)
+
+
+def total_mean_times_count(x):
+    t = x.mean(dim=(1, 2)) * x.shape[1]  # BUG: multiplied by the seq length only, not seq * local hidden
+    dist.all_reduce(t)
+    return t
+
+
 def _proj_inputs():
     return [rn(3, 4), rn(4, 6, seed=1)]
+
+
+def _proj_inputs_tp4():
+    return [rn(3, 4), rn(4, 8, seed=1)]
 
 
 # --- asserts, size-1 collectives, dead code around a row-parallel MLP ----------------------------
@@ -373,18 +409,11 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
 _BIAS0 = ("partial sums: bias added on rank 0 only before the all-reduce: sum(mm@r0 + b, mm@r1) = "
           "sum(mm@r0, mm@r1) + b is not derived (a term added on exactly one rank; zeros on the others)")
-_MSUM = ("canonical spellings: x.sum((1, 2)) of a dim-2-sharded x vs reshape(B, -1).sum(-1), sum(2).sum(1), "
-         "flatten(1).sum(1, keepdim): sums over several dims not normalized (only sum(dim=[-2, -1]) matches)")
 _INDEX = ("canonical spellings: weight[local] (aten.index.Tensor, one index) is not treated as "
           "embedding(local, weight); the same clamp-and-mask program with F.embedding is proved")
 MISSING = {
-    "multi-dim-sum/flatten-keepdim": _MSUM,
-    "buffers/zero-buffer-allreduce": ("data movement and partial sums: all_reduce of zero buffers with disjoint "
-                                      "slice writes (slice_scatter(zeros, y@r, cols r*n:(r+1)*n)) = concat(y@r0, y@r1)"),
-    "buffers/bug-no-offset": _LOCALIZE + " (zero-padded all-reduce gather)",
 }
 
 CASES = [
@@ -407,6 +436,9 @@ CASES = [
     _c("multi-dim-sum/flatten-keepdim", per_sample_total, total_flatten_keepdim, _total_inputs, [S2], [R]),
     _c("multi-dim-sum/bug-wrong-reshape", per_sample_total, total_wrong_reshape, _total_inputs, [S2], [R],
        culprit="total", twin="multi-dim-sum/view-sum"),
+    _c("multi-dim-sum/keepdim-both", per_sample_total, total_keepdim_both, _total_inputs, [S2], [R]),
+    _c("multi-dim-sum/bug-mean-times-count", per_sample_total, total_mean_times_count, _total_inputs, [S2], [R],
+       culprit="total", twin="multi-dim-sum/keepdim-both"),
     _c("vocab-embed/megatron", embed, vp_megatron, _embed_inputs, [R, S0], [R]),
     _c("vocab-embed/torchtitan-clamp", embed, vp_torchtitan_clamp, _embed_inputs, [R, S0], [R]),
     _c("vocab-embed/where-multiply", embed, vp_where_index, _embed_inputs, [R, S0], [R]),
@@ -429,6 +461,10 @@ CASES = [
     _c("buffers/cat-out", gelu_proj, gather_cat_out, _proj_inputs, [R, S1], [R]),
     _c("buffers/bug-no-offset", gelu_proj, gather_zero_buffer_no_offset, _proj_inputs, [R, S1], [R],
        culprit="proj", twin="buffers/zero-buffer-allreduce"),
+    _c("buffers/zeros-narrow-copy", gelu_proj, gather_zeros_narrow_copy, _proj_inputs, [R, S1], [R]),
+    _c("buffers/zero-buffer-tp4", gelu_proj, gather_zero_buffer_allreduce, _proj_inputs_tp4, [R, S1], [R], world_size=4),
+    _c("buffers/bug-reversed-slots", gelu_proj, gather_zero_buffer_reversed, _proj_inputs, [R, S1], [R],
+       culprit="proj", twin="buffers/zeros-narrow-copy"),
     _c("decorated/asserts", mlp, mlp_asserts, _mlp_inputs, [R, S1, S0], [R]),
     _c("decorated/size1-group", mlp, mlp_size1_group, _mlp_inputs, [R, S1, S0], [R]),
     _c("decorated/dead-code", mlp, mlp_dead_code, _mlp_inputs, [R, S1, S0], [R]),

@@ -53,6 +53,31 @@ def tp_rotate_half_roll_sign(x, cos, sin):
     return x * cos + torch.roll(x, shifts=half, dims=-1) * sign * sin
 
 
+def tp_rotate_half_roll_sign_tensor(x, cos, sin):
+    # the sign vector from a Python list, the roll as a method with a negative shift (same rotation)
+    half = x.shape[-1] // 2
+    sign = torch.tensor([-1.0] * half + [1.0] * half, dtype=x.dtype)
+    return x * cos + x.roll(-half, -1) * sign * sin
+
+
+def tp_rotate_half_addcmul_inplace(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    out = x * cos
+    out.addcmul_(torch.cat((-x2, x1), dim=-1), sin)
+    return out
+
+
+def tp_rotate_half_roll_sign_flipped(x, cos, sin):
+    half = x.shape[-1] // 2
+    sign = torch.cat([torch.ones(half, dtype=x.dtype), -torch.ones(half, dtype=x.dtype)])  # BUG: signs flipped
+    return x * cos + torch.roll(x, shifts=half, dims=-1) * sign * sin
+
+
+def tp_rotate_half_addcmul_negated(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin, value=-1.0)  # BUG: value=-1 subtracts
+
+
 def tp_rotate_half_swapped(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((x2, -x1), dim=-1)  # BUG: the halves' signs swapped: rotates the other way
@@ -160,6 +185,28 @@ def tp_swiglu_split_halves(x, w_ug, w_down):
     gate = x @ w_gate.chunk(world, dim=1)[rank]
     out = torch.matmul(up * torch.sigmoid(gate) * gate, w_down)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def tp_swiglu_sigmoid_first(x, w_ug, w_down):
+    # silu written out, factors in another order, the local halves cut with narrow
+    w_up, w_gate = w_ug.chunk(2, dim=1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = w_up.shape[1] // world
+    up = torch.matmul(x, w_up.narrow(1, rank * n, n))
+    gate = torch.matmul(x, w_gate.narrow(1, rank * n, n))
+    out = (torch.sigmoid(gate) * gate * up) @ w_down
+    dist.all_reduce(out)
+    return out
+
+
+def tp_swiglu_missing_gate_factor(x, w_ug, w_down):
+    w_up, w_gate = w_ug.chunk(2, dim=1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    up = x @ w_up.chunk(world, dim=1)[rank]
+    gate = x @ w_gate.chunk(world, dim=1)[rank]
+    out = (up * torch.sigmoid(gate)) @ w_down  # BUG: sigmoid(gate) is not silu(gate) = gate * sigmoid(gate)
+    dist.all_reduce(out)
     return out
 
 
@@ -360,21 +407,13 @@ def _c(name, seq, dist_fn, inputs, placements, expect, *, missing=None, world_si
 
 
 # Why each case is not proved (or its bug not localized) yet: the missing engine mechanism.
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_ROT = ("data movement: cat((-x2, x1), dim=3) of head-sharded halves is a nested concat(concat(.., dim=2), "
-        "concat(.., dim=2), dim=3); not normalized to a dim-2 concat of the ranks' cats (index-tensor equality)")
-_GLU = ("re-tiling: the rank's weight is a cat of column slices of each half of the replicated w_ug; seq "
-        "mm(x, w_ug) is not re-related as the column concat [mm@r0 up | mm@r1 up | mm@r0 gate | mm@r1 gate]")
 _STRIDE = ("data movement: stride-2 slice x[..., ::2] of a head-sharded tensor has no lemma (slice with step 2 on "
            "an unsharded dim); unflatten+select and strided writes not normalized to the same index map")
 _CYCLIC = ("data movement: the engine relates seq tanh to the round-robin concat(tanh@r0[0:1], tanh@r1[0:1], ...), "
            "but the ranks' re-interleaving (all_gather + stack/transpose/strided writes) is not normalized to it")
 _ULY = ("data movement: all_to_all re-layout: seq softmax(dim 0) of concat(x@r, dim=0) must be re-related to the "
         "heads tiling the ranks hold after all_to_all_single, and the return all_to_all normalized back to dim 0")
-MISSING = {
-    "rotate-half/roll-times-sign": ("data movement and constants: roll(x, D/2, -1) * const sign(-1.., +1..) = "
-                                    "cat(-x2, x1); roll is not clean movement, neg vs multiplication by a sign vector"),
-}
+MISSING: dict = {}
 
 CASES = [
     _c("rotate-half/slices", rope_rotate_half, tp_rotate_half_slices, _rope_inputs, [S2, R, R], [S2]),
@@ -384,6 +423,14 @@ CASES = [
     _c("rotate-half/roll-times-sign", rope_rotate_half, tp_rotate_half_roll_sign, _rope_inputs, [S2, R, R], [S2]),
     _c("rotate-half/bug-swapped-halves", rope_rotate_half, tp_rotate_half_swapped, _rope_inputs, [S2, R, R], [S2],
        culprit="rotate", twin="rotate-half/chunk-neg"),
+    _c("rotate-half/roll-sign-tensor", rope_rotate_half, tp_rotate_half_roll_sign_tensor, _rope_inputs, [S2, R, R],
+       [S2]),
+    _c("rotate-half/addcmul-inplace", rope_rotate_half, tp_rotate_half_addcmul_inplace, _rope_inputs, [S2, R, R],
+       [S2]),
+    _c("rotate-half/bug-roll-sign-flipped", rope_rotate_half, tp_rotate_half_roll_sign_flipped, _rope_inputs,
+       [S2, R, R], [S2], culprit="rotate", twin="rotate-half/roll-times-sign"),
+    _c("rotate-half/bug-addcmul-negated", rope_rotate_half, tp_rotate_half_addcmul_negated, _rope_inputs,
+       [S2, R, R], [S2], culprit="rope", twin="rotate-half/split-stack-flatten-addcmul"),
     _c("fused-qkv/chunk", fused_qkv, tp_qkv_chunk, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
     _c("fused-qkv/split-sizes", fused_qkv, tp_qkv_split_sizes, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
     _c("fused-qkv/view-unbind", fused_qkv, tp_qkv_view_unbind, _qkv_inputs, [R, QKV_LAYOUT], [S2]),
@@ -394,6 +441,9 @@ CASES = [
     _c("swiglu/layout-chunk", swiglu, tp_swiglu_layout_chunk, _swiglu_inputs, [R, GLU_LAYOUT, S0], [R]),
     _c("swiglu/chunk", swiglu, tp_swiglu_chunk, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/split-halves-unfused", swiglu, tp_swiglu_split_halves, _swiglu_inputs, [R, R, S0], [R]),
+    _c("swiglu/sigmoid-first-narrow", swiglu, tp_swiglu_sigmoid_first, _swiglu_inputs, [R, R, S0], [R]),
+    _c("swiglu/bug-missing-gate-factor", swiglu, tp_swiglu_missing_gate_factor, _swiglu_inputs, [R, R, S0], [R],
+       culprit="act", twin="swiglu/split-halves-unfused"),
     _c("swiglu/view-unbind-2d-mm", swiglu, tp_swiglu_view_unbind, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/narrow", swiglu, tp_swiglu_narrow, _swiglu_inputs, [R, R, S0], [R]),
     _c("swiglu/bug-naive-column-shard", swiglu, tp_swiglu_naive_column_shard, _swiglu_inputs, [R, R, S0], [R],

@@ -112,6 +112,21 @@ def microbatch_scale_once(x, w, y):
     return total
 
 
+def microbatch_strided_global_count(x, w, y):
+    # per-micro-batch sums of squared errors over strided rows, normalized once by the global count
+    total = sum(((x[k::MICRO] @ w - y[k::MICRO]) ** 2).sum() for k in range(MICRO))
+    dist.all_reduce(total)
+    return total / (y.numel() * dist.get_world_size())
+
+
+def microbatch_strided_no_micro_scale(x, w, y):
+    total = torch.zeros((), dtype=x.dtype)
+    for k in range(MICRO):
+        total += torch.mean((x[k::MICRO] @ w - y[k::MICRO]).square())  # BUG: not divided by MICRO
+    dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total
+
+
 def microbatch_sum_losses(x, w, y):
     losses = [((xm @ w - ym) ** 2).mean() for xm, ym in zip(x.chunk(MICRO), y.chunk(MICRO))]
     loss = sum(losses) / len(losses)
@@ -260,6 +275,21 @@ def feature_mean_gather_sum(x):
     return out.sum(0)  # BUG: the sum of the ranks' means, not their mean
 
 
+def feature_sum_gather_count(x):
+    s = x.sum(0, keepdim=True)
+    world = dist.get_world_size()
+    sums = torch.empty(world, x.shape[1], dtype=x.dtype)
+    dist.all_gather_into_tensor(sums, s)
+    return sums.sum(dim=0) / (x.shape[0] * world)
+
+
+def feature_sum_gather_local_count(x):
+    s = x.sum(0, keepdim=True)
+    sums = torch.empty(dist.get_world_size(), x.shape[1], dtype=x.dtype)
+    dist.all_gather_into_tensor(sums, s)
+    return sums.sum(dim=0) / x.shape[0]  # BUG: divided by the local batch size, not the global one
+
+
 def _feature_inputs():
     return [rn(8, 5)]
 
@@ -274,15 +304,9 @@ def _c(name, seq, dist_fn, inputs, placements, *, missing=None, world_size=2, cu
 # tests/test_spellings.py marks these xfail(strict=True, reason=...); diagnosis in the lead's notes.
 _SCALAR = ("scalar algebra: seq mean over a dim-0-sharded tensor is (1/W) * sum_r mean@r; needs relations with "
            "rational coefficients (mean = sum/n, / world_size, ReduceOp.AVG) that cancel")
-_LOCALIZE = "localization needs the correct twin proved first (both stop at the same operator today)"
-_RETILE = ("re-tiling: the rank multiplies micro-batch slices of its shard (x@r[0:2] @ w, x@r[1::2] @ w); seq "
-           "mm over concat(x@r0, x@r1, dim=0) is not re-related to that finer tiling; then scalar algebra for / MICRO")
 _GRAD = ("scalar algebra in the backward: seq mean-backward is const/24, the rank's const/12, so seq mul_1 = "
          "1/2 * concat(mul_1@r); needs coefficient relations through the weight-gradient mm to the all-reduce / W")
 MISSING = {
-    "microbatch/strided-scale-once": _RETILE + " (stride-MICRO row slices)",
-    "mean-of-means/gather-mean": _SCALAR.replace("mean over", "mean(0) over") + " (mean over the gathered rank dim)",
-    "mean-of-means/bug-gather-sum": _LOCALIZE + " (scalar algebra)",
 }
 
 CASES = [
@@ -300,6 +324,9 @@ CASES = [
     _c("microbatch/strided-scale-once", mse, microbatch_scale_once, _mse_inputs, [S0, R, S0]),
     _c("microbatch/python-sum", mse, microbatch_sum_losses, _mse_inputs, [S0, R, S0]),
     _c("microbatch/bug-unscaled", mse, microbatch_unscaled, _mse_inputs, [S0, R, S0], culprit="loss", twin="microbatch/accumulate-div"),
+    _c("microbatch/strided-global-count", mse, microbatch_strided_global_count, _mse_inputs, [S0, R, S0]),
+    _c("microbatch/bug-strided-no-micro-scale", mse, microbatch_strided_no_micro_scale, _mse_inputs, [S0, R, S0],
+       culprit="loss", twin="microbatch/strided-global-count"),
     _c("grad-mean/allreduce-div", grad_of_mean_seq, grad_allreduce_div, _grad_inputs, [S0, R, S0]),
     _c("grad-mean/allreduce-avg", grad_of_mean_seq, grad_allreduce_avg, _grad_inputs, [S0, R, S0]),
     _c("grad-mean/prescaled-loss", grad_of_mean_seq, grad_prescaled_loss, _grad_inputs, [S0, R, S0]),
@@ -315,4 +342,8 @@ CASES = [
     _c("mean-of-means/nested-avg", feature_mean_seq, feature_mean_nested, _feature_inputs, [S0]),
     _c("mean-of-means/sum-and-count", feature_mean_seq, feature_mean_sum_count, _feature_inputs, [S0]),
     _c("mean-of-means/bug-gather-sum", feature_mean_seq, feature_mean_gather_sum, _feature_inputs, [S0], culprit="mean", twin="mean-of-means/gather-mean"),
+    _c("mean-of-means/gather-sums-global-count", feature_mean_seq, feature_sum_gather_count, _feature_inputs, [S0]),
+    _c("mean-of-means/gather-sums-tp4", feature_mean_seq, feature_sum_gather_count, _feature_inputs, [S0], world_size=4),
+    _c("mean-of-means/bug-local-count", feature_mean_seq, feature_sum_gather_local_count, _feature_inputs, [S0],
+       culprit="mean", twin="mean-of-means/gather-sums-global-count"),
 ]
