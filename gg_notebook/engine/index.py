@@ -96,6 +96,7 @@ class DIndex:
         # another has the same global inputs, so a query only normalizes the values of its bucket
         self._form_buckets: dict[tuple, list[DVal]] | None = None
         self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
+        self._bucket_keys: dict[tuple, dict] = {}  # bucket -> {form key: {first coefficient: dval}}
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
         self.forms = LinearForms(store)
@@ -119,8 +120,8 @@ class DIndex:
             return None
         # A multiple of a value reads the same global inputs. Inputs that cancel out ((x + y) - y)
         # are not looked through: such a value is not found up to a factor (never a wrong match).
-        bucket = self.same_inputs(term)
-        if not bucket:
+        keyed = self._keyed_bucket(term)
+        if keyed is None:
             return None
         sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
         if self.forms.worth_indexing(term, depth=3) or sum_root:
@@ -136,11 +137,7 @@ class DIndex:
             return None
         c0 = form[0][1]
         key = (term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form))
-        hit: dict = {}  # first coefficient -> dval, in index order
-        for d in bucket:
-            k = self._key_of(d)
-            if k is not None and k[0] == key:
-                hit.setdefault(k[1], d)
+        hit = keyed.get(key, {})  # first coefficient -> dval, in index order
         if c0 in hit:  # some rank holds exactly this value: prefer it to any multiple
             return hit[c0], Fraction(1)
         if len(form) == 1:  # c * b: a rank may hold the base b itself
@@ -167,6 +164,23 @@ class DIndex:
                     buckets.setdefault((t.shape, t.dtype, self.leaf_mask(t)), []).append(d)
             self._form_buckets = buckets
         return self._form_buckets.get((term.shape, term.dtype, self.leaf_mask(term)), [])
+
+    def _keyed_bucket(self, term: Expr) -> dict | None:
+        """The values of `same_inputs` (term) by form key: {key: {first coefficient: dval}} (built
+        once per bucket; None if the bucket is empty)."""
+        bucket = self.same_inputs(term)
+        if not bucket:
+            return None
+        bkey = (term.shape, term.dtype, self.leaf_mask(term))
+        keyed = self._bucket_keys.get(bkey)
+        if keyed is None:
+            keyed = {}
+            for d in bucket:
+                k = self._key_of(d)
+                if k is not None:
+                    keyed.setdefault(k[0], {}).setdefault(k[1], d)
+            self._bucket_keys[bkey] = keyed
+        return keyed
 
     def _key_of(self, d: DVal) -> tuple | None:
         """The form key of a value some rank holds (None: not worth indexing, or too large)."""
