@@ -1,0 +1,117 @@
+"""Benchmark: inference time alone (the engine's run, not capture) on the GPT grid's model, and its
+ratio to another commit's.
+
+Capture dominates `verify` (bench_gpt.py); this isolates what the engine's own changes cost. The
+model is captured once (in this process), then inferred ``--repeat`` times; each run is timed in
+CPU seconds of this process (so other load on the machine matters less than for wall time), and the
+first (cold) run is reported apart from the median of the others.
+
+    python benchmarks/bench_inference.py --tp 8 --layers 8 --mode fwd_bwd
+    python benchmarks/bench_inference.py --tp 8 --layers 8 --baseline 4bd9fc7   # also that commit, same way
+
+``--baseline COMMIT`` checks the commit out in a temporary git worktree and runs this same
+measurement there (its own gg_notebook), then prints both and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODEL = dict(hidden=768, vocab=49152, seq=1536, batch=8, ffn=3072)
+
+
+def measure(root: str, tp: int, layers: int, mode: str, repeat: int) -> dict:
+    """Run in a fresh interpreter whose gg_notebook is ``root``'s."""
+    code = f"""
+import sys, time, json
+sys.path.insert(0, {root!r})
+import gg_notebook as gg
+import gg_notebook.capture as C
+from gg_notebook.engine import infer
+from gg_notebook.examples.gpt import make
+memo = {{}}
+orig = C.capture_and_lower
+def cached(problem, lower, mode_):
+    if "cap" not in memo:
+        memo["cap"] = orig(problem, lower, "inprocess")
+    return memo["cap"]
+C.capture_and_lower = cached
+times = []
+orun = infer.Engine.run
+def run(self, *a, **k):
+    t = time.process_time()
+    r = orun(self, *a, **k)
+    times.append(time.process_time() - t)
+    return r
+infer.Engine.run = run
+status = None
+for i in range({repeat}):
+    p = make({tp}, layers={layers}, backward={mode == "fwd_bwd"}, device="meta", heads=12 if 12 % {tp} == 0 else 16,
+             **{MODEL!r})
+    status = str(gg.verify(p, validate=False, concrete=False).status.value)
+print("@@RESULT " + json.dumps({{"status": status, "times": times, "file": gg.__file__}}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("@@RESULT "):
+            rec = json.loads(line[len("@@RESULT "):])
+            t = rec["times"]
+            rec.update(cold_s=t[0], warm_median_s=statistics.median(t[1:]) if len(t) > 1 else t[0])
+            return rec
+    raise RuntimeError(f"measurement in {root} failed: {(p.stderr or p.stdout).strip()[-2000:]}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--mode", choices=("fwd", "fwd_bwd"), nargs="+", default=["fwd", "fwd_bwd"])
+    ap.add_argument("--repeat", type=int, default=5, help="inference runs per measurement (first one cold)")
+    ap.add_argument("--baseline", default=None, help="a git commit to measure the same way")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    base_dir = None
+    if args.baseline:
+        base_dir = tempfile.mkdtemp(prefix="gg_baseline_")
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", base_dir, args.baseline], cwd=ROOT, check=True,
+                       capture_output=True)
+    try:
+        for mode in args.mode:
+            rec = {"mode": mode, "tp": args.tp, "layers": args.layers,
+                   "here": measure(str(ROOT), args.tp, args.layers, mode, args.repeat)}
+            if base_dir:
+                rec["baseline"] = measure(base_dir, args.tp, args.layers, mode, args.repeat)
+            rows.append(rec)
+    finally:
+        if base_dir:
+            subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=ROOT, capture_output=True)
+    print("| mode | TP x layers | verdict | cold CPU s | warm median CPU s |"
+          + (" baseline cold | baseline warm | ratio cold | ratio warm |" if base_dir else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|---|" if base_dir else ""))
+    for r in rows:
+        h = r["here"]
+        line = f"| {r['mode']} | {r['tp']} x {r['layers']} | {h['status']} | {h['cold_s']:.3f} | {h['warm_median_s']:.3f} |"
+        if base_dir:
+            b = r["baseline"]
+            line += (f" {b['cold_s']:.3f} | {b['warm_median_s']:.3f} | {h['cold_s'] / b['cold_s']:.2f}x | "
+                     f"{h['warm_median_s'] / b['warm_median_s']:.2f}x |")
+        print(line)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"baseline": args.baseline, "rows": rows,
+                                              "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
