@@ -17,7 +17,7 @@ from fractions import Fraction
 import torch
 
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.relations.expr import Expr, ExprStore
+from gg_notebook.relations.expr import Expr, ExprStore, fold
 from gg_notebook.relations.linear import LinearForms, TooLarge
 from gg_notebook.relations.movement import canonical_write, movement_of
 from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
@@ -196,30 +196,15 @@ class DIndex:
 
     def leaf_mask(self, term: Expr) -> int:
         """The global inputs ``term`` reads, as a bit set (constants read none)."""
-        memo = self._leaf_masks
-        hit = memo.get(term.id)
-        if hit is not None:
-            return hit
-        stack = [term]
-        while stack:
-            x = stack[-1]
-            if x.id in memo:
-                stack.pop()
-                continue
-            todo = [a for a in x.args if a.id not in memo]
-            if todo:
-                stack.extend(todo)
-                continue
-            stack.pop()
+        def mask(x: Expr, args: list) -> int:
             if x.op in ("atom", "ref"):
-                bit = self._atom_bits.setdefault(x.id, 1 << len(self._atom_bits))
-                memo[x.id] = bit
-            else:
-                m = 0
-                for a in x.args:
-                    m |= memo[a.id]
-                memo[x.id] = m
-        return memo[term.id]
+                return self._atom_bits.setdefault(x.id, 1 << len(self._atom_bits))
+            m = 0
+            for a in args:
+                m |= a
+            return m
+
+        return fold(term, mask, self._leaf_masks)
 
     def dval_of(self, rank: int, node: Node) -> DVal:
         return self.node_dval[(rank, node.name)]

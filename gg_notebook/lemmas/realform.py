@@ -45,7 +45,7 @@ import torch
 
 from gg_notebook.ir.specs import reduced_dims
 
-from gg_notebook.relations.expr import Expr, ExprStore, ShapeError
+from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, fold
 
 aten = torch.ops.aten
 
@@ -809,24 +809,9 @@ def substitute(S: ExprStore, formula: Expr, binding: dict) -> Expr:
     """``formula`` with every placeholder atom (by id) replaced by the term ``binding`` gives."""
     from gg_notebook.engine.infer import rebuild
 
-    memo: dict[int, Expr] = {}
-    stack = [formula]
-    while stack:
-        x = stack[-1]
-        if x.id in memo:
-            stack.pop()
-            continue
-        if x.id in binding:
-            memo[x.id] = binding[x.id]
-            stack.pop()
-            continue
-        todo = [a for a in x.args if a.id not in memo]
-        if todo:
-            stack.extend(todo)
-            continue
-        stack.pop()
-        memo[x.id] = rebuild(S, x, [memo[a.id] for a in x.args]) if x.args else x
-    return memo[formula.id]
+    # a bound placeholder stands for its term: pre-filled, it is never looked into
+    memo: dict[int, Expr] = dict(binding)
+    return fold(formula, lambda x, args: rebuild(S, x, args) if x.args else x, memo)
 
 
 def _scaled_key(f: Form):

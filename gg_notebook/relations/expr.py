@@ -669,8 +669,10 @@ def _infer_shape_cached(spec: OpSpec, arg_meta: tuple):
 
 
 # ---------------------------------------------------------------------- evaluation
-def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = None) -> torch.Tensor:
-    """Evaluate ``e`` on concrete tensors; ``leaf`` gives values of ``atom`` and ``ref`` nodes."""
+def fold(e: Expr, fn: Callable[[Expr, list], Any], memo: dict | None = None):
+    """``fn(x, [results of x's arguments])`` for every node of ``e``, arguments first, each node
+    once (``memo``: id -> result, kept across calls; a node already in it is not visited again, so
+    a pre-filled entry stands for its whole subterm). Iterative: deep terms do not recurse."""
     memo = {} if memo is None else memo
     stack = [e]
     while stack:
@@ -683,9 +685,13 @@ def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = 
             stack.extend(pending)
             continue
         stack.pop()
-        vals = [memo[a.id] for a in x.args]
-        memo[x.id] = _eval_node(x, vals, leaf)
+        memo[x.id] = fn(x, [memo[a.id] for a in x.args])
     return memo[e.id]
+
+
+def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = None) -> torch.Tensor:
+    """Evaluate ``e`` on concrete tensors; ``leaf`` gives values of ``atom`` and ``ref`` nodes."""
+    return fold(e, lambda x, vals: _eval_node(x, vals, leaf), memo)
 
 
 def _eval_node(x: Expr, vals, leaf):
