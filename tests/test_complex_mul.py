@@ -95,6 +95,9 @@ def test_pairs_and_two_products(dtype):
     x, w = _x((3, 4, 2), dtype, "randn", g), _table((3, 4), dtype, "randn", g)
     _check(_pairs_given, x, w)
 
+    # the inverse rotation (a conjugated table): the conj is resolved (clone) before the product
+    _check(lambda x, w: torch.view_as_real(torch.view_as_complex(x) * w.conj()), x, w)
+
     def both(x, w):  # two rotations (q and k); a product of two complex views (x * conj-free x)
         z = torch.view_as_complex(x)
         return torch.view_as_real(z * w) + torch.view_as_real(z * z)
