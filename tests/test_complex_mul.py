@@ -95,8 +95,8 @@ def test_pairs_and_two_products(dtype):
     x, w = _x((3, 4, 2), dtype, "randn", g), _table((3, 4), dtype, "randn", g)
     _check(_pairs_given, x, w)
 
-    # the inverse rotation (a conjugated table): the conj is resolved (clone) before the product
-    _check(lambda x, w: torch.view_as_real(torch.view_as_complex(x) * w.conj()), x, w)
+    # the inverse rotation with a table conjugated physically (no lazy conj bit)
+    _check(lambda x, w: torch.view_as_real(torch.view_as_complex(x) * torch.conj_physical(w)), x, w)
 
     def both(x, w):  # two rotations (q and k); a product of two complex views (x * conj-free x)
         z = torch.view_as_complex(x)
@@ -135,6 +135,9 @@ def test_declines():
     # not a product: division, and a product not read back as real
     _declines(lambda x, w: torch.view_as_real(torch.view_as_complex(x) / w), x64, w128)
     _declines(lambda x, w: (torch.view_as_complex(x) * w).abs(), x64, w128)
+    # a lazily conjugated table (conj bit kept through views and clone): view_as_real would refuse it
+    _declines(lambda x, w: torch.view_as_real(torch.view_as_complex(x) * w.conj()[None, :]), x64, w128[0])
+    _declines(lambda x, w: torch.view_as_real(torch.view_as_complex(x) * w.conj()), x64, w128)
     # both operands complex, neither a view of real pairs
     _declines(lambda a, w: torch.view_as_real(a * w), w128, w128)
 

@@ -18,7 +18,8 @@ argument) of complex64/complex128, one operand ``view_as_complex(x)`` of a float
 whose last dim is 2, the other a complex tensor of the same dtype as the product (either operand
 order; when both are ``view_as_complex`` the first is taken as ``x``). A real factor, a complex
 scalar, half-precision complex, a product read by anything else than ``view_as_real``, or ``w``
-of another complex dtype are left alone. IEEE complex multiplication is not this formula bit for
+of another complex dtype are left alone, and so is a ``w`` that may carry the lazy conjugate bit (any
+lazy ``conj()`` among its ancestors: ``view_as_real`` refuses such a tensor). IEEE complex multiplication is not this formula bit for
 bit (it may fuse or rescale), which is why the rule is real-mode only, like the whole normal form.
 """
 
@@ -38,6 +39,28 @@ for _name in ("view_as_complex_copy", "view_as_real_copy"):
         (_TO_COMPLEX if "complex" in _name else _TO_REAL).add(_p.default)
 
 
+_CONJ = {aten._conj.default, aten.conj.default}
+
+
+def _may_be_conj(w) -> bool:
+    """May ``w`` carry PyTorch's lazy conjugate bit? (``view_as_real`` refuses such a tensor, so the
+    rewritten graph would not run.) The bit survives views and copies (``clone`` keeps it) and the
+    fake values of a functionalized graph do not always show it, so: True if a lazy ``conj`` is
+    anywhere among ``w``'s ancestors (or there are too many to look at)."""
+    seen, stack = set(), [w]
+    while stack:
+        m = stack.pop()
+        if not isinstance(m, fx.Node) or m in seen:
+            continue
+        seen.add(m)
+        if len(seen) > 4096:
+            return True
+        if m.op == "call_function" and m.target in _CONJ:
+            return True
+        stack.extend(m.all_input_nodes)
+    return False
+
+
 def _operands(n: fx.Node):
     """(x, w) of ``n = view_as_complex(x) * w`` as the module docstring decides, else None."""
     from gg_notebook.ir.pointwise_normal import _call, _dtype, _plain_mul, _shape
@@ -54,7 +77,7 @@ def _operands(n: fx.Node):
         xs = _shape(x)
         if _dtype(x) != _COMPLEX[dt] or _dtype(z) != dt or not xs or xs[-1] != 2:
             continue
-        if _dtype(w) != dt or _shape(w) is None:
+        if _dtype(w) != dt or _shape(w) is None or _may_be_conj(w):
             continue
         return x, w
     return None
