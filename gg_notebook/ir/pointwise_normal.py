@@ -19,6 +19,9 @@ real identity on every argument it accepts (anything else is left alone):
 * ``addcmul(b, t1, t2, value=c)`` -> ``b + t1 * t2`` (``* c`` unless c == 1);
 * ``var_mean(x, d, correction=0, keepdim=k)`` -> ``(mean((x - m) * (x - m), d, k), mean(x, d, k))``
   with ``m = mean(x, d, keepdim=True)``; ``var(x, d, correction=0)`` likewise (float32/float64);
+* ``view_as_real(view_as_complex(x) * w)`` (complex RoPE) -> the real even/odd form
+  ``stack((x[..., 0] * re(w) - x[..., 1] * im(w), x[..., 0] * im(w) + x[..., 1] * re(w)), -1)``
+  (`gg_notebook.ir.complex_mul`);
 * ``native_layer_norm(x, shape, w, b, eps)`` whose mean and rstd outputs nothing reads (a backward
   reads them: then it stays whole), float32/float64 -> ``(x - m) * rsqrt(var + eps) * w + b`` over
   the normalized dims, with the biased ``var`` above.
@@ -471,8 +474,15 @@ class _Rewriter:
         self.erase_tuple(n)
         return True
 
+    def rule_complex_mul(self, n: fx.Node) -> bool:
+        """``view_as_real(view_as_complex(x) * w)`` -> ``stack((xr * wr - xi * wi, xr * wi + xi * wr), -1)``
+        (see `gg_notebook.ir.complex_mul`)."""
+        from gg_notebook.ir.complex_mul import rewrite_complex_mul
+
+        return rewrite_complex_mul(self, n)
+
     RULES = ("rule_pow", "rule_sigmoid", "rule_rsqrt", "rule_silu", "rule_gelu_tanh", "rule_addcmul", "rule_var",
-             "rule_layer_norm")
+             "rule_layer_norm", "rule_complex_mul")
 
     def run(self) -> int:
         total = 0

@@ -409,6 +409,33 @@ def rope_interleaved_real_heads(q):
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
+def rope_complex_spec_tagged(q):
+    freqs_cis = precompute_freqs_cis(q.shape[-1], q.shape[1])
+    q_ = torch.view_as_complex(q.reshape(*q.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, q.shape[1], 1, q_.shape[-1])
+    return torch.view_as_real(q_ * freqs_cis).flatten(3)  # gg: rotate
+
+
+def rope_pairs_unbind_seq(q):
+    """Even / odd lanes as pairs (unflatten + unbind), sequence sharded with this rank's positions."""
+    s_local = q.shape[1]
+    start = dist.get_rank() * s_local
+    ang = torch.outer(torch.arange(start, start + s_local, dtype=torch.float64), _inv_freq(q.shape[-1]))
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x0, x1 = q.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3)
+
+
+def rope_interleaved_real_heads_sin_sign(q):
+    s = q.shape[1]
+    ang = torch.outer(torch.arange(s, dtype=torch.float64), _inv_freq(q.shape[-1]))
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    x0, x1 = q[..., 0::2], q[..., 1::2]
+    even = x0 * cos + x1 * sin  # BUG: the rotation's sin term has the wrong sign
+    return torch.stack((even, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
 def rope_complex_seq(q):
     s_local = q.shape[1]
     rank = dist.get_rank()
@@ -492,6 +519,11 @@ CASES = [
     _c("rope/complex-polar-heads-sharded", rope_complex_spec, rope_complex_heads, _rope_in, [S2], [S2]),
     _c("rope/complex-spec-vs-real-even-odd", rope_complex_spec, rope_interleaved_real_heads, _rope_in, [S2],
        [S2]),
+    _c("rope/complex-spec-vs-real-pairs-unbind-seq-sharded", rope_complex_spec, rope_pairs_unbind_seq, _rope_in,
+       [S1], [S1]),
+    _c("rope/bug-even-odd-sin-sign-flipped", rope_complex_spec_tagged, rope_interleaved_real_heads_sin_sign, _rope_in,
+       [S2], [S2], bug=True, culprit="rotate", twin="rope/complex-spec-vs-real-even-odd",
+       note="the even lane adds x_odd * sin instead of subtracting it: a rotation by the wrong angle"),
     _c("rope/complex-seq-sharded-table-rows", rope_complex_spec, rope_complex_seq, _rope_in, [S1], [S1]),
     _c("rope/bug-seq-sharded-no-offset", rope_real_spec_bug, rope_real_seq_no_offset, _rope_in, [S1], [S1],
        bug=True, culprit="positions", twin="rope/real-rotate_half-seq-sharded-offset",
@@ -499,10 +531,7 @@ CASES = [
     _c("rope/attention-heads-sharded-causal", rope_attn_spec, rope_attn_tp, _mha_in, _MHA_PL, [R]),
 ]
 
-_MISSING = {
-    "rope/complex-spec-vs-real-even-odd":
-        "complex rotation vs real even/odd (stride-2) lanes + stack/flatten; polar table by value",
-}
+_MISSING: dict = {}
 
 import dataclasses as _dc  # noqa: E402
 
