@@ -145,10 +145,14 @@ def neg_inf_mask(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ctx=
     if len(args) < 2 or any(a.dtype is None for a in args):
         return
     dtype = next((a.dtype for a in args if tuple(a.shape) == tuple(out_shape) and a.dtype.is_floating_point), None)
-    memo = S.__dict__.setdefault("_neg_inf_masks", {})  # decoding a [S, S] mask is not free: once per call
-    key = (spec, tuple(to_term(a).id for a in args), tuple(out_shape))
+    memo = S.__dict__.setdefault("_neg_inf_masks", {})  # decoding a [S, S] mask is not free: once per mask
+    val = _value_arg(to_term)
+    # `decode` reads a non-constant operand only through its shape and dtype: every layer's scores
+    # with the same mask share one decoded mask node
+    key = (spec, tuple(("value", to_term(a).id) if val(a) is not None else ("x", tuple(a.shape), a.dtype)
+                       for a in args), tuple(out_shape), dtype)
     if key not in memo:
-        hit = decode(spec, args, out_shape, dtype, _value_arg(to_term))
+        hit = decode(spec, args, out_shape, dtype, val)
         memo[key] = None if hit is None else (hit[0], _mask_node(S, hit[1]))
     hit = memo[key]
     if hit is None or hit[1] is None:

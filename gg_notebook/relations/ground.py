@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -128,10 +129,28 @@ def _as_value(t) -> Value | None:
     # and `Value.__call__` hands out copies)
     t = t.detach().resolve_conj().resolve_neg().contiguous()
     raw = _raw(t)
-    data = raw.numpy().tobytes()
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    size = t.element_size()
-    return Value(t, digest, raw, data[size:] == data[:-size] if len(data) > size else True)
+    buf = raw.numpy()
+    # a fast checksum of the bytes, not a cryptographic hash: equal digests are confirmed byte for
+    # byte before two values are merged (`Value.__eq__`, `canonical`), so a collision costs a merge,
+    # never a wrong one
+    digest = f"{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}{raw.numel():x}"
+    return Value(t, digest, raw, _same_bytes_everywhere(raw, t.element_size()))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bytes_everywhere(raw: torch.Tensor, size: int) -> bool:
+    """Does every element have the same bytes (``raw``: the value's bytes, ``size`` per element)?"""
+    if raw.numel() <= size:
+        return True
+    if size in _INT_OF_SIZE:
+        words = raw.view(_INT_OF_SIZE[size])
+        if bool(words[-1] != words[0]):
+            return False  # the common non-uniform case (a triangular mask) without a full pass
+        return bool((words == words[0]).all())
+    rows = raw.view(-1, size)
+    return bool((rows == rows[0]).all())
 
 
 def is_value(e: "Expr") -> bool:
@@ -341,8 +360,7 @@ def describe(t: torch.Tensor, uniform: bool | None = None) -> str:
 
 
 def _uniform(t: torch.Tensor) -> bool:
-    data, size = _raw(t.contiguous()).numpy().tobytes(), t.element_size()
-    return len(data) <= size or data[size:] == data[:-size]
+    return _same_bytes_everywhere(_raw(t.contiguous()), t.element_size())
 
 
 def _num(x) -> str:
