@@ -193,7 +193,14 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     t1 = time.perf_counter()
     result = _guard("judging", judge, engine, problem, stats)
     stats["judge_s"] = time.perf_counter() - t1
-    result.domain_assumptions = sorted(engine.domain_facts.values())
+    facts = dict(engine.domain_facts)
+    for name, d in problem.id_domains().items():
+        # the lowering reads declared domains too (an index bounded by one, a mask constant on one),
+        # without a lemma recording it: a declared domain the proof did not name is still listed
+        if not any(name in f for f in facts.values()):
+            facts[f"declared:{name}"] = (f"{name} ∈ {d.describe()} (declared in Problem.domains; the lowering may "
+                                         f"rely on it: index bounds, masks that are constant on it)")
+    result.domain_assumptions = sorted(facts.values())
     if result.status is Status.PROVED and validate:
         from gg_notebook.concrete.validate import validate_proof
 
