@@ -56,10 +56,17 @@ class MaskedPick:
         return torch.where(valid, picked, torch.zeros((), dtype=x.dtype))  # 0, even where x is -inf
 
 
-def masked_pick_spec(start: int, vocab: int, domain: IdDomain | None = None) -> OpSpec:
+def masked_pick_spec(start: int, vocab: int, domain: IdDomain | None = None, ignore: int | None = None) -> OpSpec:
+    """``ignore``: the plan zeroes every position whose target is ``ignore`` after a per-position
+    combination of the picks (``zero_where_equal``), so the pick's value there does not matter: the
+    matcher then accepts a rank value that differs from the pick only at those positions (torchtitan
+    picks class 0 for an ignored target, ``where(t != -100, t, 0)``, and zeroes the loss afterwards)."""
     domain = IdDomain.range(0, vocab) if domain is None else domain
-    return OpSpec("masked_pick", f"masked_pick[{start}:]", MaskedPick(start), ((Slot(0), Slot(1)), ()),
-                  (("start", start), ("vocab", vocab), ("domain", domain), ("blame", "consumer")))
+    params = (("start", start), ("vocab", vocab), ("domain", domain), ("blame", "consumer"))
+    if ignore is not None:
+        params += (("ignore", ignore),)
+    return OpSpec("masked_pick", f"masked_pick[{start}:]" + ("" if ignore is None else f"~{ignore}"),
+                  MaskedPick(start), ((Slot(0), Slot(1)), ()), params)
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,8 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
         return
     vocab = x.shape[-1]
     domain = nll_target_domain(ctx, target, vocab, ignore_index)
+    # every per-token loss below is zeroed where the target is ignore_index (when it can occur)
+    ignore = ignore_index if ignore_index in domain else None
     pieces, t = _peel(S, list(x.args), target)
     if tuple(t.shape) != tuple(pieces[0].shape[:-1]):
         try:
@@ -137,7 +146,7 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     total = S.accum("sum", [S.call(reduce_spec("sum", (last,), False), [S.call(exp, [sh])]) for sh in shifted])
     picks, off = [], 0
     for p, sh in zip(pieces, shifted):
-        picks.append(S.call(masked_pick_spec(off, vocab, domain), [sh, t]))
+        picks.append(S.call(masked_pick_spec(off, vocab, domain, ignore), [sh, t]))
         off += p.shape[-1]
     loss = S.call(sub, [S.call(log, [total]), S.accum("sum", picks)])
     if ignore_index in domain:
@@ -158,7 +167,7 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
             src = [S.call(sub, [p, mk]) for p in pieces] if shifted else pieces
             picks, off = [], 0
             for p, sh in zip(pieces, src):
-                picks.append(S.call(masked_pick_spec(off, vocab, domain), [sh, t]))
+                picks.append(S.call(masked_pick_spec(off, vocab, domain, ignore), [sh, t]))
                 off += p.shape[-1]
             for shape in dict.fromkeys((lead, tuple(target.shape))):
                 loss = real_value(S, pieces + picks + ([mk] if shifted else []),
@@ -232,6 +241,9 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     index = engine.index
     domain = spec.param("domain").values(t_rel.dtype)
     inside = (domain >= start) & (domain < start + v_local)
+    # targets whose pick the plan zeroes afterwards: the rank's value there does not matter
+    ignore = spec.param("ignore", None)
+    relevant = domain != ignore if ignore is not None else torch.ones_like(domain, dtype=torch.bool)
 
     def strip_view(e: Expr, shape) -> Expr | None:
         # the index in any shape of the same elements (reshapes keep row-major order, which is all
@@ -244,7 +256,8 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if J is None:
             return False
         jv = eval_on_domain(J, t_t, domain)
-        return jv is not None and bool((jv[inside] == domain[inside] - start).all())
+        sel = inside & relevant
+        return jv is not None and bool((jv[sel] == domain[sel] - start).all())
 
     picks: list[Expr] = []
     for u in [x_t] + [v for v in index.users_of(x_t) if v.op == "view"]:
@@ -276,6 +289,8 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
         # the rank may zero the out-of-shard picks in any shape of them (Megatron views the picks
         # as [s, b] before masking): each reshape of the picks keeps their order
         bases = [base] + [v for v in index.users_of(p) if v.op == "view" and v.id != base.id]
+        if base.id != p.id:
+            bases.append(p)  # zeroed before squeezing the gathered [.., 1] (torchtitan's loss-parallel CE)
         # the picks themselves, or negated first (-logp.gather(..) * mask: a relation up to the factor -1)
         cands = [(b, 1) for b in bases]
         if not getattr(engine, "bitwise", False):
@@ -286,9 +301,9 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 if e is not b:
                     keep = kept_rows(e, b, tuple(b.shape))
                     kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
-                    if kv is None or not bool((kv == inside).all()):
+                    if kv is None or not bool((kv == inside)[relevant].all()):
                         continue
-                elif bool((~inside).any()):
+                elif bool((~inside & relevant).any()):
                     continue
                 d = index.realized(e)
                 if d is not None:
@@ -381,11 +396,12 @@ def nll_over_split(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ct
         return
     classes = y.shape[-1]
     domain = nll_target_domain(ctx, target, classes, ignore_index)
+    ignore = ignore_index if ignore_index in domain else None  # the per-token loss is zeroed there
     pieces, t = _peel(S, list(y.args), target)
     lead = tuple(pieces[0].shape[:-1])
     picks, off = [], 0
     for p in pieces:
-        picks.append(S.call(masked_pick_spec(off, classes, domain), [p, t]))
+        picks.append(S.call(masked_pick_spec(off, classes, domain, ignore), [p, t]))
         off += p.shape[-1]
     for shape in dict.fromkeys((lead, tuple(target.shape))):
         def build(S_, h, shape=shape):

@@ -102,14 +102,43 @@ class RealForms:
         return ("t", tuple(t.shape), t.id)
 
     def _form(self, t: Expr) -> Form:
+        from gg_notebook.relations.linear import TooLarge
+
         pairs = []
-        lin = list(self.linear.of(t, 120))
+        try:
+            lin = list(self.linear.of(t, 120))
+        except TooLarge:
+            lin = list(self._linear_bottom_up(t))
         lin, extra = self._log_sigmoid_pairs(lin)
         pairs.extend(extra)
         for b, c in lin:
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)
+
+    def _linear_bottom_up(self, t: Expr, limit: int = 20000):
+        """The linear form of ``t`` computed one term at a time, arguments first, when one question
+        would exceed the linear forms' budget: a log-sum-exp over the logits of a whole model needs
+        the form of every term below them once (each then memoized). `TooLarge` beyond ``limit``."""
+        from gg_notebook.relations.linear import TooLarge
+
+        memo = self.linear._memo
+        order, seen, stack = [], set(), [(t, False)]
+        while stack:
+            x, done = stack.pop()
+            if done:
+                order.append(x)
+                continue
+            if x.id in seen or x.id in memo:
+                continue
+            seen.add(x.id)
+            if len(seen) > limit:
+                raise TooLarge(t)
+            stack.append((x, True))
+            stack.extend((a, False) for a in x.args if a.id not in memo and a.id not in seen)
+        for x in order:
+            self.linear.of(x, 120)
+        return self.linear.of(t, 120)
 
     def _log_sigmoid_pairs(self, lin):
         """PyTorch's decomposition of ``F.logsigmoid(x)``, ``minimum(0, x) - log1p(exp(-abs(x)))``,
@@ -496,6 +525,8 @@ class RealForms:
         n = math.prod(in_shape[d] for d in D)
         if not R:
             return frozenset({(("exp", red, c_form), Fraction(n))}) if c_form else self._fail("sum of exp(0)")
+        if len(R) > 1:
+            R = self._refold(R, in_shape)
         if len(R) == 1 and R[0][0][0] == "t":
             (b, c), = R
             term = self.S.nodes[b[2]]
@@ -512,6 +543,29 @@ class RealForms:
         else:
             L = ("lsef", red, tuple(D), frozenset(R))
         return frozenset({(("exp", red, self._norm([(L, Fraction(1))] + c_red)), Fraction(1))})
+
+    def _refold(self, R: list, shape) -> list:
+        """``R`` (several bases, e.g. the logits ``h @ W`` distributed over the terms of a residual
+        stream ``h``) as the one term whose linear normal form it is, when such a term exists: the
+        log-sum-exp of a row then sees the row as that term, which rank pieces concatenate to.
+        Equal linear forms are equal values, so this is a change of spelling only."""
+        if any(b[0] != "t" or b[1] != tuple(shape) for b, _ in R):
+            return R
+        memo = self.linear._memo
+        rev = getattr(self, "_rev", None)
+        if rev is None or self._rev_n != len(memo):
+            rev = {}
+            for tid, form in memo.items():
+                if len(form) < 2:
+                    continue
+                key = frozenset((b.id, c) for b, c in form)
+                if key not in rev or tid < rev[key]:
+                    rev[key] = tid
+            self._rev, self._rev_n = rev, len(memo)
+        tid = rev.get(frozenset((b[2], c) for b, c in R))
+        if tid is None or tuple(self.S.nodes[tid].shape) != tuple(shape):
+            return R
+        return [(("t", tuple(shape), tid), Fraction(1))]
 
     def _fail(self, why):
         raise _Fail(why)

@@ -1,0 +1,381 @@
+"""torchtitan (0.3.x) models for `gg.Problem.from_modules`: shims, placements, a TP builder, a loss.
+
+A torchtitan user verifies a model with torchtitan's own tensor parallelism like this::
+
+    import gg_notebook as gg
+    from gg_notebook.adapters import torchtitan as tt
+    cfg = tt.llama3_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+    problem = gg.Problem.from_modules(
+        sequential=lambda: tt.build(cfg, tp=1),
+        distributed=lambda: tt.build(cfg, tp=2, sp=True),
+        inputs=(tokens, labels), placements=(gg.Replicate(), gg.Replicate()), world_size=2,
+        forward=tt.loss, grads=True)
+
+`build` runs exactly the tensor-parallel step of torchtitan's ``parallelize_llama``
+(``model.parallelize(parallel_dims)``, which reads every submodule's ``sharding_config``) and its
+weight initialisation; `loss` is the trainer's step: the SPMD context, torchtitan's input
+annotation, the model, and torchtitan's ``CrossEntropyLoss`` (loss-parallel on vocab-sharded logits
+when TP > 1). FSDP is not applied (its runtime hooks read data pointers, which tracing cannot).
+
+Placements: with the default SPMD backend ``spmd_types`` the parameters are plain local tensors;
+their layout is declared on the owning module, ``module._sharding_config.state_shardings[name]``
+(``{tp: S(0)}``, ``{tp: S(1)}``, ``{tp: I}``, ``{tp: R}``), which `ADAPTER.placement` reads. With
+``partial_dtensor`` / ``full_dtensor`` they are DTensors, read by the core from their placements.
+Gradients (`ADAPTER.grad_placement`): spmd_types' rule, the gradient of an ``R`` (replicate) value
+is ``P`` (partial) and of ``I`` (invariant) / ``S(d)`` the same type: sequence-parallel norm weights
+(``R``) keep partial gradients on the ranks, reduced later by the trainer.
+
+torchtitan is imported only when this module's functions are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import sys
+import types
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+PACKAGE = "torchtitan"
+INSTALL = "pip install -c constraints.txt '.[titan]'"
+
+
+def _require() -> None:
+    if importlib.util.find_spec("torchtitan") is None or importlib.util.find_spec("spmd_types") is None:
+        missing = "torchtitan" if importlib.util.find_spec("torchtitan") is None else "spmd_types"
+        raise ImportError(
+            f"gg_notebook's torchtitan adapter needs the {missing} package, which is not installed: "
+            f"install it with {INSTALL} (torchtitan 0.3.0 with spmd_types 0.2.3).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shims
+
+
+class _Unavailable(types.ModuleType):
+    """Stands in for a torchtitan module that cannot be imported here (GPU-only kernels): importing
+    names from it works, calling any of them raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                f"{self.__name__}.{name} needs triton (GPU kernels), which gg_notebook's torchtitan adapter "
+                "replaced by a stub because triton is not installed.")
+
+        return unavailable
+
+
+def _trainer_stub() -> types.ModuleType:
+    """``torchtitan.trainer`` imports the whole training stack (datasets, tensorboard, wandb...);
+    ``Decoder.Config.update_from_config`` imports it only for ``isinstance(config, Trainer.Config)``,
+    which the adapter's job config never is."""
+    mod = types.ModuleType("torchtitan.trainer")
+
+    class Trainer:  # noqa: D401 - a stub
+        class Config:
+            pass
+
+    mod.Trainer = Trainer
+    mod.__gg_stub__ = True
+    return mod
+
+
+_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
+
+
+@contextmanager
+def _import_shims() -> Iterator[None]:
+    """Modules torchtitan imports but a CPU verification never runs: the trainer (for an isinstance
+    check) and, when triton is missing, the expert-parallel GPU kernels."""
+    saved = {k: sys.modules.get(k) for k in ("torchtitan.trainer", _KERNELS)}
+    try:
+        real_trainer = saved["torchtitan.trainer"]
+        if real_trainer is None or getattr(real_trainer, "__gg_stub__", False):
+            sys.modules["torchtitan.trainer"] = _trainer_stub()
+        if saved[_KERNELS] is None and importlib.util.find_spec("triton") is None:
+            sys.modules[_KERNELS] = _Unavailable(_KERNELS)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def _titan() -> types.SimpleNamespace:
+    """The torchtitan modules the adapter uses (imported under the import shims)."""
+    _require()
+    with _import_shims():
+        import torchtitan.distributed.parallel_dims as parallel_dims
+        import torchtitan.distributed.spmd_types as titan_spmd
+        import torchtitan.distributed.utils as dist_utils
+        import torchtitan.tools.utils as tools_utils
+        from torchtitan.components.loss import CrossEntropyLoss
+        from torchtitan.config import ParallelismConfig
+        from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+    return types.SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+@contextmanager
+def _shims() -> Iterator[None]:
+    t = _titan()
+    saved_device = [(m, m.device_type) for m in (t.parallel_dims, t.tools_utils, t.dist_utils)]
+    saved_flex = t.FlexAttention.__dict__.get("_compiled_flex_attn")
+    saved_backend = t.dist_utils._spmd_backend
+    tls = t.titan_spmd._MESH_TLS
+    saved_tls = dict(vars(tls))
+    with _import_shims():
+        try:
+            for m, _ in saved_device:  # torchtitan falls back to "cuda" without an accelerator
+                m.device_type = "cpu"
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # the class holds torch.compile(flex_attention), which make_fx refuses to trace
+            t.FlexAttention._compiled_flex_attn = staticmethod(flex_attention)
+            t.dist_utils._spmd_backend = "spmd_types"  # fresh global state: torchtitan's default
+            vars(tls).clear()
+            yield
+        finally:
+            for m, v in saved_device:
+                m.device_type = v
+            if saved_flex is not None:
+                t.FlexAttention._compiled_flex_attn = saved_flex
+            t.dist_utils._spmd_backend = saved_backend
+            vars(tls).clear()
+            vars(tls).update(saved_tls)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a model the way torchtitan's trainer does (TP step of parallelize_llama)
+
+
+class _JobConfig:
+    """What ``update_from_config`` reads from the trainer's config: the parallelism section."""
+
+    def __init__(self, parallelism: Any) -> None:
+        self.parallelism = parallelism
+
+
+class _TitanState:
+    def __init__(self, parallel_dims: Any, backend: str, vocab_size: int, tp: int, sp: bool) -> None:
+        self.parallel_dims, self.backend, self.vocab_size, self.tp, self.sp = parallel_dims, backend, vocab_size, tp, sp
+
+    def context(self):
+        t = _titan()
+        return t.dist_utils.get_spmd_context(parallel_dims=self.parallel_dims)()
+
+
+def llama3_config(*, dim: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = 2,
+                  vocab_size: int = 128, hidden_dim: int | None = None, max_seq_len: int = 64,
+                  fuse_qkv: bool = True, attn_backend: str = "flex") -> Any:
+    """A small ``Llama3Model.Config`` built the way torchtitan's own flavors (``llama3_configs``) are,
+    with torchtitan's initialisers; sizes are the caller's."""
+    _require()
+    with _import_shims():
+        from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+        from torchtitan.models.llama3 import (
+            _EMBEDDING_INIT,
+            _NORM_INIT,
+            Llama3Model,
+            _build_llama3_layers,
+            _output_linear_init,
+        )
+    hidden_dim = hidden_dim or 2 * dim
+    return Llama3Model.Config(
+        dim=dim, vocab_size=vocab_size,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab_size, embedding_dim=dim, param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab_size, param_init=_output_linear_init(dim)),
+        layers=_build_llama3_layers(
+            fuse_qkv=fuse_qkv, n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            hidden_dim=hidden_dim,
+            rope=ComplexRoPE.Config(dim=dim // n_heads, max_seq_len=max_seq_len, theta=500000, scaling="llama"),
+            attn_backend=attn_backend))
+
+
+def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend: str = "spmd_types",
+          attention: str | None = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Build ``model_config`` (a torchtitan decoder config) and apply torchtitan's tensor parallelism
+    of degree ``tp`` (default: the process group's size) with sequence parallelism ``sp``, as
+    ``parallelize_llama`` does: ``update_from_config`` fills every submodule's ``sharding_config``,
+    the model is built on meta, ``model.parallelize(parallel_dims)`` applies the TP/SP plan, then
+    ``init_weights`` runs in the SPMD context. ``attention="sdpa"`` swaps each layer's inner attention
+    for torchtitan's ``ScaledDotProductAttention`` (causal; FlexAttention has no CPU backward),
+    ``None`` keeps the configured one. No FSDP (data parallel degree 1)."""
+    import torch.distributed as dist
+
+    t = _titan()
+    with _shims():
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        tp = world if tp is None else tp
+        if tp != world:
+            raise ValueError(
+                f"build(tp={tp}) runs in a process group of size {world}: torchtitan's tensor-parallel degree "
+                f"must equal the world size here (no data parallelism); use tp={world}.")
+        if not dist.is_initialized():
+            raise RuntimeError("build() needs a process group (gg.Problem.from_modules creates one per program).")
+        cfg = copy.deepcopy(model_config)
+        if attention == "sdpa":
+            for layer in getattr(cfg, "layers", []):
+                att = getattr(layer, "attention", None)
+                if att is not None and hasattr(att, "inner_attention"):
+                    att.inner_attention = t.ScaledDotProductAttention.Config()
+        elif attention is not None:
+            raise ValueError(f"attention={attention!r}: use 'sdpa' or None (keep the configured attention).")
+        par = t.ParallelismConfig(tensor_parallel_degree=tp, enable_sequence_parallel=bool(sp and tp > 1),
+                                  spmd_backend=backend, data_parallel_shard_degree=1)
+        pdims = t.parallel_dims.ParallelDims.from_config(par, world)
+        pdims.build_mesh()
+        t.dist_utils.set_spmd_backend(backend)
+        cfg.update_from_config(config=_JobConfig(par))
+        with torch.device("meta"):
+            model = cfg.build()
+        if backend != "partial_dtensor":
+            from torchtitan.distributed.full_dtensor import validate_config
+
+            validate_config(pdims, model)
+        if pdims.tp_enabled:
+            model.parallelize(pdims)
+        model.to_empty(device="cpu")
+        state = _TitanState(pdims, backend, int(cfg.vocab_size), tp, bool(sp and tp > 1))
+        torch.manual_seed(seed)
+        with torch.no_grad(), state.context():
+            model.init_weights(buffer_device=None)
+    model._gg_titan = state
+    return model
+
+
+def _state(model: torch.nn.Module) -> _TitanState:
+    for m in model.modules():
+        st = getattr(m, "_gg_titan", None)
+        if st is not None:
+            return st
+    raise ValueError("this model was not built by gg_notebook.adapters.torchtitan.build(...)")
+
+
+def loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """torchtitan's training-step loss: in the SPMD context, inputs annotated as the trainer does
+    (``annotate_input_spmd_types`` / ``full_dtensor.parallelize_inputs``), ``model(tokens)``, then
+    torchtitan's ``CrossEntropyLoss`` (sum over tokens; loss-parallel on vocab-sharded logits)."""
+    t = _titan()
+    st = _state(model)
+    with _shims():
+        t.dist_utils.set_spmd_backend(st.backend)
+        with st.context():
+            kw: dict = {}
+            if st.backend == "spmd_types":
+                tokens, labels, kw = t.titan_spmd.annotate_input_spmd_types(st.parallel_dims, tokens, labels, kw)
+            elif st.backend == "full_dtensor":
+                from torchtitan.distributed.full_dtensor import parallelize_inputs
+
+                tokens, labels, kw = parallelize_inputs(st.parallel_dims, tokens, labels, kw)
+            pred = model(tokens, **kw)
+            out, _ = t.CrossEntropyLoss(t.CrossEntropyLoss.Config(global_vocab_size=st.vocab_size))(pred, labels)
+    return out
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model(tokens)`` in torchtitan's SPMD context (the logits, vocab-sharded on TP ranks)."""
+    t = _titan()
+    st = _state(model)
+    with _shims():
+        t.dist_utils.set_spmd_backend(st.backend)
+        with st.context():
+            kw: dict = {}
+            if st.backend == "spmd_types":
+                tokens, _, kw = t.titan_spmd.annotate_input_spmd_types(st.parallel_dims, tokens, tokens, kw)
+            return model(tokens, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Placements from spmd_types shardings
+
+
+def _tp_type(model: torch.nn.Module, name: str):
+    """The spmd_types type of parameter/buffer ``name`` on the TP mesh axis, from its module's
+    ``_sharding_config.state_shardings`` (None: not declared)."""
+    mod_name, _, leaf = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    sc = getattr(mod, "_sharding_config", None)
+    shardings = getattr(sc, "state_shardings", None) or {}
+    layout = shardings.get(leaf)
+    if layout is None:
+        return None
+    axis_types = getattr(layout, "axis_types", None) or {}
+    found = None
+    for axis, typ in axis_types.items():
+        if str(getattr(axis, "value", axis)) == "tp":
+            found = typ
+    return found
+
+
+def _placement_of_type(typ, what: str):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    s = repr(typ)
+    import spmd_types as spmd
+
+    if typ is spmd.R or typ is spmd.I or s in ("R", "I"):
+        return Replicate()
+    if typ is spmd.P or s == "P":
+        return Partial()
+    dim = getattr(typ, "dim", None)
+    if isinstance(dim, int) and s.startswith("S("):
+        return Shard(dim)
+    raise ValueError(f"{what}: spmd_types type {s} on the tp axis is not a placement gg_notebook knows")
+
+
+class _Adapter:
+    name = "torchtitan"
+    package = PACKAGE
+    install = INSTALL
+
+    def owns(self, model: torch.nn.Module) -> bool:
+        return any(type(m).__module__.startswith("torchtitan.") for m in model.modules())
+
+    @contextmanager
+    def shims(self) -> Iterator[None]:
+        with _shims():
+            yield
+
+    def placement(self, model, name, local, global_shape, rank, world_size):
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(local, DTensor):
+            return None  # the core reads DTensor placements
+        typ = _tp_type(model, name)
+        if typ is None:
+            return None
+        if world_size > 1:
+            st = next((getattr(m, "_gg_titan", None) for m in model.modules() if getattr(m, "_gg_titan", None)), None)
+            if st is not None and st.parallel_dims.world_size != st.tp:
+                return None  # other mesh axes than tp: not handled
+        return _placement_of_type(typ, f"torchtitan parameter {name}")
+
+    def grad_placement(self, model, name, local, placement):
+        typ = _tp_type(model, name)
+        if typ is None:
+            return None
+        import spmd_types as spmd
+        from torch.distributed.tensor import Partial
+
+        if typ is spmd.R or repr(typ) == "R":
+            return Partial()  # spmd_types: the gradient of a replicate (R) value is partial (P)
+        return None
+
+
+ADAPTER = _Adapter()
+
+__all__ = ["ADAPTER", "build", "loss", "logits", "llama3_config"]
