@@ -90,6 +90,7 @@ class DIndex:
         # so a relation whose term no rank holds whole can still be rebuilt from its pieces
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
+        self._piece_of: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}  # node -> (base, dim, a, b)
         self._alias: dict[tuple[int, str], Expr] = {}  # another term of the same value (sign_blocks)
         self._users: dict[int, list[Expr]] | None = None
         # (shape, dtype, leaf set) -> floating dvals in index order: a value equal to a multiple of
@@ -303,6 +304,8 @@ class DIndex:
         hint = self._slice_hint.pop((rank, node.name), None)
         if hint is None and term.op == "slice":
             hint = (term.args[0],) + tuple(term.attrs)
+        if hint is not None:
+            self._piece_of[(rank, node.name)] = hint
         if hint is not None and len(d.locations) == 1:
             base, dim, a, b = hint
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
@@ -348,6 +351,11 @@ class DIndex:
         if op == "view":
             return S.view(t(n.inputs[0]), n.attrs)
         if op == "permute":
+            piece = self._piece_of.get((rank, n.inputs[0].name))
+            if piece is not None:  # a permuted slice is a slice of the permuted base (reduce-scatter
+                base, d, a, b = piece  # along a dim moved to the front and back: spmd_types)
+                perm = tuple(int(i) % len(base.shape) for i in n.attrs)
+                self._slice_hint[(rank, n.name)] = (S.permute(base, perm), perm.index(d), a, b)
             return S.permute(t(n.inputs[0]), n.attrs)
         if op == "slice":
             d, a, b = n.attrs
