@@ -285,7 +285,8 @@ _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entrop
               "softmax-over-split-dim", "logsumexp-over-split-dim", "nll-over-split-classes",
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "sum-log-softmax-over-split",
               "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys", "neg-inf-mask",
-              "embedding-constant-ids", "gather-over-split-classes"}
+              "embedding-constant-ids", "gather-over-split-classes", "nll-backward-total-weight-unused",
+              "vocab-cross-entropy-backward-ignore"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))

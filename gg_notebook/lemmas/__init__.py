@@ -9,6 +9,7 @@ from gg_notebook.lemmas import loss_reduce as _loss_reduce  # noqa: F401  (regis
 from gg_notebook.lemmas import cross_entropy as _cross_entropy  # noqa: F401  (registers)
 from gg_notebook.lemmas import ignore_mean as _ignore_mean  # noqa: F401  (registers matchers)
 from gg_notebook.lemmas import ce_grad as _ce_grad  # noqa: F401  (registers matchers)
+from gg_notebook.lemmas import ce_ignore as _ce_ignore  # noqa: F401  (registers)
 from gg_notebook.lemmas import scalar as _scalar  # noqa: F401  (registers)
 from gg_notebook.lemmas import reduce_regroup as _reduce_regroup  # noqa: F401  (registers)
 from gg_notebook.lemmas import complex_views as _complex_views  # noqa: F401  (registers)

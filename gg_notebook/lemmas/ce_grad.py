@@ -47,10 +47,14 @@ class ScaledOnehot:
         return torch.where(hot, -g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-def scaled_onehot_spec(start: int, width: int, domain: IdDomain) -> OpSpec:
-    return OpSpec("scaled_onehot", f"scaled_onehot[{start}:+{width}]", ScaledOnehot(start, width),
-                  ((Slot(0), Slot(1)), ()), (("start", start), ("width", width), ("domain", domain),
-                                             ("blame", "consumer")))
+def scaled_onehot_spec(start: int, width: int, domain: IdDomain, ignore: int | None = None) -> OpSpec:
+    """``ignore``: the plan zeroes the rows whose target is ``ignore`` afterwards (ce_ignore.py), so
+    the matcher takes those rows as don't-care."""
+    params = (("start", start), ("width", width), ("domain", domain), ("blame", "consumer"))
+    if ignore is not None:
+        params += (("ignore", ignore),)
+    return OpSpec("scaled_onehot", f"scaled_onehot[{start}:+{width}]" + ("" if ignore is None else f"~{ignore}"),
+                  ScaledOnehot(start, width), ((Slot(0), Slot(1)), ()), params)
 
 
 def split_plans(S, pieces, lead, plast, g_row, domain, t, out_shape):
@@ -104,6 +108,8 @@ def match_scaled_onehot(engine, spec: OpSpec, args: tuple) -> Expr | None:
     domain = spec.param("domain").values(t_rel.dtype)
     local = domain - start
     inside = (local >= 0) & (local < width)
+    ignore = spec.param("ignore", None)
+    rel = domain != ignore if ignore is not None else torch.ones_like(inside)  # rows that matter
     index = engine.index
     lead = tuple(t_t.shape)
     shape = lead + (width,)
@@ -111,15 +117,22 @@ def match_scaled_onehot(engine, spec: OpSpec, args: tuple) -> Expr | None:
     while base.op == "view":
         base = base.args[0]
     frontier, seen = [base], set()
-    for _ in range(4):  # the index and value terms are a few elementwise operators of the targets
+    for _ in range(6):  # the index and value terms are a few elementwise operators of the targets
         nxt = []
         for e in frontier:
             for u in index.users_of(e):
                 if u.id in seen:
                     continue
                 seen.add(u.id)
-                if u.op == "view" or (u.op == "call" and u.attrs.kind == "ew"):
-                    nxt.append(u)
+                if u.op == "view" or (u.op == "call" and (u.attrs.kind == "ew" or (
+                        u.attrs.target is aten.index_put.default and tuple(u.shape) == tuple(e.shape)))):
+                    nxt.append(u)  # (x[mask] = v: elementwise for a mask of x's shape)
+                if u.op == "call" and u.attrs.target is aten.index_put.default and len(u.args) == 4:
+                    if _index_put_onehot(u, shape, lead, base, domain, width, inside, local, rel, g):
+                        d = index.realized(u)
+                        if d is not None:
+                            return index.ref(d)
+                    continue
                 if u.op != "call" or u.attrs.target is not aten.scatter_add.default or len(u.args) != 3:
                     continue
                 if tuple(u.shape) != shape or u.attrs.arg("dim") not in (-1, len(shape) - 1):
@@ -134,16 +147,43 @@ def match_scaled_onehot(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 vv = eval_on_domain(vals, base, domain)
                 if iv is None or vv is None or vv.dtype != g.dtype:
                     continue
-                if not bool(((iv >= 0) & (iv < width)).all()) or not bool((iv[inside] == local[inside]).all()):
+                if not bool(((iv >= 0) & (iv < width)).all()) or not bool((iv[inside & rel] == local[inside & rel]).all()):
                     continue
                 want = torch.where(inside, -g, torch.zeros((), dtype=g.dtype))
-                if not torch.equal(vv, want):
+                if not torch.equal(vv[rel], want[rel]):
                     continue
                 d = index.realized(u)
                 if d is not None:
                     return index.ref(d)
         frontier = nxt
     return None
+
+
+def _index_put_onehot(u, shape, lead, base, domain, width, inside, local, rel, g) -> bool:
+    """``u`` = ``zeros[arange(n), J] = V`` (index_put, no accumulation, one entry per row) with, on
+    every id that matters, ``J`` the in-shard column (any valid column otherwise) and ``V`` = ``-g``
+    in shard, 0 outside: torchtitan's ``grad_input[row_idx, local_labels] = out_of_range - 1``."""
+    if tuple(u.shape) != shape or len(shape) != 2 or u.attrs.arg("accumulate") is not False:
+        return False
+    zeros, rows, cols, vals = u.args
+    z = _uniform(zeros)
+    if z is None or float(z) != 0.0 or u.dtype != g.dtype:
+        return False
+    n = shape[0]
+    if rows.op != "const" or tuple(rows.shape) != (n,) or not torch.equal(rows.attrs.call([]), torch.arange(n)):
+        return False
+    if tuple(cols.shape) != (n,) or tuple(vals.shape) not in ((n,), ()):
+        return False
+    iv = eval_on_domain(cols, base, domain)
+    vv = eval_on_domain(vals, base, domain)
+    if iv is None or vv is None or vv.dtype != g.dtype or tuple(iv.shape) != tuple(domain.shape):
+        return False
+    if tuple(vv.shape) != tuple(domain.shape):
+        return False
+    if not bool(((iv >= 0) & (iv < width)).all()) or not bool((iv[inside & rel] == local[inside & rel]).all()):
+        return False
+    want = torch.where(inside, -g, torch.zeros((), dtype=g.dtype))
+    return torch.equal(vv[rel], want[rel])
 
 
 register_matcher("scaled_onehot", match_scaled_onehot)
