@@ -31,21 +31,22 @@ def _finite_terms(store, t) -> bool:
     from gg_notebook.relations.ground import value_of
 
     memo = store.__dict__.setdefault("_finite_terms", {})
-    stack, order = [t], []
-    while stack:
-        x = stack.pop()
-        if x.id in memo:
+    stack, seen = [(t, False)], set()
+    while stack:  # post-order over the DAG, each term once (else paths are enumerated)
+        x, done = stack.pop()
+        if done:
+            memo[x.id] = all(memo.get(a.id, False) for a in x.args)
             continue
+        if x.id in memo or x.id in seen:
+            continue
+        seen.add(x.id)
         if x.ground:
             v = value_of(x)
             ok = v is not None and (not (v.dtype.is_floating_point or v.is_complex()) or bool(torch.isfinite(v).all()))
             memo[x.id] = ok
             continue
-        order.append(x)
-        stack.extend(a for a in x.args if a.id not in memo)
-    for x in reversed(order):
-        if x.id not in memo:
-            memo[x.id] = all(memo.get(a.id, False) for a in x.args)
+        stack.append((x, True))
+        stack.extend((a, False) for a in x.args if a.id not in memo)
     return memo[t.id]
 
 
