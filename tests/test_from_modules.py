@@ -83,9 +83,8 @@ def test_sub_mesh_of_a_2d_mesh_is_a_layout_over_the_whole_mesh():
     assert r.proved, r
 
 
-@pytest.mark.xfail(strict=True, reason="DTensor reduce-scatters along dim 1 as split(dim=1) + cat(dim=0) + reduce_scatter "
-                   "(dim 0): the engine relates the partial sum but not its scattered pieces (issue 9, SP over dim 1)")
 def test_sequence_parallel_plan_without_bias_is_proved():
+    """DTensor reduce-scatters along the sequence dim 1 as cat(x.chunk(W, 1), 0) + reduce_scatter."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
@@ -96,6 +95,43 @@ def test_sequence_parallel_plan_without_bias_is_proved():
         placements=(gg.Shard(1),), world_size=2, forward=squared_loss, grads=True)
     r = gg.verify(problem)
     assert r.proved, r
+
+
+@pytest.mark.xfail(strict=True, reason="DTensor adds a replicated bias to a partial sum as bias / W on every rank "
+                   "before the reduce-scatter; the engine relates that for an all-reduce but not for the scattered "
+                   "pieces (linear forms through slices of a reduction)")
+def test_sequence_parallel_plan_with_bias_is_proved():
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    plan = {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+            "down": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)}
+    problem = gg.Problem.from_modules(
+        sequential=lambda: tp_mlp(1), distributed=lambda: tp_mlp(2, plan), inputs=(X,),
+        placements=(gg.Shard(1),), world_size=2, forward=squared_loss, grads=True)
+    assert gg.verify(problem).proved
+
+
+def test_reduce_scatter_of_chunks_in_the_wrong_order_is_not_proved():
+    """cat(x.chunk(W, 1)[::-1], 0) before reduce_scatter_tensor hands rank r the other rank's half."""
+
+    def seq(x, w):
+        return x @ w
+
+    def rank(x, w, flip=True):
+        part = x @ w  # [B, S, D] partial sums (hidden dim of x and rows of w sharded)
+        chunks = list(part.chunk(2, dim=1))
+        out = torch.empty(part.shape[0], part.shape[1] // 2, part.shape[2])
+        dist.reduce_scatter_tensor(out, torch.cat(chunks[::-1] if flip else chunks, dim=0))
+        return out
+
+    x, w = torch.randn(2, 4, 6), torch.randn(6, 3)
+    for flip, proved in ((False, True), (True, False)):
+        p = gg.Problem(seq, lambda x, w: rank(x, w, flip), (x, w), (gg.Shard(2), gg.Shard(0)), 2, expect=(gg.Shard(1),))
+        r = gg.verify(p)
+        assert r.proved is proved, r
+        if not proved:
+            assert r.status is gg.Status.REFUTED
 
 
 def test_local_loss_of_a_sequence_sharded_output_is_refuted():
