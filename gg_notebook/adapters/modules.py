@@ -502,10 +502,26 @@ def from_modules(
         "grads": spec.grads,
         "adapters": [a.name for a in spec.adapters],
     }
+    problem.meta["output_labels"] = OutputLabels(
+        tuple(n for n in names if seq.state[n].trainable) if spec.grads else (), spec.grads)
     if expect is not None or spec.grads:
         grads_expect = tuple(rank0.state[n].grad_placement for n in names if seq.state[n].trainable) if spec.grads else ()
         problem.expect = ExpectAfterForward(None if expect is None else tuple(expect), grads_expect)
     return problem
+
+
+@dataclass(frozen=True)
+class OutputLabels:
+    """Names of a from_modules problem's outputs: forward's (the loss first with grads), then one
+    gradient per trainable parameter."""
+
+    grads: tuple
+    has_loss: bool
+
+    def __call__(self, n_outputs: int) -> list[str]:
+        n_fwd = max(0, n_outputs - len(self.grads))
+        fwd = ["loss" if self.has_loss and k == 0 else f"forward output {k}" for k in range(n_fwd)]
+        return fwd + [f"grad of {n}" for n in self.grads]
 
 
 class ExpectAfterForward(tuple):
