@@ -385,6 +385,17 @@ class DIndex:
         info = n.attrs
         group = tuple(info.group)
         members = coll.get(info.key, {})
+        if info.kind == "send":  # the value leaves this rank; the marker is the sent value itself
+            return self.node_term.get((rank, n.inputs[0].name))
+        if info.kind == "recv":  # what the source rank sent, once it has sent it
+            src = group[0]
+            mn = members.get(src)
+            if mn is None:
+                raise IndexError_(f"rank {src} never sends transfer #{info.index} that rank {rank} receives at "
+                                  f"{n.source} ({info.where()})")
+            if self._cursors[src] < mn.index:
+                return None
+            return self.node_term.get((src, mn.inputs[0].name))
         ins: list[Expr] = []
         for m in group:
             mn = members.get(m)

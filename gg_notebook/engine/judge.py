@@ -8,7 +8,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
 from gg_notebook.relations.movement import movement_of, retile, substitute
-from gg_notebook.problem import Layout
+from gg_notebook.problem import Layout, OnRank
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -35,6 +35,8 @@ def expected_relation(engine: Engine, k: int, placement) -> Expr | None:
         return S.cat(refs, placement.dim % nd)
     if isinstance(placement, Partial):
         return S.accum("sum", refs)
+    if isinstance(placement, OnRank):
+        return refs[placement.rank]
     return None
 
 
