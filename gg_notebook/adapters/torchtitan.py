@@ -111,6 +111,39 @@ def _import_shims() -> Iterator[None]:
                 sys.modules[k] = v
 
 
+def _replicate_to_varying(x, world_size, split_dim, rank, stack):
+    if stack:
+        return x.select(split_dim, rank).clone()
+    return torch.chunk(x, world_size, dim=split_dim)[rank].clone()
+
+
+def _varying_to_partial(x, world_size, split_dim, rank, stack):
+    piece = x.unsqueeze(split_dim) if stack else x
+    zeros = torch.zeros_like(piece)
+    return torch.cat([zeros] * rank + [piece] + [zeros] * (world_size - rank - 1), dim=split_dim)
+
+
+def _replicate_to_partial(x, rank):
+    return x.clone() if rank == 0 else torch.zeros_like(x)
+
+
+def _register_definitions() -> None:
+    """spmd_types' local type conversions are custom operators (R -> V takes this rank's chunk,
+    V -> P and R -> P pad with zeros): their definitions in plain PyTorch, in gg_notebook's table of
+    operator definitions (`gg_notebook.ir.decompose.BUILTIN`), so that a rank calling them is seen
+    through (spmd_types 0.2.x; each definition is exactly the operator's forward)."""
+    from gg_notebook.ir.decompose import BUILTIN
+
+    ops = getattr(torch.ops, "spmd_types", None)
+    for name, fn in (("replicate_to_varying", _replicate_to_varying), ("varying_to_partial", _varying_to_partial),
+                     ("replicate_to_partial", _replicate_to_partial)):
+        try:
+            op = getattr(getattr(ops, name), "default")
+        except (AttributeError, RuntimeError):
+            continue
+        BUILTIN.setdefault(op, fn)
+
+
 def _titan() -> types.SimpleNamespace:
     """The torchtitan modules the adapter uses (imported under the import shims)."""
     _require()
@@ -122,7 +155,9 @@ def _titan() -> types.SimpleNamespace:
         from torchtitan.components.loss import CrossEntropyLoss
         from torchtitan.config import ParallelismConfig
         from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-    return types.SimpleNamespace(**{k: v for k, v in locals().items()})
+    ns = types.SimpleNamespace(**{k: v for k, v in locals().items()})
+    _register_definitions()
+    return ns
 
 
 @contextmanager
