@@ -24,14 +24,14 @@ def _batch(seed=0, vocab=128):
     return torch.randint(0, vocab, (2, 8), generator=g), torch.randint(0, vocab, (2, 8), generator=g)
 
 
-def _problem(W, sp, grads, distributed=None):
+def _problem(W, sp, grads, distributed=None, backend="spmd_types"):
     from gg_notebook.adapters import torchtitan as tt
 
     cfg = tt.llama3_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=W, vocab_size=128)
     tokens, labels = _batch()
     return gg.Problem.from_modules(
-        sequential=lambda: tt.build(cfg, tp=1),
-        distributed=distributed(cfg) if distributed else (lambda: tt.build(cfg, tp=W, sp=sp)),
+        sequential=lambda: tt.build(cfg, tp=1, backend=backend),
+        distributed=distributed(cfg) if distributed else (lambda: tt.build(cfg, tp=W, sp=sp, backend=backend)),
         inputs=(tokens, labels), placements=(gg.Replicate(), gg.Replicate()), world_size=W,
         forward=tt.loss, grads=grads)
 
@@ -63,6 +63,16 @@ def test_tp2_without_sequence_parallel_norm_grads_replicated():
     problem = _problem(2, sp=False, grads=False)
     state = problem.meta["from_modules"]["state"]
     assert isinstance(state["norm.weight"].grad_placement, gg.Replicate)  # spmd_types I: not partial
+    r = gg.verify(problem)
+    assert r.status == "proved", r
+
+
+@needs_titan
+def test_tp2_sequence_parallel_partial_dtensor_backend_proved():
+    # DTensor parameters: placements read by the core; their gradients come back full (Replicate)
+    problem = _problem(2, sp=True, grads=True, backend="partial_dtensor")
+    state = problem.meta["from_modules"]["state"]
+    assert state["norm.weight"].source == "DTensor" and isinstance(state["norm.weight"].grad_placement, gg.Replicate)
     r = gg.verify(problem)
     assert r.status == "proved", r
 

@@ -289,11 +289,18 @@ def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend:
     return model
 
 
-def _state(model: torch.nn.Module) -> _TitanState:
+def _state_or_none(model: torch.nn.Module) -> "_TitanState | None":
     for m in model.modules():
         st = getattr(m, "_gg_titan", None)
         if st is not None:
             return st
+    return None
+
+
+def _state(model: torch.nn.Module) -> _TitanState:
+    st = _state_or_none(model)
+    if st is not None:
+        return st
     raise ValueError("this model was not built by gg_notebook.adapters.torchtitan.build(...)")
 
 
@@ -356,6 +363,19 @@ def _tp_type(model: torch.nn.Module, name: str):
     return found
 
 
+def _replicated_off_tp(model: torch.nn.Module, name: str) -> bool:
+    """Every mesh axis but tp holds the tensor whole (R or I): the tp type alone is its layout."""
+    import spmd_types as spmd
+
+    mod_name, _, leaf = name.rpartition(".")
+    sc = getattr(model.get_submodule(mod_name) if mod_name else model, "_sharding_config", None)
+    layout = (getattr(sc, "state_shardings", None) or {}).get(leaf)
+    for axis, typ in (getattr(layout, "axis_types", None) or {}).items():
+        if str(getattr(axis, "value", axis)) != "tp" and not (typ is spmd.R or typ is spmd.I):
+            return False
+    return True
+
+
 def _placement_of_type(typ, what: str):
     from torch.distributed.tensor import Partial, Replicate, Shard
 
@@ -388,18 +408,18 @@ class _Adapter:
     def placement(self, model, name, local, global_shape, rank, world_size):
         from torch.distributed.tensor import DTensor
 
-        if isinstance(local, DTensor):
+        st = _state_or_none(model)
+        if isinstance(local, DTensor) or (st is not None and st.backend != "spmd_types"):
             return None  # the core reads DTensor placements
         typ = _tp_type(model, name)
-        if typ is None:
-            return None
-        if world_size > 1:
-            st = next((getattr(m, "_gg_titan", None) for m in model.modules() if getattr(m, "_gg_titan", None)), None)
-            if st is not None and st.parallel_dims.world_size != st.tp:
-                return None  # other mesh axes than tp: not handled
+        if typ is None or not _replicated_off_tp(model, name):
+            return None  # sharded along another mesh axis (dp, cp): not read here (the core says so)
         return _placement_of_type(typ, f"torchtitan parameter {name}")
 
     def grad_placement(self, model, name, local, placement):
+        st = _state_or_none(model)
+        if st is not None and st.backend != "spmd_types":
+            return None  # DTensor parameters: from_local's backward makes a Replicate gradient full
         typ = _tp_type(model, name)
         if typ is None:
             return None
