@@ -5,11 +5,13 @@ A torchtitan user verifies a model with torchtitan's own tensor parallelism like
     import gg_notebook as gg
     from gg_notebook.adapters import torchtitan as tt
     cfg = tt.llama3_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+    tokens, labels = torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))
     problem = gg.Problem.from_modules(
         sequential=lambda: tt.build(cfg, tp=1),
         distributed=lambda: tt.build(cfg, tp=2, sp=True),
         inputs=(tokens, labels), placements=(gg.Replicate(), gg.Replicate()), world_size=2,
         forward=tt.loss, grads=True)
+    gg.verify(problem).status          # "proved"
 
 `build` runs exactly the tensor-parallel step of torchtitan's ``parallelize_llama``
 (``model.parallelize(parallel_dims)``, which reads every submodule's ``sharding_config``) and its
@@ -24,6 +26,19 @@ their layout is declared on the owning module, ``module._sharding_config.state_s
 Gradients (`ADAPTER.grad_placement`): spmd_types' rule, the gradient of an ``R`` (replicate) value
 is ``P`` (partial) and of ``I`` (invariant) / ``S(d)`` the same type: sequence-parallel norm weights
 (``R``) keep partial gradients on the ranks, reduced later by the trainer.
+
+Shims (`ADAPTER.shims`, all restored on exit): ``torchtitan.trainer`` stubbed for the one
+``isinstance`` check that imports it (it pulls in datasets / tensorboard / wandb); without triton,
+the expert-parallel GPU kernel module stubbed (imported unconditionally by the decoder, never run
+here); torchtitan's ``device_type`` set to "cpu"; ``FlexAttention``'s compiled kernel replaced by
+the eager one; the SPMD backend and the spmd_types mesh stack fresh. spmd_types' local conversion
+operators (``spmd_types::replicate_to_varying`` ...) get their plain-PyTorch definitions.
+
+Not covered: FlexAttention (the default attention of torchtitan's llama3 flavors) needs block masks
+built by a compiled function and has no CPU backward, so `build` swaps in torchtitan's SDPA
+attention by default (``attention=None`` keeps flex, which `loss` cannot feed masks to yet); the
+``full_dtensor`` backend puts parameters on a sub-mesh of a flattened world mesh, which
+`from_modules` does not read yet; FSDP / data parallelism.
 
 torchtitan is imported only when this module's functions are used.
 """
