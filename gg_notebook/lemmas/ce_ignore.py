@@ -56,6 +56,8 @@ def total_weight_unused(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
     if len(args) != 4 or spec.arg("weight") is not None or spec.arg("reduction") not in (0, 2):
         return
     tw = args[3]
+    if tw.ground:
+        return  # already a value (nothing to drop; and no rewrite of the rewrite)
     yield S.call(spec, [args[0], args[1], args[2], _full(S, 1.0, tw.shape, tw.dtype)])
 
 
