@@ -758,6 +758,76 @@ def _c(name, spec, rank, inputs, placements, expect, *, bug=False, world_size=2,
                         marker=marker, missing=missing, culprit=culprit, twin=twin, domains=domains)
 
 
+
+# boolean-mask selections reduced at once (capture/masked_select.py): loss[mask].mean() & co.
+
+
+def ce_ignore_mean_bug_select_pad(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: select-pad
+
+
+def ce_ignore_mean_bug_select_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: select-all
+
+
+def ce_ignore_mean_bug_numel_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: numel-all
+
+
+def ce_ignore_sum(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def ce_ignore_sum_bug(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE, reduction="sum")  # gg: sum-all
+
+
+def ce_ignore_rank_masked_select_mean(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    return torch.masked_select(loss, keep).mean()
+
+
+def ce_ignore_rank_masked_select_mean_pad(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != 0  # BUG: keeps the tokens whose id is not 0 (a pad id), not those != -100
+    return torch.masked_select(loss, keep).mean()
+
+
+def ce_ignore_rank_nonzero_sum_div_count(logits, target):
+    loss = ce_logsumexp_gather(logits, target)
+    valid = target.reshape(-1).ne(IGNORE)
+    return loss[valid.nonzero(as_tuple=True)].sum() / valid.sum()
+
+
+def ce_ignore_rank_nonzero_sum_div_all(logits, target):
+    loss = ce_logsumexp_gather(logits, target)
+    valid = target.reshape(-1).ne(IGNORE)
+    return loss[valid.nonzero(as_tuple=True)].sum() / loss.numel()  # BUG: divides by every token
+
+
+def ce_ignore_rank_hf_index_numel(logits, target):
+    """Hugging Face style: the per-token loss of the kept labels, its sum over its own numel."""
+    loss = ce_loss_parallel(logits, target)
+    kept = loss[target.flatten() != IGNORE]
+    return kept.sum() / kept.numel()
+
+
+def ce_ignore_rank_hf_index_numel_bug(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    kept = loss[target.flatten() != -1]  # BUG: the wrong ignore value: ignored tokens are kept (loss = their lse)
+    return kept.sum() / kept.numel()
+
+
+def ce_ignore_rank_index_sum(logits, target):
+    loss = ce_megatron(logits, target)
+    return loss[target.view(-1) >= 0].sum()
+
+
+def ce_ignore_rank_index_sum_bug(logits, target):
+    loss = ce_megatron(logits, target)
+    return loss[target.view(-1) >= -100].sum()  # BUG: >= -100 keeps the ignored tokens too
+
 _sm_in = lambda: [2.0 * rn(B, S, V, seed=7)]  # noqa: E731
 
 CASES = [
@@ -792,6 +862,29 @@ CASES = [
     _c("vocab-ce-ignore/bug-mean-over-all-tokens", ce_ignore_mean_bug, ce_ignore_rank_all_tokens, _ce_in_ign,
        [SL, R], [R], bug=True, culprit="ignored-mean", twin="vocab-ce-ignore/megatron-keep-weighted-sum",
        note="ignored tokens are zeroed but still counted in the mean's denominator"),
+    # boolean-mask selections reduced at once: loss[mask].mean(), masked_select, nonzero(as_tuple=True)
+    _c("vocab-ce-ignore/masked_select-mean", ce_ignore_mean, ce_ignore_rank_masked_select_mean, _ce_in_ign,
+       [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-masked_select-pad-id", ce_ignore_mean_bug_select_pad,
+       ce_ignore_rank_masked_select_mean_pad, _ce_in_ign, [SL, R], [R], bug=True, culprit="select-pad",
+       twin="vocab-ce-ignore/masked_select-mean",
+       note="the mask keeps targets != 0 (a pad id) instead of targets != ignore_index"),
+    _c("vocab-ce-ignore/nonzero-tuple-sum-div-count", ce_ignore_mean, ce_ignore_rank_nonzero_sum_div_count,
+       _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-nonzero-tuple-sum-div-all", ce_ignore_mean_bug_select_all,
+       ce_ignore_rank_nonzero_sum_div_all, _ce_in_ign, [SL, R], [R], bug=True, culprit="select-all",
+       twin="vocab-ce-ignore/nonzero-tuple-sum-div-count",
+       note="the kept tokens' loss summed, then divided by every token (ignored ones included)"),
+    _c("vocab-ce-ignore/hf-bool-index-sum-div-numel", ce_ignore_mean, ce_ignore_rank_hf_index_numel, _ce_in_ign,
+       [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-hf-bool-index-wrong-ignore-value", ce_ignore_mean_bug_numel_all,
+       ce_ignore_rank_hf_index_numel_bug, _ce_in_ign, [SL, R], [R], bug=True, culprit="numel-all",
+       twin="vocab-ce-ignore/hf-bool-index-sum-div-numel",
+       note="labels != -1 keeps the ignored tokens, whose vocab-parallel loss is their log-sum-exp"),
+    _c("vocab-ce-ignore/bool-index-nonneg-sum", ce_ignore_sum, ce_ignore_rank_index_sum, _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-bool-index-sum-keeps-ignored", ce_ignore_sum_bug, ce_ignore_rank_index_sum_bug,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="sum-all", twin="vocab-ce-ignore/bool-index-nonneg-sum",
+       note="target >= -100 is True for every target: the ignored tokens' loss is summed too"),
     # label smoothing, z-loss
     _c("vocab-ce-reg/smoothing-sum-logits-allreduce", ce_label_smoothing, ce_label_smoothing_rank, _ce_in, [SL, R], [R],
        domains=CLASS_IDS),
@@ -870,9 +963,6 @@ CASES = [
 ]
 
 _MISSING = {
-    "vocab-ce-ignore/loss-parallel-boolean-index-mean":
-        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx "
-        "(refused with the rewrite (loss * mask).sum() / mask.sum())",
     "vocab-ce-ignore/logsumexp-where-clamp":
         "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
         "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
