@@ -258,3 +258,12 @@ def test_function_undefined_on_unselected_elements():
     m = torch.tensor([True, False, True])
     (got,) = trace(log_of_selected, x, m)(x, m)
     assert torch.isclose(got, torch.tensor(8.0, dtype=torch.float64).log())
+
+
+def test_bitwise_verification_refuses_the_rewrite():
+    p = gg.Problem(sequential=mean_bool_index, distributed=mean_bool_index, inputs=[torch.randn(6), torch.rand(6) > 0.5],
+                   placements=[R, R], world_size=2, expect=[R])
+    assert gg.verify(p, capture="inprocess").status is gg.Status.PROVED
+    with pytest.raises(CaptureError) as e:
+        gg.verify(p, exact="bitwise", capture="inprocess")
+    assert "not bit for bit" in str(e.value) and _line(mean_bool_index, "x[m].mean()") in str(e.value)

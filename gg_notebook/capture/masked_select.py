@@ -363,6 +363,9 @@ def lower_selections(gm: fx.GraphModule) -> fx.Node | None:
         sel = _selection(n)
         if sel is None:
             continue
+        # equal over the reals, not bit for bit (the sums add in another order): verify(exact="bitwise")
+        # refuses a program with such a rewrite
+        gm.meta.setdefault("gg_selections", []).append(n.meta.get("gg_source"))
         try:
             _lower_one(gm, sel)
         except Refused as r:
