@@ -752,10 +752,11 @@ SEQ = gg.Shard(2)
 
 
 def _c(name, spec, rank, inputs, placements, expect, *, bug=False, world_size=2, note="", marker="# BUG",
-       missing=None, culprit=None, twin=None, domains=None):
+       missing=None, culprit=None, twin=None, domains=None, assumed=()):
     return SpellingCase(name=name, pattern="loss", sequential=spec, distributed=rank, inputs=inputs,
                         placements=placements, world_size=world_size, expect=expect, bug=bug, note=note,
-                        marker=marker, missing=missing, culprit=culprit, twin=twin, domains=domains)
+                        marker=marker, missing=missing, culprit=culprit, twin=twin, domains=domains,
+                        assumed=tuple(assumed))
 
 
 
@@ -828,6 +829,54 @@ def ce_ignore_rank_index_sum_bug(logits, target):
     loss = ce_megatron(logits, target)
     return loss[target.view(-1) >= -100].sum()  # BUG: >= -100 keeps the ignored tokens too
 
+
+# the count of kept tokens clamped to 1 (engine/clamped_count.py): the same value as the spec's mean
+# only when some target is kept (else the spec is 0/0 = NaN and the ranks 0): "assumed", not proved
+ASSUME_KEPT = "at least one element of target is != -100"
+CLAMP_NOTE = "assumed, not proved: with every target ignored the spec is 0/0 = NaN and the ranks return 0"
+
+
+def ce_ignore_mean_bug_clamp_pad(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: clamp-pad
+
+
+def ce_ignore_mean_bug_clamp_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: clamp-all
+
+
+def ce_ignore_rank_clamp_min(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    n = keep.sum()
+    return torch.where(keep, loss, 0.0).sum() / torch.clamp_min(n, 1)
+
+
+def ce_ignore_rank_clamp_min_pad(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    n = (target != 0).sum()  # BUG: counts the tokens that are not pad id 0
+    return torch.where(keep, loss, 0.0).sum() / torch.clamp_min(n, 1)
+
+
+def ce_ignore_rank_maximum_ones(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    keep = (target.reshape(-1) != IGNORE).to(loss.dtype)
+    n = keep.sum()
+    return (loss * keep).sum() / torch.maximum(n, torch.ones_like(n))
+
+
+def ce_ignore_rank_maximum_ones_all(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    keep = (target.reshape(-1) != IGNORE).to(loss.dtype)
+    n = torch.ones_like(keep).sum()  # BUG: every token, not the kept ones
+    return (loss * keep).sum() / torch.maximum(n, torch.ones_like(n))
+
+
+def ce_ignore_rank_positional_clamp(logits, target):
+    loss = ce_logsumexp_gather(logits, target).masked_fill(target.view(-1) == IGNORE, 0.0)
+    denom = target.ge(0).sum().clamp(1)
+    return loss.sum() / denom
+
 _sm_in = lambda: [2.0 * rn(B, S, V, seed=7)]  # noqa: E731
 
 CASES = [
@@ -858,10 +907,24 @@ CASES = [
     _c("vocab-ce-ignore/megatron-keep-weighted-sum", ce_ignore_mean, ce_ignore_rank, _ce_in_ign, [SL, R], [R]),
     _c("vocab-ce-ignore/loss-parallel-boolean-index-mean", ce_ignore_mean, ce_ignore_rank_masked_mean,
        _ce_in_ign, [SL, R], [R]),
-    _c("vocab-ce-ignore/logsumexp-where-clamp", ce_ignore_mean, ce_ignore_rank_where, _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/logsumexp-where-clamp", ce_ignore_mean, ce_ignore_rank_where, _ce_in_ign, [SL, R], [R],
+       assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
     _c("vocab-ce-ignore/bug-mean-over-all-tokens", ce_ignore_mean_bug, ce_ignore_rank_all_tokens, _ce_in_ign,
        [SL, R], [R], bug=True, culprit="ignored-mean", twin="vocab-ce-ignore/megatron-keep-weighted-sum",
        note="ignored tokens are zeroed but still counted in the mean's denominator"),
+    # the kept count clamped to 1: assumed (at least one target kept), not proved
+    _c("vocab-ce-ignore/where-clamp_min-count", ce_ignore_mean, ce_ignore_rank_clamp_min, _ce_in_ign, [SL, R], [R],
+       assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
+    _c("vocab-ce-ignore/bug-clamp_min-of-pad-count", ce_ignore_mean_bug_clamp_pad, ce_ignore_rank_clamp_min_pad,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="clamp-pad", twin="vocab-ce-ignore/where-clamp_min-count",
+       note="clamp(min=1) of the wrong count: targets != 0 (a pad id), not targets != ignore_index"),
+    _c("vocab-ce-ignore/keep-weighted-maximum-ones", ce_ignore_mean, ce_ignore_rank_maximum_ones, _ce_in_ign,
+       [SL, R], [R], assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
+    _c("vocab-ce-ignore/bug-maximum-of-all-tokens", ce_ignore_mean_bug_clamp_all, ce_ignore_rank_maximum_ones_all,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="clamp-all", twin="vocab-ce-ignore/keep-weighted-maximum-ones",
+       note="the guarded divisor counts every token (ones_like(keep).sum()), ignored ones included"),
+    _c("vocab-ce-ignore/masked_fill-nonneg-clamp-positional", ce_ignore_mean, ce_ignore_rank_positional_clamp,
+       _ce_in_ign, [SL, R], [R], assumed=["at least one element of target is >= 0"], note=CLAMP_NOTE),
     # boolean-mask selections reduced at once: loss[mask].mean(), masked_select, nonzero(as_tuple=True)
     _c("vocab-ce-ignore/masked_select-mean", ce_ignore_mean, ce_ignore_rank_masked_select_mean, _ce_in_ign,
        [SL, R], [R]),
@@ -962,11 +1025,7 @@ CASES = [
        note="the mean divides by the sequence length (the batch dim forgotten), not the number of tokens"),
 ]
 
-_MISSING = {
-    "vocab-ce-ignore/logsumexp-where-clamp":
-        "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
-        "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
-}
+_MISSING: dict = {}
 
 import dataclasses as _dc  # noqa: E402
 
