@@ -83,9 +83,18 @@ def _indicator(x: Expr) -> Expr | None:
     return b
 
 
-def count_of(c: Expr) -> Expr | None:
-    """The boolean tensor ``b`` if ``c`` is ``sum(b)`` over every dim (possibly of a cast of ``b``),
-    a 0-dim count that is exact in ``c``'s dtype; else None."""
+def count_of(c: Expr) -> list[Expr] | None:
+    """The boolean tensors ``[b]`` if ``c`` is ``sum(b)`` over every dim (possibly of a cast of ``b``),
+    or ``[b0, b1, ...]`` if ``c`` is the all-reduced sum of such counts (a mask sharded over the
+    ranks): a 0-dim count of True elements, exact in ``c``'s dtype; else None."""
+    if c.op == "accum" and c.attrs == "sum" and c.args and tuple(c.shape) == ():
+        parts = [count_of(a) if a.dtype == c.dtype else None for a in c.args]
+        if any(p is None for p in parts):
+            return None
+        bs = [b for p in parts for b in p]
+        if c.dtype is None or sum(_numel(b.shape) for b in bs) > _exact_ints(c.dtype):
+            return None
+        return bs
     if c.op != "call" or c.attrs.kind != "reduce" or len(c.args) != 1 or tuple(c.shape) != ():
         return None
     spec = c.attrs
@@ -98,7 +107,8 @@ def count_of(c: Expr) -> Expr | None:
         return None
     if c.dtype is None or c.dtype == torch.bool or c.dtype.is_complex or _numel(x.shape) > _exact_ints(c.dtype):
         return None
-    return _indicator(x)
+    b = _indicator(x)
+    return None if b is None else [b]
 
 
 def _number(v):
@@ -146,21 +156,34 @@ def clamp_low(u: Expr, c: Expr) -> float | None:
         return None
     if m is None or not (0.0 < m <= 1.0):
         return None
-    if u.dtype.is_floating_point and _numel(count_of(c).shape) > _exact_ints(u.dtype):
+    if u.dtype.is_floating_point and sum(_numel(b.shape) for b in count_of(c)) > _exact_ints(u.dtype):
         return None  # the clamped count is a float that may not hold c exactly
     return m
 
 
-def _describe(b: Expr, engine) -> str:
-    """Plain words for "b holds somewhere": ``at least one element of target is != -100``."""
-    s = _strip(b)
-    if s.op == "call" and s.attrs.name in _COMPARE and len(s.args) == 1:
-        base = _strip(s.args[0])
-        other = s.attrs.arg("other", None)
-        if base.op == "atom" and _number(other) is not None:
-            v = untyped(other)
-            return f"at least one element of {base.attrs[0]} is {_COMPARE[s.attrs.name]} {v}"
-    return f"at least one element of the mask {engine.show(b) if b.op == 'ref' else 'counted'} is True"
+def _base_atom(e: Expr) -> Expr | None:
+    """The global input ``e`` is a piece of (views and slices of one input), else None."""
+    while e.op in ("view", "slice"):
+        e = e.args[0]
+    return e if e.op == "atom" else None
+
+
+def _describe(bs: list[Expr]) -> str:
+    """Plain words for "some b holds somewhere": ``at least one element of target is != -100``."""
+    said = set()
+    for b in bs:
+        s = _strip(b)
+        if s.op == "call" and s.attrs.name in _COMPARE and len(s.args) == 1:
+            base = _base_atom(_strip(s.args[0]))
+            other = s.attrs.arg("other", None)
+            if base is None or _number(other) is None:
+                return "the count the mean divides by is at least 1"
+            said.add(f"at least one element of {base.attrs[0]} is {_COMPARE[s.attrs.name]} {untyped(other)}")
+        elif _base_atom(s) is not None:
+            said.add(f"at least one element of {_base_atom(s).attrs[0]} is True")
+        else:
+            return "the count the mean divides by is at least 1"
+    return said.pop() if len(said) == 1 else "the count the mean divides by is at least 1"
 
 
 def _where(d) -> str:
@@ -177,8 +200,8 @@ def lookup(engine, spec, terms: list[Expr]) -> Expr | None:
     if spec.target not in _DIVS or len(terms) != 2 or spec.arg("rounding_mode", None) is not None:
         return None
     num, den = terms
-    b = count_of(den)
-    if b is None:
+    bs = count_of(den)
+    if bs is None:
         return None
     index = engine.index
     count = index.realized(den)
@@ -206,7 +229,7 @@ def lookup(engine, spec, terms: list[Expr]) -> Expr | None:
         if d is None:
             continue
         clamp_src = _where(clamp)
-        text = (f"{_describe(b, engine)} (the count the mean divides by is >= 1): where none is, the "
+        text = (f"{_describe(bs)} (the count the mean divides by is >= 1): where it is 0, the "
                 f"specification divides by a count of 0 (0/0 = NaN) and the ranks divide by the count clamped "
                 f"to {low:g} instead (at {clamp_src})")
         recorded = engine.__dict__.setdefault("clamped_counts", {})
