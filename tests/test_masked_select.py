@@ -267,3 +267,20 @@ def test_bitwise_verification_refuses_the_rewrite():
     with pytest.raises(CaptureError) as e:
         gg.verify(p, exact="bitwise", capture="inprocess")
     assert "not bit for bit" in str(e.value) and _line(mean_bool_index, "x[m].mean()") in str(e.value)
+
+
+def wrong_mask_shape(x, m):
+    return x.unsqueeze(0)[m].mean()  # the mask does not fit the indexed dims: a user error
+
+
+def mean_of_ints(x, m):
+    return x.int()[m].mean()
+
+
+@pytest.mark.parametrize("fn,error", [(wrong_mask_shape, "IndexError"), (mean_of_ints, "RuntimeError")])
+def test_user_errors_in_a_selection_are_reported_as_such(fn, error):
+    with pytest.raises(CaptureError) as e:
+        trace(fn, torch.randn(6), torch.rand(6) > 0.5)
+    msg = str(e.value)
+    assert msg.startswith(f"the sequential program raised {error}"), msg
+    assert "shape depends on tensor values" not in msg

@@ -57,6 +57,10 @@ def has_unbacked(gm: fx.GraphModule) -> bool:
     return any(_unbacked(n.meta.get("val")) for n in gm.graph.nodes)
 
 
+def has_unbacked_val(n: fx.Node) -> bool:
+    return _unbacked(n.meta.get("val"))
+
+
 class _Selection:
     """``x`` restricted to the positions where ``mask`` holds: the selected positions replace the
     dims ``lead .. lead + mask.ndim - 1`` of ``x`` by one dim of data-dependent length (at ``lead``).
@@ -373,6 +377,9 @@ def lower_selections(gm: fx.GraphModule) -> fx.Node | None:
             return r.node
     for n in g.nodes:
         if _unbacked(_val(n)):
+            if n.op == "call_function" and _selection(n) is None and "gg_refused" not in n.meta:
+                n.meta["gg_refused"] = ("only boolean-mask selections (x[mask], masked_select, "
+                                        "x[mask.nonzero(as_tuple=True)]) reduced at once are accepted")
             return n
     g.lint()
     gm.recompile()

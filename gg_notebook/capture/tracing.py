@@ -45,7 +45,7 @@ from gg_notebook.capture.collectives import (
     rewrite_collectives,
 )
 from gg_notebook.capture.errors import CaptureError, program_name
-from gg_notebook.capture.masked_select import has_unbacked, lower_selections
+from gg_notebook.capture.masked_select import has_unbacked, has_unbacked_val, lower_selections
 from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
 from gg_notebook.problem import Layout, Problem, Replicate, local_input
 
@@ -292,15 +292,25 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
     except CaptureError:
         raise
     except Exception as e:
-        if _data_dependent_kind(e) == "shape":
-            # x[mask], masked_select, nonzero: trace again with data-dependent sizes, and keep the
-            # selection only where it is reduced at once (masked_select.py); else the refusal below
-            again = _with_shape_env(args)
-            if again is not None:
-                return _trace(fn, again, rank)
-        raise _error(e, rank, shapes) from e
+        # x[mask], masked_select, nonzero: trace again with data-dependent sizes, and keep the
+        # selection only where it is reduced at once (masked_select.py); else the refusal below
+        again = _with_shape_env(args) if _data_dependent_kind(e) == "shape" else None
+        if again is None:
+            raise _error(e, rank, shapes) from e
+    else:
+        again = None
+    if again is not None:  # outside the handler: an error of the second trace is its own, not this one's
+        return _trace(fn, again, rank)
     if has_unbacked(gm):
-        left = lower_selections(gm)
+        try:
+            left = lower_selections(gm)
+        except Exception as e:  # noqa: BLE001 - a rewrite that does not fit: the plain refusal
+            left = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("val") is not None)
+            for n in gm.graph.nodes:
+                if has_unbacked_val(n):
+                    left = n
+                    break
+            left.meta["gg_refused"] = f"it could not be rewritten to fixed shapes ({type(e).__name__}: {e})"
         if left is not None:
             raise _selection_refused(left, rank)
     return gm, results
