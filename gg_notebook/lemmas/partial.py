@@ -29,13 +29,17 @@ def partial_linear(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
         return
     for i in lin[1]:
         a = args[i]
+        factor = None
+        if a.op == "scale" and _is_partial(a.args[0]):  # c * (sum of parts): an averaged reduction
+            factor, a = a.attrs, a.args[0]
         if not _is_partial(a):
             continue
-        if any(_is_partial(b) for j, b in enumerate(args) if j != i):
+        if any(_is_partial(b) or (b.op == "scale" and _is_partial(b.args[0])) for j, b in enumerate(args) if j != i):
             continue
         try:
             pieces = [S.call(spec, args[:i] + (p,) + args[i + 1:]) for p in a.args]
-            yield S.accum("sum", pieces)
+            total = S.accum("sum", pieces)
+            yield total if factor is None else S.scale(total, factor)
         except ShapeError:
             continue
 
@@ -44,13 +48,20 @@ def partial_additive(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
     lin = linear_args(spec, [a.dtype for a in args])
     if lin is None or lin[0] != "jointly" or len(lin[1]) != len(args):
         return
-    if not all(_is_partial(a) for a in args):
+    # c * (sum of parts) for every operand with one factor c (averaged reductions): factored out
+    factors = {a.attrs if a.op == "scale" else None for a in args}
+    if len(factors) != 1:
         return
-    n = len(args[0].args)
-    if any(len(a.args) != n for a in args):
+    (factor,) = factors
+    parts = [a.args[0] if factor is not None else a for a in args]
+    if not all(_is_partial(a) for a in parts):
+        return
+    n = len(parts[0].args)
+    if any(len(a.args) != n for a in parts):
         return
     try:
-        yield S.accum("sum", [S.call(spec, tuple(a.args[k] for a in args)) for k in range(n)])
+        total = S.accum("sum", [S.call(spec, tuple(a.args[k] for a in parts)) for k in range(n)])
+        yield total if factor is None else S.scale(total, factor)
     except ShapeError:
         return
 
