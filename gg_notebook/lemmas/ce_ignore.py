@@ -163,8 +163,10 @@ def vocab_ce_backward_ignore(S: ExprStore, spec: OpSpec, args: tuple, out_shape:
     vocab = x.shape[-1]
     ignore = nll.arg("ignore_index")
     domain = nll_target_domain(ctx, t, vocab, ignore)
-    if ignore not in domain:
-        return  # vocab-cross-entropy-backward covers it
+    if not isinstance(ignore, int):
+        return
+    # (ignore_index outside a declared domain: the zeroing is the identity there, and the matchers
+    # check it over every id: a rank that still zeroes the sentinel's rows, as torchtitan does)
     if tuple(g.shape) != () or ground_value(g, ctx) is None:
         return  # the factor is compared by value: torch.autograd.grad of the summed loss
     if hasattr(ctx, "to_term"):
@@ -245,7 +247,7 @@ register(Lemma(
     plans=vocab_ce_backward_ignore,
     cases=_bwd_cases,
     conditions=("logits concatenated along the vocabulary (last) dim", "no class weights, reduction sum",
-                "ignore_index may occur among the targets (else vocab-cross-entropy-backward applies)",
+                "ignore_index may occur among the targets (or not: the zeroing is then the identity on the domain)",
                 "the upstream gradient is input-independent and compared by value",
                 "the one-hot part is matched over the whole target domain, ignored targets don't-care"
                 " (their rows are zeroed, which the zero_rows_where_equal matcher checks over the domain)",

@@ -157,6 +157,12 @@ def vocab_cross_entropy(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tupl
             yield from _reduced(S, zeroed, S.view(t, shape), reduction, ignore_index, domain, out_shape)
     else:
         yield from _reduced(S, loss, t, reduction, ignore_index, domain, out_shape)
+        if isinstance(ignore_index, int) and reduction in (0, 2):
+            # a declared domain without the sentinel, and ranks that still zero it (torchtitan): the
+            # zeroing is the identity on the domain, which the matcher checks over every id
+            for shape in dict.fromkeys((lead, tuple(target.shape))):
+                zeroed = S.call(zero_where_equal_spec(ignore_index, domain), [S.view(loss, shape), S.view(t, shape)])
+                yield from _reduced(S, zeroed, S.view(t, shape), reduction, ignore_index, domain, out_shape)
     # other spellings, matched by value over the reals (realform): the loss is LSE(x) minus the
     # picked logit, however the ranks stabilize, combine and pick it (log(s) + m - pick(x),
     # log(s) - pick(x - m), per-shard logsumexp gathered and combined ...)
@@ -226,6 +232,10 @@ def match_zero_where_equal(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if kv is None or not bool((kv == want).all()):
             continue
         d = index.realized(e)
+        if d is not None:
+            return index.ref(d)
+    if bool(want.all()):  # no id of the domain is the value: x itself, if a rank holds it
+        d = index.realized(x_t)
         if d is not None:
             return index.ref(d)
     return None
@@ -413,6 +423,11 @@ def nll_over_split(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, ct
             tv = S.view(t, shape)
             loss = S.call(zero_where_equal_spec(ignore_index, domain), [loss, tv])
         yield from _reduced(S, loss, tv, reduction, ignore_index, domain, out_shape)
+        if ignore_index not in domain and isinstance(ignore_index, int) and reduction in (0, 2):
+            # ranks that zero the sentinel anyway: the identity on the declared domain (checked)
+            tv = S.view(t, shape)
+            zeroed = S.call(zero_where_equal_spec(ignore_index, domain), [loss, tv])
+            yield from _reduced(S, zeroed, tv, reduction, ignore_index, domain, out_shape)
 
 
 def _nll_split_cases(rng):

@@ -48,6 +48,10 @@ def _row_mask(mask: Expr, row_shape: tuple) -> Expr | None:
     # elements are in row order, which is all the domain check needs
     if tuple(mask.shape[:len(row_shape)]) == row_shape and all(s == 1 for s in mask.shape[len(row_shape):]):
         return mask
+    # a single element (a constant condition, e.g. `t != -100` folded on a declared domain) is the
+    # same for every row; evaluated on the domain it answers one value for every id
+    if all(s == 1 for s in mask.shape) and mask.op == "const":
+        return mask
     return None
 
 
