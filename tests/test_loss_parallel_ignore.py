@@ -87,14 +87,16 @@ def _with_grad(fn):
     return g
 
 
-def _problem(par, grads, W=2, seed=0):
+def _problem(par, grads, W=2, seed=0, declared=False):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 8, V, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (2, 8), generator=g)
-    labels[0, 3] = IGNORE  # the example hits the sentinel too (the proof covers it either way)
+    if not declared:
+        labels[0, 3] = IGNORE  # the example hits the sentinel too (the proof covers it either way)
     s, p = (_with_grad(seq), _with_grad(par)) if grads else (seq, par)
     return gg.Problem(sequential=s, distributed=p, inputs=(logits, labels), placements=(Shard(-1), Replicate()),
-                      world_size=W, expect=[Replicate()] + ([Shard(-1)] if grads else []))
+                      world_size=W, expect=[Replicate()] + ([Shard(-1)] if grads else []),
+                      domains={"labels": range(0, V)} if declared else None)
 
 
 @pytest.mark.parametrize("spelling", ["titan", "masked"])
@@ -120,3 +122,11 @@ def test_ignored_positions_not_zeroed_refuted(spelling):
 def test_gradient_of_ignored_rows_not_zeroed_refuted():
     r = gg.verify(_problem(_par("titan", bug="grad_of_ignored"), grads=True))
     assert r.status == "refuted", r
+
+
+@pytest.mark.parametrize("grads", [False, True])
+def test_declared_domain_without_the_sentinel_ranks_still_zeroing_proved(grads):
+    # labels declared in [0, V): the ranks' zeroing of -100 is the identity there
+    r = gg.verify(_problem(_par("titan"), grads=grads, declared=True))
+    assert r.status == "proved", r
+    assert any("declared" in d for d in r.domain_assumptions), r.domain_assumptions
