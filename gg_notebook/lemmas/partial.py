@@ -100,6 +100,13 @@ def _linear_cases(rng):
                          description=f"layer_norm backward out {o}, grad partial")
         yield C.case(lambda mk, x: x.masked_fill(mk, 0.0), (r(m, n) > 0, r(m, n)), rng, partial={1: parts},
                      description="masked_fill(0) partial")
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, averaged={0: parts},
+                     description="mm, lhs an averaged reduction")
+        yield C.case(lambda x: x * 0.25, (r(m, n),), rng, averaged={0: parts}, description="mul of an average")
+        yield C.case(lambda g: aten.slice_backward(g, [m + 3, n], 0, 1, m + 1, 1), (r(m, n),), rng,
+                     averaged={0: parts}, description="slice_backward of an averaged gradient")
+        yield C.case(lambda g: aten.select_backward(g, [3, m, n], 0, 1), (r(m, n),), rng,
+                     partial={0: parts}, description="select_backward of a partial gradient")
 
 
 def _ln_bwd(k, o):
@@ -116,6 +123,10 @@ def _additive_cases(rng):
         yield C.case(lambda x, y: x + y, (r(m, n), r(m, n)), rng, partial={0: parts, 1: parts}, description="add")
         yield C.case(lambda x, y: x - y, (r(m, n), r(m, n)), rng, partial={0: parts, 1: parts}, description="sub")
         yield C.case(lambda x, y: x + y, (r(m, n), r(n)), rng, partial={0: parts, 1: parts}, description="add bcast")
+        yield C.case(lambda x, y: x + y, (r(m, n), r(m, n)), rng, averaged={0: parts, 1: parts},
+                     description="add of two averaged reductions")
+        yield C.case(lambda x, y: x - y, (r(m, n), r(m, n)), rng, averaged={0: parts, 1: parts},
+                     description="sub of two averaged reductions")
 
 
 register(Lemma(
