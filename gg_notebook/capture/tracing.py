@@ -373,17 +373,29 @@ def warm_up() -> float:
 # Public entry points
 
 
+def _session(program: Callable, rank: int | None, world_size: int):
+    """A program that must be set up in the capturing process before it is traced (a model built
+    for real, outside the trace: `gg_notebook.adapters.modules`) has ``gg_session(rank, world_size)``,
+    a context manager yielding the function to trace; any other program is traced as is."""
+    from contextlib import nullcontext
+
+    session = getattr(program, "gg_session", None)
+    return session(rank, world_size) if session is not None else nullcontext(program)
+
+
 def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace the sequential program (``rank=None``) or rank ``rank``'s program of ``problem``;
     return its finished graph and its collectives in program order."""
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs)
     if rank is None:
-        gm, issued = _trace(problem.sequential, globals_, None)
+        with _session(problem.sequential, None, problem.world_size) as fn:
+            gm, issued = _trace(fn, globals_, None)
     else:
         args = _local_fakes(problem, mode, globals_, rank)
         with fake_process_group(rank, problem.world_size):
-            gm, issued = _trace(problem.distributed, args, rank)
+            with _session(problem.distributed, rank, problem.world_size) as fn:
+                gm, issued = _trace(fn, args, rank)
     _finish(gm, list(problem.input_names), rank)
     return gm, issued
 

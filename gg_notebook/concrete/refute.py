@@ -51,10 +51,11 @@ def _output_mismatch(engine, problem, sims):
 
     W = engine.index.world_size
     for k, out in enumerate(engine.seq.outputs):
-        placements = [problem.expect[k]] if problem.expect is not None else \
+        declared = problem.expect[k] if problem.expect is not None and k < len(problem.expect) else None
+        placements = [declared] if declared is not None else \
             [Replicate()] + [Shard(d) for d in range(len(out.shape))] + [Partial()]
         rebuild_rel = None
-        if problem.expect is None:  # another clean rebuild the judge found (round-robin rows, ...)
+        if declared is None:  # another clean rebuild the judge found (round-robin rows, ...)
             try:
                 p_found, c_found = any_clean_output_relation(engine, k)
             except Exception:  # noqa: BLE001 - no symbolic rebuild: the numbers decide

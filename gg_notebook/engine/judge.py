@@ -264,6 +264,12 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
                         findings.append(Finding("scale-factor", f"output {k}: {detail}", out.source))
                         break
                 relations.append(OutputRelation(k, out.name, alts[0] if alts else None, None, False, detail, alts))
+    labels = getattr(problem, "meta", {}).get("output_labels")
+    if labels is not None:
+        names = labels(n_out)
+        for rel in relations:
+            if rel.index < len(names):
+                rel.label = names[rel.index]
     if culprit is None:
         bad = [r for r in relations if not r.ok]
         if bad:
