@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -47,15 +48,11 @@ _INSTALL = "pip install -c constraints.txt '.[megatron]'"
 
 
 def _require():
-    """Import megatron.core or raise a ProblemError with the install command."""
-    try:
-        import megatron.core  # noqa: F401
-        from megatron.core import parallel_state  # noqa: F401
-    except ImportError as e:
-        raise ProblemError(
-            f"gg_notebook's megatron adapter needs megatron-core (and einops), which could not be imported "
-            f"({type(e).__name__}: {e}). Install them with: {_INSTALL}"
-        ) from e
+    """Import megatron.core or raise an ImportError that says how to install it."""
+    from gg_notebook.adapters.frameworks import require
+
+    require("einops", _INSTALL, "gg_notebook's megatron adapter (megatron-core needs einops)")
+    require("megatron.core.parallel_state", _INSTALL, "gg_notebook's megatron adapter")
     return sys.modules["megatron.core"]
 
 
@@ -189,24 +186,30 @@ def _tp_size(world_size: int) -> int:
     return world_size
 
 
-def strided_layout(dim: int, stride: int, tp: int) -> Layout:
-    """megatron's ``partition_stride`` layout: the global tensor in ``stride * tp`` equal blocks along
-    ``dim``; tensor-parallel rank t holds blocks ``t, t + tp, t + 2 tp, ...`` concatenated (the split of
-    ``_initialize_affine_weight_cpu``). TP ranks are the fastest-varying global ranks (megatron's
-    default order "tp-cp-ep-dp-pp")."""
+@dataclass(frozen=True)
+class TPBlocks:
+    """megatron's split of a tensor-parallel tensor when the tensor-parallel group is not all ranks:
+    the global tensor in ``stride * tp`` equal blocks along ``dim``; global rank r (tensor-parallel
+    rank ``r % tp``: megatron's default order "tp-cp-ep-dp-pp" makes TP the fastest-varying) holds blocks
+    ``t, t + tp, ...`` concatenated (``_initialize_affine_weight_cpu``)."""
 
-    def megatron_strided(g: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        blocks = torch.chunk(g, stride * tp, dim=dim)
-        t = rank % tp
-        return torch.cat([blocks[t + k * tp] for k in range(stride)], dim=dim)
+    dim: int
+    stride: int
+    tp: int
 
-    return Layout(megatron_strided, name=f"megatron_stride{stride}(dim={dim}, tp={tp})")
+    def __call__(self, g: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        blocks = torch.chunk(g, self.stride * self.tp, dim=self.dim)
+        t = rank % self.tp
+        return torch.cat([blocks[t + k * self.tp] for k in range(self.stride)], dim=self.dim)
 
 
-def _tp_shard(dim: int, tp: int, world_size: int):
+def megatron_layout(dim: int, stride: int, tp: int, world_size: int):
+    """The placement of a megatron tensor-parallel tensor (``partition_dim``, ``partition_stride``)."""
+    from gg_notebook.adapters.layouts import strided_layout
+
     if tp == world_size:
-        return Shard(dim)
-    return strided_layout(dim, 1, tp)
+        return Shard(dim) if stride == 1 else strided_layout(dim, stride)
+    return Layout(TPBlocks(dim, stride, tp), name=f"megatron(dim={dim}, stride={stride}, tp={tp})")
 
 
 class _MegatronAdapter:
@@ -228,11 +231,9 @@ class _MegatronAdapter:
         if dim is None or dim < 0:
             return None
         tp = _tp_size(world_size)
-        if tuple(local.shape) == tuple(global_shape) and tp == 1:
-            return Replicate()
-        if stride == 1:
-            return _tp_shard(dim, tp, world_size)
-        return strided_layout(dim, stride, tp)
+        if tp == 1:
+            return Replicate() if tuple(local.shape) == tuple(global_shape) else None
+        return megatron_layout(dim, stride, tp, world_size)
 
     def grad_placement(self, model, name: str, local: torch.Tensor, placement):
         if getattr(local, "sequence_parallel", False):

@@ -587,6 +587,11 @@ def _meta_from(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[k] = src.meta[k]
 
 
+def _same_meta(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tuple(a.shape) == tuple(b.shape) \
+        and a.dtype == b.dtype
+
+
 def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
     """Replace collectives by `collective_result` nodes (see module docstring); return them in order.
 
@@ -609,6 +614,15 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
         return info
 
     def make(before: fx.Node, inp: fx.Node, info: CollectiveInfo, val, replaces: list[fx.Node]) -> fx.Node:
+        if len(info.group) == 1 and rank is None and _same_meta(_val(inp), val):
+            # the sequential program runs alone: a collective over its group of one rank (a
+            # framework that always reduces, e.g. megatron's cross-entropy at TP=1) is the identity
+            if issued and issued[-1][0] is info:
+                issued.pop()
+            for old in replaces:
+                old.replace_all_uses_with(inp)
+                dead.append(old)
+            return inp
         with g.inserting_before(before):
             r = g.call_function(collective_result, (inp,))
         r.meta["val"] = val
