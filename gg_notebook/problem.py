@@ -51,6 +51,18 @@ class Layout:
 InputPlacement = Placement | Layout
 
 
+@dataclass(frozen=True)
+class OnRank:
+    """An output only rank ``rank`` holds (``expect`` only): the last pipeline stage's loss, the
+    gradients of a stage's own parameters. That rank's output must equal the sequential output; the
+    other ranks' outputs are not compared (return anything, e.g. an empty tensor)."""
+
+    rank: int
+
+    def __repr__(self) -> str:
+        return f"OnRank({self.rank})"
+
+
 @dataclass
 class Problem:
     """A refinement question: does ``distributed`` on ``world_size`` ranks implement ``sequential``?
@@ -234,10 +246,13 @@ def validate_problem(problem: Problem) -> None:
     _validate_decompositions(problem)
     if problem.expect is not None:
         for k, e in enumerate(problem.expect):
-            if e is not None and not isinstance(e, (Replicate, Shard, Partial, Layout)):
+            if isinstance(e, OnRank) and not (isinstance(e.rank, int) and 0 <= e.rank < problem.world_size):
                 raise ProblemError(
-                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d), Partial(), gg.Layout(fn) or None (any clean "
-                    "relation) for each output."
+                    f"expect[{k}] is {e!r} but the ranks are 0..{problem.world_size - 1}: name the rank that holds output {k}.")
+            if e is not None and not isinstance(e, (Replicate, Shard, Partial, Layout, OnRank)):
+                raise ProblemError(
+                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d), Partial(), gg.Layout(fn), gg.OnRank(r) or None "
+                    "(any clean relation) for each output."
                 )
 
 

@@ -213,6 +213,41 @@ def test_hand_sharded_model_missing_its_all_reduce_is_refuted_at_the_module_line
     assert not r.proved
 
 
+def test_a_buffer_the_rank_computes_differently_is_refused():
+    """The ranks' rotary-style table is computed by their own code: replacing it with the sequential
+    model's values would verify a program the ranks do not run."""
+
+    class Skewed(HandMLP):
+        def __init__(self):
+            super().__init__()
+            if world_size() > 1:
+                self.scale = self.scale * 1.001
+
+    problem = gg.Problem.from_modules(
+        sequential=HandMLP, distributed=Skewed, inputs=(X,), placements=(gg.Replicate(),), world_size=2,
+        param_placements=HAND)
+    with pytest.raises(ModelError, match=r"rank 0: attribute scale holds values .* differ from the sequential"):
+        gg.verify(problem)
+
+
+class AlwaysReduces(HandMLP):
+    """Reduces whatever the world size, as code written for a cluster does: in the single-device model
+    (a process group of one rank) the all-reduce is the identity."""
+
+    def forward(self, x):
+        y = torch.relu(self.up(x * self.scale)) @ self.down.weight.t()
+        dist.all_reduce(y)
+        return y
+
+
+def test_collectives_of_the_single_device_model_are_the_identity():
+    problem = gg.Problem.from_modules(
+        sequential=AlwaysReduces, distributed=AlwaysReduces, inputs=(X,), placements=(gg.Replicate(),), world_size=2,
+        param_placements=HAND, expect=(gg.Replicate(),))
+    r = gg.verify(problem)
+    assert r.proved, r
+
+
 def test_unplaced_sharded_parameter_names_the_parameter_and_the_fix():
     with pytest.raises(ModelError, match=r"up\.weight has local shape \(8, 8\).*\(16, 8\).*param_placements"):
         gg.Problem.from_modules(sequential=HandMLP, distributed=HandMLP, inputs=(X,), placements=(gg.Replicate(),),

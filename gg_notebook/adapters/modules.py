@@ -301,6 +301,7 @@ class ModuleProgram:
         self.declared = dict(declared or {})
         self.global_shapes = dict(global_shapes)
         self.sequential = sequential
+        self.computed: dict[str, torch.Tensor] = {}  # buffers and tensor attributes: sequential values
         self.__name__ = "sequential_model" if sequential else "distributed_model"
 
     def __call__(self, *tensors):
@@ -320,7 +321,31 @@ class ModuleProgram:
             model = _build(spec, rank)
             state = read_state(spec, model, rank, None if rank is None else self.global_shapes)
             self._check(state, rank)
+            if rank is not None:
+                self._check_computed_state(model, state, rank)
             yield functools.partial(_run, spec, model, self.names, state)
+
+    def _check_computed_state(self, model: nn.Module, state: Mapping[str, StateInfo], rank: int) -> None:
+        """Buffers and tensor attributes are computed by the rank's own code (a rotary table, a
+        mask, a vocabulary offset), not loaded like weights: the rank's values must be the ones its
+        placement derives from the sequential model's, or what is proved is not what the rank runs."""
+        from gg_notebook.problem import local_input
+
+        current = named_state(model)
+        for name, want_global in self.computed.items():
+            have = _local(current[name][1]).detach()
+            if have.device.type == "meta":
+                continue  # no values to compare (a model built on the meta device)
+            want = local_input(want_global, state[name].placement, rank, self.spec.world_size)
+            if have.shape != want.shape or have.dtype != want.dtype or not torch.equal(have, want):
+                diff = ""
+                if have.shape == want.shape and have.dtype == want.dtype and have.dtype.is_floating_point:
+                    diff = f" (largest difference {float((have.double() - want.double()).abs().max()):.3g})"
+                raise ModelError(
+                    f"rank {rank}: {state[name].kind} {name} holds values{diff} that differ from the sequential model's "
+                    f"(placed as {_placement_str(state[name].placement)}): a buffer or tensor attribute is computed "
+                    "by the model's own code, so the ranks would run with other values than the ones verified. Make "
+                    "both builders compute it alike, or make it a parameter (loaded like a weight).")
 
     def _check(self, state: Mapping[str, StateInfo], rank: int | None) -> None:
         missing = [n for n in self.names if n not in state]
@@ -490,9 +515,11 @@ def from_modules(
         state_inputs.append(v)
     all_inputs = tuple(state_inputs) + inputs
     all_placements = tuple(rank0.state[n].placement for n in names) + placements
+    ranks_program = ModuleProgram(spec, names, rank0.state, global_shapes, sequential=False)
+    ranks_program.computed = {n: seq.values[n] for n in names if seq.state[n].kind != "parameter"}
     problem = Problem(
         sequential=ModuleProgram(spec, names, None, global_shapes, sequential=True),
-        distributed=ModuleProgram(spec, names, rank0.state, global_shapes, sequential=False),
+        distributed=ranks_program,
         inputs=all_inputs, placements=all_placements, world_size=spec.world_size,
         input_names=tuple(names) + batch_names, name=name or "model", **problem_kwargs,
     )

@@ -29,6 +29,10 @@ def _rebuild(outs: list[torch.Tensor], placement):
         for o in outs[1:]:
             total = total + o
         return [total]
+    from gg_notebook.problem import OnRank
+
+    if isinstance(placement, OnRank):
+        return [outs[placement.rank]]
     raise ValueError(placement)
 
 
@@ -41,6 +45,8 @@ def _pstr(p, W) -> str:
         return "every rank's output (Replicate())"
     if isinstance(p, Shard):
         return f"concat of the ranks' outputs along dim {p.dim} (Shard({p.dim}))"
+    if type(p).__name__ == "OnRank":
+        return f"rank {p.rank}'s output ({p!r})"
     return "the sum of the ranks' outputs (Partial())"
 
 

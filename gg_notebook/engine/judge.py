@@ -8,7 +8,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
 from gg_notebook.relations.movement import movement_of, retile, substitute
-from gg_notebook.problem import Layout
+from gg_notebook.problem import Layout, OnRank
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -35,6 +35,8 @@ def expected_relation(engine: Engine, k: int, placement) -> Expr | None:
         return S.cat(refs, placement.dim % nd)
     if isinstance(placement, Partial):
         return S.accum("sum", refs)
+    if isinstance(placement, OnRank):
+        return refs[placement.rank]
     return None
 
 
@@ -113,10 +115,21 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     by_form = not engine.bitwise and not isinstance(placement, Partial)
     for c in cands:
         ct = engine.to_term(c.expr)
-        if ct.id == tt.id or movement_of(engine.index).equal(ct, tt) \
-                or (by_form and engine.index.forms.ratio(tt, ct) == 1):
+        if _same_value(engine, tt, ct, by_form):
             return True, Candidate(target, c.chain, c.assumption), ""
     return False, None, f"expected {engine.show(target)}"
+
+
+def _same_value(engine: Engine, a: Expr, b: Expr, by_form: bool) -> bool:
+    """Equal terms: the same term, the same data movement, the same scalar normal form, or two
+    concatenations along one dim whose pieces (at the same offsets) are pairwise equal (a stage's
+    gradient accumulated as ``g + dw1 + dw2`` against the sum of its micro-batches' products)."""
+    if a.id == b.id or movement_of(engine.index).equal(a, b) or (by_form and engine.index.forms.ratio(a, b) == 1):
+        return True
+    if a.op == "cat" and b.op == "cat" and a.attrs == b.attrs and len(a.args) == len(b.args) \
+            and all(tuple(x.shape) == tuple(y.shape) for x, y in zip(a.args, b.args)):
+        return all(_same_value(engine, x, y, by_form) for x, y in zip(a.args, b.args))
+    return False
 
 
 _SCALERS = {"aten.mul.Tensor": 1, "aten.mul.Scalar": 1, "aten.div.Tensor": -1, "aten.div.Scalar": -1}
