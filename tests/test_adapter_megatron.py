@@ -86,10 +86,21 @@ def test_gpt_model_is_proved(W, sp, grads, heads, groups):
 
 
 def _drop_row_parallel_allreduce():
-    """RowParallelLinear (attention out-projection, MLP fc2) forgets its all-reduce."""
+    """RowParallelLinear (attention out-projection, MLP fc2) forgets its all-reduce; the vocab-parallel
+    embedding, which calls the same reduction, keeps it."""
     from megatron.core.tensor_parallel import layers
 
-    layers.reduce_from_tensor_model_parallel_region = lambda input_, group=None: input_
+    forward = layers.RowParallelLinear.forward
+
+    def buggy(self, *args, **kwargs):
+        reduce = layers.reduce_from_tensor_model_parallel_region
+        layers.reduce_from_tensor_model_parallel_region = lambda input_, group=None: input_
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            layers.reduce_from_tensor_model_parallel_region = reduce
+
+    layers.RowParallelLinear.forward = buggy  # in the rank's own capture process only
 
 
 @needs_megatron
@@ -97,7 +108,9 @@ def test_dropped_row_parallel_allreduce_is_refuted_in_megatron():
     r = gg.verify(gpt_problem(2, bug=_drop_row_parallel_allreduce))
     assert r.status == "refuted", str(r)
     assert r.culprit is not None and r.culprit.source is not None
+    # the first value the missing reduction makes wrong: the residual add that consumes the projection
     assert "/megatron/" in r.culprit.source.replace("\\", "/"), r.culprit.source
+    assert any("sum(" in rel for rels in r.culprit.input_relations.values() for rel in rels), str(r)
 
 
 # ------------------------------------------------------------------------------------ placements
