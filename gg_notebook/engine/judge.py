@@ -222,8 +222,9 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
     culprit = None
     # the user's own unproven relations (hints, accepted guesses); what the engine derived from them
     # is marked as depending on an assumption but not counted again
+    typed = getattr(engine, "typed_relations", {})  # a session's hints, as the user typed them
     assumptions = sorted({
-        f"{n}: {engine.show(c.expr)}"
+        f"{n}: {typed.get((n, c.expr.id)) or engine.show(c.expr)}"
         for n, cs in engine.user_relations.items() for c in cs
         if c.assumption and any(x.expr.id == c.expr.id for x in engine.relations.get(n, []))
     })
