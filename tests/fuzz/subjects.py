@@ -71,6 +71,7 @@ _EXAMPLE_SPECS = {
     "pipeline_gpipe": ("pipeline", "make_gpipe", ("_forward", "_backward", "gpipe"), dict(batch=4, hidden=4),
                        ((2, "float64"), (4, "float64")), 3),
     "pipeline_1f1b": ("pipeline", "make_1f1b", ("one_f_one_b",), dict(batch=8, hidden=4), ((2, "float64"),), 3),
+    "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
 }
 
 
