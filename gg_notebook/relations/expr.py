@@ -372,7 +372,7 @@ class ExprStore:
             return x
         if x.op == "view":
             return self.view(x.args[0], shape)
-        if x.op == "scale":  # moving data commutes with a factor: the factor outermost
+        if x.op == "scale" and x.args[0].op == "accum":  # an averaged reduction: the factor outermost
             return self.scale(self.view(x.args[0], shape), x.attrs)
         if x.op == "accum":
             return self.accum(x.attrs, [self.view(a, shape) for a in x.args])
@@ -418,7 +418,7 @@ class ExprStore:
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
             return x
-        if x.op == "scale":
+        if x.op == "scale" and x.args[0].op == "accum":
             return self.scale(self.permute(x.args[0], perm), x.attrs)
         real = [p for p in perm if x.shape[p] != 1]
         if real == sorted(real):  # only size-1 dims move: the same elements in the same order, a view
@@ -500,7 +500,7 @@ class ExprStore:
             return self.cat(pieces, d)
         if x.op == "accum":
             return self.accum(x.attrs, [self.slice(a, dim, start, end) for a in x.args])
-        if x.op == "scale":
+        if x.op == "scale" and x.args[0].op == "accum":
             return self.scale(self.slice(x.args[0], dim, start, end), x.attrs)
         if x.op == "permute":
             perm = x.attrs
