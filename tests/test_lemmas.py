@@ -260,6 +260,14 @@ def _decline_cases():
         "dtype= narrows the accumulation (float64 -> float32)")
     add("mean-as-sum", C.case(lambda x: x.mean(dtype=torch.float32), (r(3, 4).to(torch.bfloat16),), rng,
                               split={0: 0}), "dtype= changes the type of the mean")
+    add("contract-regroup-strided", C.case(lambda a, w: a @ w, (r(3, 9), r(9, 2)), rng, split={0: 1, 1: 0}, pieces=3),
+        "three pieces have no strided grouping")
+    add("contract-regroup-strided", C.case(lambda a, w: a @ w, (r(8, 3), r(3, 2)), rng, split={0: 0}, pieces=4),
+        "the split dim is not contracted")
+    from gg_notebook.ir.pick_update import pick_update_spec
+    add("pick-update-over-split", C.make_case(pick_update_spec("sub"), [r(6, 5), torch.randint(0, 5, (6,), generator=rng),
+                                                                       r(6)], rng, split={0: 0}),
+        "split along the rows, not the classes")
     return out
 
 
@@ -303,6 +311,10 @@ def test_every_lemma_is_either_reapplying_or_declared():
     """New lemmas land in one of the two groups on purpose."""
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
-                  "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split"}
+                  "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split",
+                  "contract-regroup-strided", "reduce-split-concat",
+                  # pick_update is gg_notebook's own operator (ir/pick_update.py), not an ATen overload:
+                  # its one parameter (sub | add) is read by the lemma and carried into every piece
+                  "pick-update-over-split"}
     unknown = set(REGISTRY) - reapplying - _REPLACING
     assert not unknown, f"classify these lemmas (re-applying the same call, or replacing with on=...): {unknown}"

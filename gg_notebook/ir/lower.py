@@ -173,6 +173,16 @@ class _Lowerer:
                 attrs.arg("accumulate", True) is False and tuple(inputs[0].shape) == tuple(shape) and \
                 inputs[0].dtype == dtype and all(self.ranges.never_true(m) for m in inputs[1:-1]):
             return inputs[0]  # x[mask] = v with a mask that holds no True: nothing is written
+        if op == "call" and all(i.op == "const" for i in n.inputs):
+            from gg_notebook.ir.const_fold import fold_uniform
+
+            hit = fold_uniform(n, shape, dtype)  # an elementwise op of uniform constants: a constant
+            if hit is not None:
+                n = Node(name=n.name, op="const", attrs=hit[0], inputs=(), shape=tuple(shape), dtype=dtype,
+                         target="constant", source=n.source, code=n.code, frames=n.frames, rank=n.rank,
+                         fx_name=n.fx_name)
+                self.nodes.append(n)
+                return n
         if op == "call" and dtype is not None and not dtype.is_floating_point and not dtype.is_complex and \
                 (getattr(attrs, "kind", None) == "ew" or getattr(attrs, "target", None) in INDEX_PUTS):
             same = self.ranges.same_as_operand(n)
@@ -344,6 +354,10 @@ class _Lowerer:
                 return hit
         if target is aten.index_put.default:
             hit = self.index_put_as_embedding_backward(fx, shape, dtype)
+            if hit is None:
+                from gg_notebook.ir.pick_update import index_put_as_pick_update
+
+                hit = index_put_as_pick_update(self, fx, shape, dtype)  # x[arange, ids] -= u
             if hit is not None:
                 return hit
         if packet in ASSERTS:

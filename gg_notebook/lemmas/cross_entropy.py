@@ -670,6 +670,18 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
             return index.ref(d)
     p2 = S.view(p_t, (n, v_local))
     for w in index.users_of(p2):
+        if w.op == "call" and w.attrs.kind == "pick_update" and w.attrs.param("op") == "sub" and \
+                len(w.args) == 3 and w.args[0].id == p2.id:
+            # the same write, fused by the lowering (ir/pick_update.py): where(onehot(J), p2 - U, p2)
+            jv, uv = eval_on_domain(w.args[1], t_t, domain), eval_on_domain(w.args[2], t_t, domain)
+            if jv is None or uv is None or not bool((jv[inside] == domain[inside] - start).all()):
+                continue
+            if not bool((uv == inside.to(uv.dtype)).all()):
+                continue
+            d = index.realized(w)
+            if d is not None:
+                return S.view(index.ref(d), lead + (v_local,))
+            continue
         if w.op != "call" or w.attrs.name != "aten.index_put.default" or len(w.args) != 4 or w.args[0].id != p2.id:
             continue
         if w.attrs.arg("accumulate") is not False:

@@ -390,10 +390,13 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
     memo = store.__dict__.setdefault("_min_bcast", {})
     new, changed = [], False
     for i, a in enumerate(args):
+        # the operands as they stand (those before i already shrunk): shrinking two operands that
+        # each alone keep the output shape must not shrink the output
+        current = [tuple(b.shape) for b in new] + [tuple(b.shape) for b in args[i:]]
         if not is_value(a):
             inner = _unbroadcast(a)
             if inner is not None:
-                others = [tuple(b.shape) for j, b in enumerate(args) if j != i]
+                others = [s for j, s in enumerate(current) if j != i]
                 try:
                     if tuple(torch.broadcast_shapes(tuple(inner.shape), *others)) == out:
                         a, changed = inner, True  # the other operands broadcast it the same way
@@ -401,7 +404,7 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
                     pass
             new.append(a)
             continue
-        others = [tuple(b.shape) for j, b in enumerate(args) if j != i]
+        others = [s for j, s in enumerate(current) if j != i]
         key = (a.id, out, tuple(others))
         hit = memo.get(key)
         if hit is None:

@@ -242,7 +242,32 @@ class MovementIndex:
             for d in table.get((spec, tuple(self.signature(a) for a in args)), [])[:MAX_CHECKS]:
                 if all(self.equal(a, b) for a, b in zip(args, d.term.args)):
                     return d
+        # An argument may name leaves it does not use (a slice of a concatenation kept whole under an
+        # expand or a permute): a rank's call whose arguments move a subset of the same leaves
+        for args in orders:
+            if not any(a.op in MOVE_OPS for a in args):
+                continue
+            mine = [set(self.leaves(a)) for a in args]
+            checks = 0
+            for d in self._shape_table().get((spec, tuple((tuple(a.shape), a.dtype) for a in args)), []):
+                if not all(set(self.leaves(b)) <= l for b, l in zip(d.term.args, mine)):
+                    continue
+                checks += 1
+                if all(self.equal(a, b) for a, b in zip(args, d.term.args)):
+                    return d
+                if checks >= 2 * MAX_CHECKS:
+                    break
         return None
+
+    def _shape_table(self) -> dict:
+        if getattr(self, "_calls_by_shape", None) is None:
+            table: dict = {}
+            for d in self.index.dvals:
+                t = d.term
+                if t.op == "call":
+                    table.setdefault((t.attrs, tuple((tuple(a.shape), a.dtype) for a in t.args)), []).append(d)
+            self._calls_by_shape = table
+        return self._calls_by_shape
 
     # ------------------------------------------------------------------ pieces of calls on concatenations
     def register_pieces(self, term: Expr, dval) -> None:
