@@ -538,15 +538,23 @@ class ExprStore:
         """cat_e(cat_d(a0, a1), cat_d(b0, b1)) == cat_d(cat_e(a0, b0), cat_e(a1, b1)) when the inner
         concatenations split dim d at the same offsets. The canonical nesting has the outer
         concatenation along the smaller dim, so both spellings of a block layout get one node."""
-        first = pieces[0]
-        if first.op != "cat" or first.attrs >= dim:
+        # a constant piece (a padding block) is split at the same offsets: it equals the
+        # concatenation of its slices, and a slice of a constant is a constant
+        first = next((p for p in pieces if p.op == "cat"), None)
+        if first is None or first.attrs >= dim:
             return None
         d = first.attrs
         sizes = tuple(a.shape[d] for a in first.args)
-        for p in pieces[1:]:
-            if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        split = []
+        for p in pieces:
+            if p.op == "cat" and p.attrs == d and tuple(a.shape[d] for a in p.args) == sizes:
+                split.append(p.args)
+            elif p.op != "cat" and p.ground and self.by_value and p.shape[d] == offsets[-1]:
+                split.append(tuple(self.slice(p, d, offsets[i], offsets[i + 1]) for i in range(len(sizes))))
+            else:
                 return None
-        return self.cat([self.cat([p.args[i] for p in pieces], dim) for i in range(len(sizes))], d)
+        return self.cat([self.cat([p[i] for p in split], dim) for i in range(len(sizes))], d)
 
     def _join_slices(self, a: Expr, b: Expr, dim: int) -> Expr | None:
         """slice(x, d, i, j) ++ slice(x, d, j, k) == slice(x, d, i, k); same for a whole-prefix."""
