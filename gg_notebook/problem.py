@@ -51,6 +51,18 @@ class Layout:
 InputPlacement = Placement | Layout
 
 
+@dataclass(frozen=True)
+class OnRank:
+    """An output only rank ``rank`` holds (``expect`` only): the last pipeline stage's loss, the
+    gradients of a stage's own parameters. That rank's output must equal the sequential output; the
+    other ranks' outputs are not compared (return anything, e.g. an empty tensor)."""
+
+    rank: int
+
+    def __repr__(self) -> str:
+        return f"OnRank({self.rank})"
+
+
 @dataclass
 class Problem:
     """A refinement question: does ``distributed`` on ``world_size`` ranks implement ``sequential``?
@@ -123,6 +135,19 @@ class Problem:
         from gg_notebook.adapters.graphs import from_graphs
 
         return from_graphs(sequential, ranks, placements, **kwargs)
+
+    @classmethod
+    def from_modules(cls, sequential, distributed, inputs, placements, world_size, forward=None, grads=False,
+                     **kwargs) -> "Problem":
+        """A problem whose programs are models: ``sequential()`` builds the single-device model,
+        ``distributed()`` (run in each rank's process group) builds that rank's shard;
+        ``forward(model, *inputs)`` (default ``model(*inputs)``) is verified, and with ``grads=True``
+        also the gradient of its scalar output with respect to every parameter. Parameters are
+        inputs matched by name, placed as the model's metadata says (DTensor placements, megatron
+        attributes, ...); see `gg_notebook.adapters.modules.from_modules`."""
+        from gg_notebook.adapters.modules import from_modules
+
+        return from_modules(sequential, distributed, inputs, placements, world_size, forward, grads, **kwargs)
 
     def local_inputs(self, rank: int, inputs: Sequence[torch.Tensor] | None = None) -> tuple:
         """The tensors rank ``rank`` receives, derived from (these or the example) global inputs."""
@@ -221,9 +246,13 @@ def validate_problem(problem: Problem) -> None:
     _validate_decompositions(problem)
     if problem.expect is not None:
         for k, e in enumerate(problem.expect):
-            if not isinstance(e, (Replicate, Shard, Partial, Layout)):
+            if isinstance(e, OnRank) and not (isinstance(e.rank, int) and 0 <= e.rank < problem.world_size):
                 raise ProblemError(
-                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d), Partial() or gg.Layout(fn) for each output."
+                    f"expect[{k}] is {e!r} but the ranks are 0..{problem.world_size - 1}: name the rank that holds output {k}.")
+            if e is not None and not isinstance(e, (Replicate, Shard, Partial, Layout, OnRank)):
+                raise ProblemError(
+                    f"expect[{k}] is {e!r}: use Replicate(), Shard(d), Partial(), gg.Layout(fn), gg.OnRank(r) or None "
+                    "(any clean relation) for each output."
                 )
 
 
@@ -281,7 +310,7 @@ def validate_expect(problem: Problem, outputs: Sequence[Any]) -> None:
             f"give exactly one placement per output, in order, or expect=None to accept any clean relation."
         )
     for k, (e, o) in enumerate(zip(problem.expect, outputs)):
-        if isinstance(e, Shard):
+        if e is not None and isinstance(e, Shard):
             nd = len(o.shape)
             at = f" (computed at {o.source})" if getattr(o, "source", None) else ""
             if nd == 0:

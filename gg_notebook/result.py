@@ -54,10 +54,12 @@ class OutputRelation:
     ok: bool
     detail: str = ""
     alternatives: list[str] = field(default_factory=list)
+    label: str | None = None  # what the output is to the user, e.g. "grad of up.weight" (from_modules)
 
     def __str__(self) -> str:
         rel = self.relation if self.relation is not None else "<no relation>"
-        return f"out[{self.index}] {self.name} = {rel}"
+        what = f"{self.label} ({self.name})" if self.label else self.name
+        return f"out[{self.index}] {what} = {rel}"
 
 
 @dataclass

@@ -83,6 +83,9 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)
+    resolve = getattr(problem.expect, "resolve", None)  # from_modules: forward's output count is known now
+    if resolve is not None:
+        problem.expect = resolve(len(cap.sequential.outputs))
     validate_expect(problem, cap.sequential.outputs)
     for g in cap.ranks:
         check_random(g, policy)

@@ -41,6 +41,9 @@ def collective_result(*inputs):
     )
 
 
+P2P_KINDS = ("send", "recv")
+
+
 @dataclass(frozen=True)
 class CollectiveInfo:
     kind: str  # all_reduce | all_gather | all_gather_into_tensor | reduce_scatter_tensor | all_to_all_single | broadcast
@@ -53,6 +56,13 @@ class CollectiveInfo:
     src: int | None = None  # broadcast source (global rank)
     comm: str = ""  # the process group's name as resolved while tracing ("0": the default group)
     comm_label: str = field(default="", compare=False)  # the communicator in words, for messages
+    # point-to-point (kind "send" / "recv", group (src, dst)): whether the call waits for its peer
+    # (dist.send / dist.recv) or only posts the transfer (isend / irecv / batch_isend_irecv)
+    blocking: bool = field(default=True, compare=False)
+
+    @property
+    def p2p(self) -> bool:
+        return self.kind in P2P_KINDS
 
     def describe(self) -> str:
         return f"{self.kind}({self.reduce_op})" if self.reduce_op else self.kind
@@ -191,6 +201,34 @@ def _shim_single_output(orig):
         return work
 
     return method
+
+
+def _shim_recv(orig):
+    """``recv(tensors, src, tag)`` writes into ``tensors``: receive into fresh buffers, copy back."""
+
+    def recv(self, tensors, *args, **kwargs):
+        if not isinstance(tensors, (list, tuple)):
+            return orig(self, tensors, *args, **kwargs)
+        with extra_node_meta(gg_shim=True):
+            tmps = [_fresh(t) for t in tensors]
+        work = orig(self, tmps, *args, **kwargs)
+        with extra_node_meta(gg_shim=True):
+            for t, tmp in zip(tensors, tmps):
+                t.copy_(tmp)
+        return work
+
+    return recv
+
+
+def _blocking_p2p(orig):
+    """dist.send / dist.recv wait for their peer; isend / irecv (and batch_isend_irecv) only post."""
+
+    @functools.wraps(orig)
+    def call(*args, **kwargs):
+        with extra_node_meta(gg_blocking=True):
+            return orig(*args, **kwargs)
+
+    return call
 
 
 def _group_rank_and_size(pg) -> tuple[int, int]:
@@ -377,7 +415,9 @@ _SHIMS = {
     "_reduce_scatter_base": _shim_single_output,
     "all_to_all_single": _shim_single_output,
     "alltoall_base": _shim_single_output,
+    "recv": _shim_recv,
 }
+_BLOCKING_P2P = ("send", "recv")
 
 
 _OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
@@ -408,7 +448,10 @@ def collective_shims() -> Iterator[None]:
     missing = object()
     modules = (dist, dist.distributed_c10d)
     saved_fns = [(m, name, getattr(m, name)) for m in modules for name in _OBJECT_COLLECTIVES if hasattr(m, name)]
+    saved_p2p = [(m, name, getattr(m, name)) for m in modules for name in _BLOCKING_P2P if hasattr(m, name)]
     try:
+        for m, name, fn in saved_p2p:
+            setattr(m, name, _blocking_p2p(fn))
         for name, make in _SHIMS.items():
             orig = getattr(_PG, name, None)
             if orig is None:
@@ -424,7 +467,7 @@ def collective_shims() -> Iterator[None]:
                 delattr(_PG, name)
             else:
                 setattr(_PG, name, raw)
-        for m, name, fn in saved_fns:
+        for m, name, fn in saved_fns + saved_p2p:
             setattr(m, name, fn)
 
 
@@ -450,6 +493,7 @@ _FUNCTIONAL = {
     _fn.broadcast.default: "broadcast",
 }
 _BARRIER = {_c10d.barrier.default} if hasattr(_c10d, "barrier") else set()  # no result; still issued
+_P2P = {_c10d.send.default: "send", _c10d.recv_.default: "recv"}
 
 
 def _is_collective_namespace(target) -> bool:
@@ -680,6 +724,37 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
                         u.replace_input_with(out, r)
             dead.append(node)
             continue
+        if t in _P2P:
+            kind = _P2P[t]
+            tensors, pg, peer, tag = node.args[:4]
+            comm = _comm_of_pg(_torchbind(gm, pg))
+            where = node.meta.get("gg_source")
+            who = "the sequential program" if rank is None else f"rank {rank}"
+            if len(tensors) != 1:
+                raise CaptureError(f"{who} {'sends' if kind == 'send' else 'receives'} {len(tensors)} tensors in one "
+                                   f"call at {where}: send or receive one tensor per call.", rank=rank, source=where)
+            if not 0 <= peer < len(comm.ranks):
+                raise CaptureError(f"{who} calls {kind} with peer {peer} at {where}, outside {comm.label}.",
+                                   rank=rank, source=where)
+            me, other = rank, comm.ranks[peer]
+            if me == other:
+                raise CaptureError(f"{who} {'sends to' if kind == 'send' else 'receives from'} itself at {where}: a "
+                                   "real process group refuses it; use the tensor directly.", rank=rank, source=where)
+            src, dst = (me, other) if kind == "send" else (other, me)
+            p2p = _Comm(f"{comm.name}/p2p", (src, dst), f"the transfers from rank {src} to rank {dst} on {comm.label}")
+            info = issue(p2p, kind, blocking=bool(node.meta.get("gg_blocking", False)))
+            buf = tensors[0]
+            if kind == "send":
+                make(node, buf, info, _val(buf), [])
+            else:
+                r = make(node, buf, info, _val(buf), [])
+                # recv_ returns only a Work: later readers of the buffer read what was received
+                order = {n: i for i, n in enumerate(g.nodes)}
+                for u in list(buf.users):
+                    if u is not node and u is not r and order[u] > order[node]:
+                        u.replace_input_with(buf, r)
+            dead.append(node)
+            continue
         if t in _FUNCTIONAL:
             kind = _FUNCTIONAL[t]
             a = node.args
@@ -881,6 +956,19 @@ def match_collectives(per_rank: list[list[IssuedCollective]]) -> list[MatchedCol
         for idx in range(n_max):
             present = {r: by_rank[r][idx] for r in group if idx in by_rank.get(r, {})}
             missing = [r for r in group if r not in present]
+            if missing and group and present and next(iter(present.values())).info.p2p:
+                r_has = next(iter(present))
+                first = present[r_has]
+                src, dst = group
+                if first.info.kind == "send":
+                    what = (f"rank {src} sends a tensor to rank {dst} at {first.source} (transfer #{idx} from {src} to "
+                            f"{dst}), but rank {dst} receives only {counts[dst]} from rank {src}")
+                else:
+                    what = (f"rank {dst} receives a tensor from rank {src} at {first.source} (transfer #{idx} from "
+                            f"{src} to {dst}), but rank {src} sends only {counts[src]} to rank {dst}")
+                raise CaptureError(
+                    f"{what}: every send needs its recv on the peer (matched in order per pair of ranks and "
+                    "process group); in a real run this hangs.", rank=r_has, source=first.source)
             if missing:
                 r_has = next(iter(present))
                 r_miss = missing[0]
@@ -894,6 +982,11 @@ def match_collectives(per_rank: list[list[IssuedCollective]]) -> list[MatchedCol
                 )
             ref_rank = group[0]
             ref = present[ref_rank]
+            if ref.info.p2p:
+                _check_p2p(group, idx, present)
+                matched.append(MatchedCollective(group, idx, "p2p", None, {r: c.nodes[0] for r, c in present.items()},
+                                                 comm=comm, comm_label=ref.info.where()))
+                continue
             for r in group[1:]:
                 other = present[r]
                 problem = None
@@ -933,12 +1026,26 @@ def check_issue_order(per_rank: list[list[IssuedCollective]]) -> None:
     def at(r: int) -> IssuedCollective | None:
         return per_rank[r][pos[r]] if pos[r] < len(per_rank[r]) else None
 
+    # point-to-point: the transfers each rank has reached (posted, or waiting in)
+    reached: set[tuple[int, tuple]] = set()
+
+    def peer_of(c: IssuedCollective, r: int) -> int:
+        src, dst = c.info.group
+        return dst if r == src else src
+
     progressed = True
     while progressed:
         progressed = False
         for r in range(len(per_rank)):
             c = at(r)
             if c is None:
+                continue
+            if c.info.p2p:
+                # isend/irecv only post; send/recv wait until the peer has reached its side
+                reached.add((r, c.info.key))
+                if not c.info.blocking or (peer_of(c, r), c.info.key) in reached:
+                    pos[r] += 1
+                    progressed = True
                 continue
             members = c.info.group
             if all((m_at := at(m)) is not None and m_at.info.key == c.info.key for m in members):
@@ -950,6 +1057,17 @@ def check_issue_order(per_rank: list[list[IssuedCollective]]) -> None:
         return
     r = waiting[0]
     c = at(r)
+    if c.info.p2p:
+        m = peer_of(c, r)
+        other = at(m)
+        then = (f"rank {m} has finished" if other is None else
+                f"rank {m} first waits in {other.info.describe()} at {other.source}")
+        raise CaptureError(
+            f"the ranks deadlock: rank {r} waits in a blocking {c.info.kind} at {c.source} ({c.info.where()}) "
+            f"that rank {m} has not reached: {then}. dist.send/dist.recv wait for their peer; post both directions "
+            "with dist.isend/dist.irecv (or dist.batch_isend_irecv) and wait afterwards, or order the calls so "
+            "that one rank sends while the other receives (in a real run this hangs).",
+            rank=r, source=c.source)
     m = next(m for m in c.info.group if at(m) is None or at(m).info.key != c.info.key)
     other = at(m)
     then = (f"rank {m} has finished its collectives" if other is None else
@@ -962,6 +1080,28 @@ def check_issue_order(per_rank: list[list[IssuedCollective]]) -> None:
         "run this hangs).",
         rank=r, source=c.source,
     )
+
+
+def _check_p2p(group, idx, present: dict[int, IssuedCollective]) -> None:
+    """A transfer: the source's call is a send, the destination's a recv of the same shape and dtype."""
+    src, dst = group
+    s, d = present[src], present[dst]
+    if s.info.kind != "send" or d.info.kind != "recv":  # pragma: no cover - the pair key orders them
+        raise CaptureError(f"transfer #{idx} from rank {src} to rank {dst} is not a send matched by a recv.",
+                           rank=src, source=s.source)
+    sent, room = s.inputs[0], d.outputs[0]
+    if sent != room:
+        raise CaptureError(
+            f"rank {src} sends a {_describe_shape(sent)} tensor to rank {dst} at {s.source} (transfer #{idx} from "
+            f"{src} to {dst}) but rank {dst} receives it into a {_describe_shape(room)} buffer at {d.source}: the "
+            "shapes and dtypes must agree (a real run fails or corrupts data).", rank=dst, source=d.source)
+
+
+def _describe_shape(sh: Shape) -> str:
+    if sh is None:
+        return "?"
+    shape, dtype = sh
+    return f"{list(shape)} {str(dtype).replace('torch.', '')}"
 
 
 def _check_all_to_all(group, idx, present: dict[int, IssuedCollective]) -> None:

@@ -373,17 +373,60 @@ def warm_up() -> float:
 # Public entry points
 
 
+def _session(program: Callable, rank: int | None, world_size: int):
+    """A program that must be set up in the capturing process before it is traced (a model built
+    for real, outside the trace: `gg_notebook.adapters.modules`) has ``gg_session(rank, world_size)``,
+    a context manager yielding the function to trace; any other program is traced as is."""
+    from contextlib import nullcontext
+
+    session = getattr(program, "gg_session", None)
+    return session(rank, world_size) if session is not None else nullcontext(program)
+
+
+def _drop_single_rank_collectives(gm: fx.GraphModule, issued: list[IssuedCollective]) -> list[IssuedCollective]:
+    """In the sequential program (a model built for one rank: megatron at tp=1 still calls its
+    reductions) a collective over a group of one rank is the identity: its result is its input."""
+    from gg_notebook.capture.collectives import collective_result
+
+    g = gm.graph
+    changed = False
+    for n in list(g.nodes):
+        info = n.meta.get("gg_collective") if n.op == "call_function" and n.target is collective_result else None
+        if info is None or len(tuple(info.group)) != 1:
+            continue
+        x = n.args[0]
+        xv, v = x.meta.get("val"), n.meta.get("val")
+        if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)) or xv.numel() != v.numel():
+            continue
+        if tuple(xv.shape) == tuple(v.shape):
+            n.replace_all_uses_with(x)
+        else:  # all_gather_into_tensor's stacked form [1, *x.shape], or the reverse for reduce_scatter
+            with g.inserting_before(n):
+                r = g.call_function(torch.ops.aten.view.default, (x, list(v.shape)))
+            r.meta.update({k: n.meta[k] for k in ("val", "gg_source", "gg_frames") if k in n.meta})
+            n.replace_all_uses_with(r)
+        g.erase_node(n)
+        changed = True
+    if changed:
+        g.lint()
+        gm.recompile()
+    return [c for c in issued if len(tuple(c.info.group)) != 1]
+
+
 def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace the sequential program (``rank=None``) or rank ``rank``'s program of ``problem``;
     return its finished graph and its collectives in program order."""
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs)
     if rank is None:
-        gm, issued = _trace(problem.sequential, globals_, None)
+        with _session(problem.sequential, None, problem.world_size) as fn:
+            gm, issued = _trace(fn, globals_, None)
+        issued = _drop_single_rank_collectives(gm, issued)
     else:
         args = _local_fakes(problem, mode, globals_, rank)
         with fake_process_group(rank, problem.world_size):
-            gm, issued = _trace(problem.distributed, args, rank)
+            with _session(problem.distributed, rank, problem.world_size) as fn:
+                gm, issued = _trace(fn, args, rank)
     _finish(gm, list(problem.input_names), rank)
     return gm, issued
 

@@ -258,6 +258,21 @@ def _collective(n: Node, rank: int, coll, envs, cursors) -> torch.Tensor | None:
     info = n.attrs
     group = tuple(info.group)
     members = coll[info.key]
+    if info.kind == "send":  # the sent value; the peer's recv reads it from this rank's env
+        return envs[rank].get(n.inputs[0].name)
+    if info.kind == "recv":
+        src = group[0]
+        mn = members.get(src)
+        if mn is None:
+            raise SimulationError(f"rank {src} never sends transfer #{info.index} that rank {rank} receives at "
+                                  f"{n.source} ({info.where()})")
+        if cursors[src] < mn.index or mn.inputs[0].name not in envs[src]:
+            return None
+        v = envs[src][mn.inputs[0].name]
+        if tuple(v.shape) != tuple(n.shape) or v.dtype != n.dtype:
+            raise SimulationError(f"rank {rank}: recv at {n.source} got {tuple(v.shape)} {v.dtype} from rank {src}, "
+                                  f"its buffer is {tuple(n.shape)} {n.dtype}")
+        return v.clone()
     ins = []
     for m in group:
         mn = members.get(m)

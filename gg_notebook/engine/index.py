@@ -385,6 +385,17 @@ class DIndex:
         info = n.attrs
         group = tuple(info.group)
         members = coll.get(info.key, {})
+        if info.kind == "send":  # the value leaves this rank; the marker is the sent value itself
+            return self.node_term.get((rank, n.inputs[0].name))
+        if info.kind == "recv":  # what the source rank sent, once it has sent it
+            src = group[0]
+            mn = members.get(src)
+            if mn is None:
+                raise IndexError_(f"rank {src} never sends transfer #{info.index} that rank {rank} receives at "
+                                  f"{n.source} ({info.where()})")
+            if self._cursors[src] < mn.index:
+                return None
+            return self.node_term.get((src, mn.inputs[0].name))
         ins: list[Expr] = []
         for m in group:
             mn = members.get(m)
@@ -432,6 +443,14 @@ class DIndex:
                     return S.view(piece, ())
                 self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
                 return piece
+            scattered = _chunked_along(ins, len(group))
+            if scattered is not None:
+                # each rank sent cat(x.chunk(W, d), 0) (DTensor's reduce-scatter along dim d): the
+                # result is chunk pos of the reduction of the x's along d
+                bases, d, c = scattered
+                total = _reduce(S, fn, bases, n)
+                self._slice_hint[(rank, n.name)] = (total, d, pos * c, (pos + 1) * c)
+                return S.slice(total, d, pos * c, (pos + 1) * c)
             total = _reduce(S, fn, ins, n)
             size = n.shape[0]
             self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
@@ -452,6 +471,30 @@ class DIndex:
                 pieces.append(S.slice(x, 0, off, off + splits[pos]))
             return S.cat(pieces, 0)
         raise IndexError_(f"unsupported collective {kind} at {n.source}")
+
+
+def _chunked_along(ins: list[Expr], W: int) -> tuple[list[Expr], int, int] | None:
+    """``(bases, d, c)`` when every input is ``cat([x[.., k*c:(k+1)*c, ..] for k in range(W)], 0)``
+    of its own ``x`` along the same dim ``d > 0`` (``x.shape[d] == W * c``), else None."""
+    bases, dim, size = [], None, None
+    for t in ins:
+        if t.op != "cat" or t.attrs != 0 or len(t.args) != W:
+            return None
+        base = None
+        for k, a in enumerate(t.args):
+            if a.op != "slice":
+                return None
+            d, lo, hi = a.attrs
+            if d == 0 or (base is not None and a.args[0] is not base) or (dim is not None and d != dim):
+                return None
+            c = hi - lo
+            if (size is not None and c != size) or lo != k * c:
+                return None
+            base, dim, size = a.args[0], d, c
+        if base is None or base.shape[dim] != W * size:
+            return None
+        bases.append(base)
+    return bases, dim, size
 
 
 def _expected_shape(n: Node) -> tuple | None:

@@ -8,7 +8,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
 from gg_notebook.relations.movement import movement_of, retile, substitute
-from gg_notebook.problem import Layout
+from gg_notebook.problem import Layout, OnRank
 from gg_notebook.result import Culprit, Finding, OutputRelation, Result, Status
 
 
@@ -35,6 +35,8 @@ def expected_relation(engine: Engine, k: int, placement) -> Expr | None:
         return S.cat(refs, placement.dim % nd)
     if isinstance(placement, Partial):
         return S.accum("sum", refs)
+    if isinstance(placement, OnRank):
+        return refs[placement.rank]
     return None
 
 
@@ -264,6 +266,12 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
                         findings.append(Finding("scale-factor", f"output {k}: {detail}", out.source))
                         break
                 relations.append(OutputRelation(k, out.name, alts[0] if alts else None, None, False, detail, alts))
+    labels = getattr(problem, "meta", {}).get("output_labels")
+    if labels is not None:
+        names = labels(n_out)
+        for rel in relations:
+            if rel.index < len(names):
+                rel.label = names[rel.index]
     if culprit is None:
         bad = [r for r in relations if not r.ok]
         if bad:

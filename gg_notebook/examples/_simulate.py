@@ -192,6 +192,10 @@ def combine(per_rank: Sequence[torch.Tensor], placement) -> torch.Tensor | None:
         return sum(per_rank[1:], per_rank[0].clone())
     if isinstance(placement, Replicate):
         return per_rank[0]
+    from gg_notebook.problem import OnRank
+
+    if isinstance(placement, OnRank):
+        return per_rank[placement.rank]
     raise ValueError(f"unsupported expect placement {placement!r}")
 
 
