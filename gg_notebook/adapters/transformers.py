@@ -17,9 +17,9 @@ DTensor parameters carry their placements, which the core reads. What the adapte
   key on a ``DeviceMesh`` whose hash ignores the local rank; a model distributed in a process that
   already distributed one for another rank gets that rank's mesh (rank 1 then reads rank 0's
   coordinate and slices rank 0's part of every gradient). The shims start and end with empty caches.
-* ``placement()``: layouts DTensor spells with a private placement: ``_StridedShard(dim,
-  split_factor)`` (``packed_colwise`` / ``packed_rowwise``: fused gate/up weights, each packed block
-  sharded on its own) becomes a `gg.Layout`.
+* placements: every tensor transformers shards is a DTensor; the core reads its placement, including
+  ``_StridedShard(dim, split_factor)`` of the ``packed_colwise`` / ``packed_rowwise`` styles (fused
+  gate/up weights, each packed block sharded on its own), so ``placement()`` has nothing to add.
 * ``grad_placement()``: parameters of modules with the ``replicated_with_grad_allreduce`` style
   (Qwen3's per-head q/k norms) have per-rank partial gradients; transformers sums them in a
   post-accumulate-grad hook, which ``torch.autograd.grad`` (what a verifier differentiates with)
@@ -91,19 +91,6 @@ def _clear_dtensor_caches() -> None:
         pass
 
 
-def strided_layout(dim: int, split_factor: int, name: str | None = None):
-    """`gg.Layout` of DTensor's ``_StridedShard(dim, split_factor)`` on a 1-D mesh: the global tensor
-    is ``split_factor`` packed blocks along ``dim`` (fused gate/up), each block chunked over the ranks;
-    rank r holds the r-th chunk of every block, concatenated."""
-    from gg_notebook.problem import Layout
-
-    def strided(g, rank, world_size):
-        blocks = torch.chunk(g, split_factor, dim=dim)
-        return torch.cat([torch.chunk(b, world_size, dim=dim)[rank] for b in blocks], dim=dim)
-
-    return Layout(strided, name=name or f"strided_shard(dim={dim}, split_factor={split_factor})")
-
-
 def _module_styles(model) -> dict[str, str]:
     """{module name: tp style name} of the plan ``model`` was distributed with."""
     plan = getattr(model, "tp_plan", None) or {}
@@ -140,19 +127,9 @@ class _Adapter:
             _clear_dtensor_caches()
 
     def placement(self, model, name: str, local: torch.Tensor, global_shape: tuple, rank: int, world_size: int):
-        p = dict(model.named_parameters()).get(name)
-        if p is None:
-            return None
-        try:
-            from torch.distributed.tensor import DTensor
-            from torch.distributed.tensor.placement_types import _StridedShard
-        except ImportError:  # pragma: no cover
-            return None
-        if not isinstance(p, DTensor) or len(p.placements) != 1:
-            return None
-        pl = p.placements[0]
-        if isinstance(pl, _StridedShard):
-            return strided_layout(pl.dim % len(global_shape), pl.split_factor, name=f"{name}: {pl}")
+        # Every tensor transformers shards (tp_plan styles, expert parallelism) is a DTensor, whose
+        # placement the core reads (``_StridedShard`` of the packed styles included); the others
+        # (norm weights, rotary tables) are whole on every rank.
         return None
 
     def grad_placement(self, model, name, local, placement):
