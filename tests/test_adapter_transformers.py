@@ -145,3 +145,12 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
     with pytest.raises(MissingPackage):
         with ADAPTER.shims():
             pass
+
+
+def test_kv_heads_not_divisible_by_tp_is_a_clear_error_where_the_model_is_built():
+    cfg = _cfg(2, "sdpa")  # 2 KV heads, TP 4: transformers would split a head between ranks
+    with pytest.raises(CaptureError, match=r"num_key_value_heads=2 is not divisible by tp=4") as e:
+        gg.Problem.from_modules(
+            sequential=lambda: LlamaForCausalLM(cfg), distributed=lambda: distribute(LlamaForCausalLM(cfg), tp=4),
+            inputs=_batch(), placements=(gg.Replicate(), gg.Replicate()), world_size=4, forward=_loss)
+    assert "building the model" in str(e.value)

@@ -71,7 +71,29 @@ def distribute(model: torch.nn.Module, tp: int, tp_plan: dict | None = None, **c
     dcfg = DistributedConfig(tp_size=tp, **kwargs)
     cls = type(model)
     dcfg, _device_map, mesh_manager = cls.prepare_distribute_model(dcfg)
-    return cls.maybe_distribute_model(model, dcfg, mesh_manager)
+    model = cls.maybe_distribute_model(model, dcfg, mesh_manager)
+    _check_kv_heads(model, tp)
+    return model
+
+
+def _check_kv_heads(model, tp: int) -> None:
+    """transformers splits a colwise k_proj/v_proj by output rows and has no KV-head replication:
+    with ``num_key_value_heads`` not divisible by ``tp`` a rank would hold part of a head, and the
+    model fails in its first forward with a bare reshape error. Say so where the model is built."""
+    try:
+        from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
+    except ImportError:  # pragma: no cover - older transformers
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None)
+    plan = getattr(model, "tp_plan", None) or {}
+    if heads is None or not plan or tp <= 1:
+        return
+    if get_kv_heads_per_rank(plan, heads, tp) is None:
+        raise ValueError(
+            f"num_key_value_heads={heads} is not divisible by tp={tp}: transformers' tp_plan shards k_proj/v_proj "
+            f"'colwise' (by output rows, no KV-head replication), so each rank would hold a fraction of a head and the "
+            f"first forward fails. Use a tp that divides {heads}, or a config with more KV heads.")
 
 
 def _clear_dtensor_caches() -> None:
