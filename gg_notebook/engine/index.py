@@ -143,7 +143,7 @@ class DIndex:
         if len(form) == 1:  # c * b: a rank may hold the base b itself
             b, c = form[0]
             d = self.by_term.get(b.id)
-            if d is not None:
+            if d is not None and tuple(d.shape) == tuple(term.shape) and d.dtype == term.dtype:
                 return d, c
         if not hit:
             return None
@@ -266,7 +266,8 @@ class DIndex:
         for dim in sorted({p[0] for p in pieces}):
             ends: dict[int, list[tuple[int, DVal]]] = {}
             for d, a, b, dv in pieces:
-                if d == dim and b > a:
+                want = term.shape[:d] + (b - a,) + term.shape[d + 1:]
+                if d == dim and b > a and tuple(dv.shape) == tuple(want):
                     ends.setdefault(a, []).append((b, dv))
             size = term.shape[dim]
             # the tiling with the most pieces (longest path from 0 to size), memoized by start

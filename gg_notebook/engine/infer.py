@@ -275,6 +275,12 @@ class Engine:
                 best = cands[0]
                 chain.extend(c for c in best.chain if c != "match")
                 r = best.expr
+                if e.shape is not None and tuple(r.shape) != tuple(e.shape):
+                    # a term built with the minimal broadcast (ground.py) keeps its output shape while
+                    # its arguments lost leading 1-dims: the pushed call's value is that shape's view
+                    if _strip_ones(r.shape) != _strip_ones(e.shape):
+                        raise ShapeError(f"resolved {e.attrs.short} to shape {r.shape}, expected {e.shape}")
+                    r = self.store.view(r, e.shape)
             elif not e.args:
                 r = e
             else:
@@ -703,6 +709,13 @@ class _Proto:
         self.attrs = attrs
         self.shape = None
         self.dtype = None
+
+
+def _strip_ones(shape) -> tuple:
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def rebuild(S: ExprStore, e, args: list[Expr]) -> Expr:

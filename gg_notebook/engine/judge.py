@@ -115,10 +115,21 @@ def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | N
     by_form = not engine.bitwise and not isinstance(placement, Partial)
     for c in cands:
         ct = engine.to_term(c.expr)
-        if ct.id == tt.id or movement_of(engine.index).equal(ct, tt) \
-                or (by_form and engine.index.forms.ratio(tt, ct) == 1):
+        if _same_value(engine, tt, ct, by_form):
             return True, Candidate(target, c.chain, c.assumption), ""
     return False, None, f"expected {engine.show(target)}"
+
+
+def _same_value(engine: Engine, a: Expr, b: Expr, by_form: bool) -> bool:
+    """Equal terms: the same term, the same data movement, the same scalar normal form, or two
+    concatenations along one dim whose pieces (at the same offsets) are pairwise equal (a stage's
+    gradient accumulated as ``g + dw1 + dw2`` against the sum of its micro-batches' products)."""
+    if a.id == b.id or movement_of(engine.index).equal(a, b) or (by_form and engine.index.forms.ratio(a, b) == 1):
+        return True
+    if a.op == "cat" and b.op == "cat" and a.attrs == b.attrs and len(a.args) == len(b.args) \
+            and all(tuple(x.shape) == tuple(y.shape) for x, y in zip(a.args, b.args)):
+        return all(_same_value(engine, x, y, by_form) for x, y in zip(a.args, b.args))
+    return False
 
 
 _SCALERS = {"aten.mul.Tensor": 1, "aten.mul.Scalar": 1, "aten.div.Tensor": -1, "aten.div.Scalar": -1}

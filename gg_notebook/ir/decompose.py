@@ -257,7 +257,21 @@ UNFUSE: dict = {
 }
 
 
+def _select_scatter(x, src, dim, index):
+    """``x`` with ``src`` written at ``index`` along ``dim``: the slices before and after it around ``src`` (PyTorch's
+    definition is a ``where`` against an ``iota == index`` mask, which hides that only one slice
+    is written; the gradient of ``w[s]`` in a stacked-weights model is this into zeros)."""
+    i = index % x.shape[dim]
+    return torch.cat([x.narrow(dim, 0, i), src.unsqueeze(dim), x.narrow(dim, i + 1, x.shape[dim] - i - 1)], dim)
+
+
+def _select_backward(grad, input_sizes, dim, index):
+    return _select_scatter(grad.new_zeros(input_sizes), grad, dim, index)
+
+
 BUILTIN: dict = {
+    aten.select_scatter.default: _select_scatter,
+    aten.select_backward.default: _select_backward,
     aten.roll.default: _roll,
     aten._safe_softmax.default: _safe_softmax,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_cpu_forward,

@@ -30,6 +30,41 @@ from gg_notebook.ir.pointwise_normal import commuted_args
 
 _EMBEDDING = torch.ops.aten.embedding.default
 _MASKED_FILL = torch.ops.aten.masked_fill.Scalar
+_ADD, _SUB = torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor
+
+
+def _all_zero(e) -> bool:
+    """A value node (input-independent constant) whose every element is zero."""
+    from gg_notebook.relations.ground import value_of
+
+    v = value_of(e) if e.ground else None
+    if v is None or v.is_complex() or v.dtype == torch.bool:
+        return False
+    return bool((v == 0).all())
+
+
+def _without_zero(spec, args, shape, dtype):
+    """``x + 0``, ``0 + x``, ``x - 0`` (a constant zero tensor): ``x`` itself when the result keeps
+    x's shape and dtype (``-0.0 + 0.0`` is ``+0.0``, which compares equal; NaN and inf stay)."""
+    if len(args) != 2 or spec.arg("alpha", 1) != 1:
+        return None
+    sides = (0, 1) if spec.target is _ADD else (0,)
+    for keep in sides:
+        x, z = args[keep], args[1 - keep]
+        if x.dtype != dtype or not _all_zero(z):
+            continue
+        if tuple(x.shape) == tuple(shape):
+            return x
+        if _strip_leading_ones(x.shape) == _strip_leading_ones(shape) and len(x.shape) < len(shape):
+            return ("view", x)  # the zero only broadcast x by leading 1-dims
+    return None
+
+
+def _strip_leading_ones(shape) -> tuple:
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 CLEAN_OPS = frozenset({"ref", "const", "view", "permute", "slice", "cat", "expand", "accum"})
 ACCUM_FNS = ("sum", "max", "min")
 
@@ -319,6 +354,12 @@ class ExprStore:
             alt = canonical_safe_softmax(self, spec, args)
             if alt is not None:
                 return alt
+        if spec.target is _ADD or spec.target is _SUB:
+            kept = _without_zero(spec, args, shape, dtype)
+            if isinstance(kept, tuple):
+                return self.view(kept[1], shape)
+            if kept is not None:
+                return kept
         # a * b and b * a: one term (operands of a commutative call in a canonical order)
         return self._intern("call", spec, commuted_args(spec, tuple(args)), shape, dtype)
 
@@ -705,7 +746,13 @@ def evaluate(e: Expr, leaf: Callable[[Expr], torch.Tensor], memo: dict | None = 
 def _eval_node(x: Expr, vals, leaf):
     if x.op in ("atom", "ref"):
         return leaf(x)
-    return apply_op(x.op, x.attrs, vals)
+    out = apply_op(x.op, x.attrs, vals)
+    if x.op == "call" and isinstance(out, torch.Tensor) and tuple(out.shape) != tuple(x.shape) \
+            and out.dim() < len(x.shape) and out.numel() == math.prod(x.shape):
+        # an elementwise call over minimally broadcast arguments (ground.py) computes without the
+        # leading 1-dims of the shape the term records
+        out = out.reshape(x.shape)
+    return out
 
 
 def apply_op(op: str, attrs, vals: list[torch.Tensor]) -> torch.Tensor:
