@@ -50,7 +50,16 @@ def _guard(stage: str, fn, *args, rank: int | None = None, node_of=None):
         raise _internal(stage, exc, rank=rank, node=node_of() if node_of else None) from exc
 
 
-def _lower(gm, rank, policy="refuse", decompositions=None, input_ranges=None):
+def _lower(gm, rank, policy="refuse", decompositions=None, input_ranges=None, bitwise=False):
+    if bitwise and gm.meta.get("gg_selections"):
+        from gg_notebook.capture import CaptureError
+        from gg_notebook.capture.errors import program_name
+
+        src = gm.meta["gg_selections"][0]
+        raise CaptureError(
+            f"{program_name(rank)}: a boolean-mask selection reduced at once{f' at {src}' if src else ''} is verified "
+            "as the fixed-shape sum(where(mask, x, 0)) (/ mask.sum() for a mean): the same value over the reals, "
+            "not bit for bit (the sum adds in another order); use exact=\"real\".", rank=rank, source=src)
     return _guard("lowering", lower, gm, rank, policy, decompositions, input_ranges, rank=rank)
 
 
@@ -79,7 +88,8 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     decompositions = dict(getattr(problem, "decompositions", None) or {}) if exact == "real" else None
     cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse"),
                                                        decompositions=decompositions,
-                                                       input_ranges=input_ranges(problem)), capture)
+                                                       input_ranges=input_ranges(problem),
+                                                       bitwise=exact == "bitwise"), capture)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)

@@ -506,11 +506,13 @@ def test_simulator_failures_do_not_refute():
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Boolean-mask indexing: a data-dependent shape, refused with the masked-mean rewrite
+# 5. Boolean-mask indexing: a data-dependent shape, accepted where it is reduced at once
+#    (capture/masked_select.py), refused with the masked-mean rewrite where its shape matters
 
 
 def masked_mean_spec(loss, mask):
-    return (loss * mask).sum() / mask.sum()
+    # where, not loss * mask: x[mask] never reads the unselected elements (an inf there stays out)
+    return torch.where(mask, loss, 0.0).sum() / mask.sum()
 
 
 def masked_mean_bool_index(loss, mask):
@@ -521,20 +523,37 @@ def masked_mean_masked_select(loss, mask):
     return torch.masked_select(loss, mask).sum() / mask.sum()
 
 
+def masked_mean_selected_returned(loss, mask):
+    kept = loss[mask]
+    return kept.sum() / kept.numel(), kept
+
+
+def masked_mean_spec_two(loss, mask):
+    return torch.where(mask, loss, 0.0).sum() / mask.sum(), loss
+
+
 @pytest.mark.parametrize("rank_fn", [masked_mean_bool_index, masked_mean_masked_select])
-def test_boolean_mask_indexing_gets_the_masked_mean_rewrite(rank_fn):
+def test_boolean_mask_indexing_reduced_at_once_is_proved(rank_fn):
+    r = verify(masked_mean_spec, rank_fn, [rn(8), torch.rand(8) > 0.5], [R, R], [R])
+    proved(r)
+
+
+def test_boolean_mask_selection_used_by_shape_gets_the_masked_mean_rewrite():
     with pytest.raises(CaptureError) as e:
-        verify(masked_mean_spec, rank_fn, [rn(8), torch.rand(8) > 0.5], [R, R], [R])
+        verify(masked_mean_spec_two, masked_mean_selected_returned, [rn(8), torch.rand(8) > 0.5], [R, R], [R, R])
     msg = str(e.value)
     assert msg.startswith("rank 0: an operator whose result's shape depends on tensor values cannot be traced")
     assert "(x * mask).sum() / mask.sum()" in msg
+    assert line_of(masked_mean_selected_returned, "loss[mask]") in msg
 
 
 def test_boolean_mask_indexing_in_the_spec():
+    r = verify(masked_mean_bool_index, masked_mean_spec, [rn(8), torch.rand(8) > 0.5], [R, R], [R])
+    proved(r)
     with pytest.raises(CaptureError) as e:
-        verify(masked_mean_bool_index, masked_mean_spec, [rn(8), torch.rand(8) > 0.5], [R, R], [R])
+        verify(masked_mean_selected_returned, masked_mean_spec_two, [rn(8), torch.rand(8) > 0.5], [R, R], [R, R])
     assert str(e.value).startswith("the sequential program: an operator whose result's shape depends")
-    assert line_of(masked_mean_bool_index, "loss[mask]") in str(e.value)
+    assert line_of(masked_mean_selected_returned, "loss[mask]") in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

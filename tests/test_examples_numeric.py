@@ -25,7 +25,7 @@ BUGGY = [(name, bug, w) for name, ex in E.EXAMPLES.items() for bug in ex.bugs fo
 def test_correct_variant_matches(name, world_size):
     problem = E.get(name).make(world_size=world_size)
     validate_problem(problem)
-    ok, msg = compare(problem, backend="local")
+    ok, msg = compare(problem, backend=E.get(name).runs_on)
     assert ok, f"{name} at W={world_size}: {msg}"
 
 
@@ -33,7 +33,7 @@ def test_correct_variant_matches(name, world_size):
 def test_bug_variant_differs(name, bug, world_size):
     problem = E.get(name).make(world_size=world_size, bug=bug)
     validate_problem(problem)
-    ok, msg = compare(problem, backend="local")
+    ok, msg = compare(problem, backend=E.get(name).runs_on)
     assert not ok, f"{name}[{bug}] at W={world_size} matches the sequential program"
 
 

@@ -45,6 +45,7 @@ from gg_notebook.capture.collectives import (
     rewrite_collectives,
 )
 from gg_notebook.capture.errors import CaptureError, program_name
+from gg_notebook.capture.masked_select import has_unbacked, has_unbacked_val, lower_selections
 from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
 from gg_notebook.problem import Layout, Problem, Replicate, local_input
 
@@ -145,6 +146,42 @@ def _data_dependent_kind(e: BaseException) -> str | None:
     return None
 
 
+def _shape_message(prog: str, at: str, code: str, why: str) -> str:
+    return (
+        f"{prog}: an operator whose result's shape depends on tensor values cannot be traced{at}{code} "
+        f"({why}): boolean-mask indexing `x[mask]`, torch.masked_select, nonzero and "
+        "unique keep only the selected elements; gg_notebook accepts such a selection only where it is "
+        "reduced at once (`x[mask].sum()`, `.mean()`, `.numel()`). Keep the shape fixed and weight by the mask "
+        "instead: a masked mean `x[mask].mean()` is `(x * mask).sum() / mask.sum()` (or `torch.where(mask, x, 0)"
+        ".sum() / mask.sum()`), a masked sum is `(x * mask).sum()`, and `x.masked_fill(~mask, 0)` zeroes the rest."
+    )
+
+
+def _selection_refused(n: fx.Node, rank: int | None) -> CaptureError:
+    """The clear refusal for a data-dependent shape left after `masked_select.lower_selections`."""
+    src = n.meta.get("gg_source")
+    frames = n.meta.get("gg_frames") or []
+    line = frames[-1][3] if frames and len(frames[-1]) > 3 else None
+    at = f" at {src}" if src else ""
+    code = f" (`{line}`)" if line else ""
+    why = n.meta.get("gg_refused") or "its result is used other than through a reduction"
+    what = getattr(n.target, "__name__", str(n.target))
+    return CaptureError(_shape_message(program_name(rank), at, code, f"{what}: {why}"), rank=rank, source=src)
+
+
+def _with_shape_env(args: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The same fake inputs in a mode whose shape environment allows data-dependent (unbacked) sizes
+    (None if ``args`` already are)."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    old = detect_fake_mode(args)
+    if old is not None and old.shape_env is not None:
+        return None
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [_fake_like(mode, a, a.requires_grad) for a in args]
+
+
 def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureError:
     frames = user_frames_of_traceback(e.__traceback__)
     frame = frames[-1] if frames else None
@@ -155,13 +192,7 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     kind = _data_dependent_kind(e)
     if kind == "shape":
-        msg = (
-            f"{prog}: an operator whose result's shape depends on tensor values cannot be traced{at}{code} "
-            f"({type(e).__name__}: {text}): boolean-mask indexing `x[mask]`, torch.masked_select, nonzero and "
-            "unique keep only the selected elements. Keep the shape fixed and weight by the mask instead: a "
-            "masked mean `x[mask].mean()` is `(x * mask).sum() / mask.sum()` (or `torch.where(mask, x, 0).sum() "
-            "/ mask.sum()`), a masked sum is `(x * mask).sum()`, and `x.masked_fill(~mask, 0)` zeroes the rest."
-        )
+        msg = _shape_message(prog, at, code, f"{type(e).__name__}: {text}")
     elif kind == "value" and "_local_scalar_dense" in f"{text} {e!r}":
         msg = (
             f"{prog}: control flow that depends on tensor values cannot be traced{at}{code} "
@@ -261,7 +292,27 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
     except CaptureError:
         raise
     except Exception as e:
-        raise _error(e, rank, shapes) from e
+        # x[mask], masked_select, nonzero: trace again with data-dependent sizes, and keep the
+        # selection only where it is reduced at once (masked_select.py); else the refusal below
+        again = _with_shape_env(args) if _data_dependent_kind(e) == "shape" else None
+        if again is None:
+            raise _error(e, rank, shapes) from e
+    else:
+        again = None
+    if again is not None:  # outside the handler: an error of the second trace is its own, not this one's
+        return _trace(fn, again, rank)
+    if has_unbacked(gm):
+        try:
+            left = lower_selections(gm)
+        except Exception as e:  # noqa: BLE001 - a rewrite that does not fit: the plain refusal
+            left = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("val") is not None)
+            for n in gm.graph.nodes:
+                if has_unbacked_val(n):
+                    left = n
+                    break
+            left.meta["gg_refused"] = f"it could not be rewritten to fixed shapes ({type(e).__name__}: {e})"
+        if left is not None:
+            raise _selection_refused(left, rank)
     return gm, results
 
 

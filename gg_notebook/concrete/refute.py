@@ -202,8 +202,24 @@ def refute_rank_raised(engine, problem, result: Result, exc: RankRaised) -> Resu
 
 
 def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
+    from gg_notebook.engine.clamped_count import holds_on
+
     try:
         sims = [simulate(problem, engine.seq, engine.index.graphs, seed=s) for s in range(seeds)]
+        if result.assumptions and not all(holds_on(engine, s) for s in sims):
+            # inputs where an assumption of the proof fails are no counterexample (there the programs
+            # are known to differ: a clamped count of 0): draw others in their place
+            sims = [s for s in sims if holds_on(engine, s)]
+            extra = seeds
+            while len(sims) < seeds and extra < seeds + 64:
+                sim = simulate(problem, engine.seq, engine.index.graphs, seed=extra)
+                extra += 1
+                if holds_on(engine, sim):
+                    sims.append(sim)
+            if not sims:
+                result.findings.append(Finding("not-simulated", "no concrete check: no random input satisfies "
+                                                                "the assumptions"))
+                return result
     except RankRaised as exc:
         return refute_rank_raised(engine, problem, result, exc)
     except SimulationError as exc:

@@ -27,6 +27,11 @@ from gg_notebook.relations.zero_sum import zero_padded_sum
 aten = torch.ops.aten
 
 
+# buckets of values reading the same global inputs (shape, dtype) up to this size are normalized
+# whole when a query needs them; larger ones only where a number sits near a value's root
+SMALL_BUCKET = 16
+
+
 class IndexError_(Exception):
     """The ranks' collectives could not be scheduled consistently."""
 
@@ -175,18 +180,22 @@ class DIndex:
         keyed = self._bucket_keys.get(bkey)
         if keyed is None:
             keyed = {}
+            small = len(bucket) <= SMALL_BUCKET
             for d in bucket:
-                k = self._key_of(d)
+                k = self._key_of(d, always=small)
                 if k is not None:
                     keyed.setdefault(k[0], {}).setdefault(k[1], d)
             self._bucket_keys[bkey] = keyed
         return keyed
 
-    def _key_of(self, d: DVal) -> tuple | None:
-        """The form key of a value some rank holds (None: not worth indexing, or too large)."""
+    def _key_of(self, d: DVal, always: bool = False) -> tuple | None:
+        """The form key of a value some rank holds (None: not worth indexing, or too large).
+        ``always``: normalize it even without a number near its root (a small bucket: a gradient
+        whose scale sits deep inside, under the loss's backward)."""
         if d.id in self._dval_key:
             return self._dval_key[d.id]
-        k = self.forms.key(d.term, budget=40) if self.forms.worth_indexing(d.term) else None
+        worth = always or self.forms.worth_indexing(d.term)
+        k = self.forms.key(d.term, budget=40) if worth else None
         if k is None and d.term.op == "view" and self.forms.worth_indexing(d.term):
             # a view costs what its base costs: normalize the base first (memoized), then the view
             if self.forms.key(d.term.args[0], budget=40) is not None:

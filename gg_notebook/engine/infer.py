@@ -20,6 +20,7 @@ import torch
 
 from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
+from gg_notebook.engine.clamped_count import lookup as clamped_count_lookup
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.movement import movement_lookup, retile
@@ -198,6 +199,10 @@ class Engine:
             # the same call on arguments that are the same data movement (decided on index
             # tensors), or one piece of a rank's call on a concatenated operand
             hit = movement_lookup(self.index, spec, terms, t)
+            if hit is not None:
+                return hit
+            # num / c against the ranks' num / clamp(c, min=1): only under the recorded assumption c >= 1
+            hit = clamped_count_lookup(self, spec, terms)
             if hit is not None:
                 return hit
         if all(a.ground for a in args) and spec.unique is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
+from gg_notebook.engine.clamped_count import assumptions as clamped_count_assumptions
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.relations.expr import Expr, ShapeError, leaves
 from gg_notebook.relations.movement import movement_of, retile, substitute
@@ -222,12 +223,14 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
     culprit = None
     # the user's own unproven relations (hints, accepted guesses); what the engine derived from them
     # is marked as depending on an assumption but not counted again
+    typed = getattr(engine, "typed_relations", {})  # a session's hints, as the user typed them
     assumptions = sorted({
-        f"{n}: {engine.show(c.expr)}"
+        f"{n}: {typed.get((n, c.expr.id)) or engine.show(c.expr)}"
         for n, cs in engine.user_relations.items() for c in cs
         if c.assumption and any(x.expr.id == c.expr.id for x in engine.relations.get(n, []))
     })
     assumptions += random_assumptions([engine.seq] + list(engine.index.graphs))
+    assumptions += clamped_count_assumptions(engine)  # num / clamp(c, min=1) read as num / c (c >= 1)
     dependent = sum(1 for n, cs in engine.relations.items()
                     if n not in engine.user_relations and cs and all(c.assumption for c in cs if not c.deferred))
     if engine.stuck_at is not None:

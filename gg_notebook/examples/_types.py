@@ -33,3 +33,6 @@ class Example:
     make: Callable[..., Problem]
     bugs: dict[str, Bug] = field(default_factory=dict)
     backward: bool = False
+    # how the programs run for real (examples/_simulate.py): "local" (LocalTensorMode, all ranks in
+    # this process) or "gloo" (one process per rank: point-to-point transfers need real peers)
+    runs_on: str = "local"

@@ -40,6 +40,7 @@ def make_case(
     partial: dict[int, int] | None = None,
     pieces: int = 3,
     description: str = "",
+    averaged: dict[int, int] | None = None,
 ) -> LemmaCase:
     """Build a case: argument ``i`` concatenated along ``split[i]`` or summed from ``partial[i]`` parts."""
     S = ExprStore()
@@ -47,6 +48,7 @@ def make_case(
     args = []
     split = split or {}
     partial = partial or {}
+    averaged = averaged or {}
     sizes_cache: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         if i in split:
@@ -69,6 +71,18 @@ def make_case(
                 values[name] = v
                 parts.append(S.atom(name, tuple(v.shape), v.dtype))
             args.append(S.accum("sum", parts))
+        elif i in averaged:
+            from fractions import Fraction
+
+            n = averaged[i]
+            parts_vals = [torch.randn(t.shape, generator=rng, dtype=t.dtype) for _ in range(n - 1)]
+            parts_vals.append(n * t - sum(parts_vals))
+            parts = []
+            for k, v in enumerate(parts_vals):
+                name = f"a{i}_p{k}"
+                values[name] = v
+                parts.append(S.atom(name, tuple(v.shape), v.dtype))
+            args.append(S.scale(S.accum("sum", parts), Fraction(1, n)))
         else:
             name = f"a{i}"
             values[name] = t
@@ -84,14 +98,17 @@ def dims(rng, lo=2, hi=7):
     return int(torch.randint(lo, hi, (1,), generator=rng))
 
 
-def case(fn, tensors, rng, split=None, partial=None, description="", out=None, pieces=3) -> LemmaCase:
-    """Trace ``fn(*tensors)``; split/partial are keyed by ``fn``'s argument positions."""
+def case(fn, tensors, rng, split=None, partial=None, description="", out=None, pieces=3,
+         averaged=None) -> LemmaCase:
+    """Trace ``fn(*tensors)``; split/partial/averaged are keyed by ``fn``'s argument positions
+    (``averaged[i] = n``: argument i is ``(1/n) * sum`` of n parts, an AVG reduction)."""
     spec, order = spec_of(fn, *tensors, out=None if out == -1 else out)
     slot_tensors = [tensors[o] for o in order]
     split = {s: split[o] for s, o in enumerate(order) if split and o in split}
     partial = {s: partial[o] for s, o in enumerate(order) if partial and o in partial}
+    averaged = {s: averaged[o] for s, o in enumerate(order) if averaged and o in averaged}
     return make_case(spec, slot_tensors, rng, split=split, partial=partial, pieces=pieces,
-                     description=description or getattr(fn, "__name__", ""))
+                     description=description or getattr(fn, "__name__", ""), averaged=averaged)
 
 
 class CaseContext:

@@ -13,7 +13,8 @@ per-position 0/1 indicator is the count whatever the positions hold.
 The division itself is the rank's own ``div`` of the two, so the mean is matched term for term:
 ``sum(loss * keep) / keep.sum()``. When every target is ignored the count is 0 and the mean is
 0 / 0 = NaN, on both sides; a rank that clamps the count (``keep.sum().clamp(min=1)``) returns 0
-there instead and is *not* the same value (it is not accepted).
+there instead and is *not* the same value: it is accepted only as "assumed", under the recorded
+assumption that the count is at least 1 (engine/clamped_count.py), never as proved.
 """
 
 from __future__ import annotations

@@ -29,13 +29,17 @@ def partial_linear(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
         return
     for i in lin[1]:
         a = args[i]
+        factor = None
+        if a.op == "scale" and _is_partial(a.args[0]):  # c * (sum of parts): an averaged reduction
+            factor, a = a.attrs, a.args[0]
         if not _is_partial(a):
             continue
-        if any(_is_partial(b) for j, b in enumerate(args) if j != i):
+        if any(_is_partial(b) or (b.op == "scale" and _is_partial(b.args[0])) for j, b in enumerate(args) if j != i):
             continue
         try:
             pieces = [S.call(spec, args[:i] + (p,) + args[i + 1:]) for p in a.args]
-            yield S.accum("sum", pieces)
+            total = S.accum("sum", pieces)
+            yield total if factor is None else S.scale(total, factor)
         except ShapeError:
             continue
 
@@ -44,13 +48,20 @@ def partial_additive(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
     lin = linear_args(spec, [a.dtype for a in args])
     if lin is None or lin[0] != "jointly" or len(lin[1]) != len(args):
         return
-    if not all(_is_partial(a) for a in args):
+    # c * (sum of parts) for every operand with one factor c (averaged reductions): factored out
+    factors = {a.attrs if a.op == "scale" else None for a in args}
+    if len(factors) != 1:
         return
-    n = len(args[0].args)
-    if any(len(a.args) != n for a in args):
+    (factor,) = factors
+    parts = [a.args[0] if factor is not None else a for a in args]
+    if not all(_is_partial(a) for a in parts):
+        return
+    n = len(parts[0].args)
+    if any(len(a.args) != n for a in parts):
         return
     try:
-        yield S.accum("sum", [S.call(spec, tuple(a.args[k] for a in args)) for k in range(n)])
+        total = S.accum("sum", [S.call(spec, tuple(a.args[k] for a in parts)) for k in range(n)])
+        yield total if factor is None else S.scale(total, factor)
     except ShapeError:
         return
 
@@ -89,6 +100,13 @@ def _linear_cases(rng):
                          description=f"layer_norm backward out {o}, grad partial")
         yield C.case(lambda mk, x: x.masked_fill(mk, 0.0), (r(m, n) > 0, r(m, n)), rng, partial={1: parts},
                      description="masked_fill(0) partial")
+        yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, averaged={0: parts},
+                     description="mm, lhs an averaged reduction")
+        yield C.case(lambda x: x * 0.25, (r(m, n),), rng, averaged={0: parts}, description="mul of an average")
+        yield C.case(lambda g: aten.slice_backward(g, [m + 3, n], 0, 1, m + 1, 1), (r(m, n),), rng,
+                     averaged={0: parts}, description="slice_backward of an averaged gradient")
+        yield C.case(lambda g: aten.select_backward(g, [3, m, n], 0, 1), (r(m, n),), rng,
+                     partial={0: parts}, description="select_backward of a partial gradient")
 
 
 def _ln_bwd(k, o):
@@ -105,6 +123,10 @@ def _additive_cases(rng):
         yield C.case(lambda x, y: x + y, (r(m, n), r(m, n)), rng, partial={0: parts, 1: parts}, description="add")
         yield C.case(lambda x, y: x - y, (r(m, n), r(m, n)), rng, partial={0: parts, 1: parts}, description="sub")
         yield C.case(lambda x, y: x + y, (r(m, n), r(n)), rng, partial={0: parts, 1: parts}, description="add bcast")
+        yield C.case(lambda x, y: x + y, (r(m, n), r(m, n)), rng, averaged={0: parts, 1: parts},
+                     description="add of two averaged reductions")
+        yield C.case(lambda x, y: x - y, (r(m, n), r(m, n)), rng, averaged={0: parts, 1: parts},
+                     description="sub of two averaged reductions")
 
 
 register(Lemma(

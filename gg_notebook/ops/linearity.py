@@ -127,6 +127,8 @@ _row([aten.native_layer_norm_backward.default], "separately", ("grad_out",))
 _row([aten.embedding.default], "separately", ("weight",))
 _row([aten.embedding_dense_backward.default], "separately", ("grad_output",))
 _row([aten.nll_loss_backward.default], "separately", ("grad_output",))
+# gradients of indexing: the gradient placed into zeros (slice_backward, select_backward)
+_row([aten.slice_backward.default, aten.select_backward.default], "separately", ("grad_output",))
 
 
 def linearity_row(spec: OpSpec) -> Linearity | None:

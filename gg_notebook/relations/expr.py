@@ -372,6 +372,8 @@ class ExprStore:
             return x
         if x.op == "view":
             return self.view(x.args[0], shape)
+        if x.op == "scale":  # moving data commutes with a factor: the factor outermost
+            return self.scale(self.view(x.args[0], shape), x.attrs)
         if x.op == "accum":
             return self.accum(x.attrs, [self.view(a, shape) for a in x.args])
         if x.op == "cat":
@@ -416,6 +418,8 @@ class ExprStore:
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
             return x
+        if x.op == "scale":
+            return self.scale(self.permute(x.args[0], perm), x.attrs)
         real = [p for p in perm if x.shape[p] != 1]
         if real == sorted(real):  # only size-1 dims move: the same elements in the same order, a view
             return self.view(x, tuple(x.shape[p] for p in perm))
@@ -496,6 +500,8 @@ class ExprStore:
             return self.cat(pieces, d)
         if x.op == "accum":
             return self.accum(x.attrs, [self.slice(a, dim, start, end) for a in x.args])
+        if x.op == "scale":
+            return self.scale(self.slice(x.args[0], dim, start, end), x.attrs)
         if x.op == "permute":
             perm = x.attrs
             return self.permute(self.slice(x.args[0], perm[dim], start, end), perm)
@@ -639,6 +645,11 @@ class ExprStore:
         shapes = {x.shape for x in flat}
         if len(shapes) != 1:
             raise ShapeError(f"cannot accumulate shapes {sorted(shapes)}")
+        if fn == "sum" and getattr(self, "real", False) and flat[0].op == "scale" \
+                and all(x.op == "scale" and x.attrs == flat[0].attrs for x in flat[1:]):
+            # c*a + c*b == c*(a + b) over the reals (an averaging reduction, ReduceOp.AVG, is the
+            # sum of the parts times 1/W whichever way it is written)
+            return self.scale(self.accum(fn, [x.args[0] for x in flat]), flat[0].attrs)
         return self._intern("accum", fn, tuple(flat), flat[0].shape, flat[0].dtype)
 
     def scale(self, x: Expr, factor) -> Expr:

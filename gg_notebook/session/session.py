@@ -72,6 +72,8 @@ class ProofSession:
         # "steps" is len(engine.steps) right after the relation was added
         self._marks: list[dict] = []
         self._origin: dict[tuple[str, int], str] = {}  # (node, expr id) -> "hint" | "accept"
+        self._typed: dict[tuple[str, int], str] = {}  # (node, expr id) -> the hint as the user typed it
+        self.engine.typed_relations = self._typed  # the verdict lists assumptions as typed, too
         self.load_warnings: list[str] = []  # relations of a loaded session file that were not replayed
         self.version = 0
 
@@ -108,11 +110,15 @@ class ProofSession:
         out: dict[str, list[RelationView]] = {}
         for name, cands in self.engine.relations.items():
             out[name] = [
-                RelationView(self.engine.show(c.expr),
+                RelationView(self._shown(name, c),
                              "deferred" if c.deferred else ("assumed" if c.assumption else "proved"), c.chain)
                 for c in cands
             ]
         return out
+
+    def _shown(self, name: str, c) -> str:
+        """A relation as text: a user's hint as typed, anything else as the engine prints it."""
+        return self._typed.get((name, c.expr.id)) or self.engine.show(c.expr)
 
     def relations_for(self, names) -> dict[str, list[RelationView]]:
         """`relations` for just these tensors (cheap on big graphs)."""
@@ -120,7 +126,7 @@ class ProofSession:
         for name in names:
             cands = self.engine.relations.get(name)
             if cands is not None:
-                out[name] = [RelationView(self.engine.show(c.expr),
+                out[name] = [RelationView(self._shown(name, c),
                                           "deferred" if c.deferred else ("assumed" if c.assumption else "proved"),
                                           c.chain) for c in cands]
         return out
@@ -326,11 +332,14 @@ class ProofSession:
                 raise HintError(f"hint for {tensor} refused: {why}")
         self._add(tensor, e, proved=proved, why="hint", origin="hint")
         text = self.engine.show(e)
-        self.actions.append({"op": "relation", "node": tensor, "text": text, "proved": proved, "why": "hint",
+        typed = expr.strip() if isinstance(expr, str) else text
+        self._typed.setdefault((tensor, e.id), typed)  # shown back as typed (names of equal values differ)
+        self.actions.append({"op": "relation", "node": tensor, "text": typed, "proved": proved, "why": "hint",
                              "origin": "hint"})
         self._changed("hint")
-        return next(r for r in self.relations.get(tensor, [RelationView(text, "assumed")]) if r.text == text) \
-            if tensor in self.relations else RelationView(text, "proved" if proved else "assumed")
+        view = next((r for r in self.relations.get(tensor, []) if r.text in (typed, text)),
+                    RelationView(typed, "proved" if proved else "assumed"))
+        return dataclasses.replace(view, text=typed)
 
     def undo(self) -> Step | UserRelationView | None:
         """Take back the last change: a hint or accepted suggestion made after the last step is
@@ -357,7 +366,8 @@ class ProofSession:
         for node, cands in self.engine.user_relations.items():
             for c in cands:
                 out.append(UserRelationView(
-                    len(out), node, self.engine.show(c.expr), "assumed" if c.assumption else "proved",
+                    len(out), node, self._shown(node, c),
+                    "assumed" if c.assumption else "proved",
                     self._origin.get((node, c.expr.id), "hint")))
         return out
 
@@ -391,6 +401,7 @@ class ProofSession:
     def reset(self) -> None:
         """Start over (the capture is kept; hints are dropped)."""
         self.engine = Engine(*self._base)
+        self.engine.typed_relations = self._typed
         self._marks = []
         self.actions.append({"op": "reset"})
         self._changed("reset")
@@ -473,6 +484,7 @@ class ProofSession:
                     self.actions.append(dict(a, origin=origin, refused=why))
                     return
             self._add(a["node"], e, proved=proved, why=a.get("why", "hint"), origin=origin)
+            self._typed.setdefault((a["node"], e.id), a["text"].strip())
             self.actions.append(dict(a, proved=proved, origin=origin))
             self._changed(origin if origin == "accept" else "hint")
         else:
@@ -516,6 +528,7 @@ class ProofSession:
             eng.user_relations.pop(node, None)
         self._marks = [m for m in self._marks if (m["node"], m["expr"]) != (node, expr_id)]
         self._origin.pop((node, expr_id), None)
+        self._typed.pop((node, expr_id), None)
         step = next((st for st in eng.steps if st.node == node), None)
         if step is None:  # not visited yet: it was only pending
             return

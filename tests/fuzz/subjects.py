@@ -68,6 +68,10 @@ _EXAMPLE_SPECS = {
             ((2, "float64"),), 3),
     "gpt_fwd_bwd": ("gpt", "make", ("gpt_loss_tp", "gpt_fwd_bwd_tp"),
                     dict(layers=1, hidden=8, heads=4, vocab=16, seq=2, batch=1, backward=True), ((2, "float64"),), 3),
+    "pipeline_gpipe": ("pipeline", "make_gpipe", ("_forward", "_backward", "gpipe"), dict(batch=4, hidden=4),
+                       ((2, "float64"), (4, "float64")), 3),
+    "pipeline_1f1b": ("pipeline", "make_1f1b", ("one_f_one_b",), dict(batch=8, hidden=4), ((2, "float64"),), 3),
+    "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
 }
 
 

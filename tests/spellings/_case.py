@@ -15,7 +15,10 @@ sequential spec and one rank program per case. Inputs are built by a zero-argume
 returning the list of global tensors (small: the suite must stay fast; float64 keeps concrete
 checks crisp).
 
-A correct case (``bug=False``) must end ``gg.Status.PROVED``. A bug (``bug=True``) must end
+A correct case (``bug=False``) must end ``gg.Status.PROVED``, or, when it sets ``assumed`` (a tuple of
+phrases), ``gg.Status.ASSUMED`` with exactly one `gg.Result.assumptions` entry per phrase, each
+containing its phrase (a program equal to the spec only under a stated assumption, e.g. a mean whose
+count the ranks clamp to 1: not the spec's 0/0 = NaN when every target is ignored). A bug (``bug=True``) must end
 ``gg.Status.REFUTED`` and be *localized*:
 
 * exactly one line of the case's two functions carries the marker comment ``# BUG`` (``marker``):
@@ -89,6 +92,8 @@ class SpellingCase:
     world_size  number of ranks (2, sometimes 4)
     expect      one placement per output, or None (any clean relation)
     bug         False: must be proved; True: must be refuted, culprit on the ``marker`` line
+    assumed     for a correct case: phrases of the assumptions it is proved under (then it must end
+                ASSUMED with exactly these, one Result.assumptions entry containing each phrase)
     missing     None, or the one-line reason (the missing engine mechanism) for xfail(strict=True)
     domains     gg.Problem.domains (integer input -> range of values), if any
     exact       gg.verify(exact=...): None means the default "real"; or "bitwise"
@@ -110,6 +115,7 @@ class SpellingCase:
     world_size: int = 2
     expect: Sequence[Any] | None = None
     bug: bool = False
+    assumed: tuple[str, ...] = ()
     missing: str | None = None
     domains: dict | None = None
     exact: str | None = None
@@ -182,6 +188,14 @@ def check_case(case: SpellingCase, result: gg.Result, twin: gg.Result | None = N
     """Does ``result`` meet the case's expectation? (ok, one-line explanation).
 
     For a bug, ``twin`` is the result of the correct twin (``case.twin``), when there is one."""
+    if not case.bug and case.assumed:
+        if result.status is not gg.Status.ASSUMED:
+            return False, f"expected assumed ({len(case.assumed)} assumption(s)), got {result.headline()}"
+        got = list(result.assumptions)
+        unmatched = [a for a in case.assumed if sum(a in g for g in got) != 1]
+        if unmatched or len(got) != len(case.assumed):
+            return False, f"assumed, but under {got}; expected one assumption per phrase {list(case.assumed)}"
+        return True, "assumed: " + "; ".join(got)
     if not case.bug:
         if result.status is gg.Status.PROVED and result.proved:
             return True, "proved"

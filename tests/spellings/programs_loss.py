@@ -752,11 +752,130 @@ SEQ = gg.Shard(2)
 
 
 def _c(name, spec, rank, inputs, placements, expect, *, bug=False, world_size=2, note="", marker="# BUG",
-       missing=None, culprit=None, twin=None, domains=None):
+       missing=None, culprit=None, twin=None, domains=None, assumed=()):
     return SpellingCase(name=name, pattern="loss", sequential=spec, distributed=rank, inputs=inputs,
                         placements=placements, world_size=world_size, expect=expect, bug=bug, note=note,
-                        marker=marker, missing=missing, culprit=culprit, twin=twin, domains=domains)
+                        marker=marker, missing=missing, culprit=culprit, twin=twin, domains=domains,
+                        assumed=tuple(assumed))
 
+
+
+# boolean-mask selections reduced at once (capture/masked_select.py): loss[mask].mean() & co.
+
+
+def ce_ignore_mean_bug_select_pad(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: select-pad
+
+
+def ce_ignore_mean_bug_select_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: select-all
+
+
+def ce_ignore_mean_bug_numel_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: numel-all
+
+
+def ce_ignore_sum(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def ce_ignore_sum_bug(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE, reduction="sum")  # gg: sum-all
+
+
+def ce_ignore_rank_masked_select_mean(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    return torch.masked_select(loss, keep).mean()
+
+
+def ce_ignore_rank_masked_select_mean_pad(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != 0  # BUG: keeps the tokens whose id is not 0 (a pad id), not those != -100
+    return torch.masked_select(loss, keep).mean()
+
+
+def ce_ignore_rank_nonzero_sum_div_count(logits, target):
+    loss = ce_logsumexp_gather(logits, target)
+    valid = target.reshape(-1).ne(IGNORE)
+    return loss[valid.nonzero(as_tuple=True)].sum() / valid.sum()
+
+
+def ce_ignore_rank_nonzero_sum_div_all(logits, target):
+    loss = ce_logsumexp_gather(logits, target)
+    valid = target.reshape(-1).ne(IGNORE)
+    return loss[valid.nonzero(as_tuple=True)].sum() / loss.numel()  # BUG: divides by every token
+
+
+def ce_ignore_rank_hf_index_numel(logits, target):
+    """Hugging Face style: the per-token loss of the kept labels, its sum over its own numel."""
+    loss = ce_loss_parallel(logits, target)
+    kept = loss[target.flatten() != IGNORE]
+    return kept.sum() / kept.numel()
+
+
+def ce_ignore_rank_hf_index_numel_bug(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    kept = loss[target.flatten() != -1]  # BUG: the wrong ignore value: ignored tokens are kept (loss = their lse)
+    return kept.sum() / kept.numel()
+
+
+def ce_ignore_rank_index_sum(logits, target):
+    loss = ce_megatron(logits, target)
+    return loss[target.view(-1) >= 0].sum()
+
+
+def ce_ignore_rank_index_sum_bug(logits, target):
+    loss = ce_megatron(logits, target)
+    return loss[target.view(-1) >= -100].sum()  # BUG: >= -100 keeps the ignored tokens too
+
+
+# the count of kept tokens clamped to 1 (engine/clamped_count.py): the same value as the spec's mean
+# only when some target is kept (else the spec is 0/0 = NaN and the ranks 0): "assumed", not proved
+ASSUME_KEPT = "at least one element of target is != -100"
+CLAMP_NOTE = "assumed, not proved: with every target ignored the spec is 0/0 = NaN and the ranks return 0"
+
+
+def ce_ignore_mean_bug_clamp_pad(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: clamp-pad
+
+
+def ce_ignore_mean_bug_clamp_all(logits, target):
+    return F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=IGNORE)  # gg: clamp-all
+
+
+def ce_ignore_rank_clamp_min(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    n = keep.sum()
+    return torch.where(keep, loss, 0.0).sum() / torch.clamp_min(n, 1)
+
+
+def ce_ignore_rank_clamp_min_pad(logits, target):
+    loss = ce_megatron(logits, target)
+    keep = target.view(-1) != IGNORE
+    n = (target != 0).sum()  # BUG: counts the tokens that are not pad id 0
+    return torch.where(keep, loss, 0.0).sum() / torch.clamp_min(n, 1)
+
+
+def ce_ignore_rank_maximum_ones(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    keep = (target.reshape(-1) != IGNORE).to(loss.dtype)
+    n = keep.sum()
+    return (loss * keep).sum() / torch.maximum(n, torch.ones_like(n))
+
+
+def ce_ignore_rank_maximum_ones_all(logits, target):
+    loss = ce_loss_parallel(logits, target)
+    keep = (target.reshape(-1) != IGNORE).to(loss.dtype)
+    n = torch.ones_like(keep).sum()  # BUG: every token, not the kept ones
+    return (loss * keep).sum() / torch.maximum(n, torch.ones_like(n))
+
+
+def ce_ignore_rank_positional_clamp(logits, target):
+    loss = ce_logsumexp_gather(logits, target).masked_fill(target.view(-1) == IGNORE, 0.0)
+    denom = target.ge(0).sum().clamp(1)
+    return loss.sum() / denom
 
 _sm_in = lambda: [2.0 * rn(B, S, V, seed=7)]  # noqa: E731
 
@@ -788,10 +907,47 @@ CASES = [
     _c("vocab-ce-ignore/megatron-keep-weighted-sum", ce_ignore_mean, ce_ignore_rank, _ce_in_ign, [SL, R], [R]),
     _c("vocab-ce-ignore/loss-parallel-boolean-index-mean", ce_ignore_mean, ce_ignore_rank_masked_mean,
        _ce_in_ign, [SL, R], [R]),
-    _c("vocab-ce-ignore/logsumexp-where-clamp", ce_ignore_mean, ce_ignore_rank_where, _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/logsumexp-where-clamp", ce_ignore_mean, ce_ignore_rank_where, _ce_in_ign, [SL, R], [R],
+       assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
     _c("vocab-ce-ignore/bug-mean-over-all-tokens", ce_ignore_mean_bug, ce_ignore_rank_all_tokens, _ce_in_ign,
        [SL, R], [R], bug=True, culprit="ignored-mean", twin="vocab-ce-ignore/megatron-keep-weighted-sum",
        note="ignored tokens are zeroed but still counted in the mean's denominator"),
+    # the kept count clamped to 1: assumed (at least one target kept), not proved
+    _c("vocab-ce-ignore/where-clamp_min-count", ce_ignore_mean, ce_ignore_rank_clamp_min, _ce_in_ign, [SL, R], [R],
+       assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
+    _c("vocab-ce-ignore/bug-clamp_min-of-pad-count", ce_ignore_mean_bug_clamp_pad, ce_ignore_rank_clamp_min_pad,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="clamp-pad", twin="vocab-ce-ignore/where-clamp_min-count",
+       note="clamp(min=1) of the wrong count: targets != 0 (a pad id), not targets != ignore_index"),
+    _c("vocab-ce-ignore/keep-weighted-maximum-ones", ce_ignore_mean, ce_ignore_rank_maximum_ones, _ce_in_ign,
+       [SL, R], [R], assumed=[ASSUME_KEPT], note=CLAMP_NOTE),
+    _c("vocab-ce-ignore/bug-maximum-of-all-tokens", ce_ignore_mean_bug_clamp_all, ce_ignore_rank_maximum_ones_all,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="clamp-all", twin="vocab-ce-ignore/keep-weighted-maximum-ones",
+       note="the guarded divisor counts every token (ones_like(keep).sum()), ignored ones included"),
+    _c("vocab-ce-ignore/masked_fill-nonneg-clamp-positional", ce_ignore_mean, ce_ignore_rank_positional_clamp,
+       _ce_in_ign, [SL, R], [R], assumed=["at least one element of target is >= 0"], note=CLAMP_NOTE),
+    # boolean-mask selections reduced at once: loss[mask].mean(), masked_select, nonzero(as_tuple=True)
+    _c("vocab-ce-ignore/masked_select-mean", ce_ignore_mean, ce_ignore_rank_masked_select_mean, _ce_in_ign,
+       [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-masked_select-pad-id", ce_ignore_mean_bug_select_pad,
+       ce_ignore_rank_masked_select_mean_pad, _ce_in_ign, [SL, R], [R], bug=True, culprit="select-pad",
+       twin="vocab-ce-ignore/masked_select-mean",
+       note="the mask keeps targets != 0 (a pad id) instead of targets != ignore_index"),
+    _c("vocab-ce-ignore/nonzero-tuple-sum-div-count", ce_ignore_mean, ce_ignore_rank_nonzero_sum_div_count,
+       _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-nonzero-tuple-sum-div-all", ce_ignore_mean_bug_select_all,
+       ce_ignore_rank_nonzero_sum_div_all, _ce_in_ign, [SL, R], [R], bug=True, culprit="select-all",
+       twin="vocab-ce-ignore/nonzero-tuple-sum-div-count",
+       note="the kept tokens' loss summed, then divided by every token (ignored ones included)"),
+    _c("vocab-ce-ignore/hf-bool-index-sum-div-numel", ce_ignore_mean, ce_ignore_rank_hf_index_numel, _ce_in_ign,
+       [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-hf-bool-index-wrong-ignore-value", ce_ignore_mean_bug_numel_all,
+       ce_ignore_rank_hf_index_numel_bug, _ce_in_ign, [SL, R], [R], bug=True, culprit="numel-all",
+       twin="vocab-ce-ignore/hf-bool-index-sum-div-numel",
+       note="labels != -1 keeps the ignored tokens, whose vocab-parallel loss is their log-sum-exp"),
+    _c("vocab-ce-ignore/bool-index-nonneg-sum", ce_ignore_sum, ce_ignore_rank_index_sum, _ce_in_ign, [SL, R], [R]),
+    _c("vocab-ce-ignore/bug-bool-index-sum-keeps-ignored", ce_ignore_sum_bug, ce_ignore_rank_index_sum_bug,
+       _ce_in_ign, [SL, R], [R], bug=True, culprit="sum-all", twin="vocab-ce-ignore/bool-index-nonneg-sum",
+       note="target >= -100 is True for every target: the ignored tokens' loss is summed too"),
     # label smoothing, z-loss
     _c("vocab-ce-reg/smoothing-sum-logits-allreduce", ce_label_smoothing, ce_label_smoothing_rank, _ce_in, [SL, R], [R],
        domains=CLASS_IDS),
@@ -869,14 +1025,7 @@ CASES = [
        note="the mean divides by the sequence length (the batch dim forgotten), not the number of tokens"),
 ]
 
-_MISSING = {
-    "vocab-ce-ignore/loss-parallel-boolean-index-mean":
-        "capture: loss[bool_mask] has a data-dependent shape (aten.nonzero) and cannot be traced by make_fx "
-        "(refused with the rewrite (loss * mask).sum() / mask.sum())",
-    "vocab-ce-ignore/logsumexp-where-clamp":
-        "not the same value: when every target is ignore_index the spec's mean is 0/0 = NaN and the ranks' "
-        "sum / valid.sum().clamp(min=1) is 0 (needs a policy that lets a rank replace a NaN of the spec)",
-}
+_MISSING: dict = {}
 
 import dataclasses as _dc  # noqa: E402
 
