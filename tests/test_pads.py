@@ -1,8 +1,7 @@
-"""Padding operators lowered as concatenations with constant blocks (`gg_notebook/ir/pads.py`):
-``slice_backward`` (the gradient of ``x[..., a:b]``), ``select_backward`` (of ``x[:, i]``) and
-``constant_pad_nd`` (``F.pad``). The lowered IR evaluates bit for bit to the operator on random
-inputs; unsupported arguments stay generic calls; end to end, RoPE's ``rotate_half`` backward on
-heads sharded over the ranks is proved and a pad along the sharded dim is refuted."""
+"""Padding operators through shards (the ``pad-commute`` lemma, `gg_notebook/lemmas/pads.py`; its
+random instances are checked in tests/test_lemmas.py): RoPE's ``rotate_half`` backward
+(``slice_backward``) on heads sharded over the ranks, in two spellings, and ``F.pad`` /
+``constant_pad_nd`` of a dim the ranks do not split are proved; a pad on the wrong side is refuted."""
 
 from __future__ import annotations
 
@@ -10,71 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.fx.experimental.proxy_tensor import make_fx
 
 import gg_notebook as gg
-from gg_notebook.concrete.simulate import run_graph
-from gg_notebook.ir.lower import lower
 
-aten = torch.ops.aten
-
-
-def _lowered(fn, *xs):
-    gm = make_fx(torch.func.functionalize(fn), tracing_mode="fake")(*xs)
-    for n in gm.graph.nodes:
-        n.meta.setdefault("gg_source", None)
-        n.meta.setdefault("gg_frames", [])
-    return lower(gm, None)
-
-
-def _targets(g):
-    return {str(getattr(n.attrs, "target", "")) for n in g.nodes if n.op == "call"}
-
-
-def _out(g, env):
-    return [env[o.name] for o in g.outputs]
-
-
-CASES = [
-    # (name, fn, input shapes, op that must be gone)
-    ("slice_backward_last", lambda g: aten.slice_backward(g, [2, 3, 8], -1, 2, 6, 1), [(2, 3, 4)], "slice_backward"),
-    ("slice_backward_head", lambda g: aten.slice_backward(g, [5, 4], 0, 0, 2, 1), [(2, 4)], "slice_backward"),
-    ("slice_backward_tail_big_end", lambda g: aten.slice_backward(g, [5, 4], 1, 1, 2**62, 1), [(5, 3)],
-     "slice_backward"),
-    ("select_backward", lambda g: aten.select_backward(g, [3, 4, 5], 1, -1), [(3, 5)], "select_backward"),
-    ("pad_last", lambda x: F.pad(x, (1, 2)), [(2, 3, 4)], "constant_pad_nd"),
-    ("pad_two_dims_value", lambda x: F.pad(x, (0, 1, 2, 0), value=-1.5), [(2, 3, 4)], "constant_pad_nd"),
-    ("pad_zero_widths", lambda x: F.pad(x, (0, 0, 0, 3)), [(2, 3, 4)], "constant_pad_nd"),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
-@pytest.mark.parametrize("name,fn,shapes,gone", CASES, ids=[c[0] for c in CASES])
-def test_lowered_pad_is_the_operator_bit_for_bit(name, fn, shapes, gone, dtype):
-    if dtype == torch.int64 and name.startswith("pad_two"):
-        fn = lambda x: F.pad(x, (0, 1, 2, 0), value=-3)  # noqa: E731 - an integer fill for an integer tensor
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(3):
-        xs = [(torch.randn(s, generator=gen, dtype=torch.float64) * 10 ** trial).to(dtype) for s in shapes]
-        g = _lowered(fn, *xs)
-        assert not any(gone in t for t in _targets(g)), (name, _targets(g))
-        got, want = _out(g, run_graph(g, xs))[0], fn(*xs)
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert torch.equal(got, want), (name, (got - want).abs().max())
-
-
-@pytest.mark.parametrize("fn,shape,op", [
-    (lambda g: aten.slice_backward(g, [2, 8], 1, 0, 8, 2), (2, 4), "slice_backward"),   # a step
-    (lambda x: F.pad(x, (-1, 1)), (2, 4), "constant_pad_nd"),                           # negative padding
-])
-def test_what_it_does_not_decide_stays_a_call(fn, shape, op):
-    x = torch.randn(shape)
-    g = _lowered(fn, x)
-    assert any(op in t for t in _targets(g)), _targets(g)
-    torch.testing.assert_close(_out(g, run_graph(g, [x]))[0], fn(x))
-
-
-# ------------------------------------------------------------------ end to end
 
 def _rotate_half(x):
     x1 = x[..., : x.shape[-1] // 2]
@@ -142,9 +79,6 @@ def test_pad_of_another_dim_commutes_with_the_shards():
     assert gg.verify(p, capture="inprocess").status == gg.Status.PROVED
 
 
-@pytest.mark.xfail(strict=True, reason="a pad along a dim before the sharded one: the ranks' padding rows are "
-                   "constant, but the index does not know a slice of a rank's value is a constant, so the "
-                   "output is related only as cat(const, cat(ranks' rows), const), not as the ranks' shards")
 def test_pad_of_an_outer_dim_commutes_with_the_shards():
     p = gg.Problem(sequential=_pad_outer_dim, distributed=_pad_outer_dim, inputs=[torch.randn(4, 2, 5)],
                    placements=[gg.Shard(1)], world_size=2, expect=[gg.Shard(1)])

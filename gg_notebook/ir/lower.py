@@ -18,7 +18,6 @@ import torch
 import torch.fx
 
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.ir.pads import PADS, lower_pad
 from gg_notebook.ir.specs import reduce_spec
 from gg_notebook.relations.expr import Lit, OpSpec, Slot, typed, untyped
 
@@ -404,10 +403,6 @@ class _Lowerer:
                     return src
                 return self.emit("slice", (dim, start, end), (src,), shape, dtype)
             return self.strided(fx, src, dim, start, int(step), tuple(shape), dtype)
-        if packet in PADS:  # slice_backward, select_backward, constant_pad_nd: cat with constant blocks
-            hit = lower_pad(self, fx, packet, shape, dtype)
-            if hit is not None:
-                return hit
         if packet in ("select", "select_copy"):
             src = env[args[0]]
             n = len(src.shape)

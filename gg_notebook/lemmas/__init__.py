@@ -23,5 +23,6 @@ from gg_notebook.lemmas import pick as _pick  # noqa: F401  (registers)
 from gg_notebook.lemmas import slice_shared as _slice_shared  # noqa: F401  (registers)
 from gg_notebook.lemmas import sum_regroup as _sum_regroup  # noqa: F401  (registers)
 from gg_notebook.lemmas import ew_fusion as _ew_fusion  # noqa: F401  (registers, and its matcher)
+from gg_notebook.lemmas import pads as _pads  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

@@ -372,7 +372,7 @@ class ExprStore:
             return x
         if x.op == "view":
             return self.view(x.args[0], shape)
-        if x.op == "scale":  # moving data commutes with a factor: the factor outermost
+        if x.op == "scale" and x.args[0].op == "accum":  # an averaged reduction: the factor outermost
             return self.scale(self.view(x.args[0], shape), x.attrs)
         if x.op == "accum":
             return self.accum(x.attrs, [self.view(a, shape) for a in x.args])
@@ -418,7 +418,7 @@ class ExprStore:
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
             return x
-        if x.op == "scale":
+        if x.op == "scale" and x.args[0].op == "accum":
             return self.scale(self.permute(x.args[0], perm), x.attrs)
         real = [p for p in perm if x.shape[p] != 1]
         if real == sorted(real):  # only size-1 dims move: the same elements in the same order, a view
@@ -500,7 +500,7 @@ class ExprStore:
             return self.cat(pieces, d)
         if x.op == "accum":
             return self.accum(x.attrs, [self.slice(a, dim, start, end) for a in x.args])
-        if x.op == "scale":
+        if x.op == "scale" and x.args[0].op == "accum":
             return self.scale(self.slice(x.args[0], dim, start, end), x.attrs)
         if x.op == "permute":
             perm = x.attrs
@@ -585,23 +585,15 @@ class ExprStore:
         """cat_e(cat_d(a0, a1), cat_d(b0, b1)) == cat_d(cat_e(a0, b0), cat_e(a1, b1)) when the inner
         concatenations split dim d at the same offsets. The canonical nesting has the outer
         concatenation along the smaller dim, so both spellings of a block layout get one node."""
-        # a constant piece (a padding block) is split at the same offsets: it equals the
-        # concatenation of its slices, and a slice of a constant is a constant
-        first = next((p for p in pieces if p.op == "cat"), None)
-        if first is None or first.attrs >= dim:
+        first = pieces[0]
+        if first.op != "cat" or first.attrs >= dim:
             return None
         d = first.attrs
         sizes = tuple(a.shape[d] for a in first.args)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        split = []
-        for p in pieces:
-            if p.op == "cat" and p.attrs == d and tuple(a.shape[d] for a in p.args) == sizes:
-                split.append(p.args)
-            elif p.op != "cat" and p.ground and self.by_value and p.shape[d] == offsets[-1]:
-                split.append(tuple(self.slice(p, d, offsets[i], offsets[i + 1]) for i in range(len(sizes))))
-            else:
+        for p in pieces[1:]:
+            if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
                 return None
-        return self.cat([self.cat([p[i] for p in split], dim) for i in range(len(sizes))], d)
+        return self.cat([self.cat([p.args[i] for p in pieces], dim) for i in range(len(sizes))], d)
 
     def _join_slices(self, a: Expr, b: Expr, dim: int) -> Expr | None:
         """slice(x, d, i, j) ++ slice(x, d, j, k) == slice(x, d, i, k); same for a whole-prefix."""
