@@ -79,6 +79,9 @@ SAMPLES = {
         (lambda g, i: aten.embedding_dense_backward(g, i, 6, 2, True), lambda: (r(1, 4, 3), torch.tensor([[0, 2, 2, 5]])))],
     aten.nll_loss_backward.default: [
         (lambda g, l, t, tw: aten.nll_loss_backward(g, l, t, None, 1, -100, tw), _nll_bwd_inputs)],
+    aten.slice_backward.default: [(lambda g: aten.slice_backward(g, [7, 4], 0, 2, 5, 1), lambda: (r(3, 4),)),
+                                  (lambda g: aten.slice_backward(g, [3, 9], 1, 1, 9, 2), lambda: (r(3, 4),))],
+    aten.select_backward.default: [(lambda g: aten.select_backward(g, [3, 2, 4], 1, -1), lambda: (r(3, 4),))],
 }
 
 NEVER_LINEAR = {

@@ -440,6 +440,62 @@ def _refuse_object_collective(name: str):
     return refuse
 
 
+def _outside_trace(fn):
+    """``fn`` run on real tensors, unseen by the tracer: a DeviceMesh built inside the traced rank
+    function (``init_device_mesh`` in the rank's code, as DTensor programs do) is configuration,
+    and building it reads its rank grid into Python, which fake tensors cannot do."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+        with unset_fake_temporarily(), disable_proxy_modes_tracing():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _trampoline(*args, **kwargs):
+    # runs with the globals of the function whose code it replaces (torch.distributed.device_mesh)
+    return _GG_OUTSIDE_TRACE["init_device_mesh"](*args, **kwargs)  # noqa: F821
+
+
+@contextmanager
+def _device_mesh_outside_trace() -> Iterator[None]:
+    """DeviceMesh construction and slicing run on real tensors while a rank is traced. The user's
+    code may hold ``init_device_mesh`` imported by name, so the function itself is redirected (its
+    code object swapped for a trampoline; restored on exit), and DeviceMesh's methods are patched
+    on the class."""
+    import types
+
+    import torch.distributed.device_mesh as dm
+
+    fn = getattr(dm, "init_device_mesh", None)
+    cls = getattr(dm, "DeviceMesh", None)
+    if not isinstance(fn, types.FunctionType) or cls is None:
+        yield
+        return
+    original_code = fn.__code__
+    copy = types.FunctionType(original_code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    table = fn.__globals__.setdefault("_GG_OUTSIDE_TRACE", {})
+    table["init_device_mesh"] = _outside_trace(copy)
+    saved_methods = {}
+    try:
+        fn.__code__ = _trampoline.__code__
+        for name in ("__init__", "__getitem__", "_flatten", "_unflatten", "_create_sub_mesh", "from_group"):
+            raw = cls.__dict__.get(name)
+            if isinstance(raw, types.FunctionType):
+                saved_methods[name] = raw
+                setattr(cls, name, _outside_trace(raw))
+        yield
+    finally:
+        fn.__code__ = original_code
+        for name, raw in saved_methods.items():
+            setattr(cls, name, raw)
+
+
 @contextmanager
 def collective_shims() -> Iterator[None]:
     # Save the raw class attributes (pybind11 stores methods as descriptors in the class __dict__;
@@ -449,6 +505,8 @@ def collective_shims() -> Iterator[None]:
     modules = (dist, dist.distributed_c10d)
     saved_fns = [(m, name, getattr(m, name)) for m in modules for name in _OBJECT_COLLECTIVES if hasattr(m, name)]
     saved_p2p = [(m, name, getattr(m, name)) for m in modules for name in _BLOCKING_P2P if hasattr(m, name)]
+    mesh_ctx = _device_mesh_outside_trace()
+    mesh_ctx.__enter__()
     try:
         for m, name, fn in saved_p2p:
             setattr(m, name, _blocking_p2p(fn))
@@ -469,6 +527,7 @@ def collective_shims() -> Iterator[None]:
                 setattr(_PG, name, raw)
         for m, name, fn in saved_fns + saved_p2p:
             setattr(m, name, fn)
+        mesh_ctx.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
