@@ -221,6 +221,10 @@ def _decline_cases():
     add("partial-linear", C.case(torch.round, (r(3, 4),), rng, partial={0: 2}), "round is not linear")
     add("partial-linear", C.case(lambda x, m: x.masked_fill(m, 1.0), (r(3, 4), r(3, 4) > 0), rng, partial={0: 2}),
         "masked_fill with a non-zero value is affine")
+    from gg_notebook.lemmas.pads import decline_cases as pad_declines
+
+    for why, case in pad_declines(rng):
+        add("pad-commute", case, why)
     add("partial-additive", C.case(lambda x: x + 1.0, (r(3, 4),), rng, partial={0: 2}),
         "a scalar added to every partial")
     add("partial-additive", C.case(lambda x: 2 - x, (r(3, 4),), rng, partial={0: 2}), "rsub of a scalar")
@@ -294,7 +298,7 @@ _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entrop
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "sum-log-softmax-over-split",
               "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys", "neg-inf-mask",
               "embedding-constant-ids", "gather-over-split-classes", "nll-backward-total-weight-unused",
-              "vocab-cross-entropy-backward-ignore"}
+              "vocab-cross-entropy-backward-ignore", "pad-commute"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))

@@ -115,6 +115,9 @@ def dtensor_placement(t, world_size: int) -> InputPlacement:
     mesh = t.device_mesh
     ranks = mesh.mesh.tolist()
     placements = tuple(t.placements)
+    strided = _strided_shard(t, placements, ranks, world_size)
+    if strided is not None:
+        return strided
     for p in placements:
         if isinstance(p, DPartial):
             raise ModelError(
@@ -145,6 +148,26 @@ def dtensor_placement(t, world_size: int) -> InputPlacement:
             full[root_names.index(n)] = placements[i]
         return mesh_layout(root.mesh.tolist(), tuple(full))
     return mesh_layout(ranks, placements)
+
+
+def _strided_shard(t, placements, ranks, world_size: int):
+    """DTensor's ``_StridedShard(d, split_factor=k)`` on a 1-D mesh of all ranks in order (packed
+    weights, e.g. transformers' ``packed_colwise`` fused gate/up: ``k`` blocks along d, each chunked
+    over the ranks): rank r holds the r-th chunk of every block, i.e. `strided_layout(d, k)`."""
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover
+        return None
+    if len(placements) != 1 or not isinstance(placements[0], _StridedShard) or ranks != list(range(world_size)):
+        return None
+    from gg_notebook.adapters.layouts import strided_layout
+
+    p = placements[0]
+    d, k = p.dim % t.dim(), int(p.split_factor)
+    if t.shape[d] % (k * world_size):
+        raise ModelError(f"a DTensor placed {p!r} has size {t.shape[d]} along dim {d}, not divisible into "
+                         f"{k} x {world_size} blocks: pass param_placements={{name: gg.Layout(fn)}}.")
+    return strided_layout(d, k)
 
 
 def _placement_str(p) -> str:

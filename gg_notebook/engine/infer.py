@@ -370,6 +370,9 @@ class Engine:
                 if blamed.status == "deferred":
                     blamed.detail = (f"{blamed.op} could not be related even together with its consumer "
                                      f"{n.target} ({n.name})")
+                    hints = self.explain_stuck(self.seq.by_name[blamed.node]).partition("; ")[2]
+                    if hints:  # e.g. an input known only as partial sums: a missing all-reduce
+                        blamed.detail += f"; {hints}"
                     step.detail = f"its input {blamed.node} ({blamed.op}) has no relation"
                 else:  # its value is held by the ranks only up to a factor that never cancels
                     partial = any(x.op == "accum" for c in blamed.candidates for x in walk(c.expr))
@@ -644,8 +647,11 @@ class Engine:
             lin = linear_args(n.attrs, [i.dtype for i in n.inputs])
             linear_slots = set(lin[1]) if lin else set()
             if lin and lin[0] == "jointly":
+                # every input best known as per-rank partials: the op itself could act on partials;
+                # one held whole (a replicated residual) added to a partial sum is the likely bug
                 partial_all = all(
-                    any(r.expr.op == "accum" for r in self.relations.get(i.name, [])) for i in n.inputs)
+                    bool(self.relations.get(i.name)) and self.relations[i.name][0].expr.op == "accum"
+                    for i in n.inputs)
                 linear_slots = linear_slots if partial_all else set()
             shapes = [i.shape for i in n.inputs]
             try:
@@ -658,8 +664,9 @@ class Engine:
                     continue
                 best = rels[0].expr
                 if all(r.expr.op == "accum" for r in rels) and best.attrs == "sum" and slot not in linear_slots:
+                    at = f" (computed at {i.source}{f': `{i.code.strip()}`' if i.code else ''})" if i.source else ""
                     hints.append(
-                        f"input {i.name} is only known as a sum of per-rank partials ({self.show(best)}); "
+                        f"input {i.name}{at} is only known as a sum of per-rank partials ({self.show(best)}); "
                         f"{n.target} needs its full value - is an all-reduce missing before this operator, "
                         f"or is something added to a partial sum before the reduction?")
                 elif all(r.expr.op == "cat" for r in rels) and roles is not None:

@@ -265,8 +265,8 @@ def _call_on_cpu(spec, vals) -> torch.Tensor:
 # ---------------------------------------------------------------------- tilings across ranks
 def value_tiling(index, term: "Expr") -> list:
     """Ways to rebuild the value node ``term`` by concatenating values the ranks hold, found by
-    value: [(dim, [dvals])] (one tiling per dim, the fewest pieces first). Uniform values (every
-    element equal) are not tiled: any slice of them is already the same constant."""
+    value: [(dim, [dvals])] (one tiling per dim, the fewest pieces first). A uniform value (every
+    element equal) is tiled only by copies of one held piece of it, the largest that divides it."""
     memo = index.__dict__.setdefault("_value_tilings", {})
     hit = memo.get(term.id)
     if hit is not None:
@@ -275,11 +275,15 @@ def value_tiling(index, term: "Expr") -> list:
     want = value_of(term)
     if want is None or want.dim() == 0 or want.numel() < 2:
         return out
-    if term.attrs.target.uniform:
-        return out
+    uniform = term.attrs.target.uniform
     pieces = _held_values(index).get((want.dtype, want.dim()), [])
     for dim in range(want.dim()):
         cands = [d for d in pieces if _fits(d.term.shape, want.shape, dim)]
+        if uniform:
+            # every slice of a uniform value is the same constant: tile it with copies of the
+            # largest held piece of that constant (the seed of a sum's backward, split by the ranks)
+            cands = [d for d in cands if d.term.attrs.target.uniform and want.shape[dim] % d.term.shape[dim] == 0]
+            cands = sorted(cands, key=lambda d: -d.term.shape[dim])[:1]
         if not cands:
             continue
         chosen = _tile(want, dim, cands)
