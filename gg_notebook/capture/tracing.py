@@ -371,6 +371,12 @@ def forget_rank_caches() -> None:
         prop._propagate_tensor_meta_cached.cache_clear()
     except Exception:  # pragma: no cover - private API moved; per-process capture does not need it
         pass
+    clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear is not None:  # the C++ side of the same cache
+        try:
+            clear()
+        except Exception:  # pragma: no cover
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
