@@ -199,14 +199,16 @@ def test_value_tiling_finds_the_rows_each_rank_holds():
     assert ground.value_tiling(index(_arange(S, 0, 4)), whole) == []
     # a uniform value is tiled only by copies of one held piece of the same constant that divides it
     # (the ones a sum's backward seeds, split by the ranks)
-    zeros = S.const(OpSpec("const", "z", _Full.of((8,), 0, torch.int64), ((), ())), (8,), torch.int64)
-    held = S.slice(zeros, 0, 0, 4)
-    [(dim, pieces)] = ground.value_tiling(index(held), zeros)
+    sevens = S.const(OpSpec("const", "s", _Full.of((8,), 7, torch.int64), ((), ())), (8,), torch.int64)
+    held = S.slice(sevens, 0, 0, 4)
+    [(dim, pieces)] = ground.value_tiling(index(held), sevens)
     assert dim == 0 and [p.term.id for p in pieces] == [held.id, held.id]
-    assert ground.value_tiling(index(S.slice(zeros, 0, 0, 3)), zeros) == []        # 3 does not divide 8
+    assert ground.value_tiling(index(S.slice(sevens, 0, 0, 3)), sevens) == []      # 3 does not divide 8
     ones = S.const(OpSpec("const", "o", _Full.of((4,), 1, torch.int64), ((), ())), (4,), torch.int64)
-    zeros2 = S.const(OpSpec("const", "z2", _Full.of((8,), 0, torch.int64), ((), ())), (8,), torch.int64)
-    assert ground.value_tiling(index(ones), zeros2) == []                            # another constant
+    assert ground.value_tiling(index(ones), sevens) == []                            # another constant
+    # zeros are never tiled: they stay a constant, so that x + 0 is x in the term store
+    zeros = S.const(OpSpec("const", "z", _Full.of((8,), 0, torch.int64), ((), ())), (8,), torch.int64)
+    assert ground.value_tiling(index(S.slice(zeros, 0, 0, 4)), zeros) == []
 
 
 # ============================================================ programs: positions and learned position embeddings

@@ -276,6 +276,8 @@ def value_tiling(index, term: "Expr") -> list:
     if want is None or want.dim() == 0 or want.numel() < 2:
         return out
     uniform = term.attrs.target.uniform
+    if uniform and not bool(want.reshape(-1)[0]):
+        return out  # zeros stay a constant: x + 0 is x (the store's normal form), a rank's zeros are not
     pieces = _held_values(index).get((want.dtype, want.dim()), [])
     for dim in range(want.dim()):
         cands = [d for d in pieces if _fits(d.term.shape, want.shape, dim)]
