@@ -102,6 +102,7 @@ class DIndex:
         # another has the same global inputs, so a query only normalizes the values of its bucket
         self._form_buckets: dict[tuple, list[DVal]] | None = None
         self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
+        self._dval_key_all: dict[int, tuple | None] = {}  # the same, normalized even without a number near the root
         self._bucket_keys: dict[tuple, dict] = {}  # bucket -> {form key: {first coefficient: dval}}
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
@@ -151,6 +152,12 @@ class DIndex:
             d = self.by_term.get(b.id)
             if d is not None and tuple(d.shape) == tuple(term.shape) and d.dtype == term.dtype:
                 return d, c
+        if not hit and len(form) > 1:
+            # a sum of several bases: values without a number near their root are normalized too,
+            # in a small bucket only (a gradient whose scale sits deep under the loss's backward)
+            hit = (self._keyed_bucket(term, full=True) or {}).get(key, {})
+            if c0 in hit:
+                return hit[c0], Fraction(1)
         if not hit:
             return None
         c1, d = next(iter(hit.items()))
@@ -171,19 +178,19 @@ class DIndex:
             self._form_buckets = buckets
         return self._form_buckets.get((term.shape, term.dtype, self.leaf_mask(term)), [])
 
-    def _keyed_bucket(self, term: Expr) -> dict | None:
+    def _keyed_bucket(self, term: Expr, full: bool = False) -> dict | None:
         """The values of `same_inputs` (term) by form key: {key: {first coefficient: dval}} (built
         once per bucket; None if the bucket is empty)."""
         bucket = self.same_inputs(term)
         if not bucket:
             return None
-        bkey = (term.shape, term.dtype, self.leaf_mask(term))
+        bkey = (term.shape, term.dtype, self.leaf_mask(term), full)
         keyed = self._bucket_keys.get(bkey)
         if keyed is None:
             keyed = {}
-            small = len(bucket) <= SMALL_BUCKET
+            always = full and len(bucket) <= SMALL_BUCKET
             for d in bucket:
-                k = self._key_of(d, always=small)
+                k = self._key_of(d, always=always)
                 if k is not None:
                     keyed.setdefault(k[0], {}).setdefault(k[1], d)
             self._bucket_keys[bkey] = keyed
@@ -193,15 +200,16 @@ class DIndex:
         """The form key of a value some rank holds (None: not worth indexing, or too large).
         ``always``: normalize it even without a number near its root (a small bucket: a gradient
         whose scale sits deep inside, under the loss's backward)."""
-        if d.id in self._dval_key:
-            return self._dval_key[d.id]
+        memo = self._dval_key if not always else self._dval_key_all
+        if d.id in memo:
+            return memo[d.id]
         worth = always or self.forms.worth_indexing(d.term)
         k = self.forms.key(d.term, budget=40) if worth else None
         if k is None and d.term.op == "view" and self.forms.worth_indexing(d.term):
             # a view costs what its base costs: normalize the base first (memoized), then the view
             if self.forms.key(d.term.args[0], budget=40) is not None:
                 k = self.forms.key(d.term, budget=40)
-        self._dval_key[d.id] = k
+        memo[d.id] = k
         return k
 
     def leaf_mask(self, term: Expr) -> int:
