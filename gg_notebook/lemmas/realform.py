@@ -116,7 +116,7 @@ class RealForms:
                 pairs.append((bb, c * k))
         return self._norm(pairs)
 
-    def _linear_bottom_up(self, t: Expr, limit: int = 4000):
+    def _linear_bottom_up(self, t: Expr, limit: int = 1000):
         """The linear form of ``t`` computed one term at a time, arguments first, when one question
         would exceed the linear forms' budget: a log-sum-exp over the logits of a whole model needs
         the form of every term below them once (each then memoized). `TooLarge` beyond ``limit``."""
