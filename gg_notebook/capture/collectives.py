@@ -155,15 +155,17 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return _not_constant(torch.empty_like(t, memory_format=torch.contiguous_format))
 
 
-def _shim_inplace_list(orig):
+def _shim_inplace_list(orig, reads_input: bool = True):
     """For methods ``(tensors, *rest)`` that write their result into ``tensors`` (allreduce,
-    broadcast): run on fresh copies, then copy back, so functionalization sees the writes."""
+    broadcast; recv with ``reads_input=False``: it only writes): run on fresh copies (fresh buffers),
+    then copy back, so functionalization sees the writes."""
 
     def method(self, tensors, *args, **kwargs):
         if not isinstance(tensors, (list, tuple)):
             return orig(self, tensors, *args, **kwargs)
         with extra_node_meta(gg_shim=True):
-            tmps = [_not_constant(t.clone(memory_format=torch.contiguous_format)) for t in tensors]
+            tmps = [_not_constant(t.clone(memory_format=torch.contiguous_format)) if reads_input else _fresh(t)
+                    for t in tensors]
         work = orig(self, tmps, *args, **kwargs)
         with extra_node_meta(gg_shim=True):
             for t, tmp in zip(tensors, tmps):
@@ -205,19 +207,7 @@ def _shim_single_output(orig):
 
 def _shim_recv(orig):
     """``recv(tensors, src, tag)`` writes into ``tensors``: receive into fresh buffers, copy back."""
-
-    def recv(self, tensors, *args, **kwargs):
-        if not isinstance(tensors, (list, tuple)):
-            return orig(self, tensors, *args, **kwargs)
-        with extra_node_meta(gg_shim=True):
-            tmps = [_fresh(t) for t in tensors]
-        work = orig(self, tmps, *args, **kwargs)
-        with extra_node_meta(gg_shim=True):
-            for t, tmp in zip(tensors, tmps):
-                t.copy_(tmp)
-        return work
-
-    return recv
+    return _shim_inplace_list(orig, reads_input=False)
 
 
 def _blocking_p2p(orig):
