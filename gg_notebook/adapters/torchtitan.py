@@ -319,6 +319,18 @@ def _state(model: torch.nn.Module) -> _TitanState:
     raise ValueError("this model was not built by gg_notebook.adapters.torchtitan.build(...)")
 
 
+def _model_inputs(t, st, tokens, labels):
+    """``(tokens, labels, kwargs)`` annotated as torchtitan's trainer does for the model's backend."""
+    kw: dict = {}
+    if st.backend == "spmd_types":
+        return t.titan_spmd.annotate_input_spmd_types(st.parallel_dims, tokens, labels, kw)
+    if st.backend == "full_dtensor":
+        from torchtitan.distributed.full_dtensor import parallelize_inputs
+
+        return parallelize_inputs(st.parallel_dims, tokens, labels, kw)
+    return tokens, labels, kw
+
+
 def loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """torchtitan's training-step loss: in the SPMD context, inputs annotated as the trainer does
     (``annotate_input_spmd_types`` / ``full_dtensor.parallelize_inputs``), ``model(tokens)``, then
@@ -328,13 +340,7 @@ def loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> 
     with _shims():
         t.dist_utils.set_spmd_backend(st.backend)
         with st.context():
-            kw: dict = {}
-            if st.backend == "spmd_types":
-                tokens, labels, kw = t.titan_spmd.annotate_input_spmd_types(st.parallel_dims, tokens, labels, kw)
-            elif st.backend == "full_dtensor":
-                from torchtitan.distributed.full_dtensor import parallelize_inputs
-
-                tokens, labels, kw = parallelize_inputs(st.parallel_dims, tokens, labels, kw)
+            tokens, labels, kw = _model_inputs(t, st, tokens, labels)
             pred = model(tokens, **kw)
             out, _ = t.CrossEntropyLoss(t.CrossEntropyLoss.Config(global_vocab_size=st.vocab_size))(pred, labels)
     return out
@@ -347,9 +353,7 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with _shims():
         t.dist_utils.set_spmd_backend(st.backend)
         with st.context():
-            kw: dict = {}
-            if st.backend == "spmd_types":
-                tokens, _, kw = t.titan_spmd.annotate_input_spmd_types(st.parallel_dims, tokens, tokens, kw)
+            tokens, _, kw = _model_inputs(t, st, tokens, tokens)
             return model(tokens, **kw)
 
 
