@@ -17,8 +17,8 @@ import gg_notebook.examples as E
 from gg_notebook.examples._simulate import compare
 from gg_notebook.problem import validate_problem
 
-CORRECT = [(name, w) for name in E.EXAMPLES for w in (2, 4)]
-BUGGY = [(name, bug, w) for name, ex in E.EXAMPLES.items() for bug in ex.bugs for w in (2, 4)]
+CORRECT = [(name, w) for name, ex in E.EXAMPLES.items() for w in ex.world_sizes]
+BUGGY = [(name, bug, w) for name, ex in E.EXAMPLES.items() for bug in ex.bugs for w in ex.world_sizes]
 
 
 @pytest.mark.parametrize("name,world_size", CORRECT)

@@ -7,8 +7,9 @@ import pytest
 import gg_notebook as gg
 from gg_notebook import examples as E
 
-CORRECT = [(name, w) for name in sorted(E.EXAMPLES) for w in (2, 4)]
-BUGGY = [(name, bug, w) for name in sorted(E.EXAMPLES) for bug in sorted(E.get(name).bugs) for w in (2, 4)]
+CORRECT = [(name, w) for name in sorted(E.EXAMPLES) for w in E.get(name).world_sizes]
+BUGGY = [(name, bug, w) for name in sorted(E.EXAMPLES) for bug in sorted(E.get(name).bugs)
+         for w in E.get(name).world_sizes]
 
 
 @pytest.mark.parametrize("name,world_size", CORRECT)

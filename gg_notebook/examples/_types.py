@@ -36,3 +36,5 @@ class Example:
     # how the programs run for real (examples/_simulate.py): "local" (LocalTensorMode, all ranks in
     # this process) or "gloo" (one process per rank: point-to-point transfers need real peers)
     runs_on: str = "local"
+    # the world sizes the example is built and tested at (a 2-D mesh example: (4, 8))
+    world_sizes: tuple[int, ...] = (2, 4)
