@@ -135,7 +135,8 @@ class RealForms:
             if len(seen) > limit:
                 raise TooLarge(t)
             stack.append((x, True))
-            stack.extend((a, False) for a in x.args if a.id not in memo and a.id not in seen)
+            if self.linear._reads_arg_forms(x):  # (below an operator no rule looks through: nothing)
+                stack.extend((a, False) for a in x.args if a.id not in memo and a.id not in seen)
         for x in order:
             self.linear.of(x, 120)
         return self.linear.of(t, 120)

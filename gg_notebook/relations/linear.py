@@ -44,6 +44,10 @@ from gg_notebook.relations.sum_merge import merge_slice_sums
 
 aten = torch.ops.aten
 
+# operators `_call` rewrites by their own rule (the others: by the linearity table)
+_ARG_FORM_TARGETS = frozenset((
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+    aten.div.Scalar, aten.silu.default, aten.mean.dim, aten.sum.dim_IntList))
 MAX_BASES = 64  # a form with more bases is kept as one opaque base (completeness, not soundness)
 
 Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
@@ -130,6 +134,13 @@ class LinearForms:
         stack = [t]
         while stack:
             x = stack[-1]
+            if x.args and x.id not in self._memo and not self._reads_arg_forms(x):
+                stack.pop()  # an operator no rule looks through: its own base, arguments never visited
+                self._left -= 1
+                if self._left < 0:
+                    raise TooLarge(t)
+                self._memo[x.id] = ((x, Fraction(1)),)
+                continue
             todo = [a for a in x.args if a.id not in self._memo]
             if todo:
                 stack.extend(todo)
@@ -149,6 +160,28 @@ class LinearForms:
                     form = merge_slice_sums(self, form) or form
                 self._memo[x.id] = form if form else ((x, Fraction(1)),)
         return self._memo[t.id]
+
+    def _reads_arg_forms(self, x: Expr) -> bool:
+        """Can a rule of `_rule` use the forms of ``x``'s arguments? Not for a non-floating value, a
+        constant, or an operator that is neither a sum, a scale, a data movement, a reduction by
+        sum/mean, a product nor linear by the linearity table: its form is ``((x, 1),)`` whatever
+        its arguments are, so a question about it never walks the graph below it."""
+        if not _floating(x):
+            return False
+        op = x.op
+        if op in ("accum", "scale", "view", "permute", "slice", "expand", "cat"):
+            return True
+        if op != "call" or x.ground:
+            return False
+        spec = x.attrs
+        if spec.unique is not None:
+            return False
+        if spec.target in _ARG_FORM_TARGETS:
+            return True
+        from gg_notebook.ops.linearity import linear_args
+
+        lin = linear_args(spec, [a.dtype for a in x.args])
+        return lin is not None and lin[0] == "separately"
 
     def scalar_root(self, t: Expr) -> bool:
         """Does ``t``'s own operator bring in a number (a scale, a mean, a sum that may merge, a
