@@ -8,6 +8,8 @@ first (cold) run is reported apart from the median of the others.
 
     python benchmarks/bench_inference.py --tp 8 --layers 8 --mode fwd_bwd
     python benchmarks/bench_inference.py --tp 8 --layers 8 --baseline 4bd9fc7   # also that commit, same way
+    python benchmarks/bench_inference.py --cells 2x1 2x8 4x4 8x1 8x8 --rounds 3 --baseline 4bd9fc7 \
+        --out benchmarks/results/inference.json                                 # the README's grid
 
 ``--baseline COMMIT`` checks the commit out in a temporary git worktree and runs this same
 measurement there (its own gg_notebook), then prints both and their ratios.
@@ -35,6 +37,8 @@ def measure(root: str, tp: int, layers: int, mode: str, repeat: int) -> dict:
     code = f"""
 import sys, time, json
 sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)  # both commits alike: idle intra-op threads spinning on a loaded machine count as CPU time
 import gg_notebook as gg
 import gg_notebook.capture as C
 from gg_notebook.engine import infer
@@ -71,15 +75,31 @@ print("@@RESULT " + json.dumps({{"status": status, "times": times, "file": gg.__
     raise RuntimeError(f"measurement in {root} failed: {(p.stderr or p.stdout).strip()[-2000:]}")
 
 
+def _combine(recs: list[dict]) -> dict:
+    """Rounds of one measurement as one: cold = median of the rounds' first runs, warm = median of
+    every other run."""
+    colds = [r["times"][0] for r in recs]
+    warms = [t for r in recs for t in r["times"][1:]] or colds
+    return {"status": recs[0]["status"], "file": recs[0]["file"], "rounds": [r["times"] for r in recs],
+            "cold_s": statistics.median(colds), "warm_median_s": statistics.median(warms)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--cells", nargs="+", default=None, metavar="TPxL",
+                    help="several grid cells, e.g. 2x1 8x8 (instead of --tp/--layers)")
     ap.add_argument("--mode", choices=("fwd", "fwd_bwd"), nargs="+", default=["fwd", "fwd_bwd"])
     ap.add_argument("--repeat", type=int, default=5, help="inference runs per measurement (first one cold)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fresh processes per measurement, alternating with the baseline's (other load on the "
+                         "machine then affects both alike)")
     ap.add_argument("--baseline", default=None, help="a git commit to measure the same way")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    cells = [tuple(int(v) for v in c.lower().split("x")) for c in args.cells] if args.cells else \
+        [(args.tp, args.layers)]
     rows = []
     base_dir = None
     if args.baseline:
@@ -87,12 +107,17 @@ def main(argv=None) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", "-f", base_dir, args.baseline], cwd=ROOT, check=True,
                        capture_output=True)
     try:
-        for mode in args.mode:
-            rec = {"mode": mode, "tp": args.tp, "layers": args.layers,
-                   "here": measure(str(ROOT), args.tp, args.layers, mode, args.repeat)}
-            if base_dir:
-                rec["baseline"] = measure(base_dir, args.tp, args.layers, mode, args.repeat)
-            rows.append(rec)
+        for tp, layers in cells:
+            for mode in args.mode:
+                here, base = [], []
+                for k in range(args.rounds):
+                    order = [(str(ROOT), here), (base_dir, base)] if base_dir else [(str(ROOT), here)]
+                    for root, acc in (order if k % 2 == 0 else order[::-1]):
+                        acc.append(measure(root, tp, layers, mode, args.repeat))
+                rec = {"mode": mode, "tp": tp, "layers": layers, "here": _combine(here)}
+                if base_dir:
+                    rec["baseline"] = _combine(base)
+                rows.append(rec)
     finally:
         if base_dir:
             subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=ROOT, capture_output=True)
@@ -108,7 +133,7 @@ def main(argv=None) -> int:
                      f"{h['warm_median_s'] / b['warm_median_s']:.2f}x |")
         print(line)
     if args.out:
-        Path(args.out).write_text(json.dumps({"baseline": args.baseline, "rows": rows,
+        Path(args.out).write_text(json.dumps({"baseline": args.baseline, "rows": rows, "command": " ".join(sys.argv),
                                               "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     return 0
 

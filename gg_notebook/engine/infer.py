@@ -326,8 +326,9 @@ class Engine:
         else:
             self._failures = []
             cands = self.infer(n)
-            if not cands:
-                cands = self.infer(n, refine=True)
+            if not cands or all(has_factor(c.expr) for c in cands):
+                # none, or only up to a factor: other relations of the inputs may give a clean one
+                cands = cands + self.infer(n, refine=True)
             status = "related" if cands else "stuck"
             deferred_inputs = [self.deferred[i.name] for i in n.inputs if i.name in self.deferred]
             if cands and n.op == "view" and deferred_inputs:  # a view of a value kept symbolically

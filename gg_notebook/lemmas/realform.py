@@ -65,11 +65,12 @@ class _Fail(Exception):
 class RealForms:
     """Normal forms of the terms of one store (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, linear=None) -> None:
+    def __init__(self, store: ExprStore, linear=None, cut: frozenset = frozenset()) -> None:
         from gg_notebook.relations.linear import LinearForms
 
         self.S = store
-        self.linear = linear if linear is not None else LinearForms(store)
+        self.linear = linear if linear is not None else LinearForms(store, cut=cut)
+        self.cut = cut  # term ids taken as opaque bases (see LinearForms.cut)
         self._memo: dict[int, Form] = {}
 
     # ------------------------------------------------------------------ public
@@ -78,7 +79,7 @@ class RealForms:
         if hit is not None:
             return hit
         form = None
-        if _floating(t) and not t.ground:
+        if _floating(t) and not t.ground and t.id not in self.cut:
             try:
                 form = self._form(t)
             except (_Fail, ShapeError, RecursionError):
@@ -192,7 +193,7 @@ class RealForms:
 
     def _base(self, b: Expr) -> Form:
         """The form of a base of the linear form (a term no linear rule rewrites)."""
-        if not _floating(b) or b.ground:
+        if not _floating(b) or b.ground or b.id in self.cut:
             return frozenset({(self._opaque(b), Fraction(1))})
         try:
             f = self._rule(b)
@@ -795,12 +796,44 @@ def _near_exp_or_log(t: Expr, depth: int = 3) -> bool:
     return False
 
 
-def realized_by_form(index, term: Expr):
-    """A distributed value whose real normal form equals ``term``'s (same shape and dtype)."""
+def _held_below(index, terms) -> frozenset:
+    """Ids of the rank values a formula's arguments are made of by data movement and sums (the
+    shards of a concatenated or all-reduced argument): where a form relative to a cut stops."""
+    out, stack, seen = set(), list(terms), set()
+    while stack:
+        x = stack.pop()
+        if x.id in seen:
+            continue
+        seen.add(x.id)
+        if index.realized(x) is not None:
+            out.add(x.id)
+        elif x.op in ("view", "permute", "slice", "expand", "cat", "accum"):
+            stack.extend(x.args)
+    return frozenset(out)
+
+
+def realized_by_form(index, term: Expr, args=()):
+    """A distributed value whose real normal form equals ``term``'s (same shape and dtype).
+
+    With forms cut at the rank values ``args`` (the formula's arguments) are made of, when there
+    are such values: a rank that computes the same function of them matches without normalizing
+    the whole model below them. Complete forms otherwise."""
     if not _floating(term):
         return None
     candidates = index.same_inputs(term)  # equal forms read the same inputs
     if not candidates:
+        return None
+    cut = _held_below(index, args)
+    if cut:
+        shallow = RealForms(index.store, cut=cut)
+        k = shallow.key(term)
+        if k is not None:
+            for d in candidates:
+                if not d.term.ground and _near_exp_or_log(d.term) and shallow.key(d.term) == k:
+                    return d
+        # A rank value computed from those same values had its chance; complete forms would walk the
+        # whole model below them (an inference's largest cost on a GPT) for values spelled another
+        # way below the cut, which the test suites never needed.
         return None
     rf = forms_of(index)
     keys = getattr(index, "_real_key", None)
@@ -922,7 +955,7 @@ def match_real_value(engine, spec, args) -> Expr | None:
     index = engine.index
     d = index.realized(t)
     if d is None:
-        d = realized_by_form(index, t)
+        d = realized_by_form(index, t, terms)
     if d is None:  # a rank value equal by the linear (scalar) normal form alone
         hit = index.realized_up_to_factor(t)
         if hit is not None and (hit[1] == 1 or spec.param("scaled")):

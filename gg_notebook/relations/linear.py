@@ -104,11 +104,16 @@ class TooLarge(Exception):
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, budget: int = 30) -> None:
+    def __init__(self, store: ExprStore, budget: int = 30, cut: frozenset = frozenset()) -> None:
         self.S = store
+        # ids of terms taken as their own bases, never looked into (a form relative to a cut: two
+        # values built over the same cut terms compare by forms computed above it; still sound,
+        # since a form is equal to its term whatever is left opaque)
+        self.cut = cut
         self._memo: dict[int, Form] = {}
         self._fill_memo: dict[int, Fraction | None] = {}
         self._worth: dict[tuple, bool] = {}
+        self._reads_memo: dict[int, bool] = {}
         self.budget = budget  # terms one top-level question may normalize (large graphs: no answer)
         self._left: int | None = None
 
@@ -166,6 +171,15 @@ class LinearForms:
         constant, or an operator that is neither a sum, a scale, a data movement, a reduction by
         sum/mean, a product nor linear by the linearity table: its form is ``((x, 1),)`` whatever
         its arguments are, so a question about it never walks the graph below it."""
+        hit = self._reads_memo.get(x.id)
+        if hit is None:
+            if x.id in self.cut:
+                self._reads_memo[x.id] = False
+                return False
+            hit = self._reads_memo[x.id] = self._reads_arg_forms_uncached(x)
+        return hit
+
+    def _reads_arg_forms_uncached(self, x: Expr) -> bool:
         if not _floating(x):
             return False
         op = x.op
