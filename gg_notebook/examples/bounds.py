@@ -128,15 +128,13 @@ def ibp_fsdp(lb, ub, *shards, bug=None):
     """One FSDP rank: each layer's weight and bias all-gathered right before the layer, full IBP."""
     Ws, bs = shards[0::2], shards[1::2]
     l, u = lb, ub
-    unsharded = {}  # gathered buffers by shape (a buffer pool)
+    pool = {}  # unsharded buffers by shape
     for k, (W, b) in enumerate(zip(Ws, bs)):
         W = gather(W)
-        full_shape = (b.shape[0] * dist.get_world_size(),)
-        if bug == "bias_buffer_reused" and full_shape in unsharded:
-            b = unsharded[full_shape]  # the unshard is skipped: a same-shaped buffer is already full
+        if bug == "bias_buffer_reused":  # the buffer already in the pool wins over the fresh gather
+            b = pool.setdefault((b.shape[0] * dist.get_world_size(),), gather(b))
         else:
             b = gather(b)
-        unsharded[full_shape] = b
         l, u = linear_box(l, u, W, b)
         if k < len(Ws) - 1:
             l, u = F.relu(l), F.relu(u)
@@ -163,10 +161,13 @@ def crown_fsdp(lb, ub, *shards, bug=None):
     for k in range(n_layers):
         Ws.append(gather(shards[2 * k]))
         bs.append(gather(shards[2 * k + 1]))
-        if bug == "matmul_before_gather" and k == n_layers - 1:
-            lower, upper = _crown_last_layer_gathering_partials(lb, ub, Ws, bs, shards, slopes, intercepts)
-        elif bug == "intermediate_ibp" and 0 < k < n_layers - 1:  # intermediate bounds by IBP
-            lower, upper = linear_box(F.relu(lower), F.relu(upper), Ws[k], bs[k])
+        if bug == "intermediate_ibp":  # the intermediate layers' bounds by IBP
+            if 0 < k < n_layers - 1:
+                lower, upper = linear_box(F.relu(lower), F.relu(upper), Ws[k], bs[k])
+            else:
+                lower, upper = backward_bounds(lb, ub, Ws, bs, slopes, intercepts)
+        elif bug == "matmul_before_gather":
+            lower, upper = _backward_bounds_gathering_partials(lb, ub, Ws, bs, shards, slopes, intercepts)
         else:
             lower, upper = backward_bounds(lb, ub, Ws, bs, slopes, intercepts)
         if k < n_layers - 1:
@@ -176,9 +177,9 @@ def crown_fsdp(lb, ub, *shards, bug=None):
     return lower, upper
 
 
-def _crown_last_layer_gathering_partials(lb, ub, Ws, bs, shards, slopes, intercepts):
-    """The last backward pass, with its first back-substitution through the previous layer computed
-    on the local rows of that layer's weight before any gather (`_backward_sharded_contraction`)."""
+def _backward_bounds_gathering_partials(lb, ub, Ws, bs, shards, slopes, intercepts):
+    """`backward_bounds` with its first back-substitution (through the previous layer) computed on the
+    local rows of that layer's weight, the partial products gathered (`_backward_sharded_contraction`)."""
     A = Ws[-1]
     c_lo, c_hi = bs[-1], bs[-1]
     for j in reversed(range(len(Ws) - 1)):
@@ -312,7 +313,7 @@ BITWISE_BUGS = {
             "matmul_before_gather",
             "The last CROWN pass multiplies A by its local rows of the previous layer's weight before any "
             "gather, all-gathers the partial products and sums them: the same value over the reals, "
-            "another summation order in floating point.", "aten.bmm", "crown_back"),
+            "another summation order in floating point.", "aten.mm", "crown_back"),
     },
 }
 
