@@ -147,7 +147,7 @@ def _backward_sharded_contraction(A, W_shard):
     floating point)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     n = W_shard.shape[0]
-    part = A[..., rank * n:(rank + 1) * n] @ W_shard
+    part = A.narrow(-1, rank * n, n) @ W_shard
     parts = torch.empty((world * part.shape[0], *part.shape[1:]), dtype=part.dtype)
     dist.all_gather_into_tensor(parts, part.contiguous())
     return parts.view(world, *part.shape).sum(0)
