@@ -75,6 +75,17 @@ def test_bug_refuted_with_counterexample(name, bug):
     assert result.culprit.source.endswith(E.marker_line(problem.sequential, spec.culprit_marker).rsplit("/", 1)[1])
 
 
+def test_ibp_fallback_points_at_the_fallback():
+    """The culprit is the specification's first CROWN-only operator; the distributed operators shown next
+    to it are the rank's fallback (its ReLUs of the interval bounds, right below the marked line)."""
+    problem = B.make_crown_tp(world_size=2, bug="ibp_fallback")
+    result = gg.verify(problem)
+    fallback = E.marker_line(B, "rank_ibp_fallback")
+    path, line = fallback.rsplit(":", 1)
+    here = f"{path.rsplit('/', 1)[1]}:{int(line) + 1}"
+    assert any(here in n for n in result.culprit.nearby), result.culprit.nearby
+
+
 # -------------------------------------------------------------------------- bitwise (FSDP) mode
 
 
@@ -112,6 +123,37 @@ def test_matmul_before_gather_is_real_but_not_bitwise(world_size):
     outs = run_local_tensor(problem)[0]
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(outs, seq))
     assert not all(torch.equal(a, b) for a, b in zip(outs, seq))
+
+
+def _box_reassociated(l, u, W, b):
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    return l @ Wp.T + (u @ Wn.T + b), u @ Wp.T + (l @ Wn.T + b)
+
+
+def _box_fused_bias(l, u, W, b):
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    return F.linear(l, Wp, b) + u @ Wn.T, F.linear(u, Wp, b) + l @ Wn.T  # addmm: the bias inside the GEMM
+
+
+def _ibp_fsdp_with(box, lb, ub, *shards):
+    l, u = lb, ub
+    n = len(shards) // 2
+    for k in range(n):
+        l, u = box(l, u, B.gather(shards[2 * k]), B.gather(shards[2 * k + 1]))
+        if k < n - 1:
+            l, u = F.relu(l), F.relu(u)
+    return l, u
+
+
+@pytest.mark.parametrize("box", [_box_reassociated, _box_fused_bias], ids=["reassociated", "fused_bias"])
+def test_fsdp_reordered_sums_are_real_not_bitwise(box):
+    """The same bounds in another floating-point order: proved over the reals, refuted bit for bit."""
+    base = B.make_ibp_fsdp(world_size=2)
+    problem = gg.Problem(sequential=B.ibp, distributed=functools.partial(_ibp_fsdp_with, box), inputs=base.inputs,
+                         placements=base.placements, world_size=2, expect=base.expect, input_names=base.input_names)
+    assert gg.verify(problem).status is gg.Status.PROVED
+    bitwise = gg.verify(problem, exact="bitwise")
+    assert bitwise.status is gg.Status.REFUTED and bitwise.counterexample is not None, str(bitwise)
 
 
 def test_bitwise_bug_not_in_registry():

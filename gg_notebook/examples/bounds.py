@@ -221,7 +221,7 @@ def crown_tp(lb, ub, W1, b1, W2, b2, *, bug=None):
     bound matrix ``A = W2`` propagated back through them, the partial ``A`` and intercepts all-reduced,
     then concretized with the input box."""
     lower1, upper1 = concretize(W1, lb, ub, b1, b1)  # this rank's hidden neurons
-    if bug == "ibp_fallback":  # the sharded layer falls back to interval bounds
+    if bug == "ibp_fallback":  # the sharded layer falls back to interval bounds  # gg: rank_ibp_fallback
         l1, u1 = F.relu(lower1), F.relu(upper1)
         lower = l1 @ W2.clamp(min=0).T + u1 @ W2.clamp(max=0).T
         upper = u1 @ W2.clamp(min=0).T + l1 @ W2.clamp(max=0).T
@@ -272,13 +272,14 @@ TP_BUGS = {
         for b in (
             Bug("ibp_fallback",
                 "The sharded layer silently falls back to interval bound propagation instead of CROWN's "
-                "linear relaxation: valid but looser bounds than the specification's.", "aten.lt", "relaxation"),
+                "linear relaxation: valid bounds, but not the specification's (in general looser).", "aten.lt",
+                "relaxation"),
             Bug("negative_part_swapped",
                 "The lower bound's ReLU intercepts are collected with the positive part of A "
                 "(A.clamp(min=0)) where the negative part is needed.", "aten.clamp", "crown_lower_intercept"),
             Bug("concretized_before_reduce",
                 "Each rank concretizes its partial A with the input box and the bounds are all-reduced: the "
-                "positive part of a sum is not the sum of the positive parts (valid, looser bounds).",
+                "positive part of a sum is not the sum of the positive parts (valid bounds, never tighter).",
                 "aten.clamp", "concretize"),
             Bug("A_not_reduced",
                 "The partial bound matrix A (a sum over the ranks' hidden neurons) is never all-reduced: "
@@ -300,7 +301,7 @@ FSDP_BUGS = {
         "intermediate_ibp": Bug(
             "intermediate_ibp",
             "The second layer's pre-activation bounds silently fall back to interval bounds (IBP) instead "
-            "of a CROWN backward pass: valid, looser intermediate bounds, so the final bounds differ.",
+            "of a CROWN backward pass: valid intermediate bounds, but other ones, so the final bounds differ.",
             "aten.bmm", "crown_lower_intercept"),
     },
 }
