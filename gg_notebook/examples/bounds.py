@@ -29,6 +29,10 @@ Two distributed programs, written with plain ``torch.distributed``:
   positive part of a sum is not the sum of the positive parts).
 
 Outputs: ``(lower, upper)``, ``[B, out]`` each, on every rank.
+
+``BITWISE_BUGS`` holds a variant that only ``exact="bitwise"`` tells apart (the FSDP rank multiplies by its
+own rows of a weight before gathering the partial products: the same bounds over the reals, another
+summation order); it is not in the registry, whose tests verify over the reals.
 """
 
 from __future__ import annotations
