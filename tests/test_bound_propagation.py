@@ -107,7 +107,7 @@ def test_tensor_parallel_is_not_bitwise(method):
     assert result.status is not gg.Status.PROVED, str(result)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2])  # also at 4 (measured; left out for CI time)
 def test_matmul_before_gather_is_real_but_not_bitwise(world_size):
     problem = B.make_crown_fsdp(world_size=world_size, bug="matmul_before_gather")
     real = gg.verify(problem)
