@@ -72,6 +72,14 @@ _EXAMPLE_SPECS = {
                        ((2, "float64"), (4, "float64")), 3),
     "pipeline_1f1b": ("pipeline", "make_1f1b", ("one_f_one_b",), dict(batch=8, hidden=4), ((2, "float64"),), 3),
     "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
+    "bounds_ibp_fsdp": ("bounds", "make_ibp_fsdp", ("ibp_fsdp", "gather"), dict(batch=2, d=2, hidden=4, out=4),
+                        ((2, "float64"), (4, "float64"), (2, "float32")), 4),
+    "bounds_crown_fsdp": ("bounds", "make_crown_fsdp", ("crown_fsdp", "gather"), dict(batch=2, d=2, hidden=4, out=4),
+                          ((2, "float64"), (4, "float64"), (2, "float32")), 4),
+    "bounds_ibp_tp": ("bounds", "make_ibp_tp", ("ibp_tp",), dict(batch=2, d=2, hidden=4, out=2),
+                      ((2, "float64"), (4, "float64"), (2, "float32")), 4),
+    "bounds_crown_tp": ("bounds", "make_crown_tp", ("crown_tp",), dict(batch=2, d=2, hidden=4, out=2),
+                        ((2, "float64"), (4, "float64"), (2, "float32")), 4),
 }
 
 
