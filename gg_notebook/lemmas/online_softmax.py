@@ -79,6 +79,9 @@ def softmax_matmul_over_split_keys(S: ExprStore, spec: OpSpec, args: tuple, out_
         return
     d = len(x.shape) - 1
     kdim = len(v.shape) - 2  # the contracted dim of the right operand
+    if x.op == "cat" and x.attrs == d - 1 and d >= 1:
+        yield from _split_rows(S, spec, sm, view, x, v, out_shape)
+        return
     if x.op != "cat" or x.attrs != d or v.op != "cat" or v.attrs != kdim or len(x.args) != len(v.args):
         return
     if [p.shape[d] for p in x.args] != [p.shape[kdim] for p in v.args]:
@@ -92,6 +95,38 @@ def softmax_matmul_over_split_keys(S: ExprStore, spec: OpSpec, args: tuple, out_
         try:
             r = real_value(S, holes, _builder(n, d, spec, views, shape), "softmax @ v over split keys")
             yield S.view(r, out_shape) if tuple(r.shape) != tuple(out_shape) else r
+        except ShapeError:
+            continue
+
+
+def _split_rows(S: ExprStore, spec: OpSpec, sm, view, x, v, out_shape: tuple):
+    """The scores also split along the query rows (context parallelism: each rank its query block,
+    each block against every key block): the softmax is row-wise and the rows of the left operand
+    are the rows of the product, so ``(b)mm(view(softmax(cat_rows(x_i))), v) =
+    cat_rows((b)mm(view_i(softmax(x_i)), v))``; each piece is then an online softmax over split keys.
+    The view (if any) must keep the last two dims (it merges leading batch dims only)."""
+    d = len(x.shape) - 1
+    if view is not None and (len(view) < 2 or tuple(view[-2:]) != tuple(sm.shape[-2:])):
+        return
+    if len(out_shape) < 2 or tuple(out_shape[:-1]) != (tuple(view[:-1]) if view is not None else tuple(sm.shape[:-1])):
+        return  # the product's rows are the softmax's rows (same leading dims)
+    row_out = len(out_shape) - 2
+    options: list[list] = []
+    for piece in x.args:
+        try:
+            a = S.call(sm.attrs, [piece])
+            if view is not None:
+                a = S.view(a, tuple(view[:-2]) + (piece.shape[d - 1], view[-1]))
+        except ShapeError:
+            return
+        shape = tuple(out_shape[:-2]) + (piece.shape[d - 1], out_shape[-1])
+        found = list(softmax_matmul_over_split_keys(S, spec, (a, v), shape))
+        if not found:
+            return
+        options.append(found)
+    for j in range(min(len(o) for o in options)):
+        try:
+            yield S.cat([o[j] for o in options], row_out)
         except ShapeError:
             continue
 
