@@ -113,18 +113,32 @@ def ring_attention(q, k, v, *, causal=False, merge="logaddexp", bug=None):
     return out
 
 
-def ring_attention_flash(q, k, v, *, bug=None):
+def ring_attention_flash(q, k, v, *, causal=False, bug=None):
     """Ring attention with a flash-attention style accumulator: running row max ``m``, running sum of
     exponentials ``l`` and unnormalized output ``acc``, both rescaled by ``exp(m_old - m_new)``
-    whenever the maximum grows; normalized once at the end."""
+    whenever the maximum grows; normalized once at the end.
+
+    Causal: every block is masked at the global positions of its queries (this rank's) and keys (the
+    block's owner's); blocks after our own are then entirely masked and add nothing (the first block
+    is our own, whose every row keeps its diagonal key, so the running maximum is finite)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     scale = 1.0 / math.sqrt(q.size(-1))
+    S_local = q.size(-2)
     m = l = acc = None  # noqa: E741
     k_cur, v_cur = k, v
     for step in range(world):
         if step < world - 1:
             reqs, k_next, v_next = _ring_exchange(k_cur, v_cur, rank, world)
         s = torch.matmul(q, k_cur.transpose(-1, -2)) * scale
+        if causal:
+            src = (rank - step) % world  # the rank whose K/V block this is
+            if bug == "wrong_block_index":
+                src = (rank + step) % world  # as if blocks came from the next rank
+            pos = torch.arange(S_local, device=q.device)
+            q_pos, k_pos = rank * S_local + pos, src * S_local + pos
+            if bug == "local_causal_mask":
+                q_pos, k_pos = pos, pos  # every block gets the diagonal block's triangle
+            s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         block_max = s.amax(dim=-1, keepdim=True)
         if m is None:
             m = block_max
@@ -279,6 +293,20 @@ BUGS_RING_FLASH = {
             "aten.bmm", "pv"),
     )
 }
+BUGS_RING_CAUSAL = {
+    b.name: b
+    for b in (
+        Bug("local_causal_mask",
+            "Every block is masked with the local triangle (positions 0..S/W-1 for queries and keys) "
+            "instead of the global positions: earlier blocks lose keys, later blocks are not masked.",
+            "aten.bmm", "causal_pv"),
+        Bug("no_rescale", BUGS_RING_FLASH["no_rescale"].description, "aten.bmm", "causal_pv"),
+    )
+}
+# at W=2 the next and the previous rank are the same rank: refuted from W=3 on (tests only)
+WRONG_BLOCK_INDEX = Bug("wrong_block_index",
+                        "The causal ring takes the block received at step t to be rank r+t's (the ring sends the "
+                        "other way): the wrong blocks are masked.", "aten.bmm", "causal_pv")
 BUGS_ALLGATHER = {
     b.name: b
     for b in (
@@ -346,6 +374,14 @@ def make_ring_flash(world_size: int = 2, bug: str | None = None, *, batch: int =
                     Shard(2), Shard(2), world_size, batch, heads, seq, head_dim, seed, dtype, device)
 
 
+def make_ring_causal(world_size: int = 2, bug: str | None = None, *, batch: int = 1, heads: int = 2,
+                     seq: int = 8, head_dim: int = 4, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    check_bug("ring_attention_causal", bug, dict(BUGS_RING_CAUSAL, wrong_block_index=WRONG_BLOCK_INDEX))
+    return _problem("ring_attention_causal", causal_attention,
+                    functools.partial(ring_attention_flash, causal=True, bug=bug), bug, Shard(2), Shard(2),
+                    world_size, batch, heads, seq, head_dim, seed, dtype, device)
+
+
 def make_allgather(world_size: int = 2, bug: str | None = None, *, causal: bool = True, batch: int = 1,
                    heads: int = 2, seq: int = 8, head_dim: int = 4, seed: int = 0, dtype=torch.float64,
                    device="cpu") -> Problem:
@@ -378,6 +414,9 @@ EXAMPLES = [
     Example("ring_attention_flash", "Context parallel ring attention with a flash-attention accumulator "
             "(running max, running sum, rescaled unnormalized output).", make_ring_flash, BUGS_RING_FLASH,
             runs_on="gloo"),
+    Example("ring_attention_causal", "Causal ring attention (flash accumulator): each block masked at its global "
+            "query and key positions, blocks after the rank's own entirely masked.", make_ring_causal,
+            BUGS_RING_CAUSAL, runs_on="gloo"),
     Example("allgather_kv_attention", "Context parallel causal attention with all-gathered K/V and a causal "
             "mask at the queries' global positions.", make_allgather, BUGS_ALLGATHER),
     Example("zigzag_attention", "Load-balanced (zigzag) causal context parallelism: rank r holds chunks r and "

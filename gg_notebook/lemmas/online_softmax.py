@@ -150,7 +150,53 @@ def _case(rng, b, h, q, ks, dv, dtype=torch.float64, scale=1.0, split_v=True, de
     return type(case)(spec, (S.view(sm, (b * h, q, k)), case.args[1]), case.values, S, description)
 
 
+def _rows_case(rng, b, h, qs, ks, dv, dtype=torch.float64, masked=False, view=True, description=""):
+    """Context parallelism: the scores split along the query rows (pieces ``qs``) and, inside each
+    row piece, along the keys (pieces ``ks``); the values split along the keys in the same pieces."""
+    from gg_notebook.ir.specs import softmax_spec
+    from gg_notebook.relations.expr import ExprStore
+
+    q, k = sum(qs), sum(ks)
+    s = C.randn(rng, b, h, q, k, dtype=dtype)
+    if masked:  # a causal mask: -inf above the diagonal (every row keeps its first key)
+        s = s.masked_fill(torch.ones(q, k, dtype=torch.bool).triu(1), -float("inf"))
+    v = C.randn(rng, b * h, k, dv, dtype=dtype)
+    S = ExprStore()
+    values: dict = {}
+
+    def atom(name, t):
+        values[name] = t.clone()
+        return S.atom(name, tuple(t.shape), t.dtype)
+
+    rows = []
+    for i, srows in enumerate(torch.split(s, qs, 2)):
+        rows.append(S.cat([atom(f"s{i}_{j}", blk) for j, blk in enumerate(torch.split(srows, ks, 3))], 3))
+    x = S.cat(rows, 2)
+    vexpr = S.cat([atom(f"v{j}", blk) for j, blk in enumerate(torch.split(v, ks, 1))], 1)
+    sm = S.call(softmax_spec("softmax", 3), [x])
+    if view:
+        p = torch.softmax(s, -1).view(b * h, q, k)
+        spec, _ = C.spec_of(torch.bmm, p, v)
+        left = S.view(sm, (b * h, q, k))
+    else:  # a [b*h]-batched softmax, no view
+        s3 = s.reshape(b * h, q, k)
+        spec, _ = C.spec_of(torch.bmm, torch.softmax(s3, -1), v)
+        x3 = S.cat([S.cat([atom(f"t{i}_{j}", blk) for j, blk in enumerate(torch.split(r, ks, 2))], 2)
+                    for i, r in enumerate(torch.split(s3, qs, 1))], 1)
+        left = S.call(softmax_spec("softmax", 2), [x3])
+    return C.LemmaCase(spec, (left, vexpr), values, S, description)
+
+
 def _cases(rng):
+    for k in range(4):
+        b, h, dv = C.dims(rng, 1, 3), C.dims(rng, 1, 3), C.dims(rng, 2, 4)
+        qs = [C.dims(rng, 1, 3) for _ in range(C.dims(rng, 2, 4))]
+        ks = [C.dims(rng, 1, 3) for _ in range(C.dims(rng, 2, 4))]
+        yield _rows_case(rng, b, h, qs, ks, dv, masked=k == 1, view=k != 2,
+                         description=f"query rows {qs} x keys {ks}{', causal' if k == 1 else ''}"
+                                     f"{', no view' if k == 2 else ''}")
+    yield _rows_case(rng, 2, 2, [2, 3], [4], 3, description="query rows split, keys whole (declines)")
+
     for k in range(6):
         b, h, q, dv = C.dims(rng, 2, 4), C.dims(rng, 1, 3), C.dims(rng, 1, 4), C.dims(rng, 2, 5)
         k_total = C.dims(rng, 4, 10)
