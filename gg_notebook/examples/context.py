@@ -49,6 +49,13 @@ def causal_attention(q, k, v):
     return torch.matmul(probs, v)  # gg: causal_pv
 
 
+def causal_attention_fwd_bwd(q, k, v, grad_out):
+    """Causal attention and the gradients of q, k, v for the upstream gradient ``grad_out``."""
+    out = causal_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], grad_outputs=grad_out)
+    return out, dq, dk, dv
+
+
 # ---------------------------------------------------------------------------------------- ring
 def _ring_exchange(k, v, rank, world):
     """Post this step's K/V transfer: send ours to the next rank, receive the previous rank's."""
@@ -181,6 +188,29 @@ def allgather_kv_attention(q, k, v, *, causal=True, bug=None):
         k_pos = torch.arange(S, device=q.device)
         scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1) @ V
+
+
+def allgather_kv_attention_fwd_bwd(q, k, v, grad_out, *, bug=None):
+    """All-gather KV forward, and the backward Megatron-style context parallelism writes by hand: the
+    gathered K/V are leaves of this rank's graph; their gradients (this rank's queries' share over the
+    whole sequence) are reduce-scattered back to the ranks owning the sequence chunks."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    K = torch.cat(_all_gather_seq(k.detach()), dim=2).requires_grad_()
+    V = torch.cat(_all_gather_seq(v.detach()), dim=2).requires_grad_()
+    S_local, S = q.size(-2), K.size(-2)
+    scores = q @ K.transpose(-2, -1) / math.sqrt(q.size(-1))
+    offset = 0 if bug == "local_causal_mask" else rank * S_local
+    q_pos = torch.arange(S_local, device=q.device) + offset
+    k_pos = torch.arange(S, device=q.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ V
+    dq, dK, dV = torch.autograd.grad(out, [q, K, V], grad_outputs=grad_out)
+    if bug == "kv_grad_not_reduced":  # keeps its own chunk of its own partial gradient
+        return out, dq, dK.chunk(world, dim=2)[rank], dV.chunk(world, dim=2)[rank]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dist.reduce_scatter(dk, list(dK.contiguous().chunk(world, dim=2)))
+    dist.reduce_scatter(dv, list(dV.contiguous().chunk(world, dim=2)))
+    return out, dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------- zigzag
@@ -316,6 +346,17 @@ BUGS_ALLGATHER = {
             "aten.masked_fill", "causal_mask"),
     )
 }
+BUGS_ALLGATHER_FWD_BWD = {
+    b.name: b
+    for b in (
+        Bug("local_causal_mask", BUGS_ALLGATHER["local_causal_mask"].description, "aten.masked_fill",
+            "causal_mask"),
+        Bug("kv_grad_not_reduced",
+            "The gathered K/V's gradients are not reduce-scattered: each rank keeps its own chunk of its own "
+            "partial gradient, missing the other ranks' queries' contributions.",
+            "aten.transpose", "causal_scores"),
+    )
+}
 BUGS_ZIGZAG = {
     b.name: b
     for b in (
@@ -391,6 +432,25 @@ def make_allgather(world_size: int = 2, bug: str | None = None, *, causal: bool 
                     world_size, batch, heads, seq, head_dim, seed, dtype, device)
 
 
+def make_allgather_fwd_bwd(world_size: int = 2, bug: str | None = None, *, batch: int = 1, heads: int = 2,
+                           seq: int = 8, head_dim: int = 4, seed: int = 0, dtype=torch.float64,
+                           device="cpu") -> Problem:
+    check_bug("allgather_kv_attention_fwd_bwd", bug, BUGS_ALLGATHER_FWD_BWD)
+    g = seeded(seed)
+    q, k, v, grad_out = (randn(g, batch, heads, seq, head_dim, dtype=dtype, device=device) for _ in range(4))
+    name = "allgather_kv_attention_fwd_bwd"
+    return Problem(
+        sequential=causal_attention_fwd_bwd,
+        distributed=functools.partial(allgather_kv_attention_fwd_bwd, bug=bug),
+        inputs=(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad_out),
+        placements=(Shard(2),) * 4,
+        world_size=world_size,
+        expect=(Shard(2),) * 4,
+        name=name if bug is None else f"{name}[{bug}]",
+        input_names=("q", "k", "v", "grad_out"),
+    )
+
+
 def make_zigzag(world_size: int = 2, bug: str | None = None, *, batch: int = 1, heads: int = 2, seq: int = 16,
                 head_dim: int = 4, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
     check_bug("zigzag_attention", bug, BUGS_ZIGZAG)
@@ -419,6 +479,9 @@ EXAMPLES = [
             BUGS_RING_CAUSAL, runs_on="gloo"),
     Example("allgather_kv_attention", "Context parallel causal attention with all-gathered K/V and a causal "
             "mask at the queries' global positions.", make_allgather, BUGS_ALLGATHER),
+    Example("allgather_kv_attention_fwd_bwd", "All-gather KV causal attention forward and backward: the "
+            "gathered K/V's gradients reduce-scattered to the ranks owning the chunks.", make_allgather_fwd_bwd,
+            BUGS_ALLGATHER_FWD_BWD, backward=True),
     Example("zigzag_attention", "Load-balanced (zigzag) causal context parallelism: rank r holds chunks r and "
             "2W-1-r, all-gathered K/V and output put back in sequence order.", make_zigzag, BUGS_ZIGZAG),
     Example("ulysses_attention", "DeepSpeed-Ulysses: all-to-all sequence -> heads, local causal attention over "
