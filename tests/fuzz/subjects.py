@@ -72,6 +72,18 @@ _EXAMPLE_SPECS = {
                        ((2, "float64"), (4, "float64")), 3),
     "pipeline_1f1b": ("pipeline", "make_1f1b", ("one_f_one_b",), dict(batch=8, hidden=4), ((2, "float64"),), 3),
     "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
+    "ring_attention": ("context", "make_ring", ("_ring_exchange", "_block", "_merge", "ring_attention"),
+                       dict(heads=2, seq=8), ((2, "float64"), (4, "float64")), 3),
+    "ring_attention_causal": ("context", "make_ring_causal", ("_ring_exchange", "ring_attention_flash"),
+                              dict(heads=2, seq=8), ((2, "float64"), (4, "float64")), 3),
+    "allgather_kv_attention": ("context", "make_allgather", ("_all_gather_seq", "allgather_kv_attention"),
+                               dict(heads=2, seq=8), ((2, "float64"), (4, "float64"), (2, "float32")), 3),
+    "allgather_kv_attention_fwd_bwd": ("context", "make_allgather_fwd_bwd", ("allgather_kv_attention_fwd_bwd",),
+                                       dict(heads=2, seq=8), ((2, "float64"),), 4),
+    "zigzag_attention": ("context", "make_zigzag", ("_unzigzag", "zigzag_attention"), dict(heads=2, seq=8),
+                         ((2, "float64"), (4, "float64")), 3),
+    "ulysses_attention": ("context", "make_ulysses", ("_all_to_all", "ulysses_attention"), dict(heads=8, seq=8),
+                          ((2, "float64"), (4, "float64")), 3),
 }
 
 
