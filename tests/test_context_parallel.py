@@ -261,3 +261,17 @@ def test_registry_has_the_context_parallel_examples():
 def test_unknown_bug_is_a_clear_error():
     with pytest.raises(ValueError, match="ring_attention has no bug 'nope'; known bugs: average_blocks"):
         C.make_ring(bug="nope")
+
+
+def test_zigzag_ring_numbers_agree_and_its_bug_is_refuted():
+    r = _verify(C.make_zigzag_ring(world_size=2))
+    assert r.status is gg.Status.UNKNOWN and "numbers-agree" in str(r), str(r)
+    r = _verify(C.make_zigzag_ring(world_size=2, bug="contiguous_key_positions"))
+    assert r.status is gg.Status.REFUTED and r.counterexample is not None, str(r)
+
+
+@pytest.mark.xfail(strict=True, reason="each ring block's scores are, in the sequential matrix, pieces of four zigzag "
+                   "chunks: the scale (div) of a slice of a rank's block product is not related to the slice of the "
+                   "rank's scaled block (slice hoisting through the elementwise scale is missing)")
+def test_zigzag_ring_is_proved():
+    assert _verify(C.make_zigzag_ring(world_size=2)).status is gg.Status.PROVED

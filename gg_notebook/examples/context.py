@@ -252,6 +252,48 @@ def zigzag_attention(q, k, v, *, bug=None):
     return _unzigzag(_all_gather_seq(out), bug == "output_chunk_order")
 
 
+def _zigzag_positions(rank, world, c, device):
+    """Global positions of the 2c tokens rank ``rank`` holds under the zigzag layout."""
+    pos = torch.arange(c, device=device)
+    return torch.cat([rank * c + pos, (2 * world - 1 - rank) * c + pos])
+
+
+def zigzag_ring_attention(q, k, v, *, bug=None):
+    """One rank of zigzag ring attention: the zigzag chunks' K/V travel around the ring; each block is
+    masked at the global positions of our two chunks (queries) and of the sender's two chunks (keys),
+    and merged with a flash-attention accumulator (our own block first: every row keeps a key)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    scale = 1.0 / math.sqrt(q.size(-1))
+    c = q.size(-2) // 2
+    q_pos = _zigzag_positions(rank, world, c, q.device)
+    m = l = acc = None  # noqa: E741
+    k_cur, v_cur = k, v
+    for step in range(world):
+        if step < world - 1:
+            reqs, k_next, v_next = _ring_exchange(k_cur, v_cur, rank, world)
+        src = (rank - step) % world
+        if bug == "contiguous_key_positions":  # as if the sender held one contiguous piece
+            k_pos = src * 2 * c + torch.arange(2 * c, device=q.device)
+        else:
+            k_pos = _zigzag_positions(src, world, c, q.device)
+        s = torch.matmul(q, k_cur.transpose(-1, -2)) * scale
+        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        block_max = s.amax(dim=-1, keepdim=True)
+        m_new = block_max if m is None else torch.maximum(m, block_max)
+        p = torch.exp(s - m_new)
+        if m is None:
+            l, acc = p.sum(-1, keepdim=True), torch.matmul(p, v_cur)  # noqa: E741
+        else:
+            alpha = torch.exp(m - m_new)
+            l, acc = l * alpha + p.sum(-1, keepdim=True), acc * alpha + torch.matmul(p, v_cur)  # noqa: E741
+        m = m_new
+        if step < world - 1:
+            for req in reqs:
+                req.wait()
+            k_cur, v_cur = k_next, v_next
+    return acc / l
+
+
 # ---------------------------------------------------------------------------------------- Ulysses
 def _all_to_all(x, scatter_dim, gather_dim):
     """Split ``x`` along ``scatter_dim`` (piece j to rank j) and concatenate what the ranks send
@@ -370,6 +412,16 @@ BUGS_ZIGZAG = {
             "aten._unsafe_view", "causal_pv"),
     )
 }
+# zigzag ring attention is not registered: not proved yet (tests/test_context_parallel.py, strict xfail)
+BUGS_ZIGZAG_RING = {
+    b.name: b
+    for b in (
+        Bug("contiguous_key_positions",
+            "The received block's key positions are computed as if the sender held one contiguous piece of "
+            "the sequence (src*2c + i) instead of its two zigzag chunks: the causal mask is wrong.",
+            "aten.bmm", "causal_pv"),
+    )
+}
 BUGS_ULYSSES = {
     b.name: b
     for b in (
@@ -458,8 +510,15 @@ def make_zigzag(world_size: int = 2, bug: str | None = None, *, batch: int = 1, 
                     ZIGZAG, Replicate(), world_size, batch, heads, seq, head_dim, seed, dtype, device)
 
 
+def make_zigzag_ring(world_size: int = 2, bug: str | None = None, *, batch: int = 1, heads: int = 2,
+                     seq: int = 16, head_dim: int = 4, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    check_bug("zigzag_ring_attention", bug, BUGS_ZIGZAG_RING)
+    return _problem("zigzag_ring_attention", causal_attention, functools.partial(zigzag_ring_attention, bug=bug),
+                    bug, ZIGZAG, ZIGZAG, world_size, batch, heads, seq, head_dim, seed, dtype, device)
+
+
 def make_ulysses(world_size: int = 2, bug: str | None = None, *, causal: bool = True, single: bool = False,
-                 batch: int = 1, heads: int = 8, seq: int = 16, head_dim: int = 4, seed: int = 0,
+                 batch: int = 1, heads: int = 4, seq: int = 16, head_dim: int = 4, seed: int = 0,
                  dtype=torch.float64, device="cpu") -> Problem:
     check_bug("ulysses_attention", bug, BUGS_ULYSSES)
     return _problem("ulysses_attention", causal_attention if causal else attention,

@@ -82,7 +82,7 @@ _EXAMPLE_SPECS = {
                                        dict(heads=2, seq=8), ((2, "float64"),), 4),
     "zigzag_attention": ("context", "make_zigzag", ("_unzigzag", "zigzag_attention"), dict(heads=2, seq=8),
                          ((2, "float64"), (4, "float64")), 3),
-    "ulysses_attention": ("context", "make_ulysses", ("_all_to_all", "ulysses_attention"), dict(heads=8, seq=8),
+    "ulysses_attention": ("context", "make_ulysses", ("_all_to_all", "ulysses_attention"), dict(heads=4, seq=8),
                           ((2, "float64"), (4, "float64")), 3),
 }
 
