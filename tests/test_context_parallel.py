@@ -254,7 +254,7 @@ def test_registry_has_the_context_parallel_examples():
     names = {"ring_attention", "ring_attention_flash", "ring_attention_causal", "allgather_kv_attention",
              "allgather_kv_attention_fwd_bwd", "zigzag_attention", "ulysses_attention"}
     assert names <= set(E.EXAMPLES)
-    assert all(E.get(n).runs_on == "gloo" for n in names if n.startswith("ring"))
+    assert all(E.get(n).runs_on == "gloo" for n in names if n.startswith("ring") or n.endswith("fwd_bwd"))
     assert E.get("allgather_kv_attention_fwd_bwd").backward
 
 
