@@ -11,6 +11,10 @@ against their keys) and ``v_r`` and combine per-shard partial results, in many s
   weights ``exp(lse_r - logsumexp_r(lse_r))`` (ring attention), or pairwise with
   ``sigmoid(lse_b - lse)`` / ``logsigmoid`` updates.
 
+Context parallelism (ring attention) splits the queries too: the scores are a concatenation along
+the rows of row pieces, each split along the keys; the softmax is row-wise and the product's rows are
+the left operand's, so each row piece is handled on its own (`_split_rows`).
+
 All are the identity ``softmax(concat_r s_r) @ concat_r v_r = sum_r exp(s_r - LSE(s)) @ v_r`` with
 ``LSE(s)`` the log-sum-exp of the whole row. ``softmax-matmul-over-split-keys`` rewrites the
 sequential ``(b)mm(softmax(concat(s_r)), concat(v_r))`` into that sum as a `real_value`, matched by
@@ -222,6 +226,8 @@ register(Lemma(
     conditions=("the softmax (half_to_float=False) is over the last dim, concatenated along it",
                 "the right operand is concatenated along its contracted dim in the same pieces",
                 "a view of the softmax keeps its last dim",
+                "scores also split along the query rows (context parallelism): each row piece separately, the"
+                " view (if any) keeping the last two dims; every row piece split along the keys",
                 "related by the real normal form; exact='real' only"),
     priority=44,
     on=((aten.bmm.default, (), ()), (aten.mm.default, (), ())),
