@@ -298,7 +298,7 @@ _REPLACING = {"vocab-embedding", "vocab-embedding-backward", "vocab-cross-entrop
               "vocab-cross-entropy-backward", "mean-as-sum", "reduce-regroup", "sum-log-softmax-over-split",
               "constant-on-domain", "select-by-constant-mask", "softmax-matmul-over-split-keys", "neg-inf-mask",
               "embedding-constant-ids", "gather-over-split-classes", "nll-backward-total-weight-unused",
-              "vocab-cross-entropy-backward-ignore", "pad-commute"}
+              "vocab-cross-entropy-backward-ignore", "pad-commute", "batch1-bmm-as-mm"}
 
 
 @pytest.mark.parametrize("name", sorted(_REPLACING))

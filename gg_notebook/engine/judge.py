@@ -130,6 +130,18 @@ def _same_value(engine: Engine, a: Expr, b: Expr, by_form: bool) -> bool:
     if a.op == "cat" and b.op == "cat" and a.attrs == b.attrs and len(a.args) == len(b.args) \
             and all(tuple(x.shape) == tuple(y.shape) for x, y in zip(a.args, b.args)):
         return all(_same_value(engine, x, y, by_form) for x, y in zip(a.args, b.args))
+    for x, y in ((a, b), (b, a)):  # a concatenation against one value: each piece its slice of it
+        # (a reduce-scatter's chunks against the sum of the ranks' partial gradients)
+        if x.op == "cat" and y.op != "cat" and tuple(x.shape) == tuple(y.shape):
+            d, off, ok = x.attrs, 0, True
+            for piece in x.args:
+                n = piece.shape[d]
+                if not _same_value(engine, piece, engine.store.slice(y, d, off, off + n), by_form):
+                    ok = False
+                    break
+                off += n
+            if ok:
+                return True
     return False
 
 

@@ -237,6 +237,13 @@ class RealForms:
             if a.dtype != b.dtype:
                 return None
             return self.log_form(self._sub(a))
+        if target is aten.logaddexp.default:  # log(exp(x) + exp(y)), broadcast to the output
+            if len(b.args) != 2 or any(a.dtype != b.dtype for a in b.args):
+                return None
+            x, y = b.args
+            ex = self.exp_form(self.bc_form(self._sub(x), tuple(x.shape), shape), shape)
+            ey = self.exp_form(self.bc_form(self._sub(y), tuple(y.shape), shape), shape)
+            return self.log_form(self.add_forms(ex, ey))
         if target is aten.sigmoid.default:
             (a,) = b.args
             if a.dtype != b.dtype:
@@ -773,7 +780,8 @@ def forms_of(index) -> RealForms:
     return rf
 
 
-_EXP_LOG = frozenset({"exp", "log", "logsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax", "sigmoid", "log1p"})
+_EXP_LOG = frozenset({"exp", "log", "logsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax", "sigmoid", "log1p",
+                     "logaddexp"})
 
 
 def _near_exp_or_log(t: Expr, depth: int = 3) -> bool:

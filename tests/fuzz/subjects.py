@@ -80,6 +80,18 @@ _EXAMPLE_SPECS = {
                       ((2, "float64"), (4, "float64"), (2, "float32")), 4),
     "bounds_crown_tp": ("bounds", "make_crown_tp", ("crown_tp",), dict(batch=2, d=2, hidden=4, out=2),
                         ((2, "float64"), (4, "float64"), (2, "float32")), 4),
+    "ring_attention": ("context", "make_ring", ("_ring_exchange", "_block", "_merge", "ring_attention"),
+                       dict(heads=2, seq=8), ((2, "float64"), (4, "float64")), 3),
+    "ring_attention_causal": ("context", "make_ring_causal", ("_ring_exchange", "ring_attention_flash"),
+                              dict(heads=2, seq=8), ((2, "float64"), (4, "float64")), 3),
+    "allgather_kv_attention": ("context", "make_allgather", ("_all_gather_seq", "allgather_kv_attention"),
+                               dict(heads=2, seq=8), ((2, "float64"), (4, "float64"), (2, "float32")), 3),
+    "allgather_kv_attention_fwd_bwd": ("context", "make_allgather_fwd_bwd", ("allgather_kv_attention_fwd_bwd",),
+                                       dict(heads=2, seq=8), ((2, "float64"),), 4),
+    "zigzag_attention": ("context", "make_zigzag", ("_unzigzag", "zigzag_attention"), dict(heads=2, seq=8),
+                         ((2, "float64"), (4, "float64")), 3),
+    "ulysses_attention": ("context", "make_ulysses", ("_all_to_all", "ulysses_attention"), dict(heads=4, seq=8),
+                          ((2, "float64"), (4, "float64")), 3),
 }
 
 
