@@ -467,6 +467,19 @@ class _Lowerer:
             # the values output is amax/amin; the indices output stays a generic call
             return _Tuple(self, fx, kind="generic",
                           spec_by_out={0: (reduce_spec("a" + packet, dims, keepdim), (src,))})
+        if target in ROWWISE:
+            # each 1-D slice along ``dim`` on its own (top-k, sort, cumulative sums): the other dims
+            # map position-wise (lemmas.dims, kind "rowwise")
+            src = env[args[0]]
+            name, default = ROWWISE[target]
+            names = [a.name for a in target._schema.arguments]
+            i = names.index(name)
+            dim = args[i] if len(args) > i else kwargs.get(name, default)
+            if isinstance(src, Node) and isinstance(dim, int) and len(src.shape) > 0:
+                params = (("dim", int(dim) % len(src.shape)),)
+                if isinstance(fx.meta.get("val"), (tuple, list)):
+                    return _Tuple(self, fx, kind="rowwise", shared=params)
+                return self.call(fx, kind="rowwise", params=params)
         if packet in ("_softmax", "_log_softmax", "softmax", "log_softmax"):
             src = env[args[0]]
             dim = int(args[1]) % len(src.shape)
@@ -912,6 +925,12 @@ DIM_OF_SELF = {
     aten.cummin.default, aten.repeat_interleave.self_int,
 }
 _DIM_ARGS = ("dim", "dims")
+
+# Operators that act on each 1-D slice along one dim independently: {overload: (dim argument, default)}
+ROWWISE = {
+    aten.topk.default: ("dim", -1), aten.sort.default: ("dim", -1), aten.sort.stable: ("dim", -1),
+    aten.cumsum.default: ("dim", None), aten.cumprod.default: ("dim", None),
+}
 
 
 def _nonnegative_dims(target, t_args: tuple, t_kwargs: tuple, ndim: int):

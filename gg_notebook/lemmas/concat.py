@@ -113,6 +113,7 @@ def _hoist_cases(rng):
             (lambda a, w: a @ w, ((n, k), (k, m)), 0, 0, "mm, row slice of the input"),
             (lambda x, b: x + b, ((m, n), (m, 1)), 0, 1, "add broadcast, column slice"),
             (lambda x: torch.nn.functional.gelu(x), ((m, n),), 0, 1, "gelu of a slice"),
+            (lambda x: torch.cumsum(x, 0), ((m, n),), 0, 1, "cumsum of a column slice"),
         ):
             tensors = tuple(r(*s) for s in shapes)
             spec, order = C.spec_of(fn, *tensors)
@@ -150,6 +151,18 @@ def _commute_cases(rng):
         yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={1: 1}, description="embedding, ids split")
         yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={0: 1}, description="embedding, hidden split")
         yield _ln_bwd_case(rng, r, b, m, n, 0, "layer_norm_backward dx, rows split")
+        # row-wise operators (kind "rowwise"): split along a dim other than their own
+        x3 = r(b, m, n + 2)
+        for out in (0, 1):
+            yield C.case(lambda x, o=out: torch.topk(x, 2, dim=-1)[o], (x3,), rng, split={0: 0},
+                         description=f"topk output {out}, batch split")
+            yield C.case(lambda x, o=out: torch.topk(x, 2, dim=1, largest=False)[o], (x3,), rng, split={0: 2},
+                         description="topk smallest along dim 1, last dim split")
+            yield C.case(lambda x, o=out: torch.sort(x, dim=-1, descending=True)[o], (x3,), rng, split={0: 1},
+                         description=f"sort output {out}, rows split")
+        yield C.case(lambda x: torch.cumsum(x, dim=1), (x3,), rng, split={0: 0}, description="cumsum, batch split")
+        yield C.case(lambda x: torch.cumsum(x, 2, dtype=torch.float32), (x3,), rng, split={0: 1},
+                     description="cumsum with dtype, rows split")
 
 
 def _ln_bwd_case(rng, r, b, m, n, out, description):
@@ -185,7 +198,7 @@ register(Lemma(
     name="concat-commute",
     statement="op(.., concat(x_i, d), ..) = concat(op(.., x_i, ..), k)  when dim d maps position-wise to output dim k",
     kinds=("ew", "matmul", "reduce", "softmax", "softmax_backward", "layer_norm", "layer_norm_backward",
-           "embedding", "embedding_backward"),
+           "embedding", "embedding_backward", "rowwise"),
     plans=concat_commute,
     cases=_commute_cases,
     conditions=("the concatenated dim maps position-wise to an output dim",
@@ -209,7 +222,7 @@ register(Lemma(
 register(Lemma(
     name="slice-hoist",
     statement="op(.., y[a:b along d], ..) = op(.., y, ..)[a:b along k]  when d maps position-wise to output dim k",
-    kinds=("ew", "matmul", "reduce", "softmax", "layer_norm", "embedding"),
+    kinds=("ew", "matmul", "reduce", "softmax", "layer_norm", "embedding", "rowwise"),
     plans=slice_hoist,
     cases=_hoist_cases,
     conditions=("the sliced dim maps position-wise to output dim k",
