@@ -302,6 +302,8 @@ class _Lowerer:
                 raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
         g = Graph(_live(self.nodes, inputs, outputs), inputs, outputs, rank=self.rank)
         g.random_ops = self.random_ops
+        # captured for the routing of the example inputs (capture.specialize): the assumption, in words
+        g.specialized = list(getattr(self.gm, "meta", {}).get("gg_specialized", ()))
         return g
 
     # --------------------------------------------------------------- calls
@@ -346,6 +348,12 @@ class _Lowerer:
             # x ** 2, x.square(), x.pow(2): the kernel computes x * x, bit for bit; one spelling
             spec, inputs = self.spec_for(aten.mul.Tensor, (args[0], args[0]), {}, kind="ew")
             return self.emit("call", spec, inputs, shape, dtype)
+        if target in (aten.index.Tensor, aten.index_select.default, aten.index_put.default):
+            from gg_notebook.ir.const_index import lower_const_index
+
+            hit = lower_const_index(self, fx, shape, dtype)  # rows moved by a constant index: slices
+            if hit is not None:
+                return hit
         if target is aten.index.Tensor:
             hit = self.index_as_embedding(fx, shape, dtype)
             if hit is None:
