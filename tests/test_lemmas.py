@@ -279,6 +279,10 @@ def _decline_cases():
     cs = C.case(lambda x: torch.cumsum(x, 0), (r(6, 4),), rng)
     cs = type(cs)(cs.spec, (cs.store.slice(cs.args[0], 0, 2, 5),), cs.values, cs.store)
     add("slice-hoist", cs, "cumulative sum along the sliced dim")
+    from gg_notebook.lemmas.indexed import decline_cases as indexed_declines
+
+    for why, case in indexed_declines(rng):
+        add("concat-commute-indexed", case, why)
     from gg_notebook.ir.pick_update import pick_update_spec
     add("pick-update-over-split", C.make_case(pick_update_spec("sub"), [r(6, 5), torch.randint(0, 5, (6,), generator=rng),
                                                                        r(6)], rng, split={0: 0}),

@@ -3,8 +3,8 @@
 A dropless mixture-of-experts layer sorts its tokens by expert and exchanges them with
 ``all_to_all_single(out, inp, output_split_sizes=counts.tolist(), ...)``: the split sizes are
 tensor values, read into Python. Tracing on fake tensors cannot know them. When a program reads
-tensor values (``.tolist()``, ``.item()``, ``int(t)``, ``float(t)``), `trace_program` asks this
-module to capture it *for the given inputs*:
+tensor values with ``.tolist()``, `trace_program` asks this module to capture it *for the given
+inputs*:
 
 1. `recorded_reads` runs the program for real on the problem's example inputs (the sequential
    program in this process; a rank's program in one real gloo process per rank, forked, since its
@@ -37,7 +37,10 @@ import torch.fx as fx
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.source import is_user_file
 
-_METHODS = ("tolist", "item", "__int__", "__float__", "__index__")
+# Only ``.tolist()`` (split sizes, counts per expert) is specialized: a single value read with
+# ``.item()``, ``int(t)`` or ``if t > 0:`` keeps its refusal (tracing.py), which shows how to keep it
+# a tensor; those are seldom routing and usually have a fixed-shape spelling.
+_METHODS = ("tolist",)
 
 
 def _user_site() -> str | None:

@@ -507,9 +507,13 @@ def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, l
 
 
 def _reads_tensor_values(e: CaptureError) -> bool:
-    """Did tracing stop at a tensor value read into Python (``.tolist()``, ``.item()``, ``int(t)``)?"""
+    """Did tracing stop at tensor values read into Python with ``.tolist()`` (split sizes)?"""
+    import traceback
+
     cause = e.__cause__
-    return cause is not None and _data_dependent_kind(cause) == "value" and "_local_scalar_dense" in f"{cause} {cause!r}"
+    if cause is None or _data_dependent_kind(cause) != "value" or "_local_scalar_dense" not in f"{cause} {cause!r}":
+        return False
+    return any(f.name == "tolist" for f in traceback.extract_tb(cause.__traceback__))
 
 
 @contextmanager

@@ -32,9 +32,9 @@ def cat_bounds(cat_expr) -> list[tuple[int, int]]:
     return out
 
 
-def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want: str):
+def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want: str, roles_fn=dim_roles):
     shapes = [a.shape for a in args]
-    roles = dim_roles(spec, shapes, out_shape)
+    roles = roles_fn(spec, shapes, out_shape)
     if roles is None:
         return
     # every concatenated operand proposes its piece boundaries; for one role, the coarsest first
