@@ -73,8 +73,7 @@ _EXAMPLE_SPECS = {
     "pipeline_1f1b": ("pipeline", "make_1f1b", ("one_f_one_b",), dict(batch=8, hidden=4), ((2, "float64"),), 3),
     "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
     "moe_capacity": ("experts", "make_capacity", ("moe_capacity_ep", "reduce_balance_terms"),
-                     dict(groups=8, seq=2, d=2, h=3, experts=8, capacity=1), ((2, "float64"), (4, "float64"),
-                                                                             (2, "float32")), 3),
+                     dict(groups=8, seq=2, d=2, h=3, experts=8, capacity=1), ((2, "float64"), (4, "float64")), 3),
     "moe_dropless": ("experts", "make_dropless", ("moe_dropless_ep",), dict(tokens=8, d=2, h=3, experts=4),
                      ((2, "float64"), (4, "float64")), 3),
 }
