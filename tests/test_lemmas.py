@@ -331,7 +331,7 @@ def test_every_lemma_is_either_reapplying_or_declared():
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
                   "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split",
-                  "contract-regroup-strided", "reduce-split-concat",
+                  "contract-regroup-strided", "reduce-split-concat", "concat-commute-indexed",
                   # pick_update is gg_notebook's own operator (ir/pick_update.py), not an ATen overload:
                   # its one parameter (sub | add) is read by the lemma and carried into every piece
                   "pick-update-over-split"}
