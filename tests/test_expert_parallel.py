@@ -313,3 +313,9 @@ def test_constant_index_lowering_matches_torch(seed):
     want = f(x)
     for a, b in zip(got[:3], want[:3]):
         assert torch.equal(a, b)
+
+
+def test_one_expert_and_one_group_per_rank():
+    """E = G = W: each rank's einsums have a batch of one (lowered as mm), the spec's pieces too."""
+    result = gg.verify(X.make_capacity(4, groups=4, experts=4))
+    assert result.status is gg.Status.PROVED, str(result)

@@ -61,13 +61,28 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
                 for j, b in enumerate(args):
                     dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]
                     new_args.append(S.slice(b, dj[0], lo, hi) if dj else b)
-                pieces.append(S.call(spec, new_args))
+                pieces.append(_call(S, spec, new_args))
             if role[0] == "out":
                 yield S.cat(pieces, role[1])
             else:
                 yield S.accum(role[0], pieces)
         except ShapeError:
             continue
+
+
+def _call(S: ExprStore, spec: OpSpec, args: list):
+    """``spec`` on ``args``; a piece that is a batch-1 ``bmm`` is written as the ``mm`` of its two
+    matrices, viewed back: the form lowering gives a rank's batch-1 bmm (``ir.lower.single_bmm``,
+    e.g. the einsum of one local expert or one group of tokens), so the piece can be found."""
+    if spec.target is aten.bmm.default and len(args) == 2 and args[0].shape[0] == 1 \
+            and args[0].dtype == args[1].dtype and len(args[0].shape) == 3 and len(args[1].shape) == 3:
+        from gg_notebook.relations.expr import Slot
+
+        a, b = args
+        mm = OpSpec("matmul", str(aten.mm.default), aten.mm.default, ((Slot(0), Slot(1)), ()), (("einsum", "ik,kj->ij"),))
+        prod = S.call(mm, [S.view(a, a.shape[1:]), S.view(b, b.shape[1:])])
+        return S.view(prod, (1,) + tuple(prod.shape))
+    return S.call(spec, args)
 
 
 def concat_commute(S, spec, args, out_shape):
@@ -143,6 +158,8 @@ def _commute_cases(rng):
         yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={0: 0}, description="mm rows")
         yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={1: 1}, description="mm cols")
         yield C.case(torch.bmm, (r(b, m, k), r(b, k, n)), rng, split={0: 0, 1: 0}, description="bmm batch")
+        yield C.case(torch.bmm, (r(3, m, k), r(3, k, n)), rng, split={0: 0, 1: 0}, pieces=3,
+                     description="bmm batch, pieces of one matrix each (written as mm)")
         yield C.case(lambda x: x.sum(1), (x,), rng, split={0: 0}, description="sum over unsplit dim")
         yield C.case(lambda x: torch.softmax(x, -1), (x,), rng, split={0: 0}, description="softmax rows")
         yield C.case(lambda x, w, bb: F.layer_norm(x, (n,), w, bb), (r(b, m, n), r(n), r(n)), rng, split={0: 1},
