@@ -21,6 +21,21 @@ ranks hold equally many tokens) before the product.
   capacity is per group, and each rank holds whole groups). Dispatch is the one-hot/cumsum
   ``[G, S, E, C]`` mask, the exchange an ``all_to_all_single`` with equal splits of the
   ``[E, G/W, C, d]`` buffer.
+* ``moe_dropless`` (top-2, as Megablocks / Megatron's all-to-all token dispatcher): tokens ``[T, d]``
+  sorted by expert (``argsort``), the tokens per expert counted and exchanged
+  (``all_to_all_single`` of the counts), the split sizes read with ``.tolist()``, the tokens
+  exchanged with ``all_to_all_single(out, inp, output_split_sizes, input_split_sizes)``, each local
+  expert run on its variable-size groups, the results sent back and unpermuted with the inverse
+  permutation. The split sizes and permutations depend on the routing, i.e. on the input values:
+  gg_notebook captures the programs *for the routing of the example inputs*
+  (`gg_notebook.capture.specialize`), so the verdict of the correct program is "assumed" (it holds
+  for inputs that route the same way), and bugs are refuted on the example inputs.
+
+Bugs: the load-balancing loss from the local tokens only (``aux_local``) or all-reduced with SUM
+(``aux_summed``); the top-k outputs combined without the router probabilities
+(``combine_unweighted``); experts misaligned with the weight shards (``experts_misaligned``:
+round-robin dispatch; ``expert_offset``: the local index of a global expert id computed with the
+round-robin convention); the unpermute done with the forward permutation (``unpermute_forward``).
 """
 
 from __future__ import annotations
