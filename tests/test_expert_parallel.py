@@ -28,7 +28,9 @@ from gg_notebook.examples import experts as X
 from gg_notebook.examples._simulate import compare
 
 MOE = [n for n in ("moe_capacity", "moe_capacity_top1", "moe_dropless")]
-BUGS = [(n, b, w) for n in MOE for b in sorted(E.get(n).bugs) for w in E.get(n).world_sizes]
+# world size 2 here (CI time); tests/test_verify_examples.py localizes every bug at 2 and 4, and the
+# report of issue 10 lists the verdicts measured at 4 (all refuted with a counterexample)
+BUGS = [(n, b, 2) for n in MOE for b in sorted(E.get(n).bugs)]
 
 
 @pytest.mark.parametrize("name,bug,world_size", BUGS)

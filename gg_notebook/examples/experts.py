@@ -281,6 +281,8 @@ def make_dropless(world_size: int = 2, bug: str | None = None, *, k: int = 2, to
                   h: int = 6, experts: int = 8, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
     name = "moe_dropless"
     check_bug(name, bug, DROPLESS_BUGS)
+    if tokens % world_size or experts % world_size:
+        raise ValueError(f"{name}: tokens ({tokens}) and experts ({experts}) must divide by world_size ({world_size})")
     g = seeded(seed)
     x = randn(g, tokens, d, dtype=dtype, device=device)
     wg = randn(g, d, experts, dtype=dtype, device=device)
