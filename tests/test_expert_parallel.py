@@ -54,6 +54,7 @@ def test_dropless_verdict_says_it_is_specialized_to_the_routing():
     text = " ".join(result.assumptions)
     assert ".tolist()" in text and "argsort(order)" in text and "rank 1" in text
     assert "assumed" in result.headline()
+    assert result.stats["captured_for"].startswith("the routing of the given inputs")
 
 
 def test_dropless_without_values_is_refused_clearly():
