@@ -322,3 +322,20 @@ def test_one_expert_and_one_group_per_rank():
     """E = G = W: each rank's einsums have a batch of one (lowered as mm), the spec's pieces too."""
     result = gg.verify(X.make_capacity(4, groups=4, experts=4))
     assert result.status is gg.Status.PROVED, str(result)
+
+
+def test_program_right_only_for_the_example_routing_is_never_proved():
+    """A rank program that branches on a value read with .tolist() is right for the example inputs
+    only: the verdict is 'assumed' (the assumption names the read), never 'proved'."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positives = int((x > 0).sum())
+
+    def rank_fn(x):
+        n = (x > 0).sum().tolist()
+        return x * 2 if n == positives else x * 3
+
+    p = gg.Problem(sequential=lambda x: x * 2, distributed=rank_fn, inputs=(x,), placements=(Replicate(),),
+                   world_size=2, expect=(Replicate(),))
+    result = gg.verify(p)
+    assert result.status is gg.Status.ASSUMED and not result.proved, str(result)
+    assert any("n = (x > 0).sum().tolist()" in a for a in result.assumptions), result.assumptions
