@@ -106,6 +106,11 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
             decomposed[op] = decomposed.get(op, 0) + k
     if decomposed:
         stats["decomposed"] = decomposed
+    specialized = [r for r, g in zip([None, *range(len(cap.ranks))], (cap.sequential, *cap.ranks))
+                   if getattr(g, "specialized", None)]
+    if specialized:  # capture.specialize: .tolist() values and routing indices of the example inputs
+        stats["captured_for"] = "the routing of the given inputs (" + ", ".join(
+            "sequential" if r is None else f"rank {r}" for r in specialized) + ")"
     return _guard("indexing", _index, problem, cap.sequential, cap.ranks, stats, t0, t1, exact == "real")
 
 

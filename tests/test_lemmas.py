@@ -268,6 +268,21 @@ def _decline_cases():
         "three pieces have no strided grouping")
     add("contract-regroup-strided", C.case(lambda a, w: a @ w, (r(8, 3), r(3, 2)), rng, split={0: 0}, pieces=4),
         "the split dim is not contracted")
+    x35 = r(3, 5)
+    add("concat-commute", C.case(lambda x: torch.topk(x, 2, dim=-1)[0], (x35,), rng, split={0: 1}),
+        "top-k along the split dim")
+    add("concat-commute", C.case(lambda x: torch.topk(x, 2, dim=0)[1], (x35,), rng, split={0: 0}),
+        "top-k indices along the split dim")
+    add("concat-commute", C.case(lambda x: torch.cumsum(x, 1), (x35,), rng, split={0: 1}),
+        "cumulative sum along the split dim")
+    add("concat-commute", C.case(lambda x: torch.sort(x, 0)[0], (x35,), rng, split={0: 0}), "sort along the split dim")
+    cs = C.case(lambda x: torch.cumsum(x, 0), (r(6, 4),), rng)
+    cs = type(cs)(cs.spec, (cs.store.slice(cs.args[0], 0, 2, 5),), cs.values, cs.store)
+    add("slice-hoist", cs, "cumulative sum along the sliced dim")
+    from gg_notebook.lemmas.indexed import decline_cases as indexed_declines
+
+    for why, case in indexed_declines(rng):
+        add("concat-commute-indexed", case, why)
     from gg_notebook.ir.pick_update import pick_update_spec
     add("pick-update-over-split", C.make_case(pick_update_spec("sub"), [r(6, 5), torch.randint(0, 5, (6,), generator=rng),
                                                                        r(6)], rng, split={0: 0}),
@@ -316,7 +331,7 @@ def test_every_lemma_is_either_reapplying_or_declared():
     reapplying = {"concat-commute", "concat-contract", "slice-hoist", "partial-linear", "partial-additive",
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
                   "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split",
-                  "contract-regroup-strided", "reduce-split-concat",
+                  "contract-regroup-strided", "reduce-split-concat", "concat-commute-indexed",
                   # pick_update is gg_notebook's own operator (ir/pick_update.py), not an ATen overload:
                   # its one parameter (sub | add) is read by the lemma and carried into every piece
                   "pick-update-over-split"}

@@ -475,17 +475,56 @@ def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, l
     return its finished graph and its collectives in program order."""
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs)
-    if rank is None:
-        with _session(problem.sequential, None, problem.world_size) as fn:
-            gm, issued = _trace(fn, globals_, None)
-        issued = _drop_single_rank_collectives(gm, issued)
-    else:
-        args = _local_fakes(problem, mode, globals_, rank)
-        with fake_process_group(rank, problem.world_size):
-            with _session(problem.distributed, rank, problem.world_size) as fn:
-                gm, issued = _trace(fn, args, rank)
+    reads = None
+    for attempt in (0, 1):
+        try:
+            with _specialized(problem, rank, reads) as used:
+                if rank is None:
+                    with _session(problem.sequential, None, problem.world_size) as fn:
+                        gm, issued = _trace(fn, globals_, None)
+                    issued = _drop_single_rank_collectives(gm, issued)
+                else:
+                    args = _local_fakes(problem, mode, globals_, rank)
+                    with fake_process_group(rank, problem.world_size):
+                        with _session(problem.distributed, rank, problem.world_size) as fn:
+                            gm, issued = _trace(fn, args, rank)
+            break
+        except CaptureError as e:
+            if attempt or not _reads_tensor_values(e):
+                raise
+            # tensor values read into Python (split sizes from .tolist()): capture for the example's routing
+            from gg_notebook.capture.specialize import _check_concrete, recorded_reads
+
+            _check_concrete(problem, rank, "reads tensor values into Python")
+            reads = recorded_reads(problem, rank, _session)
+    if reads is not None:
+        from gg_notebook.capture.specialize import _concrete_inputs, assumption, fold_routing_indices
+
+        folded = fold_routing_indices(gm, _concrete_inputs(problem, rank))
+        gm.meta["gg_specialized"] = [assumption(rank, used, folded)]
     _finish(gm, list(problem.input_names), rank)
     return gm, issued
+
+
+def _reads_tensor_values(e: CaptureError) -> bool:
+    """Did tracing stop at tensor values read into Python with ``.tolist()`` (split sizes)?"""
+    import traceback
+
+    cause = e.__cause__
+    if cause is None or _data_dependent_kind(cause) != "value" or "_local_scalar_dense" not in f"{cause} {cause!r}":
+        return False
+    return any(f.name == "tolist" for f in traceback.extract_tb(cause.__traceback__))
+
+
+@contextmanager
+def _specialized(problem: Problem, rank: int | None, reads: list | None) -> Iterator[list]:
+    if reads is None:
+        yield []
+        return
+    from gg_notebook.capture.specialize import replaying
+
+    with replaying(reads, rank) as used:
+        yield used
 
 
 def check_output_counts(n_seq: int, counts: list[int]) -> None:

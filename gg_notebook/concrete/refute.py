@@ -230,18 +230,21 @@ def _concrete_check(engine, problem, result: Result, seeds: int) -> Result:
 
 def _judge_simulations(engine, problem, result: Result, sims: list) -> Result:
     seeds = len(sims)
+    on = f"{seeds} random inputs"
+    if any(getattr(g, "specialized", None) for g in (engine.seq, *engine.index.graphs)):
+        on = "the example inputs (captured for their routing, so only they are run)"  # capture.specialize
     bad = _output_mismatch(engine, problem, sims)
     culprit_node = result.culprit.node if result.culprit else None
     if bad is None and result.status is Status.ASSUMED:
         result.findings.append(Finding(
-            "numbers-agree", f"the sequential and distributed programs agree on {seeds} random inputs under "
+            "numbers-agree", f"the sequential and distributed programs agree on {on} under "
             f"the assumptions; the verdict stays 'assumed': the assumptions themselves are not proved"))
         return result
     if bad is None:
         op = result.culprit.op if result.culprit else "an operator"
         result.findings.append(Finding(
             "numbers-agree",
-            f"the sequential and distributed programs agree on {seeds} random inputs: the program looks "
+            f"the sequential and distributed programs agree on {on}: the program looks "
             f"correct, but a lemma is missing for {op}" + (f" ({culprit_node})" if culprit_node else ""),
             result.culprit.source if result.culprit else None))
         return result

@@ -367,7 +367,12 @@ def simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int = 0, a
 
 
 def _simulate(problem: Problem, seq: Graph, graphs: list[Graph], seed: int, adversarial: bool) -> Simulation:
-    inputs = random_inputs(problem, seq, seed, adversarial)
+    if any(getattr(g, "specialized", None) for g in (seq, *graphs)):
+        # graphs captured for the routing of the example inputs (capture.specialize) stand for the
+        # programs on those inputs only: every simulation runs on them
+        inputs = [t.detach().clone() for t in problem.inputs]
+    else:
+        inputs = random_inputs(problem, seq, seed, adversarial)
     locals_ = split_locals(problem, inputs, seed)
     try:
         seq_env = run_graph(seq, inputs)

@@ -243,6 +243,8 @@ def judge(engine: Engine, problem, stats: dict) -> Result:
     })
     assumptions += random_assumptions([engine.seq] + list(engine.index.graphs))
     assumptions += clamped_count_assumptions(engine)  # num / clamp(c, min=1) read as num / c (c >= 1)
+    # programs captured for the routing of the example inputs (capture.specialize)
+    assumptions += [a for g in [engine.seq] + list(engine.index.graphs) for a in getattr(g, "specialized", ())]
     dependent = sum(1 for n, cs in engine.relations.items()
                     if n not in engine.user_relations and cs and all(c.assumption for c in cs if not c.deferred))
     if engine.stuck_at is not None:

@@ -38,3 +38,6 @@ class Example:
     runs_on: str = "local"
     # the world sizes the example is built and tested at (a 2-D mesh example: (4, 8))
     world_sizes: tuple[int, ...] = (2, 4)
+    # the verdict of the correct program: "proved", or "assumed" for a program captured for the
+    # routing of its example inputs (data-dependent split sizes, capture.specialize)
+    verdict: str = "proved"

@@ -52,6 +52,8 @@ class Graph:
     by_name: dict[str, Node] = field(default_factory=dict)
     random_ops: list = field(default_factory=list)  # lower.RandomOp records (with a Problem.random policy)
     decomposed: dict = field(default_factory=dict)  # operator -> calls replaced by its definition (ir.decompose)
+    # captured for the routing of the example inputs (capture.specialize): the assumption, in words
+    specialized: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for i, n in enumerate(self.nodes):

@@ -302,6 +302,8 @@ class _Lowerer:
                 raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
         g = Graph(_live(self.nodes, inputs, outputs), inputs, outputs, rank=self.rank)
         g.random_ops = self.random_ops
+        # captured for the routing of the example inputs (capture.specialize): the assumption, in words
+        g.specialized = list(getattr(self.gm, "meta", {}).get("gg_specialized", ()))
         return g
 
     # --------------------------------------------------------------- calls
@@ -346,6 +348,12 @@ class _Lowerer:
             # x ** 2, x.square(), x.pow(2): the kernel computes x * x, bit for bit; one spelling
             spec, inputs = self.spec_for(aten.mul.Tensor, (args[0], args[0]), {}, kind="ew")
             return self.emit("call", spec, inputs, shape, dtype)
+        if target in (aten.index.Tensor, aten.index_select.default, aten.index_put.default):
+            from gg_notebook.ir.const_index import lower_const_index
+
+            hit = lower_const_index(self, fx, shape, dtype)  # rows moved by a constant index: slices
+            if hit is not None:
+                return hit
         if target is aten.index.Tensor:
             hit = self.index_as_embedding(fx, shape, dtype)
             if hit is None:
@@ -467,6 +475,19 @@ class _Lowerer:
             # the values output is amax/amin; the indices output stays a generic call
             return _Tuple(self, fx, kind="generic",
                           spec_by_out={0: (reduce_spec("a" + packet, dims, keepdim), (src,))})
+        if target in ROWWISE:
+            # each 1-D slice along ``dim`` on its own (top-k, sort, cumulative sums): the other dims
+            # map position-wise (lemmas.dims, kind "rowwise")
+            src = env[args[0]]
+            name, default = ROWWISE[target]
+            names = [a.name for a in target._schema.arguments]
+            i = names.index(name)
+            dim = args[i] if len(args) > i else kwargs.get(name, default)
+            if isinstance(src, Node) and isinstance(dim, int) and len(src.shape) > 0:
+                params = (("dim", int(dim) % len(src.shape)),)
+                if isinstance(fx.meta.get("val"), (tuple, list)):
+                    return _Tuple(self, fx, kind="rowwise", shared=params)
+                return self.call(fx, kind="rowwise", params=params)
         if packet in ("_softmax", "_log_softmax", "softmax", "log_softmax"):
             src = env[args[0]]
             dim = int(args[1]) % len(src.shape)
@@ -912,6 +933,12 @@ DIM_OF_SELF = {
     aten.cummin.default, aten.repeat_interleave.self_int,
 }
 _DIM_ARGS = ("dim", "dims")
+
+# Operators that act on each 1-D slice along one dim independently: {overload: (dim argument, default)}
+ROWWISE = {
+    aten.topk.default: ("dim", -1), aten.sort.default: ("dim", -1), aten.sort.stable: ("dim", -1),
+    aten.cumsum.default: ("dim", None), aten.cumprod.default: ("dim", None),
+}
 
 
 def _nonnegative_dims(target, t_args: tuple, t_kwargs: tuple, ndim: int):

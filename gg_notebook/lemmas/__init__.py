@@ -29,5 +29,6 @@ from gg_notebook.lemmas import contract_regroup as _contract_regroup  # noqa: F4
 from gg_notebook.lemmas import reduce_split_concat as _reduce_split_concat  # noqa: F401  (registers)
 from gg_notebook.lemmas import pads as _pads  # noqa: F401  (registers)
 from gg_notebook.lemmas import single_bmm as _single_bmm  # noqa: F401  (registers)
+from gg_notebook.lemmas import indexed as _indexed  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

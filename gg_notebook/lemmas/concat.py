@@ -32,9 +32,9 @@ def cat_bounds(cat_expr) -> list[tuple[int, int]]:
     return out
 
 
-def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want: str):
+def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want: str, roles_fn=dim_roles):
     shapes = [a.shape for a in args]
-    roles = dim_roles(spec, shapes, out_shape)
+    roles = roles_fn(spec, shapes, out_shape)
     if roles is None:
         return
     # every concatenated operand proposes its piece boundaries; for one role, the coarsest first
@@ -61,13 +61,22 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
                 for j, b in enumerate(args):
                     dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]
                     new_args.append(S.slice(b, dj[0], lo, hi) if dj else b)
-                pieces.append(S.call(spec, new_args))
+                pieces.append(_call(S, spec, new_args))
             if role[0] == "out":
                 yield S.cat(pieces, role[1])
             else:
                 yield S.accum(role[0], pieces)
         except ShapeError:
             continue
+
+
+def _call(S: ExprStore, spec: OpSpec, args: list):
+    """``spec`` on ``args``; a piece that is a batch-1 ``bmm`` is written as the ``mm`` the lowering
+    gives a rank's batch-1 bmm (`single_bmm.as_mm`: one local expert, one group of tokens, one head
+    per rank), so the piece can be found."""
+    from gg_notebook.lemmas.single_bmm import as_mm
+
+    return as_mm(S, spec, args) or S.call(spec, args)
 
 
 def concat_commute(S, spec, args, out_shape):
@@ -113,6 +122,7 @@ def _hoist_cases(rng):
             (lambda a, w: a @ w, ((n, k), (k, m)), 0, 0, "mm, row slice of the input"),
             (lambda x, b: x + b, ((m, n), (m, 1)), 0, 1, "add broadcast, column slice"),
             (lambda x: torch.nn.functional.gelu(x), ((m, n),), 0, 1, "gelu of a slice"),
+            (lambda x: torch.cumsum(x, 0), ((m, n),), 0, 1, "cumsum of a column slice"),
         ):
             tensors = tuple(r(*s) for s in shapes)
             spec, order = C.spec_of(fn, *tensors)
@@ -142,6 +152,8 @@ def _commute_cases(rng):
         yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={0: 0}, description="mm rows")
         yield C.case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, split={1: 1}, description="mm cols")
         yield C.case(torch.bmm, (r(b, m, k), r(b, k, n)), rng, split={0: 0, 1: 0}, description="bmm batch")
+        yield C.case(torch.bmm, (r(3, m, k), r(3, k, n)), rng, split={0: 0, 1: 0}, pieces=3,
+                     description="bmm batch, pieces of one matrix each (written as mm)")
         yield C.case(lambda x: x.sum(1), (x,), rng, split={0: 0}, description="sum over unsplit dim")
         yield C.case(lambda x: torch.softmax(x, -1), (x,), rng, split={0: 0}, description="softmax rows")
         yield C.case(lambda x, w, bb: F.layer_norm(x, (n,), w, bb), (r(b, m, n), r(n), r(n)), rng, split={0: 1},
@@ -150,6 +162,18 @@ def _commute_cases(rng):
         yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={1: 1}, description="embedding, ids split")
         yield C.case(lambda w, i: F.embedding(i, w), (emb, ids), rng, split={0: 1}, description="embedding, hidden split")
         yield _ln_bwd_case(rng, r, b, m, n, 0, "layer_norm_backward dx, rows split")
+        # row-wise operators (kind "rowwise"): split along a dim other than their own
+        x3 = r(b, m, n + 2)
+        for out in (0, 1):
+            yield C.case(lambda x, o=out: torch.topk(x, 2, dim=-1)[o], (x3,), rng, split={0: 0},
+                         description=f"topk output {out}, batch split")
+            yield C.case(lambda x, o=out: torch.topk(x, 2, dim=1, largest=False)[o], (x3,), rng, split={0: 2},
+                         description="topk smallest along dim 1, last dim split")
+            yield C.case(lambda x, o=out: torch.sort(x, dim=-1, descending=True)[o], (x3,), rng, split={0: 1},
+                         description=f"sort output {out}, rows split")
+        yield C.case(lambda x: torch.cumsum(x, dim=1), (x3,), rng, split={0: 0}, description="cumsum, batch split")
+        yield C.case(lambda x: torch.cumsum(x, 2, dtype=torch.float32), (x3,), rng, split={0: 1},
+                     description="cumsum with dtype, rows split")
 
 
 def _ln_bwd_case(rng, r, b, m, n, out, description):
@@ -185,7 +209,7 @@ register(Lemma(
     name="concat-commute",
     statement="op(.., concat(x_i, d), ..) = concat(op(.., x_i, ..), k)  when dim d maps position-wise to output dim k",
     kinds=("ew", "matmul", "reduce", "softmax", "softmax_backward", "layer_norm", "layer_norm_backward",
-           "embedding", "embedding_backward"),
+           "embedding", "embedding_backward", "rowwise"),
     plans=concat_commute,
     cases=_commute_cases,
     conditions=("the concatenated dim maps position-wise to an output dim",
@@ -209,7 +233,7 @@ register(Lemma(
 register(Lemma(
     name="slice-hoist",
     statement="op(.., y[a:b along d], ..) = op(.., y, ..)[a:b along k]  when d maps position-wise to output dim k",
-    kinds=("ew", "matmul", "reduce", "softmax", "layer_norm", "embedding"),
+    kinds=("ew", "matmul", "reduce", "softmax", "layer_norm", "embedding", "rowwise"),
     plans=slice_hoist,
     cases=_hoist_cases,
     conditions=("the sliced dim maps position-wise to output dim k",

@@ -81,6 +81,10 @@ def dim_roles(spec: OpSpec, shapes: Sequence[tuple], out_shape: tuple) -> list[l
             else:
                 r.append(("out", j if keep else j - sum(1 for d in dims if d < j)))
         return [r] + [[None] * len(s) for s in shapes[1:]]
+    if kind == "rowwise":  # top-k, sort, cumsum along ``dim``: every other dim maps position-wise
+        d = spec.param("dim")
+        return [[None if j == d else ("out", j) for j in range(len(s))] if i == 0 else [None] * len(s)
+                for i, s in enumerate(shapes)]
     if kind in ("softmax", "softmax_backward"):
         d = spec.param("dim")
         return [[None if j == d else ("out", j) for j in range(len(s))] for s in shapes]

@@ -13,25 +13,31 @@ import torch
 
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register
-from gg_notebook.relations.expr import ExprStore, OpSpec, ShapeError, Slot
+from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, Slot
 
 aten = torch.ops.aten
 MM = OpSpec("matmul", str(aten.mm.default), aten.mm.default, ((Slot(0), Slot(1)), ()), (("einsum", "ik,kj->ij"),))
 
 
-def batch1_bmm_as_mm(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+def as_mm(S: ExprStore, spec: OpSpec, args) -> "Expr | None":
+    """``bmm(a, b)`` of two batch-1 operands as ``view(mm(a[0], b[0]), (1, m, n))``, the form the
+    lowering gives it (None when ``spec``/``args`` are not that)."""
     if spec.target is not aten.bmm.default or len(args) != 2 or spec.unique is not None:
-        return
+        return None
     a, b = args
     if len(a.shape) != 3 or len(b.shape) != 3 or a.shape[0] != 1 or b.shape[0] != 1 or a.dtype != b.dtype:
-        return
-    if tuple(out_shape) != (1, a.shape[1], b.shape[2]):
-        return
+        return None
     try:
         prod = S.call(MM, [S.view(a, tuple(a.shape[1:])), S.view(b, tuple(b.shape[1:]))])
-        yield S.view(prod, tuple(out_shape))
+        return S.view(prod, (1,) + tuple(prod.shape))
     except ShapeError:
-        return
+        return None
+
+
+def batch1_bmm_as_mm(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple):
+    t = as_mm(S, spec, args)
+    if t is not None and tuple(t.shape) == tuple(out_shape):
+        yield t
 
 
 def _cases(rng):

@@ -92,6 +92,10 @@ _EXAMPLE_SPECS = {
                          ((2, "float64"), (4, "float64")), 3),
     "ulysses_attention": ("context", "make_ulysses", ("_all_to_all", "ulysses_attention"), dict(heads=4, seq=8),
                           ((2, "float64"), (4, "float64")), 3),
+    "moe_capacity": ("experts", "make_capacity", ("moe_capacity_ep", "reduce_balance_terms"),
+                     dict(groups=8, seq=2, d=2, h=3, experts=8, capacity=1), ((2, "float64"), (4, "float64")), 3),
+    "moe_dropless": ("experts", "make_dropless", ("moe_dropless_ep",), dict(tokens=8, d=2, h=3, experts=4),
+                     ((2, "float64"), (4, "float64")), 3),
 }
 
 
