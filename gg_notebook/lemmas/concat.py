@@ -76,7 +76,8 @@ def _call(S: ExprStore, spec: OpSpec, args: list):
     per rank), so the piece can be found."""
     from gg_notebook.lemmas.single_bmm import as_mm
 
-    return as_mm(S, spec, args) or S.call(spec, args)
+    t = as_mm(S, spec, args)
+    return t if t is not None else S.call(spec, args)
 
 
 def concat_commute(S, spec, args, out_shape):
