@@ -49,7 +49,7 @@ def adamw(p, g, m, v):
     return adam(p, g, m, v)
 
 
-OPTIMIZERS = {"adamw": adamw, "sgd": sgd_momentum}
+OPTIMIZERS = {"adamw": adamw, "adam": adam, "sgd": sgd_momentum}
 
 
 def clip_by_global_norm(grads):
@@ -137,8 +137,14 @@ def ddp_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", micro_batches=1
     clipped, one optimizer step on the replicated parameters and state."""
     params = [w1, w2]
     loss, grads = _local_grads(x, y, params, micro_batches, bug)
+    if bug == "clip_before_all_reduce":  # each rank clips its own gradients
+        grads = _clip_replicated(params, grads, clip)
     grads = _all_reduce_grads(grads, reduce)
-    grads = _clip_replicated(params, grads, clip)
+    if bug != "clip_before_all_reduce":
+        grads = _clip_replicated(params, grads, clip)
+    if bug == "decay_on_grad":  # Adam's L2 penalty on the gradient instead of AdamW's decoupled decay
+        grads = [g + WD * p.detach() for g, p in zip(grads, params)]
+        optimizer = "adam"
     new, ms, vs = step(optimizer, [w1.detach(), w2.detach()], grads, [m1, m2], [v1, v2])
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     return (loss, *new, *ms, *vs)
@@ -238,6 +244,9 @@ def fsdp_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", clip=False, ma
         grads = [g / world for g in grads]
     if clip:
         grads = _clip_sharded(grads, bug)
+    if bug == "decay_on_grad":  # Adam's L2 penalty on the gradient instead of AdamW's decoupled decay
+        grads = [g + WD * p for g, p in zip(grads, shards)]
+        optimizer = "adam"
     new, ms, vs = step(optimizer, shards, grads, [m1, m2], [v1, v2])
     loss = loss.detach().clone()
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
