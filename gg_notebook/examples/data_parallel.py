@@ -33,7 +33,7 @@ from gg_notebook.problem import Problem
 
 from ._common import check_bug, randn, seeded
 from ._types import Bug, Example
-from .zero import LR, adam, mlp, sgd_momentum
+from .zero import LR, MOMENTUM, adam, mlp, sgd_momentum
 
 WD = 0.1
 MAX_NORM = 0.5
@@ -128,7 +128,21 @@ def _clip_replicated(params, grads, clip):
         norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
         coef = (MAX_NORM / (norm + CLIP_EPS)).clamp(max=1.0)
         return [g * coef for g in grads]
+    if clip == "foreach":
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        coef = torch.clamp_max(MAX_NORM / (norm + CLIP_EPS), 1.0)
+        torch._foreach_mul_(grads, coef)
+        return grads
+    if clip is not None:
+        raise ValueError(f"unknown clip {clip!r}")
     return grads
+
+
+def _sgd_foreach(params, grads, bufs):
+    """SGD with momentum on the list of parameters with the multi-tensor kernels."""
+    bufs = torch._foreach_mul(bufs, MOMENTUM)
+    torch._foreach_add_(bufs, grads)
+    return torch._foreach_add(params, bufs, alpha=-LR), bufs
 
 
 def ddp_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", micro_batches=1, clip=None, reduce="avg",
@@ -145,7 +159,11 @@ def ddp_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", micro_batches=1
     if bug == "decay_on_grad":  # Adam's L2 penalty on the gradient instead of AdamW's decoupled decay
         grads = [g + WD * p.detach() for g, p in zip(grads, params)]
         optimizer = "adam"
-    new, ms, vs = step(optimizer, [w1.detach(), w2.detach()], grads, [m1, m2], [v1, v2])
+    if optimizer == "sgd_foreach":
+        new, ms = _sgd_foreach([w1.detach(), w2.detach()], grads, [m1, m2])
+        vs = [v1, v2]
+    else:
+        new, ms, vs = step(optimizer, [w1.detach(), w2.detach()], grads, [m1, m2], [v1, v2])
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     return (loss, *new, *ms, *vs)
 
@@ -160,6 +178,12 @@ def _all_gather_rows(shard):
     return full
 
 
+def _rows(t, rank, world):
+    """Rank ``rank``'s rows of ``t`` (its ``Shard(0)`` chunk)."""
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]
+
+
 def zero1_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", clip=None, bug=None):
     """One ZeRO-1 rank: gradients all-reduced as in DDP; the optimizer state sharded by rows, so each
     rank updates its rows of every parameter, and the updated rows are all-gathered."""
@@ -170,10 +194,10 @@ def zero1_step(x, y, w1, w2, m1, m2, v1, v2, *, optimizer="adamw", clip=None, bu
     for g in grads:
         dist.all_reduce(g, op=dist.ReduceOp.AVG)
     grads = _clip_replicated(params, grads, clip)
-    g_mine = [g.chunk(world)[rank] for g in grads]
-    p_mine = [p.detach().chunk(world)[rank] for p in params]
+    g_mine = [_rows(g, rank, world) for g in grads]
+    p_mine = [_rows(p.detach(), rank, world) for p in params]
     if bug == "decay_wrong_shard":  # decoupled decay written by hand, on the next rank's rows
-        p_next = [p.detach().chunk(world)[(rank + 1) % world] for p in params]
+        p_next = [_rows(p.detach(), (rank + 1) % world, world) for p in params]
         p_mine = [p - LR * WD * q for p, q in zip(p_mine, p_next)]
         new_mine, ms, vs = step("adam", p_mine, g_mine, [m1, m2], [v1, v2])
     else:
@@ -269,23 +293,26 @@ NAMES = ("x", "y", "w1", "w2", "m1", "m2", "v1", "v2")
 
 def make_ddp(world_size: int = 2, bug: str | None = None, *, batch: int = 8, d: int = 4, h: int = 6,
              optimizer: str = "adamw", micro_batches: int = 1, clip: str | None = None, reduce: str = "avg",
-             seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+             seed: int = 0, dtype=torch.float64, device="cpu", name: str = "ddp") -> Problem:
+    check_bug(name, bug, DDP_BUGS)
     return Problem(
-        sequential=functools.partial(train_step, optimizer=optimizer, clip=clip is not None),
+        sequential=functools.partial(train_step, optimizer="sgd" if optimizer == "sgd_foreach" else optimizer,
+                                     clip=clip is not None),
         distributed=functools.partial(ddp_step, optimizer=optimizer, micro_batches=micro_batches,
                                       clip=clip, reduce=reduce, bug=bug),
         inputs=_inputs(seed, batch, d, h, dtype, device),
         placements=(Shard(0), Shard(0)) + (Replicate(),) * 6,
         world_size=world_size,
         expect=(Replicate(),) * 7,
-        name="ddp",
+        name=name if bug is None else f"{name}[{bug}]",
         input_names=NAMES,
     )
 
 
 def make_zero1(world_size: int = 2, bug: str | None = None, *, batch: int = 8, d: int = 4, h: int = 8,
                optimizer: str = "adamw", clip: str | None = None, seed: int = 0, dtype=torch.float64,
-               device="cpu") -> Problem:
+               device="cpu", name: str = "zero1") -> Problem:
+    check_bug(name, bug, ZERO1_BUGS)
     return Problem(
         sequential=functools.partial(train_step, optimizer=optimizer, clip=clip is not None),
         distributed=functools.partial(zero1_step, optimizer=optimizer, clip=clip, bug=bug),
@@ -293,14 +320,15 @@ def make_zero1(world_size: int = 2, bug: str | None = None, *, batch: int = 8, d
         placements=(Shard(0), Shard(0), Replicate(), Replicate()) + (Shard(0),) * 4,
         world_size=world_size,
         expect=(Replicate(),) * 3 + (Shard(0),) * 4,
-        name="zero1",
+        name=name if bug is None else f"{name}[{bug}]",
         input_names=NAMES,
     )
 
 
 def make_fsdp(world_size: int = 2, bug: str | None = None, *, batch: int = 8, d: int = 4, h: int = 8,
               optimizer: str = "adamw", clip: bool = False, manual: bool = False, reduce: str = "avg", seed: int = 0,
-              dtype=torch.float64, device="cpu") -> Problem:
+              dtype=torch.float64, device="cpu", name: str = "fsdp") -> Problem:
+    check_bug(name, bug, FSDP_BUGS)
     return Problem(
         sequential=functools.partial(train_step, optimizer=optimizer, clip=clip),
         distributed=functools.partial(fsdp_step, optimizer=optimizer, clip=clip, manual=manual, reduce=reduce,
@@ -309,6 +337,75 @@ def make_fsdp(world_size: int = 2, bug: str | None = None, *, batch: int = 8, d:
         placements=(Shard(0),) * 8,
         world_size=world_size,
         expect=(Replicate(),) + (Shard(0),) * 6,
-        name="fsdp",
+        name=name if bug is None else f"{name}[{bug}]",
         input_names=NAMES,
     )
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def _bugs(*bugs: Bug) -> dict[str, Bug]:
+    return {b.name: b for b in bugs}
+
+
+LOSS_NOT_SCALED = Bug(
+    "loss_not_scaled",
+    "Gradient accumulation without dividing each micro-batch's loss by the number of micro-batches: "
+    "the accumulated gradient (and the reported loss) is that number times too large.",
+    "aten.mean", "zero:loss")
+DECAY_ON_GRAD = Bug(
+    "decay_on_grad",
+    "AdamW's weight decay applied to the gradient (Adam's L2 penalty, g + wd * p, then Adam) instead "
+    "of to the parameter (p * (1 - lr * wd)): a different optimizer.",
+    "aten.mul", "decay")
+CLIP_BEFORE_ALL_REDUCE = Bug(
+    "clip_before_all_reduce",
+    "Each rank clips its own (local) gradients by their norm before the all-reduce: the clip "
+    "coefficient is not the one of the global gradient, and differs between the ranks.",
+    "aten.mm", "zero:loss")
+DECAY_WRONG_SHARD = Bug(
+    "decay_wrong_shard",
+    "ZeRO-1 with the decoupled weight decay written by hand: each rank decays its rows of the "
+    "parameters with the rows of the next rank.",
+    "aten.mul", "decay")
+REDUCE_SCATTER_SUM = Bug(
+    "reduce_scatter_sum",
+    "The gradients are reduce-scattered with SUM instead of AVG (no division by the world size): the "
+    "step uses world_size times the gradient.",
+    "aten.mm", "zero:loss")
+CLIP_LOCAL_NORM = Bug(
+    "clip_local_norm",
+    "The gradient norm for clipping is computed from the rank's shard only (the squared norms are "
+    "never all-reduced): each rank clips with its own, smaller norm.",
+    "aten.sqrt", "clip_norm")
+
+DDP_BUGS = _bugs(LOSS_NOT_SCALED, DECAY_ON_GRAD, CLIP_BEFORE_ALL_REDUCE)
+ZERO1_BUGS = _bugs(DECAY_WRONG_SHARD)
+FSDP_BUGS = _bugs(REDUCE_SCATTER_SUM, CLIP_LOCAL_NORM, DECAY_ON_GRAD)
+
+make_ddp_adamw = functools.partial(make_ddp, optimizer="adamw", micro_batches=2, name="ddp_adamw")
+make_ddp_sgd_clip = functools.partial(make_ddp, optimizer="sgd", clip="torch", reduce="sum_div",
+                                      name="ddp_sgd_clip")
+make_zero1_adamw = functools.partial(make_zero1, optimizer="adamw", clip="manual", name="zero1_adamw")
+make_fsdp_adamw = functools.partial(make_fsdp, optimizer="adamw", manual=True, name="fsdp_adamw")
+make_fsdp_clip = functools.partial(make_fsdp, optimizer="adamw", clip=True, name="fsdp_clip")
+
+EXAMPLES = [
+    Example("ddp_adamw", "DDP AdamW step: batch sharded, 2 micro-batches accumulated, per-parameter gradient "
+            "all-reduce with AVG, decoupled weight decay on replicated parameters.", make_ddp_adamw,
+            _bugs(LOSS_NOT_SCALED, DECAY_ON_GRAD), backward=True),
+    Example("ddp_sgd_clip", "DDP SGD-with-momentum step: gradients all-reduced with SUM then divided by the "
+            "world size, clipped by torch.nn.utils.clip_grad_norm_.", make_ddp_sgd_clip,
+            _bugs(CLIP_BEFORE_ALL_REDUCE), backward=True),
+    Example("zero1_adamw", "ZeRO-1 AdamW step: gradients all-reduced and clipped, optimizer state sharded by "
+            "rows, each rank updates its rows, the parameters all-gathered.", make_zero1_adamw,
+            _bugs(DECAY_WRONG_SHARD), backward=True),
+    Example("fsdp_adamw", "ZeRO-3 / FSDP AdamW step: parameters sharded by rows, all-gathered per layer in the "
+            "forward and again in the backward (custom autograd function), gradients reduce-scattered with "
+            "AVG, sharded optimizer state.", make_fsdp_adamw, _bugs(REDUCE_SCATTER_SUM, DECAY_ON_GRAD),
+            backward=True),
+    Example("fsdp_clip", "ZeRO-3 / FSDP AdamW step with gradient clipping on the shards: local squared norms "
+            "all-reduced with SUM, then sqrt, clip coefficient min(1, max_norm / (norm + eps)).", make_fsdp_clip,
+            _bugs(CLIP_LOCAL_NORM), backward=True),
+]
