@@ -1,4 +1,5 @@
-"""Rules of the pointwise normal form for 2-norms (real mode only, like the whole normal form).
+"""Rules of the pointwise normal form for 2-norms and the clip coefficient ``min(1, c)`` (real mode
+only, like the whole normal form).
 
 A gradient clipped by its global norm is spelled ``sqrt(sum((g * g).sum() for g in grads))``, or
 ``torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()``, or as ``clip_grad_norm_`` computes
@@ -161,3 +162,119 @@ def rule_sum_stack(rw, n: fx.Node) -> bool:
 
 
 RULES = (rule_vector_norm, rule_stack_product, rule_sqrt_squared, rule_sum_stack)
+
+
+# ------------------------------------------------------------------------ the clip coefficient
+# ``min(1, c)`` is spelled ``torch.clamp(c, max=1.0)`` (clip_grad_norm_), ``c.clamp_max(1.0)``,
+# ``torch.minimum(c, torch.ones(()))``, ``torch.where(c > 1, 1.0, c)``: all are rewritten to
+# ``clamp(c, None, 1.0)`` (and ``max(lo, c)`` spellings to ``clamp(c, lo, None)``). Only the
+# ``where`` forms that also agree on NaN are taken: ``where(c > k, k, c)``, ``where(c >= k, k, c)``
+# (NaN > k is False: both give NaN) for the upper bound, ``where(c < k, k, c)``, ``where(c <= k, k, c)``
+# for the lower one; ``where(c < k, c, k)`` gives k on NaN where clamp gives NaN, and is left alone.
+
+_FILL_LIKE = {aten.ones_like.default: 1, aten.zeros_like.default: 0}
+_FILL_NEW = {aten.ones.default: 1, aten.zeros.default: 0}
+
+
+def _through_copy(n):
+    while _call(n, aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default, aten.alias.default):
+        n = n.args[0]
+    return n
+
+
+def _fill(rw, n):
+    """The number every element of node ``n`` holds, if ``n`` is a constant fill, else None."""
+    if _is_number(n):
+        return n
+    n = _through_copy(n)
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "get_attr":
+        v = getattr(rw.gm, n.target, None)
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+            return v.item()
+        return None
+    if n.op != "call_function":
+        return None
+    if n.target in _FILL_LIKE or n.target in _FILL_NEW:
+        return _FILL_LIKE.get(n.target, _FILL_NEW.get(n.target))
+    if n.target is aten.full_like.default and len(n.args) >= 2 and _is_number(n.args[1]):
+        return n.args[1]
+    if n.target is aten.full.default and len(n.args) >= 2 and _is_number(n.args[1]):
+        return n.args[1]
+    if n.target is aten.scalar_tensor.default and n.args and _is_number(n.args[0]):
+        return n.args[0]
+    return None
+
+
+def _number_like(x, c):
+    """``c`` as the Python number ``clamp`` takes on ``x``'s dtype (a float on a floating ``x``)."""
+    return float(c) if _dtype(x) in _REAL else c
+
+
+def _bound_ok(x, n) -> bool:
+    """``n`` has the shape and dtype of ``x``, a real floating tensor (a fill does not broadcast
+    the result to a larger shape)."""
+    return _dtype(x) in _REAL and _dtype(n) == _dtype(x) and _shape(n) == _shape(x) and _shape(x) is not None
+
+
+def _exact_in(x, c) -> bool:
+    """Is the number ``c`` exactly a value of ``x``'s dtype (then comparing in either dtype agrees)?"""
+    try:
+        return torch.tensor(c, dtype=_dtype(x)).item() == c
+    except (TypeError, RuntimeError, OverflowError):
+        return False
+
+
+def _emit_clamp(rw, n, x, lo, hi, rule):
+    lo = None if lo is None else _number_like(x, lo)
+    hi = None if hi is None else _number_like(x, hi)
+    if (lo is not None and hi is not None) or any(b is not None and not _exact_in(x, b) for b in (lo, hi)):
+        return False
+    return rw.replace(n, rw.emit(n, n, aten.clamp.default, (x, lo, hi)), rule)
+
+
+def rule_clamp_forms(rw, n: fx.Node) -> bool:
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return False
+    t = n.target
+    if t in (aten.clamp_max.default, aten.clamp_min.default) and len(n.args) == 2 and not n.kwargs:
+        x, c = n.args
+        if not isinstance(x, fx.Node) or not _is_number(c) or not _bound_ok(x, n):
+            return False
+        lo, hi = (c, None) if t is aten.clamp_min.default else (None, c)
+        return _emit_clamp(rw, n, x, lo, hi, "clamp-one-bound")
+    if t is aten.clamp.default and len(n.args) == 3 and not n.kwargs:
+        x, lo, hi = n.args
+        if not isinstance(x, fx.Node) or _dtype(x) not in _REAL:
+            return False
+        ints = [b for b in (lo, hi) if b is not None and isinstance(b, int) and not isinstance(b, bool)]
+        if not ints or (lo is not None and not _is_number(lo)) or (hi is not None and not _is_number(hi)):
+            return False
+        if lo is not None and hi is not None:
+            return False
+        return _emit_clamp(rw, n, x, lo, hi, "clamp-float-bound")
+    if t in (aten.minimum.default, aten.maximum.default) and len(n.args) == 2 and not n.kwargs:
+        for x, k in (n.args, n.args[::-1]):
+            c = _fill(rw, k)
+            if isinstance(x, fx.Node) and c is not None and _bound_ok(x, n):
+                lo, hi = (c, None) if t is aten.maximum.default else (None, c)
+                return _emit_clamp(rw, n, x, lo, hi, "min-max-as-clamp")
+        return False
+    if t is aten.where.self and len(n.args) == 3 and not n.kwargs:
+        cond, a, b = n.args
+        if not _call(cond, aten.gt.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.le.Scalar) \
+                or len(cond.args) != 2 or cond.kwargs:
+            return False
+        x, k = cond.args
+        c = _fill(rw, a)
+        if b is not x or not _is_number(k) or c is None or c != k or not _bound_ok(x, n):
+            return False
+        if isinstance(a, fx.Node) and (_dtype(a) != _dtype(x) or len(_shape(a) or ()) > len(_shape(x))):
+            return False
+        upper = cond.target in (aten.gt.Scalar, aten.ge.Scalar)  # where(x > k, k, x) = min(x, k)
+        return _emit_clamp(rw, n, x, None if upper else c, c if upper else None, "where-as-clamp")
+    return False
+
+
+RULES = RULES + (rule_clamp_forms,)
