@@ -46,8 +46,8 @@ def _table(index) -> dict:
 def _peel(e: Expr) -> tuple[Fraction, Expr]:
     """``(c, core)`` with ``e == c * core``: the scale nodes at its root taken off."""
     c = Fraction(1)
-    while e.op == "scale":
-        c *= Fraction(e.attrs)
+    while e.op == "scale" and isinstance(e.attrs, (Fraction, int)):  # (not a radical factor)
+        c *= e.attrs
         e = e.args[0]
     return c, e
 
@@ -113,7 +113,7 @@ def _factor_of(forms, u: Expr, piece: Expr) -> Fraction | None:
     if tuple(u.shape) != tuple(piece.shape) or u.dtype != piece.dtype:
         return None
     if u.op == "scale":
-        return Fraction(u.attrs) if u.args[0] is piece else None
+        return u.attrs if u.args[0] is piece and isinstance(u.attrs, (Fraction, int)) else None
     if u.op != "call" or u.attrs.target not in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
         return None
     spec = u.attrs
