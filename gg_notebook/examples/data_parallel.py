@@ -128,6 +128,11 @@ def _clip_replicated(params, grads, clip):
         norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
         coef = (MAX_NORM / (norm + CLIP_EPS)).clamp(max=1.0)
         return [g * coef for g in grads]
+    if clip in ("where", "minimum"):
+        norm = sum(torch.sum(g * g) for g in grads).sqrt()
+        c = MAX_NORM / (norm + CLIP_EPS)
+        coef = torch.where(c > 1, 1.0, c) if clip == "where" else torch.minimum(c, torch.ones_like(c))
+        return [g * coef for g in grads]
     if clip == "foreach":
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         coef = torch.clamp_max(MAX_NORM / (norm + CLIP_EPS), 1.0)
