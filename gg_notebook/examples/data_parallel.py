@@ -2,23 +2,26 @@
 gradient clipping by the global norm, ZeRO-1 and ZeRO-3 / FSDP. One verifiable program each, from
 the batch to the updated parameters and optimizer state.
 
-The model is `zero.py`'s two-layer tanh MLP (``w1: (d, h)``, ``w2: (h, d)``, mean squared error)
-and the optimizers are its Adam and SGD with momentum; AdamW is Adam after PyTorch's *decoupled*
-weight decay ``p * (1 - lr * wd)``. The specification takes one step on the whole batch; clipping
-scales the gradients by ``min(1, max_norm / (norm + eps))`` of their global 2-norm.
+The model is `zero.py`'s two-layer tanh MLP (``mlp(x, y, w1, w2)``: ``w1: (d, h)``, ``w2: (h, d)``,
+mean squared error) and the optimizers are its Adam and SGD with momentum; AdamW is Adam after
+PyTorch's *decoupled* weight decay ``p * (1 - lr * wd)``. The specification (`train_step`) takes one
+step on the whole batch; with clipping it scales the gradients by ``min(1, max_norm / (norm + eps))``
+of their global 2-norm.
 
-* ``ddp``: every rank holds the parameters and optimizer state (``Replicate()``) and its slice of the
-  batch (``Shard(0)``); the gradients are all-reduced with ``ReduceOp.AVG`` (or ``SUM`` then divided
-  by the world size, or as one bucketed flat buffer), optionally over micro-batches (the loss of each
-  divided by their number, one all-reduce at the end) and clipped (``clip_grad_norm_`` or by hand).
-* ``zero1``: gradients all-reduced, the Adam state sharded: each rank updates its chunk of the flat
-  parameter buffer and the chunks are all-gathered; clipping on the full (replicated) gradient.
-* ``fsdp``: parameters sharded per layer (``Shard(0)`` of each flattened weight); each layer is
-  all-gathered in the forward (and again in the backward, written by hand), gradients are
-  reduce-scattered with ``AVG``, clipping on the shards (local squared norms all-reduced with
-  ``SUM``), sharded AdamW state.
+* DDP (`ddp_step`): every rank holds the parameters and optimizer state (``Replicate()``) and its rows
+  of the batch (``Shard(0)``); each gradient is all-reduced with ``ReduceOp.AVG`` (or ``SUM`` then
+  ``/= world_size``, or ``torch._foreach_div_``, or one flat bucket), optionally over micro-batches
+  (each micro-batch's loss divided by their number, gradients summed locally, one all-reduce) and
+  clipped (``clip_grad_norm_``, by hand with ``stack``/``clamp``, ``where``, ``minimum``, foreach).
+* ZeRO-1 (`zero1_step`): gradients all-reduced (and clipped) as in DDP; the optimizer state sharded by
+  rows (``Shard(0)`` of each parameter's state): each rank steps its rows, the rows are all-gathered.
+* ZeRO-3 / FSDP (`fsdp_step`): parameters sharded by rows; each layer's weight all-gathered with
+  ``all_gather_into_tensor`` for the forward (``manual``: and again in the backward, by a custom
+  autograd function), gradients reduce-scattered with ``AVG`` (or ``SUM`` then divided), clipped on
+  the shards (local squared norms all-reduced with ``SUM``, then ``sqrt``), sharded AdamW state.
 
 Outputs: the loss (every rank), the new parameters and optimizer state (in their input placements).
+Culprit markers of bugs found in the model's loss sit in `zero.py` (``"zero:loss"``).
 """
 
 from __future__ import annotations
