@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import gg_notebook as gg
@@ -37,7 +36,8 @@ def test_bug_refuted_with_counterexample(name, bug, world_size):
     assert result.counterexample is not None
     spec = ex.bugs[bug]
     assert result.culprit.op.startswith(spec.culprit_op + ".")
-    assert result.culprit.source.rsplit(":", 1)[1] == E.marker_line(problem.sequential, spec.culprit_marker).rsplit(":", 1)[1]
+    expected = E.marker_line(problem.sequential, spec.culprit_marker).rsplit(":", 1)[1]
+    assert result.culprit.source.rsplit(":", 1)[1] == expected
 
 
 def test_reduce_scatter_sum_is_masked_by_active_clipping():
@@ -148,9 +148,9 @@ def _grad_sq(mode):
 
 
 @pytest.mark.parametrize("world_size", (2, 4))
-@pytest.mark.parametrize("mode,proved", [("avg", True), ("sum_div", True), ("sum_mul", True), ("all_reduce_chunk", True),
-                                         ("sum", False), ("div_twice", False), ("wrong_chunk", False),
-                                         ("rank_scale", False)])
+@pytest.mark.parametrize("mode,proved", [("avg", True), ("sum_div", True), ("sum_mul", True),
+                                         ("all_reduce_chunk", True), ("sum", False), ("div_twice", False),
+                                         ("wrong_chunk", False), ("rank_scale", False)])
 def test_reduce_scatter_average_spellings(mode, proved, world_size):
     seq, rank = _grad_sq(mode)
     g = torch.Generator().manual_seed(0)
@@ -342,9 +342,10 @@ def test_fsdp2_refused_clearly():
                                 placements=(gg.Shard(0), gg.Shard(0)), world_size=2, forward=_mse, grads=True)
 
 
-@pytest.mark.xfail(strict=True, reason="FSDP2 (fully_shard) copies its all-gather out with fsdp::split_with_sizes_copy, "
-                   "a custom op writing into its out= buffers, which make_fx's functionalization refuses (refused "
-                   "with a ModelError); the same step written with plain collectives is proved (fsdp_adamw)")
+@pytest.mark.xfail(strict=True, reason="FSDP2 (fully_shard) copies its all-gather out with "
+                   "fsdp::split_with_sizes_copy, a custom op writing into its out= buffers, which make_fx's "
+                   "functionalization refuses (refused with a ModelError); the same step written with plain "
+                   "collectives is proved (fsdp_adamw)")
 def test_fsdp2_gradients_proved():
     p = gg.Problem.from_modules(sequential=_MLP, distributed=_fsdp2, inputs=(_X, _Y),
                                 placements=(gg.Shard(0), gg.Shard(0)), world_size=2, forward=_mse, grads=True)
