@@ -97,10 +97,9 @@ def test_sequence_parallel_plan_without_bias_is_proved():
     assert r.proved, r
 
 
-@pytest.mark.xfail(strict=True, reason="DTensor adds a replicated bias to a partial sum as bias / W on every rank "
-                   "before the reduce-scatter; the engine relates that for an all-reduce but not for the scattered "
-                   "pieces (linear forms through slices of a reduction)")
 def test_sequence_parallel_plan_with_bias_is_proved():
+    # DTensor adds a replicated bias to a partial sum as bias / W on every rank before the
+    # reduce-scatter: the scattered pieces are found by the normal form (engine/form_tiling.py)
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 

@@ -262,6 +262,11 @@ def read_state(spec: ModelSpec, model: nn.Module, rank: int | None,
                 p, src = read_placement(spec.adapters, model, name, loc, gshape, rank, W)
                 if p is None and gshape is not None and tuple(loc.shape) == tuple(gshape):
                     p, src = Replicate(), "shape"
+            if p is None and gshape is None and global_shapes is not None:
+                hint = (" (DistributedDataParallel keeps the model as .module: build the sequential model wrapped "
+                        "alike, or pass the inner module)" if name.startswith("module.") else "")
+                raise ModelError(f"rank {rank}'s model has a {kind} {name} that the sequential model lacks{hint}: the "
+                                 f"two builders must build models with the same tensor names.")
             if p is None:
                 raise ModelError(
                     f"rank {rank}: {kind} {name} has local shape {tuple(loc.shape)} but the sequential model's is "
@@ -274,6 +279,32 @@ def read_state(spec: ModelSpec, model: nn.Module, rank: int | None,
 
 
 # ----------------------------------------------------------------------------------- discovery
+
+
+def _refuse_unsupported_wrappers(spec: ModelSpec, model: nn.Module, rank: int | None) -> None:
+    """PyTorch's data-parallel wrappers whose communication tracing cannot see: a clear error instead
+    of a wrong verdict."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    from torch.nn.parallel import DistributedDataParallel
+
+    if FSDPModule and any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ModelError(
+            f"{program_name(rank)}: the model is sharded with FSDP2 (fully_shard), which gg_notebook cannot trace: its "
+            f"all-gather is copied out by a custom operator that writes into its output buffers "
+            f"(fsdp::split_with_sizes_copy), which make_fx's functionalization refuses. Verify the training step "
+            f"written with plain collectives "
+            f"(dist.all_gather_into_tensor per layer, dist.reduce_scatter_tensor of the gradients: see "
+            f"gg_notebook/examples/data_parallel.py, fsdp_step).")
+    if spec.grads and isinstance(model, DistributedDataParallel):
+        raise ModelError(
+            f"{program_name(rank)}: DistributedDataParallel averages the gradients in its C++ reducer, from hooks "
+            f"that fire during loss.backward() and are not traced (from_modules takes the gradients with "
+            f"torch.autograd.grad): the ranks' gradients would be their local ones. Verify the forward alone "
+            f"(grads=False), or the step written with dist.all_reduce of each gradient (see "
+            f"gg_notebook/examples/data_parallel.py, ddp_step).")
 
 
 @dataclass
@@ -292,6 +323,7 @@ def _discover(spec: ModelSpec, item) -> _Discovered:
             stack.enter_context(fake_process_group(rank, W))
         stack.enter_context(_program_context(spec, rank))
         model = _build(spec, rank)
+        _refuse_unsupported_wrappers(spec, model, rank)
         state = read_state(spec, model, rank, global_shapes)
         values = {}
         if rank is None:

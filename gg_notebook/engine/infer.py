@@ -21,6 +21,7 @@ import torch
 from gg_notebook.engine.index import DIndex
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.engine.clamped_count import lookup as clamped_count_lookup
+from gg_notebook.engine.form_tiling import tiling_up_to_factor
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
 from gg_notebook.relations.movement import movement_lookup, retile
@@ -162,6 +163,9 @@ class Engine:
             hit = self.index.realized_up_to_factor(t)
             if hit is not None and hit[1] == 1:
                 return self.index.ref(hit[0])
+            tiled = tiling_up_to_factor(self.index, t)  # the same tiling in another spelling
+            if tiled is not None and tiled[0] == 1:
+                return self.store.cat([self.index.ref(v) for v in tiled[2]], tiled[1])
         return None
 
     def up_to_factor(self, t: Expr) -> Expr | None:
@@ -171,7 +175,11 @@ class Engine:
             return None
         hit = self.index.realized_up_to_factor(t)
         if hit is None:
-            return None
+            tiled = tiling_up_to_factor(self.index, t)
+            if tiled is None:
+                return None
+            f, dim, dvals = tiled
+            return self.store.scale(self.store.cat([self.index.ref(v) for v in dvals], dim), f)
         d, f = hit
         return self.store.scale(self.index.ref(d), f)
 

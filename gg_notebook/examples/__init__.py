@@ -16,7 +16,7 @@ from ._types import Bug, Example
 
 _MODULES = (
     "mlp", "attention", "attention_fused_qkv", "vocab_embedding", "vocab_cross_entropy",
-    "sp_layernorm_mlp", "gpt_block", "gpt", "pipeline", "zero", "bounds", "context", "experts",
+    "sp_layernorm_mlp", "gpt_block", "gpt", "pipeline", "zero", "bounds", "context", "experts", "data_parallel",
 )
 
 
@@ -53,8 +53,15 @@ def marker_line(fn_or_module, tag: str) -> str:
 
     Looks in the function's own source first (functools.partial is unwrapped), then in its whole
     module file (the marker of a backward example sits in the forward function it differentiates).
+    A tag ``"<module>:<tag>"`` names the example module whose file carries it (an example that
+    calls another example's model: ``"zero:loss"``).
     """
     obj = _unwrap(fn_or_module)
+    if ":" in tag:
+        import importlib
+
+        mod, tag = tag.split(":", 1)
+        obj = importlib.import_module(f"{__name__}.{mod}")
     path = inspect.getsourcefile(obj)
     needle = f"# gg: {tag}"
 

@@ -37,9 +37,13 @@ def unflatten(flat, d, h):
     return w1, w2
 
 
-def mlp_loss(x, y, flat, d, h):
-    w1, w2 = unflatten(flat, d, h)
+def mlp(x, y, w1, w2):
+    """The model and its loss: a two-layer tanh MLP, mean squared error."""
     return ((torch.tanh(x @ w1) @ w2 - y) ** 2).mean()  # gg: loss
+
+
+def mlp_loss(x, y, flat, d, h):
+    return mlp(x, y, *unflatten(flat, d, h))
 
 
 def adam(p, g, m, v):

@@ -291,6 +291,16 @@ BUILTIN: dict = {
 }
 
 
+def _with_foreach(table: dict) -> dict:
+    """The multi-tensor ``_foreach_*`` operators: each tensor's operator (`gg_notebook.ir.foreach`)."""
+    from gg_notebook.ir.foreach import BUILTIN as FOREACH
+
+    return {**FOREACH, **table}
+
+
+BUILTIN = _with_foreach(BUILTIN)
+
+
 # ---------------------------------------------------------------------------------- lookup
 def _is_builtin_namespace(target) -> bool:
     ns = getattr(target, "namespace", None)

@@ -22,6 +22,8 @@ real identity on every argument it accepts (anything else is left alone):
 * ``view_as_real(view_as_complex(x) * w)`` (complex RoPE) -> the real even/odd form
   ``stack((x[..., 0] * re(w) - x[..., 1] * im(w), x[..., 0] * im(w) + x[..., 1] * re(w)), -1)``
   (`gg_notebook.ir.complex_mul`);
+* 2-norms: ``linalg_vector_norm(x)`` -> ``sqrt(sum(x * x))``, and the norm of a stack of norms as
+  the root of the sum of the squares (`gg_notebook.ir.norm_rules`: ``clip_grad_norm_``'s spelling);
 * ``native_layer_norm(x, shape, w, b, eps)`` whose mean and rstd outputs nothing reads (a backward
   reads them: then it stays whole), float32/float64 -> ``(x - m) * rsqrt(var + eps) * w + b`` over
   the normalized dims, with the biased ``var`` above.
@@ -481,8 +483,14 @@ class _Rewriter:
 
         return rewrite_complex_mul(self, n)
 
+    def rule_norms(self, n: fx.Node) -> bool:
+        """2-norms in one spelling, ``sqrt(sum(x * x))`` (see `gg_notebook.ir.norm_rules`)."""
+        from gg_notebook.ir.norm_rules import RULES
+
+        return any(rule(self, n) for rule in RULES)
+
     RULES = ("rule_pow", "rule_sigmoid", "rule_rsqrt", "rule_silu", "rule_gelu_tanh", "rule_addcmul", "rule_var",
-             "rule_layer_norm", "rule_complex_mul")
+             "rule_layer_norm", "rule_complex_mul", "rule_norms")
 
     def run(self) -> int:
         total = 0

@@ -96,6 +96,16 @@ _EXAMPLE_SPECS = {
                      dict(groups=8, seq=2, d=2, h=3, experts=8, capacity=1), ((2, "float64"), (4, "float64")), 3),
     "moe_dropless": ("experts", "make_dropless", ("moe_dropless_ep",), dict(tokens=8, d=2, h=3, experts=4),
                      ((2, "float64"), (4, "float64")), 3),
+    "ddp_adamw": ("data_parallel", "make_ddp_adamw", ("ddp_step", "_local_grads", "_all_reduce_grads"),
+                  dict(batch=8, d=2, h=4), ((2, "float64"), (4, "float64")), 3),
+    "ddp_sgd_clip": ("data_parallel", "make_ddp_sgd_clip", ("ddp_step", "_all_reduce_grads", "_clip_replicated"),
+                     dict(batch=4, d=2, h=4), ((2, "float64"),), 3),
+    "zero1_adamw": ("data_parallel", "make_zero1_adamw", ("zero1_step", "_rows", "_clip_replicated"),
+                    dict(batch=4, d=4, h=4), ((2, "float64"), (4, "float64")), 3),
+    "fsdp_adamw": ("data_parallel", "make_fsdp_adamw", ("fsdp_step", "_GatheredMatmul", "_all_gather_rows"),
+                   dict(batch=4, d=4, h=4), ((2, "float64"), (4, "float64")), 3),
+    "fsdp_clip": ("data_parallel", "make_fsdp_clip", ("fsdp_step", "_clip_sharded"), dict(batch=4, d=4, h=4),
+                  ((2, "float64"),), 3),
 }
 
 
