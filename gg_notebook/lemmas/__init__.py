@@ -28,5 +28,6 @@ from gg_notebook.lemmas import pick_update as _pick_update  # noqa: F401  (regis
 from gg_notebook.lemmas import contract_regroup as _contract_regroup  # noqa: F401  (registers)
 from gg_notebook.lemmas import reduce_split_concat as _reduce_split_concat  # noqa: F401  (registers)
 from gg_notebook.lemmas import pads as _pads  # noqa: F401  (registers)
+from gg_notebook.lemmas import scale_hoist as _scale_hoist  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

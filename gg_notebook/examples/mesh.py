@@ -1,0 +1,235 @@
+"""2-D and 3-D meshes: tensor parallel x data parallel, tensor parallel x pipeline, data x context parallel.
+
+The ranks form a grid (``rank = outer * inner_size + inner``, DeviceMesh's row-major order) and every
+program builds one process group per row and per column of it, as real code must: every rank calls
+``dist.new_group(ranks)`` for *every* group, in the same order, and keeps the ones it belongs to
+(or ``dist.new_subgroups`` / ``new_subgroups_by_enumeration``, or a DeviceMesh built inside the rank
+function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``mesh["tp"].get_group()``).
+
+* ``mesh_tp_dp`` (and the spellings ``mesh_tp_dp_subgroups``, ``mesh_tp_dp_device_mesh``): one SGD
+  training step of a vocab-parallel embedding followed by a Megatron column/row tensor-parallel MLP
+  inside each TP group, data parallel across them. The batch is sharded over DP and replicated over
+  TP; the weights are sharded over TP and replicated over DP (`gg.Layout` placements on the mesh).
+  The row-parallel output is all-reduced in the TP group (and the embedding output, whose vocabulary
+  range comes from the rank *in the TP group*); the gradients are summed over the DP group and
+  divided by the DP size; the loss is averaged over the DP group.
+* ``mesh_tp_pp``: two pipeline stages, each tensor parallel over ``W/2`` ranks; the activation
+  travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
+  ``1/tp`` slice to the rank with the same TP index in the next stage, which all-gathers the slices
+  in its TP group), forward and backward, two micro-batches.
+* ``mesh_dp_cp``: causal attention with the sequence split over a context-parallel group (keys and
+  values all-gathered in the CP group, the causal mask offset by the query shard's global position),
+  data parallel across; the loss is averaged over the whole mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import Replicate, Shard
+
+from gg_notebook.adapters.layouts import mesh_layout
+from gg_notebook.problem import OnRank, Problem
+
+from ._common import check_bug, randint, randn, seeded
+from ._types import Bug, Example
+
+LR = 0.1
+
+
+# ----------------------------------------------------------------------------------- process groups
+
+
+def mesh_groups(outer: int, inner: int):
+    """``(inner_group, outer_group)`` of this rank on an ``outer x inner`` grid, with ``new_group``:
+    the inner groups are rows (consecutive ranks), the outer groups columns (stride ``inner``). Every
+    rank creates every group, in the same order."""
+    rank = dist.get_rank()
+    inner_group = outer_group = None
+    for o in range(outer):
+        ranks = [o * inner + i for i in range(inner)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            inner_group = group
+    for i in range(inner):
+        ranks = [o * inner + i for o in range(outer)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            outer_group = group
+    return inner_group, outer_group
+
+
+def mesh_subgroups(outer: int, inner: int):
+    """The same groups with ``new_subgroups`` (consecutive blocks) and ``new_subgroups_by_enumeration``."""
+    inner_group, _ = dist.new_subgroups(group_size=inner)
+    outer_group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(i, outer * inner, inner)) for i in range(inner)])
+    return inner_group, outer_group
+
+
+def mesh_device_mesh(outer: int, inner: int, names=("dp", "tp")):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (outer, inner), mesh_dim_names=names)
+    return mesh[names[1]].get_group(), mesh[names[0]].get_group()
+
+
+GROUPS = {"new_group": mesh_groups, "subgroups": mesh_subgroups, "device_mesh": mesh_device_mesh}
+
+
+def grid(outer: int, inner: int):
+    return [[o * inner + i for i in range(inner)] for o in range(outer)]
+
+
+# ------------------------------------------------------------- Megatron's f and g on a given group
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient in the TP group backward (Megatron's ``f``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce in the TP group forward, identity backward (Megatron's ``g``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ----------------------------------------------------------------------------- 1. TP x DP training
+
+
+def model_loss(ids, y, wte, w1, w2):
+    e = F.embedding(ids, wte)  # gg: embedding
+    h = torch.tanh(e @ w1)
+    out = h @ w2  # gg: row_parallel
+    return F.mse_loss(out, y)  # gg: loss
+
+
+def train_step(ids, y, wte, w1, w2):
+    """Single-device reference: the loss and one SGD step on every weight."""
+    loss = model_loss(ids, y, wte, w1, w2)
+    grads = torch.autograd.grad(loss, [wte, w1, w2])
+    return (loss.detach(), *(p.detach() - LR * g for p, g in zip((wte, w1, w2), grads)))  # gg: update
+
+
+def tp_dp_step(ids, y, wte, w1, w2, *, tp, groups="new_group", bug=None):
+    """One rank of the TP x DP step: ``ids``/``y`` its DP replica's batch slice, ``wte`` its TP rank's
+    vocabulary rows, ``w1`` its columns, ``w2`` its rows."""
+    dp = dist.get_world_size() // tp
+    tp_group, dp_group = GROUPS[groups](dp, tp)
+    tp_rank = dist.get_rank() if bug == "global_rank_shard" else dist.get_rank(tp_group)
+    # vocab-parallel embedding: this rank's rows serve ids [start, start + V/tp)
+    per = wte.shape[0]
+    start = tp_rank * per
+    foreign = (ids < start) | (ids >= start + per)
+    local_ids = (ids - start).masked_fill(foreign, 0)
+    e = F.embedding(local_ids, wte).masked_fill(foreign.unsqueeze(-1), 0.0)
+    e = _ReduceFromTP.apply(e, tp_group)
+    # column-parallel w1, row-parallel w2, all-reduce of the partial sums in the TP group
+    h = torch.tanh(_CopyToTP.apply(e, tp_group) @ w1)
+    out = _ReduceFromTP.apply(h @ w2, None if bug == "tp_allreduce_world" else tp_group)
+    loss = F.mse_loss(out, y)
+    grads = torch.autograd.grad(loss, [wte, w1, w2])
+    new = []
+    for p, g in zip((wte, w1, w2), grads):
+        if bug == "dp_grad_tp_group":
+            dist.all_reduce(g, group=tp_group)
+        else:
+            dist.all_reduce(g, group=dp_group)
+        if bug != "dp_grad_sum":
+            g = g / dp
+        new.append(p.detach() - LR * g)
+    loss = loss.detach().clone()
+    dist.all_reduce(loss, group=dp_group)
+    return (loss / dp, *new)
+
+
+TP_DP_BUGS = {
+    b.name: b
+    for b in (
+        Bug("tp_allreduce_world",
+            "The row-parallel partial sums are all-reduced over the default (world) group instead of the TP "
+            "group: each rank adds the partial outputs of the other data-parallel replicas' batches.",
+            "aten.sub", "loss"),
+        Bug("dp_grad_sum",
+            "The gradients are summed over the DP group but never divided by its size: the step is dp times "
+            "too large.", "aten.mul", "update"),
+        Bug("dp_grad_tp_group",
+            "The gradients are averaged over the TP group instead of the DP group: each rank mixes its "
+            "shard's gradient with the other shards' and never sees the other replicas' batches (the "
+            "embedding gradient is the first the update needs averaged over the replicas).",
+            "aten.embedding_dense_backward", "embedding"),
+        Bug("global_rank_shard",
+            "The vocabulary range of the embedding shard is computed from the global rank "
+            "(dist.get_rank()) instead of the rank in the TP group: every replica but the first serves ids "
+            "beyond its rows and its tokens embed to zero.", "aten.embedding", "embedding"),
+    )
+}
+
+
+def make_tp_dp(world_size: int = 4, bug: str | None = None, *, groups: str = "new_group", tp: int = 2,
+               batch: int | None = None, seq: int | None = None, vocab: int = 8, hidden: int = 4, ffn: int = 8,
+               seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    name = {"new_group": "mesh_tp_dp", "subgroups": "mesh_tp_dp_subgroups",
+            "device_mesh": "mesh_tp_dp_device_mesh"}[groups]
+    check_bug(name, bug, TP_DP_BUGS)
+    if world_size % tp:
+        raise ValueError(f"{name}: world_size {world_size} is not a multiple of tp={tp}")
+    dp = world_size // tp
+    batch = 2 * dp if batch is None else batch
+    g = seeded(seed)
+    ids = randint(g, vocab, *((batch,) if seq is None else (batch, seq)), device=device)
+    y = randn(g, *ids.shape, hidden, dtype=dtype, device=device)
+    wte = randn(g, vocab, hidden, dtype=dtype, device=device).requires_grad_()
+    w1 = randn(g, hidden, ffn, dtype=dtype, device=device, scale=hidden ** -0.5).requires_grad_()
+    w2 = randn(g, ffn, hidden, dtype=dtype, device=device, scale=ffn ** -0.5).requires_grad_()
+    mesh = grid(dp, tp)
+    batch_pl = mesh_layout(mesh, [Shard(0), Replicate()])
+    rows, cols = mesh_layout(mesh, [Replicate(), Shard(0)]), mesh_layout(mesh, [Replicate(), Shard(1)])
+    return Problem(
+        sequential=train_step,
+        distributed=functools.partial(tp_dp_step, tp=tp, groups=groups, bug=bug),
+        inputs=(ids, y, wte, w1, w2),
+        placements=(batch_pl, batch_pl, rows, cols, rows),
+        world_size=world_size,
+        expect=(Replicate(), rows, cols, rows),
+        name=name if bug is None else f"{name}[{bug}]",
+        input_names=("ids", "y", "wte", "w1", "w2"),
+    )
+
+
+EXAMPLES = [
+    Example("mesh_tp_dp", "TP x DP training step (groups from dist.new_group): vocab-parallel embedding and "
+            "column/row-parallel MLP in each TP group, gradients averaged over the DP group, SGD step.",
+            make_tp_dp, TP_DP_BUGS, backward=True, runs_on="gloo", world_sizes=(4, 8)),
+    Example("mesh_tp_dp_subgroups", "The TP x DP training step with its groups from dist.new_subgroups (TP) and "
+            "dist.new_subgroups_by_enumeration (DP).", functools.partial(make_tp_dp, groups="subgroups"),
+            {k: TP_DP_BUGS[k] for k in ("tp_allreduce_world", "global_rank_shard")}, backward=True,
+            runs_on="gloo", world_sizes=(4, 8)),
+    Example("mesh_tp_dp_device_mesh", "The TP x DP training step with a DeviceMesh built inside the rank function: "
+            "init_device_mesh(\"cpu\", (dp, tp), mesh_dim_names=(\"dp\", \"tp\")), mesh[\"tp\"].get_group().",
+            functools.partial(make_tp_dp, groups="device_mesh"),
+            {k: TP_DP_BUGS[k] for k in ("dp_grad_tp_group", "global_rank_shard")}, backward=True,
+            runs_on="gloo", world_sizes=(4, 8)),
+]
