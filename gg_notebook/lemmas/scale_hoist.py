@@ -160,7 +160,7 @@ def _cases(rng):
         m, n, k, b = C.dims(rng), C.dims(rng), C.dims(rng), C.dims(rng)
         yield scaled_case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, {0: half}, "mm, lhs scaled")
         yield scaled_case(lambda a, w: a @ w, (r(m, k), r(k, n)), rng, {1: neg}, "mm, rhs scaled")
-        yield scaled_case(lambda a, w: torch.matmul(a, w), (r(b, m, k), r(k, n)), rng, {0: third}, "matmul 3-d")
+        yield scaled_case(torch.bmm, (r(b, m, k), r(b, k, n)), rng, {0: third}, "bmm")
         yield scaled_case(lambda x, y: x * y, (r(m, n), r(m, n)), rng, {1: half}, "mul")
         yield scaled_case(lambda g, y: aten.tanh_backward(g, y), (r(m, n), torch.tanh(r(m, n))), rng, {0: half},
                           "tanh backward, grad scaled")
