@@ -13,18 +13,16 @@ function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``
   The row-parallel output is all-reduced in the TP group (and the embedding output, whose vocabulary
   range comes from the rank *in the TP group*); the gradients are summed over the DP group and
   divided by the DP size; the loss is averaged over the DP group.
-* ``mesh_tp_pp``: two pipeline stages, each tensor parallel over ``W/2`` ranks; the activation
+* ``make_tp_pp`` (not registered yet: not proved, see tests/test_mesh_parallel.py): two pipeline stages, each tensor parallel over ``W/2`` ranks; the activation
   travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
   ``1/tp`` slice to the rank with the same TP index in the next stage, which all-gathers the slices
   in its TP group), forward and backward, two micro-batches.
-* ``mesh_dp_cp``: causal attention with the sequence split over a context-parallel group (keys and
-  values all-gathered in the CP group, the causal mask offset by the query shard's global position),
-  data parallel across; the loss is averaged over the whole mesh.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -216,6 +214,131 @@ def make_tp_dp(world_size: int = 4, bug: str | None = None, *, groups: str = "ne
         expect=(Replicate(), rows, cols, rows),
         name=name if bug is None else f"{name}[{bug}]",
         input_names=("ids", "y", "wte", "w1", "w2"),
+    )
+
+
+
+# ------------------------------------------------------------------------------- 2. TP x PP training
+
+
+def block(h, w1, w2):
+    return torch.tanh(h @ w1) @ w2  # gg: block
+
+
+def two_stage_loss(x, y, w1, w2):
+    h = x
+    for s in range(w1.shape[0]):
+        h = block(h, w1[s], w2[s])
+    return F.mse_loss(h, y)  # gg: pp_loss
+
+
+def pp_grads(x, y, w1, w2):
+    """Single-device reference: the loss of both stages in turn and its gradients."""
+    loss = two_stage_loss(x, y, w1, w2)
+    g1, g2 = torch.autograd.grad(loss, [w1, w2])
+    return loss.detach(), g1, g2
+
+
+def _tp_block(h, w1, w2, tp_group):
+    return _ReduceFromTP.apply(torch.tanh(_CopyToTP.apply(h, tp_group) @ w1) @ w2, tp_group)
+
+
+def _send_scattered(t, peer, tp_rank, tp):
+    """Megatron's scatter-gather p2p: send only this TP rank's 1/tp slice of the (replicated) tensor."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel() // tp
+    dist.send(flat[tp_rank * n:(tp_rank + 1) * n].clone(), dst=peer)
+
+
+def _recv_gathered(shape, dtype, peer, tp, tp_group):
+    piece = torch.empty(math.prod(shape) // tp, dtype=dtype)
+    dist.recv(piece, src=peer)
+    whole = torch.empty(math.prod(shape), dtype=dtype)
+    dist.all_gather_into_tensor(whole, piece, group=tp_group)
+    return whole.view(shape)
+
+
+def tp_pp_step(x, y, w1, w2, *, tp, micro_batches=2, bug=None):
+    """One rank of a GPipe step over two pipeline stages, each tensor parallel over ``tp`` ranks:
+    ``w1``/``w2`` hold this rank's stage (dim 0) and its TP columns / rows of that stage."""
+    pp = dist.get_world_size() // tp
+    tp_group, _pp_group = mesh_groups(pp, tp)
+    rank, tp_rank = dist.get_rank(), dist.get_rank(tp_group)
+    stage = rank // tp
+
+    def peer_in(s):  # the rank of stage s with this rank's TP index
+        ranks = [s * tp + t for t in range(tp)]
+        if bug == "send_wrong_peer":
+            ranks = ranks[::-1]  # the stage's ranks listed in the wrong order, on both sides
+        return ranks[tp_rank]
+
+    M = micro_batches
+    shape = (x.shape[0] // M,) + tuple(x.shape[1:-1]) + (w2.shape[-1],)
+    saved, losses = [], []
+    for m in range(M):  # all forwards
+        if stage == 0:
+            h = x.chunk(M)[m]
+        else:
+            h = _recv_gathered(shape, x.dtype, peer_in(stage - 1), tp, tp_group).requires_grad_(True)
+        out = _tp_block(h, w1[0], w2[0], tp_group)
+        if stage < pp - 1:
+            _send_scattered(out, peer_in(stage + 1), tp_rank, tp)
+            losses.append(None)
+        else:
+            losses.append(F.mse_loss(out, y.chunk(M)[m]) / M)
+        saved.append((h, out))
+    gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    for m in range(M):  # all backwards
+        h, out = saved[m]
+        wrt = [w1, w2] if stage == 0 else [h, w1, w2]
+        if stage == pp - 1:
+            grads = torch.autograd.grad(losses[m], wrt)
+        else:
+            g = _recv_gathered(shape, x.dtype, peer_in(stage + 1), tp, tp_group)
+            grads = torch.autograd.grad(out, wrt, grad_outputs=g)
+        if stage > 0:
+            _send_scattered(grads[0], peer_in(stage - 1), tp_rank, tp)
+            grads = grads[1:]
+        gw1, gw2 = gw1 + grads[0], gw2 + grads[1]
+    total = torch.stack(losses).sum() if stage == pp - 1 else torch.zeros(())
+    return total, gw1, gw2
+
+
+TP_PP_BUGS = {
+    b.name: b
+    for b in (
+        Bug("send_wrong_peer",
+            "Each stage pairs its TP ranks with the next stage's in the wrong order (the peer table is "
+            "reversed on both sides, so nothing hangs): every rank of the receiving stage gets another TP "
+            "rank's slice, and the all-gather assembles the activation with its slices swapped.",
+            "aten.mm", "block"),
+    )
+}
+
+
+def make_tp_pp(world_size: int = 4, bug: str | None = None, *, batch: int = 4, hidden: int = 4, ffn: int = 8,
+               micro_batches: int = 2, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    check_bug("mesh_tp_pp", bug, TP_PP_BUGS)
+    pp = 2
+    if world_size % pp:
+        raise ValueError(f"mesh_tp_pp: two pipeline stages need an even world size, not {world_size}")
+    tp = world_size // pp
+    g = seeded(seed)
+    x = randn(g, batch, hidden, dtype=dtype, device=device)
+    y = randn(g, batch, hidden, dtype=dtype, device=device)
+    w1 = randn(g, pp, hidden, ffn, dtype=dtype, device=device, scale=hidden ** -0.5).requires_grad_()
+    w2 = randn(g, pp, ffn, hidden, dtype=dtype, device=device, scale=ffn ** -0.5).requires_grad_()
+    mesh = grid(pp, tp)
+    cols, rows = mesh_layout(mesh, [Shard(0), Shard(2)]), mesh_layout(mesh, [Shard(0), Shard(1)])
+    return Problem(
+        sequential=pp_grads,
+        distributed=functools.partial(tp_pp_step, tp=tp, micro_batches=micro_batches, bug=bug),
+        inputs=(x, y, w1, w2),
+        placements=(Replicate(), Replicate(), cols, rows),
+        world_size=world_size,
+        expect=(OnRank(world_size - 1), cols, rows),
+        name="mesh_tp_pp" if bug is None else f"mesh_tp_pp[{bug}]",
+        input_names=("x", "y", "w1", "w2"),
     )
 
 
