@@ -54,9 +54,11 @@ def test_registered_spellings_refute_their_bugs(name):
         assert r.status is gg.Status.REFUTED, (bug, str(r))
 
 
-@pytest.mark.xfail(strict=True, reason="TP x PP with scatter-gather p2p: the stage-1 matmul on the activation "
-                   "all-gathered from the peers' slices of the stage-0 TP all-reduce (over micro-batches) is not "
-                   "related yet (engine: all-gather of slices of a replicated value across ranks)")
+@pytest.mark.xfail(strict=True, reason="TP x PP with scatter-gather p2p: stage 1 holds its input as the all-gather "
+                   "of the peers' slices of stage 0's TP all-reduce, i.e. the term cat(sum(slice(A), slice(B)), ...) "
+                   "(and, transposed for the weight gradient, cat(sum(view(slice(A)), ...))); the scalar normal form "
+                   "does not rewrite a concatenation of sliced sums into the sum, so the stage-1 matmuls on it are "
+                   "not found (engine: relations/linear.py cat rule)")
 def test_tp_pp_step_is_proved():
     r = gg.verify(mesh.make_tp_pp(world_size=4))
     assert r.status is gg.Status.PROVED, str(r)
