@@ -13,6 +13,9 @@ function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``
   The row-parallel output is all-reduced in the TP group (and the embedding output, whose vocabulary
   range comes from the rank *in the TP group*); the gradients are summed over the DP group and
   divided by the DP size; the loss is averaged over the DP group.
+* ``mesh_dp_cp``: causal attention with the sequence split over a context-parallel group (keys and
+  values all-gathered in the CP group, the causal mask offset by the query shard's global position),
+  data parallel across; the mean of the squared output reduced over the CP and the DP groups.
 * ``make_tp_pp`` (not registered yet: not proved, see tests/test_mesh_parallel.py): two pipeline stages, each tensor parallel over ``W/2`` ranks; the activation
   travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
   ``1/tp`` slice to the rank with the same TP index in the next stage, which all-gathers the slices
@@ -342,6 +345,87 @@ def make_tp_pp(world_size: int = 4, bug: str | None = None, *, batch: int = 4, h
     )
 
 
+
+# ------------------------------------------------------------------- 3. DP x CP causal attention
+
+
+def causal_attention(q, k, v):
+    """Single-device reference: causal attention over the whole sequence and the mean of its square."""
+    S = q.shape[1]
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))  # gg: cp_mask
+    out = torch.softmax(scores, dim=-1) @ v  # gg: cp_attn
+    return out, out.square().mean()  # gg: cp_loss
+
+
+def cp_attention(q, k, v, *, cp, bug=None):
+    """One rank of DP x CP attention: its DP replica's batch slice, its CP rank's slice of the sequence.
+    Keys and values are all-gathered in the CP group; the causal mask compares global positions."""
+    world = dist.get_world_size()
+    dp = world // cp
+    cp_group, dp_group = mesh_groups(dp, cp)
+    cp_rank = dist.get_rank() if bug == "cp_rank_global" else dist.get_rank(cp_group)
+    gather_group = None if bug == "kv_gather_world" else cp_group
+    n = world if bug == "kv_gather_world" else cp
+    ks, vs = [torch.empty_like(k) for _ in range(n)], [torch.empty_like(v) for _ in range(n)]
+    dist.all_gather(ks, k.contiguous(), group=gather_group)
+    dist.all_gather(vs, v.contiguous(), group=gather_group)
+    k_all, v_all = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+    s = q.shape[1]
+    q_pos = torch.arange(s) + (0 if bug == "mask_local_positions" else cp_rank * s)
+    k_pos = torch.arange(k_all.shape[1])
+    scores = torch.matmul(q, k_all.transpose(1, 2)) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+    total = out.square().sum()
+    dist.all_reduce(total, group=cp_group)
+    dist.all_reduce(total, group=dp_group)
+    return out, total / (out.numel() * world)
+
+
+DP_CP_BUGS = {
+    b.name: b
+    for b in (
+        Bug("mask_local_positions",
+            "The causal mask compares positions within the rank's own sequence shard: the queries of every "
+            "shard but the first cannot see the earlier shards' keys and see later ones.",
+            "aten.masked_fill", "cp_mask"),
+        Bug("cp_rank_global",
+            "The sequence offset of the rank's queries comes from the global rank instead of the rank in the "
+            "CP group: every DP replica but the first masks as if its queries sat further down the sequence.",
+            "aten.masked_fill", "cp_mask"),
+        Bug("kv_gather_world",
+            "Keys and values are all-gathered over the world group instead of the CP group: each query also "
+            "attends to the other DP replicas' sequences.",
+            "aten.masked_fill", "cp_mask"),
+    )
+}
+
+
+def make_dp_cp(world_size: int = 4, bug: str | None = None, *, cp: int = 2, batch: int | None = None,
+               seq: int | None = None, dim: int = 4, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    check_bug("mesh_dp_cp", bug, DP_CP_BUGS)
+    if world_size % cp:
+        raise ValueError(f"mesh_dp_cp: world_size {world_size} is not a multiple of cp={cp}")
+    dp = world_size // cp
+    batch = 2 * dp if batch is None else batch
+    seq = 2 * cp if seq is None else seq
+    g = seeded(seed)
+    q, k, v = (randn(g, batch, seq, dim, dtype=dtype, device=device) for _ in range(3))
+    pl = mesh_layout(grid(dp, cp), [Shard(0), Shard(1)])
+    return Problem(
+        sequential=causal_attention,
+        distributed=functools.partial(cp_attention, cp=cp, bug=bug),
+        inputs=(q, k, v),
+        placements=(pl, pl, pl),
+        world_size=world_size,
+        expect=(pl, Replicate()),
+        name="mesh_dp_cp" if bug is None else f"mesh_dp_cp[{bug}]",
+        input_names=("q", "k", "v"),
+    )
+
+
 EXAMPLES = [
     Example("mesh_tp_dp", "TP x DP training step (groups from dist.new_group): vocab-parallel embedding and "
             "column/row-parallel MLP in each TP group, gradients averaged over the DP group, SGD step.",
@@ -355,4 +439,7 @@ EXAMPLES = [
             functools.partial(make_tp_dp, groups="device_mesh"),
             {k: TP_DP_BUGS[k] for k in ("dp_grad_tp_group", "global_rank_shard")}, backward=True,
             runs_on="gloo", world_sizes=(4, 8)),
+    Example("mesh_dp_cp", "DP x CP causal attention: batch sharded over DP, sequence over CP; keys and values "
+            "all-gathered in the CP group, the causal mask on global positions, the loss reduced over both groups.",
+            make_dp_cp, DP_CP_BUGS, runs_on="gloo", world_sizes=(4, 8)),
 ]

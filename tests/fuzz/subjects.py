@@ -77,11 +77,12 @@ _EXAMPLE_SPECS = {
     "zero_adam": ("zero", "make", ("zero2_step", "adam"), dict(batch=4, d=2, h=3), ((2, "float64"), (4, "float64")), 3),
     "mesh_tp_dp": ("mesh", "make_tp_dp", ("tp_dp_step", "mesh_groups"), dict(vocab=8, hidden=2, ffn=4),
                    ((4, "float64"),), 5),
+    "mesh_dp_cp": ("mesh", "make_dp_cp", ("cp_attention", "mesh_groups"), dict(dim=2), ((4, "float64"),), 5),
 }
 
 
 # examples whose programs use sub-groups of the world (ground truth on gloo only)
-_GLOO_ONLY = {"mesh_tp_dp"}
+_GLOO_ONLY = {"mesh_tp_dp", "mesh_dp_cp"}
 
 
 def _without_domains(build):
