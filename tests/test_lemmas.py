@@ -323,6 +323,8 @@ def test_every_lemma_is_either_reapplying_or_declared():
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
                   "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split",
                   "contract-regroup-strided", "reduce-split-concat",
+                  # the same call on an equal argument (the factor hoisted / the sum regrouped)
+                  "scale-hoist", "sum-of-concats",
                   # pick_update is gg_notebook's own operator (ir/pick_update.py), not an ATen overload:
                   # its one parameter (sub | add) is read by the lemma and carried into every piece
                   "pick-update-over-split"}
