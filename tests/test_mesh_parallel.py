@@ -22,9 +22,6 @@ def test_spellings_are_registered_at_4_and_8():
     assert {SPELLINGS[0], SPELLINGS[1], SPELLINGS[2]} == set(mesh.GROUPS)
 
 
-@pytest.mark.xfail(strict=True, reason="TP=4: the SGD update of the vocab-parallel embedding finds the first "
-                   "shard's DP all-reduce up to a factor but not the others (index: normal-form lookup of "
-                   "sum(edb@r1, edb@r5) misses rank 1's value)")
 def test_tp_dp_step_with_four_tp_ranks_is_proved():
     # W=8 as DP=2 x TP=4 (the registered example uses TP=2, DP=W/2)
     r = gg.verify(mesh.make_tp_dp(world_size=8, tp=4, groups="new_group"))

@@ -30,6 +30,7 @@ aten = torch.ops.aten
 # buckets of values reading the same global inputs (shape, dtype) up to this size are normalized
 # whole when a query needs them; larger ones only where a number sits near a value's root
 SMALL_BUCKET = 16
+ROOT_BUDGET = 400  # terms normalized for one value of the query's own operator (`_same_root_hits`)
 
 
 class IndexError_(Exception):
@@ -173,7 +174,7 @@ class DIndex:
         call as ``term`` (e.g. the same matmul on other operands) whose normal form has ``key``. The
         bucket's keys are computed on a small budget (`_key_of`); a rank value with a long history (a
         weight gradient under a 2-D mesh's forward: embedding, all-reduces, masking) exceeds it, so
-        the few values of the query's own operator are normalized with the forms' full budget."""
+        the few values of the query's own operator are normalized on a larger one (``ROOT_BUDGET``)."""
         if term.op != "call":
             return {}
         out: dict = {}
@@ -183,7 +184,7 @@ class DIndex:
                 continue
             k = self._dval_key_root.get(d.id, False)
             if k is False:
-                k = self._dval_key_root[d.id] = self.forms.key(t)
+                k = self._dval_key_root[d.id] = self.forms.key(t, budget=ROOT_BUDGET)
             if k is not None and k[0] == key:
                 out.setdefault(k[1], d)
         return out
