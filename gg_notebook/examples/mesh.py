@@ -1,4 +1,4 @@
-"""2-D and 3-D meshes: tensor parallel x data parallel, tensor parallel x pipeline, data x context parallel.
+"""2-D meshes: tensor parallel x data parallel, data x context parallel, tensor parallel x pipeline.
 
 The ranks form a grid (``rank = outer * inner_size + inner``, DeviceMesh's row-major order) and every
 program builds one process group per row and per column of it, as real code must: every rank calls
@@ -16,8 +16,8 @@ function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``
 * ``mesh_dp_cp``: causal attention with the sequence split over a context-parallel group (keys and
   values all-gathered in the CP group, the causal mask offset by the query shard's global position),
   data parallel across; the mean of the squared output reduced over the CP and the DP groups.
-* ``make_tp_pp`` (not registered yet: not proved, see tests/test_mesh_parallel.py): two pipeline stages, each tensor parallel over ``W/2`` ranks; the activation
-  travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
+* ``make_tp_pp`` (not registered yet: not proved, see tests/test_mesh_parallel.py): two pipeline
+  stages, each tensor parallel over ``W/2`` ranks; the activation travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
   ``1/tp`` slice to the rank with the same TP index in the next stage, which all-gathers the slices
   in its TP group), forward and backward, two micro-batches.
 """
