@@ -225,6 +225,12 @@ def _decline_cases():
 
     for why, case in pad_declines(rng):
         add("pad-commute", case, why)
+    from gg_notebook.lemmas.scale_hoist import decline_cases as hoist_declines, regroup_decline_cases
+
+    for why, case in hoist_declines(rng):
+        add("scale-hoist", case, why)
+    for why, case in regroup_decline_cases(rng):
+        add("sum-of-concats", case, why)
     add("partial-additive", C.case(lambda x: x + 1.0, (r(3, 4),), rng, partial={0: 2}),
         "a scalar added to every partial")
     add("partial-additive", C.case(lambda x: 2 - x, (r(3, 4),), rng, partial={0: 2}), "rsub of a scalar")
@@ -332,6 +338,8 @@ def test_every_lemma_is_either_reapplying_or_declared():
                   "merged-batch", "ew-through-view", "complex-view-commute", "complex-view-slice-hoist",
                   "slice-hoist-shared", "sum-regroup-slices", "ew-fusion", "neg-inf-mask-split",
                   "contract-regroup-strided", "reduce-split-concat", "concat-commute-indexed",
+                  # the same call on an equal argument (the factor hoisted / the sum regrouped)
+                  "scale-hoist", "sum-of-concats",
                   # pick_update is gg_notebook's own operator (ir/pick_update.py), not an ATen overload:
                   # its one parameter (sub | add) is read by the lemma and carried into every piece
                   "pick-update-over-split"}

@@ -124,6 +124,7 @@ def first_divergent(engine, sims, scaled: list | None = None):
         cancels[n.name] = any(
             any(proved(c) and not has_factor(c.expr) for c in engine.relations.get(u.name, [])) or cancels.get(u.name, False)
             for u in users.get(n.name, []))
+    reached = {st.node for st in engine.steps}
     factored = {m.name for m in engine.seq.nodes
                 if (rs := [c for c in engine.relations.get(m.name, []) if proved(c)]) and all(has_factor(c.expr) for c in rs)}
     for n in engine.seq.nodes:
@@ -132,8 +133,10 @@ def first_divergent(engine, sims, scaled: list | None = None):
         cands = engine.relations.get(n.name, [])
         if any(proved(c) and (not has_factor(c.expr) or cancels[n.name]) for c in cands):
             continue  # proved relation: it cannot diverge
-        if n.name in factored and any(u.name in factored for u in users.get(n.name, [])):
-            continue  # a factor carried on to a consumer: blame where it stops (should have cancelled)
+        if n.name in factored and any(u.name in factored or u.name not in reached for u in users.get(n.name, [])):
+            # a factor carried on to a consumer: blame where it stops (should have cancelled); a consumer
+            # the proof never reached (it stopped at an earlier operator) may still cancel it
+            continue
         if any(c.deferred for c in cands):
             continue  # judged together with the operator that fuses it
         rels = [c for c in cands if c.assumption]

@@ -31,6 +31,7 @@ aten = torch.ops.aten
 # whole when a query needs them; larger ones only where a number sits near a value's root
 # (32: a data-parallel step at 4 ranks x 2 micro-batches holds ~18 same-shaped gradient values)
 SMALL_BUCKET = 32
+ROOT_BUDGET = 400  # terms normalized for one value of the query's own operator (`_same_root_hits`)
 
 
 class IndexError_(Exception):
@@ -103,6 +104,7 @@ class DIndex:
         # another has the same global inputs, so a query only normalizes the values of its bucket
         self._form_buckets: dict[tuple, list[DVal]] | None = None
         self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
+        self._dval_key_root: dict[int, tuple | None] = {}  # keys on the full budget (`_same_root_hits`)
         self._dval_key_all: dict[int, tuple | None] = {}  # the same, normalized even without a number near the root
         self._bucket_keys: dict[tuple, dict] = {}  # bucket -> {form key: {first coefficient: dval}}
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
@@ -159,10 +161,34 @@ class DIndex:
             hit = (self._keyed_bucket(term, full=True) or {}).get(key, {})
             if c0 in hit:
                 return hit[c0], Fraction(1)
+            if not hit:
+                hit = self._same_root_hits(term, key)
+                if c0 in hit:
+                    return hit[c0], Fraction(1)
         if not hit:
             return None
         c1, d = next(iter(hit.items()))
         return d, c0 / c1
+
+    def _same_root_hits(self, term: Expr, key: tuple) -> dict:
+        """{first coefficient: dval} of the values in ``term``'s bucket computed by the same operator
+        call as ``term`` (e.g. the same matmul on other operands) whose normal form has ``key``. The
+        bucket's keys are computed on a small budget (`_key_of`); a rank value with a long history (a
+        weight gradient under a 2-D mesh's forward: embedding, all-reduces, masking) exceeds it, so
+        the few values of the query's own operator are normalized on a larger one (``ROOT_BUDGET``)."""
+        if term.op != "call":
+            return {}
+        out: dict = {}
+        for d in self.same_inputs(term):
+            t = d.term
+            if t.op != "call" or t.attrs != term.attrs:
+                continue
+            k = self._dval_key_root.get(d.id, False)
+            if k is False:
+                k = self._dval_key_root[d.id] = self.forms.key(t, budget=ROOT_BUDGET)
+            if k is not None and k[0] == key:
+                out.setdefault(k[1], d)
+        return out
 
     def same_inputs(self, term: Expr) -> list[DVal]:
         """Floating values some rank holds with ``term``'s shape and dtype that read exactly the

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.utils import _pytree as pytree
 
-from gg_notebook.problem import Problem
+from gg_notebook.problem import Layout, Problem
 
 
 def local_inputs(problem: Problem, rank: int, partial_seed: int = 1234) -> tuple:
@@ -213,6 +213,12 @@ def compare(problem: Problem, backend: str = "auto", rtol: float = 1e-6) -> tupl
                 msg = _mismatch(o, s, rtol)
                 if msg:
                     return False, f"output {k} on rank {r}: {msg}"
+            continue
+        if isinstance(e, Layout):  # every rank's output is its piece of the sequential output
+            for r, o in enumerate(outs):
+                msg = _mismatch(o, e.fn(s, r, problem.world_size), rtol)
+                if msg:
+                    return False, f"output {k} on rank {r} (per {e!r}): {msg}"
             continue
         try:
             full = combine(outs, e)

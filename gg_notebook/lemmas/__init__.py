@@ -30,5 +30,6 @@ from gg_notebook.lemmas import reduce_split_concat as _reduce_split_concat  # no
 from gg_notebook.lemmas import pads as _pads  # noqa: F401  (registers)
 from gg_notebook.lemmas import single_bmm as _single_bmm  # noqa: F401  (registers)
 from gg_notebook.lemmas import indexed as _indexed  # noqa: F401  (registers)
+from gg_notebook.lemmas import scale_hoist as _scale_hoist  # noqa: F401  (registers)
 
 __all__ = ["MATCHERS", "REGISTRY", "Lemma", "LemmaCase", "lemmas_for", "register"]

@@ -152,6 +152,8 @@ def evaluate_source(subject_name: str, source: str, world_size: int, dtype: str,
     """Evaluate a program given as module source, built the way subject ``subject_name`` builds its own."""
     subject = all_subjects()[subject_name]
     make = problem_factory(subject, source, world_size, dtype)
+    if subject.gloo_only:
+        gloo = "always"
 
     def record(verdict, detail, gt, outcome, tv=0.0, tg=0.0):
         return Record(key or f"{subject_name}|W{world_size}|{dtype}|source", subject_name, world_size, dtype, operator,

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.examples import _simulate as sim
-from gg_notebook.problem import Problem
+from gg_notebook.problem import Layout, Problem
 
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -164,6 +164,12 @@ def compare_outputs(problem: Problem, seq: list, ranks: list[list]) -> str | Non
             continue
         if not all(isinstance(o, torch.Tensor) for o in outs):
             return f"output {k}: not tensors on every rank"
+        if isinstance(e, Layout):  # every rank's output is its piece of the sequential output
+            for r, o in enumerate(outs):
+                msg = mismatch(problem, o, e.fn(s, r, problem.world_size))
+                if msg:
+                    return f"output {k} on rank {r} (per {e!r}): {msg}"
+            continue
         try:
             full = sim.combine(outs, e)
         except RuntimeError as err:

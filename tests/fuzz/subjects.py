@@ -36,6 +36,9 @@ class Subject:
     notes: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
     baseline_only: bool = False  # the unmutated program is itself a finding: mutating it adds only noise
+    # ground truth on real gloo processes only: LocalTensorMode does not simulate process groups other than
+    # the world (dist.new_group / new_subgroups / DeviceMesh sub-groups, dist.get_rank(group))
+    gloo_only: bool = False
 
     @functools.cached_property
     def tree(self) -> ast.Module:
@@ -106,7 +109,14 @@ _EXAMPLE_SPECS = {
                    dict(batch=4, d=4, h=4), ((2, "float64"), (4, "float64")), 3),
     "fsdp_clip": ("data_parallel", "make_fsdp_clip", ("fsdp_step", "_clip_sharded"), dict(batch=4, d=4, h=4),
                   ((2, "float64"),), 3),
+    "mesh_tp_dp": ("mesh", "make_tp_dp", ("tp_dp_step", "mesh_groups"), dict(vocab=8, hidden=2, ffn=4),
+                   ((4, "float64"),), 5),
+    "mesh_dp_cp": ("mesh", "make_dp_cp", ("cp_attention", "mesh_groups"), dict(dim=2), ((4, "float64"),), 5),
 }
+
+
+# examples whose programs use sub-groups of the world (ground truth on gloo only)
+_GLOO_ONLY = {"mesh_tp_dp", "mesh_dp_cp"}
 
 
 def _without_domains(build):
@@ -132,7 +142,8 @@ def example_subjects() -> list[Subject]:
         tree = mutators.specialize_bug(ast.parse(inspect.getsource(m)), mutable)
         source = ast.unparse(tree) + "\n"
         out.append(Subject(f"example:{name}", source, "gg_notebook.examples", mutable,
-                           _example_builder(make_attr, sizes), configs, "ids", n_inputs, tags=("example",)))
+                           _example_builder(make_attr, sizes), configs, "ids", n_inputs, tags=("example",),
+                           gloo_only=name in _GLOO_ONLY))
     # The built-in vocab-parallel cross-entropy on targets that include the ignore sentinel -100:
     # its sequential spec (F.cross_entropy) gives 0 there, Megatron's distributed code does not.
     # The example declares its targets as class ids (domains=...); this subject drops that declaration.
