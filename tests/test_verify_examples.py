@@ -26,7 +26,8 @@ def test_bug_is_localized(name, bug, world_size):
     ex = E.get(name)
     problem = ex.make(world_size=world_size, bug=bug)
     result = gg.verify(problem)
-    assert result.status is not gg.Status.PROVED, str(result)
+    assert result.status is gg.Status.REFUTED, str(result)  # with a counterexample, not just "not proved"
+    assert result.counterexample is not None, str(result)
     spec = ex.bugs[bug]
     assert result.culprit is not None, str(result)
     assert result.culprit.op.startswith(spec.culprit_op + "."), (result.culprit, spec)
