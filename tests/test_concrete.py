@@ -55,7 +55,7 @@ def test_simulator_agrees_with_gloo_processes(name, tmp_path):
 @pytest.mark.parametrize("name,bug", BUGGY)
 def test_every_seeded_bug_is_refuted_with_a_counterexample(name, bug):
     ex = E.get(name)
-    problem = ex.make(world_size=2, bug=bug)
+    problem = ex.make(world_size=ex.world_sizes[0], bug=bug)
     r = gg.verify(problem)
     assert r.status is gg.Status.REFUTED, str(r)
     ce = r.counterexample

@@ -85,8 +85,7 @@ def test_dp_cp_bug_is_refuted_at_its_line(bug):
     assert r.culprit.source.rsplit(":", 1)[1] == _culprit_line(problem, spec.culprit_marker)
 
 
-@pytest.mark.xfail(strict=True, reason="a DP replica of one sequence (local batch 1): the rank's matmul lowers to "
-                   "mm on views while the sequential one is a bmm; no lemma relates bmm pieces of batch 1 to mm")
 def test_dp_cp_attention_one_sequence_per_replica_is_proved():
+    # (a batch-1 bmm piece is the mm the lowering writes: lemma batch1-bmm-as-mm)
     r = gg.verify(mesh.make_dp_cp(world_size=4, batch=2))
     assert r.status is gg.Status.PROVED, str(r)

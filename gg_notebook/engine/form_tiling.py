@@ -79,7 +79,7 @@ def tiling_up_to_factor(index, term: Expr) -> tuple[Fraction, int, list] | None:
     # the normal form only for a term with a number near its root (as the index's own lookups up to
     # a factor): normalizing every candidate's history costs more than all the rest of an inference
     sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
-    k = index.forms.key(term, budget=BUDGET) if sum_root or index.forms.worth_indexing(term, depth=3) else None
+    k = index.forms.key(term, budget=BUDGET)
     deep = _table(index).get(k[0], ()) if k is not None else ()
     found = None
     for c_base, base in [(c_b / c_term, b) for c_b, b in shallow] + [(c_b / k[1], b) for c_b, b in deep]:

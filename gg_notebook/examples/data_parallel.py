@@ -365,13 +365,15 @@ LOSS_NOT_SCALED = Bug(
 DECAY_ON_GRAD = Bug(
     "decay_on_grad",
     "AdamW's weight decay applied to the gradient (Adam's L2 penalty, g + wd * p, then Adam) instead "
-    "of to the parameter (p * (1 - lr * wd)): a different optimizer.",
-    "aten.mul", "decay")
+    "of to the parameter (p * (1 - lr * wd)): a different optimizer. The decayed parameter is still "
+    "held (up to the factor, the rank's own p); the first value that differs is Adam's first moment "
+    "of the penalized gradient.",
+    "aten.mul", "zero:adam_m")
 CLIP_BEFORE_ALL_REDUCE = Bug(
     "clip_before_all_reduce",
     "Each rank clips its own (local) gradients by their norm before the all-reduce: the clip "
     "coefficient is not the one of the global gradient, and differs between the ranks.",
-    "aten.mm", "zero:loss")
+    "aten.mul", "clip_norm")
 DECAY_WRONG_SHARD = Bug(
     "decay_wrong_shard",
     "ZeRO-1 with the decoupled weight decay written by hand: each rank decays its rows of the "
@@ -380,8 +382,9 @@ DECAY_WRONG_SHARD = Bug(
 REDUCE_SCATTER_SUM = Bug(
     "reduce_scatter_sum",
     "The gradients are reduce-scattered with SUM instead of AVG (no division by the world size): the "
-    "step uses world_size times the gradient.",
-    "aten.mm", "zero:loss")
+    "step uses world_size times the gradient (held only up to that factor: the first operator that "
+    "needs its value is Adam's first moment).",
+    "aten.mul", "zero:adam_m")
 CLIP_LOCAL_NORM = Bug(
     "clip_local_norm",
     "The gradient norm for clipping is computed from the rank's shard only (the squared norms are "
