@@ -1,7 +1,7 @@
 """2-D meshes: TP x DP training steps whose process groups are spelled three ways (dist.new_group for
 every row and column, dist.new_subgroups / new_subgroups_by_enumeration, a DeviceMesh built inside
-the rank function) are proved at world sizes 4 and 8; every seeded bug is *refuted* (a
-counterexample), its culprit at the marked line."""
+the rank function), and TP x PP gradients with scatter-gather p2p between the stages, are proved at
+world sizes 4 and 8; every seeded bug is *refuted* (a counterexample), its culprit at the marked line."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SPELLINGS = ("new_group", "subgroups", "device_mesh")
 # The three spellings proved at W=4 and W=8: tests/test_verify_examples.py (mesh_tp_dp, mesh_tp_dp_subgroups,
 # mesh_tp_dp_device_mesh, mesh_dp_cp are registered examples with world_sizes=(4, 8)).
 def test_spellings_are_registered_at_4_and_8():
-    for name in ("mesh_tp_dp", "mesh_tp_dp_subgroups", "mesh_tp_dp_device_mesh", "mesh_dp_cp"):
+    for name in ("mesh_tp_dp", "mesh_tp_dp_subgroups", "mesh_tp_dp_device_mesh", "mesh_dp_cp", "mesh_tp_pp"):
         assert E.get(name).world_sizes == (4, 8) and E.get(name).runs_on == "gloo"
     assert {SPELLINGS[0], SPELLINGS[1], SPELLINGS[2]} == set(mesh.GROUPS)
 
@@ -52,26 +52,32 @@ def test_registered_spellings_refute_their_bugs(name):
         assert r.status is gg.Status.REFUTED, (bug, str(r))
 
 
-@pytest.mark.xfail(strict=True, reason="TP x PP with scatter-gather p2p: stage 1 holds its input as the all-gather "
-                   "of the peers' slices of stage 0's TP all-reduce, i.e. the term cat(sum(slice(A), slice(B)), ...) "
-                   "(and, transposed for the weight gradient, cat(sum(view(slice(A)), ...))); the scalar normal form "
-                   "does not rewrite a concatenation of sliced sums into the sum, so the stage-1 matmuls on it are "
-                   "not found (engine: relations/linear.py cat rule)")
-def test_tp_pp_step_is_proved():
-    r = gg.verify(mesh.make_tp_pp(world_size=4))
+@pytest.mark.parametrize("world_size,sizes", [(4, {}), (8, {}), (4, {"micro_batches": 1}),
+                                               (4, {"batch": 6, "hidden": 6, "ffn": 4, "micro_batches": 3})])
+def test_tp_pp_step_is_proved(world_size, sizes):
+    # stage 1's input is the all-gather of its TP peers' slices of stage 0's TP all-reduce: the same
+    # term as that all-reduce (relations/cat_sums.py); at W=8 each stage is TP over 4 ranks
+    r = gg.verify(mesh.make_tp_pp(world_size=world_size, **sizes))
     assert r.status is gg.Status.PROVED, str(r)
 
 
-def test_tp_pp_wrong_peer_is_not_proved():
-    r = gg.verify(mesh.make_tp_pp(world_size=4, bug="send_wrong_peer"))
-    assert r.status is not gg.Status.PROVED, str(r)
+@pytest.mark.parametrize("bug,world_size", [(b, w) for b in sorted(mesh.TP_PP_BUGS) for w in (4, 8)])
+def test_tp_pp_bug_is_refuted_at_its_line(bug, world_size):
+    problem = mesh.make_tp_pp(world_size=world_size, bug=bug)
+    r = gg.verify(problem)
+    assert r.status is gg.Status.REFUTED, str(r)
+    assert r.counterexample is not None
+    spec = mesh.TP_PP_BUGS[bug]
+    assert r.culprit.op.startswith(spec.culprit_op + "."), (r.culprit, spec)
+    assert r.culprit.source.rsplit(":", 1)[1] == _culprit_line(problem, spec.culprit_marker)
 
 
 def test_tp_pp_numbers():
     from gg_notebook.examples._simulate import compare
 
     assert compare(mesh.make_tp_pp(world_size=4), backend="gloo")[0]
-    assert not compare(mesh.make_tp_pp(world_size=4, bug="send_wrong_peer"), backend="gloo")[0]
+    for bug in sorted(mesh.TP_PP_BUGS):
+        assert not compare(mesh.make_tp_pp(world_size=4, bug=bug), backend="gloo")[0], bug
 
 
 @pytest.mark.parametrize("bug", sorted(mesh.DP_CP_BUGS))
@@ -85,7 +91,8 @@ def test_dp_cp_bug_is_refuted_at_its_line(bug):
     assert r.culprit.source.rsplit(":", 1)[1] == _culprit_line(problem, spec.culprit_marker)
 
 
+# a DP replica of one sequence (local batch 1): the rank's matmul lowers to mm on views while the
+# sequential one is a bmm (single_bmm.as_mm relates them)
 def test_dp_cp_attention_one_sequence_per_replica_is_proved():
-    # (a batch-1 bmm piece is the mm the lowering writes: lemma batch1-bmm-as-mm)
     r = gg.verify(mesh.make_dp_cp(world_size=4, batch=2))
     assert r.status is gg.Status.PROVED, str(r)

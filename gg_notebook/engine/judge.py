@@ -83,10 +83,25 @@ def _layout_ok(engine: Engine, k: int, layout, cands: list[Candidate]) -> tuple[
             wants = [substitute(S, t, {atom.id: ct}) for t in terms]
         except ShapeError:
             continue
-        if all(w.id == o.term.id or mv.equal(w, o.term) for w, o in zip(wants, outs)):
+        # by the scalar normal form too (the layout moves data only: each rank's part of the value,
+        # e.g. a pipeline stage's gradient accumulated over micro-batches against their sum)
+        if all(w.id == o.term.id or mv.equal(w, o.term) or _same_form(engine, w, o.term)
+               for w, o in zip(wants, outs)):
             rebuilt = retile(idx, ct, sources=outs)
             return True, Candidate(rebuilt[0] if rebuilt else c.expr, c.chain, c.assumption), ""
     return False, None, f"every rank r's output to be {_placement_str(layout)}(output, r, {idx.world_size})"
+
+
+def _same_form(engine: Engine, a: Expr, b: Expr) -> bool:
+    """``a == b`` over the reals by the scalar normal form, normalizing up to ``ROOT_BUDGET`` terms
+    (a rank's gradient accumulated over micro-batches has a deep history); never bitwise."""
+    from gg_notebook.engine.index import ROOT_BUDGET
+
+    if engine.bitwise or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    forms = engine.index.forms
+    ka, kb = forms.key(a, budget=ROOT_BUDGET), forms.key(b, budget=ROOT_BUDGET)
+    return ka is not None and kb is not None and ka == kb
 
 
 def check_output(engine: Engine, k: int, placement) -> tuple[bool, Candidate | None, str]:

@@ -16,10 +16,12 @@ function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``
 * ``mesh_dp_cp``: causal attention with the sequence split over a context-parallel group (keys and
   values all-gathered in the CP group, the causal mask offset by the query shard's global position),
   data parallel across; the mean of the squared output reduced over the CP and the DP groups.
-* ``make_tp_pp`` (not registered yet: not proved, see tests/test_mesh_parallel.py): two pipeline
-  stages, each tensor parallel over ``W/2`` ranks; the activation travels between stages as Megatron's scatter-gather optimization sends it (each TP rank sends its
-  ``1/tp`` slice to the rank with the same TP index in the next stage, which all-gathers the slices
-  in its TP group), forward and backward, two micro-batches.
+* ``mesh_tp_pp``: the gradients of a GPipe step (two micro-batches, all forwards then all backwards)
+  over two pipeline stages, each tensor parallel over ``W/2`` ranks (Megatron's column/row-parallel
+  block); the activation and its gradient travel between stages as Megatron's scatter-gather
+  optimization sends them: each TP rank sends its ``1/tp`` slice to the rank with the same TP index
+  in the other stage, which all-gathers the slices in its TP group (the gathered slices of the
+  stage's TP all-reduce are that all-reduce again: relations/cat_sums.py).
 """
 
 from __future__ import annotations
@@ -242,8 +244,9 @@ def pp_grads(x, y, w1, w2):
     return loss.detach(), g1, g2
 
 
-def _tp_block(h, w1, w2, tp_group):
-    return _ReduceFromTP.apply(torch.tanh(_CopyToTP.apply(h, tp_group) @ w1) @ w2, tp_group)
+def _tp_block(h, w1, w2, tp_group, reduce=True):
+    partial = torch.tanh(_CopyToTP.apply(h, tp_group) @ w1) @ w2
+    return _ReduceFromTP.apply(partial, tp_group) if reduce else partial
 
 
 def _send_scattered(t, peer, tp_rank, tp):
@@ -283,7 +286,8 @@ def tp_pp_step(x, y, w1, w2, *, tp, micro_batches=2, bug=None):
             h = x.chunk(M)[m]
         else:
             h = _recv_gathered(shape, x.dtype, peer_in(stage - 1), tp, tp_group).requires_grad_(True)
-        out = _tp_block(h, w1[0], w2[0], tp_group)
+        # (bug skip_tp_allreduce: the stage's partial sums go to the next stage un-reduced)
+        out = _tp_block(h, w1[0], w2[0], tp_group, reduce=not (bug == "skip_tp_allreduce" and stage < pp - 1))
         if stage < pp - 1:
             _send_scattered(out, peer_in(stage + 1), tp_rank, tp)
             losses.append(None)
@@ -314,6 +318,11 @@ TP_PP_BUGS = {
             "Each stage pairs its TP ranks with the next stage's in the wrong order (the peer table is "
             "reversed on both sides, so nothing hangs): every rank of the receiving stage gets another TP "
             "rank's slice, and the all-gather assembles the activation with its slices swapped.",
+            "aten.mm", "block"),
+        Bug("skip_tp_allreduce",
+            "The first stage sends its row-parallel partial sums to the next stage without the TP all-reduce: "
+            "each TP rank sends its slice of its own partial product, so the next stage gathers a mix of "
+            "the TP ranks' partial sums instead of their sum.",
             "aten.mm", "block"),
     )
 }
@@ -442,4 +451,8 @@ EXAMPLES = [
     Example("mesh_dp_cp", "DP x CP causal attention: batch sharded over DP, sequence over CP; keys and values "
             "all-gathered in the CP group, the causal mask on global positions, the loss reduced over both groups.",
             make_dp_cp, DP_CP_BUGS, runs_on="gloo", world_sizes=(4, 8)),
+    Example("mesh_tp_pp", "TP x PP gradients: a GPipe step (send/recv, two micro-batches) over two pipeline stages, "
+            "each a column/row tensor-parallel block over W/2 ranks; Megatron's scatter-gather p2p (each TP rank "
+            "sends its slice, the next stage all-gathers them in its TP group).",
+            make_tp_pp, TP_PP_BUGS, backward=True, runs_on="gloo", world_sizes=(4, 8)),
 ]

@@ -574,6 +574,12 @@ class ExprStore:
             merged.append(x)
         if len(merged) == 1:
             return merged[0]
+        if merged[0].op == "accum":  # the ranks' slices of one reduction, gathered (relations/cat_sums.py)
+            from gg_notebook.relations.cat_sums import cat_of_accums
+
+            summed = cat_of_accums(self, merged, dim)
+            if summed is not None:
+                return summed
         swapped = self._swap_nested(merged, dim)
         if swapped is not None:
             return swapped
