@@ -33,6 +33,7 @@ from gg_notebook.problem import Layout, Problem
 
 from ._common import check_bug, randn, seeded
 from ._types import Bug, Example
+from .sp_layernorm_mlp import layernorm_mlp_inputs
 
 LR = 0.1
 
@@ -91,18 +92,10 @@ SP_BUGS = {
 def make_sp_mlp(world_size: int = 2, bug: str | None = None, *, batch: int = 2, seq: int = 8,
                 hidden: int = 16, ffn: int = 32, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
     check_bug("dtensor_sp_mlp", bug, SP_BUGS)
-    g = seeded(seed)
-    x = randn(g, batch, seq, hidden, dtype=dtype, device=device)
-    ln_w = 1 + randn(g, hidden, dtype=dtype, device=device, scale=0.1)
-    ln_b = randn(g, hidden, dtype=dtype, device=device, scale=0.1)
-    w1 = randn(g, hidden, ffn, dtype=dtype, device=device, scale=hidden ** -0.5)
-    b1 = randn(g, ffn, dtype=dtype, device=device, scale=0.1)
-    w2 = randn(g, ffn, hidden, dtype=dtype, device=device, scale=ffn ** -0.5)
-    b2 = randn(g, hidden, dtype=dtype, device=device, scale=0.1)
     return Problem(
         sequential=sp_mlp,
         distributed=functools.partial(sp_mlp_dtensor, bug=bug),
-        inputs=(x, ln_w, ln_b, w1, b1, w2, b2),
+        inputs=layernorm_mlp_inputs((batch, seq, hidden), ffn, seed=seed, dtype=dtype, device=device),
         placements=(Shard(1), Replicate(), Replicate(), Shard(1), Shard(0), Shard(0), Replicate()),
         world_size=world_size,
         expect=(Shard(1),),
