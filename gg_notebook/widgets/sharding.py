@@ -240,7 +240,7 @@ def _block_svg(x, y, w, h, blk: Block, lay: Layout, gid: str, k: int) -> str:
         fill = rank_colour(ranks[0])
     elif ranks:
         pid = f"{gid}-p{k}"
-        stripe = 10
+        stripe = 16
         bands = "".join(f"<rect x='{i * stripe}' y='0' width='{stripe}' height='{stripe * len(ranks)}' "
                         f"fill='{rank_colour(r)}'/>" for i, r in enumerate(ranks))
         defs = (f"<defs><pattern id='{pid}' patternUnits='userSpaceOnUse' width='{stripe * len(ranks)}' "
@@ -248,14 +248,17 @@ def _block_svg(x, y, w, h, blk: Block, lay: Layout, gid: str, k: int) -> str:
         fill = f"url(#{pid})"
     else:
         fill = "#dddddd"
-    dash = " stroke-dasharray='5,3'" if blk.kind in ("partial", "computed") else ""
+    dash = " stroke-dasharray='6,3' stroke-width='2.5'" if blk.kind in ("partial", "computed") else ""
+    opacity = " fill-opacity='0.45'" if blk.kind in ("partial", "computed") else ""
     if blk.kind == "partial":
-        label = f"\u03a3 {' + '.join(f'r{r}' for r in ranks)}" if (blk.reduce or "sum") == "sum" \
-            else f"{blk.reduce}({', '.join(f'r{r}' for r in ranks)})"
+        label = f"partial \u03a3 {' + '.join(f'r{r}' for r in ranks)}" if (blk.reduce or "sum") == "sum" \
+            else f"partial {blk.reduce}({', '.join(f'r{r}' for r in ranks)})"
     elif blk.kind == "constant":
         label = "const"
     elif blk.kind == "computed":
         label = "f(" + ", ".join(f"r{r}" for r in ranks) + ")"
+    elif blk.kind == "replica":
+        label = "replicated: " + " ".join(f"r{r}" for r in ranks)
     else:
         label = " ".join(f"r{r}" for r in ranks)
     title = _esc(blk.describe(lay))
@@ -270,7 +273,7 @@ def _block_svg(x, y, w, h, blk: Block, lay: Layout, gid: str, k: int) -> str:
     return (f"{defs}<g class='gg-block' data-kind='{blk.kind}' data-ranks='{','.join(map(str, ranks))}' "
             f"data-region='{_esc(blk.region)}'><title>{title}</title>"
             f"<rect x='{x:.1f}' y='{y:.1f}' width='{w:.1f}' height='{h:.1f}' fill='{fill}' "
-            f"stroke='#333' stroke-width='1.2'{dash}/>{text}</g>")
+            f"stroke='#333' stroke-width='1.2'{opacity}{dash}/>{text}</g>")
 
 
 _COUNTER = [0]
@@ -331,7 +334,16 @@ def _legend(lay: Layout) -> str:
     items = "".join(f"<span style='display:inline-block;margin-right:6px'><span style='display:inline-block;"
                     f"width:11px;height:11px;background:{rank_colour(r)};border:1px solid #333;"
                     f"vertical-align:middle'></span> rank {r}</span>" for r in lay.ranks)
-    return f"<div style='font-size:11px'>{items}</div>"
+    kinds = {b.kind for b in lay.blocks}
+    notes = []
+    if "replica" in kinds:
+        notes.append("striped: the same value on several ranks (replicas)")
+    if "partial" in kinds:
+        notes.append("pale, dashed: a partial sum (no rank holds it; the ranks' pieces add up to it)")
+    if "computed" in kinds:
+        notes.append("dashed f(..): computed from the ranks' values (not a clean relation)")
+    note = f"<div style='font-size:11px;color:#555'>{'; '.join(notes)}</div>" if notes else ""
+    return f"<div style='font-size:11px'>{items}</div>{note}"
 
 
 def sharding_html(engine, expr: Expr, title: str = "", max_rows: int = 16) -> str:

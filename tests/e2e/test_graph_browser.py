@@ -42,7 +42,16 @@ print("CURRENT", s.current.name, "SEQ", len(s.engine.seq.nodes))
 w
 """
 
-CY = "document.querySelector('.gg-gw-canvas')._cy"
+# a missing all-reduce (stuck): the stuck operator's input is a partial sum, selected from Python
+CELL_BUG = """
+bug = gg.ProofSession(ex.get("mlp").make(world_size=2, bug="missing_allreduce"))
+bug.run()
+wb = GraphWidget(bug, height=360)
+wb.selected = "seq:_unsafe_view_1"
+wb
+"""
+
+CY = "document.querySelector('.gg-gw-canvas')._cy"  # the first widget's (the GPT block)
 
 
 def wait_until(what, fn, page, timeout=30.0):
@@ -111,14 +120,15 @@ def click_node(page, node_id: str) -> None:
 
 def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, tmp_path):
     out = artifacts(request, tmp_path)
-    name = lab.write_notebook("e2e_graph_gpt_block.ipynb", [CELL])
+    name = lab.write_notebook("e2e_graph_gpt_block.ipynb", [CELL, CELL_BUG])
     notebook_ui.open(name)
     notebook_ui.run_all()
     notebook_ui.wait_executed(timeout=120)
     printed = page.locator(".jp-OutputArea-output", has_text="CURRENT").first.inner_text()
     current = printed.split("CURRENT", 1)[1].split()[0]
     n_seq = int(printed.split("SEQ", 1)[1].split()[0])
-    canvas = page.locator(".gg-gw-canvas")
+    gw = page.locator(".gg-gw").first  # the GPT block's widget
+    canvas = gw.locator(".gg-gw-canvas")
     canvas.wait_for(state="visible", timeout=60_000)
     wait_until("the graph drawn", lambda: int(canvas.get_attribute("data-nodes") or 0) > 3, page)
 
@@ -138,7 +148,7 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     page.screenshot(path=str(out / "01_neighbourhood.png"))
 
     # ---- full model
-    page.locator(".gg-gw-mode").select_option("full")
+    gw.locator(".gg-gw-mode").select_option("full")
     wait_until("the full model drawn", lambda: int(canvas.get_attribute("data-nodes") or 0) >= n_seq, page)
     v = view(page)
     assert v["nodes"] >= n_seq and v["currentVisible"] and v["minFont"] >= 11, v
@@ -147,17 +157,17 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
 
     # zoom buttons
     z0 = v["zoom"]
-    page.locator(".gg-gw-zoom-in").click()
+    gw.locator(".gg-gw-zoom-in").click()
     wait_until("zoomed in", lambda: view(page)["zoom"] > z0 * 1.2, page)
-    page.locator(".gg-gw-zoom-out").click()
-    page.locator(".gg-gw-zoom-out").click()
+    gw.locator(".gg-gw-zoom-out").click()
+    gw.locator(".gg-gw-zoom-out").click()
     wait_until("zoomed out", lambda: view(page)["zoom"] < z0 * 0.9, page)
     # Fit: the whole model inside the canvas; Current: back to readable labels around the current op
-    page.locator(".gg-gw-fit").click()
+    gw.locator(".gg-gw-fit").click()
     v = wait_until("everything inside after Fit", lambda: (x := view(page))["allInside"] and x, page)
     assert v["onScreen"] == v["nodes"], v
     page.screenshot(path=str(out / "03_fit.png"))
-    page.locator(".gg-gw-current").click()
+    gw.locator(".gg-gw-current").click()
     v = wait_until("current operator centred, readable",
                    lambda: (x := view(page))["currentVisible"] and x["minFont"] >= 11 and x, page)
 
@@ -172,9 +182,9 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     assert after != before, (before, after)
 
     # ---- search
-    search = page.locator(".gg-gw-search")
+    search = gw.locator(".gg-gw-search")
     search.fill("softmax")
-    count = page.locator(".gg-gw-count")
+    count = gw.locator(".gg-gw-count")
     wait_until("search matches", lambda: count.inner_text().strip().split()[0].isdigit()
                and int(count.inner_text().split()[0]) > 0, page)
     matched = page.evaluate(f"() => {CY}.nodes('.match').map(n => n.data('name'))")
@@ -192,7 +202,7 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
 
     # ---- collapse by source line
     n_full = int(canvas.get_attribute("data-nodes"))
-    page.locator(".gg-gw-group").select_option("line")
+    gw.locator(".gg-gw-group").select_option("line")
     wait_until("groups collapsed", lambda: int(canvas.get_attribute("data-nodes") or 0) < n_full, page)
     groups = page.evaluate(f"() => {CY}.nodes('.group').map(n => n.id())")
     assert groups, "no collapsed group"
@@ -200,12 +210,12 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     n_grouped = int(canvas.get_attribute("data-nodes"))
     click_node(page, groups[0])
     wait_until("a group expanded", lambda: int(canvas.get_attribute("data-nodes") or 0) > n_grouped, page)
-    page.locator(".gg-gw-group").select_option("")
+    gw.locator(".gg-gw-group").select_option("")
     wait_until("ungrouped", lambda: int(canvas.get_attribute("data-nodes") or 0) == n_full, page)
 
     # ---- sharding picture and lemma of a relation: mm (h @ wq at 4 ranks, split by columns)
     click_node(page, "seq:mm")
-    detail = page.locator(".gg-gw-detail")
+    detail = gw.locator(".gg-gw-detail")
     wait_until("the detail of mm", lambda: "concat(mm@r0, mm@r1, mm@r2, mm@r3, dim=1)" in detail.inner_text(), page)
     pic = detail.locator(".gg-sharding[data-tensor='mm'] .gg-block")
     wait_until("the sharding picture's blocks", lambda: pic.count() == 4, page)
@@ -222,3 +232,18 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     assert rep.first.get_attribute("data-kind") == "replica"
     assert rep.first.get_attribute("data-ranks") == "0,1,2,3"
     page.screenshot(path=str(out / "07_sharding_x.png"), full_page=True)
+
+    # ---- the missing all-reduce: the stuck operator drawn as stuck; its input a partial sum
+    bug_canvas = page.locator(".gg-gw-canvas").nth(1)
+    bug_canvas.scroll_into_view_if_needed()
+    wait_until("the buggy program's graph", lambda: int(bug_canvas.get_attribute("data-nodes") or 0) > 3, page)
+    stuck = page.evaluate("""() => { const cy = document.querySelectorAll('.gg-gw-canvas')[1]._cy;
+        return cy.nodes('.stuck').map(n => n.data('name')); }""")
+    assert stuck == ["add_1"], stuck
+    part = page.locator(".gg-gw-detail").nth(1).locator(
+        ".gg-sharding[data-tensor='_unsafe_view_1'] .gg-block")
+    wait_until("the partial-sum block", lambda: part.count() == 1, page)
+    assert part.first.get_attribute("data-kind") == "partial"
+    assert part.first.get_attribute("data-ranks") == "0,1"
+    assert "\u03a3 r0 + r1" in (part.first.text_content() or "")
+    page.locator(".gg-gw").nth(1).screenshot(path=str(out / "08_partial_sum_missing_allreduce.png"))
