@@ -56,7 +56,7 @@ def test_graph_json_is_the_whole_sequential_graph(gpt4):
     mm = by["mm"]
     assert mm["op"] == "mm" and mm["target"] == "aten.mm.default" and mm["shape"] == [16, 16]
     assert mm["line"] == "gpt_block.py:38" and "h @ wq" in mm["code"]
-    assert mm["module"] == "gpt_block (gpt_block.py)"
+    assert mm["module"] == "gpt_block"
     assert any(n.get("output") for n in g["nodes"])
 
 
@@ -237,6 +237,15 @@ def test_graph_widget_follows_the_session():
     assert w.state["current"] == f"seq:{s.current.name}"
     with pytest.raises(ValueError, match="mode"):
         GraphWidget(s, mode="everything")
+    # every rank's graph is sent only when asked for
+    assert w.rank_graph == {}
+    w.mode = "ranks"
+    rg = w.rank_graph
+    assert len(rg["nodes"]) == sum(len(g.nodes) for g in s.engine.index.graphs)
+    assert {n["id"] for n in rg["nodes"]} >= {"r0:mm", "r1:mm"} and rg["nodes"][0]["name"].endswith("@r0")
+    ids = {n["id"] for n in rg["nodes"]}
+    assert all(a in ids and b in ids for a, b in rg["edges"])
+    assert GD.rank_graph_json(s, max_nodes=5) == {"too_large": len(rg["nodes"]), "max_nodes": 5}
     with pytest.raises(ValueError, match="group_by"):
         GraphWidget(s, group_by="file")
     # the browser sets `selected` (as a click does): the kernel answers with the detail

@@ -46,16 +46,39 @@ def _line_group(n) -> str | None:
     return f"{os.path.basename(path) or path}:{line}" if line.isdigit() else src
 
 
-def _module_group(n) -> str | None:
-    """The innermost user function of the operator's stack (e.g. ``gpt_block`` or
-    ``parallel_attention``), with its file; None without frames."""
-    for fr in reversed(n.frames or ()):
-        if len(fr) >= 3 and fr[2] and not str(fr[2]).startswith("<"):
-            return f"{fr[2]} ({os.path.basename(str(fr[0]))})"
-    return None
+def _frames_key(fr) -> tuple:
+    return (str(fr[0]), str(fr[2])) if len(fr) >= 3 else (str(fr),)
 
 
-def node_json(n, rank: int | None = None) -> dict:
+def module_groups(nodes) -> dict[str, str]:
+    """Node name -> its call path through the user's functions / modules below the program itself,
+    e.g. ``gpt_block`` or ``parallel_attention > copy_to_tensor_model_parallel_region``.
+
+    The frames every operator shares (the caller's: a notebook cell, a test runner, ``verify``'s
+    wrapper, and the program function) are dropped; an operator on the program's own top level is
+    grouped under the program function's name. Operators without frames (inputs) get no group."""
+    stacks = {n.name: [fr for fr in (n.frames or ()) if len(fr) >= 3] for n in nodes}
+    framed = [s for s in stacks.values() if s]
+    if not framed:
+        return {}
+    common = 0
+    first = framed[0]
+    while common < len(first) and all(len(s) > common and _frames_key(s[common]) == _frames_key(first[common])
+                                      for s in framed):
+        common += 1
+    out = {}
+    for name, st in stacks.items():
+        if not st:
+            continue
+        rest = [str(fr[2]) for fr in st[common:]]
+        if rest:
+            out[name] = " > ".join(rest)
+        elif common:
+            out[name] = str(st[common - 1][2])
+    return out
+
+
+def node_json(n, rank: int | None = None, module: str | None = None) -> dict:
     name = n.name if rank is None else f"{n.name}@r{rank}"
     d = {
         "id": G.seq_id(n.name) if rank is None else G.rank_id(rank, n.name),
@@ -66,7 +89,7 @@ def node_json(n, rank: int | None = None) -> dict:
         "kind": n.op,
         "line": _line_group(n),
         "code": (n.code or "").strip() or None,
-        "module": _module_group(n),
+        "module": module,
     }
     if rank is not None:
         d["rank"] = rank
@@ -79,14 +102,33 @@ def graph_json(session) -> dict:
     seq = eng.seq
     outputs = {n.name for n in seq.outputs}
     nodes = []
+    mods = module_groups(seq.nodes)
     for n in seq.nodes:
-        d = node_json(n)
+        d = node_json(n, module=mods.get(n.name))
         if n.name in outputs:
             d["output"] = True
         nodes.append(d)
     edges = [[G.seq_id(i.name), G.seq_id(n.name)] for n in seq.nodes for i in n.inputs]
     return {"nodes": nodes, "edges": edges, "world_size": eng.index.world_size,
             "fingerprint": f"{len(nodes)}:{len(edges)}:{seq.nodes[0].name if seq.nodes else ''}"}
+
+
+MAX_RANK_GRAPH_NODES = 4000  # the "every rank" view stays usable (a dagre layout of a few seconds)
+
+
+def rank_graph_json(session, max_nodes: int = MAX_RANK_GRAPH_NODES) -> dict:
+    """Every rank's whole graph (nodes ``rR:NAME`` named ``NAME@rR``, edges), for the view of the
+    full model with all ranks; ``{"too_large": N}`` when the ranks hold more than ``max_nodes``."""
+    graphs = session.engine.index.graphs
+    total = sum(len(g.nodes) for g in graphs)
+    if total > max_nodes:
+        return {"too_large": total, "max_nodes": max_nodes}
+    nodes, edges = [], []
+    for r, g in enumerate(graphs):
+        mods = module_groups(g.nodes)
+        nodes += [node_json(n, r, mods.get(n.name)) for n in g.nodes]
+        edges += [[G.rank_id(r, i.name), G.rank_id(r, n.name)] for n in g.nodes for i in n.inputs]
+    return {"nodes": nodes, "edges": edges}
 
 
 def statuses(session) -> dict[str, str]:
@@ -108,6 +150,7 @@ def graph_state(session, helper: G.GraphHelper | None = None, radius: int = 2) -
     """The per-step part (see the module docstring); JSON-serializable."""
     helper = helper or G.GraphHelper()
     cur = session.current
+    mods = _rank_modules(session, helper)
     state = {"current": G.seq_id(cur.name) if cur is not None else None,
              "status": statuses(session), "neighbourhood": [], "rank_nodes": [], "rank_edges": [],
              "links": [], "done": bool(session.done), "stuck": session.stuck is not None}
@@ -117,7 +160,7 @@ def graph_state(session, helper: G.GraphHelper | None = None, radius: int = 2) -
     state["neighbourhood"] = [G.seq_id(n.name) for n in nb.seq]
     for r, nodes in sorted(nb.ranks.items()):
         for n, used in nodes:
-            d = node_json(n, r)
+            d = node_json(n, r, mods[r].get(n.name))
             d["used"] = bool(used)
             d["used_by"] = list(nb.rank_refs.get((r, n.name), []))
             state["rank_nodes"].append(d)
@@ -127,6 +170,17 @@ def graph_state(session, helper: G.GraphHelper | None = None, radius: int = 2) -
         if (r, name) in shown:
             state["links"] += [[G.seq_id(s), G.rank_id(r, name)] for s in refs]
     return state
+
+
+def _rank_modules(session, helper) -> list[dict]:
+    """`module_groups` of every rank graph, cached on the helper (the graphs never change)."""
+    graphs = session.engine.index.graphs
+    key = tuple(id(g) for g in graphs)
+    cached = getattr(helper, "_gg_rank_modules", None)
+    if cached is None or cached[0] != key:
+        cached = (key, [module_groups(g.nodes) for g in graphs])
+        helper._gg_rank_modules = cached
+    return cached[1]
 
 
 # ---------------------------------------------------------------------------- detail panel

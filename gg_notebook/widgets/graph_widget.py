@@ -9,7 +9,8 @@ session by `gg_notebook.widgets.graph_data` (``graph``: the whole sequential gra
 ``state``: the current operator, statuses and related rank operators, sent after every step).
 
 In the browser: a neighbourhood view of the current operator with the rank operators its relation
-uses (dotted links), or the full model; zoom (wheel, +/-), pan (drag), Fit, Current; collapse by
+uses (dotted links), the full model, or the full model with every rank's whole graph (``ranks``:
+the rank operators related to the current operator highlighted and linked); zoom (wheel, +/-), pan (drag), Fit, Current; collapse by
 source line or by function/module (click a group to expand it, click an expanded group's box to
 collapse it); search (name, operator, source line or code; Enter jumps to the next match). Clicking
 a node sets ``selected``; the kernel answers with ``detail``: the node's relations, the lemmas
@@ -27,8 +28,9 @@ import anywidget
 import traitlets
 
 from gg_notebook.widgets import graph as G
-from gg_notebook.widgets.graph_data import graph_json, graph_state, node_detail
+from gg_notebook.widgets.graph_data import graph_json, graph_state, node_detail, rank_graph_json
 
+MODES = ("neighbourhood", "full", "ranks")
 STATIC = pathlib.Path(__file__).parent / "static"
 BUNDLE = STATIC / "graph_widget.js"
 
@@ -61,7 +63,8 @@ class GraphWidget(anywidget.AnyWidget):
     _css = _CSS
     graph = traitlets.Dict().tag(sync=True)
     state = traitlets.Dict().tag(sync=True)
-    mode = traitlets.Unicode("neighbourhood").tag(sync=True)  # "neighbourhood" | "full"
+    mode = traitlets.Unicode("neighbourhood").tag(sync=True)  # "neighbourhood" | "full" | "ranks"
+    rank_graph = traitlets.Dict().tag(sync=True)  # every rank's graph, sent in the "ranks" mode only
     group_by = traitlets.Unicode("").tag(sync=True)  # "" | "line" | "module"
     selected = traitlets.Unicode("").tag(sync=True)
     detail = traitlets.Unicode("").tag(sync=True)
@@ -69,8 +72,8 @@ class GraphWidget(anywidget.AnyWidget):
 
     def __init__(self, session, *, mode: str = "neighbourhood", group_by: str = "", height: int = 520,
                  follow: bool = True, **kw):
-        if mode not in ("neighbourhood", "full"):
-            raise ValueError(f"mode must be 'neighbourhood' or 'full', not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
         if group_by not in ("", "line", "module"):
             raise ValueError(f"group_by must be '', 'line' or 'module', not {group_by!r}")
         super().__init__(mode=mode, group_by=group_by, height=height, **kw)
@@ -80,6 +83,7 @@ class GraphWidget(anywidget.AnyWidget):
         self._engine_id = None
         self.refresh()
         self.observe(self._on_selected, names="selected")
+        self.observe(self._on_mode, names="mode")
         if follow:
             ref = weakref.ref(self)
 
@@ -107,8 +111,14 @@ class GraphWidget(anywidget.AnyWidget):
             g = graph_json(s)
             if g != self.graph:
                 self.graph = g
+                self.rank_graph = {}
+            self._on_mode()
         self.state = graph_state(s, self._helper)
         self._update_detail()
+
+    def _on_mode(self, _change=None) -> None:
+        if self.mode == "ranks" and not self.rank_graph:
+            self.rank_graph = rank_graph_json(self.session)
 
     def _on_selected(self, _change=None) -> None:
         self._update_detail()

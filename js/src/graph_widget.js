@@ -5,7 +5,8 @@
 // Model (see gg_notebook/widgets/graph_widget.py):
 //   graph     {nodes: [{id, name, op, shape, line, code, module, output?}], edges: [[a, b]], world_size}
 //   state     {current, status: {id: status}, neighbourhood: [ids], rank_nodes: [...], rank_edges, links}
-//   mode      "neighbourhood" | "full"
+//   mode      "neighbourhood" | "full" | "ranks" (the full model and every rank's whole graph)
+//   rank_graph {nodes, edges} of every rank (sent by the kernel only in the "ranks" mode)
 //   group_by  "" | "line" | "module"
 //   selected  node id clicked here (the kernel answers with `detail`, HTML for the side panel)
 //   detail    HTML
@@ -41,6 +42,7 @@ function shortShape(shape) {
   return shape ? "[" + shape.join(",") + "]" : "";
 }
 
+const DAGRE = { name: "dagre", rankDir: "TB", nodeSep: 18, rankSep: 36, edgeSep: 8, animate: false, fit: false };
 const CHAR_PX = 0.61 * FONT_PX; // monospace advance
 function labelSize(n) {
   const lines = String(n.data("label") || "").split("\n");
@@ -74,7 +76,8 @@ const STYLE = [
     selector: "node.rank",
     style: { "border-width": 3, "border-color": "data(rc)", "background-color": "#ffffff" },
   },
-  { selector: "node.rank.used", style: { "background-color": "#e8f5e9" } },
+  { selector: "node.rank.related", style: { "background-color": "#e8f5e9", "border-width": 5 } },
+  { selector: "node.group.related", style: { "background-color": "#e8f5e9" } },
   {
     selector: "node.group",
     style: {
@@ -142,7 +145,8 @@ function render({ model, el: host }) {
   // ---------------------------------------------------------------- toolbar
   const bar = el("div", { class: "gg-gw-bar" });
   const modeSel = el("select", { class: "gg-gw-mode", title: "what to draw" });
-  for (const [v, t] of [["neighbourhood", "neighbourhood of the current operator"], ["full", "full model"]]) {
+  for (const [v, t] of [["neighbourhood", "neighbourhood of the current operator"], ["full", "full model"],
+    ["ranks", "full model and every rank's graph"]]) {
     modeSel.appendChild(el("option", { value: v }, t));
   }
   const groupSel = el("select", { class: "gg-gw-group", title: "collapse operators by" });
@@ -157,7 +161,8 @@ function render({ model, el: host }) {
     bar.appendChild(b);
     return b;
   };
-  bar.append(modeSel, groupSel, search, count);
+  const note = el("span", { class: "gg-gw-note" });
+  bar.append(modeSel, groupSel, search, count, note);
   const zoomOut = mk("gg-gw-zoom-out", "\u2212", "zoom out");
   const zoomIn = mk("gg-gw-zoom-in", "+", "zoom in");
   const fitBtn = mk("gg-gw-fit", "Fit", "fit the whole graph in view");
@@ -197,9 +202,10 @@ function render({ model, el: host }) {
   let matchAt = -1;
 
   // ---------------------------------------------------------------- elements
+  // group keys are per program: the specification's "gpt_block.py:41" and rank 0's "r0 gpt_block.py:41"
   function groupOf(n, by) {
-    if (!by) return null;
-    return n[by] || null;
+    if (!by || !n[by]) return null;
+    return n.rank === undefined ? n[by] : "r" + n.rank + " " + n[by];
   }
 
   function build() {
@@ -210,16 +216,22 @@ function render({ model, el: host }) {
     const status = state.status || {};
     const cur = state.current;
     const nbh = new Set(state.neighbourhood || []);
-    const full = mode === "full" || nbh.size === 0;
+    const allRanks = mode === "ranks";
+    const rg = allRanks ? model.get("rank_graph") || {} : {};
+    const full = mode !== "neighbourhood" || nbh.size === 0;
     const byId = new Map(graph.nodes.map((n) => [n.id, n]));
     const shownSeq = graph.nodes.filter((n) => full || nbh.has(n.id));
+    // rank operators: the related ones (neighbourhood), or every rank's whole graph ("ranks")
+    const related = new Map((state.rank_nodes || []).map((r) => [r.id, r]));
+    const shownRank = allRanks ? rg.nodes || [] : full ? [] : state.rank_nodes || [];
+    const rankEdges = allRanks ? rg.edges || [] : full ? [] : state.rank_edges || [];
 
     // groups: the default is everything collapsed except the current operator's group
     if (by && groupsInitFor !== by) {
       collapsed.clear();
       const curNode = cur ? byId.get(cur) : null;
       const keep = curNode ? groupOf(curNode, by) : null;
-      for (const n of graph.nodes) {
+      for (const n of graph.nodes.concat(rg.nodes || [])) {
         const g = groupOf(n, by);
         if (g && g !== keep) collapsed.add(g);
       }
@@ -227,101 +239,117 @@ function render({ model, el: host }) {
     }
     if (!by) groupsInitFor = null;
 
+    const all = shownSeq.concat(shownRank);
     const groupCount = new Map();
-    for (const n of shownSeq) {
+    for (const n of all) {
       const g = groupOf(n, by);
       if (g) groupCount.set(g, (groupCount.get(g) || 0) + 1);
     }
     const elements = [];
-    const rep = new Map(); // seq node id -> drawn node id
+    const rep = new Map(); // node id -> drawn node id
     const groupStatus = new Map();
     const groupMembers = new Map();
-    for (const n of shownSeq) {
-      const st = n.id === cur ? (state.stuck ? "stuck" : "current") : status[n.id] || "unvisited";
+    const ranks = new Set();
+    for (const n of all) {
+      const isRank = n.rank !== undefined;
+      if (isRank) ranks.add(n.rank);
+      const rel = isRank ? related.get(n.id) : null;
+      const st = isRank ? (rel ? "related" : "rank") : n.id === cur ? (state.stuck ? "stuck" : "current") : status[n.id] || "unvisited";
       const g = groupOf(n, by);
+      const outer = isRank ? "rankbox:" + n.rank : undefined;
       if (g && collapsed.has(g) && groupCount.get(g) > 1) {
         const gid = "grp:" + g;
         rep.set(n.id, gid);
         const prev = groupStatus.get(gid);
-        if (prev === undefined || STATUS_RANK[st] > STATUS_RANK[prev]) groupStatus.set(gid, st);
-        if (!groupMembers.has(gid)) groupMembers.set(gid, { key: g, members: [] });
+        if (!isRank && (prev === undefined || STATUS_RANK[st] > STATUS_RANK[prev])) groupStatus.set(gid, st);
+        if (!groupMembers.has(gid)) groupMembers.set(gid, { key: g, members: [], outer, rank: n.rank });
         groupMembers.get(gid).members.push(n);
         continue;
       }
       rep.set(n.id, n.id);
-      const classes = ["seq", st];
+      const classes = isRank ? ["rank"] : ["seq", st];
+      if (rel && rel.used) classes.push("used");
+      if (rel) classes.push("related");
       if (n.output) classes.push("output");
       const data = {
-        id: n.id, label: n.name + "\n" + n.op + " " + shortShape(n.shape), bg: STATUS_COLOURS[st] || STATUS_COLOURS.unvisited,
+        id: n.id, label: n.name + "\n" + n.op + " " + shortShape(n.shape), bg: STATUS_COLOURS[st] || "#ffffff",
         name: n.name, op: n.op, line: n.line || "", code: n.code || "", module: n.module || "", status: st,
       };
+      if (isRank) {
+        data.rank = n.rank;
+        data.rc = rankColour(n.rank);
+      }
       if (g && groupCount.get(g) > 1) data.parent = "box:" + g;
+      else if (outer) data.parent = outer;
       elements.push({ group: "nodes", data, classes: classes.join(" ") });
     }
-    // expanded groups: compound boxes labelled with the group key
+    // expanded groups: compound boxes labelled with the group key (inside their rank's box)
+    const boxParent = new Map(all.map((n) => [groupOf(n, by), n.rank !== undefined ? "rankbox:" + n.rank : undefined]));
     for (const [g, k] of groupCount) {
       if (k > 1 && !collapsed.has(g)) {
-        elements.push({ group: "nodes", data: { id: "box:" + g, label: g, group: g, name: g, op: "", line: "", code: "" },
-          classes: "box" });
+        const data = { id: "box:" + g, label: g, group: g, name: g, op: "", line: "", code: "" };
+        if (boxParent.get(g)) data.parent = boxParent.get(g);
+        elements.push({ group: "nodes", data, classes: "box" });
       }
     }
     for (const [gid, info] of groupMembers) {
-      const st = groupStatus.get(gid) || "unvisited";
+      const st = groupStatus.get(gid) || (info.rank !== undefined ? "rank" : "unvisited");
       const first = info.members[0];
       const code = first.code ? "\n" + (first.code.length > 40 ? first.code.slice(0, 39) + "\u2026" : first.code) : "";
+      const data = {
+        id: gid, label: info.key + code + "\n(" + info.members.length + " operators)",
+        bg: STATUS_COLOURS[st] || "#ffffff", group: info.key,
+        name: info.members.map((m) => m.name).join(" "), op: info.members.map((m) => m.op).join(" "),
+        line: info.key, code: first.code || "", status: st,
+      };
+      if (info.outer) {
+        data.parent = info.outer;
+        data.rc = rankColour(info.rank);
+      }
+      const rel = info.members.some((m) => related.has(m.id));
       elements.push({
-        group: "nodes",
-        data: {
-          id: gid, label: info.key + code + "\n(" + info.members.length + " operators)",
-          bg: STATUS_COLOURS[st] || STATUS_COLOURS.unvisited, group: info.key,
-          name: info.members.map((m) => m.name).join(" "), op: info.members.map((m) => m.op).join(" "),
-          line: info.key, code: first.code || "", status: st,
-        },
-        classes: "group " + st + (info.members.some((m) => m.id === cur) ? " has-current" : ""),
+        group: "nodes", data,
+        classes: "group " + st + (info.members.some((m) => m.id === cur) ? " has-current" : "") + (rel ? " related" : ""),
       });
     }
+    for (const r of ranks) {
+      elements.push({ group: "nodes", data: { id: "rankbox:" + r, label: "rank " + r, rc: rankColour(r), name: "", op: "", line: "", code: "" },
+        classes: "rankbox" });
+    }
     const seen = new Set();
-    for (const [a, b] of graph.edges) {
+    const addEdge = (a, b, cls) => {
       const ra = rep.get(a);
       const rb = rep.get(b);
-      if (!ra || !rb || ra === rb) continue;
-      const id = "e:" + ra + "->" + rb;
-      if (seen.has(id)) continue;
+      if (!ra || !rb || ra === rb) return;
+      const id = (cls === "link" ? "l:" : "e:") + ra + "->" + rb;
+      if (seen.has(id)) return;
       seen.add(id);
-      elements.push({ group: "edges", data: { id, source: ra, target: rb } });
+      elements.push({ group: "edges", data: { id, source: ra, target: rb }, classes: cls });
+    };
+    for (const [a, b] of graph.edges) addEdge(a, b, "");
+    for (const [a, b] of rankEdges) addEdge(a, b, "rankedge");
+    // dotted links: a sequential input -> the rank operators its relation uses (not part of the layout)
+    for (const [a, b] of state.links || []) addEdge(a, b, "link");
+    const key = [mode, by, [...collapsed].sort().join("|"), full ? "" : (state.neighbourhood || []).join(","),
+      full ? "" : (state.rank_nodes || []).map((r) => r.id).join(","), graph.nodes.length, (rg.nodes || []).length].join("#");
+    return { elements, full, key };
+  }
+
+  // every program (the specification, each rank) laid out by itself, side by side: one dagre run
+  // over everything with compound boxes is much slower (10 s for 800 operators)
+  function layoutPrograms() {
+    const boxes = cy.nodes(".rankbox");
+    const parts = [cy.nodes().filter((n) => !n.hasClass("rankbox") && n.ancestors(".rankbox").empty())];
+    boxes.forEach((b) => parts.push(b.descendants()));
+    let x = 0;
+    for (const part of parts) {
+      if (part.empty()) continue;
+      const edges = part.connectedEdges().filter((e) => part.contains(e.source()) && part.contains(e.target()));
+      part.union(edges).layout(DAGRE).run();
+      const bb = part.boundingBox();
+      part.filter((n) => !n.isParent()).shift({ x: x - bb.x1, y: -bb.y1 });
+      x += bb.w + 120;
     }
-    // the rank operators related to the current operator (neighbourhood view)
-    if (!full) {
-      const ranks = new Set();
-      for (const r of state.rank_nodes || []) {
-        ranks.add(r.rank);
-        elements.push({
-          group: "nodes",
-          data: {
-            id: r.id, label: r.name + "\n" + r.op + " " + shortShape(r.shape), rc: rankColour(r.rank), parent: "rankbox:" + r.rank,
-            name: r.name, op: r.op, line: r.line || "", code: r.code || "", rank: r.rank,
-          },
-          classes: "rank" + (r.used ? " used" : ""),
-        });
-      }
-      for (const r of ranks) {
-        elements.push({ group: "nodes", data: { id: "rankbox:" + r, label: "rank " + r, rc: rankColour(r), name: "", op: "", line: "", code: "" },
-          classes: "rankbox" });
-      }
-      for (const [a, b] of state.rank_edges || []) {
-        elements.push({ group: "edges", data: { id: "e:" + a + "->" + b, source: a, target: b }, classes: "rankedge" });
-      }
-      for (const [a, b] of state.links || []) {
-        const ra = rep.get(a);
-        if (!ra) continue;
-        const id = "l:" + ra + "->" + b;
-        if (seen.has(id)) continue;
-        seen.add(id);
-        elements.push({ group: "edges", data: { id, source: ra, target: b }, classes: "link" });
-      }
-    }
-    return { elements, full, key: [mode, by, [...collapsed].sort().join("|"), full ? "" : (state.neighbourhood || []).join(","),
-      full ? "" : (state.rank_nodes || []).map((r) => r.id).join(","), (graph.nodes || []).length].join("#") };
   }
 
   function currentEle() {
@@ -392,7 +420,10 @@ function render({ model, el: host }) {
 
   function redraw(force) {
     if (!cy) return;
-    const { elements, key } = build();
+    const { elements, key, full } = build();
+    const rg = model.get("mode") === "ranks" ? model.get("rank_graph") || {} : {};
+    note.textContent = rg.too_large ? "the ranks hold " + rg.too_large + " operators (more than " + rg.max_nodes
+      + " to draw): the specification only" : model.get("mode") === "ranks" && !rg.nodes ? "loading the ranks' graphs…" : "";
     if (!force && key === structureKey) {
       // same structure: update data (status colours, labels) in place, keep the viewport
       cy.batch(() => {
@@ -404,6 +435,8 @@ function render({ model, el: host }) {
           n.data("status", e.data.status);
           n.classes(e.classes || "");
         }
+        cy.edges(".link").remove();
+        cy.add(elements.filter((e) => e.group === "edges" && e.classes === "link"));
       });
       applyClasses();
       runSearch(false);
@@ -418,7 +451,11 @@ function render({ model, el: host }) {
     });
     applyClasses();
     const t0 = performance.now();
-    cy.layout({ name: "dagre", rankDir: "TB", nodeSep: 18, rankSep: 36, edgeSep: 8, animate: false, fit: false }).run();
+    const links = full ? cy.edges(".link") : cy.collection();
+    links.remove(); // the dotted links do not shape the layout in the full views
+    if (model.get("mode") === "ranks") layoutPrograms();
+    else cy.layout(DAGRE).run();
+    links.restore();
     canvas.dataset.layoutMs = (performance.now() - t0).toFixed(0);
     runSearch(false);
     defaultView();
@@ -472,7 +509,7 @@ function render({ model, el: host }) {
     cy = cytoscape({
       container: canvas,
       style: STYLE,
-      minZoom: 0.03,
+      minZoom: 0.002,
       maxZoom: 4,
       boxSelectionEnabled: false,
       autoungrabify: true,
@@ -573,6 +610,7 @@ function render({ model, el: host }) {
   model.on("change:state", onState);
   model.on("change:mode", onMode);
   model.on("change:group_by", onMode);
+  model.on("change:rank_graph", onMode);
   model.on("change:detail", onDetail);
   model.on("change:selected", applyClasses);
   model.on("change:height", () => {
@@ -603,6 +641,7 @@ function render({ model, el: host }) {
     model.off("change:state", onState);
     model.off("change:mode", onMode);
     model.off("change:group_by", onMode);
+    model.off("change:rank_graph", onMode);
     model.off("change:detail", onDetail);
     model.off("change:selected", applyClasses);
     if (cy) cy.destroy();

@@ -11,6 +11,7 @@ the middle of the attention. Checked in the browser, through the canvas' cytosca
   zoom; Current comes back to a readable zoom with the current operator on screen;
 * search: matches counted and highlighted; Enter centres the next match;
 * collapse by source line: fewer nodes; clicking a group expands it;
+* the full model with every rank's graph: the related rank operators highlighted and linked;
 * clicking an operator shows its relation, the lemma behind its step with its statement, and the
   sharding picture (blocks coloured by rank: one block per rank for a column-split tensor).
 
@@ -213,6 +214,21 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     gw.locator(".gg-gw-group").select_option("")
     wait_until("ungrouped", lambda: int(canvas.get_attribute("data-nodes") or 0) == n_full, page)
 
+    # ---- the full model and every rank's graph (4 x 163 rank operators, laid out side by side)
+    gw.locator(".gg-gw-mode").select_option("ranks")
+    wait_until("every rank's graph drawn", lambda: int(canvas.get_attribute("data-nodes") or 0) > 4 * n_seq,
+               page, timeout=90)
+    v = view(page)
+    assert v["currentVisible"] and v["minFont"] >= 11 and "current" in v["currentClasses"], v
+    related = page.evaluate(f"() => {CY}.nodes('.rank.related').map(n => n.id())")
+    assert {r.split(":")[0] for r in related} >= {"r0", "r1", "r2", "r3"}, related
+    assert page.evaluate(f"() => {CY}.edges('.link').length") > 0
+    gw.locator(".gg-gw-fit").click()
+    wait_until("every program inside after Fit", lambda: view(page)["allInside"], page)
+    page.screenshot(path=str(out / "06_full_model_and_ranks_fit.png"))
+    gw.locator(".gg-gw-mode").select_option("full")
+    wait_until("back to the full model", lambda: int(canvas.get_attribute("data-nodes") or 0) == n_full, page)
+
     # ---- sharding picture and lemma of a relation: mm (h @ wq at 4 ranks, split by columns)
     click_node(page, "seq:mm")
     detail = gw.locator(".gg-gw-detail")
@@ -224,14 +240,14 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     assert len(fills) == 4, fills  # one colour per rank
     text = detail.inner_text()
     assert "lemma concat-commute" in text and "op(.., concat(x_i, d), ..)" in text, text
-    detail.screenshot(path=str(out / "06_sharding_mm.png"))
+    detail.screenshot(path=str(out / "07_sharding_mm.png"))
     # a replicated tensor: one block striped with the 4 ranks' colours
     click_node(page, "seq:x")
     rep = detail.locator(".gg-sharding[data-tensor='x'] .gg-block")
     wait_until("x's picture", lambda: rep.count() == 1, page)
     assert rep.first.get_attribute("data-kind") == "replica"
     assert rep.first.get_attribute("data-ranks") == "0,1,2,3"
-    page.screenshot(path=str(out / "07_sharding_x.png"), full_page=True)
+    page.screenshot(path=str(out / "08_sharding_x.png"), full_page=True)
 
     # ---- the missing all-reduce: the stuck operator drawn as stuck; its input a partial sum
     bug_canvas = page.locator(".gg-gw-canvas").nth(1)
@@ -246,4 +262,4 @@ def test_graph_view_gpt_block_fwd_bwd_4_ranks(lab, page, notebook_ui, request, t
     assert part.first.get_attribute("data-kind") == "partial"
     assert part.first.get_attribute("data-ranks") == "0,1"
     assert "\u03a3 r0 + r1" in (part.first.text_content() or "")
-    page.locator(".gg-gw").nth(1).screenshot(path=str(out / "08_partial_sum_missing_allreduce.png"))
+    page.locator(".gg-gw").nth(1).screenshot(path=str(out / "09_partial_sum_missing_allreduce.png"))
