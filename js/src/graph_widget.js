@@ -44,10 +44,11 @@ function shortShape(shape) {
 
 const DAGRE = { name: "dagre", rankDir: "TB", nodeSep: 18, rankSep: 36, edgeSep: 8, animate: false, fit: false };
 const CHAR_PX = 0.61 * FONT_PX; // monospace advance
+const LINE_HEIGHT = 1.35; // underscores stay clear of the next line
 function labelSize(n) {
   const lines = String(n.data("label") || "").split("\n");
   const w = Math.max(...lines.map((l) => l.length)) * CHAR_PX + 4;
-  return { w: Math.max(w, 20), h: lines.length * FONT_PX * 1.25 + 2 };
+  return { w: Math.max(w, 20), h: lines.length * FONT_PX * LINE_HEIGHT + 2 };
 }
 
 const STYLE = [
@@ -59,6 +60,7 @@ const STYLE = [
       "font-family": "monospace",
       "font-size": FONT_PX,
       "text-wrap": "wrap",
+      "line-height": LINE_HEIGHT,
       "text-valign": "center",
       "text-halign": "center",
       width: (n) => labelSize(n).w,

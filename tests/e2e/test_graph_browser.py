@@ -34,7 +34,7 @@ STEPS = 40  # operators processed before the widget is shown (mid-attention in t
 CELL = f"""
 import gg_notebook as gg
 import gg_notebook.examples as ex
-from gg_notebook.widgets.graph_widget import GraphWidget
+from gg_notebook.widgets import GraphWidget
 s = gg.ProofSession(ex.get("gpt_block_fwd_bwd").make(world_size=4))
 for _ in range({STEPS}):
     s.step()
