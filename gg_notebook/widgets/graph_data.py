@@ -221,12 +221,14 @@ def _status_of(c) -> str:
     return "deferred" if c.deferred else ("assumed" if c.assumption else "proved")
 
 
-def node_detail(session, node_id: str, *, show=None, max_relations: int = 3) -> str:
+def node_detail(session, node_id: str, *, show=None, picture=None, max_relations: int = 3) -> str:
     """HTML for the side panel: the node, its relations with their lemma chains and sharding
-    pictures (sequential nodes), or where the value lives (rank nodes)."""
+    pictures (sequential nodes), or where the value lives (rank nodes). ``picture(expr, name)``
+    draws a relation (default: `sharding.sharding_html`; the widget passes a cached one)."""
     from gg_notebook.widgets.sharding import sharding_html
 
     eng = session.engine
+    picture = picture or (lambda e, title: sharding_html(eng, e, title=title))
     show = show or eng.show
     kind, _, name = node_id.partition(":")
     if kind == "seq":
@@ -246,7 +248,7 @@ def node_detail(session, node_id: str, *, show=None, max_relations: int = 3) -> 
             text = show(c.expr)
             parts.append(f"<div class='gg-relation'><div><code>{_esc(name)} = {_esc(text)}</code> "
                          f"({_esc(_status_of(c))})</div>")
-            parts.append(sharding_html(eng, c.expr, title=name))
+            parts.append(picture(c.expr, name))
             if c.chain:
                 parts.append("<div>why:</div><ul class='gg-lemmas'>"
                              + "".join(lemma_html(x) for x in dict.fromkeys(c.chain)) + "</ul>")

@@ -80,6 +80,7 @@ class GraphWidget(anywidget.AnyWidget):
         self.session = session
         self._helper = G.GraphHelper()
         self._show_cache: dict[int, str] = {}
+        self._picture_cache: dict[tuple, str] = {}  # (expr id, tensor) -> sharding picture HTML
         self._engine_id = None
         self.refresh()
         self.observe(self._on_selected, names="selected")
@@ -101,6 +102,19 @@ class GraphWidget(anywidget.AnyWidget):
             self._show_cache[e.id] = s
         return s
 
+    def picture(self, expr, title: str) -> str:
+        """The sharding picture of a relation, cached (expressions are hash-consed: an id is one
+        expression for the engine's lifetime), so re-rendering the panel on a step costs nothing."""
+        key = (expr.id, title)
+        hit = self._picture_cache.get(key)
+        if hit is None:
+            from gg_notebook.widgets.sharding import sharding_html
+
+            if len(self._picture_cache) > 256:
+                self._picture_cache.clear()
+            hit = self._picture_cache[key] = sharding_html(self.session.engine, expr, title=title)
+        return hit
+
     def refresh(self) -> None:
         """Re-read the session: the graph once (or after a reset changed it), the state always;
         the detail panel follows the selected node (or the current operator when none is)."""
@@ -108,6 +122,7 @@ class GraphWidget(anywidget.AnyWidget):
         if self._engine_id != id(s.engine):
             self._engine_id = id(s.engine)
             self._show_cache.clear()
+            self._picture_cache.clear()
             g = graph_json(s)
             if g != self.graph:
                 self.graph = g
@@ -126,7 +141,7 @@ class GraphWidget(anywidget.AnyWidget):
     def _update_detail(self) -> None:
         sel = self.selected or (self.state.get("current") or "")
         try:
-            self.detail = node_detail(self.session, sel, show=self.show) if sel else ""
+            self.detail = node_detail(self.session, sel, show=self.show, picture=self.picture) if sel else ""
         except Exception as exc:  # noqa: BLE001 - the panel must never break the widget
             import html
 

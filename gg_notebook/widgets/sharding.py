@@ -28,7 +28,7 @@ import torch
 
 from gg_notebook.relations.expr import Expr, apply_op, fold
 
-MAX_ELEMENTS = 1 << 22  # provenance tensors are int64: 32 MB at most
+MAX_ELEMENTS = 1 << 21  # provenance tensors: int64 + int8 + bool, about 20 MB at most
 MAX_LEAVES = 62
 MAX_BLOCKS = 256
 
