@@ -203,6 +203,16 @@ def test_sharding_constructed_layouts(gpt4):
     _check_against_values(eng, two, lay)
     html = sharding_html(eng, two, title="two")
     assert "rows: dim 0" in html and "columns: dim 1" in html and html.count("class='gg-block'") == 4
+    # three split dims: one panel per interval of the outermost; a value used twice is drawn twice
+    v = [st.view(x, (4, 4, 4)) for x in a]
+    inner = [st.cat([v[0], v[1]], 2), st.cat([v[2], v[3]], 2)]  # 4 x 4 x 8 each
+    three = st.cat([st.cat([inner[0], inner[1]], 1), st.cat([inner[1], inner[0]], 1)], 0)  # 8 x 8 x 8
+    lay = sharding_layout(eng, three)
+    assert lay.split_dims == (0, 1, 2) and len(lay.blocks) == 8
+    assert [b.ranks[0] for b in lay.blocks] == [0, 1, 2, 3, 2, 3, 0, 1]
+    _check_against_values(eng, three, lay)
+    html = sharding_html(eng, three, title="three")
+    assert "dim 0 0:4" in html and "dim 0 4:8" in html and "rows: dim 1" in html
 
 
 def test_sharding_too_large_is_said(gpt4, monkeypatch):
