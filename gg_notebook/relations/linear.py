@@ -49,8 +49,13 @@ _ARG_FORM_TARGETS = frozenset((
     aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
     aten.div.Scalar, aten.silu.default, aten.mean.dim, aten.sum.dim_IntList))
 MAX_BASES = 64  # a form with more bases is kept as one opaque base (completeness, not soundness)
+# a form with more bases is not spread over an operator linear in it (one new term per base, and a
+# backward's gradient sums grow with depth); its number comes out instead: ``f(c * T) = c * f(T)``
+# with ``T`` the one canonical term of the form up to its first coefficient (`_combination`)
+MAX_SPREAD = 8
 
 Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
+ONE = Fraction(1)
 
 
 def coefficient(v) -> Fraction | None:
@@ -98,13 +103,15 @@ def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
 
 
 class TooLarge(Exception):
-    """A normal form would take too many terms to compute (the answer is then: not known)."""
+    """A normal form would take too many terms to compute. Never raised since forms are bounded by
+    `MAX_SPREAD` and `MAX_BASES` (every term's form is computed once, whatever the question); kept
+    for callers that still catch it."""
 
 
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, budget: int = 30, cut: frozenset = frozenset()) -> None:
+    def __init__(self, store: ExprStore, cut: frozenset = frozenset()) -> None:
         self.S = store
         # ids of terms taken as their own bases, never looked into (a form relative to a cut: two
         # values built over the same cut terms compare by forms computed above it; still sound,
@@ -114,25 +121,20 @@ class LinearForms:
         self._fill_memo: dict[int, Fraction | None] = {}
         self._worth: dict[tuple, bool] = {}
         self._reads_memo: dict[int, bool] = {}
-        self.budget = budget  # terms one top-level question may normalize (large graphs: no answer)
-        self._left: int | None = None
+        self._combos: dict[tuple, Expr] = {}  # normalized form -> its canonical term (`_combination`)
+        self._combo_of: dict[int, tuple | None] = {}  # term id -> `_combination` of its form
+        self._keys: dict[int, tuple | None] = {}  # term id -> `key`
 
     # ------------------------------------------------------------------ public
     def of(self, t: Expr, budget: int | None = None) -> Form:
-        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies. Raises
-        `TooLarge` when answering would normalize more than ``budget`` new terms (default
-        ``self.budget``; every form computed so far stays memoized: each is complete)."""
+        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies. Every term's
+        form is computed once, arguments first, and memoized: the answer does not depend on which
+        questions came before. (``budget`` is ignored: a form's cost is bounded by `MAX_SPREAD`, a
+        form with many bases is not spread over the operators that read it.)"""
         hit = self._memo.get(t.id)
         if hit is not None:
             return hit
-        top = self._left is None
-        if top:
-            self._left = self.budget if budget is None else budget
-        try:
-            return self._of(t)
-        finally:
-            if top:
-                self._left = None
+        return self._of(t)
 
     def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
@@ -141,10 +143,7 @@ class LinearForms:
             x = stack[-1]
             if x.args and x.id not in self._memo and not self._reads_arg_forms(x):
                 stack.pop()  # an operator no rule looks through: its own base, arguments never visited
-                self._left -= 1
-                if self._left < 0:
-                    raise TooLarge(t)
-                self._memo[x.id] = ((x, Fraction(1)),)
+                self._memo[x.id] = ((x, ONE),)
                 continue
             todo = [a for a in x.args if a.id not in self._memo]
             if todo:
@@ -152,9 +151,6 @@ class LinearForms:
                 continue
             stack.pop()
             if x.id not in self._memo:
-                self._left -= 1
-                if self._left < 0:
-                    raise TooLarge(t)
                 form = None
                 if _floating(x):
                     try:
@@ -163,7 +159,7 @@ class LinearForms:
                         form = None
                 if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
                     form = merge_slice_sums(self, form) or form
-                self._memo[x.id] = form if form else ((x, Fraction(1)),)
+                self._memo[x.id] = form if form else ((x, ONE),)
         return self._memo[t.id]
 
     def _reads_arg_forms(self, x: Expr) -> bool:
@@ -250,15 +246,21 @@ class LinearForms:
     def key(self, t: Expr, budget: int | None = None) -> tuple[tuple, Fraction] | None:
         """(key, first coefficient): the form up to a factor. Terms whose forms are multiples of
         each other have the same key; the value of the first is ``c / c'`` times the second.
-        None if the form is empty or too large to compute."""
-        try:
-            f = self.of(t, budget)
-        except TooLarge:
-            return None
+        None if the form is empty. Memoized by term (``budget`` is ignored, see `of`)."""
+        hit = self._keys.get(t.id, False)
+        if hit is not False:
+            return hit
+        f = self.of(t)
         if not f:
-            return None
-        c0 = f[0][1]
-        return (t.shape, t.dtype, tuple((b.id, c / c0) for b, c in f)), c0
+            out = None
+        else:
+            c0 = f[0][1]
+            if len(f) == 1:
+                out = (t.shape, t.dtype, ((f[0][0].id, ONE),)), c0
+            else:
+                out = (t.shape, t.dtype, tuple((b.id, c / c0) for b, c in f)), c0
+        self._keys[t.id] = out
+        return out
 
     def ratio(self, a: Expr, b: Expr) -> Fraction | None:
         """r with ``a == r * b`` by their normal forms (None if they are not multiples)."""
@@ -279,12 +281,52 @@ class LinearForms:
             inner = self.of(x.args[0])
             if len(inner) == 1 and inner[0][0] is x.args[0] and inner[0][1] == 1:
                 return None
+            if len(inner) > MAX_SPREAD:
+                return self._through_combination(x, x.args[0], lambda T: _rebuild_unary(self.S, x, T))
             return self._map(inner, lambda b: _rebuild_unary(self.S, x, b))
         if op == "cat":
             return self._cat(x)
         if op == "call":
             return self._call(x)
         return None
+
+    def _combination(self, form: Form) -> tuple[Expr, Fraction] | None:
+        """``(T, c0)`` with ``form == c0 * form(T)``: ``T`` the linear combination of the bases with
+        their coefficients over the first one, one opaque term per form up to a factor
+        (hash-consed: values whose forms are multiples of each other get the same ``T``; no
+        constructor of the store looks into it, so a view or a permute of it is one new term, not
+        one per base). None if a base is a constant."""
+        c0 = form[0][1]
+        key = tuple((b.id, c / c0) for b, c in form)
+        T = self._combos.get(key)
+        if T is None:
+            if any(b.ground for b, _ in form):
+                return None
+            spec = combination_spec(tuple(c / c0 for _, c in form))
+            first = form[0][0]
+            T = self.S._intern("call", spec, tuple(b for b, _ in form), first.shape, first.dtype)
+            self._combos[key] = T
+            self._memo.setdefault(T.id, tuple((b, c / c0) for b, c in form))
+        return T, c0
+
+    def _combination_of(self, t: Expr) -> tuple[Expr, Fraction] | None:
+        """`_combination` of ``t``'s form (memoized by term)."""
+        hit = self._combo_of.get(t.id, False)
+        if hit is False:
+            hit = self._combo_of[t.id] = self._combination(self.of(t))
+        return hit
+
+    def _through_combination(self, x: Expr, src: Expr, fn) -> Form | None:
+        """A linear map ``fn`` of ``src`` (a form with many bases) as ``fn(c0 * T) = c0 * fn(T)``
+        (`_combination`)."""
+        hit = self._combination_of(src)
+        if hit is None:
+            return None
+        T, c0 = hit
+        img = fn(T)
+        if img is None or img.id == x.id:
+            return None
+        return _normalize((b, c0 * k) for b, k in self.of(img))
 
     def _map(self, form: Form, fn) -> Form | None:
         """Apply a linear map to every base (the images are normalized in turn)."""
@@ -410,6 +452,8 @@ class LinearForms:
                 return None
             return self._map(((flat, Fraction(1)),), lambda b: self.S.view(b, x.shape))
         inner = self.of(src)
+        if len(inner) > MAX_SPREAD:
+            return self._through_combination(x, src, lambda T: self._sum_of(T, dims))
         out = []
         changed = not (len(inner) == 1 and inner[0][0] is src and inner[0][1] == 1)
         for b, c in inner:
@@ -488,8 +532,14 @@ class LinearForms:
         terms = [(list(x.args), Fraction(1))]
         for i in slots:
             nxt = []
+            form = self.of(x.args[i])
+            if len(form) > MAX_SPREAD:
+                hit = self._combination_of(x.args[i])
+                if hit is None:
+                    return None
+                form = ((hit[0], hit[1]),)
             for args, c in terms:
-                for b, k in self.of(x.args[i]):
+                for b, k in form:
                     if b.shape != x.args[i].shape or b.dtype != x.args[i].dtype:
                         return None
                     new = list(args)
@@ -503,6 +553,11 @@ class LinearForms:
             call = self.S.call(spec, args)
             if call.shape != x.shape or call.dtype != x.dtype:
                 return None
+            if call.id == x.id:  # every spread argument was its own combination already
+                if len(terms) == 1:
+                    return None
+                out.append((x, c))
+                continue
             out.extend((b, c * k) for b, k in self.of(call))
         return _normalize(out)
 
@@ -547,6 +602,34 @@ class LinearForms:
                 a = self.fill(g.args[0])
                 return None if a is None else -a
         return None
+
+
+class _Combination:
+    """The target of a `combination_spec`: ``sum_i c_i * x_i`` (evaluates what the term means)."""
+
+    def __init__(self, coefficients: tuple) -> None:
+        self.coefficients = coefficients
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Combination) and other.coefficients == self.coefficients
+
+    def __hash__(self) -> int:
+        return hash(("combination", self.coefficients))
+
+    def __call__(self, *xs):
+        out = xs[0] * float(self.coefficients[0])
+        for c, x in zip(self.coefficients[1:], xs[1:]):
+            out = out + x * float(c)
+        return out
+
+
+def combination_spec(coefficients: tuple):
+    """The operator of a normal form's canonical term ``sum_i c_i * x_i`` (`LinearForms._combination`):
+    its own kind, so that no lemma, matcher or linearity rule reads it."""
+    from gg_notebook.relations.expr import OpSpec, Slot
+
+    return OpSpec("linear-combination", "linear combination", _Combination(coefficients),
+                  (tuple(Slot(i) for i in range(len(coefficients))), ()))
 
 
 def _sum_through_view(v: Expr, dims: tuple[int, ...]):
