@@ -105,6 +105,7 @@ class DIndex:
         self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
         self._dval_key_all: dict[int, tuple | None] = {}  # the same, normalized even without a number near the root
         self._bucket_keys: dict[tuple, dict] = {}  # bucket -> {form key: {first coefficient: dval}}
+        self._root_groups: dict[tuple, dict] = {}  # bucket -> {operator: [dvals, keyed]} (`_same_root_hits`)
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
         self.forms = LinearForms(store)
@@ -174,15 +175,25 @@ class DIndex:
         masking) may still be a multiple of the query."""
         if term.op != "call":
             return {}
-        out: dict = {}
-        for d in self.same_inputs(term):
-            t = d.term
-            if t.op != "call" or t.attrs != term.attrs:
-                continue
-            k = self.forms.key(t)
-            if k is not None and k[0] == key:
-                out.setdefault(k[1], d)
-        return out
+        bkey = (term.shape, term.dtype, self.leaf_mask(term))
+        groups = self._root_groups.get(bkey)
+        if groups is None:  # the bucket's calls by operator: [values, their form keys (on first use)]
+            groups = {}
+            for d in self.same_inputs(term):
+                if d.term.op == "call":
+                    groups.setdefault(d.term.attrs, [[], None])[0].append(d)
+            self._root_groups[bkey] = groups
+        group = groups.get(term.attrs)
+        if group is None:
+            return {}
+        if group[1] is None:
+            table: dict = {}
+            for d in group[0]:
+                k = self.forms.key(d.term)
+                if k is not None:
+                    table.setdefault(k[0], {}).setdefault(k[1], d)
+            group[1] = table
+        return group[1].get(key, {})
 
     def same_inputs(self, term: Expr) -> list[DVal]:
         """Floating values some rank holds with ``term``'s shape and dtype that read exactly the

@@ -56,6 +56,41 @@ MAX_SPREAD = 8
 
 Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
 ONE = Fraction(1)
+_PRODUCTS: dict = {}  # (a, b, divide) -> a * b or a / b, for radical coefficients (exact.py is slow)
+
+
+def _mul(a, b):
+    """``a * b`` for coefficients (a product by one, or of two rationals, directly; radicals cached)."""
+    if b == 1:
+        return a
+    if a == 1:
+        return b
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        return a * b
+    key = (a, b, False)
+    hit = _PRODUCTS.get(key)
+    if hit is None:
+        if len(_PRODUCTS) > 1 << 16:
+            _PRODUCTS.clear()
+        hit = _PRODUCTS[key] = a * b
+    return hit
+
+
+def _div(a, b):
+    """``a / b`` for coefficients (see `_mul`)."""
+    if b == 1:
+        return a
+    if a == b:
+        return ONE
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        return a / b
+    key = (a, b, True)
+    hit = _PRODUCTS.get(key)
+    if hit is None:
+        if len(_PRODUCTS) > 1 << 16:
+            _PRODUCTS.clear()
+        hit = _PRODUCTS[key] = a / b
+    return hit
 
 
 def coefficient(v) -> Fraction | None:
@@ -124,6 +159,7 @@ class LinearForms:
         self._combos: dict[tuple, Expr] = {}  # normalized form -> its canonical term (`_combination`)
         self._combo_of: dict[int, tuple | None] = {}  # term id -> `_combination` of its form
         self._keys: dict[int, tuple | None] = {}  # term id -> `key`
+        self._lin_memo: dict[int, tuple | None] = {}  # term id -> its operator's linear arguments
 
     # ------------------------------------------------------------------ public
     def of(self, t: Expr, budget: int | None = None) -> Form:
@@ -188,10 +224,17 @@ class LinearForms:
             return False
         if spec.target in _ARG_FORM_TARGETS:
             return True
-        from gg_notebook.ops.linearity import linear_args
-
-        lin = linear_args(spec, [a.dtype for a in x.args])
+        lin = self._linear_args(x)
         return lin is not None and lin[0] == "separately"
+
+    def _linear_args(self, x: Expr):
+        """`gg_notebook.ops.linearity.linear_args` of call ``x`` (memoized by term)."""
+        hit = self._lin_memo.get(x.id, False)
+        if hit is False:
+            from gg_notebook.ops.linearity import linear_args
+
+            hit = self._lin_memo[x.id] = linear_args(x.attrs, [a.dtype for a in x.args])
+        return hit
 
     def scalar_root(self, t: Expr) -> bool:
         """Does ``t``'s own operator bring in a number (a scale, a mean, a sum that may merge, a
@@ -258,7 +301,7 @@ class LinearForms:
             if len(f) == 1:
                 out = (t.shape, t.dtype, ((f[0][0].id, ONE),)), c0
             else:
-                out = (t.shape, t.dtype, tuple((b.id, c / c0) for b, c in f)), c0
+                out = (t.shape, t.dtype, tuple((b.id, _div(c, c0)) for b, c in f)), c0
         self._keys[t.id] = out
         return out
 
@@ -276,7 +319,7 @@ class LinearForms:
             return _normalize(p for a in x.args for p in self.of(a))
         if op == "scale":
             c = x.attrs if not isinstance(x.attrs, float) else Fraction(x.attrs)
-            return _normalize((b, c * k) for b, k in self.of(x.args[0]))
+            return _normalize((b, _mul(c, k)) for b, k in self.of(x.args[0]))
         if op in ("view", "permute", "slice", "expand"):
             inner = self.of(x.args[0])
             if len(inner) == 1 and inner[0][0] is x.args[0] and inner[0][1] == 1:
@@ -297,16 +340,16 @@ class LinearForms:
         constructor of the store looks into it, so a view or a permute of it is one new term, not
         one per base). None if a base is a constant."""
         c0 = form[0][1]
-        key = tuple((b.id, c / c0) for b, c in form)
+        key = tuple((b.id, _div(c, c0)) for b, c in form)
         T = self._combos.get(key)
         if T is None:
             if any(b.ground for b, _ in form):
                 return None
-            spec = combination_spec(tuple(c / c0 for _, c in form))
+            spec = combination_spec(tuple(k for _, k in key))
             first = form[0][0]
             T = self.S._intern("call", spec, tuple(b for b, _ in form), first.shape, first.dtype)
             self._combos[key] = T
-            self._memo.setdefault(T.id, tuple((b, c / c0) for b, c in form))
+            self._memo.setdefault(T.id, tuple((b, k) for (b, _), (_, k) in zip(form, key)))
         return T, c0
 
     def _combination_of(self, t: Expr) -> tuple[Expr, Fraction] | None:
@@ -326,7 +369,7 @@ class LinearForms:
         img = fn(T)
         if img is None or img.id == x.id:
             return None
-        return _normalize((b, c0 * k) for b, k in self.of(img))
+        return _normalize((b, _mul(c0, k)) for b, k in self.of(img))
 
     def _map(self, form: Form, fn) -> Form | None:
         """Apply a linear map to every base (the images are normalized in turn)."""
@@ -335,7 +378,7 @@ class LinearForms:
             img = fn(b)
             if img is None:
                 return None
-            out.extend((bb, c * k) for bb, k in self.of(img))
+            out.extend((bb, _mul(c, k)) for bb, k in self.of(img))
         return _normalize(out)
 
     def _cat(self, x: Expr) -> Form | None:
@@ -347,7 +390,7 @@ class LinearForms:
         if c == 1 or any(f[0][1] != c for f in forms):
             return None
         inner = self.S.cat([f[0][0] for f in forms], x.attrs)
-        return _normalize((b, c * k) for b, k in self.of(inner))
+        return _normalize((b, _mul(c, k)) for b, k in self.of(inner))
 
     def _call(self, x: Expr) -> Form | None:
         spec = x.attrs
@@ -376,7 +419,7 @@ class LinearForms:
     def _scaled(self, x: Expr, a: Expr, c: Fraction) -> Form | None:
         if a.shape != x.shape or a.dtype != x.dtype:
             return None
-        return _normalize((b, c * k) for b, k in self.of(a))
+        return _normalize((b, _mul(c, k)) for b, k in self.of(a))
 
     def _add(self, x: Expr, sign: int) -> Form | None:
         spec = x.attrs
@@ -398,7 +441,7 @@ class LinearForms:
                     arg = self.S.expand(arg, x.shape)
                 except ShapeError:
                     return None
-            terms.extend((bb, c * k) for bb, k in self.of(arg))
+            terms.extend((bb, _mul(c, k)) for bb, k in self.of(arg))
         return _normalize(terms)
 
     def _times_number(self, x: Expr) -> Form | None:
@@ -520,10 +563,8 @@ class LinearForms:
 
     def _distribute(self, x: Expr) -> Form | None:
         """An operator linear in some arguments (the linearity table), applied to forms."""
-        from gg_notebook.ops.linearity import linear_args
-
         spec = x.attrs
-        lin = linear_args(spec, [a.dtype for a in x.args])
+        lin = self._linear_args(x)
         if lin is None or lin[0] != "separately":
             return None
         slots = [i for i in lin[1] if not self.trivial(x.args[i])]
@@ -544,7 +585,7 @@ class LinearForms:
                         return None
                     new = list(args)
                     new[i] = b
-                    nxt.append((new, c * k))
+                    nxt.append((new, _mul(c, k)))
             terms = nxt
             if len(terms) > MAX_BASES:
                 return None
@@ -558,7 +599,7 @@ class LinearForms:
                     return None
                 out.append((x, c))
                 continue
-            out.extend((b, c * k) for b, k in self.of(call))
+            out.extend((b, _mul(c, k)) for b, k in self.of(call))
         return _normalize(out)
 
     # ------------------------------------------------------------------ constants
