@@ -21,6 +21,13 @@ unchanged. The rules:
 * ``mean(x, dims)`` is ``sum(x, dims) / n``; sums are canonical: nested sums merge, ``keepdim``
   becomes a view, and a sum over whole groups of a reshape looks through the reshape.
 
+A form with more than `MAX_SPREAD` bases (a backward's residual-stream gradient, a sum over layers
+and ranks) is not spread over an operator that reads it: ``f(c0 * T) = c0 * f(T)``, where ``T`` is
+one opaque term per form up to a factor (the bases with their coefficients over the first one), so
+its number still comes out and cancels, at one new term per operator instead of one per base.
+Every term's form is computed once, arguments first, and memoized; no question has a budget, so a
+form does not depend on which questions came before it.
+
 A float literal is the rational it is nearest to when that rational has a small denominator
 (``1/3`` written as ``0.333..``), else the square or fourth root of a short rational it is within a
 few ulps of (``math.sqrt(8)``, ``8 ** -0.5``, SDPA's ``sqrt(scale)``: relations/exact.py, so that
@@ -146,7 +153,8 @@ class TooLarge(Exception):
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, cut: frozenset = frozenset()) -> None:
+    def __init__(self, store: ExprStore, budget: int | None = None, cut: frozenset = frozenset()) -> None:
+        # (``budget`` is accepted for old callers and ignored: see `of`)
         self.S = store
         # ids of terms taken as their own bases, never looked into (a form relative to a cut: two
         # values built over the same cut terms compare by forms computed above it; still sound,
