@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import shutil
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("ipywidgets")
+W = pytest.importorskip("ipywidgets")
 
 import gg_notebook as gg  # noqa: E402
 import gg_notebook.examples as ex  # noqa: E402
@@ -120,7 +121,9 @@ def test_retract_and_undo_buttons_take_an_assumption_back(erfcx_problem):
     w.retract_buttons[0].click()
     assert s.stuck is not None and s.stuck.node == stuck and not s.user_relations
     assert w.retract_buttons == [] and w.assumptions_box.children == ()
-    assert w.verdict().startswith("stuck at")
+    # the verdict follows: without the assumption the program is correct but unproved
+    assert w.verdict().startswith("unknown: the numbers agree, a lemma is missing for aten.special_erfcx")
+    assert "gg-verdict-unknown" in w.banner.value
     w.suggestion_buttons[0].click()
     assert s.user_relations and s.stuck is None
     w.undo_button.click()  # the last change was the accept: undo takes it back
@@ -283,13 +286,57 @@ def test_banner_proved():
     assert s.progress == (82, 82)
 
 
-def test_banner_stuck_and_assumptions(mlp_bug):
+def all_html(widget) -> str:
+    """Every HTML value shown by ``widget`` and its children (what a reader sees, as markup)."""
+    out = []
+    stack = [widget]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, W.HTML):
+            out.append(x.value)
+        stack.extend(getattr(x, "children", ()) or ())
+    return "\n".join(out)
+
+
+def test_banner_refuted_with_counterexample(mlp_bug):
+    """One verdict: the session says what `gg.verify` says (refuted, the same counterexample), the
+    stuck explanation is printed once, and Undo clears the banner."""
     s, w, _ = pair(mlp_bug)
     w.run_button.click()
-    assert w.verdict() == "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27"
-    assert "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27" in w.banner.value
+    full = gg.verify(mlp_bug)
+    r = s.result()
+    assert r.status is gg.Status.REFUTED is full.status and str(r.counterexample) == str(full.counterexample)
+    assert w.verdict() == "refuted: first wrong value at aten.add.Tensor (spec:add_1, gg_notebook/examples/mlp.py:27)"
+    assert "gg-verdict-refuted" in w.banner.value and w.verdict() in w.banner.value
+    cx = r.counterexample
+    assert "counterexample" in w.banner.value and f"seed {cx.seed}" in w.banner.value
+    assert f"{cx.sequential[0]:.6g}" in w.banner.value and f"{cx.rebuilt[0]:.6g}" in w.banner.value
+    assert f"{cx.max_error:.3g}" in w.banner.value and html.escape(str(cx.worst_index)) in w.banner.value
+    assert "return y + b2" in w.banner.value  # where: the line
+    why = "is an all-reduce missing"
+    assert all_html(w).count(why) == 1, all_html(w).count(why)  # the explanation, once
     w.undo_button.click()
     assert w.banner.value == ""
+
+
+def test_banner_fixed_program_is_proved_and_the_buggy_one_refuted():
+    buggy = gg.ProofSession(ex.get("mlp").make(world_size=2, bug="missing_allreduce"))
+    fixed = gg.ProofSession(ex.get("mlp").make(world_size=2))
+    wb, wf = buggy.widget(), fixed.widget()
+    wb.run_button.click()
+    wf.run_button.click()
+    assert wb.verdict().startswith("refuted") and "gg-verdict-refuted" in wb.banner.value
+    assert wf.verdict() == "proved" and "gg-verdict-proved" in wf.banner.value
+
+
+def test_banner_numbers_agree_is_unknown(erfcx_problem):
+    s = gg.ProofSession(erfcx_problem)
+    w = s.widget()
+    w.run_button.click()
+    assert s.result().status is gg.Status.UNKNOWN
+    assert w.verdict() == ("unknown: the numbers agree, a lemma is missing for aten.special_erfcx.default "
+                           f"(spec:special_erfcx, {s.result().culprit.source})")
+    assert "agree on 3 random inputs" in w.banner.value and "counterexample" not in w.banner.value
 
 
 def test_banner_proved_under_assumptions(erfcx_problem):

@@ -76,6 +76,7 @@ class ProofSession:
         self.engine.typed_relations = self._typed  # the verdict lists assumptions as typed, too
         self.load_warnings: list[str] = []  # relations of a loaded session file that were not replayed
         self.version = 0
+        self._result_cache: tuple | None = None  # ((version, engine id, concrete), Result)
 
     # ------------------------------------------------------------------ state
     @property
@@ -406,24 +407,44 @@ class ProofSession:
         self.actions.append({"op": "reset"})
         self._changed("reset")
 
-    def result(self, concrete: bool = False) -> Result:
-        """The same `Result` type as `gg.verify`, including the assumptions made so far: with any,
-        the verdict is at most ``Status.ASSUMED``. With ``concrete``, an assumed or unknown verdict is
-        checked on random inputs as `gg.verify` does (a false assumption ends refuted)."""
-        stats = dict(self.stats)
-        stats.update(self.engine.stats)
-        result = judge(self.engine, self.problem, stats)
-        if self.engine.user_relations and self._sims_error is not None:
-            result.findings.append(Finding("not-checked", "the hints could not be checked on random inputs "
-                                                          f"({self._sims_error})"))
-        if concrete and result.status in (Status.UNKNOWN, Status.ASSUMED):
-            from gg_notebook.concrete.refute import concrete_check
+    def result(self, concrete: bool | None = None) -> Result:
+        """The same `Result` type as `gg.verify`, including the assumptions made so far (with any, the
+        verdict is at most ``Status.ASSUMED``).
 
-            result = concrete_check(self.engine, self.problem, result, 3, self.engine.bitwise)
-        # a snapshot: later steps and hints must not change a result already handed out
-        result.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
-                                            inputs=dict(st.inputs)) for st in result.steps]
-        return result
+        Once the session is finished or stuck (``concrete=None``, the default), the verdict is the
+        one `gg.verify` gives, through the same code path (`gg_notebook.verify.conclude`): a proof is
+        validated, and an unknown or assumed verdict is checked on random inputs: refuted with a
+        counterexample (a false assumption ends refuted too), or unknown with "the numbers agree: a
+        lemma is missing". While in progress it is the symbolic judgement of the relations so far.
+        ``concrete=False`` never runs the programs; ``concrete=True`` runs the checks even in progress.
+        Computed once per session state (the concrete check can take seconds on a big model)."""
+        if concrete is None:
+            concrete = self.done
+        key = (self.version, id(self.engine), bool(concrete))
+        if self._result_cache is None or self._result_cache[0] != key:
+            stats = dict(self.stats)
+            stats.update(self.engine.stats)
+            if concrete:
+                from gg_notebook.verify import conclude
+
+                result = conclude(self.engine, self.problem, stats, exact="bitwise" if self.engine.bitwise else "real")
+            else:
+                result = judge(self.engine, self.problem, stats)
+            if self.engine.user_relations and self._sims_error is not None:
+                result.findings.append(Finding("not-checked", "the hints could not be checked on random inputs "
+                                                              f"({self._sims_error})"))
+            self._result_cache = (key, result)
+        return self._snapshot(self._result_cache[1])
+
+    @staticmethod
+    def _snapshot(result: Result) -> Result:
+        """A copy: later steps and hints must not change a result already handed out."""
+        out = dataclasses.replace(result, relations=list(result.relations), findings=list(result.findings),
+                                  assumptions=list(result.assumptions), stats=dict(result.stats),
+                                  domain_assumptions=list(result.domain_assumptions))
+        out.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
+                                         inputs=dict(st.inputs)) for st in result.steps]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import weakref
 
 import ipywidgets as W
 
+from gg_notebook.session import views as V
 from gg_notebook.widgets import graph as G
 
 TABLE_ROWS = 30  # rows of the relation table without a filter (the most recent tensors)
@@ -226,36 +227,80 @@ class SessionWidget(W.VBox):
             self.current_html.value = "<b>All operators processed.</b>"
             return
         stuck = s.stuck
-        head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
-        parts = [f"{head} <code>{esc(n.target or n.op)}</code> &nbsp;node <code>{esc(n.name)}</code>"
-                 f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"]
-        if n.source:
-            parts.append(f"<div>at <code>{esc(n.source)}</code></div>")
-        ctx = s.context(n)
-        if ctx:
-            rows = "".join(
-                f"<div style='{'background:#ddf4ff;font-weight:bold' if cur else ''}'>"
-                f"<span style='color:#888'>{k:>5} </span>{esc(text)}</div>" for k, text, cur in ctx)
-            parts.append(f"<div style='{_MONO};border:1px solid #ddd;padding:2px;font-size:12px'>{rows}</div>")
-        elif n.code:
-            parts.append(f"<pre>{esc(n.code)}</pre>")
         eng = s.engine
+        names = V.variable_names(eng.seq)
+        head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
+        parts = [f"{head} <code>{esc(V.display_name(n, names))}</code> &nbsp;<code>{esc(n.target or n.op)}</code>"
+                 f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"
+                 f"<div style='font-size:12px'>call <code class='gg-call'>{esc(V.call_text(n))}</code></div>"]
+        parts.append(self._side_by_side(n))
         if n.inputs:
             rows = []
             for i in n.inputs:
                 cands = eng.relations.get(i.name, [])
                 rel = "<br>".join(f"<code>{esc(self.show(c.expr))}</code> {badge(_status(c))}" for c in cands[:3]) \
                     or "<i>no relation</i>"
-                rows.append(f"<tr><td><code>{esc(i.name)}</code></td><td style='{_MONO}'>{rel}</td></tr>")
+                rows.append(f"<tr><td><code>{esc(V.display_name(i, names))}</code></td><td style='{_MONO}'>{rel}</td></tr>")
             parts.append("<div>inputs:</div><table style='font-size:12px'>" + "".join(rows) + "</table>")
-        if stuck is not None and stuck.detail:
-            parts.append(f"<div style='color:#cf222e'>{esc(stuck.detail)}</div>")
+        if stuck is not None:
+            # the explanation is printed once: in the verdict banner (the session is done when stuck)
+            parts.append("<div style='color:#cf222e;font-size:12px'>why: see the verdict above</div>")
         elif eng.steps:
             last = eng.steps[-1]
             rel = "; ".join(last.pretty[:2]) or "no relation"
-            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(last.node)}</code> "
+            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(V.SPEC + last.node)}</code> "
                          f"({esc(last.status)}) = <code>{esc(rel)}</code></div>")
         self.current_html.value = "".join(parts)
+
+    def _side_by_side(self, n) -> str:
+        """The specification's line next to each rank's corresponding lines (ranks with the same lines
+        share a column), the operator's line highlighted, each operator with its arguments."""
+        s = self.session
+        try:
+            lines = V.corresponding(s, n)
+        except Exception as exc:  # noqa: BLE001 - a view must never break the widget
+            lines = []
+            err = f"<div style='color:#cf222e'>rank lines unavailable: {esc(exc)}</div>"
+        else:
+            err = ""
+
+        def code(ctx) -> str:
+            return "".join(
+                f"<div class='{'gg-hl' if cur else ''}' style='{'background:#fff8c5;font-weight:bold' if cur else ''}'>"
+                f"<span style='color:#888'>{k:>4} </span>{esc(text)}</div>" for k, text, cur in ctx)
+
+        spec_ctx = V.context_lines(n, 2)
+        spec_src = V.pretty_source(n.source, n.frames)
+        spec = (f"<div style='font-weight:bold'>specification</div>"
+                f"<div style='color:#555'>{esc(spec_src or 'no source line')}</div>"
+                f"<div style='{_MONO}'>{code(spec_ctx) or esc(n.code or '')}</div>"
+                f"<div><code>{esc(V.SPEC + n.name)} = {esc(V.call_text(n))}</code></div>")
+        groups: dict[tuple, list[int]] = {}
+        per: dict[int, list] = {}
+        for x in lines:
+            per.setdefault(x.rank, []).append(x)
+        for r, xs in per.items():
+            sig = tuple((x.source, x.call, x.role) for x in xs)
+            groups.setdefault(sig, []).append(r)
+        cols = []
+        for sig, ranks in groups.items():
+            xs = per[ranks[0]]
+            title = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            role = "its relation uses" if xs[0].role == "holds" else "operators using its inputs' values"
+            body = []
+            at = f"@r{ranks[0]}" if len(ranks) == 1 else " (on each)"
+            for x in xs:
+                var = f" <span style='color:#555'>({esc(x.variable)})</span>" if x.variable else ""
+                body.append(f"<div style='color:#555;margin-top:2px'>{esc(x.source or 'no source line')}</div>"
+                            f"<div style='{_MONO}'>{code(x.lines)}</div>"
+                            f"<div><code>{esc(x.node)}{esc(at)} = {esc(x.call)}</code>{var}</div>")
+            cols.append(f"<td style='vertical-align:top;border-left:1px solid #ddd;padding:2px 6px'>"
+                        f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>"
+                        + "".join(body) + "</td>")
+        if not cols:
+            cols.append("<td style='vertical-align:top;color:#555;padding:2px 6px'>no rank operator is related yet</td>")
+        return (f"<table class='gg-side-by-side' style='font-size:12px;border:1px solid #ddd;width:100%'><tr>"
+                f"<td style='vertical-align:top;padding:2px 6px'>{spec}</td>{''.join(cols)}</tr></table>{err}")
 
     def _wants_suggestions(self) -> bool:
         s = self.session
@@ -451,6 +496,8 @@ class SessionWidget(W.VBox):
                           for c in cands) or "<i>no relation</i>"
             step = next((x for x in reversed(eng.steps) if x.node == name), None)
             extra = f"<div style='color:#555'>{esc(step.detail)}</div>" if step is not None and step.detail else ""
+            if s.stuck is not None and s.stuck.node == name:  # its explanation is in the verdict banner (once)
+                extra = "<div style='color:#cf222e'>stuck: why, see the verdict above</div>"
             return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
                     f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
                     + f"<div>{rel}</div>{extra}</div>")
@@ -472,23 +519,29 @@ class SessionWidget(W.VBox):
                 + "</div>")
 
     def result(self):
-        """`session.result()`, cached per session version."""
-        if self._result_cache is None or self._result_cache[0] != self.version:
-            self._result_cache = (self.version, self.session.result())
-        return self._result_cache[1]
+        """`session.result()`: the verdict `gg.verify` gives once the session is finished or stuck
+        (the session computes it once per state)."""
+        return self.session.result()
 
     def verdict(self) -> str:
-        """The banner's text: "proved", "assumed: holds only under N assumption(s) (not a proof)" or
-        "stuck at <op>, <file:line>"."""
+        """The banner's headline: "proved", "assumed: holds only under N assumption(s) (not a proof)",
+        "refuted: first wrong value at <op> (<node>, <where>)", "unknown: the numbers agree, a lemma is
+        missing for <op> (<node>, <where>)", or, without a concrete check, "unknown: stuck at ..."."""
         r = self.result()
         if r.proved:
             return "proved"
         if r.status.value in ("assumed", "proved"):  # (a proved status with assumptions is assumed)
             return r.headline()
         c = r.culprit
+        where = ""
         if c is not None:
-            return f"stuck at {c.op}, {c.source}" if c.source else f"stuck at {c.op} ({c.node})"
-        return r.headline()
+            src = V.pretty_source(c.source)
+            where = f" at {c.op} ({V.SPEC}{c.node}" + (f", {src})" if src else ")")
+        if r.status.value == "refuted":
+            return ("refuted: first wrong value" + where) if c is not None else "refuted"
+        if any(f.kind == "numbers-agree" for f in r.findings):
+            return "unknown: the numbers agree, a lemma is missing" + (f" for{where[3:]}" if where else "")
+        return "unknown: stuck" + where if where else "unknown"
 
     def _render_banner(self) -> None:
         s = self.session
@@ -506,24 +559,51 @@ class SessionWidget(W.VBox):
             kind, colour, bg = "proved", "#1a7f37", "#dafbe1"
         elif assumed:  # not the green banner: an assumption is not a proof
             kind, colour, bg = "assumed", "#bc4c00", "#fff1e5"
+        elif r.status.value == "refuted":
+            kind, colour, bg = "refuted", "#cf222e", "#ffebe9"
         else:
-            kind, colour, bg = "stuck", "#cf222e", "#ffebe9"
+            kind, colour, bg = "unknown", "#9a6700", "#fff8c5"
         body = ""
         if r.assumptions:
             body += "<ul style='margin:2px 0'>" + "".join(f"<li><code>{esc(a)}</code></li>" for a in r.assumptions) + "</ul>"
         if assumed:
             body += ("<div style='font-size:12px'>every output is related as expected, but only if the assumptions "
                      "above hold: retract them (or undo) to see where the proof needs them</div>")
+        cx = r.counterexample
+        if cx is not None:
+            body += "<div class='gg-counterexample' style='font-size:12px;margin-top:3px'><b>counterexample</b>: "
+            if cx.raised:
+                body += esc(str(cx))
+            elif cx.shapes and cx.shapes[1] is not None and cx.shapes[0] != cx.shapes[1]:
+                body += esc(str(cx))
+            else:
+                ins = ", ".join(f"{k} {v}" for k, v in cx.inputs.items())
+                body += (f"on random inputs (seed {cx.seed}: {esc(ins)}), output {cx.output} should equal "
+                         f"{esc(cx.expected_relation)}, but at index <code>{esc(cx.worst_index)}</code> the "
+                         f"specification gives <code>{esc(_nums(cx.sequential))}</code> and the ranks give "
+                         f"<code>{esc(_nums(cx.rebuilt))}</code> (max error {cx.max_error:.3g}, relative "
+                         f"{cx.relative_error:.3g})")
+            body += "</div>"
         if not r.proved and r.culprit is not None:
             c = r.culprit
-            body += f"<div>node <code>{esc(c.node)}</code>" + (f": <code>{esc(c.code.strip())}</code>" if c.code else "") \
-                + f"</div><div style='font-size:12px'>{esc(c.detail)}</div>"
+            src = V.pretty_source(c.source)
+            body += (f"<div style='font-size:12px'>where: <code>{esc(V.SPEC + c.node)}</code> <code>{esc(c.op)}</code>"
+                     + (f" at {esc(src)}" if src else "")
+                     + (f": <code>{esc(c.code.strip())}</code>" if c.code else "")
+                     + f"</div><div class='gg-why' style='font-size:12px'>{esc(c.detail)}</div>")
+        for f in r.findings:
+            if f.kind in ("numbers-agree", "scale-factor", "rank-raised", "not-simulated", "not-checked"):
+                body += f"<div style='font-size:12px'>{esc(f.message)}</div>"
         if not r.proved and not assumed:
             bad = [o for o in r.relations if not o.ok]
             for o in bad[:4]:
                 body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
         self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
+
+
+def _nums(xs) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
 
 
 def _graph_view_class():
