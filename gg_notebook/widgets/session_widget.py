@@ -9,6 +9,10 @@ neighbourhood of the current operator, and pretty-printed relations and SVGs are
 from __future__ import annotations
 
 import html
+import re
+import threading
+import time
+import warnings
 import weakref
 
 import ipywidgets as W
@@ -24,6 +28,8 @@ _BADGE = {
     "assumed": ("#9a6700", "#fff1d6"),
     "deferred": ("#57606a", "#eaeef2"),
     "numerically false": ("#cf222e", "#ffebe9"),
+    "numeric match": ("#0969da", "#ddf4ff"),
+    "shape guess": ("#57606a", "#f6f8fa"),
 }
 _MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
 
@@ -58,8 +64,15 @@ class SessionWidget(W.VBox):
     ``graph_html`` is unused (empty, not displayed). Without anywidget, ``graph_view`` is None and
     ``graph_html`` shows the graph; the dropdown selects. ``graph_markup`` is the shown markup either way."""
 
-    def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS):
+    def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS,
+                 background: bool | None = None, save_path: str | None = None):
         self.session = session
+        # long actions (Run, Run to) in a thread, so that progress shows and Cancel is heard while they
+        # run: by default inside a kernel (a browser is watching); synchronous otherwise (tests, scripts)
+        self.background = _in_kernel() if background is None else background
+        self._busy: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._last_progress = 0.0
         self.table_rows = table_rows
         self.version = 0  # bumped on every session change
         self._show_cache: dict[int, str] = {}
@@ -70,16 +83,33 @@ class SessionWidget(W.VBox):
         self._last_stuck: str | None = None
         self.graph_kind: str | None = None  # "svg" | "wasi" | "dot" after a render
         self.render_count = 0
+        self._rendering = False
 
-        btn = dict(layout=W.Layout(width="auto"))
-        self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn)
-        self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn)
+        def btn_layout(chars: int) -> dict:  # wide enough for the label and its icon: never clipped
+            return dict(layout=W.Layout(width="auto", min_width=f"{chars * 9 + 42}px", flex="0 0 auto"))
+
+        self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn_layout(4))
+        self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn_layout(3))
         self.run_to_text = W.Text(placeholder="file.py:LINE or op name (aten.bmm)", layout=W.Layout(width="260px"))
-        self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn)
+        self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn_layout(6))
+        self.cancel_button = W.Button(description="Cancel", tooltip="stop the running Run after the current operator",
+                                      icon="stop", button_style="danger", **btn_layout(6))
+        self.cancel_button.layout.display = "none"
+        self.busy = W.HTML()  # the busy indicator: "running... k operators" while a Run is going
+        self.busy.add_class("gg-busy")
+        self.save_path = W.Text(value=save_path or f"{_slug(session.problem.name)}.session.json",
+                                layout=W.Layout(width="220px"))
+        self.save_button = W.Button(description="Save", tooltip="session.save(path): the actions as JSON",
+                                    icon="save", **btn_layout(4))
+        self.load_button = W.Button(description="Load", tooltip="replay a saved session file into this session",
+                                    icon="folder-open", **btn_layout(4))
+        self.history = W.IntSlider(value=0, min=0, max=1, description="history", continuous_update=False,
+                                   layout=W.Layout(width="420px"),
+                                   tooltip="drag back to take steps back (forward to step again)")
         self.undo_button = W.Button(description="Undo", tooltip="take back the last step, hint or accepted suggestion",
-                                    icon="undo", **btn)
+                                    icon="undo", **btn_layout(4))
         self.reset_button = W.Button(description="Reset", tooltip="start over (drops hints)", icon="refresh",
-                                     button_style="warning", **btn)
+                                     button_style="warning", **btn_layout(5))
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px"))
         self.progress_label = W.HTML()
         self.message = W.HTML()
@@ -92,7 +122,7 @@ class SessionWidget(W.VBox):
         self.suggestion_buttons: list[W.Button] = []
         self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="260px"))
         self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)", layout=W.Layout(width="360px"))
-        self.hint_button = W.Button(description="Add hint", **btn)
+        self.hint_button = W.Button(description="Add hint", **btn_layout(8))
         self.hint_message = W.HTML()
         self.assumptions_box = W.VBox()
         self.retract_buttons: list[W.Button] = []
@@ -106,8 +136,16 @@ class SessionWidget(W.VBox):
         self.graph_info.add_class("gg-graph-info")
 
         self.step_button.on_click(lambda _b: self._do(self.session.step))
-        self.run_button.on_click(lambda _b: self._do(self.session.run))
+        self.run_button.on_click(lambda _b: self._run())
         self.run_to_button.on_click(self._on_run_to)
+        self.cancel_button.on_click(self._on_cancel)
+        self.save_button.on_click(self._on_save)
+        self.load_button.on_click(self._on_load)
+        self.history.observe(self._on_history, names="value")
+        with warnings.catch_warnings():  # Enter submits (on_submit: the only Enter-only hook in ipywidgets 8)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.run_to_text.on_submit(lambda _t: self._on_run_to())
+            self.hint_text.on_submit(lambda _t: self._on_hint())
         self.undo_button.on_click(lambda _b: self._do(self.session.undo))
         self.reset_button.on_click(lambda _b: self._do(self.session.reset))
         self.hint_button.on_click(self._on_hint)
@@ -117,8 +155,12 @@ class SessionWidget(W.VBox):
             self.graph_view.observe(self._on_graph_click, names="selected")
 
         controls = W.HBox([self.step_button, self.run_button, self.undo_button, self.reset_button,
-                           self.run_to_text, self.run_to_button])
-        prog = W.HBox([self.progress, self.progress_label])
+                           self.run_to_text, self.run_to_button, self.cancel_button],
+                          layout=W.Layout(flex_flow="row wrap"))
+        prog = W.HBox([self.progress, self.progress_label, self.history, self.busy],
+                      layout=W.Layout(flex_flow="row wrap"))
+        files = W.HBox([W.HTML("<b>Session file</b>&nbsp;"), self.save_path, self.save_button, self.load_button],
+                       layout=W.Layout(flex_flow="row wrap"))
         hint_box = W.VBox([W.HTML("<b>Hint</b> <span style='color:#666;font-size:11px'>relation syntax: "
                                   "<code>x@r0</code>, <code>x@r*</code>, <code>concat(a, b, dim=1)</code>, "
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
@@ -129,7 +171,7 @@ class SessionWidget(W.VBox):
         right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
                         graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
         table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
-        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table])
+        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table, files])
 
         self._set_tensor_options()
         ref = weakref.ref(self)
@@ -162,7 +204,91 @@ class SessionWidget(W.VBox):
         if not until:
             self.message.value = "<span style='color:#cf222e'>type a file.py:LINE or an op name to run to</span>"
             return
-        self._do(self.session.run, until=until)
+        self._run(until=until)
+
+    # Run / Run to: a busy indicator with the operators done, and a Cancel heard between operators
+    def _run(self, until: str | None = None) -> None:
+        if self._busy is not None and self._busy.is_alive():
+            self.message.value = "<span style='color:#cf222e'>a Run is already going: Cancel it first</span>"
+            return
+        self._cancel.clear()
+        self._set_busy(True, "starting...")
+        if self.background:
+            self._busy = threading.Thread(target=self._run_body, args=(until,), daemon=True,
+                                          name="gg-session-run")
+            self._busy.start()
+        else:
+            self._run_body(until)
+
+    def _run_body(self, until) -> None:
+        try:
+            self._do(self.session.run, until=until, progress=self._on_progress)
+        finally:
+            self._set_busy(False)
+
+    def _on_progress(self, k: int) -> bool:
+        now = time.monotonic()
+        if now - self._last_progress > 0.2:  # at most 5 updates a second
+            self._last_progress = now
+            done, total = self.session.progress
+            self.progress.value = done
+            self.progress_label.value = f"&nbsp;{done} / {total} operators"
+            self.busy.value = self._busy_html(f"running... {k} operator{'s' if k != 1 else ''} done")
+        return self._cancel.is_set()
+
+    def _on_cancel(self, _b=None) -> None:
+        self._cancel.set()
+        self.busy.value = self._busy_html("cancelling after the current operator...")
+
+    @staticmethod
+    def _busy_html(text: str) -> str:
+        return (f"<span class='gg-busy-on' style='color:#0969da;font-size:12px'>&#8987; {esc(text)}</span>")
+
+    def _set_busy(self, on: bool, text: str = "") -> None:
+        self.cancel_button.layout.display = "" if on else "none"
+        for b in (self.step_button, self.run_button, self.run_to_button, self.undo_button, self.reset_button,
+                  self.load_button):
+            if on:
+                b.disabled = True
+        self.busy.value = self._busy_html(text) if on else ""
+        if not on:
+            self._render_buttons(force=True)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a background Run to finish (scripts and tests)."""
+        t = self._busy
+        if t is not None:
+            t.join(timeout)
+
+    def _on_save(self, _b=None) -> None:
+        path = self.save_path.value.strip()
+        if not path:
+            self.message.value = "<span style='color:#cf222e'>type a file name to save to</span>"
+            return
+        try:
+            self.session.save(path)
+        except OSError as exc:
+            self.message.value = f"<span style='color:#cf222e'>could not save: {esc(exc)}</span>"
+            return
+        self.message.value = (f"<span style='color:#1a7f37'>saved</span> {len(self.session.actions)} actions to "
+                              f"<code>{esc(path)}</code>")
+
+    def _on_load(self, _b=None) -> None:
+        path = self.save_path.value.strip()
+        if not path:
+            self.message.value = "<span style='color:#cf222e'>type the file name to load</span>"
+            return
+        self._do(self.session.restore, path)
+        if not self.message.value:
+            warn = self.session.load_warnings
+            self.message.value = (f"<span style='color:#1a7f37'>loaded</span> <code>{esc(path)}</code>"
+                                  + (f"; not applied: {esc('; '.join(warn))}" if warn else ""))
+
+    def _on_history(self, change) -> None:
+        k = change["new"]
+        if self._rendering or k == len(self.session.engine.steps):
+            return
+        self._do(self.session.goto, k)
 
     def _accept(self, k: int) -> None:
         self._do(self.session.accept, k)
@@ -191,6 +317,8 @@ class SessionWidget(W.VBox):
 
     def _on_change(self, action: str) -> None:
         self.version += 1
+        if self.session.done and self._busy is not None and self._busy.is_alive():
+            self.busy.value = self._busy_html("checking the verdict (the same checks as gg.verify)...")
         self.render()
 
     # ------------------------------------------------------------------ rendering
@@ -208,10 +336,13 @@ class SessionWidget(W.VBox):
         self.progress.max = max(total, 1)
         self.progress.value = done
         self.progress_label.value = f"&nbsp;{done} / {total} operators"
-        self.step_button.disabled = s.done
-        self.run_button.disabled = s.done
-        self.run_to_button.disabled = s.done
-        self.undo_button.disabled = not s.engine.steps and not s.engine.user_relations
+        self._render_buttons()
+        self._rendering = True
+        try:
+            self.history.max = max(total, 1)
+            self.history.value = len(s.engine.steps)
+        finally:
+            self._rendering = False
         self._render_current()
         self._render_suggestions()
         self._render_hint_default()
@@ -219,6 +350,17 @@ class SessionWidget(W.VBox):
         self._render_relations()
         self._render_graph()
         self._render_banner()
+
+    def _render_buttons(self, force: bool = False) -> None:
+        s = self.session
+        if not force and self._busy is not None and self._busy.is_alive():
+            return
+        self.step_button.disabled = s.done
+        self.run_button.disabled = s.done
+        self.run_to_button.disabled = s.done
+        self.undo_button.disabled = not s.engine.steps and not s.engine.user_relations
+        self.reset_button.disabled = False
+        self.load_button.disabled = False
 
     def _render_current(self) -> None:
         s = self.session
@@ -330,7 +472,7 @@ class SessionWidget(W.VBox):
         buttons = []
         for k, sg in enumerate(sugg):
             false = getattr(sg, "numerically_false", None)
-            tag = badge("numerically false") if false else badge("proved") if sg.proved else badge("guess")
+            tag = badge(getattr(sg, "evidence", "numerically false" if false else "proved" if sg.proved else "guess"))
             b = W.Button(description="Accept", layout=W.Layout(width="70px"),
                          tooltip=f"cannot be accepted: {false}" if false else f"session.accept({k})",
                          button_style="success" if sg.proved else "", disabled=bool(false))
@@ -388,7 +530,8 @@ class SessionWidget(W.VBox):
         if q:
             matched = []
             for name in names:
-                if q in name.lower() or any(q in self.show(c.expr).lower() for c in rels[name]):
+                if q in name.lower() or q in (V.variable_names(eng.seq).get(name) or "").lower() or \
+                        any(q in self.show(c.expr).lower() for c in rels[name]):
                     matched.append(name)
             shown = matched[:FILTER_ROWS]
             note = f"{len(matched)} of {len(names)} tensors match" + \
@@ -397,6 +540,7 @@ class SessionWidget(W.VBox):
             shown = names[-self.table_rows:]
             note = f"last {len(shown)} of {len(names)} tensors" if len(names) > len(shown) else f"{len(names)} tensors"
         stuck = self.session.stuck.node if self.session.stuck is not None else None
+        names = V.variable_names(eng.seq)
         rows = []
         for name in shown:
             cands = rels[name]
@@ -407,7 +551,10 @@ class SessionWidget(W.VBox):
             else:
                 cell = "<br>".join(f"<code>{esc(self.show(c.expr))}</code>" for c in cands)
                 st = "<br>".join(badge(_status(c)) for c in cands)
-            rows.append(f"<tr{bg}><td style='vertical-align:top'><code>{esc(name)}</code></td>"
+            var = names.get(name)
+            shown_name = f"<code>{esc(V.SPEC + name)}</code>" + (
+                f" <span style='color:#555'>{esc(var)}</span>" if var and not var.startswith("in ") else "")
+            rows.append(f"<tr{bg}><td style='vertical-align:top'>{shown_name}</td>"
                         f"<td style='{_MONO};font-size:12px'>{cell}</td><td style='vertical-align:top'>{st}</td></tr>")
         self.relations_html.value = (
             f"<div style='color:#666;font-size:11px'>{esc(note)}</div>"
@@ -604,6 +751,19 @@ class SessionWidget(W.VBox):
 
 def _nums(xs) -> str:
     return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "session"
 
 
 def _graph_view_class():
