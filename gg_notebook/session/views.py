@@ -51,6 +51,16 @@ def pretty_source(src: str | None, frames=()) -> str | None:
     return src
 
 
+_CELL_REF = re.compile(r"(?:[^\s:`'\"()]*/)?ipykernel_\d+/\d+\.py:\d+")
+
+
+def pretty_text(text: str | None) -> str | None:
+    """``text`` (an explanation, a reason) with every notebook-cell file:LINE in it as "cell [3], line 3"."""
+    if not text or "ipykernel_" not in text:
+        return text
+    return _CELL_REF.sub(lambda m: pretty_source(m.group(0)) or m.group(0), text)
+
+
 def source_path(node) -> str | None:
     """The file linecache knows ``node``'s line under (the innermost user frame's file)."""
     frames = getattr(node, "frames", ()) or ()

@@ -193,7 +193,7 @@ class SessionWidget(W.VBox):
         try:
             out = fn(*args, **kw)
         except Exception as exc:  # noqa: BLE001 - shown to the user, state is the session's
-            self.message.value = f"<span style='color:#cf222e'>{esc(type(exc).__name__)}: {esc(exc)}</span>"
+            self.message.value = f"<span style='color:#cf222e'>{esc(type(exc).__name__)}: {esc(V.pretty_text(str(exc)))}</span>"
             out = None
         if self.version == before:  # nothing changed (e.g. Step when done): still refresh
             self.render()
@@ -268,7 +268,7 @@ class SessionWidget(W.VBox):
         try:
             self.session.save(path)
         except OSError as exc:
-            self.message.value = f"<span style='color:#cf222e'>could not save: {esc(exc)}</span>"
+            self.message.value = f"<span style='color:#cf222e'>could not save: {esc(V.pretty_text(str(exc)))}</span>"
             return
         self.message.value = (f"<span style='color:#1a7f37'>saved</span> {len(self.session.actions)} actions to "
                               f"<code>{esc(path)}</code>")
@@ -309,7 +309,7 @@ class SessionWidget(W.VBox):
         try:
             rv = self.session.hint(tensor, text)
         except ValueError as exc:  # HintError included: the session is unchanged
-            self.hint_message.value = f"<span style='color:#cf222e'>{esc(exc)}</span>"
+            self.hint_message.value = f"<span style='color:#cf222e'>{esc(V.pretty_text(str(exc)))}</span>"
             return
         what = "proved (the engine derives it)" if rv.status == "proved" else "an assumption (not proved)"
         self.hint_message.value = (f"<span style='color:#1a7f37'>added</span> <code>{esc(tensor)} = {esc(rv.text)}"
@@ -402,7 +402,7 @@ class SessionWidget(W.VBox):
             lines = V.corresponding(s, n)
         except Exception as exc:  # noqa: BLE001 - a view must never break the widget
             lines = []
-            err = f"<div style='color:#cf222e'>rank lines unavailable: {esc(exc)}</div>"
+            err = f"<div style='color:#cf222e'>rank lines unavailable: {esc(V.pretty_text(str(exc)))}</div>"
         else:
             err = ""
 
@@ -463,7 +463,7 @@ class SessionWidget(W.VBox):
             sugg = s.suggestions()
         except Exception as exc:  # noqa: BLE001
             self.suggestion_buttons = []
-            self.suggestions_box.children = (W.HTML(f"<span style='color:#cf222e'>suggestions failed: {esc(exc)}</span>"),)
+            self.suggestions_box.children = (W.HTML(f"<span style='color:#cf222e'>suggestions failed: {esc(V.pretty_text(str(exc)))}</span>"),)
             return
         node = s.stuck.node if s.stuck is not None else s.engine.steps[-1].node
         title = "stuck" if s.stuck is not None else "ambiguous: several relations"
@@ -478,9 +478,9 @@ class SessionWidget(W.VBox):
                          button_style="success" if sg.proved else "", disabled=bool(false))
             b.on_click(lambda _b, k=k: self._accept(k))
             buttons.append(b)
-            why = (f"<br><span style='color:#cf222e'>cannot be accepted: {esc(false)}</span>" if false else "")
+            why = (f"<br><span style='color:#cf222e'>cannot be accepted: {esc(V.pretty_text(false))}</span>" if false else "")
             rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code style='{_MONO}'>{esc(sg.text)}</code> "
-                                          f"{tag}<br><span style='color:#555'>{esc(sg.reason)}</span>{why}</div>")]))
+                                          f"{tag}<br><span style='color:#555'>{esc(V.pretty_text(sg.reason))}</span>{why}</div>")]))
         self.suggestion_buttons = buttons
         self.suggestions_box.children = tuple(rows)
 
@@ -579,7 +579,7 @@ class SessionWidget(W.VBox):
                     self._nb = self._graphs.neighbourhood(s, cur)
                     hit = G.render(G.to_dot(s, self._nb, show=self.show))
                 except Exception as exc:  # noqa: BLE001 - the graph view must never break the widget
-                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(exc)}</span>")
+                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(V.pretty_text(str(exc)))}</span>")
             if len(self._svg_cache) > 64:
                 self._svg_cache.clear()
             self._svg_cache[key] = hit
@@ -642,11 +642,11 @@ class SessionWidget(W.VBox):
             rel = "".join(f"<div><code style='{_MONO}'>{esc(self.show(c.expr))}</code> {badge(_status(c))}</div>"
                           for c in cands) or "<i>no relation</i>"
             step = next((x for x in reversed(eng.steps) if x.node == name), None)
-            extra = f"<div style='color:#555'>{esc(step.detail)}</div>" if step is not None and step.detail else ""
+            extra = f"<div style='color:#555'>{esc(V.pretty_text(step.detail))}</div>" if step is not None and step.detail else ""
             if s.stuck is not None and s.stuck.node == name:  # its explanation is in the verdict banner (once)
                 extra = "<div style='color:#cf222e'>stuck: why, see the verdict above</div>"
             return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
-                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
                     + f"<div>{rel}</div>{extra}</div>")
         r = int(kind[1:])
         g = eng.index.graphs[r]
@@ -660,7 +660,7 @@ class SessionWidget(W.VBox):
             where = ""
         refs = self._nb.rank_refs.get((r, name), []) if self._nb is not None else []
         return (f"<div style='font-size:12px'><b>{esc(name)}@r{r}</b> <code>{esc(n.target)}</code> "
-                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
                 + (f"<div>same value at: <code>{esc(where)}</code></div>" if where else "")
                 + (f"<div>used by the relation of: <code>{esc(', '.join(refs))}</code></div>" if refs else "")
                 + "</div>")
@@ -699,7 +699,7 @@ class SessionWidget(W.VBox):
             r = self.result()
             text = self.verdict()
         except Exception as exc:  # noqa: BLE001
-            self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(exc)}</div>"
+            self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(V.pretty_text(str(exc)))}</div>"
             return
         assumed = not r.proved and r.culprit is None and r.status.value in ("assumed", "proved")
         if r.proved:
@@ -737,14 +737,14 @@ class SessionWidget(W.VBox):
             body += (f"<div style='font-size:12px'>where: <code>{esc(V.SPEC + c.node)}</code> <code>{esc(c.op)}</code>"
                      + (f" at {esc(src)}" if src else "")
                      + (f": <code>{esc(c.code.strip())}</code>" if c.code else "")
-                     + f"</div><div class='gg-why' style='font-size:12px'>{esc(c.detail)}</div>")
+                     + f"</div><div class='gg-why' style='font-size:12px'>{esc(V.pretty_text(c.detail))}</div>")
         for f in r.findings:
             if f.kind in ("numbers-agree", "scale-factor", "rank-raised", "not-simulated", "not-checked"):
-                body += f"<div style='font-size:12px'>{esc(f.message)}</div>"
+                body += f"<div style='font-size:12px'>{esc(V.pretty_text(f.message))}</div>"
         if not r.proved and not assumed:
             bad = [o for o in r.relations if not o.ok]
             for o in bad[:4]:
-                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
+                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(V.pretty_text(o.detail))}</div>"
         self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
 
