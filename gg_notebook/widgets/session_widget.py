@@ -85,8 +85,7 @@ class SessionWidget(W.VBox):
         self.render_count = 0
         self._rendering = False
 
-        def btn_layout(chars: int) -> dict:  # wide enough for the label and its icon: never clipped
-            return dict(layout=W.Layout(width="auto", min_width=f"{chars * 9 + 42}px", flex="0 0 auto"))
+        btn_layout = _btn_layout
 
         self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn_layout(4))
         self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn_layout(3))
@@ -120,8 +119,9 @@ class SessionWidget(W.VBox):
         self.relations_html = W.HTML()
         self.suggestions_box = W.VBox()
         self.suggestion_buttons: list[W.Button] = []
-        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="260px"))
-        self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)", layout=W.Layout(width="360px"))
+        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="220px"))
+        self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)",
+                                layout=W.Layout(width="auto", min_width="200px", flex="1 1 240px"))
         self.hint_button = W.Button(description="Add hint", **btn_layout(8))
         self.hint_message = W.HTML()
         self.assumptions_box = W.VBox()
@@ -164,7 +164,8 @@ class SessionWidget(W.VBox):
         hint_box = W.VBox([W.HTML("<b>Hint</b> <span style='color:#666;font-size:11px'>relation syntax: "
                                   "<code>x@r0</code>, <code>x@r*</code>, <code>concat(a, b, dim=1)</code>, "
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
-                           W.HBox([self.hint_tensor, self.hint_text, self.hint_button]), self.hint_message])
+                           W.HBox([self.hint_tensor, self.hint_text, self.hint_button],
+                                  layout=W.Layout(flex_flow="row wrap")), self.hint_message])
         left = W.VBox([self.current_html, self.suggestions_box, hint_box, self.assumptions_box],
                       layout=W.Layout(width="50%"))
         graph_box = self.graph_view if self.graph_view is not None else self.graph_html
@@ -242,7 +243,8 @@ class SessionWidget(W.VBox):
 
     @staticmethod
     def _busy_html(text: str) -> str:
-        return (f"<span class='gg-busy-on' style='color:#0969da;font-size:12px'>&#8987; {esc(text)}</span>")
+        return (f"<span class='gg-busy-on' style='color:#fff;background:#0969da;border-radius:8px;padding:1px 8px;"
+                f"font-size:12px'>{esc(text)}</span>")
 
     def _set_busy(self, on: bool, text: str = "") -> None:
         self.cancel_button.layout.display = "" if on else "none"
@@ -473,7 +475,7 @@ class SessionWidget(W.VBox):
         for k, sg in enumerate(sugg):
             false = getattr(sg, "numerically_false", None)
             tag = badge(getattr(sg, "evidence", "numerically false" if false else "proved" if sg.proved else "guess"))
-            b = W.Button(description="Accept", layout=W.Layout(width="70px"),
+            b = W.Button(description="Accept", **_btn_layout(6),
                          tooltip=f"cannot be accepted: {false}" if false else f"session.accept({k})",
                          button_style="success" if sg.proved else "", disabled=bool(false))
             b.on_click(lambda _b, k=k: self._accept(k))
@@ -499,7 +501,7 @@ class SessionWidget(W.VBox):
                              "suggestions; an assumed one makes the verdict at most 'assumed'</span>")]
         buttons = []
         for r in rels:
-            b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", layout=W.Layout(width="76px"))
+            b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", **_btn_layout(7))
             b.on_click(lambda _b, k=r.index: self._retract(k))
             buttons.append(b)
             rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code>{esc(r.node)}</code> = "
@@ -738,6 +740,15 @@ class SessionWidget(W.VBox):
                      + (f" at {esc(src)}" if src else "")
                      + (f": <code>{esc(c.code.strip())}</code>" if c.code else "")
                      + f"</div><div class='gg-why' style='font-size:12px'>{esc(V.pretty_text(c.detail))}</div>")
+        st = s.stuck
+        if st is not None and st.detail and (r.culprit is None or st.detail not in r.culprit.detail):
+            # where the proof stopped, when the numbers blame another operator (the explanation is printed
+            # here only: the other panels point to the banner)
+            n = s.engine.seq.by_name[st.node]
+            src = V.pretty_source(n.source, n.frames)
+            body += (f"<div class='gg-why' style='font-size:12px'>the proof is stuck at <code>{esc(V.SPEC + st.node)}</code> "
+                     f"<code>{esc(st.op)}</code>" + (f" ({esc(src)})" if src else "")
+                     + f": {esc(V.pretty_text(st.detail))}</div>")
         for f in r.findings:
             if f.kind in ("numbers-agree", "scale-factor", "rank-raised", "not-simulated", "not-checked"):
                 body += f"<div style='font-size:12px'>{esc(V.pretty_text(f.message))}</div>"
@@ -751,6 +762,11 @@ class SessionWidget(W.VBox):
 
 def _nums(xs) -> str:
     return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
+
+
+def _btn_layout(chars: int) -> dict:
+    """A button wide enough for its label (``chars`` long) and icon: never clipped, never shrunk."""
+    return dict(layout=W.Layout(width="auto", min_width=f"{chars * 9 + 42}px", flex="0 0 auto"))
 
 
 def _in_kernel() -> bool:

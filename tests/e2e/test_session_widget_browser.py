@@ -97,9 +97,20 @@ def shot(w: WidgetUI, artifacts, name: str) -> None:
 
 
 def clipped_buttons(w: WidgetUI) -> list[str]:
-    """Labels of visible buttons whose text overflows the button."""
+    """Labels of visible buttons whose text overflows the button, or that a container cuts off."""
     return w.root.evaluate("""el => [...el.querySelectorAll('button')]
-        .filter(b => b.offsetParent !== null && b.scrollWidth > b.clientWidth + 1)
+        .filter(b => {
+            if (b.offsetParent === null) return false;
+            if (b.scrollWidth > b.clientWidth + 1) return true;
+            const r = b.getBoundingClientRect();
+            for (let p = b.parentElement; p && p !== el.parentElement; p = p.parentElement) {
+                const cs = getComputedStyle(p);
+                if (cs.overflowX === 'visible') continue;
+                const q = p.getBoundingClientRect();
+                if (r.right > q.right + 1 || r.left < q.left - 1) return true;
+            }
+            return false;
+        })
         .map(b => b.textContent.trim())""")
 
 
@@ -126,6 +137,7 @@ def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, n
     assert "max error" in cx and "at index" in cx, cx
     assert "where:" in banner and "cell [" in banner, banner  # where, as a notebook cell
     shot(a, artifacts, "a_refuted")
+    assert clipped_buttons(a) == [], clipped_buttons(a)
     side = a.root.locator(".gg-side-by-side").first.inner_text()
     assert "specification" in side and "ranks 0, 1" in side, side
     assert "_softmax(div, 3, False)" in side and "_softmax(div, 2, False)" in side, side
@@ -164,6 +176,7 @@ def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, n
     c.wait_banner(lambda t: t.strip().startswith("assumed"), "'assumed' after Accept")
     wait_until("'Your relations'", lambda: "Your relations" in c.text(), page=page)
     shot(c, artifacts, "c_assumed")
+    assert clipped_buttons(c) == [], clipped_buttons(c)  # Accept / Retract / Add hint included
     c.click("Undo")
     c.wait_banner(lambda t: t.strip().startswith("unknown"), "'unknown' after Undo")
     wait_until("no 'Your relations' after Undo", lambda: "Your relations" not in c.text(), page=page)
