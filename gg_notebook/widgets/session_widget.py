@@ -171,6 +171,10 @@ class SessionWidget(W.VBox):
         graph_box = self.graph_view if self.graph_view is not None else self.graph_html
         right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
                         graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
+        # The slot the graph lives in (the right column): the graph view (gg_notebook/widgets/graph*.py)
+        # may replace its children (a bigger, zoomable view; a sharding picture) without touching the rest
+        # of this widget. Its render hook is `_render_graph`, called on every session change.
+        self.graph_slot = right
         table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
         super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table, files])
 
@@ -188,6 +192,10 @@ class SessionWidget(W.VBox):
     # ------------------------------------------------------------------ actions
     def _do(self, fn, *args, **kw):
         """Call a session action; show an error inline instead of raising from a click handler."""
+        if self._busy is not None and self._busy.is_alive() and threading.current_thread() is not self._busy:
+            # one action at a time: the session is not changed under a running Run
+            self.message.value = "<span style='color:#cf222e'>a Run is going: wait for it, or Cancel it</span>"
+            return None
         before = self.version
         self.message.value = ""
         self.hint_message.value = ""
@@ -247,6 +255,8 @@ class SessionWidget(W.VBox):
                 f"font-size:12px'>{esc(text)}</span>")
 
     def _set_busy(self, on: bool, text: str = "") -> None:
+        if on:  # the indicator first: it is what the user waits to see
+            self.busy.value = self._busy_html(text)
         self.cancel_button.layout.display = "" if on else "none"
         for b in (self.step_button, self.run_button, self.run_to_button, self.undo_button, self.reset_button,
                   self.load_button):
@@ -307,6 +317,9 @@ class SessionWidget(W.VBox):
             return
         if not text.strip():
             self.hint_message.value = "<span style='color:#cf222e'>type a relation</span>"
+            return
+        if self._busy is not None and self._busy.is_alive():
+            self.hint_message.value = "<span style='color:#cf222e'>a Run is going: wait for it, or Cancel it</span>"
             return
         try:
             rv = self.session.hint(tensor, text)
