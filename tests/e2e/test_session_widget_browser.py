@@ -115,6 +115,7 @@ def clipped_buttons(w: WidgetUI) -> list[str]:
 
 
 def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, notebook_ui, artifacts):
+    page.set_viewport_size({"width": 1400, "height": 1800})  # tall: whole widgets in the screenshots
     name = lab.write_notebook("e2e_session_widget.ipynb", CELLS)
     notebook_ui.open(name)
     notebook_ui.run_all()
