@@ -538,3 +538,9 @@ def test_verdict_follows_an_undone_assumption(cumsum_problem):
     while s.user_relations:
         s.undo()
     assert s.result().status is gg.Status.UNKNOWN and s.stuck is not None
+
+
+def test_run_until_a_node_name_as_the_widget_shows_it():
+    s = gg.ProofSession(E.get("mlp").make(world_size=2))
+    s.run(until="spec:mm_1")
+    assert s.current.name == "mm_1"

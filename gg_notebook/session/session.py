@@ -658,6 +658,8 @@ def _example_source(nodes) -> str:
 
 
 def _matches(node, until: str) -> bool:
+    if until.startswith("spec:"):  # a name as the widget shows it
+        until = until[len("spec:"):]
     if ".py:" in until or until.rsplit(":", 1)[-1].isdigit() and ":" in until:
         src = node.source or ""
         if not src:
