@@ -475,3 +475,31 @@ def tp_gather_buffer(x):
 def test_all_gather_output_buffer_shape():
     make = lambda fn: lambda: _problem(seq_double, fn, [_randn(8, 3, seed=10)], [gg.Shard(0)])  # noqa: E731
     check_pair(make(tp_gather_bad_buffer), make(tp_gather_buffer))
+
+
+# ------------------------- 9. a division by a signed zero (infinite values: no factor, no crash)
+
+
+def seq_div_negzero(x):
+    return x / torch.full_like(x, -0.0)
+
+
+def tp_div_poszero(x):  # WRONG: x / +0.0 has the opposite infinities
+    y = x / torch.full_like(x, 0.0)
+    out = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, y)
+    return torch.cat(out)
+
+
+def tp_div_negzero(x):
+    y = torch.div(x, torch.zeros_like(x).neg())
+    out = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, y)
+    return torch.cat(out)
+
+
+def test_division_by_signed_zero():
+    make = lambda fn: lambda: _problem(seq_div_negzero, fn, [_randn(6, 3, seed=11)], [gg.Shard(0)])  # noqa: E731
+    check_pair(make(tp_div_poszero), make(tp_div_negzero))
+    wrong = gg.verify(make(tp_div_poszero)())
+    assert wrong.status is gg.Status.REFUTED and wrong.counterexample is not None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from gg_notebook.concrete.compare import close, max_error
@@ -60,9 +62,12 @@ def candidates_for(engine, sims, seq_node, limit: int = 6, scaled: bool = False)
             den = float((v64 * v64).sum())
             if den == 0 or not torch.isfinite(v64).all():
                 return None
+            if not math.isfinite(den):
+                return None
             cs.append(float((w64 * v64).sum()) / den)
         c = cs[0]
-        if c == 0 or abs(c - 1) < 1e-6 or any(abs(x - c) > 1e-6 * abs(c) for x in cs):
+        # an infinite or NaN ratio (the wanted value overflows or is not finite) is no factor
+        if not all(math.isfinite(x) for x in cs) or c == 0 or abs(c - 1) < 1e-6 or any(abs(x - c) > 1e-6 * abs(c) for x in cs):
             return None
         good = all(close(w, v * c, w.dtype) for v, w in zip(values, want))
         return c if good else None
