@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import gg_notebook as gg
@@ -268,3 +269,52 @@ def test_integer_ranges():
     got = [ranges.of(o) for o in g.outputs]
     assert got == [(0, 9), (-3, 6), (2, 7), (-1, 9), (0, 4), (0, 6), (0, 4), (0, 9)]
     assert [IntRanges().of(o) for o in g.outputs][:2] == [(0, 9), None]  # unknown input: only clamp bounds
+
+
+# ---------------------------------------- all-gather into a preallocated buffer's pieces (views)
+
+
+def _gathered_mlp(x, w1, w2):
+    return torch.relu(x @ w1.t()) @ w2.t()
+
+
+def _gather_chunks(p):
+    buf = torch.empty(p.shape[0] * dist.get_world_size(), *p.shape[1:], dtype=p.dtype)
+    dist.all_gather(list(buf.chunk(dist.get_world_size())), p)
+    return buf
+
+
+def _gather_slices(p):
+    n, W = p.shape[0], dist.get_world_size()
+    buf = p.new_empty((n * W, *p.shape[1:]))
+    dist.all_gather([buf[i * n:(i + 1) * n] for i in range(W)], p.contiguous())
+    return buf
+
+
+def _gather_split(p):
+    buf = torch.empty((dist.get_world_size(), *p.shape), dtype=p.dtype)
+    dist.all_gather(list(buf.unbind(0)), p)
+    return buf.flatten(0, 1)
+
+
+def _gather_reversed_chunks(p):  # BUG: the chunks are filled in reverse rank order
+    buf = torch.empty(p.shape[0] * dist.get_world_size(), *p.shape[1:], dtype=p.dtype)
+    dist.all_gather(list(reversed(buf.chunk(dist.get_world_size()))), p)
+    return buf
+
+
+@pytest.mark.parametrize("gather", [_gather_chunks, _gather_slices, _gather_split, _gather_reversed_chunks])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_gather_into_buffer_views(gather, world_size):
+    def rank_fn(x, w1, w2):
+        return _gathered_mlp(x, gather(w1), gather(w2))
+
+    p = gg.Problem(sequential=_gathered_mlp, distributed=rank_fn,
+                   inputs=[_rn(3, 8, seed=1), _rn(8, 8, seed=2), _rn(4, 8, seed=3)],
+                   placements=[gg.Replicate(), gg.Shard(0), gg.Shard(0)], world_size=world_size,
+                   expect=[gg.Replicate()])
+    r = gg.verify(p)
+    if gather is _gather_reversed_chunks:
+        assert r.status is gg.Status.REFUTED and r.counterexample is not None
+    else:
+        assert r.status is gg.Status.PROVED, r

@@ -47,6 +47,7 @@ from gg_notebook.capture.collectives import (
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.masked_select import has_unbacked, has_unbacked_val, lower_selections
 from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
+from gg_notebook.capture.data_assignment import UntraceableAssignment, follow_data_assignments
 from gg_notebook.problem import Layout, Problem, Replicate, local_input
 
 
@@ -191,7 +192,9 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     code = f" (`{frame[3]}`)" if frame and frame[3] else ""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     kind = _data_dependent_kind(e)
-    if kind == "shape":
+    if isinstance(e, UntraceableAssignment):
+        msg = f"{prog}: {text}{at}{code}."
+    elif kind == "shape":
         msg = _shape_message(prog, at, code, f"{type(e).__name__}: {text}")
     elif kind == "value" and "_local_scalar_dense" in f"{text} {e!r}":
         msg = (
@@ -255,7 +258,8 @@ def _positional(fn: Callable) -> Callable:
     (``def rank_fn(x, w, *, bug=None)`` or ``def f(x, w, eps=1e-5)``) would not trace as is."""
 
     def call(*args):
-        return fn(*args)
+        with follow_data_assignments():
+            return fn(*args)
 
     return call
 

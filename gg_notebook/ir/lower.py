@@ -140,6 +140,7 @@ class _Lowerer:
         self.rank = rank
         self.random = random
         self.random_ops: list[RandomOp] = []
+        self.random_fx: list = []  # the fx node of each random_ops entry
         # random="identity": fx nodes of recognised dropout masks (skipped) and the muls and getitems
         # they feed (-> the tensor they multiply)
         self.dropout_skip: set = set()
@@ -232,6 +233,25 @@ class _Lowerer:
         spec = OpSpec(kind, _name(target), target, (t_args, t_kwargs), tuple(params), out, unique)
         return spec, inputs
 
+    def _live_random_ops(self, live: list[Node]) -> list[RandomOp]:
+        """The random operators whose values reach an output or a collective. A dead one (a module's
+        random initialization overwritten by ``p.data = w``, an unused ``torch.rand``) changes nothing
+        the program computes (a live random operator is refused anyway, whatever the generator's state)."""
+        keep = {id(n) for n in live}
+
+        def nodes_of(v) -> list[Node]:
+            if isinstance(v, Node):
+                return [v]
+            if isinstance(v, (tuple, list)):
+                return [n for x in v for n in nodes_of(x)]
+            return []
+
+        def dead(fx) -> bool:  # only a value lowered to graph nodes, none of them live, is dead
+            nodes = nodes_of(self.env.get(fx))
+            return bool(nodes) and not any(id(n) in keep for n in nodes)
+
+        return [r for r, fx in zip(self.random_ops, self.random_fx) if not dead(fx)]
+
     # --------------------------------------------------------------- main loop
     def run(self) -> Graph:
         inputs: list[Node] = []
@@ -245,6 +265,7 @@ class _Lowerer:
         for fx in self.gm.graph.nodes:
             self.cur = fx
             if fx.op == "call_function" and self.random is not None and _is_random(fx.target, fx.args, fx.kwargs):
+                self.random_fx.append(fx)
                 frames = fx.meta.get("gg_frames") or ()
                 self.random_ops.append(RandomOp(
                     str(fx.target), "dropout" if fx in dropout else "random", self.rank, fx.name,
@@ -300,8 +321,9 @@ class _Lowerer:
                     ) from exc
             else:
                 raise LoweringError(f"unsupported fx node {fx.op} {fx.target}")
-        g = Graph(_live(self.nodes, inputs, outputs), inputs, outputs, rank=self.rank)
-        g.random_ops = self.random_ops
+        live = _live(self.nodes, inputs, outputs)
+        g = Graph(live, inputs, outputs, rank=self.rank)
+        g.random_ops = self._live_random_ops(live)
         # captured for the routing of the example inputs (capture.specialize): the assumption, in words
         g.specialized = list(getattr(self.gm, "meta", {}).get("gg_specialized", ()))
         return g

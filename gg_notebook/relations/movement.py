@@ -567,17 +567,23 @@ def canonical_write(index, term: Expr) -> Expr:
     T = _write_index(m, term, num, {})
     if T is None or bool((T < 0).any()):
         return term
-    return rebuild_from_index(index, T, num, leaves) or term
+    # a term, so over the leaves' terms: what was written need not be held whole by the rank (a
+    # parameter gathered into a buffer's chunks is the global parameter, which no rank value is)
+    return rebuild_from_index(index, T, num, leaves, over_terms=True) or term
 
 
-def rebuild_from_index(index, T: torch.Tensor, num: dict, leaves) -> Expr | None:
+def rebuild_from_index(index, T: torch.Tensor, num: dict, leaves, over_terms: bool = False) -> Expr | None:
     """The clean data movement of realized ``leaves`` whose index tensor (leaf ``l`` numbered from
     ``num[l]``) is ``T``, or None (a leaf not realized, an element of ``T`` repeated, a leaf only
-    partly used, or no box rebuild matches ``T``)."""
+    partly used, or no box rebuild matches ``T``). With ``over_terms`` the result is a term built
+    over the leaves' terms themselves (they need not be realized)."""
     m = movement_of(index)
-    sources = [index.realized(index.store.nodes[i]) for i in sorted(leaves)]
-    if any(d is None for d in sources):
-        return None
+    if over_terms:
+        sources = [index.store.nodes[i] for i in sorted(leaves)]
+    else:
+        sources = [index.realized(index.store.nodes[i]) for i in sorted(leaves)]
+        if any(d is None for d in sources):
+            return None
     flat = T.reshape(-1)
     total = max(num[i] + math.prod(index.store.nodes[i].shape) for i in num)
     inv = torch.full((total,), -1, dtype=torch.int64)
@@ -586,17 +592,19 @@ def rebuild_from_index(index, T: torch.Tensor, num: dict, leaves) -> Expr | None
         return None  # an element written twice from one place: not a box tiling
     from gg_notebook.relations.layout import rebuild_plans
 
+    terms = sources if over_terms else [d.term for d in sources]
     locs = []
-    for d in sources:
-        off = num[d.term.id]
-        A = inv[torch.arange(off, off + math.prod(d.term.shape))]
+    for t in terms:
+        off = num[t.id]
+        A = inv[torch.arange(off, off + math.prod(t.shape))]
         if bool((A < 0).any()):
             return None  # a source only partly written (or overwritten later)
-        locs.append(A.view(d.term.shape).to(torch.int32))
-    refs = [index.ref(d) for d in sources]
+        locs.append(A.view(t.shape).to(torch.int32))
+    refs = terms if over_terms else [index.ref(d) for d in sources]
     for build in rebuild_plans(locs, tuple(T.shape)):
         try:
-            new = _to_term(index, build(index.store, refs))
+            built = build(index.store, refs)
+            new = built if over_terms else _to_term(index, built)
         except ShapeError:
             continue
         got = m.index_tensor(new, num) if m._small(new, num) else None
