@@ -334,6 +334,20 @@ def _shim_alltoall_list(orig):
     return alltoall
 
 
+def _root_list(pg, lists, like, size: int, call: str, name: str, what: str, role: str, noun: str) -> list:
+    """The root's tensor list of ``dist.gather`` / ``dist.scatter``: ``size`` tensors of ``like``'s
+    shape and dtype, or the error naming the call."""
+    lst = list(lists[0]) if lists and isinstance(lists[0], (list, tuple)) else []
+    if len(lst) != size or any(t.shape != like.shape or t.dtype != like.dtype for t in lst):
+        raise _list_form_error(
+            pg, call,
+            f"{name} holds {len(lst)} tensors of shapes {[tuple(t.shape) for t in lst]} for {what} "
+            f"of shape {tuple(like.shape)} on a group of {size} ranks",
+            f"on the {role} pass {size} tensors of the {noun}'s shape and dtype",
+        )
+    return lst
+
+
 def _shim_gather(orig):
     """``dist.gather(tensor, gather_list, dst)``: an all_gather whose results only the destination
     reads (every rank issues it; the others' results are unused)."""
@@ -344,14 +358,8 @@ def _shim_gather(orig):
         rank, size = _group_rank_and_size(self)
         x = inputs[0]
         if rank == opts.rootRank:
-            lst = list(outputs[0]) if outputs and isinstance(outputs[0], (list, tuple)) else []
-            if len(lst) != size or any(t.shape != x.shape or t.dtype != x.dtype for t in lst):
-                raise _list_form_error(
-                    self, "dist.gather(tensor, gather_list, dst)",
-                    f"gather_list holds {len(lst)} tensors of shapes {[tuple(t.shape) for t in lst]} for a tensor "
-                    f"of shape {tuple(x.shape)} on a group of {size} ranks",
-                    f"on the destination pass {size} tensors of the tensor's shape and dtype",
-                )
+            lst = _root_list(self, outputs, x, size, "dist.gather(tensor, gather_list, dst)", "gather_list",
+                             "a tensor", "destination", "tensor")
         else:
             lst = [_fresh(x) for _ in range(size)]
         return self.allgather([lst], [x], torch._C._distributed_c10d.AllgatherOptions())
@@ -369,14 +377,8 @@ def _shim_scatter(orig):
         rank, size = _group_rank_and_size(self)
         out = outputs[0]
         if rank == opts.rootRank:
-            lst = list(inputs[0]) if inputs and isinstance(inputs[0], (list, tuple)) else []
-            if len(lst) != size or any(t.shape != out.shape or t.dtype != out.dtype for t in lst):
-                raise _list_form_error(
-                    self, "dist.scatter(tensor, scatter_list, src)",
-                    f"scatter_list holds {len(lst)} tensors of shapes {[tuple(t.shape) for t in lst]} for an output "
-                    f"of shape {tuple(out.shape)} on a group of {size} ranks",
-                    f"on the source pass {size} tensors of the output's shape and dtype",
-                )
+            lst = _root_list(self, inputs, out, size, "dist.scatter(tensor, scatter_list, src)", "scatter_list",
+                             "an output", "source", "output")
             buf = torch.stack(lst)
         else:
             buf = _not_constant(torch.empty((size,) + tuple(out.shape), dtype=out.dtype, device=out.device))
