@@ -453,3 +453,32 @@ def test_a_failing_operator_is_reported_once_not_as_a_torch_log_traceback(captur
     err = capfd.readouterr().err
     assert not records, [r.getMessage() for r in records]
     assert "failed while attempting to run meta" not in err, err[-2000:]
+
+
+def _gather_wrong_list(x):
+    y = x * 2
+    lst = [torch.empty(3, dtype=x.dtype) for _ in range(2)] if dist.get_rank() == 0 else None
+    dist.gather(y, lst, dst=0)
+    return y
+
+
+def _scatter_wrong_list(x):
+    out = torch.empty_like(x)
+    lst = [x, x[:1]] if dist.get_rank() == 0 else None
+    dist.scatter(out, lst, src=0)
+    return out * 2
+
+
+@pytest.mark.parametrize("fn,words", [
+    (_gather_wrong_list, ("dist.gather(tensor, gather_list, dst)", "gather_list holds 2 tensors of shapes [(3,), (3,)]",
+                          "on the destination pass 2 tensors")),
+    (_scatter_wrong_list, ("dist.scatter(tensor, scatter_list, src)", "scatter_list holds 2 tensors of shapes [(2,), (1,)]",
+                           "on the source pass 2 tensors")),
+])
+def test_gather_and_scatter_lists_of_the_wrong_shape(fn, words):
+    p = gg.Problem(sequential=lambda x: x * 2, distributed=fn, inputs=[torch.randn(4)], placements=[gg.Shard(0)],
+                   world_size=2, expect=[gg.Shard(0)])
+    with pytest.raises(CaptureError) as e:
+        gg.verify(p)
+    msg = str(e.value)
+    assert "rank 0" in msg and "test_bad_input.py" in msg and all(w in msg for w in words), msg
