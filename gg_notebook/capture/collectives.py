@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import operator
 import sys
 from collections import defaultdict
@@ -59,6 +60,9 @@ class CollectiveInfo:
     # point-to-point (kind "send" / "recv", group (src, dst)): whether the call waits for its peer
     # (dist.send / dist.recv) or only posts the transfer (isend / irecv / batch_isend_irecv)
     blocking: bool = field(default=True, compare=False)
+    # point-to-point posted by one dist.batch_isend_irecv call: its number in this rank's program
+    # (the batch's transfers are posted together, whatever their order in the list)
+    batch: int | None = field(default=None, compare=False)
 
     @property
     def p2p(self) -> bool:
@@ -216,6 +220,20 @@ def _blocking_p2p(orig):
     @functools.wraps(orig)
     def call(*args, **kwargs):
         with extra_node_meta(gg_blocking=True):
+            return orig(*args, **kwargs)
+
+    return call
+
+
+_batches = itertools.count()
+
+
+def _batched_p2p(orig):
+    """dist.batch_isend_irecv posts every transfer of its list together: its nodes carry one batch number."""
+
+    @functools.wraps(orig)
+    def call(*args, **kwargs):
+        with extra_node_meta(gg_p2p_batch=next(_batches)):
             return orig(*args, **kwargs)
 
     return call
@@ -410,6 +428,7 @@ _SHIMS = {
     "recv": _shim_recv,
 }
 _BLOCKING_P2P = ("send", "recv")
+_BATCHED_P2P = ("batch_isend_irecv",)
 
 
 _OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
@@ -497,11 +516,14 @@ def collective_shims() -> Iterator[None]:
     modules = (dist, dist.distributed_c10d)
     saved_fns = [(m, name, getattr(m, name)) for m in modules for name in _OBJECT_COLLECTIVES if hasattr(m, name)]
     saved_p2p = [(m, name, getattr(m, name)) for m in modules for name in _BLOCKING_P2P if hasattr(m, name)]
+    saved_batch = [(m, name, getattr(m, name)) for m in modules for name in _BATCHED_P2P if hasattr(m, name)]
     mesh_ctx = _device_mesh_outside_trace()
     mesh_ctx.__enter__()
     try:
         for m, name, fn in saved_p2p:
             setattr(m, name, _blocking_p2p(fn))
+        for m, name, fn in saved_batch:
+            setattr(m, name, _batched_p2p(fn))
         for name, make in _SHIMS.items():
             orig = getattr(_PG, name, None)
             if orig is None:
@@ -517,7 +539,7 @@ def collective_shims() -> Iterator[None]:
                 delattr(_PG, name)
             else:
                 setattr(_PG, name, raw)
-        for m, name, fn in saved_fns + saved_p2p:
+        for m, name, fn in saved_fns + saved_p2p + saved_batch:
             setattr(m, name, fn)
         mesh_ctx.__exit__(None, None, None)
 
@@ -793,7 +815,8 @@ def rewrite_collectives(gm: fx.GraphModule, rank: int | None) -> list[fx.Node]:
                                    "real process group refuses it; use the tensor directly.", rank=rank, source=where)
             src, dst = (me, other) if kind == "send" else (other, me)
             p2p = _Comm(f"{comm.name}/p2p", (src, dst), f"the transfers from rank {src} to rank {dst} on {comm.label}")
-            info = issue(p2p, kind, blocking=bool(node.meta.get("gg_blocking", False)))
+            info = issue(p2p, kind, blocking=bool(node.meta.get("gg_blocking", False)),
+                         batch=node.meta.get("gg_p2p_batch"))
             buf = tensors[0]
             if kind == "send":
                 make(node, buf, info, _val(buf), [])

@@ -365,13 +365,15 @@ class DIndex:
                 if n.op == "collective":
                     coll.setdefault(n.attrs.key, {}).setdefault(g.rank, n)
         cursors = self._cursors = [0] * self.world_size
+        orders = [_schedule(g.nodes) for g in self.graphs]
+        self._pos = [{id(n): i for i, n in enumerate(o)} for o in orders]
         total = sum(len(g.nodes) for g in self.graphs)
         done = 0
         while done < total:
             progressed = False
-            for r, g in enumerate(self.graphs):
-                while cursors[r] < len(g.nodes):
-                    n = g.nodes[cursors[r]]
+            for r, order in enumerate(orders):
+                while cursors[r] < len(order):
+                    n = order[cursors[r]]
                     term = self._term(r, n, coll)
                     if term is None:
                         break  # waiting for another rank to reach this collective
@@ -380,10 +382,17 @@ class DIndex:
                     done += 1
                     progressed = True
             if not progressed:
-                stuck = [_waiting_at(r, g.nodes[cursors[r]]) for r, g in enumerate(self.graphs) if cursors[r] < len(g.nodes)]
-                raise IndexError_(
+                stuck = [_waiting_at(r, o[cursors[r]]) for r, o in enumerate(orders) if cursors[r] < len(o)]
+                from gg_notebook.capture.errors import CaptureError
+
+                first_rank = next(r for r, o in enumerate(orders) if cursors[r] < len(o))
+                raise CaptureError(
                     "the ranks' collectives cannot be matched: " + "; ".join(stuck)
-                    + " (a collective completes only when every member of its process group has issued it)"
+                    + " (a collective completes only when every member of its process group has issued it; a "
+                    "receive waits until its peer has sent, except that the transfers of one "
+                    "dist.batch_isend_irecv are posted together: if the ranks post a receive and then a send "
+                    "with single dist.irecv/dist.isend calls, post them in one dist.batch_isend_irecv)",
+                    rank=first_rank, source=orders[first_rank][cursors[first_rank]].source,
                 )
 
     def _term(self, rank: int, n: Node, coll) -> Expr | None:
@@ -447,7 +456,7 @@ class DIndex:
             if mn is None:
                 raise IndexError_(f"rank {src} never sends transfer #{info.index} that rank {rank} receives at "
                                   f"{n.source} ({info.where()})")
-            if self._cursors[src] < mn.index:
+            if self._cursors[src] < self._pos[src][id(mn)]:
                 return None
             return self.node_term.get((src, mn.inputs[0].name))
         ins: list[Expr] = []
@@ -458,7 +467,7 @@ class DIndex:
                     f"rank {m} never issues collective #{info.index} on {info.where()} "
                     f"that rank {rank} issues at {n.source}"
                 )
-            if self._cursors[m] < mn.index:
+            if self._cursors[m] < self._pos[m][id(mn)]:
                 return None  # rank m has not issued this collective yet
             key = (m, mn.inputs[0].name)
             if key not in self.node_term:
@@ -622,6 +631,29 @@ def _wrong_buffer(rank: int, n: Node, want: tuple) -> None:
         f"rank {rank} calls {info.describe()}{where}{code} with an output of shape {tuple(n.shape)} for an "
         f"input of shape {src if src is not None else '?'} on {info.where()}: a real run fails (gloo/NCCL: "
         f"invalid tensor size); {fix}.", rank=rank, source=n.source)
+
+
+def _schedule(nodes: list[Node]) -> list[Node]:
+    """The order in which a rank's nodes are interned: program order, except that the transfers of
+    one ``dist.batch_isend_irecv`` (posted together, whatever their order in its list) are taken
+    sends first, so a receive listed before a send does not wait for a peer that waits for that send.
+    Waits on single ``isend``/``irecv`` calls are not seen in the graph: those keep program order."""
+    out: list[Node] = []
+    i = 0
+    while i < len(nodes):
+        n = nodes[i]
+        batch = n.attrs.batch if n.op == "collective" and n.attrs.p2p else None
+        if batch is None:
+            out.append(n)
+            i += 1
+            continue
+        j = i
+        while j < len(nodes) and nodes[j].op == "collective" and nodes[j].attrs.p2p and nodes[j].attrs.batch == batch:
+            j += 1
+        run = nodes[i:j]
+        out.extend([x for x in run if x.attrs.kind == "send"] + [x for x in run if x.attrs.kind != "send"])
+        i = j
+    return out
 
 
 def _waiting_at(rank: int, n: Node) -> str:
