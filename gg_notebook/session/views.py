@@ -48,7 +48,24 @@ def pretty_source(src: str | None, frames=()) -> str | None:
             return f"cell [{cells[p]}], line {line}"
     if _CELL_FILE.search(path) or _CELL_FILE.search(full or ""):
         return f"a notebook cell, line {line}"
-    return src
+    return f"{_short_path(path)}:{line}"
+
+
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _short_path(path: str) -> str:
+    """An absolute path under the working directory, or inside gg_notebook (its examples), relative."""
+    if not os.path.isabs(path):
+        return path
+    for base in (os.getcwd(), _PKG_PARENT):
+        try:
+            rel = os.path.relpath(path, base)
+        except ValueError:  # another drive
+            continue
+        if not rel.startswith(".."):
+            return rel
+    return path
 
 
 _CELL_REF = re.compile(r"(?:[^\s:`'\"()]*/)?ipykernel_\d+/\d+\.py:\d+")

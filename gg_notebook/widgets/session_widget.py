@@ -32,6 +32,7 @@ _BADGE = {
     "shape guess": ("#57606a", "#f6f8fa"),
 }
 _MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
+_SBS_CELL = "vertical-align:top;padding:2px 6px;border:1px solid #eee;min-width:0;overflow-wrap:anywhere"
 
 
 def badge(status: str) -> str:
@@ -117,7 +118,7 @@ class SessionWidget(W.VBox):
         self.relations_html = W.HTML()
         self.suggestions_box = W.VBox()
         self.suggestion_buttons: list[W.Button] = []
-        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="220px"))
+        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="320px"))
         self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)",
                                 layout=W.Layout(width="auto", min_width="200px", flex="1 1 240px"))
         self.hint_button = W.Button(description="Add hint", **btn_layout(8))
@@ -446,23 +447,25 @@ class SessionWidget(W.VBox):
                 body.append(f"<div style='color:#555;margin-top:2px'>{esc(x.source or 'no source line')}</div>"
                             f"<div style='{_MONO}'>{code(x.lines)}</div>"
                             f"<div><code>{esc(x.name)} = {esc(x.call)}</code></div>")
-            cols.append(f"<td style='vertical-align:top;border-left:1px solid #ddd;padding:2px 6px;min-width:220px'>"
+            cols.append(f"<div class='gg-sbs-col' style='{_SBS_CELL}'>"
                         f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>{same}"
-                        + "".join(body) + "</td>")
+                        + "".join(body) + "</div>")
         if not cols:
-            cols.append("<td style='vertical-align:top;color:#555;padding:2px 6px'>no rank operator is related yet</td>")
-        # every column at least 220 px wide (8 ranks with different lines: 9 columns); wider than the
-        # output, the table scrolls sideways instead of squeezing the code
-        return (f"<div class='gg-side-by-side-wrap' style='overflow-x:auto;max-width:100%'>"
-                f"<table class='gg-side-by-side' style='font-size:12px;border:1px solid #ddd;width:100%'><tr>"
-                f"<td style='vertical-align:top;padding:2px 6px;min-width:260px'>{spec}</td>{''.join(cols)}</tr>"
-                f"</table></div>{err}")
+            cols.append(f"<div class='gg-sbs-col' style='{_SBS_CELL};color:#555'>no rank operator is related yet</div>")
+        # a grid of columns at least 260 px wide: the specification first, then each group of ranks;
+        # with many ranks whose lines differ (8 at TP8) the columns wrap onto more rows instead of being
+        # squeezed or running off the output's right edge
+        return (f"<div class='gg-side-by-side' style='display:grid;grid-template-columns:repeat(auto-fill, "
+                f"minmax(260px, 1fr));gap:0;font-size:12px;line-height:1.4;border:1px solid #ddd;"
+                f"box-sizing:border-box'>"
+                f"<div class='gg-sbs-col gg-sbs-spec' style='{_SBS_CELL};background:#f6f8fa'>{spec}</div>"
+                f"{''.join(cols)}</div>{err}")
 
     def _wants_suggestions(self) -> bool:
         s = self.session
         if s.stuck is not None:
             return True
-        if not s.engine.steps:
+        if not s.engine.steps or s.done:  # finished (not stuck): nothing is left to decide
             return False
         last = s.engine.steps[-1]
         return len([c for c in s.engine.relations.get(last.node, []) if not c.deferred]) > 1
