@@ -36,9 +36,9 @@ _CSS = """
 .gg-gw { font-family: var(--jp-ui-font-family, sans-serif); font-size: 12px; }
 .gg-gw-bar { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-bottom: 4px; }
 .gg-gw-bar select, .gg-gw-bar input, .gg-gw-bar button { font-size: 12px; height: 26px; }
-.gg-gw-search { width: 220px; }
+.gg-gw-search { width: 160px; }
 .gg-gw-btn { min-width: 28px; padding: 0 8px; cursor: pointer; white-space: nowrap; }
-.gg-gw-count { color: #555; min-width: 60px; }
+.gg-gw-count { color: #555; }
 .gg-gw-body { display: flex; gap: 6px; align-items: stretch; }
 .gg-gw-canvas { flex: 1 1 62%; min-width: 300px; border: 1px solid #ccc; border-radius: 4px; background: #fff; }
 .gg-gw-detail { flex: 1 1 38%; min-width: 220px; max-height: 640px; overflow: auto; border: 1px solid #eee;

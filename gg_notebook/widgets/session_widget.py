@@ -437,6 +437,8 @@ class SessionWidget(W.VBox):
             sig = tuple((x.source, x.call, x.role) for x in xs)
             groups.setdefault(sig, []).append(r)
         cols = []
+        # many columns (ranks whose lines differ): each rank operator's own line only, no context
+        many = len(groups) > 3
         for sig, ranks in groups.items():
             xs = per[ranks[0]]
             title = _ranks_title(ranks)
@@ -445,7 +447,7 @@ class SessionWidget(W.VBox):
             same = "" if len(ranks) == 1 else f"<div style='color:#555'>names as on rank {ranks[0]} (the same on each)</div>"
             for x in xs:
                 body.append(f"<div style='color:#555;margin-top:2px'>{esc(x.source or 'no source line')}</div>"
-                            f"<div style='{_MONO}'>{code(x.lines)}</div>"
+                            f"<div style='{_MONO}'>{code([c for c in x.lines if c[2] or not many])}</div>"
                             f"<div><code>{esc(x.name)} = {esc(x.call)}</code></div>")
             cols.append(f"<div class='gg-sbs-col' style='{_SBS_CELL}'>"
                         f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>{same}"
@@ -455,7 +457,7 @@ class SessionWidget(W.VBox):
         # a grid of columns at least 260 px wide: the specification first, then each group of ranks;
         # with many ranks whose lines differ (8 at TP8) the columns wrap onto more rows instead of being
         # squeezed or running off the output's right edge
-        return (f"<div class='gg-side-by-side' style='display:grid;grid-template-columns:repeat(auto-fill, "
+        return (f"<div class='gg-side-by-side' style='display:grid;grid-template-columns:repeat(auto-fit, "
                 f"minmax(260px, 1fr));gap:0;font-size:12px;line-height:1.4;border:1px solid #ddd;"
                 f"box-sizing:border-box'>"
                 f"<div class='gg-sbs-col gg-sbs-spec' style='{_SBS_CELL};background:#f6f8fa'>{spec}</div>"
@@ -568,7 +570,8 @@ class SessionWidget(W.VBox):
             else:
                 cell = "<br>".join(f"<code>{esc(self.show(c.expr))}</code>" for c in cands)
                 st = "<br>".join(badge(_status(c)) for c in cands)
-            rows.append(f"<tr{bg}><td style='vertical-align:top'><code>{esc(V.spec_name(eng, name))}</code></td>"
+            rows.append(f"<tr{bg}><td style='vertical-align:top;white-space:nowrap;width:1%;padding-right:12px'>"
+                        f"<code>{esc(V.spec_name(eng, name))}</code></td>"
                         f"<td style='{_MONO};font-size:12px'>{cell}</td><td style='vertical-align:top'>{st}</td></tr>")
         self.relations_html.value = (
             f"<div style='color:#666;font-size:11px'>{esc(note)}</div>"

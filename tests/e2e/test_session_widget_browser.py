@@ -84,7 +84,21 @@ def widget(page, k: int) -> WidgetUI:
 
 
 def shot(w: WidgetUI, artifacts, name: str) -> None:
-    w.root.screenshot(path=str(artifacts / f"{name}.png"), timeout=15_000)
+    """A screenshot of the whole widget: the viewport is made taller than the widget first (JupyterLab
+    scrolls the notebook inside the page, so a taller element would be captured cut up)."""
+    page = w.page
+    size = page.viewport_size
+    h = w.root.evaluate("el => el.getBoundingClientRect().height")
+    if h + 300 > size["height"]:
+        page.set_viewport_size({"width": size["width"], "height": int(h) + 400})
+        page.wait_for_timeout(300)
+    try:
+        w.root.scroll_into_view_if_needed()
+        w.root.screenshot(path=str(artifacts / f"{name}.png"), timeout=15_000)
+    finally:
+        if page.viewport_size != size:
+            page.set_viewport_size(size)
+            page.wait_for_timeout(200)
 
 
 def clipped_buttons(w: WidgetUI) -> list[str]:
