@@ -156,6 +156,7 @@ class WidgetUI:
             now = time.monotonic()
             if now - state["clicked"] > 3.0:
                 state["clicked"] = now
+                self.canvas().scroll_into_view_if_needed(timeout=5_000)
                 pos = self.graph("""(cy, id) => {
                     const n = cy.getElementById(id);
                     if (n.empty()) return null;
