@@ -394,7 +394,8 @@ class SessionWidget(W.VBox):
                 cands = eng.relations.get(i.name, [])
                 rel = "<br>".join(f"<code>{esc(self.show(c.expr))}</code> {badge(_status(c))}" for c in cands[:3]) \
                     or "<i>no relation</i>"
-                rows.append(f"<tr><td><code>{esc(V.tensor_name(eng, i))}</code></td><td style='{_MONO}'>{rel}</td></tr>")
+                rows.append(f"<tr><td style='vertical-align:top;white-space:nowrap'><code>{esc(V.tensor_name(eng, i))}</code>"
+                            f"</td><td style='{_MONO};vertical-align:top'>{rel}</td></tr>")
             parts.append("<div>inputs:</div><table style='font-size:12px'>" + "".join(rows) + "</table>")
         if stuck is not None:
             # the explanation is printed once: in the verdict banner (the session is done when stuck)
