@@ -20,7 +20,6 @@ from gg_notebook.problem import Problem
 from gg_notebook.result import Finding, Result, Status
 from gg_notebook.session.hints import HintError, hint_from_callable, parse_hint
 from gg_notebook.session.suggestions import Suggestion, engine_suggestions
-from gg_notebook.session.views import spec_name
 
 FORMAT = "gg_notebook.session/1"
 
@@ -331,7 +330,7 @@ class ProofSession:
                 flat = (want.double() - got.double()).abs().reshape(-1).argmax() if got.shape == want.shape else 0
                 w = float(want.reshape(-1)[flat]) if want.numel() else float("nan")
                 g = float(got.reshape(-1)[flat]) if got.numel() else float("nan")
-                return (f"it is numerically false: on random input seed {sim.seed}, {spec_name(self.engine, node)} "
+                return (f"it is numerically false: on random input seed {sim.seed}, {node} "
                         f"is {w:.6g} at flat "
                         f"index {int(flat)} but {what} gives {g:.6g} (max error {err:.3g})")
         return None
@@ -375,7 +374,7 @@ class ProofSession:
         if not proved:
             why = self.check_numerically(tensor, e)
             if why is not None:
-                raise HintError(f"hint for {spec_name(self.engine, tensor)} refused: {why}")
+                raise HintError(f"hint for {tensor} refused: {why}")
         self._add(tensor, e, proved=proved, why="hint", origin="hint")
         text = self.engine.show(e)
         typed = expr.strip() if isinstance(expr, str) else text
