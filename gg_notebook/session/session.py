@@ -330,8 +330,7 @@ class ProofSession:
                 flat = (want.double() - got.double()).abs().reshape(-1).argmax() if got.shape == want.shape else 0
                 w = float(want.reshape(-1)[flat]) if want.numel() else float("nan")
                 g = float(got.reshape(-1)[flat]) if got.numel() else float("nan")
-                return (f"it is numerically false: on random input seed {sim.seed}, {node} "
-                        f"is {w:.6g} at flat "
+                return (f"it is numerically false: on random input seed {sim.seed}, {node} is {w:.6g} at flat "
                         f"index {int(flat)} but {what} gives {g:.6g} (max error {err:.3g})")
         return None
 
