@@ -174,6 +174,8 @@ class ProofSession:
             o = ref()
             if o is not None:
                 getattr(o, method)(action)
+            elif listener in self._listeners:  # the view is gone: stop calling
+                self._listeners.remove(listener)
 
         self._listeners.append(listener)
 
