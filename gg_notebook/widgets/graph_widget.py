@@ -36,7 +36,8 @@ _CSS = """
 .gg-gw { font-family: var(--jp-ui-font-family, sans-serif); font-size: 12px; }
 .gg-gw-bar { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-bottom: 4px; }
 .gg-gw-bar select, .gg-gw-bar input, .gg-gw-bar button { font-size: 12px; height: 26px; }
-.gg-gw-search { width: 160px; }
+.gg-gw-search { width: 180px; }
+.gg-gw-search::placeholder { font-size: 11px; }
 .gg-gw-btn { min-width: 28px; padding: 0 8px; cursor: pointer; white-space: nowrap; }
 .gg-gw-count { color: #555; }
 .gg-gw-body { display: flex; gap: 6px; align-items: stretch; }
