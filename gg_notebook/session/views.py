@@ -48,7 +48,24 @@ def pretty_source(src: str | None, frames=()) -> str | None:
             return f"cell [{cells[p]}], line {line}"
     if _CELL_FILE.search(path) or _CELL_FILE.search(full or ""):
         return f"a notebook cell, line {line}"
-    return src
+    return f"{_short_path(path)}:{line}"
+
+
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _short_path(path: str) -> str:
+    """An absolute path under the working directory, or inside gg_notebook (its examples), relative."""
+    if not os.path.isabs(path):
+        return path
+    for base in (os.getcwd(), _PKG_PARENT):
+        try:
+            rel = os.path.relpath(path, base)
+        except ValueError:  # another drive
+            continue
+        if not rel.startswith(".."):
+            return rel
+    return path
 
 
 _CELL_REF = re.compile(r"(?:[^\s:`'\"()]*/)?ipykernel_\d+/\d+\.py:\d+")
@@ -147,10 +164,24 @@ def variable_names(graph) -> dict[str, str]:
 
 
 def display_name(node, names: dict[str, str] | None = None) -> str:
-    """``spec:add_1`` or ``add_1@r0``, with the source variable: ``scores (spec:div)``."""
+    """``spec:add_1`` or ``add_1@r0``, with the source variable: ``scores (spec:div)``. The one way a
+    tensor is named in every view (the relation table, the current operator, the rank lines, the
+    graph's node labels); `tensor_name` looks the variable up."""
     base = f"{SPEC}{node.name}" if node.rank is None else f"{node.name}@r{node.rank}"
     var = (names or {}).get(node.name)
     return f"{var} ({base})" if var and not var.startswith("in ") and var != node.name else base
+
+
+def tensor_name(engine, node) -> str:
+    """`display_name` of a specification or rank ``node`` of ``engine`` (its graph's variables)."""
+    graph = engine.seq if node.rank is None else engine.index.graphs[node.rank]
+    return display_name(node, variable_names(graph))
+
+
+def spec_name(engine, name: str) -> str:
+    """`tensor_name` of the specification tensor called ``name`` (``spec:NAME`` if it is unknown)."""
+    n = engine.seq.by_name.get(name)
+    return tensor_name(engine, n) if n is not None else f"{SPEC}{name}"
 
 
 def _fmt(v, inputs, names) -> str:
@@ -207,6 +238,7 @@ class RankLine:
     source: str | None  # pretty_source
     lines: list = field(default_factory=list)  # context_lines
     variable: str | None = None
+    name: str = ""  # display_name: ``q (mm_1@r0)``
 
 
 def corresponding(session, node, limit: int = 6) -> list[RankLine]:
@@ -223,8 +255,9 @@ def corresponding(session, node, limit: int = 6) -> list[RankLine]:
         if key in seen or rn.op == "input" and role == "uses":
             return
         seen.add(key)
+        names = variable_names(idx.graphs[rank])
         out.append(RankLine(rank, rn.name, role, call_text(rn), pretty_source(rn.source, rn.frames),
-                            context_lines(rn, 1), variable_names(idx.graphs[rank]).get(rn.name)))
+                            context_lines(rn, 1), names.get(rn.name), display_name(rn, names)))
 
     def dvals_of(exprs):
         for e in exprs:

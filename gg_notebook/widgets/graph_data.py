@@ -1,9 +1,11 @@
-"""The graph view's data, built from a `ProofSession` as plain JSON (no browser needed).
+"""The graph view's data, built from a `ProofSession` as plain JSON (no browser needed), and the
+current operator's neighbourhood (`GraphHelper.neighbourhood`).
 
 Two parts, so that a step sends little:
 
 * `graph_json(session)`: the whole sequential graph, once per session (it never changes): one entry
-  per operator with its name (the engine's node name, exactly as the relation table prints it), the
+  per operator with its name (`views.display_name`, exactly as the relation table and the other
+  panels print it: ``probs (spec:_softmax)``, ``mm_1@r0``) and engine node name (``node``), the
   operator, shape, source line and code, and its *groups* for collapsing (``line``: the user's source
   line; ``module``: the innermost user function or module of its call stack);
 * `graph_state(session)`: what changes with every step: the current operator, each visited
@@ -22,10 +24,132 @@ from __future__ import annotations
 
 import html
 import os
+from dataclasses import dataclass, field
 
-from gg_notebook.widgets import graph as G
+from gg_notebook.relations.expr import leaves
+from gg_notebook.session.views import SPEC, display_name, pretty_source, tensor_name, variable_names
 
 STATUSES = ("proved", "current", "stuck", "assumed", "deferred", "unvisited")
+
+
+# ---------------------------------------------------------------------------- neighbourhood
+@dataclass
+class Neighbourhood:
+    center: str | None
+    seq: list = field(default_factory=list)  # sequential Nodes
+    seq_edges: list = field(default_factory=list)  # (src name, dst name)
+    ranks: dict = field(default_factory=dict)  # rank -> list of (Node, used_by_relation: bool)
+    rank_edges: dict = field(default_factory=dict)  # rank -> list of (src name, dst name)
+    rank_refs: dict = field(default_factory=dict)  # (rank, node name) -> [seq tensors whose relation uses it]
+
+    def node_ids(self) -> list[str]:
+        out = [seq_id(n.name) for n in self.seq]
+        for r, nodes in sorted(self.ranks.items()):
+            out.extend(rank_id(r, n.name) for n, _ in nodes)
+        return out
+
+
+def seq_id(name: str) -> str:
+    return f"seq:{name}"
+
+
+def rank_id(rank: int, name: str) -> str:
+    return f"r{rank}:{name}"
+
+
+class GraphHelper:
+    """Caches per-graph user maps (built once per session engine base; the graphs never change)."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, dict] = {}
+
+    def users(self, g) -> dict:
+        u = self._users.get(id(g))
+        if u is None:
+            u = g.users()
+            self._users[id(g)] = u
+        return u
+
+    def neighbourhood(self, session, center, radius: int = 2, max_seq: int = 30,
+                      max_rank_nodes: int = 8, max_users: int = 4) -> Neighbourhood:
+        eng = session.engine
+        seq = eng.seq
+        nb = Neighbourhood(center.name if center is not None else None)
+        if center is None:
+            return nb
+        users = self.users(seq)
+        # BFS over the undirected sequential graph, inputs first (they carry the relations)
+        dist = {center.name: 0}
+        order = [center]
+        frontier = [center]
+        for d in range(1, radius + 1):
+            nxt = []
+            for n in frontier:
+                for m in list(n.inputs) + users.get(n.name, []):
+                    if m.name not in dist and len(order) < max_seq:
+                        dist[m.name] = d
+                        order.append(m)
+                        nxt.append(m)
+            frontier = nxt
+        order.sort(key=lambda n: n.index)
+        nb.seq = order
+        names = {n.name for n in order}
+        nb.seq_edges = [(i.name, n.name) for n in order for i in n.inputs if i.name in names]
+
+        # rank nodes in the current operator's input relations
+        idx = eng.index
+        for inp in center.inputs:
+            for c in eng.relations.get(inp.name, [])[:2]:
+                for leaf in leaves(c.expr):
+                    if leaf.op != "ref":
+                        continue
+                    dv = idx.dvals[leaf.attrs[0]]
+                    for r, node in dv.locations:
+                        nb.rank_refs.setdefault((r, node.name), [])
+                        if inp.name not in nb.rank_refs[(r, node.name)]:
+                            nb.rank_refs[(r, node.name)].append(inp.name)
+        per_rank: dict[int, dict[str, tuple]] = {}
+        for (r, name) in nb.rank_refs:
+            g = idx.graphs[r]
+            chosen = per_rank.setdefault(r, {})
+            if len(chosen) >= max_rank_nodes or name not in g.by_name:
+                continue
+            chosen[name] = (g.by_name[name], True)
+        for r, chosen in per_rank.items():
+            g = idx.graphs[r]
+            us = self.users(g)
+            for name, (node, _) in list(chosen.items()):
+                for u in us.get(name, [])[:max_users]:
+                    if u.name not in chosen:
+                        chosen[u.name] = (u, False)
+            nodes = sorted(chosen.values(), key=lambda t: t[0].index)
+            nb.ranks[r] = nodes
+            present = {n.name for n, _ in nodes}
+            nb.rank_edges[r] = [(i.name, n.name) for n, _ in nodes for i in n.inputs if i.name in present]
+        return nb
+
+
+def seq_status(session, name: str) -> str:
+    """proved / current / stuck / assumed / deferred / unvisited for a sequential node."""
+    eng = session.engine
+    stuck = session.stuck
+    if stuck is not None and stuck.node == name:
+        return "stuck"
+    cur = session.current
+    if cur is not None and cur.name == name:
+        return "current"
+    if name not in eng.relations:
+        return "unvisited"
+    cands = eng.relations[name]
+    if not cands:
+        return "stuck"
+    if all(c.deferred for c in cands):
+        return "deferred"
+    first = next(c for c in cands if not c.deferred)
+    return "assumed" if first.assumption else "proved"
+
+
+# ---------------------------------------------------------------------------- graph JSON
 
 
 def _op_short(target: str, op: str) -> str:
@@ -78,11 +202,14 @@ def module_groups(nodes) -> dict[str, str]:
     return out
 
 
-def node_json(n, rank: int | None = None, module: str | None = None) -> dict:
-    name = n.name if rank is None else f"{n.name}@r{rank}"
+def node_json(n, rank: int | None = None, module: str | None = None, names: dict | None = None) -> dict:
+    """One operator. ``name``: how every view of the session names it (`views.display_name`:
+    ``spec:NAME`` / ``NAME@rR``, with its source variable, e.g. ``probs (spec:_softmax)``; ``names``
+    is `views.variable_names` of its graph); ``node``: the engine's node name."""
     d = {
-        "id": G.seq_id(n.name) if rank is None else G.rank_id(rank, n.name),
-        "name": name,
+        "id": seq_id(n.name) if rank is None else rank_id(rank, n.name),
+        "name": display_name(n, names),
+        "node": n.name,
         "op": _op_short(n.target, n.op),
         "target": n.target or n.op,
         "shape": list(n.shape) if n.shape is not None else None,
@@ -103,12 +230,13 @@ def graph_json(session) -> dict:
     outputs = {n.name for n in seq.outputs}
     nodes = []
     mods = module_groups(seq.nodes)
+    names = variable_names(seq)
     for n in seq.nodes:
-        d = node_json(n, module=mods.get(n.name))
+        d = node_json(n, module=mods.get(n.name), names=names)
         if n.name in outputs:
             d["output"] = True
         nodes.append(d)
-    edges = [[G.seq_id(i.name), G.seq_id(n.name)] for n in seq.nodes for i in n.inputs]
+    edges = [[seq_id(i.name), seq_id(n.name)] for n in seq.nodes for i in n.inputs]
     return {"nodes": nodes, "edges": edges, "world_size": eng.index.world_size,
             "fingerprint": f"{len(nodes)}:{len(edges)}:{seq.nodes[0].name if seq.nodes else ''}"}
 
@@ -126,8 +254,9 @@ def rank_graph_json(session, max_nodes: int = MAX_RANK_GRAPH_NODES) -> dict:
     nodes, edges = [], []
     for r, g in enumerate(graphs):
         mods = module_groups(g.nodes)
-        nodes += [node_json(n, r, mods.get(n.name)) for n in g.nodes]
-        edges += [[G.rank_id(r, i.name), G.rank_id(r, n.name)] for n in g.nodes for i in n.inputs]
+        names = variable_names(g)
+        nodes += [node_json(n, r, mods.get(n.name), names) for n in g.nodes]
+        edges += [[rank_id(r, i.name), rank_id(r, n.name)] for n in g.nodes for i in n.inputs]
     return {"nodes": nodes, "edges": edges}
 
 
@@ -136,39 +265,39 @@ def statuses(session) -> dict[str, str]:
     eng = session.engine
     out = {}
     for name in eng.relations:
-        out[G.seq_id(name)] = G.seq_status(session, name)
+        out[seq_id(name)] = seq_status(session, name)
     st = session.stuck
     if st is not None:
-        out[G.seq_id(st.node)] = "stuck"
+        out[seq_id(st.node)] = "stuck"
     cur = session.current
     if cur is not None and st is None:
-        out[G.seq_id(cur.name)] = "current"
+        out[seq_id(cur.name)] = "current"
     return out
 
 
-def graph_state(session, helper: G.GraphHelper | None = None, radius: int = 2) -> dict:
+def graph_state(session, helper: GraphHelper | None = None, radius: int = 2) -> dict:
     """The per-step part (see the module docstring); JSON-serializable."""
-    helper = helper or G.GraphHelper()
+    helper = helper or GraphHelper()
     cur = session.current
     mods = _rank_modules(session, helper)
-    state = {"current": G.seq_id(cur.name) if cur is not None else None,
+    state = {"current": seq_id(cur.name) if cur is not None else None,
              "status": statuses(session), "neighbourhood": [], "rank_nodes": [], "rank_edges": [],
              "links": [], "done": bool(session.done), "stuck": session.stuck is not None}
     if cur is None:
         return state
     nb = helper.neighbourhood(session, cur, radius=radius)
-    state["neighbourhood"] = [G.seq_id(n.name) for n in nb.seq]
+    state["neighbourhood"] = [seq_id(n.name) for n in nb.seq]
     for r, nodes in sorted(nb.ranks.items()):
         for n, used in nodes:
-            d = node_json(n, r, mods[r].get(n.name))
+            d = node_json(n, r, mods[r].get(n.name), variable_names(session.engine.index.graphs[r]))
             d["used"] = bool(used)
             d["used_by"] = list(nb.rank_refs.get((r, n.name), []))
             state["rank_nodes"].append(d)
-        state["rank_edges"] += [[G.rank_id(r, a), G.rank_id(r, b)] for a, b in nb.rank_edges.get(r, [])]
-    shown = {(d["rank"], d["name"].rsplit("@r", 1)[0]) for d in state["rank_nodes"]}
+        state["rank_edges"] += [[rank_id(r, a), rank_id(r, b)] for a, b in nb.rank_edges.get(r, [])]
+    shown = {(d["rank"], d["node"]) for d in state["rank_nodes"]}
     for (r, name), refs in nb.rank_refs.items():
         if (r, name) in shown:
-            state["links"] += [[G.seq_id(s), G.rank_id(r, name)] for s in refs]
+            state["links"] += [[seq_id(s), rank_id(r, name)] for s in refs]
     return state
 
 
@@ -235,18 +364,18 @@ def node_detail(session, node_id: str, *, show=None, picture=None, max_relations
         n = eng.seq.by_name.get(name)
         if n is None:
             return ""
-        st = G.seq_status(session, name)
-        parts = [f"<div class='gg-detail-head'><b>{_esc(name)}</b> <code>{_esc(n.target or n.op)}</code> "
+        st = seq_status(session, name)
+        parts = [f"<div class='gg-detail-head'><b>{_esc(tensor_name(eng, n))}</b> <code>{_esc(n.target or n.op)}</code> "
                  f"{_esc(tuple(n.shape))} <span class='gg-st gg-st-{_esc(st)}'>{_esc(st)}</span></div>"]
         if n.source:
-            parts.append(f"<div>at <code>{_esc(n.source)}</code>"
+            parts.append(f"<div>at <code>{_esc(pretty_source(n.source, n.frames))}</code>"
                          + (f": <code>{_esc(n.code.strip())}</code>" if n.code else "") + "</div>")
         cands = eng.relations.get(name, [])
         if not cands:
             parts.append("<div><i>no relation yet</i></div>")
         for c in cands[:max_relations]:
             text = show(c.expr)
-            parts.append(f"<div class='gg-relation'><div><code>{_esc(name)} = {_esc(text)}</code> "
+            parts.append(f"<div class='gg-relation'><div><code>{_esc(SPEC + name)} = {_esc(text)}</code> "
                          f"({_esc(_status_of(c))})</div>")
             parts.append(picture(c.expr, name))
             if c.chain:
@@ -265,10 +394,10 @@ def node_detail(session, node_id: str, *, show=None, picture=None, max_relations
     n = g.by_name.get(name)
     if n is None:
         return ""
-    parts = [f"<div class='gg-detail-head'><b>{_esc(name)}@r{r}</b> <code>{_esc(n.target or n.op)}</code> "
+    parts = [f"<div class='gg-detail-head'><b>{_esc(tensor_name(eng, n))}</b> <code>{_esc(n.target or n.op)}</code> "
              f"{_esc(tuple(n.shape))}</div>"]
     if n.source:
-        parts.append(f"<div>at <code>{_esc(n.source)}</code>"
+        parts.append(f"<div>at <code>{_esc(pretty_source(n.source, n.frames))}</code>"
                      + (f": <code>{_esc(n.code.strip())}</code>" if n.code else "") + "</div>")
     try:
         dv = eng.index.dval_of(r, n)

@@ -22,13 +22,11 @@ The widget follows the session by itself (``session.on_change``); a `SessionWidg
 from __future__ import annotations
 
 import pathlib
-import weakref
 
 import anywidget
 import traitlets
 
-from gg_notebook.widgets import graph as G
-from gg_notebook.widgets.graph_data import graph_json, graph_state, node_detail, rank_graph_json
+from gg_notebook.widgets.graph_data import GraphHelper, graph_json, graph_state, node_detail, rank_graph_json
 
 MODES = ("neighbourhood", "full", "ranks")
 STATIC = pathlib.Path(__file__).parent / "static"
@@ -38,9 +36,10 @@ _CSS = """
 .gg-gw { font-family: var(--jp-ui-font-family, sans-serif); font-size: 12px; }
 .gg-gw-bar { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-bottom: 4px; }
 .gg-gw-bar select, .gg-gw-bar input, .gg-gw-bar button { font-size: 12px; height: 26px; }
-.gg-gw-search { width: 220px; }
+.gg-gw-search { width: 180px; }
+.gg-gw-search::placeholder { font-size: 11px; }
 .gg-gw-btn { min-width: 28px; padding: 0 8px; cursor: pointer; white-space: nowrap; }
-.gg-gw-count { color: #555; min-width: 60px; }
+.gg-gw-count { color: #555; }
 .gg-gw-body { display: flex; gap: 6px; align-items: stretch; }
 .gg-gw-canvas { flex: 1 1 62%; min-width: 300px; border: 1px solid #ccc; border-radius: 4px; background: #fff; }
 .gg-gw-detail { flex: 1 1 38%; min-width: 220px; max-height: 640px; overflow: auto; border: 1px solid #eee;
@@ -78,22 +77,15 @@ class GraphWidget(anywidget.AnyWidget):
             raise ValueError(f"group_by must be '', 'line' or 'module', not {group_by!r}")
         super().__init__(mode=mode, group_by=group_by, height=height, **kw)
         self.session = session
-        self._helper = G.GraphHelper()
+        self._helper = GraphHelper()
         self._show_cache: dict[int, str] = {}
         self._picture_cache: dict[tuple, str] = {}  # (expr id, tensor) -> sharding picture HTML
         self._engine_id = None
         self.refresh()
         self.observe(self._on_selected, names="selected")
         self.observe(self._on_mode, names="mode")
-        if follow:
-            ref = weakref.ref(self)
-
-            def listener(_action: str, _ref=ref) -> None:
-                w = _ref()
-                if w is not None:
-                    w.refresh()
-
-            session.on_change(listener)
+        if follow:  # (a SessionWidget embedding this view refreshes it itself, after its own panels)
+            session.follow(self, "refresh")
 
     def show(self, e) -> str:
         s = self._show_cache.get(e.id)
@@ -115,7 +107,7 @@ class GraphWidget(anywidget.AnyWidget):
             hit = self._picture_cache[key] = sharding_html(self.session.engine, expr, title=title)
         return hit
 
-    def refresh(self) -> None:
+    def refresh(self, _action: str | None = None) -> None:
         """Re-read the session: the graph once (or after a reset changed it), the state always;
         the detail panel follows the selected node (or the current operator when none is)."""
         s = self.session

@@ -2,8 +2,10 @@
 
 All state lives in the session. Every control calls the session API; the widget re-renders from
 the session when the session reports a change (``session.on_change``). Rendering is incremental
-and bounded: the relation table shows the last rows plus filter matches, the graph is a small
-neighbourhood of the current operator, and pretty-printed relations and SVGs are cached.
+and bounded: the relation table shows the last rows plus filter matches, the graph (a `GraphWidget`
+in ``graph_slot``) sends the whole graph once and only the current operator's state on a step, and
+pretty-printed relations are cached. Tensors are named the same way everywhere
+(`views.display_name`: ``probs (spec:_softmax)``, ``mm_1@r0``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ import re
 import threading
 import time
 import warnings
-import weakref
 
 import ipywidgets as W
 
 from gg_notebook.session import views as V
-from gg_notebook.widgets import graph as G
 
 TABLE_ROWS = 30  # rows of the relation table without a filter (the most recent tensors)
 FILTER_ROWS = 200  # at most this many filter matches
@@ -32,6 +32,7 @@ _BADGE = {
     "shape guess": ("#57606a", "#f6f8fa"),
 }
 _MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
+_SBS_CELL = "vertical-align:top;padding:2px 6px;border:1px solid #eee;min-width:0;overflow-wrap:anywhere"
 
 
 def badge(status: str) -> str:
@@ -53,19 +54,20 @@ class SessionWidget(W.VBox):
     ``step_button, run_button, undo_button, reset_button, run_to_text, run_to_button, progress,
     progress_label, message, current_html, relations_html, filter_text, suggestions_box,
     suggestion_buttons, hint_tensor, hint_text, hint_button, hint_message, assumptions_box,
-    retract_buttons, graph_html, graph_select, graph_info, graph_view, banner``.
+    retract_buttons, graph_view, graph_slot, banner``.
 
     A numerically false suggestion is shown with its disagreeing values and a disabled Accept
     button. The user relations (hints, accepted suggestions) are listed under "Your relations",
     each with a Retract button (``session.retract``); Undo takes back the last step or relation.
 
-    The graph: with ``anywidget`` installed, ``graph_view`` is a clickable `GraphView` (clicking a node
-    selects it in ``graph_select`` and ``graph_info`` shows its relations; the dropdown selects too) and
-    ``graph_html`` is unused (empty, not displayed). Without anywidget, ``graph_view`` is None and
-    ``graph_html`` shows the graph; the dropdown selects. ``graph_markup`` is the shown markup either way."""
+    The graph: ``graph_view`` is a `GraphWidget` (zoom / pan / fit, search, collapse; the neighbourhood
+    of the current operator by default, the full model or every rank's graph on demand; clicking a
+    node shows its relations, lemmas and sharding picture in its side panel). It follows the current
+    operator: the widget refreshes it after every session change. Without ``anywidget`` (or with
+    ``graph=False``) ``graph_view`` is None and the slot says why."""
 
     def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS,
-                 background: bool | None = None, save_path: str | None = None):
+                 background: bool | None = None, save_path: str | None = None, graph_height: int = 460):
         self.session = session
         # long actions (Run, Run to) in a thread, so that progress shows and Cancel is heard while they
         # run: by default inside a kernel (a browser is watching); synchronous otherwise (tests, scripts)
@@ -76,12 +78,9 @@ class SessionWidget(W.VBox):
         self.table_rows = table_rows
         self.version = 0  # bumped on every session change
         self._show_cache: dict[int, str] = {}
-        self._svg_cache: dict[tuple, tuple[str, str]] = {}
         self._result_cache: tuple[int, object] | None = None
-        self._graphs = G.GraphHelper()
-        self._nb = None
         self._last_stuck: str | None = None
-        self.graph_kind: str | None = None  # "svg" | "wasi" | "dot" after a render
+        self._tensor_options_for = None
         self.render_count = 0
         self._rendering = False
 
@@ -119,7 +118,7 @@ class SessionWidget(W.VBox):
         self.relations_html = W.HTML()
         self.suggestions_box = W.VBox()
         self.suggestion_buttons: list[W.Button] = []
-        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="220px"))
+        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="320px"))
         self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)",
                                 layout=W.Layout(width="auto", min_width="200px", flex="1 1 240px"))
         self.hint_button = W.Button(description="Add hint", **btn_layout(8))
@@ -128,12 +127,16 @@ class SessionWidget(W.VBox):
         self.retract_buttons: list[W.Button] = []
         self._assumptions_key: tuple | None = None
         self.graph_enabled = graph
-        self.graph_html = W.HTML()
-        gv = _graph_view_class() if graph else None
-        self.graph_view = gv() if gv is not None else None
-        self.graph_select = W.Dropdown(description="node", layout=W.Layout(width="300px"))
-        self.graph_info = W.HTML()
-        self.graph_info.add_class("gg-graph-info")
+        self.graph_view = None
+        graph_note = "<i>graph view off</i>"
+        if graph:
+            try:
+                from gg_notebook.widgets.graph_widget import GraphWidget
+            except ImportError as exc:  # anywidget missing: the rest of the widget works
+                graph_note = (f"<i>the graph view needs <code>anywidget</code> "
+                              f"(pip install anywidget): {esc(exc)}</i>")
+            else:
+                self.graph_view = GraphWidget(session, follow=False, height=graph_height)
 
         self.step_button.on_click(lambda _b: self._do(self.session.step))
         self.run_button.on_click(lambda _b: self._run())
@@ -150,9 +153,6 @@ class SessionWidget(W.VBox):
         self.reset_button.on_click(lambda _b: self._do(self.session.reset))
         self.hint_button.on_click(self._on_hint)
         self.filter_text.observe(lambda _c: self._render_relations(), names="value")
-        self.graph_select.observe(self._on_graph_select, names="value")
-        if self.graph_view is not None:
-            self.graph_view.observe(self._on_graph_click, names="selected")
 
         controls = W.HBox([self.step_button, self.run_button, self.undo_button, self.reset_button,
                            self.run_to_text, self.run_to_button, self.cancel_button],
@@ -166,27 +166,25 @@ class SessionWidget(W.VBox):
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
                            W.HBox([self.hint_tensor, self.hint_text, self.hint_button],
                                   layout=W.Layout(flex_flow="row wrap")), self.hint_message])
-        left = W.VBox([self.current_html, self.suggestions_box, hint_box, self.assumptions_box],
-                      layout=W.Layout(width="50%"))
-        graph_box = self.graph_view if self.graph_view is not None else self.graph_html
-        right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
-                        graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
-        # The slot the graph lives in (the right column): the graph view (gg_notebook/widgets/graph*.py)
-        # may replace its children (a bigger, zoomable view; a sharding picture) without touching the rest
-        # of this widget. Its render hook is `_render_graph`, called on every session change.
-        self.graph_slot = right
+        # the current operator (with the side-by-side lines: up to one column per rank) spans the width;
+        # below it the actions (suggestions, hint, your relations) and the graph, wrapping when narrow
+        left = W.VBox([self.suggestions_box, hint_box, self.assumptions_box],
+                      layout=W.Layout(flex="1 1 360px", min_width="300px"))
+        left.add_class("gg-actions")
+        graph_box = self.graph_view if self.graph_view is not None else W.HTML(graph_note)
+        # The slot the graph lives in (refreshed by `_render_graph` on every session change)
+        self.graph_slot = W.VBox([W.HTML("<b>Graph</b>"), graph_box],
+                                 layout=W.Layout(flex="2 1 620px", min_width="0"))
+        self.graph_slot.add_class("gg-graph-slot")
+        self.current_html.add_class("gg-current")
         table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
-        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table, files])
+        super().__init__([self.banner, controls, prog, self.message, self.current_html,
+                          W.HBox([left, self.graph_slot], layout=W.Layout(flex_flow="row wrap", width="100%")),
+                          table, files])
+        self.add_class("gg-session-widget")
 
         self._set_tensor_options()
-        ref = weakref.ref(self)
-
-        def listener(action: str, _ref=ref) -> None:
-            w = _ref()
-            if w is not None:
-                w._on_change(action)
-
-        session.on_change(listener)
+        session.follow(self, "_on_change")
         self.render()
 
     # ------------------------------------------------------------------ actions
@@ -385,9 +383,8 @@ class SessionWidget(W.VBox):
             return
         stuck = s.stuck
         eng = s.engine
-        names = V.variable_names(eng.seq)
         head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
-        parts = [f"{head} <code>{esc(V.display_name(n, names))}</code> &nbsp;<code>{esc(n.target or n.op)}</code>"
+        parts = [f"{head} <code>{esc(V.tensor_name(eng, n))}</code> &nbsp;<code>{esc(n.target or n.op)}</code>"
                  f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"
                  f"<div style='font-size:12px'>call <code class='gg-call'>{esc(V.call_text(n))}</code></div>"]
         parts.append(self._side_by_side(n))
@@ -397,7 +394,8 @@ class SessionWidget(W.VBox):
                 cands = eng.relations.get(i.name, [])
                 rel = "<br>".join(f"<code>{esc(self.show(c.expr))}</code> {badge(_status(c))}" for c in cands[:3]) \
                     or "<i>no relation</i>"
-                rows.append(f"<tr><td><code>{esc(V.display_name(i, names))}</code></td><td style='{_MONO}'>{rel}</td></tr>")
+                rows.append(f"<tr><td style='vertical-align:top;white-space:nowrap'><code>{esc(V.tensor_name(eng, i))}</code>"
+                            f"</td><td style='{_MONO};vertical-align:top'>{rel}</td></tr>")
             parts.append("<div>inputs:</div><table style='font-size:12px'>" + "".join(rows) + "</table>")
         if stuck is not None:
             # the explanation is printed once: in the verdict banner (the session is done when stuck)
@@ -405,7 +403,7 @@ class SessionWidget(W.VBox):
         elif eng.steps:
             last = eng.steps[-1]
             rel = "; ".join(last.pretty[:2]) or "no relation"
-            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(V.SPEC + last.node)}</code> "
+            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(V.spec_name(eng, last.node))}</code> "
                          f"({esc(last.status)}) = <code>{esc(rel)}</code></div>")
         self.current_html.value = "".join(parts)
 
@@ -431,7 +429,7 @@ class SessionWidget(W.VBox):
         spec = (f"<div style='font-weight:bold'>specification</div>"
                 f"<div style='color:#555'>{esc(spec_src or 'no source line')}</div>"
                 f"<div style='{_MONO}'>{code(spec_ctx) or esc(n.code or '')}</div>"
-                f"<div><code>{esc(V.SPEC + n.name)} = {esc(V.call_text(n))}</code></div>")
+                f"<div><code>{esc(V.tensor_name(s.engine, n))} = {esc(V.call_text(n))}</code></div>")
         groups: dict[tuple, list[int]] = {}
         per: dict[int, list] = {}
         for x in lines:
@@ -440,30 +438,37 @@ class SessionWidget(W.VBox):
             sig = tuple((x.source, x.call, x.role) for x in xs)
             groups.setdefault(sig, []).append(r)
         cols = []
+        # many columns (ranks whose lines differ): each rank operator's own line only, no context
+        many = len(groups) > 3
         for sig, ranks in groups.items():
             xs = per[ranks[0]]
-            title = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            title = _ranks_title(ranks)
             role = "its relation uses" if xs[0].role == "holds" else "operators using its inputs' values"
             body = []
-            at = f"@r{ranks[0]}" if len(ranks) == 1 else " (on each)"
+            same = "" if len(ranks) == 1 else f"<div style='color:#555'>names as on rank {ranks[0]} (the same on each)</div>"
             for x in xs:
-                var = f" <span style='color:#555'>({esc(x.variable)})</span>" if x.variable else ""
                 body.append(f"<div style='color:#555;margin-top:2px'>{esc(x.source or 'no source line')}</div>"
-                            f"<div style='{_MONO}'>{code(x.lines)}</div>"
-                            f"<div><code>{esc(x.node)}{esc(at)} = {esc(x.call)}</code>{var}</div>")
-            cols.append(f"<td style='vertical-align:top;border-left:1px solid #ddd;padding:2px 6px'>"
-                        f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>"
-                        + "".join(body) + "</td>")
+                            f"<div style='{_MONO}'>{code([c for c in x.lines if c[2] or not many])}</div>"
+                            f"<div><code>{esc(x.name)} = {esc(x.call)}</code></div>")
+            cols.append(f"<div class='gg-sbs-col' style='{_SBS_CELL}'>"
+                        f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>{same}"
+                        + "".join(body) + "</div>")
         if not cols:
-            cols.append("<td style='vertical-align:top;color:#555;padding:2px 6px'>no rank operator is related yet</td>")
-        return (f"<table class='gg-side-by-side' style='font-size:12px;border:1px solid #ddd;width:100%'><tr>"
-                f"<td style='vertical-align:top;padding:2px 6px'>{spec}</td>{''.join(cols)}</tr></table>{err}")
+            cols.append(f"<div class='gg-sbs-col' style='{_SBS_CELL};color:#555'>no rank operator is related yet</div>")
+        # a grid of columns at least 260 px wide: the specification first, then each group of ranks;
+        # with many ranks whose lines differ (8 at TP8) the columns wrap onto more rows instead of being
+        # squeezed or running off the output's right edge
+        return (f"<div class='gg-side-by-side' style='display:grid;grid-template-columns:repeat(auto-fit, "
+                f"minmax(260px, 1fr));gap:0;font-size:12px;line-height:1.4;border:1px solid #ddd;"
+                f"box-sizing:border-box'>"
+                f"<div class='gg-sbs-col gg-sbs-spec' style='{_SBS_CELL};background:#f6f8fa'>{spec}</div>"
+                f"{''.join(cols)}</div>{err}")
 
     def _wants_suggestions(self) -> bool:
         s = self.session
         if s.stuck is not None:
             return True
-        if not s.engine.steps:
+        if not s.engine.steps or s.done:  # finished (not stuck): nothing is left to decide
             return False
         last = s.engine.steps[-1]
         return len([c for c in s.engine.relations.get(last.node, []) if not c.deferred]) > 1
@@ -482,7 +487,7 @@ class SessionWidget(W.VBox):
             return
         node = s.stuck.node if s.stuck is not None else s.engine.steps[-1].node
         title = "stuck" if s.stuck is not None else "ambiguous: several relations"
-        rows: list = [W.HTML(f"<b>Suggestions</b> for <code>{esc(node)}</code> ({title})"
+        rows: list = [W.HTML(f"<b>Suggestions</b> for <code>{esc(V.spec_name(s.engine, node))}</code> ({title})"
                              + ("" if sugg else " &mdash; none; add a hint below"))]
         buttons = []
         for k, sg in enumerate(sugg):
@@ -517,16 +522,17 @@ class SessionWidget(W.VBox):
             b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", **_btn_layout(7))
             b.on_click(lambda _b, k=r.index: self._retract(k))
             buttons.append(b)
-            rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code>{esc(r.node)}</code> = "
+            rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code>{esc(V.spec_name(self.session.engine, r.node))}</code> = "
                                           f"<code style='{_MONO}'>{esc(r.text)}</code> {badge(r.status)} "
                                           f"<span style='color:#555'>({esc(r.origin)})</span></div>")]))
         self.retract_buttons = buttons
         self.assumptions_box.children = tuple(rows)
 
     def _set_tensor_options(self) -> None:
-        names = [n.name for n in self.session.engine.seq.nodes]
-        if list(self.hint_tensor.options) != names:
-            self.hint_tensor.options = names
+        eng = self.session.engine
+        if self._tensor_options_for is not eng.seq:  # (label, value): the views' name, the node's name
+            self._tensor_options_for = eng.seq
+            self.hint_tensor.options = [(V.tensor_name(eng, n), n.name) for n in eng.seq.nodes]
 
     def _render_hint_default(self) -> None:
         s = self.session
@@ -545,7 +551,7 @@ class SessionWidget(W.VBox):
         if q:
             matched = []
             for name in names:
-                if q in name.lower() or q in (V.variable_names(eng.seq).get(name) or "").lower() or \
+                if q in V.spec_name(eng, name).lower() or \
                         any(q in self.show(c.expr).lower() for c in rels[name]):
                     matched.append(name)
             shown = matched[:FILTER_ROWS]
@@ -555,7 +561,6 @@ class SessionWidget(W.VBox):
             shown = names[-self.table_rows:]
             note = f"last {len(shown)} of {len(names)} tensors" if len(names) > len(shown) else f"{len(names)} tensors"
         stuck = self.session.stuck.node if self.session.stuck is not None else None
-        names = V.variable_names(eng.seq)
         rows = []
         for name in shown:
             cands = rels[name]
@@ -566,10 +571,8 @@ class SessionWidget(W.VBox):
             else:
                 cell = "<br>".join(f"<code>{esc(self.show(c.expr))}</code>" for c in cands)
                 st = "<br>".join(badge(_status(c)) for c in cands)
-            var = names.get(name)
-            shown_name = f"<code>{esc(V.SPEC + name)}</code>" + (
-                f" <span style='color:#555'>{esc(var)}</span>" if var and not var.startswith("in ") else "")
-            rows.append(f"<tr{bg}><td style='vertical-align:top'>{shown_name}</td>"
+            rows.append(f"<tr{bg}><td style='vertical-align:top;white-space:nowrap;width:1%;padding-right:12px'>"
+                        f"<code>{esc(V.spec_name(eng, name))}</code></td>"
                         f"<td style='{_MONO};font-size:12px'>{cell}</td><td style='vertical-align:top'>{st}</td></tr>")
         self.relations_html.value = (
             f"<div style='color:#666;font-size:11px'>{esc(note)}</div>"
@@ -578,107 +581,9 @@ class SessionWidget(W.VBox):
             "<th style='text-align:left'>status</th></tr>" + "".join(rows) + "</table></div>")
 
     def _render_graph(self) -> None:
-        if not self.graph_enabled:
-            self.graph_html.value = "<i>graph view off</i>"
-            return
-        s = self.session
-        cur = s.current
-        key = (cur.name if cur is not None else None, self.version, id(s.engine))
-        hit = self._svg_cache.get(key)
-        if hit is None:
-            if cur is None:
-                hit = ("none", "<i>no current operator</i>")
-                self._nb = G.Neighbourhood(None)
-            else:
-                try:
-                    self._nb = self._graphs.neighbourhood(s, cur)
-                    hit = G.render(G.to_dot(s, self._nb, show=self.show))
-                except Exception as exc:  # noqa: BLE001 - the graph view must never break the widget
-                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(V.pretty_text(str(exc)))}</span>")
-            if len(self._svg_cache) > 64:
-                self._svg_cache.clear()
-            self._svg_cache[key] = hit
-        self.graph_kind, markup = hit
+        """The graph follows the session: the current operator, statuses, related rank operators."""
         if self.graph_view is not None:
-            self.graph_view.svg = markup
-        else:
-            self.graph_html.value = markup
-        ids = self._nb.node_ids() if self._nb is not None else []
-        if list(self.graph_select.options) != ids:
-            keep = self.graph_select.value
-            self.graph_select.options = ids
-            if keep in ids:
-                self.graph_select.value = keep
-            elif cur is not None and G.seq_id(cur.name) in ids:
-                self.graph_select.value = G.seq_id(cur.name)
-        self._render_graph_info()
-
-    @property
-    def graph_markup(self) -> str:
-        """The graph's current markup (SVG, DOT text or a message), in ``graph_view`` or ``graph_html``."""
-        return self.graph_view.svg if self.graph_view is not None else self.graph_html.value
-
-    def _on_graph_select(self, _change=None) -> None:
-        if self.graph_view is not None:
-            self.graph_view.selected = self.graph_select.value or ""
-        self._render_graph_info()
-
-    def _on_graph_click(self, change) -> None:
-        """A click on a node in the browser (``graph_view.selected``): select it in the dropdown."""
-        sel = change["new"]
-        if not sel or sel == self.graph_select.value:
-            return
-        if sel in self.graph_select.options:
-            self.graph_select.value = sel  # -> _on_graph_select -> graph_info
-        else:  # not a node of the current neighbourhood (a stale view): show it if it exists
-            try:
-                self.graph_info.value = self.node_info(sel)
-            except Exception:  # noqa: BLE001 - a malformed id from the frontend
-                self.graph_info.value = ""
-
-    def _render_graph_info(self) -> None:
-        sel = self.graph_select.value
-        if not sel:
-            self.graph_info.value = ""
-            return
-        self.graph_info.value = self.node_info(sel)
-
-    def node_info(self, node_id: str) -> str:
-        """HTML describing a graph node (``seq:NAME`` or ``rR:NAME``): its relations or its rank value."""
-        s = self.session
-        eng = s.engine
-        kind, name = node_id.split(":", 1)
-        if kind == "seq":
-            n = eng.seq.by_name.get(name)
-            if n is None:
-                return ""
-            st = G.seq_status(s, name)
-            cands = eng.relations.get(name, [])
-            rel = "".join(f"<div><code style='{_MONO}'>{esc(self.show(c.expr))}</code> {badge(_status(c))}</div>"
-                          for c in cands) or "<i>no relation</i>"
-            step = next((x for x in reversed(eng.steps) if x.node == name), None)
-            extra = f"<div style='color:#555'>{esc(V.pretty_text(step.detail))}</div>" if step is not None and step.detail else ""
-            if s.stuck is not None and s.stuck.node == name:  # its explanation is in the verdict banner (once)
-                extra = "<div style='color:#cf222e'>stuck: why, see the verdict above</div>"
-            return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
-                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
-                    + f"<div>{rel}</div>{extra}</div>")
-        r = int(kind[1:])
-        g = eng.index.graphs[r]
-        n = g.by_name.get(name)
-        if n is None:
-            return ""
-        try:
-            dv = eng.index.dval_of(r, n)
-            where = ", ".join(f"{m.name}@r{rr}" for rr, m in dv.locations[:8])
-        except KeyError:
-            where = ""
-        refs = self._nb.rank_refs.get((r, name), []) if self._nb is not None else []
-        return (f"<div style='font-size:12px'><b>{esc(name)}@r{r}</b> <code>{esc(n.target)}</code> "
-                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
-                + (f"<div>same value at: <code>{esc(where)}</code></div>" if where else "")
-                + (f"<div>used by the relation of: <code>{esc(', '.join(refs))}</code></div>" if refs else "")
-                + "</div>")
+            self.graph_view.refresh()
 
     def result(self):
         """`session.result()`: the verdict `gg.verify` gives once the session is finished or stuck
@@ -687,8 +592,8 @@ class SessionWidget(W.VBox):
 
     def verdict(self) -> str:
         """The banner's headline: "proved", "assumed: holds only under N assumption(s) (not a proof)",
-        "refuted: first wrong value at <op> (<node>, <where>)", "unknown: the numbers agree, a lemma is
-        missing for <op> (<node>, <where>)", or, without a concrete check, "unknown: stuck at ..."."""
+        "refuted: first wrong value at <op>: <name>, <where>", "unknown: the numbers agree, a lemma is
+        missing for <op>: <name>, <where>" (<name> as `views.display_name`), or, without a concrete check, "unknown: stuck at ..."."""
         r = self.result()
         if r.proved:
             return "proved"
@@ -698,7 +603,7 @@ class SessionWidget(W.VBox):
         where = ""
         if c is not None:
             src = V.pretty_source(c.source)
-            where = f" at {c.op} ({V.SPEC}{c.node}" + (f", {src})" if src else ")")
+            where = f" at {c.op}: {V.spec_name(self.session.engine, c.node)}" + (f", {src}" if src else "")
         if r.status.value == "refuted":
             return ("refuted: first wrong value" + where) if c is not None else "refuted"
         if any(f.kind == "numbers-agree" for f in r.findings):
@@ -749,7 +654,7 @@ class SessionWidget(W.VBox):
         if not r.proved and r.culprit is not None:
             c = r.culprit
             src = V.pretty_source(c.source)
-            body += (f"<div style='font-size:12px'>where: <code>{esc(V.SPEC + c.node)}</code> <code>{esc(c.op)}</code>"
+            body += (f"<div style='font-size:12px'>where: <code>{esc(V.spec_name(s.engine, c.node))}</code> <code>{esc(c.op)}</code>"
                      + (f" at {esc(src)}" if src else "")
                      + (f": <code>{esc(c.code.strip())}</code>" if c.code else "")
                      + f"</div><div class='gg-why' style='font-size:12px'>{esc(V.pretty_text(c.detail))}</div>")
@@ -759,7 +664,7 @@ class SessionWidget(W.VBox):
             # here only: the other panels point to the banner)
             n = s.engine.seq.by_name[st.node]
             src = V.pretty_source(n.source, n.frames)
-            body += (f"<div class='gg-why' style='font-size:12px'>the proof is stuck at <code>{esc(V.SPEC + st.node)}</code> "
+            body += (f"<div class='gg-why' style='font-size:12px'>the proof is stuck at <code>{esc(V.spec_name(s.engine, st.node))}</code> "
                      f"<code>{esc(st.op)}</code>" + (f" ({esc(src)})" if src else "")
                      + f": {esc(V.pretty_text(st.detail))}</div>")
         for f in r.findings:
@@ -771,6 +676,21 @@ class SessionWidget(W.VBox):
                 body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(V.pretty_text(o.detail))}</div>"
         self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
+
+
+def _ranks_title(ranks: list[int]) -> str:
+    """"rank 3", "ranks 0, 1", "ranks 0-7" (runs of three or more consecutive ranks as a range)."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    rs = sorted(ranks)
+    parts, k = [], 0
+    while k < len(rs):
+        j = k
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        parts += [f"{rs[k]}\u2013{rs[j]}"] if j - k >= 2 else [str(r) for r in rs[k:j + 1]]
+        k = j + 1
+    return "ranks " + ", ".join(parts)
 
 
 def _nums(xs) -> str:
@@ -793,21 +713,3 @@ def _in_kernel() -> bool:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "session"
-
-
-def _graph_view_class():
-    """`GraphView` if anywidget imports, else None (the HTML + Dropdown fallback)."""
-    try:
-        import anywidget  # noqa: F401
-
-        from gg_notebook.widgets.graph_view import GraphView
-    except ImportError:
-        return None
-    return GraphView
-
-
-def _legend() -> str:
-    items = [("proved", "proved"), ("current", "current"), ("stuck", "stuck"), ("assumed", "assumed"),
-             ("deferred", "deferred"), ("unvisited", "not yet visited")]
-    return " ".join(f"<span style='background:{G.COLOURS[k]};padding:0 4px;border-radius:3px'>{esc(t)}</span>"
-                    for k, t in items)

@@ -122,8 +122,10 @@ def _write_settings(settings_dir: Path) -> None:
     files = {
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
             {"fetchNews": "false", "checkForUpdates": False},
+        # windowingMode "none": every cell stays in the DOM (the default windowing drops cells scrolled
+        # out of view, and with them the widgets a test drives)
         "@jupyterlab/notebook-extension/tracker.jupyterlab-settings":
-            {"autoStartDefaultKernel": True},
+            {"autoStartDefaultKernel": True, "windowingMode": "none"},
         # no "Save before closing?" or autosave surprises while the tests click around
         "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings":
             {"autosave": False},

@@ -18,8 +18,10 @@ What these tests rely on in the widget (keep stable, or update here):
 * "Your relations": a row per hint / accepted suggestion with a "Retract" button;
 * the hint row: an HBox holding a text ``<input>`` and the "Add hint" button; an invalid hint
   shows its error inline (HintError text, e.g. "cannot parse ...");
-* the graph view (anywidget ``GraphView``): ``.gg-graph-view g.node[data-gg-node='seq:NAME']`` for
-  a node; clicking one fills ``.gg-graph-info`` with that node's name and relations.
+* the graph view (``GraphWidget``, cytoscape) in the widget's graph slot: its canvas
+  ``.gg-gw-canvas`` holds the cytoscape core as ``_cy`` (nodes ``seq:NAME`` / ``rR:NAME``, labels:
+  the views' tensor names) and ``data-current``; clicking a node fills ``.gg-gw-detail`` with its
+  name, relations, lemmas and sharding picture.
 """
 
 from __future__ import annotations
@@ -105,29 +107,69 @@ class WidgetUI:
         return wait_until(f"verdict banner {what}", lambda: (t := self.banner()) and pred(t) and t,
                           timeout=timeout, page=self.page)
 
-    def graph_node(self, node_id: str):
-        return self.root.locator(f".gg-graph-view g.node[data-gg-node='{node_id}']").first
+    # the graph view (GraphWidget) in the widget's graph slot
+    def canvas(self):
+        return self.root.locator(".gg-gw-canvas").first
 
-    def graph_info(self) -> str:
-        info = self.root.locator(".gg-graph-info")
-        return info.first.inner_text(timeout=5_000) if info.count() else ""
+    def graph(self, js: str, arg=None):
+        """Evaluate ``js`` (a function of the cytoscape core ``cy`` and ``arg``) on this widget's graph."""
+        return self.canvas().evaluate(f"(c, arg) => {{ const cy = c._cy; if (!cy) return null; return ({js})(cy, arg); }}",
+                                      arg)
+
+    def graph_nodes(self) -> list[str]:
+        return self.graph("cy => cy.nodes().map(n => n.id())") or []
+
+    def graph_view(self) -> dict:
+        """The graph's viewport: zoom, the smallest label font (px) on screen, the current operator
+        (id, classes, on screen), every drawn node's label."""
+        return self.graph("""cy => {
+            const w = cy.width(), h = cy.height(), z = cy.zoom();
+            let minFont = 1e9;
+            cy.nodes().forEach(n => {
+                if (n.isParent()) return;
+                const b = n.renderedBoundingBox({includeLabels: false});
+                if (b.x2 < 0 || b.y2 < 0 || b.x1 > w || b.y1 > h) return;
+                minFont = Math.min(minFont, parseFloat(n.style('font-size')) * z);
+            });
+            const id = cy.container().dataset.current;
+            const cur = id ? cy.getElementById(id) : cy.collection();
+            const cb = cur.nonempty() ? cur.renderedBoundingBox({includeLabels: false}) : null;
+            return {zoom: z, minFont, current: id || '', width: w, height: h,
+                    currentClasses: cur.nonempty() ? cur.classes().join(' ') : '',
+                    currentVisible: !!cb && cb.x1 >= 0 && cb.y1 >= 0 && cb.x2 <= w && cb.y2 <= h,
+                    labels: Object.fromEntries(cy.nodes().map(n => [n.id(), n.data('label') || '']))};
+        }""")
+
+    def graph_detail(self) -> str:
+        d = self.root.locator(".gg-gw-detail")
+        return d.first.inner_text(timeout=5_000) if d.count() else ""
 
     def click_graph_node(self, node_id: str, pred, what: str, timeout: float = 20.0) -> str:
-        """Click the graph node ``node_id`` until the info area satisfies ``pred`` (the SVG may be
-        replaced by a re-render between locating and clicking, so a click can land on a stale node)."""
+        """Click the graph node ``node_id`` with the mouse (centred first) until the detail panel
+        satisfies ``pred`` (a re-render may move the node between locating and clicking)."""
         state = {"clicked": 0.0}
 
         def attempt():
-            text = self.graph_info()
+            text = self.graph_detail()
             if pred(text):
                 return text
             now = time.monotonic()
-            if now - state["clicked"] > 5.0:
+            if now - state["clicked"] > 3.0:
                 state["clicked"] = now
-                self.graph_node(node_id).click(timeout=5_000)
+                self.canvas().scroll_into_view_if_needed(timeout=5_000)
+                pos = self.graph("""(cy, id) => {
+                    const n = cy.getElementById(id);
+                    if (n.empty()) return null;
+                    cy.center(n);
+                    const p = n.renderedPosition();
+                    const r = cy.container().getBoundingClientRect();
+                    return {x: r.left + p.x, y: r.top + p.y};
+                }""", node_id)
+                if pos is not None:
+                    self.page.mouse.click(pos["x"], pos["y"])
             return None
 
-        return wait_until(f"graph info after clicking {node_id}: {what}", attempt, timeout=timeout,
+        return wait_until(f"graph detail after clicking {node_id}: {what}", attempt, timeout=timeout,
                           page=self.page)
 
     def relation_rows(self) -> list[str]:
@@ -190,14 +232,15 @@ def test_quickstart_widget_step_and_run(lab, page, notebook_ui):
     w.click("Step")
     w.wait_progress(lambda d, t: d == 3, f"3 / {total}")
     for node in ("seq:x", "seq:w1", "seq:mm"):
-        wait_until(f"graph node {node}", lambda node=node: w.graph_node(node).count() > 0, page=page)
+        wait_until(f"graph node {node}", lambda node=node: node in w.graph_nodes(), page=page)
+    wait_until("the graph follows: mm current", lambda: w.graph_view()["current"] == "seq:mm", page=page)
     info = w.click_graph_node("seq:x", lambda t: "x@r*" in t and "w1@r0" not in t, "x's relation x@r*")
     assert "proved" in info, info
     info = w.click_graph_node("seq:w1", lambda t: "concat(w1@r0, w1@r1, dim=1)" in t and "x@r*" not in t,
                               "w1's relation concat(w1@r0, w1@r1, dim=1)")
     assert "proved" in info, info
-    wait_until("the clicked node outlined", lambda: "gg-selected" in (
-        w.graph_node("seq:w1").get_attribute("class") or ""), page=page)
+    wait_until("the clicked node outlined", lambda: w.graph(
+        "cy => cy.getElementById('seq:w1').hasClass('selected')"), page=page)
 
     # Run: to the end, proved again.
     w.click("Run")
