@@ -161,6 +161,32 @@ class OpSpec:
         args, kwargs = self.template
         object.__setattr__(self, "template", (typed(tuple(args)), tuple((k, typed(v)) for k, v in kwargs)))
 
+    # every interned call hashes its spec (a tuple of the operator and its whole template): the hash
+    # is computed once per spec; equality is the dataclass's (all fields), with shortcuts
+    def _fields(self) -> tuple:
+        return (self.kind, self.name, self.target, self.template, self.params, self.out, self.unique)
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._fields())
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        if hash(self) != hash(other):
+            return False
+        return self._fields() == other._fields()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)  # a hash is this process's (string hashes are salted per process)
+        return state
+
     def param(self, key: str, default=None):
         for k, v in self.params:
             if k == key:
