@@ -97,8 +97,11 @@ def tiling_up_to_factor(index, term: Expr) -> tuple[Fraction, int, list] | None:
     shallow = _shallow_table(index).get(core.id, [])
     # the normal form of every term of a shape some tiled base has (each form is computed once and
     # memoized, whatever the order of the questions: `LinearForms.of`)
-    k = index.forms.key(term) if (tuple(term.shape), term.dtype) in _table_shapes(index) else None
-    deep = _table(index, term.shape, term.dtype).get(k[0], ()) if k is not None else ()
+    # (a term's form is computed only if some tiled base of its shape and dtype has a key: with
+    # none, no key of the term could be found in the table)
+    table = _table(index, term.shape, term.dtype) if (tuple(term.shape), term.dtype) in _table_shapes(index) else {}
+    k = index.forms.key(term) if table else None
+    deep = table.get(k[0], ()) if k is not None else ()
     found = None
     for c_base, base in [(c_b / c_term, b) for c_b, b in shallow] + [(c_b / k[1], b) for c_b, b in deep]:
         if base.id == term.id or tuple(base.shape) != tuple(term.shape) or base.dtype != term.dtype:

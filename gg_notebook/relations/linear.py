@@ -194,29 +194,33 @@ class LinearForms:
 
     def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
+        memo = self._memo
         stack = [t]
         while stack:
             x = stack[-1]
-            if x.args and x.id not in self._memo and not self._reads_arg_forms(x):
-                stack.pop()  # an operator no rule looks through: its own base, arguments never visited
-                self._memo[x.id] = ((x, ONE),)
+            if x.id in memo:  # (a node pushed twice, or computed by a rule meanwhile)
+                stack.pop()
                 continue
-            todo = [a for a in x.args if a.id not in self._memo]
-            if todo:
-                stack.extend(todo)
-                continue
+            if x.args:
+                if not self._reads_arg_forms(x):
+                    stack.pop()  # an operator no rule looks through: its own base, arguments never visited
+                    memo[x.id] = ((x, ONE),)
+                    continue
+                todo = [a for a in x.args if a.id not in memo]
+                if todo:
+                    stack.extend(todo)
+                    continue
             stack.pop()
-            if x.id not in self._memo:
-                form = None
-                if _floating(x):
-                    try:
-                        form = self._rule(x)
-                    except ShapeError:
-                        form = None
-                if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
-                    form = merge_slice_sums(self, form) or form
-                self._memo[x.id] = form if form else ((x, ONE),)
-        return self._memo[t.id]
+            form = None
+            if _floating(x):
+                try:
+                    form = self._rule(x)
+                except ShapeError:
+                    form = None
+            if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
+                form = merge_slice_sums(self, form) or form
+            memo[x.id] = form if form else ((x, ONE),)
+        return memo[t.id]
 
     def _reads_arg_forms(self, x: Expr) -> bool:
         """Can a rule of `_rule` use the forms of ``x``'s arguments? Not for a non-floating value, a
