@@ -23,28 +23,43 @@ from gg_notebook.relations.linear import coefficient
 aten = torch.ops.aten
 
 
-def _table(index) -> dict:
-    """{form key: [(first coefficient, base term)]} over the bases some rank holds slices of."""
-    table = index.__dict__.get("_gg_form_tiling")
+def _groups(index) -> dict:
+    """{(shape, dtype): [base terms]} over the floating bases some rank holds slices of."""
+    groups = index.__dict__.get("_gg_form_tiling_groups")
     n = len(index.slices_of)
-    if table is None or table[0] != n:
-        keyed: dict = {}
+    if groups is None or groups[0] != n:
+        by_shape: dict = {}
         for base_id in index.slices_of:
             base = index.store.nodes[base_id]
             if base.dtype is None or not base.dtype.is_floating_point:
                 continue
+            by_shape.setdefault((tuple(base.shape), base.dtype), []).append(base)
+        groups = (n, by_shape, {})
+        index._gg_form_tiling_groups = groups
+    return groups
+
+
+def _table(index, shape, dtype) -> dict:
+    """{form key: [(first coefficient, base term)]} over the bases of this shape and dtype some rank
+    holds slices of (a form key holds its shape and dtype: bases of other shapes never match, so
+    their forms are computed only when a term of their shape asks)."""
+    _, by_shape, tables = _groups(index)
+    key = (tuple(shape), dtype)
+    table = tables.get(key)
+    if table is None:
+        table = {}
+        for base in by_shape.get(key, ()):
             k = index.forms.key(base)
             if k is not None:
-                keyed.setdefault(k[0], []).append((k[1], base))
-        table = (n, keyed, {(k[0], k[1]) for k in keyed})
-        index._gg_form_tiling = table
-    return table[1]
+                table.setdefault(k[0], []).append((k[1], base))
+        tables[key] = table
+    return table
 
 
-def _table_shapes(index) -> set:
-    """The (shape, dtype) pairs of `_table`'s keys: a term of another shape or dtype has none of them."""
-    _table(index)
-    return index._gg_form_tiling[2]
+def _table_shapes(index) -> dict:
+    """The (shape, dtype) pairs of the bases some rank holds slices of: a term of another shape or
+    dtype has none of their form keys."""
+    return _groups(index)[1]
 
 
 def _peel(e: Expr) -> tuple[Fraction, Expr]:
@@ -82,8 +97,11 @@ def tiling_up_to_factor(index, term: Expr) -> tuple[Fraction, int, list] | None:
     shallow = _shallow_table(index).get(core.id, [])
     # the normal form of every term of a shape some tiled base has (each form is computed once and
     # memoized, whatever the order of the questions: `LinearForms.of`)
-    k = index.forms.key(term) if (term.shape, term.dtype) in _table_shapes(index) else None
-    deep = _table(index).get(k[0], ()) if k is not None else ()
+    # (a term's form is computed only if some tiled base of its shape and dtype has a key: with
+    # none, no key of the term could be found in the table)
+    table = _table(index, term.shape, term.dtype) if (tuple(term.shape), term.dtype) in _table_shapes(index) else {}
+    k = index.forms.key(term) if table else None
+    deep = table.get(k[0], ()) if k is not None else ()
     found = None
     for c_base, base in [(c_b / c_term, b) for c_b, b in shallow] + [(c_b / k[1], b) for c_b, b in deep]:
         if base.id == term.id or tuple(base.shape) != tuple(term.shape) or base.dtype != term.dtype:

@@ -131,7 +131,13 @@ class Engine:
         return str(leaf.attrs[0])
 
     def show(self, e: Expr) -> str:
-        return pretty(e, self.name)
+        # a relation is printed at its step and again at every step that reads it: once per node
+        # (its leaves' labels do not change once the index is built)
+        memo = self.__dict__.setdefault("_show_memo", {})
+        s = memo.get(e.id)
+        if s is None:
+            s = memo[e.id] = pretty(e, self.name)
+        return s
 
     # ------------------------------------------------------------------ terms
     def to_term(self, e: Expr) -> Expr:

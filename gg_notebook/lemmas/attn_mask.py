@@ -34,7 +34,7 @@ import torch
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, LemmaCase, register, register_matcher
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, ShapeError, Slot
-from gg_notebook.relations.ground import value_of
+from gg_notebook.relations.ground import broadcast_shapes, value_of
 
 aten = torch.ops.aten
 KIND = "neg_inf_mask"
@@ -59,7 +59,7 @@ def _all_neg_inf(t: torch.Tensor | None) -> bool:
 
 def _fits(mask: torch.Tensor, out_shape: tuple) -> bool:
     try:
-        return tuple(torch.broadcast_shapes(tuple(mask.shape), out_shape)) == tuple(out_shape)
+        return broadcast_shapes(tuple(mask.shape), tuple(out_shape)) == tuple(out_shape)
     except RuntimeError:
         return False
 

@@ -81,9 +81,16 @@ def absorbed_by(consumer_kind: str) -> set[str]:
     return {k for l in lemmas_for(consumer_kind) for k in l.absorbs}
 
 
+_FOR_KIND: dict[str, tuple] = {}  # kind -> (registry version, lemmas): asked at every push
+
+
 def lemmas_for(kind: str) -> list[Lemma]:
-    out = [l for l in REGISTRY.values() if kind in l.kinds or "*" in l.kinds]
-    return sorted(out, key=lambda l: (l.priority, l.name))
+    version = (len(REGISTRY), next(reversed(REGISTRY.values()), None))  # (tests register and delete lemmas)
+    hit = _FOR_KIND.get(kind)
+    if hit is None or hit[0] != version:
+        out = [l for l in REGISTRY.values() if kind in l.kinds or "*" in l.kinds]
+        hit = _FOR_KIND[kind] = (version, tuple(sorted(out, key=lambda l: (l.priority, l.name))))
+    return list(hit[1])
 
 
 # Matchers: decision procedures that relate a *synthetic* operator introduced by a lemma (e.g. a

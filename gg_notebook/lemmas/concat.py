@@ -55,12 +55,12 @@ def _split_plans(S: ExprStore, spec: OpSpec, args: tuple, out_shape: tuple, want
             continue
         seen.add((role, bounds))
         pieces = []
+        # the dim of each operand that has this role (None: used whole), the same for every piece
+        dims = [next((t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:]
+                      and r[0] == role[0]), None) for j in range(len(args))]
         try:
             for lo, hi in bounds:
-                new_args = []
-                for j, b in enumerate(args):
-                    dj = [t for t, r in enumerate(roles[j]) if r is not None and r[0] != "bcast" and r[1:] == role[1:] and r[0] == role[0]]
-                    new_args.append(S.slice(b, dj[0], lo, hi) if dj else b)
+                new_args = [S.slice(b, dj, lo, hi) if dj is not None else b for b, dj in zip(args, dims)]
                 pieces.append(_call(S, spec, new_args))
             if role[0] == "out":
                 yield S.cat(pieces, role[1])

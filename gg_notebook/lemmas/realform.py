@@ -836,6 +836,11 @@ class RealValue:
     def __call__(self, *tensors):
         from gg_notebook.relations.expr import evaluate
 
+        if tensors and all(t.is_meta for t in tensors) and len(tensors) == len(self.holes) and all(
+                tuple(t.shape) == tuple(h.shape) and t.dtype == h.dtype for t, h in zip(tensors, self.holes)):
+            # shapes only (`infer_shape`): the formula's node already has the shape and dtype it computes
+            # on arguments like its holes (the store built it from them)
+            return torch.empty(self.formula.shape, dtype=self.formula.dtype, device="meta")
         pos = {h.id: i for i, h in enumerate(self.holes)}
         return evaluate(self.formula, lambda leaf: tensors[pos[leaf.id]])
 

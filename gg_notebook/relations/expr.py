@@ -161,6 +161,34 @@ class OpSpec:
         args, kwargs = self.template
         object.__setattr__(self, "template", (typed(tuple(args)), tuple((k, typed(v)) for k, v in kwargs)))
 
+    # every interned call hashes its spec (a tuple of the operator and its whole template): the hash
+    # is computed once per spec; equality is the dataclass's (all fields), with shortcuts
+    def _fields(self) -> tuple:
+        return (self.kind, self.name, self.target, self.template, self.params, self.out, self.unique)
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._fields())
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        if hash(self) != hash(other):
+            return False
+        return self._fields() == other._fields()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)  # a hash is this process's (string hashes are salted per process)
+        state.pop("_bound", None)
+        state.pop("_shapes", None)
+        return state
+
     def param(self, key: str, default=None):
         for k, v in self.params:
             if k == key:
@@ -171,7 +199,10 @@ class OpSpec:
         """The value of the operator's argument ``name`` as its schema binds it (defaults filled
         in, scalars as plain Python values, tensor arguments as their `Slot`). Raises KeyError for
         a name the schema does not have (or a non-ATen target), unless ``default`` is given."""
-        bound = _bind(self)
+        bound = self.__dict__.get("_bound", _MISSING)
+        if bound is _MISSING:  # (kept on the spec: equal specs of other ranks are other objects)
+            bound = _bind(self)
+            object.__setattr__(self, "_bound", bound)
         if bound is None or name not in bound:
             if default is not _MISSING:
                 return default
@@ -280,11 +311,16 @@ class ExprStore:
     def __init__(self) -> None:
         self._table: dict[tuple, Expr] = {}
         self.nodes: list[Expr] = []
+        self._specs: dict = {}  # OpSpec -> the one equal OpSpec the store's nodes use
 
     # ------------------------------------------------------------------ interning
     def _intern(self, op, attrs, args, shape, dtype) -> Expr:
         # the dtype is part of a node's identity: the same operator on the same values in another
         # dtype is another value (an int64 hash is not its float32 spelling)
+        if op == "call" or op == "const":
+            # one spec object per operator identity: every rank lowers its own (equal) specs, and
+            # tables keyed by spec then compare them field by field on every lookup
+            attrs = self._specs.setdefault(attrs, attrs)
         key = (op, attrs, tuple(a.id for a in args), dtype)
         e = self._table.get(key)
         if e is None and self.by_value and op not in ("atom", "ref") and all(a.ground for a in args):
@@ -713,7 +749,17 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]):
 # ---------------------------------------------------------------------- shapes of compute calls
 def infer_shape(spec: OpSpec, arg_meta: tuple) -> tuple[tuple, Any]:
     """Output (shape, dtype) of ``spec`` applied to arguments of the given shapes, via meta tensors."""
-    return _infer_shape_cached(spec, arg_meta)
+    table = getattr(spec, "__dict__", None)
+    if table is None:
+        return _infer_shape_cached(spec, arg_meta)
+    shapes = table.get("_shapes")
+    if shapes is None:  # kept on the spec: no comparison of equal specs field by field per lookup
+        shapes = {}
+        object.__setattr__(spec, "_shapes", shapes)
+    hit = shapes.get(arg_meta)
+    if hit is None:
+        hit = shapes[arg_meta] = _infer_shape_cached(spec, arg_meta)
+    return hit
 
 
 @lru_cache(maxsize=65536)

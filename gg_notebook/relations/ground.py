@@ -34,7 +34,6 @@ What is not canonicalized (kept as today: a structural term compared by its spel
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 from typing import TYPE_CHECKING
@@ -132,8 +131,8 @@ def _as_value(t) -> Value | None:
     buf = raw.numpy()
     # a fast checksum of the bytes, not a cryptographic hash: equal digests are confirmed byte for
     # byte before two values are merged (`Value.__eq__`, `canonical`), so a collision costs a merge,
-    # never a wrong one
-    digest = f"{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}{raw.numel():x}"
+    # never a wrong one (one pass of CRC-32 over a [S, S] mask: a second checksum doubled its cost)
+    digest = f"{zlib.crc32(buf):08x}{raw.numel():x}"
     return Value(t, digest, raw, _same_bytes_everywhere(raw, t.element_size()))
 
 
@@ -146,8 +145,12 @@ def _same_bytes_everywhere(raw: torch.Tensor, size: int) -> bool:
         return True
     if size in _INT_OF_SIZE:
         words = raw.view(_INT_OF_SIZE[size])
-        if bool(words[-1] != words[0]):
-            return False  # the common non-uniform case (a triangular mask) without a full pass
+        n = words.numel()
+        # the common non-uniform cases (a triangular mask, positions) without a full pass: a strided
+        # sample of about 64 elements (its last one included) first
+        sample = words[(n - 1) % max(1, n // 64)::max(1, n // 64)]
+        if bool((sample != words[0]).any()):
+            return False
         return bool((words == words[0]).all())
     rows = raw.view(-1, size)
     return bool((rows == rows[0]).all())
@@ -361,7 +364,7 @@ def describe(t: torch.Tensor, uniform: bool | None = None) -> str:
         return f"{dt}[{shape}] [{vals}]"
     if _uniform(t) if uniform is None else uniform:
         return f"{dt}[{shape}] full {_num(flat[0].item())}"
-    digest = hashlib.blake2b(_raw(t).numpy().tobytes(), digest_size=4).hexdigest()
+    digest = f"{zlib.crc32(_raw(t.contiguous()).numpy()):08x}"  # (no copy of the bytes)
     return f"{dt}[{shape}] #{digest}"
 
 
@@ -376,6 +379,27 @@ def _num(x) -> str:
 
 
 # ---------------------------------------------------------------------- broadcast operands
+def broadcast_shapes(*shapes) -> tuple:
+    """`torch.broadcast_shapes` of concrete shapes (tuples of ints), in plain Python (the torch one
+    goes through symbolic-shape guards: the cost of every elementwise call the store builds).
+    Raises RuntimeError where torch does."""
+    n = max((len(s) for s in shapes), default=0)
+    out = [1] * n
+    for s in shapes:
+        off = n - len(s)
+        for j, d in enumerate(s):
+            d = int(d)
+            if d < 0:
+                raise RuntimeError(f"negative size in {shapes}")
+            o = out[off + j]
+            if d == o or d == 1:
+                continue
+            if o != 1:
+                raise RuntimeError(f"shapes {shapes} do not broadcast")
+            out[off + j] = d
+    return tuple(out)
+
+
 def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
     """The arguments of the elementwise call ``spec(args)`` with every value-node operand in its
     smallest broadcast form, or None if nothing changes: leading size-1 dims dropped, and a dim
@@ -390,7 +414,7 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
     if all(s == shapes[0] for s in shapes) and not any(a.op == "expand" or is_value(a) for a in args):
         return None  # no broadcasting at all (the common case): a view of the full shape stays
     try:
-        out = tuple(torch.broadcast_shapes(*shapes))
+        out = broadcast_shapes(*shapes)
     except RuntimeError:
         return None
     memo = store.__dict__.setdefault("_min_bcast", {})
@@ -404,7 +428,7 @@ def minimal_broadcast(store: "ExprStore", spec, args) -> tuple | None:
             if inner is not None:
                 others = [s for j, s in enumerate(current) if j != i]
                 try:
-                    if tuple(torch.broadcast_shapes(tuple(inner.shape), *others)) == out:
+                    if broadcast_shapes(tuple(inner.shape), *others) == out:
                         a, changed = inner, True  # the other operands broadcast it the same way
                 except RuntimeError:
                     pass
@@ -457,7 +481,7 @@ def _shrink(store: "ExprStore", a: "Expr", out: tuple, others: list) -> "Expr | 
     if tuple(x.shape) == tuple(t.shape):
         return None
     try:
-        if tuple(torch.broadcast_shapes(tuple(x.shape), *others)) != out:
+        if broadcast_shapes(tuple(x.shape), *others) != out:
             return None
     except RuntimeError:
         return None

@@ -64,6 +64,18 @@ MAX_SPREAD = 8
 Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
 ONE = Fraction(1)
 _PRODUCTS: dict = {}  # (a, b, divide) -> a * b or a / b, for radical coefficients (exact.py is slow)
+_LINEAR_ARGS: dict = {}  # (spec, argument dtypes) -> `linear_args` (a pure function of them)
+_REDUCE_SPECS: dict = {}  # (fn, dims, keepdim) -> reduce_spec(...): one spec object per reduction
+
+
+def _reduce_spec(fn: str, dims: tuple, keepdim: bool):
+    key = (fn, tuple(dims), bool(keepdim))
+    spec = _REDUCE_SPECS.get(key)
+    if spec is None:
+        from gg_notebook.ir.specs import reduce_spec
+
+        spec = _REDUCE_SPECS[key] = reduce_spec(fn, key[1], key[2])
+    return spec
 
 
 def _mul(a, b):
@@ -182,29 +194,33 @@ class LinearForms:
 
     def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
+        memo = self._memo
         stack = [t]
         while stack:
             x = stack[-1]
-            if x.args and x.id not in self._memo and not self._reads_arg_forms(x):
-                stack.pop()  # an operator no rule looks through: its own base, arguments never visited
-                self._memo[x.id] = ((x, ONE),)
+            if x.id in memo:  # (a node pushed twice, or computed by a rule meanwhile)
+                stack.pop()
                 continue
-            todo = [a for a in x.args if a.id not in self._memo]
-            if todo:
-                stack.extend(todo)
-                continue
+            if x.args:
+                if not self._reads_arg_forms(x):
+                    stack.pop()  # an operator no rule looks through: its own base, arguments never visited
+                    memo[x.id] = ((x, ONE),)
+                    continue
+                todo = [a for a in x.args if a.id not in memo]
+                if todo:
+                    stack.extend(todo)
+                    continue
             stack.pop()
-            if x.id not in self._memo:
-                form = None
-                if _floating(x):
-                    try:
-                        form = self._rule(x)
-                    except ShapeError:
-                        form = None
-                if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
-                    form = merge_slice_sums(self, form) or form
-                self._memo[x.id] = form if form else ((x, ONE),)
-        return self._memo[t.id]
+            form = None
+            if _floating(x):
+                try:
+                    form = self._rule(x)
+                except ShapeError:
+                    form = None
+            if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
+                form = merge_slice_sums(self, form) or form
+            memo[x.id] = form if form else ((x, ONE),)
+        return memo[t.id]
 
     def _reads_arg_forms(self, x: Expr) -> bool:
         """Can a rule of `_rule` use the forms of ``x``'s arguments? Not for a non-floating value, a
@@ -239,9 +255,17 @@ class LinearForms:
         """`gg_notebook.ops.linearity.linear_args` of call ``x`` (memoized by term)."""
         hit = self._lin_memo.get(x.id, False)
         if hit is False:
-            from gg_notebook.ops.linearity import linear_args
+            # a function of the operator and its arguments' dtypes only: shared by every term of
+            # the same operator (the table reads the spec's arguments by schema, not cheap)
+            key = (x.attrs, tuple(a.dtype for a in x.args))
+            hit = _LINEAR_ARGS.get(key, False)
+            if hit is False:
+                from gg_notebook.ops.linearity import linear_args
 
-            hit = self._lin_memo[x.id] = linear_args(x.attrs, [a.dtype for a in x.args])
+                if len(_LINEAR_ARGS) > 1 << 16:
+                    _LINEAR_ARGS.clear()
+                hit = _LINEAR_ARGS[key] = linear_args(x.attrs, list(key[1]))
+            self._lin_memo[x.id] = hit
         return hit
 
     def scalar_root(self, t: Expr) -> bool:
@@ -477,8 +501,6 @@ class LinearForms:
         return None
 
     def _mean(self, x: Expr) -> Form | None:
-        from gg_notebook.ir.specs import reduce_spec
-
         spec = x.attrs
         src = x.args[0]
         if spec.arg("dtype", None) not in (None, src.dtype) or src.dtype != x.dtype:
@@ -487,7 +509,7 @@ class LinearForms:
         n = math.prod(src.shape[d] for d in dims)
         if n == 0:
             return None
-        s = self.S.call(reduce_spec("sum", dims, bool(spec.arg("keepdim"))), [src])
+        s = self.S.call(_reduce_spec("sum", dims, bool(spec.arg("keepdim"))), [src])
         return _normalize((b, k / n) for b, k in self.of(s))
 
     def _sum(self, x: Expr) -> Form | None:
@@ -535,8 +557,6 @@ class LinearForms:
     def _sum_of(self, y: Expr, dims: tuple[int, ...]) -> Expr | None:
         """The canonical term of ``sum(y, dims, keepdim=False)``: nested sums merged, reshapes of
         whole summed groups looked through."""
-        from gg_notebook.ir.specs import reduce_spec
-
         while True:
             if not dims:
                 return y
@@ -565,7 +585,7 @@ class LinearForms:
                     return self.S.view(s, out_shape) if tuple(s.shape) != tuple(out_shape) else s
             break
         try:
-            return self.S.call(reduce_spec("sum", dims, False), [y])
+            return self.S.call(_reduce_spec("sum", dims, False), [y])
         except ShapeError:
             return None
 

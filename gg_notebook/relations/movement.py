@@ -152,46 +152,70 @@ class MovementIndex:
         return res
 
     # ------------------------------------------------------------------ realized values
-    def _sig_table(self) -> dict:
+    # The tables below are built in two levels: rank values grouped by a cheap key (shape and dtype,
+    # operator), and within a group by signature (the leaves each argument moves, a walk of its
+    # history) only when a question asks about that group. A signature holds the cheap key, so the
+    # answers are those of one table over every value, in the same (index) order.
+    def _sig_group(self, shape, dtype) -> dict:
         if self._by_sig is None:
-            table: dict = {}
+            groups: dict = {}
             for d in self.index.dvals:
+                groups.setdefault((tuple(d.term.shape), d.term.dtype), []).append(d)
+            self._by_sig = (groups, {})
+        groups, tables = self._by_sig
+        key = (tuple(shape), dtype)
+        table = tables.get(key)
+        if table is None:
+            table = {}
+            for d in groups.get(key, ()):
                 table.setdefault(self.signature(d.term), []).append(d)
-            self._by_sig = table
-        return self._by_sig
+            tables[key] = table
+        return table
 
     def realized(self, term: Expr):
         """A distributed value whose term is index-equal to ``term`` (a pure movement), or None."""
         if term.op not in MOVE_OPS:
             return None
-        for d in self._sig_table().get(self.signature(term), [])[:MAX_CHECKS]:
+        for d in self._sig_group(term.shape, term.dtype).get(self.signature(term), [])[:MAX_CHECKS]:
             if self.equal(term, d.term):
                 return d
         return None
 
     # ------------------------------------------------------------------ compute calls
-    def _call_table(self) -> dict:
+    def _call_group(self, spec: OpSpec) -> dict:
         if self._calls is None:
-            table: dict = {}
+            groups: dict = {}
             for d in self.index.dvals:
-                t = d.term
-                if t.op == "call":
-                    key = (t.attrs, tuple(self.signature(a) for a in t.args))
-                    table.setdefault(key, []).append(d)
-            self._calls = table
-        return self._calls
+                if d.term.op == "call":
+                    groups.setdefault(d.term.attrs, []).append(d)
+            self._calls = (groups, {})
+        groups, tables = self._calls
+        table = tables.get(spec)
+        if table is None:
+            table = {}
+            for d in groups.get(spec, ()):
+                table.setdefault(tuple(self.signature(a) for a in d.term.args), []).append(d)
+            tables[spec] = table
+        return table
 
-    def _ew_table(self) -> dict:
+    def _ew_group(self, op_key) -> dict:
         if self._ew is None:
-            table: dict = {}
+            groups: dict = {}
             for d in self.index.dvals:
                 t = d.term
                 if t.op == "call":
                     key = _row_key(t.attrs, t.shape, t.args)
                     if key is not None:
-                        table.setdefault(self._row_sig(key, t.args), []).append(d)
-            self._ew = table
-        return self._ew
+                        groups.setdefault(key[0], []).append((d, key))
+            self._ew = (groups, {})
+        groups, tables = self._ew
+        table = tables.get(op_key)
+        if table is None:
+            table = {}
+            for d, key in groups.get(op_key, ()):
+                table.setdefault(self._row_sig(key, d.term.args), []).append(d)
+            tables[op_key] = table
+        return table
 
     def _row_sig(self, key, args) -> tuple:
         dim = key[1]
@@ -216,7 +240,7 @@ class MovementIndex:
         if key is None:
             return None
         S = self.store
-        for d in self._ew_table().get(self._row_sig(key, terms), [])[:MAX_CHECKS]:
+        for d in self._ew_group(key[0]).get(self._row_sig(key, terms), [])[:MAX_CHECKS]:
             k = _row_key(d.term.attrs, d.term.shape, d.term.args)[1]
             if all(self.equal(self._rows(a, key[1]), self._rows(b, k)) for a, b in zip(terms, d.term.args)):
                 rows = self._rows(self.index.ref(d), k)
@@ -235,11 +259,13 @@ class MovementIndex:
         orders = [list(terms)]
         if _commutes(spec) and len(terms) == 2:
             orders.append([terms[1], terms[0]])
-        table = self._call_table()
+        table = None
         for args in orders:
             if not any(a.op in MOVE_OPS for a in args) and args is orders[0]:
                 continue  # no movement to decide: the structural lookup already missed it
-            for d in table.get((spec, tuple(self.signature(a) for a in args)), [])[:MAX_CHECKS]:
+            if table is None:
+                table = self._call_group(spec)
+            for d in table.get(tuple(self.signature(a) for a in args), [])[:MAX_CHECKS]:
                 if all(self.equal(a, b) for a, b in zip(args, d.term.args)):
                     return d
         # An argument may name leaves it does not use (a slice of a concatenation kept whole under an
