@@ -72,7 +72,7 @@ def input_ranges(problem: Problem) -> dict:
     return out
 
 
-def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
+def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real", capture_once: bool = True):
     """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
 
     ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
@@ -89,7 +89,8 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse"),
                                                        decompositions=decompositions,
                                                        input_ranges=input_ranges(problem),
-                                                       bitwise=exact == "bitwise"), capture)
+                                                       bitwise=exact == "bitwise"), capture,
+                            once=capture_once)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)
@@ -181,7 +182,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
-           validate: bool = True, capture: str = "auto") -> Result:
+           validate: bool = True, capture: str = "auto", capture_once: bool = True) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -199,10 +200,13 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
 
     ``capture="auto"`` (default) traces every rank in its own process where the platform forks,
-    ``"inprocess"`` all in this process (see `prepare`)."""
+    ``"inprocess"`` all in this process (see `prepare`). ``capture_once`` (default on) traces rank 0
+    and derives every rank whose recorded operator calls equal rank 0's up to numbers from it; the
+    other ranks are traced (``result.stats["capture"]`` says which and why; see
+    `gg_notebook.capture.symmetry`)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem, capture=capture, exact=exact)
+    engine, stats = prepare(problem, capture=capture, exact=exact, capture_once=capture_once)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))

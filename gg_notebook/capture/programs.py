@@ -11,10 +11,17 @@ rank into the next.
 
 Besides the graphs, the parent gets plain data: each rank's collectives (matched here, across ranks),
 output counts, input mutations and timings.
+
+Capture once (``once=True``, the default; see `capture.symmetry`): every rank's function is first
+*recorded* (run once on fake tensors, its operator calls written down: ~20x cheaper than a trace, each
+rank in its own process too); the ranks whose recording equals rank 0's up to numbers are derived from
+rank 0's traced graph with their own numbers, and only the others are traced. ``stats["capture"]``
+says how many ranks were traced, how many specialized, and why any rank was not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -26,7 +33,15 @@ import torch.fx as fx
 from gg_notebook.capture.collectives import IssuedCollective, MatchedCollective, match_collectives
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.forked import ChildDied, ResultNotSent, fork_available, run_forked
-from gg_notebook.capture.tracing import _n_outputs, check_output_counts, forget_rank_caches, trace_program, warm_up
+from gg_notebook.capture.symmetry import Diff, Recording, Specializer, compare, record_rank
+from gg_notebook.capture.tracing import (
+    _n_outputs,
+    check_output_counts,
+    forget_rank_caches,
+    recording_calls,
+    trace_program,
+    warm_up,
+)
 from gg_notebook.ir.graph import Graph
 from gg_notebook.problem import Problem, ProblemError
 
@@ -66,6 +81,62 @@ def _capture_one(problem: Problem, lower: Lower, rank: int | None) -> _Captured:
                      time.perf_counter() - t0)
 
 
+def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diffs: list[Diff],
+                            rank: int) -> dict:
+    """Trace ``rank`` (the representative) with its operator calls recorded, derive the graphs of
+    the ranks in ``diffs`` from it (`symmetry.Specializer`) and lower them all.
+
+    Returns {rank: _Captured | reason (str)}: a reason for each rank that could not be derived (it
+    is traced on its own afterwards). If the representative's own trace fails here, every entry is
+    a reason (the plain trace, without the recorder, then reports the error)."""
+    t0 = time.perf_counter()
+    try:
+        with recording_calls():
+            gm, issued = trace_program(problem, rank)
+    except Exception as e:  # noqa: BLE001 - traced again without the recorder, which reports it
+        why = f"the representative's recorded trace raised {type(e).__name__}"
+        return {r: why for r in [rank, *(d.rank for d in diffs)]}
+    traced = gm.meta.pop("gg_recording", None) or Recording(rank, error="no recording")
+    spec = Specializer(gm, rep, traced)
+    n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
+    trace_s = time.perf_counter() - t0
+    out: dict = {}
+    for d in diffs:  # before lowering the representative: lowering rewrites its graph in place
+        t1 = time.perf_counter()
+        g = spec.graph_for(d)
+        if isinstance(g, str):
+            out[d.rank] = g
+            continue
+        graph = lower(g, d.rank)
+        out[d.rank] = _Captured(graph, [dataclasses.replace(c, rank=d.rank) for c in issued], n_out, mutations,
+                                time.perf_counter() - t1)
+    t2 = time.perf_counter()
+    out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, trace_s + time.perf_counter() - t2)
+    return out
+
+
+def _run(fn, items: list, in_processes: bool, workers: int) -> list:
+    """``[fn(item) for item in items]``, each in its own forked process or all in this one."""
+    if not items:
+        return []
+    if in_processes:
+        return run_forked(fn, items, workers)
+    out = []
+    for it in items:
+        forget_rank_caches()
+        out.append(fn(it))
+    return out
+
+
+def _job(problem: Problem, lower: Lower, job: tuple):
+    kind = job[0]
+    if kind == "record":
+        return record_rank(problem, job[1])
+    if kind == "rep":
+        return _capture_representative(problem, lower, job[2], job[3], job[1])
+    return _capture_one(problem, lower, job[1])
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -73,11 +144,12 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto") -> LoweredProgram:
+def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True) -> LoweredProgram:
     """Trace and ``lower`` the sequential program and every rank's program; match collectives.
 
     ``mode``: "processes" (each program in its own forked process), "inprocess" (all in this
-    process, one after the other) or "auto" (processes where fork is available)."""
+    process, one after the other) or "auto" (processes where fork is available). ``once``: trace
+    rank 0 and derive the ranks that provably run the same program up to numbers (module docstring)."""
     if mode not in MODES:
         raise ProblemError(f"capture must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
     if mode == "processes" and not fork_available():
@@ -88,34 +160,35 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto") -> Low
     warm_s = 0.0
     if in_processes:
         warm_s = warm_up()  # once per process, so that no child pays for the first trace
-        workers = min(_cores(), len(programs))
-        try:
-            captured = run_forked(functools.partial(_capture_one, problem, lower), programs, workers)
-        except ChildDied as e:
-            who = programs[e.index]
-            raise CaptureError(
-                f"{program_name(who)}'s capture process {e.how} while tracing "
-                f"{'the sequential function' if who is None else 'the per-rank function'}: the process "
-                "crashed or exited (e.g. a segfault in an extension or os._exit in the traced code). "
-                "Run gg.verify(problem, capture='inprocess') to see the crash in this process.",
-                rank=who,
-            ) from None
-        except ResultNotSent as e:
-            from gg_notebook.result import VerificationError
+    workers = min(_cores(), len(programs)) if in_processes else 1
+    once_stats: dict | None = None
+    try:
+        if once and W > 1:
+            captured, once_stats = _capture_once(problem, lower, in_processes, workers)
+        else:
+            captured = _labelled(functools.partial(_job, problem, lower), [("one", p) for p in programs],
+                                 in_processes, workers)
+    except ChildDied as e:
+        who = getattr(e, "item", None)
+        raise CaptureError(
+            f"{program_name(who)}'s capture process {e.how} while tracing "
+            f"{'the sequential function' if who is None else 'the per-rank function'}: the process "
+            "crashed or exited (e.g. a segfault in an extension or os._exit in the traced code). "
+            "Run gg.verify(problem, capture='inprocess') to see the crash in this process.",
+            rank=who,
+        ) from None
+    except ResultNotSent as e:
+        from gg_notebook.result import VerificationError
 
-            raise VerificationError(
-                f"gg_notebook failed while capturing {program_name(getattr(e, 'item', None))} in its own "
-                f"process: {e}. This is a gg_notebook "
-                "limitation, not a mistake in your problem: please report it with the program that triggers "
-                "it; gg.verify(problem, capture='inprocess') avoids it.", stage="capturing",
-                rank=getattr(e, "item", None),
-            ) from e
-    else:
-        workers = 1
-        captured = []
-        for r in programs:
-            forget_rank_caches()
-            captured.append(_capture_one(problem, lower, r))
+        item = getattr(e, "item", None)
+        e.item = item[1] if isinstance(item, tuple) else item
+        raise VerificationError(
+            f"gg_notebook failed while capturing {program_name(e.item)} in its own "
+            f"process: {e}. This is a gg_notebook "
+            "limitation, not a mistake in your problem: please report it with the program that triggers "
+            "it; gg.verify(problem, capture='inprocess') avoids it.", stage="capturing",
+            rank=getattr(e, "item", None),
+        ) from e
     seq, ranks = captured[0], captured[1:]
     check_output_counts(seq.n_outputs, [c.n_outputs for c in ranks])
     matched = match_collectives([c.issued for c in ranks])
@@ -127,7 +200,68 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto") -> Low
     }
     if warm_s:
         stats["capture_warmup_s"] = warm_s
+    if once_stats is not None:
+        stats["capture"] = once_stats
     return LoweredProgram(
         sequential=seq.graph, ranks=[c.graph for c in ranks], world_size=W, collectives=matched,
         input_mutations={r: c.input_mutations for r, c in zip(programs, captured)}, stats=stats,
     )
+
+
+def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: int) -> tuple[list, dict]:
+    """The captures of [sequential, rank 0, ..., rank W-1], tracing only what `symmetry` cannot
+    derive; and the stats of how (see the module docstring)."""
+    W = problem.world_size
+    job = functools.partial(_job, problem, lower)
+    t0 = time.perf_counter()
+    recs: list[Recording] = _labelled(job, [("record", r) for r in range(W)], in_processes, workers)
+    record_s = time.perf_counter() - t0
+    rep = 0
+    symmetric: list[Diff] = []
+    reasons: dict[int, str] = {}
+    for r in range(W):
+        if r == rep:
+            continue
+        d = compare(recs[rep], recs[r])
+        if isinstance(d, Diff):
+            symmetric.append(d)
+        else:
+            reasons[r] = d
+    jobs: list[tuple] = [("one", None)]
+    if symmetric or not recs[rep].error:
+        jobs.append(("rep", rep, recs[rep], symmetric))
+    else:
+        reasons[rep] = recs[rep].error
+        jobs.append(("one", rep))
+    jobs += [("one", r) for r in sorted(reasons) if r != rep]
+    first = _labelled(job, jobs, in_processes, workers)
+    by_rank: dict = {}
+    for j, res in zip(jobs, first):
+        if j[0] == "rep":
+            by_rank.update(res)
+        else:
+            by_rank[j[1]] = res
+    again = [r for r in range(W) if isinstance(by_rank.get(r), str)]
+    for r in again:
+        reasons.setdefault(r, by_rank[r])
+    for r, c in zip(again, _labelled(job, [("one", r) for r in again], in_processes, workers)):
+        by_rank[r] = c
+    traced = sorted({r for j in jobs if j[0] == "one" and j[1] is not None for r in [j[1]]}
+                    | set(again) | ({rep} if any(j[0] == "rep" for j in jobs) else set()))
+    stats = {
+        "traced": len(traced), "specialized": W - len(traced), "representative": rep,
+        "traced_ranks": traced, "record_s": record_s,
+        "record_rank_s": [round(r.seconds, 4) for r in recs],
+        "fallback": {r: reasons[r] for r in sorted(reasons)},
+        "fallback_reason": reasons[min(reasons)] if reasons else None,
+    }
+    return [by_rank[None], *(by_rank[r] for r in range(W))], stats
+
+
+def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int) -> list:
+    """`_run` of ``jobs``; a dead child is reported with the program it was capturing."""
+    try:
+        return _run(job, jobs, in_processes, workers)
+    except ChildDied as e:
+        e.item = jobs[e.index][1]
+        raise

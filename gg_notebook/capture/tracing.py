@@ -217,7 +217,8 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     return CaptureError(msg, rank=rank, source=src)
 
 
-_KEPT_META = ("gg_source", "gg_frames", "gg_source_kind", "gg_backward", "gg_shim", "gg_collective", "stack_trace")
+_KEPT_META = ("gg_source", "gg_frames", "gg_source_kind", "gg_backward", "gg_shim", "gg_collective", "stack_trace",
+              "gg_call")
 
 
 class _SourceKeepingInterpreter(fx.Interpreter):
@@ -260,6 +261,37 @@ def _positional(fn: Callable) -> Callable:
     return call
 
 
+_record_calls = False  # set by `recording_calls`: pass 1 runs under a symmetry.OpRecorder
+
+
+@contextmanager
+def recording_calls() -> Iterator[None]:
+    """Within: every rank trace records its operator calls (``gm.meta["gg_recording"]``) and tags
+    every node with the call it came from (``meta["gg_call"]``), for `capture.symmetry`."""
+    global _record_calls
+    saved, _record_calls = _record_calls, True
+    try:
+        yield
+    finally:
+        _record_calls = saved
+
+
+def _recorded(fn: Callable, rank: int | None):
+    if not _record_calls or rank is None:
+        return fn, None
+    from gg_notebook.capture.symmetry import OpRecorder
+
+    recorder = OpRecorder(rank, tag=True)
+
+    def call(*args):
+        with recorder:
+            out = fn(*args)
+        recorder.returned(out)
+        return out
+
+    return call, recorder
+
+
 def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order."""
     shapes = [tuple(a.shape) for a in args]
@@ -273,7 +305,8 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                 # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
                 # decoded and rewritten here, while the process group is alive.
                 with collective_shims(), record_group_origins():
-                    gm1 = make_fx(fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                    traced_fn, recorder = _recorded(fn, rank)
+                    gm1 = make_fx(traced_fn, tracing_mode="fake", record_stack_traces=False)(*args)
                     rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
                 # node inherits the user source of the node it comes from.
@@ -287,6 +320,8 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
                     for p, a in zip(ph, args):
                         p.meta["val"] = a
+                    if recorder is not None:
+                        gm.meta["gg_recording"] = recorder.finish()
                 finally:
                     clear_replay()
     except CaptureError:

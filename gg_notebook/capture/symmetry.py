@@ -1,0 +1,473 @@
+"""Capture once where it is sound: trace one rank, specialize it to the ranks that run the same program.
+
+Ranks of an SPMD program usually run the same code with a different rank number. Tracing every rank
+with make_fx (two passes each, see `tracing._trace`) is most of gg.verify's time, so
+`capture.programs` traces one *representative* rank fully and derives the graphs of the other ranks
+from it, but only for ranks whose execution it has checked to be the same up to numbers:
+
+1. **Record every rank** (`record_rank`, cheap): run the rank's function once on fake tensors under
+   the rank's fake process group (the same shims as a trace), with `OpRecorder`, a dispatch mode that
+   writes down every operator call reaching the dispatcher: the operator, its arguments (tensors as
+   references to earlier results or as new inputs with shape / stride / dtype / requires_grad; real
+   constant tensors by value; process groups by name and ranks; every other Python value literally),
+   the shapes of its results, the innermost user source line, and which tensors the function returns.
+   No graph is built, so this is about 20x cheaper than a trace.
+2. **Compare** (`compare`): rank r is *symmetric* to the representative if its recording equals the
+   representative's except for int / float arguments ("rank constants", e.g. ``ids - rank * V``,
+   ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, another
+   data flow, a Python branch on the rank that changes the ops or the user line, a rank-dependent
+   tensor constant or process group, a point-to-point transfer) makes rank r a *fallback*: it is
+   traced on its own, as before.
+3. **Trace the representative** with the same recorder inside make_fx's first pass: every graph node
+   gets ``meta["gg_call"]``, the index of the recorded call it was created in (kept through the
+   functionalizing replay), and the recording under make_fx must equal the plain recording exactly
+   (else every rank falls back).
+4. **Specialize** (`specialize`): for each symmetric rank, copy the representative's finished graph
+   and put the rank's numbers at the recorded positions. A differing number is substituted only in a
+   call that is not a view (a view's arguments are replayed by functionalization into scatter nodes of
+   other calls) and whose call left exactly one graph node of the same operator (or its functional
+   form) with the recorded arguments; anything else (an operator folded to a constant, decomposed,
+   ...) makes the rank a fallback.
+
+What this relies on (stated, not checked): a rank's program, run under make_fx, issues the same
+operator calls as when it runs under plain fake tensors, for every rank as it does for the
+representative (checked for the representative). Programs that test whether they are being traced
+*and* depend on the rank there are not covered.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gg_notebook.capture.source import extra_node_meta, is_user_file
+
+
+_NAMES: dict = {}
+
+
+def _flatten(x: Any, leaves: list, shape: list) -> None:
+    """The leaves of nested lists / tuples / dicts ``x`` in order, and their nesting as tokens (the
+    same walk for a dispatched call's (args, kwargs) and a graph node's, so positions agree)."""
+    if isinstance(x, (list, tuple)):
+        shape.append(len(x))
+        for y in x:
+            _flatten(y, leaves, shape)
+    elif isinstance(x, dict):
+        shape.append(tuple(x))
+        for y in x.values():
+            _flatten(y, leaves, shape)
+    else:
+        leaves.append(x)
+
+
+def _flat_args(node: fx.Node) -> tuple[list, tuple]:
+    leaves: list = []
+    shape: list = []
+    _flatten((node.args, node.kwargs), leaves, shape)
+    return leaves, tuple(shape)
+
+
+class NotRecordable(Exception):
+    """The recorder met a value whose identity it cannot write down (the rank falls back)."""
+
+
+@dataclass
+class Recording:
+    """One rank's operator calls, in order; ``calls[i] = (op, spec, structure, scalars, outputs, site)``."""
+
+    rank: int
+    calls: list[tuple] = field(default_factory=list)
+    returns: tuple = ()
+    seconds: float = 0.0
+    error: str | None = None  # why this rank could not be recorded (it falls back)
+
+
+_SCALARS = (int, float)
+_LITERAL = (str, bytes, type(None), bool, complex, torch.dtype, torch.device, torch.layout,
+            torch.memory_format)
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    """A real (not fake) tensor by value: it is a constant burned into the graph."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if t.device.type == "meta":
+        return ("meta",)
+    with unset_fake_temporarily(), torch._C._DisableTorchDispatch():
+        d = t.detach()
+        if d.numel() <= 64:
+            return (str(d.dtype), tuple(d.reshape(-1).tolist()))
+        import hashlib
+
+        return (str(d.dtype), hashlib.sha1(d.contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest())
+
+
+def _user_site() -> tuple:
+    f = sys._getframe(2)
+    while f is not None:
+        if is_user_file(f.f_code.co_filename):
+            return (f.f_code.co_filename, f.f_lineno)
+        f = f.f_back
+    return ()
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every operator call (see the module docstring). With ``tag=True`` (inside make_fx)
+    every graph node created during call i gets ``meta["gg_call"] = i``."""
+
+    def __init__(self, rank: int, tag: bool = False) -> None:
+        super().__init__()
+        self.rec = Recording(rank)
+        self.tag = tag
+        self.ids: dict[int, int] = {}
+        self.keep: list = []  # tensors seen: their ids must not be reused
+        self.broken: str | None = None
+
+    # tensors ------------------------------------------------------------------------------------
+    def _known(self, t: torch.Tensor) -> int | None:
+        return self.ids.get(id(t))
+
+    def _register(self, t: torch.Tensor) -> int:
+        k = len(self.keep)
+        self.ids[id(t)] = k
+        self.keep.append(t)
+        return k
+
+    def _leaf(self, x: Any, structure: list, scalars: list) -> None:
+        if isinstance(x, torch.Tensor):
+            k = self._known(x)
+            if k is not None:
+                structure.append(("t", k))
+                return
+            meta = (tuple(x.shape), tuple(x.stride()) if x.layout == torch.strided else (), x.dtype,
+                    x.device.type, x.requires_grad)
+            value = () if isinstance(x, FakeTensor) else ("value", _digest(x))
+            structure.append(("new", self._register(x), meta, value))
+        elif isinstance(x, bool) or isinstance(x, _LITERAL):
+            structure.append(("lit", x))
+        elif isinstance(x, _SCALARS):
+            structure.append(("num", type(x).__name__))
+            scalars.append(x)
+        elif isinstance(x, torch.ScriptObject):
+            structure.append(("obj", _script_object(x)))
+        elif isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise NotRecordable("a symbolic size")
+        else:
+            pg = _process_group(x)
+            if pg is None:
+                raise NotRecordable(f"an argument of type {type(x).__name__}")
+            structure.append(("obj", pg))
+
+    # dispatch -----------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in types:
+            if t is not FakeTensor and t is not torch.Tensor:
+                return NotImplemented  # a tensor subclass (DTensor): record the calls it makes instead
+        if self.broken is not None:
+            return func(*args, **kwargs)
+        i = len(self.rec.calls)
+        if self.tag:
+            with extra_node_meta(gg_call=i):
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        flat: list = []
+        shape: list = []
+        _flatten((args, kwargs), flat, shape)
+        outs: list = []
+        _flatten(out, outs, [])
+        if outs and not any(type(o) is FakeTensor for o in outs) and not any(type(a) is FakeTensor for a in flat):
+            return out  # real tensors only (a DeviceMesh built outside the trace): not in any graph
+        structure: list = []
+        scalars: list = []
+        try:
+            for x in flat:
+                self._leaf(x, structure, scalars)
+            out_meta = []
+            for o in outs:
+                if isinstance(o, torch.Tensor):
+                    k = self._known(o)
+                    if k is None:
+                        k = self._register(o)
+                    out_meta.append((k, tuple(o.shape), tuple(o.stride()) if o.layout == torch.strided else (),
+                                     o.dtype, o.requires_grad))
+                else:
+                    self._leaf(o, out_meta, [])  # a Python number a kernel returned: a literal
+        except NotRecordable as e:
+            self.broken = f"{func}: {e}"
+            return out
+        except Exception as e:  # noqa: BLE001 - bookkeeping failed: this rank falls back
+            self.broken = f"{func}: {type(e).__name__}: {e}"
+            return out
+        name = _NAMES.get(func)
+        if name is None:
+            name = _NAMES[func] = str(func)
+        self.rec.calls.append((name, tuple(shape), tuple(structure), tuple(scalars), tuple(out_meta),
+                               _user_site()))
+        return out
+
+    def returned(self, out: Any) -> None:
+        """Write down which tensors the function returned."""
+        res = []
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                k = self._known(o)
+                res.append(("t", k) if k is not None else ("new", tuple(o.shape), o.dtype))
+            else:
+                res.append(("lit", repr(o)))
+        self.rec.returns = tuple(res)
+
+    def finish(self) -> Recording:
+        if self.broken is not None and self.rec.error is None:
+            self.rec.error = f"the recorder could not write down {self.broken}"
+        self.keep = []
+        self.ids = {}
+        return self.rec
+
+
+def _script_object(x) -> tuple:
+    try:
+        qual = x._type().qualified_name()
+    except Exception:  # noqa: BLE001
+        raise NotRecordable("an opaque script object") from None
+    if qual.endswith("ProcessGroup"):
+        pg = torch.distributed.ProcessGroup.unbox(x)
+        return _process_group(pg)
+    if qual.endswith("ReduceOp"):
+        return ("redop", int(x.op()))
+    if qual.endswith("c10d.Work"):
+        return ("work",)  # the handle a collective returns
+    raise NotRecordable(f"a script object {qual}")
+
+
+def _process_group(x) -> tuple | None:
+    import torch.distributed as dist
+
+    if isinstance(x, dist.ProcessGroup):
+        return ("pg", x.group_name, tuple(dist.get_process_group_ranks(x)))
+    return None
+
+
+# ----------------------------------------------------------------------------------- recording a rank
+
+
+@contextmanager
+def recording(rank: int, tag: bool = False) -> Iterator[OpRecorder]:
+    rec = OpRecorder(rank, tag)
+    with rec:
+        yield rec
+
+
+def record_rank(problem, rank: int) -> Recording:
+    """Run rank ``rank``'s function once on fake tensors with an `OpRecorder` (see module docstring).
+    Never raises: a rank that cannot be recorded comes back with ``error`` set (it falls back)."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gg_notebook.capture import tracing as T
+    from gg_notebook.capture.collectives import collective_shims, record_group_origins
+
+    t0 = time.perf_counter()
+    rec = OpRecorder(rank)
+    try:
+        mode = FakeTensorMode()
+        globals_ = T._global_fakes(mode, problem.inputs)
+        args = T._local_fakes(problem, mode, globals_, rank)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            with T.fake_process_group(rank, problem.world_size), T._quiet_fake_tensor_log():
+                with T._session(problem.distributed, rank, problem.world_size) as fn:
+                    fn = T._positional(fn)
+                    with collective_shims(), record_group_origins(), mode, rec:
+                        out = fn(*args)
+                    rec.returned(out)
+        out_rec = rec.finish()
+    except BaseException as e:  # noqa: BLE001 - the full trace of this rank reports real errors
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        out_rec = rec.finish()
+        out_rec.error = f"recording raised {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    out_rec.seconds = time.perf_counter() - t0
+    return out_rec
+
+
+# ----------------------------------------------------------------------------------- comparing
+
+
+@dataclass
+class Diff:
+    """How rank ``rank``'s recording differs from the representative's: {call: {scalar slot: value}}."""
+
+    rank: int
+    values: dict[int, dict[int, float | int]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return sum(len(v) for v in self.values.values())
+
+
+def _same_number(a, b) -> bool:
+    return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+
+
+def compare(rep: Recording, other: Recording) -> Diff | str:
+    """A `Diff` if ``other`` runs the same program as ``rep`` up to numbers, else the reason why not."""
+    if rep.error:
+        return f"rank {rep.rank} (the representative) could not be recorded: {rep.error}"
+    if other.error:
+        return other.error
+    if len(rep.calls) != len(other.calls):
+        return f"issues {len(other.calls)} operator calls, rank {rep.rank} {len(rep.calls)}"
+    if rep.returns != other.returns:
+        return "returns other tensors"
+    diff = Diff(other.rank)
+    for i, (a, b) in enumerate(zip(rep.calls, other.calls)):
+        if a[:3] != b[:3] or a[4:] != b[4:]:
+            return _describe(i, a, b)
+        if a[3] != b[3]:
+            diff.values[i] = {k: y for k, (x, y) in enumerate(zip(a[3], b[3])) if not _same_number(x, y)}
+    return diff
+
+
+def _describe(i: int, a: tuple, b: tuple) -> str:
+    from gg_notebook.capture.source import format_source
+
+    site = format_source((b[5][0], b[5][1], "", "")) if b[5] else None
+    at = f" at {site}" if site else ""
+    if a[0] != b[0]:
+        return f"operator call {i}{at} is {b[0]}, not {a[0]} as on the representative"
+    if a[4] != b[4]:
+        return f"operator call {i} ({b[0]}){at} has results of other shapes"
+    if a[5] != b[5]:
+        return f"operator call {i} ({b[0]}) comes from another line{at}"
+    return f"operator call {i} ({b[0]}){at} has other non-numeric arguments or data flow"
+
+
+# ----------------------------------------------------------------------------------- specializing
+
+
+def _functional_name(op: str) -> str:
+    """"aten.add_.Tensor" -> "aten.add.Tensor" (the functional form functionalization uses)."""
+    parts = op.split(".")
+    if len(parts) >= 2 and parts[1].endswith("_") and not parts[1].startswith("_"):
+        parts[1] = parts[1][:-1]
+    return ".".join(parts)
+
+
+def _rebuild(x: Any, leaves: Iterator) -> Any:
+    """``x`` with its leaves (in `_flatten` order) taken from ``leaves``."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rebuild(y, leaves) for y in x) if isinstance(x, tuple) else [_rebuild(y, leaves) for y in x]
+    if isinstance(x, dict):
+        return {k: _rebuild(v, leaves) for k, v in x.items()}
+    return next(leaves)
+
+
+class Specializer:
+    """Derives symmetric ranks' finished fx graphs from the representative's (see module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, rep: Recording, traced: Recording) -> None:
+        self.gm = gm
+        self.rep = rep
+        self.reason: str | None = None
+        if traced.error:
+            self.reason = f"the representative's trace could not be recorded: {traced.error}"
+        elif traced.calls != rep.calls or traced.returns != rep.returns:
+            where = next((i for i, (a, b) in enumerate(zip(traced.calls, rep.calls)) if a != b),
+                         min(len(traced.calls), len(rep.calls)))
+            self.reason = (f"rank {rep.rank} issued other operator calls under make_fx than when run plainly "
+                           f"(first difference at call {where})")
+        for k in ("gg_specialized", "gg_selections"):
+            if gm.meta.get(k):
+                self.reason = f"rank {rep.rank}'s graph was captured for its example inputs ({k})"
+        self.by_call: dict[int, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            c = n.meta.get("gg_call")
+            if c is not None and n.op == "call_function" and n.target is not _getitem:
+                self.by_call.setdefault(c, []).append(n)
+
+    def _site(self, call: int) -> tuple[fx.Node, list[int]] | str:
+        """The graph node holding call ``call``'s numbers and where they sit in its flat arguments."""
+        op, _spec, structure, scalars = self.rep.calls[call][:4]
+        overload = _lookup(op)
+        if overload is None or overload.is_view:
+            return f"a rank constant is an argument of the view {op}"
+        want = {op, _functional_name(op)}
+        nodes = [n for n in self.by_call.get(call, []) if str(n.target) in want]
+        if len(nodes) != 1:
+            return f"call {call} ({op}) did not leave exactly one {op} node in the graph"
+        node = nodes[0]
+        flat, shape = _flat_args(node)
+        if len(flat) != len(structure) or shape != _spec:
+            return f"call {call} ({op}) was traced with other arguments"
+        slots = []
+        for p, (x, s) in enumerate(zip(flat, structure)):
+            if s[0] == "num":
+                if not (isinstance(x, _SCALARS) and not isinstance(x, bool)):
+                    return f"call {call} ({op}) was traced with other arguments"
+                slots.append(p)
+            elif s[0] in ("t", "new") and not isinstance(x, fx.Node):
+                return f"call {call} ({op}) was traced with other arguments"
+        if [flat[p] for p in slots] != list(scalars) and not all(
+                _same_number(flat[p], v) for p, v in zip(slots, scalars)):
+            return f"call {call} ({op}) holds other numbers in the graph than were recorded"
+        return node, slots
+
+    def graph_for(self, diff: Diff) -> fx.GraphModule | str:
+        """A copy of the representative's graph with ``diff``'s numbers, or why it cannot be made."""
+        if self.reason:
+            return self.reason
+        plan = []
+        for call, values in diff.values.items():
+            site = self._site(call)
+            if isinstance(site, str):
+                return site
+            node, slots = site
+            plan.append((node, {slots[k]: v for k, v in values.items()}))
+        return _copy_with(self.gm, plan)
+
+
+_getitem = __import__("operator").getitem
+
+
+def _lookup(name: str):
+    """The OpOverload named ``name`` ("aten.add.Tensor"), or None."""
+    parts = name.split(".")
+    try:
+        obj = getattr(torch.ops, parts[0])
+        obj = getattr(obj, parts[1])
+        return getattr(obj, parts[2] if len(parts) > 2 else "default")
+    except (AttributeError, IndexError):
+        return None
+
+
+def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]]) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, env)
+    g.output(out)
+    # graph_copy keeps node names; outputs were copied as the output node
+    for node, subs in plan:
+        new = env[node]
+        flat, _ = _flat_args(new)
+        for p, v in subs.items():
+            flat[p] = v
+        it = iter(flat)
+        new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
+    copy_gm = fx.GraphModule(gm, g)
+    copy_gm.meta = copy.copy(gm.meta)
+    return copy_gm
