@@ -115,16 +115,22 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
     return out
 
 
-def _run(fn, items: list, in_processes: bool, workers: int) -> list:
-    """``[fn(item) for item in items]``, each in its own forked process or all in this one."""
+def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
+    """``[fn(item) for item in items]`` (plus what ``then`` appends, see `run_forked`), each in its
+    own forked process or all in this one."""
     if not items:
         return []
     if in_processes:
-        return run_forked(fn, items, workers)
+        return run_forked(fn, items, workers, then)
+    items = list(items)
     out = []
-    for it in items:
+    k = 0
+    while k < len(items):
         forget_rank_caches()
-        out.append(fn(it))
+        out.append(fn(items[k]))
+        if then is not None:
+            items.extend(then(k, out[-1]))
+        k += 1
     return out
 
 
@@ -210,58 +216,94 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: 
 
 def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: int) -> tuple[list, dict]:
     """The captures of [sequential, rank 0, ..., rank W-1], tracing only what `symmetry` cannot
-    derive; and the stats of how (see the module docstring)."""
+    derive; and the stats of how (see the module docstring).
+
+    Jobs, each in its own process: the sequential trace and every rank's recording start at once;
+    when the recordings are in, rank 0's trace (deriving the symmetric ranks) and the trace of every
+    other rank start; a rank the representative could not derive after all is traced last."""
     W = problem.world_size
-    job = functools.partial(_job, problem, lower)
-    t0 = time.perf_counter()
-    recs: list[Recording] = _labelled(job, [("record", r) for r in range(W)], in_processes, workers)
-    record_s = time.perf_counter() - t0
     rep = 0
-    symmetric: list[Diff] = []
+    t0 = time.perf_counter()
+    recs: dict[int, Recording] = {}
     reasons: dict[int, str] = {}
-    for r in range(W):
-        if r == rep:
-            continue
-        d = compare(recs[rep], recs[r])
-        if isinstance(d, Diff):
-            symmetric.append(d)
-        else:
-            reasons[r] = d
-    jobs: list[tuple] = [("one", None)]
-    if symmetric or not recs[rep].error:
-        jobs.append(("rep", rep, recs[rep], symmetric))
-    else:
-        reasons[rep] = recs[rep].error
-        jobs.append(("one", rep))
-    jobs += [("one", r) for r in sorted(reasons) if r != rep]
-    first = _labelled(job, jobs, in_processes, workers)
+    times: dict[str, float] = {}
+
+    def then(_i: int, res) -> list[tuple]:
+        if isinstance(res, Recording):
+            recs[res.rank] = res
+            if len(recs) < W:
+                return []
+            times["record_s"] = time.perf_counter() - t0
+            # classes of ranks that run the same program up to numbers, each led by its lowest rank
+            classes: list[tuple[int, list[Diff]]] = []
+            first_reason: dict[int, str] = {}
+            for r in range(W):
+                for lead, members in classes:
+                    d = compare(recs[lead], recs[r])
+                    if isinstance(d, Diff):
+                        members.append(d)
+                        break
+                    first_reason.setdefault(r, d)
+                else:
+                    classes.append((r, []))
+            out = []
+            for lead, members in classes:
+                if members:
+                    out.append(("rep", lead, recs[lead], members))
+                    if lead != rep:
+                        reasons[lead] = f"leads its own class (differs from rank {rep}: {first_reason[lead]})"
+                else:
+                    out.append(("one", lead))
+                    reasons[lead] = (first_reason.get(lead) or recs[lead].error
+                                     or "no other rank runs the same program up to numbers")
+            return out
+        if isinstance(res, dict):  # the representative's job
+            failed = [r for r, c in sorted(res.items()) if isinstance(c, str)]
+            for r in failed:
+                reasons.setdefault(r, res[r])
+            return [("one", r) for r in failed]
+        return []
+
+    jobs = [("one", None), *(("record", r) for r in range(W))]
+    results = _labelled(functools.partial(_job, problem, lower), jobs, in_processes, workers, then)
     by_rank: dict = {}
-    for j, res in zip(jobs, first):
+    traced: set = set()
+    reps: list = []
+    for j, res in zip(results["jobs"], results["values"]):
         if j[0] == "rep":
-            by_rank.update(res)
-        else:
+            by_rank.update({r: c for r, c in res.items() if not isinstance(c, str)})
+            if not isinstance(res[j[1]], str):
+                traced.add(j[1])
+                reps.append(j[1])
+        elif j[0] == "one":
             by_rank[j[1]] = res
-    again = [r for r in range(W) if isinstance(by_rank.get(r), str)]
-    for r in again:
-        reasons.setdefault(r, by_rank[r])
-    for r, c in zip(again, _labelled(job, [("one", r) for r in again], in_processes, workers)):
-        by_rank[r] = c
-    traced = sorted({r for j in jobs if j[0] == "one" and j[1] is not None for r in [j[1]]}
-                    | set(again) | ({rep} if any(j[0] == "rep" for j in jobs) else set()))
+            if j[1] is not None:
+                traced.add(j[1])
     stats = {
-        "traced": len(traced), "specialized": W - len(traced), "representative": rep,
-        "traced_ranks": traced, "record_s": record_s,
-        "record_rank_s": [round(r.seconds, 4) for r in recs],
-        "fallback": {r: reasons[r] for r in sorted(reasons)},
-        "fallback_reason": reasons[min(reasons)] if reasons else None,
+        "traced": len(traced), "specialized": W - len(traced), "representatives": sorted(reps),
+        "traced_ranks": sorted(traced), "record_s": times.get("record_s"),
+        "record_rank_s": [round(recs[r].seconds, 4) for r in range(W) if r in recs],
+        "fallback": {r: reasons[r] for r in sorted(reasons) if r in traced},
+        "fallback_reason": next((reasons[r] for r in sorted(reasons) if r in traced), None),
     }
     return [by_rank[None], *(by_rank[r] for r in range(W))], stats
 
 
-def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int) -> list:
-    """`_run` of ``jobs``; a dead child is reported with the program it was capturing."""
+def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=None):
+    """`_run` of ``jobs``; a dead child is reported with the program it was capturing. With
+    ``then`` (see `run_forked`): {"jobs": every job run, "values": their results}."""
+    jobs = list(jobs)
+    extra: list = []
+
+    def more(i, res):
+        new = list(then(i, res))
+        extra.extend(new)
+        return new
+
     try:
-        return _run(job, jobs, in_processes, workers)
+        values = _run(job, jobs, in_processes, workers, more if then is not None else None)
     except ChildDied as e:
-        e.item = jobs[e.index][1]
+        everything = jobs + extra
+        e.item = everything[e.index][1] if e.index < len(everything) else None
         raise
+    return values if then is None else {"jobs": jobs + extra, "values": values}

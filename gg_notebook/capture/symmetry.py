@@ -55,6 +55,7 @@ from gg_notebook.capture.source import extra_node_meta, is_user_file
 
 
 _NAMES: dict = {}
+_P2P = {"c10d.send.default", "c10d.recv_.default", "c10d.recv_any_source_.default"}
 
 
 def _flatten(x: Any, leaves: list, shape: list) -> None:
@@ -330,6 +331,9 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
         return f"rank {rep.rank} (the representative) could not be recorded: {rep.error}"
     if other.error:
         return other.error
+    p2p = next((c[0] for c in rep.calls if c[0] in _P2P), None)
+    if p2p is not None:
+        return f"it sends or receives point to point ({p2p}): the peer is relative to the rank"
     if len(rep.calls) != len(other.calls):
         return f"issues {len(other.calls)} operator calls, rank {rep.rank} {len(rep.calls)}"
     if rep.returns != other.returns:

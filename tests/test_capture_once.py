@@ -1,0 +1,253 @@
+"""Capture once (gg_notebook/capture/symmetry.py): rank 0 is traced, the ranks that run the same
+program up to numbers are derived from it, every other rank is traced on its own.
+
+Adversarial programs: rank 1 (or the last rank) does something different — an extra operator, a
+rank-dependent divisor, a rank-dependent tensor constant, another line, another returned tensor,
+a rank-dependent slice or shape — and the verdict must be what tracing every rank gives.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import gg_notebook as gg
+from gg_notebook.capture import symmetry
+from gg_notebook.capture import tracing as T
+from gg_notebook.problem import Problem, Replicate, Shard
+
+W = 4
+
+
+def linear(x, w):
+    return x @ w
+
+
+def problem(fn, W=W, n=8, seed=0):
+    """Row-parallel linear: x split by columns, w by rows, partial products all-reduced."""
+    g = torch.Generator().manual_seed(seed)
+    return Problem(sequential=linear, distributed=fn,
+                   inputs=(torch.randn(3, n, generator=g, dtype=torch.float64),
+                           torch.randn(n, 5, generator=g, dtype=torch.float64)),
+                   placements=(Shard(1), Shard(0)), world_size=W, expect=(Replicate(),),
+                   input_names=("x", "w"))
+
+
+def row_parallel(x, w):
+    y = torch.matmul(x, w)
+    dist.all_reduce(y)
+    return y
+
+
+def extra_op_on_rank_1(x, w):
+    y = x @ w
+    if dist.get_rank() == 1:
+        y = y * 1.5
+    dist.all_reduce(y)
+    return y
+
+
+def other_line_on_rank_1(x, w):
+    if dist.get_rank() == 1:
+        y = x @ w
+    else:
+        y = torch.matmul(x, w)
+    dist.all_reduce(y)
+    return y
+
+
+def divisor_on_later_ranks(x, w):
+    y = x @ w
+    y = y / (1.0 if dist.get_rank() == 0 else 2.0)  # a rank-dependent Python constant
+    dist.all_reduce(y)
+    return y
+
+
+def scaled_and_unscaled(x, w):
+    r = dist.get_rank()
+    y = (x * (r + 2)) @ w  # the same constant on every rank would be correct too; here it differs per rank
+    y = y / (r + 2)
+    dist.all_reduce(y)
+    return y
+
+
+def scaled_wrongly(x, w):
+    r = dist.get_rank()
+    y = (x * (r + 2)) @ w
+    y = y / 2  # right for rank 0 only
+    dist.all_reduce(y)
+    return y
+
+
+def tensor_constant(x, w):
+    y = x @ w
+    y = y * torch.tensor(1.0 if dist.get_rank() != 1 else 3.0, dtype=y.dtype)
+    dist.all_reduce(y)
+    return y
+
+
+def returns_by_rank(x, w):
+    y = x @ w
+    copies = [y, y.clone()]
+    out = copies[dist.get_rank() % 2]
+    dist.all_reduce(out)
+    return out
+
+
+def _verify(fn, **kw):
+    return gg.verify(problem(fn, **{k: v for k, v in kw.items() if k in ("W", "n")}),
+                     **{k: v for k, v in kw.items() if k not in ("W", "n")})
+
+
+def _cap(r):
+    return r.stats["capture"]
+
+
+def test_symmetric_program_traces_one_rank():
+    r = _verify(row_parallel)
+    assert r.status is gg.Status.PROVED
+    assert _cap(r)["traced"] == 1 and _cap(r)["specialized"] == W - 1, _cap(r)
+    assert _cap(r)["fallback_reason"] is None
+
+
+def test_extra_operator_on_one_rank_is_traced_and_refuted():
+    r = _verify(extra_op_on_rank_1)
+    assert r.status is gg.Status.REFUTED
+    c = _cap(r)
+    assert c["traced_ranks"] == [0, 1] and c["specialized"] == W - 2, c
+    assert "operator call" in c["fallback"][1]
+
+
+def test_other_line_on_one_rank_is_traced_on_its_own():
+    r = _verify(other_line_on_rank_1)
+    assert r.status is gg.Status.PROVED
+    c = _cap(r)
+    assert 1 in c["traced_ranks"] and "another line" in c["fallback"][1], c
+
+
+def test_rank_dependent_divisor_is_substituted_and_refuted():
+    """Ranks 1..3 divide by 2.0 where rank 0 divides by 1.0: derived with their own number."""
+    r = _verify(divisor_on_later_ranks)
+    assert r.status is gg.Status.REFUTED
+    assert _cap(r)["specialized"] == W - 1, _cap(r)
+
+
+@pytest.mark.parametrize("capture", ["processes", "inprocess"])
+def test_rank_dependent_scale_correct_and_wrong(capture):
+    good = _verify(scaled_and_unscaled, capture=capture)
+    bad = _verify(scaled_wrongly, capture=capture)
+    assert bad.status is gg.Status.REFUTED
+    assert _cap(bad)["specialized"] == W - 1, _cap(bad)
+    assert good.status in (gg.Status.PROVED, gg.Status.UNKNOWN)  # never refuted
+    full = _verify(scaled_and_unscaled, capture=capture, capture_once=False)
+    assert good.status is full.status
+
+
+def test_rank_dependent_tensor_constant_falls_back():
+    r = _verify(tensor_constant)
+    assert r.status is gg.Status.REFUTED
+    c = _cap(r)
+    assert 1 in c["traced_ranks"] and 2 not in c["traced_ranks"], c
+
+
+def test_other_returned_tensor_falls_back():
+    r = _verify(returns_by_rank)
+    assert r.status is gg.Status.PROVED
+    c = _cap(r)
+    assert "returns other tensors" in c["fallback"][1] and 2 not in c["fallback"], c
+
+
+# ------------------------------------------------------------------ rank-dependent slices and shapes
+
+
+def column_slice(x, w):
+    k = x.shape[1] // dist.get_world_size()
+    r = dist.get_rank()
+    return x[:, r * k:(r + 1) * k] @ w  # a view with rank constants: never substituted
+
+
+def column_slice_off_by_one(x, w):
+    k = x.shape[1] // dist.get_world_size()
+    r = dist.get_rank()
+    start = r * k if r < 2 else r * k - 1
+    return x[:, start:start + k] @ w
+
+
+def test_rank_dependent_slice_is_traced_per_rank():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+
+    def seq(x, w):
+        return torch.cat([x[:, i * 2:(i + 1) * 2] @ w for i in range(W)], dim=1)
+
+    for fn, want in ((column_slice, gg.Status.PROVED), (column_slice_off_by_one, gg.Status.REFUTED)):
+        p = Problem(sequential=seq, distributed=fn, inputs=(x, w), placements=(Replicate(), Replicate()),
+                    world_size=W, expect=(Shard(1),), input_names=("x", "w"))
+        r = gg.verify(p)
+        assert r.status is want, (fn.__name__, r.status)
+        c = _cap(r)
+        assert c["traced"] == W and any("view" in v for v in c["fallback"].values()), c
+
+
+def uneven_chunk(x, w):
+    return x.chunk(dist.get_world_size(), dim=0)[dist.get_rank()] @ w
+
+
+def test_rank_dependent_shape_is_traced_per_rank():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64)  # chunks of 3, 3, 3, 1 rows
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    p = Problem(sequential=linear, distributed=uneven_chunk, inputs=(x, w), placements=(Replicate(), Replicate()),
+                world_size=W, expect=(Shard(0),), input_names=("x", "w"))
+    r = gg.verify(p)
+    c = _cap(r)
+    assert c["traced"] == W, c  # ranks 1, 2: another chunk (data flow); rank 3: another shape
+    assert "other shapes" in c["fallback"][3], c
+    assert r.status is gg.verify(p, capture_once=False).status
+
+
+# ------------------------------------------------------------------ the derived graph is the traced graph
+
+
+@pytest.mark.parametrize("name,W_,kw", [
+    ("gpt_fwd_bwd", 2, dict(layers=1)),
+    ("vocab_embedding", 4, {}),
+    ("vocab_cross_entropy", 4, {}),
+])
+def test_specialized_graph_equals_traced_graph(name, W_, kw):
+    from gg_notebook.examples import get
+
+    p = get(name).make(W_, **kw)
+    recs = [symmetry.record_rank(p, r) for r in range(W_)]
+    with T.recording_calls():
+        gm0, _ = T.trace_program(p, 0)
+    spec = symmetry.Specializer(gm0, recs[0], gm0.meta["gg_recording"])
+    assert spec.reason is None
+    numbers = 0
+    for r in range(1, W_):
+        d = symmetry.compare(recs[0], recs[r])
+        assert isinstance(d, symmetry.Diff), d
+        numbers += d.n
+        g = spec.graph_for(d)
+        assert not isinstance(g, str), g
+        with T.recording_calls():
+            full, _ = T.trace_program(p, r)
+        assert g.code == full.code
+        for a, b in zip(g.graph.nodes, full.graph.nodes):
+            assert a.meta.get("gg_source") == b.meta.get("gg_source")
+            assert a.meta.get("gg_collective") == b.meta.get("gg_collective")
+    assert numbers > 0  # the rank offsets of the vocabulary really were substituted
+
+
+def test_recorder_refuses_what_it_cannot_write_down():
+    """A recording that met an unknown object is no evidence of symmetry."""
+    a = symmetry.Recording(0, calls=[("aten.add.Tensor", (2,), (("t", 0), ("num", "int")), (1,), (), ())])
+    b = symmetry.Recording(1, calls=list(a.calls), error="the recorder could not write down x")
+    assert isinstance(symmetry.compare(a, b), str)
+    c = symmetry.Recording(1, calls=[("aten.add.Tensor", (2,), (("t", 0), ("num", "float")), (1.0,), (), ())])
+    assert isinstance(symmetry.compare(a, c), str)  # int vs float is structure, not a number to substitute
+    d = symmetry.Recording(1, calls=[("aten.add.Tensor", (2,), (("t", 0), ("num", "int")), (3,), (), ())])
+    assert symmetry.compare(a, d).values == {0: {0: 3}}
