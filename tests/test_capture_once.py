@@ -251,3 +251,52 @@ def test_recorder_refuses_what_it_cannot_write_down():
     assert isinstance(symmetry.compare(a, c), str)  # int vs float is structure, not a number to substitute
     d = symmetry.Recording(1, calls=[("aten.add.Tensor", (2,), (("t", 0), ("num", "int")), (3,), (), ())])
     assert symmetry.compare(a, d).values == {0: {0: 3}}
+
+
+# ------------------------------------------------------------------ one pass
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention", "gpt_block_fwd_bwd", "ulysses_attention", "fsdp_adamw"])
+def test_one_pass_graph_equals_two_pass_graph(name, monkeypatch):
+    """A graph without mutations skips the functionalizing replay: the same graph, node for node."""
+    from gg_notebook.examples import get
+
+    ex = get(name)
+    p = ex.make(world_size=ex.world_sizes[0])
+    one = 0
+    for r in (None, 0):
+        monkeypatch.setattr(T, "one_pass", True)
+        a, ia = T.trace_program(p, r)
+        if not a.meta.get("gg_one_pass"):
+            continue
+        one += 1
+        monkeypatch.setattr(T, "one_pass", False)
+        b, ib = T.trace_program(p, r)
+        assert not b.meta.get("gg_one_pass")
+        assert a.code == b.code
+        assert ia == ib
+        for x, y in zip(a.graph.nodes, b.graph.nodes):
+            for k in ("gg_source", "gg_backward", "gg_source_kind", "gg_collective"):
+                assert x.meta.get(k) == y.meta.get(k), (x, k)
+            here = [f for f in x.meta.get("gg_frames") or [] if f[0] != __file__]  # the frames above differ
+            assert here == [f for f in y.meta.get("gg_frames") or [] if f[0] != __file__]
+            vx, vy = x.meta.get("val"), y.meta.get("val")
+            if isinstance(vx, torch.Tensor):
+                assert (vx.shape, vx.dtype, vx.requires_grad or x.op != "placeholder") == \
+                    (vy.shape, vy.dtype, vy.requires_grad or y.op != "placeholder")
+    assert one, f"{name}: no program took one pass"
+
+
+def test_mutation_takes_two_passes():
+    def f(x):
+        y = x.clone()
+        y[0] = 1.0
+        return y
+
+    g = torch.Generator().manual_seed(0)
+    p = Problem(sequential=f, distributed=f, inputs=(torch.randn(3, 2, generator=g),), placements=(Replicate(),),
+                world_size=2)
+    gm, _ = T.trace_program(p, 0)
+    assert not gm.meta.get("gg_one_pass")
+    assert all(not getattr(n.target, "_schema", None) or not n.target._schema.is_mutable
+               for n in gm.graph.nodes if n.op == "call_function")
