@@ -72,7 +72,8 @@ def input_ranges(problem: Problem) -> dict:
     return out
 
 
-def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real", capture_once: bool = True):
+def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real", capture_once: bool = True,
+            executor=None):
     """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
 
     ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
@@ -90,7 +91,7 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real", cap
                                                        decompositions=decompositions,
                                                        input_ranges=input_ranges(problem),
                                                        bitwise=exact == "bitwise"), capture,
-                            once=capture_once)
+                            once=capture_once, executor=executor)
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)
@@ -182,7 +183,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
-           validate: bool = True, capture: str = "auto", capture_once: bool = True) -> Result:
+           validate: bool = True, capture: str = "auto", capture_once: bool = True, executor=None) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -203,10 +204,17 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     ``"inprocess"`` all in this process (see `prepare`). ``capture_once`` (default on) traces rank 0
     and derives every rank whose recorded operator calls equal rank 0's up to numbers from it; the
     other ranks are traced (``result.stats["capture"]`` says which and why; see
-    `gg_notebook.capture.symmetry`)."""
+    `gg_notebook.capture.symmetry`).
+
+    ``executor``: any `concurrent.futures.Executor` of worker *processes* (a
+    ``ProcessPoolExecutor``, or a cluster's: ``distributed.Client(...).get_executor()`` with the
+    ``[dask]`` extra) runs the per-rank recordings and traces instead of this machine's forked
+    children; the problem and the lowered graphs travel pickled (dask pickles local functions too,
+    a ProcessPoolExecutor only module-level ones). A worker may capture several programs in turn,
+    so module-level state of the user's code is not fresh per rank there (it is with the default)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem, capture=capture, exact=exact, capture_once=capture_once)
+    engine, stats = prepare(problem, capture=capture, exact=exact, capture_once=capture_once, executor=executor)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
     _guard("inferring", engine.run, node_of=lambda: _current(engine))

@@ -300,3 +300,59 @@ def test_mutation_takes_two_passes():
     assert not gm.meta.get("gg_one_pass")
     assert all(not getattr(n.target, "_schema", None) or not n.target._schema.is_mutable
                for n in gm.graph.nodes if n.op == "call_function")
+
+
+# ------------------------------------------------------------------ executors
+
+
+def test_process_pool_executor_gives_the_same_verdicts():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as ex:
+        good = gg.verify(problem(row_parallel), executor=ex)
+        bad = gg.verify(problem(divisor_on_later_ranks), executor=ex)
+        odd = gg.verify(problem(extra_op_on_rank_1), executor=ex)
+    assert good.status is gg.Status.PROVED and good.stats["capture_mode"] == "executor"
+    assert bad.status is gg.Status.REFUTED and _cap(bad)["specialized"] == W - 1
+    assert odd.status is gg.Status.REFUTED and 1 in _cap(odd)["traced_ranks"]
+
+
+def fails_on_rank_2(x, w):
+    if dist.get_rank() == 2:
+        raise ValueError("rank 2 has no weights")
+    return row_parallel(x, w)
+
+
+def test_executor_reports_the_failing_rank():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gg_notebook.capture import CaptureError
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as ex:
+        with pytest.raises(CaptureError, match="rank 2") as e:
+            gg.verify(problem(fails_on_rank_2), executor=ex)
+    assert e.value.rank == 2
+
+
+def test_thread_pool_is_refused():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex, pytest.raises(gg.ProblemError, match="ThreadPoolExecutor"):
+        gg.verify(problem(row_parallel), executor=ex)
+
+
+def test_dask_executor():
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        local_scale = 3.0
+
+        def local_fn(x, w):  # a local function: dask pickles it by value
+            y = (x * local_scale) @ w / local_scale
+            dist.all_reduce(y)
+            return y
+
+        r = gg.verify(problem(local_fn), executor=client.get_executor())
+    assert r.status in (gg.Status.PROVED, gg.Status.UNKNOWN) and r.stats["capture_mode"] == "executor"
+    assert _cap(r)["traced"] == 1

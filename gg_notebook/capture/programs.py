@@ -26,7 +26,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch.fx as fx
 
@@ -117,9 +117,11 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
 
 def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
     """``[fn(item) for item in items]`` (plus what ``then`` appends, see `run_forked`), each in its
-    own forked process or all in this one."""
+    own forked process, on the executor `capture_and_lower` was given, or all in this process."""
     if not items:
         return []
+    if _executor is not None:
+        return _run_on_executor(_executor, fn, items, then)
     if in_processes:
         return run_forked(fn, items, workers, then)
     items = list(items)
@@ -132,6 +134,65 @@ def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
             items.extend(then(k, out[-1]))
         k += 1
     return out
+
+
+_executor = None  # the concurrent.futures.Executor of the running capture_and_lower, if any
+
+
+def _remote(fn, item):
+    """Runs on an executor's worker: ``fn(item)`` as plain data (`ir.serialize` bytes), or the
+    exception as a payload; never raises, so that the parent reports the error of the first item."""
+    from gg_notebook.capture.forked import exception_payload
+    from gg_notebook.ir import serialize
+
+    try:
+        forget_rank_caches()
+        return "ok", serialize.dumps(fn(item))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        return "error", exception_payload(e)
+
+
+def _run_on_executor(executor, fn, items: list, then=None) -> list:
+    """`run_forked`'s contract on a `concurrent.futures.Executor`: every call submitted at once (and
+    what ``then`` appends as results arrive); the exception of the first failing item is raised."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from gg_notebook.capture.forked import rebuild_exception
+    from gg_notebook.ir import serialize
+
+    items = list(items)
+    pending: dict = {}
+    results: dict[int, Any] = {}
+    failures: dict[int, dict] = {}
+
+    def submit(i: int) -> None:
+        pending[executor.submit(_remote, fn, items[i])] = i
+
+    for i in range(len(items)):
+        submit(i)
+    while pending:
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for f in done:
+            i = pending.pop(f)
+            try:
+                kind, payload = f.result()
+            except Exception as e:  # noqa: BLE001 - the executor itself failed (a worker died, ...)
+                who = items[i][1] if isinstance(items[i], tuple) else items[i]
+                for g in pending:
+                    g.cancel()
+                raise CaptureError(f"the executor failed while capturing {program_name(who)}: "
+                                   f"{type(e).__name__}: {e}", rank=who) from e
+            if kind != "ok":
+                failures[i] = payload
+                continue
+            results[i] = serialize.loads(payload)
+            if then is not None and not failures:
+                for new in then(i, results[i]):
+                    items.append(new)
+                    submit(len(items) - 1)
+    if failures:
+        raise rebuild_exception(failures[min(failures)])
+    return [results[i] for i in range(len(items))]
 
 
 def _job(problem: Problem, lower: Lower, job: tuple):
@@ -150,7 +211,26 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True) -> LoweredProgram:
+def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True,
+                      executor=None) -> LoweredProgram:
+    """See `_capture_and_lower`; ``executor``: a `concurrent.futures.Executor` of worker processes
+    that runs the captures (records and traces) instead of forked children."""
+    global _executor
+    if executor is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if isinstance(executor, ThreadPoolExecutor):
+            raise ProblemError("executor: a ThreadPoolExecutor runs the captures in this process, where every "
+                               "rank's trace needs the one process group; pass a ProcessPoolExecutor or a "
+                               "cluster's executor (dask: Client.get_executor()), or no executor.")
+    saved, _executor = _executor, executor
+    try:
+        return _capture_and_lower(problem, lower, mode, once)
+    finally:
+        _executor = saved
+
+
+def _capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True) -> LoweredProgram:
     """Trace and ``lower`` the sequential program and every rank's program; match collectives.
 
     ``mode``: "processes" (each program in its own forked process), "inprocess" (all in this
@@ -164,7 +244,7 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: 
     programs: list[int | None] = [None, *range(W)]
     in_processes = mode == "processes" or (mode == "auto" and fork_available())
     warm_s = 0.0
-    if in_processes:
+    if in_processes and _executor is None:
         warm_s = warm_up()  # once per process, so that no child pays for the first trace
     workers = min(_cores(), len(programs)) if in_processes else 1
     once_stats: dict | None = None
@@ -199,8 +279,8 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: 
     check_output_counts(seq.n_outputs, [c.n_outputs for c in ranks])
     matched = match_collectives([c.issued for c in ranks])
     stats = {
-        "capture_mode": "processes" if in_processes else "inprocess",
-        "capture_workers": workers,
+        "capture_mode": "executor" if _executor is not None else "processes" if in_processes else "inprocess",
+        "capture_workers": workers if _executor is None else None,
         "capture_seq_s": seq.seconds,  # tracing + lowering, in its own process in "processes" mode
         "capture_rank_s": [c.seconds for c in ranks],
     }
