@@ -356,3 +356,30 @@ def test_dask_executor():
         r = gg.verify(problem(local_fn), executor=client.get_executor())
     assert r.status in (gg.Status.PROVED, gg.Status.UNKNOWN) and r.stats["capture_mode"] == "executor"
     assert _cap(r)["traced"] == 1
+
+
+# ------------------------------------------------------------------ progress
+
+
+def test_progress_callback_reports_capture_and_inference():
+    events = []
+    r = gg.verify(problem(extra_op_on_rank_1), progress=lambda *e: events.append(e))
+    assert r.status is gg.Status.REFUTED
+    cap = [e for e in events if e[0] == "capture"]
+    inf = [e for e in events if e[0] == "inference"]
+    assert [e[1] for e in cap] == list(range(1, len(cap) + 1))  # one step per finished job
+    assert cap[-1][1] == cap[-1][2]  # the last step completes the (grown) total
+    details = " | ".join(e[3] for e in cap)
+    assert "rank 1 recorded" in details and "rank 1 traced" in details
+    assert "rank 0 traced, ranks 2, 3 derived from it" in details
+    assert inf and inf[-1][1] == inf[-1][2]
+
+
+def test_progress_bars(capsys):
+    pytest.importorskip("tqdm")
+    r = gg.verify(problem(row_parallel), progress=True)
+    assert r.status is gg.Status.PROVED
+    err = capsys.readouterr().err
+    assert "capture" in err and "inference" in err
+    with pytest.raises(gg.ProblemError, match="progress"):
+        gg.verify(problem(row_parallel), progress="yes")

@@ -137,6 +137,7 @@ def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
 
 
 _executor = None  # the concurrent.futures.Executor of the running capture_and_lower, if any
+_progress = None  # its progress callback (capture.progress), if any
 
 
 def _remote(fn, item):
@@ -212,10 +213,11 @@ def _cores() -> int:
 
 
 def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True,
-                      executor=None) -> LoweredProgram:
+                      executor=None, progress=None) -> LoweredProgram:
     """See `_capture_and_lower`; ``executor``: a `concurrent.futures.Executor` of worker processes
-    that runs the captures (records and traces) instead of forked children."""
-    global _executor
+    that runs the captures (records and traces) instead of forked children; ``progress``: a
+    callback ``f("capture", done, total, detail)`` called as each capture job finishes."""
+    global _executor, _progress
     if executor is not None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -223,11 +225,12 @@ def capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: 
             raise ProblemError("executor: a ThreadPoolExecutor runs the captures in this process, where every "
                                "rank's trace needs the one process group; pass a ProcessPoolExecutor or a "
                                "cluster's executor (dask: Client.get_executor()), or no executor.")
-    saved, _executor = _executor, executor
+    saved = _executor, _progress
+    _executor, _progress = executor, progress
     try:
         return _capture_and_lower(problem, lower, mode, once)
     finally:
-        _executor = saved
+        _executor, _progress = saved
 
 
 def _capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once: bool = True) -> LoweredProgram:
@@ -374,14 +377,21 @@ def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=Non
     ``then`` (see `run_forked`): {"jobs": every job run, "values": their results}."""
     jobs = list(jobs)
     extra: list = []
+    done = [0]
 
     def more(i, res):
-        new = list(then(i, res))
+        new = list(then(i, res)) if then is not None else []
         extra.extend(new)
+        if _progress is not None:
+            from gg_notebook.capture.progress import describe_job
+
+            done[0] += 1
+            everything = jobs + extra
+            _progress("capture", done[0], len(everything), describe_job(everything[i]))
         return new
 
     try:
-        values = _run(job, jobs, in_processes, workers, more if then is not None else None)
+        values = _run(job, jobs, in_processes, workers, more)
     except ChildDied as e:
         everything = jobs + extra
         e.item = everything[e.index][1] if e.index < len(everything) else None
