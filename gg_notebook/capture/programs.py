@@ -33,7 +33,7 @@ import torch.fx as fx
 from gg_notebook.capture.collectives import IssuedCollective, MatchedCollective, match_collectives
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.forked import ChildDied, ResultNotSent, fork_available, run_forked
-from gg_notebook.capture.symmetry import Diff, Recording, Specializer, compare, record_rank
+from gg_notebook.capture.symmetry import Diff, Recording, Specializer, compare, p2p_reason, record_rank
 from gg_notebook.capture.tracing import (
     _n_outputs,
     check_output_counts,
@@ -197,6 +197,12 @@ def _run_on_executor(executor, fn, items: list, then=None) -> list:
 
 
 def _job(problem: Problem, lower: Lower, job: tuple):
+    if job[-1] == "quiet":  # this rank's recording already ran its function (and showed its output)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _job(problem, lower, job[:-1])
     kind = job[0]
     if kind == "record":
         return record_rank(problem, job[1])
@@ -301,9 +307,11 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
     """The captures of [sequential, rank 0, ..., rank W-1], tracing only what `symmetry` cannot
     derive; and the stats of how (see the module docstring).
 
-    Jobs, each in its own process: the sequential trace and every rank's recording start at once;
-    when the recordings are in, rank 0's trace (deriving the symmetric ranks) and the trace of every
-    other rank start; a rank the representative could not derive after all is traced last."""
+    Jobs, each in its own process: the sequential trace and rank 0's recording start at once; then
+    the other ranks' recordings (or, if rank 0's recording shows that no rank can be derived from
+    it, every rank's trace); when the recordings are in, one trace per class of ranks that run the
+    same program up to numbers (deriving the others) and the trace of every rank in no class; a
+    rank a representative could not derive after all is traced last."""
     W = problem.world_size
     rep = 0
     t0 = time.perf_counter()
@@ -314,6 +322,14 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
     def then(_i: int, res) -> list[tuple]:
         if isinstance(res, Recording):
             recs[res.rank] = res
+            if res.rank == rep and len(recs) == 1:
+                early = recs[rep].error or p2p_reason(recs[rep])
+                if early:  # no rank can be derived from rank 0: trace them all, record nothing more
+                    times["record_s"] = time.perf_counter() - t0
+                    for r in range(W):
+                        reasons[r] = early if r == rep else f"rank {rep} cannot be a representative: {early}"
+                    return [("one", r, "quiet") if r == rep else ("one", r) for r in range(W)]
+                return [("record", r) for r in range(W) if r != rep]
             if len(recs) < W:
                 return []
             times["record_s"] = time.perf_counter() - t0
@@ -332,11 +348,11 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
             out = []
             for lead, members in classes:
                 if members:
-                    out.append(("rep", lead, recs[lead], members))
+                    out.append(("rep", lead, recs[lead], members, "quiet"))
                     if lead != rep:
                         reasons[lead] = f"leads its own class (differs from rank {rep}: {first_reason[lead]})"
                 else:
-                    out.append(("one", lead))
+                    out.append(("one", lead, "quiet"))
                     reasons[lead] = (first_reason.get(lead) or recs[lead].error
                                      or "no other rank runs the same program up to numbers")
             return out
@@ -344,10 +360,10 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
             failed = [r for r, c in sorted(res.items()) if isinstance(c, str)]
             for r in failed:
                 reasons.setdefault(r, res[r])
-            return [("one", r) for r in failed]
+            return [("one", r, "quiet") for r in failed]
         return []
 
-    jobs = [("one", None), *(("record", r) for r in range(W))]
+    jobs = [("one", None), ("record", rep)]  # the other recordings follow if rank 0's can lead
     results = _labelled(functools.partial(_job, problem, lower), jobs, in_processes, workers, then)
     by_rank: dict = {}
     traced: set = set()

@@ -331,9 +331,9 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
         return f"rank {rep.rank} (the representative) could not be recorded: {rep.error}"
     if other.error:
         return other.error
-    p2p = next((c[0] for c in rep.calls if c[0] in _P2P), None)
+    p2p = p2p_reason(rep)
     if p2p is not None:
-        return f"it sends or receives point to point ({p2p}): the peer is relative to the rank"
+        return p2p
     if len(rep.calls) != len(other.calls):
         return f"issues {len(other.calls)} operator calls, rank {rep.rank} {len(rep.calls)}"
     if rep.returns != other.returns:
@@ -345,6 +345,14 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
         if a[3] != b[3]:
             diff.values[i] = {k: y for k, (x, y) in enumerate(zip(a[3], b[3])) if not _same_number(x, y)}
     return diff
+
+
+def p2p_reason(rec: Recording) -> str | None:
+    """Why no rank can be derived from ``rec``'s because it transfers point to point (else None)."""
+    p2p = next((c[0] for c in rec.calls if c[0] in _P2P), None)
+    if p2p is None:
+        return None
+    return f"it sends or receives point to point ({p2p}): the peer is relative to the rank"
 
 
 def _describe(i: int, a: tuple, b: tuple) -> str:
