@@ -6,12 +6,10 @@ rank-dependent divisor, a rank-dependent tensor constant, another line, another 
 a rank-dependent slice or shape — and the verdict must be what tracing every rank gives.
 """
 
-import functools
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import gg_notebook as gg
 from gg_notebook.capture import symmetry

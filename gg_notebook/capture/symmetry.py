@@ -11,7 +11,8 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    references to earlier results or as new inputs with shape / stride / dtype / requires_grad; real
    constant tensors by value; process groups by name and ranks; every other Python value literally),
    the shapes of its results, the innermost user source line, and which tensors the function returns.
-   No graph is built, so this is about 20x cheaper than a trace.
+   No graph is built and nothing is functionalized: about 5-10x cheaper than a trace (0.12 s
+   against ~1 s for a 4-layer GPT forward+backward rank).
 2. **Compare** (`compare`): rank r is *symmetric* to the representative if its recording equals the
    representative's except for int / float arguments ("rank constants", e.g. ``ids - rank * V``,
    ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, another
@@ -41,9 +42,8 @@ import copy
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -263,13 +263,6 @@ def _process_group(x) -> tuple | None:
 
 
 # ----------------------------------------------------------------------------------- recording a rank
-
-
-@contextmanager
-def recording(rank: int, tag: bool = False) -> Iterator[OpRecorder]:
-    rec = OpRecorder(rank, tag)
-    with rec:
-        yield rec
 
 
 def record_rank(problem, rank: int) -> Recording:
