@@ -381,3 +381,25 @@ def test_progress_bars(capsys):
     assert "capture" in err and "inference" in err
     with pytest.raises(gg.ProblemError, match="progress"):
         gg.verify(problem(row_parallel), progress="yes")
+
+
+def functional_collective_program(x, w):
+    import torch.distributed._functional_collectives as fc
+
+    y = fc.all_reduce(x @ w, "sum", dist.group.WORLD)
+    (g,) = torch.autograd.grad(y.sum(), [w])
+    return y, g
+
+
+def test_one_pass_keeps_functional_collectives(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    p = Problem(sequential=lambda x, w: (x @ w, torch.autograd.grad((x @ w).sum(), [w])[0]),
+                distributed=functional_collective_program,
+                inputs=(torch.randn(4, 8, generator=g), torch.randn(8, 6, generator=g, requires_grad=True)),
+                placements=(Shard(1), Shard(0)), world_size=2)
+    monkeypatch.setattr(T, "one_pass", True)
+    a, ia = T.trace_program(p, 0)
+    assert a.meta.get("gg_one_pass")
+    monkeypatch.setattr(T, "one_pass", False)
+    b, ib = T.trace_program(p, 0)
+    assert a.code == b.code and ia == ib and len(ia) == 2 and all(c.nodes for c in ia)
