@@ -40,7 +40,8 @@ def _verify(problem: Any) -> Any:
     import gg_notebook
 
     # progress bars on an interactive terminal only (not when piped, not under tests)
-    return gg_notebook.verify(problem, progress=True if sys.stderr.isatty() else None)
+    options = {"progress": True} if sys.stderr.isatty() else {}
+    return gg_notebook.verify(problem, **options)
 
 
 def _load_examples() -> Any:
