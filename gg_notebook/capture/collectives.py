@@ -1117,7 +1117,8 @@ def check_issue_order(per_rank: list[list[IssuedCollective]]) -> None:
             f"the ranks deadlock: rank {r} waits in a blocking {c.info.kind} at {c.source} ({c.info.where()}) "
             f"that rank {m} has not reached: {then}. dist.send/dist.recv wait for their peer; post both directions "
             "with dist.isend/dist.irecv (or dist.batch_isend_irecv) and wait afterwards, or order the calls so "
-            "that one rank sends while the other receives (in a real run this hangs).",
+            "that one rank sends while the other receives (with NCCL this hangs; gloo and MPI may buffer a small "
+            "blocking send and return early, so a small test run can pass and the same code hang at scale).",
             rank=r, source=c.source)
     m = next(m for m in c.info.group if at(m) is None or at(m).info.key != c.info.key)
     other = at(m)

@@ -25,8 +25,10 @@ and the concrete checks run on the example inputs only (`gg_notebook.concrete.si
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
+import sys
 import traceback
 from typing import Any, Callable, Iterator
 
@@ -162,13 +164,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(problem, rank, port, session) -> tuple:
+def _die_with_parent(parent: int, timeout: float) -> None:
+    """Make this forked rank process end on its own: killed when its parent dies (a capture that is
+    itself a killed child must not leave orphans waiting in a rendezvous, holding its pipes open),
+    and after ``timeout`` seconds whatever it is doing."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not an inherited handler that raises and waits
+    signal.alarm(max(1, int(timeout) + 5))
+
+
+def _worker(problem, rank, port, session, timeout: float = 120.0) -> tuple:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         if dist.is_initialized():
             dist.destroy_process_group()
-        dist.init_process_group("gloo", rank=rank, world_size=problem.world_size)
+        dist.init_process_group("gloo", rank=rank, world_size=problem.world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
         reads: list = []
         with session(problem.distributed, rank, problem.world_size) as fn, recording(reads):
             fn(*_concrete_inputs(problem, rank))
@@ -186,6 +208,7 @@ def _fork_ranks(problem, session, timeout: float) -> dict:
     import time
 
     port = _free_port()
+    parent = os.getpid()
     kids = []
     for r in range(problem.world_size):
         rd, wr = os.pipe()
@@ -194,7 +217,8 @@ def _fork_ranks(problem, session, timeout: float) -> dict:
             code = 0
             try:
                 os.close(rd)
-                out = _worker(problem, r, port, session)
+                _die_with_parent(parent, timeout)
+                out = _worker(problem, r, port, session, timeout)
                 try:
                     data = pickle.dumps(out)
                 except Exception as e:  # noqa: BLE001

@@ -17,6 +17,7 @@ from ._types import Bug, Example
 _MODULES = (
     "mlp", "attention", "attention_fused_qkv", "vocab_embedding", "vocab_cross_entropy",
     "sp_layernorm_mlp", "gpt_block", "gpt", "pipeline", "zero", "bounds", "context", "experts", "data_parallel", "mesh",
+    "dtensor",
 )
 
 

@@ -1,4 +1,5 @@
-"""2-D meshes: tensor parallel x data parallel, data x context parallel, tensor parallel x pipeline.
+"""2-D meshes: tensor parallel x data parallel, data x context parallel, tensor parallel x pipeline; and a 3-D
+mesh: data x pipeline x tensor parallel.
 
 The ranks form a grid (``rank = outer * inner_size + inner``, DeviceMesh's row-major order) and every
 program builds one process group per row and per column of it, as real code must: every rank calls
@@ -22,6 +23,10 @@ function: ``init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))``, ``
   optimization sends them: each TP rank sends its ``1/tp`` slice to the rank with the same TP index
   in the other stage, which all-gathers the slices in its TP group (the gathered slices of the
   stage's TP all-reduce are that all-reduce again: relations/cat_sums.py).
+* ``mesh_dp_pp_tp``: a training step on a 3-D ``dp x pp x tp`` mesh (DP 2 x PP 2 x TP ``W/4``, ``rank =
+  (d * pp + p) * tp + t``): every rank builds every TP group, PP pair and DP group with ``new_group`` (or
+  ``init_device_mesh("cpu", (2, 2, tp), mesh_dim_names=("dp", "pp", "tp"))``); each DP replica runs the
+  TP x PP GPipe step on its half of the batch, the gradients are averaged over the DP group, SGD step.
 """
 
 from __future__ import annotations
@@ -233,7 +238,7 @@ def block(h, w1, w2):
 def two_stage_loss(x, y, w1, w2):
     h = x
     for s in range(w1.shape[0]):
-        h = block(h, w1[s], w2[s])
+        h = block(h, w1[s], w2[s])  # gg: pp_stage
     return F.mse_loss(h, y)  # gg: pp_loss
 
 
@@ -264,20 +269,10 @@ def _recv_gathered(shape, dtype, peer, tp, tp_group):
     return whole.view(shape)
 
 
-def tp_pp_step(x, y, w1, w2, *, tp, micro_batches=2, bug=None):
-    """One rank of a GPipe step over two pipeline stages, each tensor parallel over ``tp`` ranks:
-    ``w1``/``w2`` hold this rank's stage (dim 0) and its TP columns / rows of that stage."""
-    pp = dist.get_world_size() // tp
-    tp_group, _pp_group = mesh_groups(pp, tp)
-    rank, tp_rank = dist.get_rank(), dist.get_rank(tp_group)
-    stage = rank // tp
-
-    def peer_in(s):  # the rank of stage s with this rank's TP index
-        ranks = [s * tp + t for t in range(tp)]
-        if bug == "send_wrong_peer":
-            ranks = ranks[::-1]  # the stage's ranks listed in the wrong order, on both sides
-        return ranks[tp_rank]
-
+def _gpipe_tp(x, y, w1, w2, *, tp_group, tp_rank, tp, stage, pp, peer_in, micro_batches=2, bug=None):
+    """GPipe over ``pp`` stages whose ranks are tensor parallel in ``tp_group`` (this rank: TP index
+    ``tp_rank`` of stage ``stage``; ``peer_in(s)`` the global rank of stage ``s`` with this TP index).
+    Returns the summed micro-batch losses (on the last stage; zero elsewhere) and this rank's gradients."""
     M = micro_batches
     shape = (x.shape[0] // M,) + tuple(x.shape[1:-1]) + (w2.shape[-1],)
     saved, losses = [], []
@@ -307,8 +302,26 @@ def tp_pp_step(x, y, w1, w2, *, tp, micro_batches=2, bug=None):
             _send_scattered(grads[0], peer_in(stage - 1), tp_rank, tp)
             grads = grads[1:]
         gw1, gw2 = gw1 + grads[0], gw2 + grads[1]
-    total = torch.stack(losses).sum() if stage == pp - 1 else torch.zeros(())
+    total = torch.stack(losses).sum() if stage == pp - 1 else torch.zeros((), dtype=x.dtype)
     return total, gw1, gw2
+
+
+def tp_pp_step(x, y, w1, w2, *, tp, micro_batches=2, bug=None):
+    """One rank of a GPipe step over two pipeline stages, each tensor parallel over ``tp`` ranks:
+    ``w1``/``w2`` hold this rank's stage (dim 0) and its TP columns / rows of that stage."""
+    pp = dist.get_world_size() // tp
+    tp_group, _pp_group = mesh_groups(pp, tp)
+    rank, tp_rank = dist.get_rank(), dist.get_rank(tp_group)
+    stage = rank // tp
+
+    def peer_in(s):  # the rank of stage s with this rank's TP index
+        ranks = [s * tp + t for t in range(tp)]
+        if bug == "send_wrong_peer":
+            ranks = ranks[::-1]  # the stage's ranks listed in the wrong order, on both sides
+        return ranks[tp_rank]
+
+    return _gpipe_tp(x, y, w1, w2, tp_group=tp_group, tp_rank=tp_rank, tp=tp, stage=stage, pp=pp,
+                     peer_in=peer_in, micro_batches=micro_batches, bug=bug)
 
 
 TP_PP_BUGS = {
@@ -353,6 +366,123 @@ def make_tp_pp(world_size: int = 4, bug: str | None = None, *, batch: int = 4, h
         input_names=("x", "y", "w1", "w2"),
     )
 
+
+
+# ------------------------------------------------------------------ 3. DP x PP x TP training (3-D)
+
+
+def gpipe_sgd_step(x, y, w1, w2):
+    """Single-device reference: the loss of both stages over the whole batch and one SGD step."""
+    loss, g1, g2 = pp_grads(x, y, w1, w2)
+    return loss, w1.detach() - LR * g1, w2.detach() - LR * g2  # gg: dp_update
+
+
+def mesh3_groups(dp: int, pp: int, tp: int):
+    """``(tp_group, pp_group, dp_group)`` of this rank on a ``dp x pp x tp`` grid (``rank = (d * pp + p) * tp
+    + t``, DeviceMesh's row-major order), with ``new_group``: every rank creates every TP group, then every
+    PP pair, then every DP group, and keeps its own."""
+    rank = dist.get_rank()
+    at = lambda d, p, t: (d * pp + p) * tp + t  # noqa: E731
+    tp_ranks = [[at(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)]
+    pp_ranks = [[at(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    dp_ranks = [[at(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    mine = []
+    for family in (tp_ranks, pp_ranks, dp_ranks):
+        for ranks in family:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine.append(group)
+    tp_group, pp_group, dp_group = mine
+    return tp_group, pp_group, dp_group
+
+
+def mesh3_device_mesh(dp: int, pp: int, tp: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+    return mesh["tp"].get_group(), mesh["pp"].get_group(), mesh["dp"].get_group()
+
+
+GROUPS_3D = {"new_group": mesh3_groups, "device_mesh": mesh3_device_mesh}
+
+
+def dp_pp_tp_step(x, y, w1, w2, *, dp, pp, tp, groups="new_group", micro_batches=2, bug=None):
+    """One rank of a DP x PP x TP training step: ``x``/``y`` its DP replica's half of the batch, ``w1``/``w2``
+    its stage (dim 0) and TP columns / rows. Each replica runs the TP x PP GPipe step; the gradients (and the
+    last stage's loss) are averaged over the DP group; SGD step."""
+    tp_group, pp_group, dp_group = GROUPS_3D[groups](dp, pp, tp)
+    rank, tp_rank = dist.get_rank(), dist.get_rank(tp_group)
+    replica, stage = rank // (pp * tp), rank // tp % pp
+
+    def peer_in(s):  # the rank of stage s in this replica with this rank's TP index
+        return (replica * pp + s) * tp + tp_rank
+
+    loss, gw1, gw2 = _gpipe_tp(x, y, w1, w2, tp_group=tp_group, tp_rank=tp_rank, tp=tp, stage=stage, pp=pp,
+                               peer_in=peer_in, micro_batches=micro_batches)
+    avg_group = {"dp_grad_pp_group": pp_group, "dp_grad_tp_group": tp_group}.get(bug, dp_group)
+    new = []
+    for p, g in ((w1, gw1), (w2, gw2)):
+        dist.all_reduce(g, group=avg_group)
+        if bug != "dp_grad_sum":
+            g = g / dp
+        new.append(p.detach() - LR * g)
+    dist.all_reduce(loss, group=dp_group)
+    return (loss / dp, *new)
+
+
+DP_PP_TP_BUGS = {
+    b.name: b
+    for b in (
+        Bug("dp_grad_pp_group",
+            "The gradients are averaged over the pipeline pair (this TP index in both stages of the replica) "
+            "instead of the DP group: each rank adds the other stage's gradient shard to its own and never "
+            "sees the other replica's half of the batch (blamed on the first gradient the update needs whole: "
+            "w1's, the sum of its two stages' slices).",
+            "aten.add", "pp_stage"),
+        Bug("dp_grad_tp_group",
+            "The gradients are averaged over the TP group instead of the DP group: each rank mixes its "
+            "column/row shard's gradient with its TP peer's and never sees the other replica's half of the batch "
+            "(blamed on w1's gradient, as dp_grad_pp_group).",
+            "aten.add", "pp_stage"),
+        Bug("dp_grad_sum",
+            "The gradients are summed over the DP group but never divided by its size: the step is dp times "
+            "too large.", "aten.mul", "dp_update"),
+    )
+}
+
+
+def make_dp_pp_tp(world_size: int = 8, bug: str | None = None, *, groups: str = "new_group", batch: int = 8,
+                  hidden: int = 4, ffn: int = 8, micro_batches: int = 2, seed: int = 0, dtype=torch.float64,
+                  device="cpu") -> Problem:
+    name = {"new_group": "mesh_dp_pp_tp", "device_mesh": "mesh_dp_pp_tp_device_mesh"}[groups]
+    check_bug(name, bug, DP_PP_TP_BUGS)
+    dp, pp = 2, 2
+    if world_size % (dp * pp):
+        raise ValueError(f"{name}: a DP 2 x PP 2 x TP mesh needs a world size that is a multiple of 4, "
+                         f"not {world_size}")
+    tp = world_size // (dp * pp)
+    if batch % (dp * micro_batches):
+        raise ValueError(f"{name}: batch {batch} does not split into {dp} replicas x {micro_batches} micro-batches")
+    g = seeded(seed)
+    x = randn(g, batch, hidden, dtype=dtype, device=device)
+    y = randn(g, batch, hidden, dtype=dtype, device=device)
+    w1 = randn(g, pp, hidden, ffn, dtype=dtype, device=device, scale=hidden ** -0.5).requires_grad_()
+    w2 = randn(g, pp, ffn, hidden, dtype=dtype, device=device, scale=ffn ** -0.5).requires_grad_()
+    mesh = [[[(d * pp + p) * tp + t for t in range(tp)] for p in range(pp)] for d in range(dp)]
+    batch_pl = mesh_layout(mesh, [Shard(0), Replicate(), Replicate()])
+    cols = mesh_layout(mesh, [Replicate(), Shard(0), Shard(2)])
+    rows = mesh_layout(mesh, [Replicate(), Shard(0), Shard(1)])
+    return Problem(
+        sequential=gpipe_sgd_step,
+        distributed=functools.partial(dp_pp_tp_step, dp=dp, pp=pp, tp=tp, groups=groups,
+                                      micro_batches=micro_batches, bug=bug),
+        inputs=(x, y, w1, w2),
+        placements=(batch_pl, batch_pl, cols, rows),
+        world_size=world_size,
+        expect=(OnRank(world_size - 1), cols, rows),
+        name=name if bug is None else f"{name}[{bug}]",
+        input_names=("x", "y", "w1", "w2"),
+    )
 
 
 # ------------------------------------------------------------------- 3. DP x CP causal attention
@@ -455,4 +585,8 @@ EXAMPLES = [
             "each a column/row tensor-parallel block over W/2 ranks; Megatron's scatter-gather p2p (each TP rank "
             "sends its slice, the next stage all-gathers them in its TP group).",
             make_tp_pp, TP_PP_BUGS, backward=True, runs_on="gloo", world_sizes=(4, 8)),
+    Example("mesh_dp_pp_tp", "DP x PP x TP training step on a 3-D mesh (DP 2 x PP 2 x TP 2, groups from "
+            "dist.new_group for every TP group, PP pair and DP group): each DP replica runs the TP x PP GPipe step "
+            "on its half of the batch, the gradients are averaged over the DP group, SGD step.",
+            make_dp_pp_tp, DP_PP_TP_BUGS, backward=True, runs_on="gloo", world_sizes=(8,)),
 ]

@@ -61,21 +61,27 @@ BUGS = {
 }
 
 
-def make(world_size: int = 2, bug: str | None = None, *, batch: int = 2, seq: int = 8, hidden: int = 16,
-         ffn: int = 64, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
-    check_bug("sp_layernorm_mlp", bug, BUGS)
+def layernorm_mlp_inputs(x_shape, ffn: int, *, seed: int = 0, dtype=torch.float64, device="cpu") -> tuple:
+    """Seeded ``(x, ln_w, ln_b, w1, b1, w2, b2)`` for a pre-LN MLP on activations of ``x_shape``."""
+    hidden = x_shape[-1]
     g = seeded(seed)
-    x = randn(g, seq, batch, hidden, dtype=dtype, device=device)
+    x = randn(g, *x_shape, dtype=dtype, device=device)
     ln_w = 1.0 + randn(g, hidden, dtype=dtype, device=device, scale=0.1)
     ln_b = randn(g, hidden, dtype=dtype, device=device, scale=0.1)
     w1 = randn(g, hidden, ffn, dtype=dtype, device=device, scale=hidden ** -0.5)
     b1 = randn(g, ffn, dtype=dtype, device=device, scale=0.1)
     w2 = randn(g, ffn, hidden, dtype=dtype, device=device, scale=ffn ** -0.5)
     b2 = randn(g, hidden, dtype=dtype, device=device, scale=0.1)
+    return x, ln_w, ln_b, w1, b1, w2, b2
+
+
+def make(world_size: int = 2, bug: str | None = None, *, batch: int = 2, seq: int = 8, hidden: int = 16,
+         ffn: int = 64, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
+    check_bug("sp_layernorm_mlp", bug, BUGS)
     return Problem(
         sequential=layernorm_mlp,
         distributed=functools.partial(sp_layernorm_mlp, bug=bug),
-        inputs=(x, ln_w, ln_b, w1, b1, w2, b2),
+        inputs=layernorm_mlp_inputs((seq, batch, hidden), ffn, seed=seed, dtype=dtype, device=device),
         placements=(Shard(0), Replicate(), Replicate(), Shard(1), Shard(0), Shard(0), Replicate()),
         world_size=world_size,
         expect=(Shard(0),),

@@ -112,13 +112,20 @@ _EXAMPLE_SPECS = {
     "mesh_tp_dp": ("mesh", "make_tp_dp", ("tp_dp_step", "mesh_groups"), dict(vocab=8, hidden=2, ffn=4),
                    ((4, "float64"),), 5),
     "mesh_dp_cp": ("mesh", "make_dp_cp", ("cp_attention", "mesh_groups"), dict(dim=2), ((4, "float64"),), 5),
-    "mesh_tp_pp": ("mesh", "make_tp_pp", ("tp_pp_step", "_tp_block", "_send_scattered", "_recv_gathered"),
+    "mesh_tp_pp": ("mesh", "make_tp_pp", ("tp_pp_step", "_gpipe_tp", "_tp_block", "_send_scattered", "_recv_gathered"),
                    dict(batch=4, hidden=4, ffn=4), ((4, "float64"),), 4),
+    "mesh_dp_pp_tp": ("mesh", "make_dp_pp_tp", ("dp_pp_tp_step", "mesh3_groups", "_gpipe_tp", "_tp_block",
+                                                "_send_scattered", "_recv_gathered"),
+                      dict(batch=8, hidden=4, ffn=4), ((8, "float64"),), 3),
+    "dtensor_sp_mlp": ("dtensor", "make_sp_mlp", ("sp_mlp_dtensor",), dict(batch=1, seq=4, hidden=4, ffn=8),
+                       ((2, "float64"), (4, "float64")), 4),
+    "dtensor_tp_dp_train": ("dtensor", "make_tp_dp_train", ("tp_dp_train_dtensor",), dict(batch=4, hidden=4, ffn=8),
+                            ((4, "float64"),), 4),
 }
 
 
 # examples whose programs use sub-groups of the world (ground truth on gloo only)
-_GLOO_ONLY = {"mesh_tp_dp", "mesh_dp_cp", "mesh_tp_pp"}
+_GLOO_ONLY = {"mesh_tp_dp", "mesh_dp_cp", "mesh_tp_pp", "mesh_dp_pp_tp", "dtensor_sp_mlp", "dtensor_tp_dp_train"}
 
 
 def _without_domains(build):
