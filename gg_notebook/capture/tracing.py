@@ -285,6 +285,7 @@ def _recorded(fn: Callable, rank: int | None):
     recorder = OpRecorder(rank, tag=True)
 
     def call(*args):
+        recorder.inputs(args)  # inputs by position, as in `symmetry.record_rank`
         with recorder:
             out = fn(*args)
         recorder.returned(out)
