@@ -615,3 +615,47 @@ def test_every_inplace_view_op_is_a_view():
         assert symmetry._is_view(str(op), op), op
     for op in (torch.ops.aten.mul_.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.fill_.Scalar):
         assert not symmetry._is_view(str(op), op), op
+
+
+# local inputs of other shapes (a layout with uneven chunks)
+
+
+def column_sums(x):
+    return x.sum(0)
+
+
+def column_sums_all_reduced(x):
+    s = torch.sum(x, dim=0)
+    dist.all_reduce(s)
+    return s
+
+
+def column_means_times_3(x):
+    s = x.mean(0, keepdim=True).squeeze(0) * 3.0  # right where a rank holds 3 rows; wrong on the last rank (1 row)
+    dist.all_reduce(s)
+    return s
+
+
+@pytest.mark.parametrize("fn,want", [(column_sums_all_reduced, gg.Status.PROVED),
+                                     (column_means_times_3, gg.Status.REFUTED)])
+def test_rank_with_other_input_shapes_is_traced_on_its_own(fn, want):
+    """Chunks of 3, 3, 3, 1 rows: the last rank issues the same calls with the same result shapes, but
+    the derived graph would keep rank 0's placeholder shapes."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows = gg.Layout(lambda g, r, w: g.chunk(w, dim=0)[r], name="uneven rows")
+    p = Problem(sequential=column_sums, distributed=fn, inputs=(x,), placements=(rows,), world_size=W,
+                expect=(Replicate(),), input_names=("x",))
+    r = gg.verify(p)
+    assert r.status is want, r.status
+    c = _cap(r)
+    assert c["traced_ranks"] == [0, 3] and "local input 0" in c["fallback"][3], c
+    assert r.status is gg.verify(p, capture_once=False).status
+
+
+def test_trace_and_recording_agree_by_bits():
+    """The representative's trace must record what its plain run recorded, -0.0 included."""
+    call = ("aten.mul.Tensor", (2,), (("t", 0), ("num", "float")), (0.0,), (), ())
+    rep = symmetry.Recording(0, calls=[call])
+    traced = symmetry.Recording(0, calls=[call[:3] + ((-0.0,),) + call[4:]])
+    assert symmetry.Specializer(torch.fx.symbolic_trace(lambda x: x), rep, traced).reason
+    assert symmetry.Specializer(torch.fx.symbolic_trace(lambda x: x), rep, rep).reason is None

@@ -94,6 +94,7 @@ class Recording:
     rank: int
     calls: list[tuple] = field(default_factory=list)
     returns: tuple = ()
+    inputs: tuple = ()  # the positional inputs' (shape, stride, dtype, device, requires_grad)
     seconds: float = 0.0
     error: str | None = None  # why this rank could not be recorded (it falls back)
 
@@ -151,6 +152,9 @@ class OpRecorder(TorchDispatchMode):
                 self.broken = self.broken or f"input {i} (not a distinct tensor)"
                 return
             self._register(a)
+        # a layout may give ranks local inputs of other shapes (uneven chunks): the derived graph's
+        # placeholders are the representative's, so they must agree
+        self.rec.inputs = tuple(_meta(a) for a in args)
 
     def _known(self, t: torch.Tensor) -> int | None:
         return self.ids.get(id(t))
@@ -167,9 +171,7 @@ class OpRecorder(TorchDispatchMode):
         if isinstance(x, FakeTensor):
             raise NotRecordable(f"a tensor of shape {tuple(x.shape)} that is neither an input nor the result of "
                                 "a recorded call")
-        meta = (tuple(x.shape), tuple(x.stride()) if x.layout == torch.strided else (), x.dtype,
-                x.device.type, x.requires_grad)
-        return ("new", self._register(x), meta, ("value", _digest(x)))
+        return ("new", self._register(x), _meta(x), ("value", _digest(x)))
 
     def _leaf(self, x: Any, structure: list, scalars: list) -> None:
         if isinstance(x, torch.Tensor):
@@ -294,6 +296,11 @@ def _process_group(x) -> tuple | None:
     return None
 
 
+def _meta(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), tuple(x.stride()) if x.layout == torch.strided else (), x.dtype, x.device.type,
+            x.requires_grad)
+
+
 def _bits(x: float) -> bytes:
     """A float by its bits: 0.0 and -0.0 differ, NaN equals the same NaN."""
     return struct.pack("<d", x)
@@ -361,6 +368,12 @@ def _same_number(a, b) -> bool:
     return a == b
 
 
+def _same_call(a: tuple, b: tuple) -> bool:
+    """Two recorded calls are the same, numbers compared by `_same_number` (== would let -0.0 be 0.0)."""
+    return (a[:3] == b[:3] and a[4:] == b[4:] and len(a[3]) == len(b[3])
+            and all(_same_number(x, y) for x, y in zip(a[3], b[3])))
+
+
 def compare(rep: Recording, other: Recording) -> Diff | str:
     """A `Diff` if ``other`` runs the same program as ``rep`` up to numbers, else the reason why not."""
     if rep.error:
@@ -370,6 +383,10 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
     p2p = p2p_reason(rep)
     if p2p is not None:
         return p2p
+    if rep.inputs != other.inputs:
+        k = next((i for i, (a, b) in enumerate(zip(rep.inputs, other.inputs)) if a != b), None)
+        return (f"its local input {k} has another shape, stride or dtype than rank {rep.rank}'s"
+                if k is not None else "it has another number of inputs")
     if len(rep.calls) != len(other.calls):
         return f"issues {len(other.calls)} operator calls, rank {rep.rank} {len(rep.calls)}"
     if rep.returns != other.returns:
@@ -437,8 +454,9 @@ class Specializer:
         self.reason: str | None = None
         if traced.error:
             self.reason = f"the representative's trace could not be recorded: {traced.error}"
-        elif traced.calls != rep.calls or traced.returns != rep.returns:
-            where = next((i for i, (a, b) in enumerate(zip(traced.calls, rep.calls)) if a != b),
+        elif (len(traced.calls) != len(rep.calls) or traced.returns != rep.returns or traced.inputs != rep.inputs
+              or not all(_same_call(a, b) for a, b in zip(traced.calls, rep.calls))):
+            where = next((i for i, (a, b) in enumerate(zip(traced.calls, rep.calls)) if not _same_call(a, b)),
                          min(len(traced.calls), len(rep.calls)))
             self.reason = (f"rank {rep.rank} issued other operator calls under make_fx than when run plainly "
                            f"(first difference at call {where})")
