@@ -17,10 +17,10 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    against ~1 s for a 4-layer GPT forward+backward rank).
 2. **Compare** (`compare`): rank r is *symmetric* to the representative if its recording equals the
    representative's except for int / float arguments ("rank constants", e.g. ``ids - rank * V``,
-   ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, another
-   data flow, a Python branch on the rank that changes the ops or the user line, a rank-dependent
-   tensor constant or process group, a point-to-point transfer) makes rank r a *fallback*: it is
-   traced on its own, as before.
+   ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, local
+   inputs of other shapes (a layout with uneven chunks), another data flow, a Python branch on the
+   rank that changes the ops or the user line, a rank-dependent tensor constant or process group, a
+   point-to-point transfer) makes rank r a *fallback*: it is traced on its own, as before.
 3. **Trace the representative** with the same recorder inside make_fx's first pass: every graph node
    gets ``meta["gg_call"]``, the index of the recorded call it was created in (kept through the
    functionalizing replay), and the recording under make_fx must equal the plain recording exactly
