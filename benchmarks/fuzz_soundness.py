@@ -149,11 +149,18 @@ def main(argv=None) -> int:
     ap.add_argument("--gloo-sample", type=int, default=20, help="cases also checked on real gloo processes")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fuzz_soundness.json"))
     ap.add_argument("--subject", action="append", default=None, help="only these subjects (repeatable; prefix match)")
+    ap.add_argument("--sample", type=int, default=None,
+                    help="after --subject: this many of its cases (the unmutated baselines always kept)")
     args = ap.parse_args(argv)
 
     keys = select_cases(args.mutants, args.seed)
     if args.subject:
         keys = [k for k in keys if any(k.startswith(s) for s in args.subject)]
+    if args.sample is not None and args.sample < len(keys):
+        base = [k for k in keys if k.endswith("|base")]
+        rest = [k for k in keys if not k.endswith("|base")]
+        picked = set(random.Random(args.seed).sample(rest, max(0, args.sample - len(base))))
+        keys = [k for k in keys if k in picked or k.endswith("|base")]
     gloo_keys = random.Random(args.seed + 1).sample(keys, min(args.gloo_sample, len(keys)))
     print(f"{len(keys)} cases, {len(gloo_keys)} also on gloo, {args.jobs} job(s)", flush=True)
 

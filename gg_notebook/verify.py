@@ -233,6 +233,15 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
         engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
     stats["inference_s"] = time.perf_counter() - t0
     stats.update({k: v for k, v in engine.stats.items()})
+    return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)
+
+
+def conclude(engine: Engine, problem: Problem, stats: dict, *, exact: str = "real", concrete: bool = True,
+             seeds: int = 3, validate: bool = True) -> Result:
+    """The verdict of an inference that has run (finished or stuck): judge the relations, list the
+    domains the proof relied on, validate a proof, refute by the problem's own example inputs, and
+    run the concrete check (refuted with a counterexample, or "numbers agree: a lemma is missing").
+    `verify` and `ProofSession.result` both end here, so a session and `verify` give one verdict."""
     t1 = time.perf_counter()
     result = _guard("judging", judge, engine, problem, stats)
     stats["judge_s"] = time.perf_counter() - t1

@@ -221,8 +221,9 @@ def test_false_assumption_ends_refuted_when_checked(monkeypatch):
     monkeypatch.setattr(s, "check_numerically", lambda *a, **k: None)
     s.hint("cumsum", "concat(cumsum@r0, cumsum@r1, dim=1)")
     s.run()
-    assert s.result().status is gg.Status.ASSUMED  # what the engine alone concludes
-    res = s.result(concrete=True)
+    assert s.result(concrete=False).status is gg.Status.ASSUMED  # what the engine alone concludes
+    res = s.result()  # finished: the same concrete check as gg.verify (one verdict)
+    assert res.status is gg.Status.REFUTED and str(res) == str(s.result(concrete=True))
     assert res.status is gg.Status.REFUTED and res.counterexample is not None
     assert res.culprit is not None and res.culprit.node == "cumsum"
 
@@ -271,7 +272,8 @@ def test_old_session_file_with_a_false_accepted_guess_still_loads(tmp_path):
     # the old file's "undo" (without "what") takes back a step, as it did when it was saved
     assert not s.user_relations and s.stuck is None and s.progress[0] == 2
     s.run()
-    assert s.stuck is not None and s.stuck.node == "cumsum" and s.result().status is gg.Status.UNKNOWN
+    assert s.stuck is not None and s.stuck.node == "cumsum" and s.result(concrete=False).status is gg.Status.UNKNOWN
+    assert s.result().status is gg.Status.REFUTED  # stuck: gg.verify's verdict (the program is wrong)
     s.save(path)
     kept = [a for a in json.loads(path.read_text())["actions"] if a["op"] == "relation"]
     assert kept[0]["text"] == "concat(cumsum@r0, cumsum@r1, dim=1)" and "numerically false" in kept[0]["refused"]

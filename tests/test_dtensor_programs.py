@@ -4,6 +4,7 @@ to_local; Partial placements stay partial until redistributed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -71,3 +72,11 @@ def test_tp_sub_mesh_of_a_2d_mesh():
     row = gg.Layout(lambda g, r, w: g.chunk(2, dim=0)[r % 2], name="tp rows")
     r = gg.verify(problem(mlp_tp_on_2d_mesh, placements=(gg.Replicate(), col, row), world_size=4))
     assert r.proved, r
+
+
+@pytest.mark.xfail(strict=True, reason="batch 1: DTensor's Partial -> Shard(1) reduce-scatter (split along the sequence, cat "
+                   "along dim 0, reduce_scatter_tensor) of a [1, S, H] value is not related (proved at batch 2)")
+def test_dtensor_sp_mlp_with_one_sequence_is_proved():
+    from gg_notebook.examples import dtensor as D
+
+    assert gg.verify(D.make_sp_mlp(world_size=2, batch=1, seq=4, hidden=4, ffn=8)).status is gg.Status.PROVED

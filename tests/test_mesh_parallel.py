@@ -102,9 +102,8 @@ def test_dp_pp_tp_rejects_sizes_it_cannot_split():
         mesh.make_dp_pp_tp(batch=6)
 
 
-@pytest.mark.xfail(strict=True, reason="W=16 (TP 4 per stage): the stage-summed w1 gradient (add of two "
-                   "select_backward cats of per-replica partial sums) is not related to the DP all-reduce; "
-                   "proved at W=8 (TP 2)")
+# W=16: TP 4 per stage (the stage-summed w1 gradient, an add of two select_backward cats of per-replica
+# partial sums, related to the DP all-reduce through the scalar normal form)
 def test_dp_pp_tp_with_four_tp_ranks_is_proved():
     r = gg.verify(mesh.make_dp_pp_tp(world_size=16))
     assert r.status is gg.Status.PROVED, str(r)

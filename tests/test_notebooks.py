@@ -14,7 +14,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-TUTORIALS = ["01_quickstart.ipynb", "02_debug_a_mismatch.ipynb"]
+TUTORIALS = ["01_quickstart.ipynb", "02_debug_a_mismatch.ipynb", "03_debug_with_the_widget.ipynb"]
 
 
 def test_tutorials_exist():

@@ -51,15 +51,9 @@ def _step_through(problem) -> gg.ProofSession:
     return s
 
 
-def _verify_symbolic(problem) -> gg.Result:
-    """`gg.verify` without the concrete-execution check (a session's verdict is the symbolic one)."""
-    if "concrete" in inspect.signature(gg.verify).parameters:
-        return gg.verify(problem, concrete=False)
-    return gg.verify(problem)
-
-
 def _compare_with_verify(problem):
-    expected = _verify_symbolic(problem)
+    """A session stepped to the end gives `gg.verify`'s verdict (one verdict: the same concrete checks)."""
+    expected = gg.verify(problem)
     s = _step_through(problem)
     got = s.result()
     assert got.status is expected.status, (str(got), str(expected))
@@ -95,14 +89,16 @@ def test_stepping_buggy_example_finds_the_same_culprit(name, bug):
     ex = E.get(name)
     problem = ex.make(world_size=2, bug=bug)
     s, got, expected = _compare_with_verify(problem)
-    assert got.status is gg.Status.UNKNOWN
+    # one verdict: refuted by the same concrete check as verify, with the same counterexample
+    assert got.status is gg.Status.REFUTED and expected.status is gg.Status.REFUTED
     assert (got.culprit.op, got.culprit.node, got.culprit.source) == \
         (expected.culprit.op, expected.culprit.node, expected.culprit.source)
+    assert str(got.counterexample) == str(expected.counterexample)
     spec = ex.bugs[bug]
     assert got.culprit.op.startswith(spec.culprit_op + ".")
-    # the full verify (possibly refuting by concrete execution) blames the same operator
-    full = gg.verify(problem)
-    assert full.status is not gg.Status.PROVED and full.culprit.node == got.culprit.node
+    # without the concrete check, the symbolic judgement says only where the proof is stuck
+    sym = s.result(concrete=False)
+    assert sym.status is gg.Status.UNKNOWN and sym.culprit.node == got.culprit.node
     assert _file_line(got.culprit.source) == _file_line(E.marker_line(problem.sequential, spec.culprit_marker))
     # the session's stuck step is the culprit, and stepping further does nothing
     assert s.stuck is not None and s.stuck.node == got.culprit.node and s.stuck.detail
@@ -145,7 +141,16 @@ def test_run_until_op_name_stops_before_first_bmm():
 
 def test_run_until_stops_at_stuck_operator():
     s = gg.ProofSession(E.get("mlp").make(world_size=2, bug="missing_allreduce"))
-    s.run(until="aten.softmax")  # never matches: runs until stuck
+    with pytest.raises(ValueError, match="no operator ahead matches 'aten.softmax'.*nothing was run"):
+        s.run(until="aten.softmax")  # never matches: refused, not silently run to the end
+    assert s.progress[0] == 0 and not s.actions
+    s.run(until="aten.add")  # runs to the first add (no stop on an operator already reached)
+    assert s.current.target.startswith("aten.add") and s.stuck is None
+    s.run(until="aten.add")  # past it, stops before the next add (the last operator)
+    assert s.current.name == "add_1" and s.progress == (13, 14)
+    with pytest.raises(ValueError, match="it is the next operator already: use Step"):
+        s.run(until="aten.add")
+    s.step()
     assert s.stuck is not None and s.done and s.stuck.op.startswith("aten.add")
 
 
@@ -497,3 +502,45 @@ def test_context_history_and_listeners():
     assert len(s.history) == s.progress[0] and s.history[-1].stuck
     assert seen == ["step", "run"]
     assert "stuck at add_1" in repr(s)
+
+
+# --------------------------------------------------------------------------- issue 11 (part A)
+def test_run_progress_cancel_goto_and_restore(tmp_path):
+    s = gg.ProofSession(E.get("mlp").make(world_size=2))
+    seen = []
+    steps = s.run(progress=lambda k: seen.append(k) or k >= 3)  # a cancel after 3 operators
+    assert len(steps) == 3 and seen == [1, 2, 3] and s.actions[-1] == {"op": "run", "until": None, "steps": 3,
+                                                                         "cancelled": True}
+    s.goto(1)
+    assert s.progress[0] == 1
+    s.goto(6)
+    assert s.progress[0] == 6
+    s.save(tmp_path / "a.json")
+    t = gg.ProofSession.load(tmp_path / "a.json", s.problem)
+    assert t.progress == s.progress and t.relations == s.relations
+    s.run()
+    assert s.result().proved
+    s.restore(tmp_path / "a.json")  # back to the saved state, in the same session
+    assert s.progress == t.progress and s.relations == t.relations and not s.done
+
+
+def test_verdict_follows_an_undone_assumption(cumsum_problem):
+    """One verdict: a stuck correct program is unknown (the numbers agree); accepting a true guess makes
+    it assumed; undoing the accept makes it unknown again (the verdict is recomputed, not stale)."""
+    s = gg.ProofSession(cumsum_problem)
+    s.run()
+    r = s.result()
+    assert r.status is gg.Status.UNKNOWN and any(f.kind == "numbers-agree" for f in r.findings)
+    assert r.status is gg.verify(cumsum_problem).status
+    s.hint("cumsum", f"concat({_offset_add(s, 0)}@r0, {_offset_add(s, 1)}@r1, dim=1)")
+    s.run()
+    assert s.result().status is gg.Status.ASSUMED
+    while s.user_relations:
+        s.undo()
+    assert s.result().status is gg.Status.UNKNOWN and s.stuck is not None
+
+
+def test_run_until_a_node_name_as_the_widget_shows_it():
+    s = gg.ProofSession(E.get("mlp").make(world_size=2))
+    s.run(until="spec:mm_1")
+    assert s.current.name == "mm_1"

@@ -67,11 +67,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_hanging_rank_is_reported_by_rank_after_the_timeout():
+    before = set(_children_of(os.getpid()))  # (a test session may have its own: a JupyterLab server)
     t0 = time.monotonic()
     with pytest.raises(CaptureError, match=r"rank 1 on the example inputs timed out after 3 s"):
         specialize.recorded_reads(_problem(), 0, _plain, timeout=3)
     assert time.monotonic() - t0 < 30
-    assert _children_of(os.getpid()) == []  # every rank process reaped
+    assert set(_children_of(os.getpid())) <= before  # every rank process reaped
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")

@@ -27,7 +27,9 @@ def test_bug_is_localized(name, bug, world_size):
     problem = ex.make(world_size=world_size, bug=bug)
     result = gg.verify(problem)
     assert result.status is gg.Status.REFUTED, str(result)  # with a counterexample, not just "not proved"
-    assert result.counterexample is not None, str(result)
+    ce = result.counterexample
+    assert ce is not None and ce.max_error > 0 and ce.inputs, str(result)
+    assert "refuted" in str(result) and "counterexample" in str(result)
     spec = ex.bugs[bug]
     assert result.culprit is not None, str(result)
     assert result.culprit.op.startswith(spec.culprit_op + "."), (result.culprit, spec)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import html
+import time
 import shutil
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("ipywidgets")
+W = pytest.importorskip("ipywidgets")
 
 import gg_notebook as gg  # noqa: E402
 import gg_notebook.examples as ex  # noqa: E402
@@ -120,7 +122,9 @@ def test_retract_and_undo_buttons_take_an_assumption_back(erfcx_problem):
     w.retract_buttons[0].click()
     assert s.stuck is not None and s.stuck.node == stuck and not s.user_relations
     assert w.retract_buttons == [] and w.assumptions_box.children == ()
-    assert w.verdict().startswith("stuck at")
+    # the verdict follows: without the assumption the program is correct but unproved
+    assert w.verdict().startswith("unknown: the numbers agree, a lemma is missing for aten.special_erfcx")
+    assert "gg-verdict-unknown" in w.banner.value
     w.suggestion_buttons[0].click()
     assert s.user_relations and s.stuck is None
     w.undo_button.click()  # the last change was the accept: undo takes it back
@@ -189,9 +193,11 @@ def test_relation_filter(mlp_bug):
     w.run_button.click()
     w.filter_text.value = "mm_1@r1"
     v = w.relations_html.value
-    assert "mm_1@r1" in v and "<code>w1</code>" not in v
+    assert "mm_1@r1" in v and "<code>spec:w1</code>" not in v
     w.filter_text.value = ""
-    assert "<code>w1</code>" in w.relations_html.value
+    assert "<code>spec:w1</code>" in w.relations_html.value
+    w.filter_text.value = "return value"  # the source variable finds its tensor too
+    assert "<code>spec:add_1</code>" in w.relations_html.value and "<code>spec:w1</code>" not in w.relations_html.value
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")
@@ -283,13 +289,57 @@ def test_banner_proved():
     assert s.progress == (82, 82)
 
 
-def test_banner_stuck_and_assumptions(mlp_bug):
+def all_html(widget) -> str:
+    """Every HTML value shown by ``widget`` and its children (what a reader sees, as markup)."""
+    out = []
+    stack = [widget]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, W.HTML):
+            out.append(x.value)
+        stack.extend(getattr(x, "children", ()) or ())
+    return "\n".join(out)
+
+
+def test_banner_refuted_with_counterexample(mlp_bug):
+    """One verdict: the session says what `gg.verify` says (refuted, the same counterexample), the
+    stuck explanation is printed once, and Undo clears the banner."""
     s, w, _ = pair(mlp_bug)
     w.run_button.click()
-    assert w.verdict() == "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27"
-    assert "stuck at aten.add.Tensor, gg_notebook/examples/mlp.py:27" in w.banner.value
+    full = gg.verify(mlp_bug)
+    r = s.result()
+    assert r.status is gg.Status.REFUTED is full.status and str(r.counterexample) == str(full.counterexample)
+    assert w.verdict() == "refuted: first wrong value at aten.add.Tensor (spec:add_1, gg_notebook/examples/mlp.py:27)"
+    assert "gg-verdict-refuted" in w.banner.value and w.verdict() in w.banner.value
+    cx = r.counterexample
+    assert "counterexample" in w.banner.value and f"seed {cx.seed}" in w.banner.value
+    assert f"{cx.sequential[0]:.6g}" in w.banner.value and f"{cx.rebuilt[0]:.6g}" in w.banner.value
+    assert f"{cx.max_error:.3g}" in w.banner.value and html.escape(str(cx.worst_index)) in w.banner.value
+    assert "return y + b2" in w.banner.value  # where: the line
+    why = "is an all-reduce missing"
+    assert all_html(w).count(why) == 1, all_html(w).count(why)  # the explanation, once
     w.undo_button.click()
     assert w.banner.value == ""
+
+
+def test_banner_fixed_program_is_proved_and_the_buggy_one_refuted():
+    buggy = gg.ProofSession(ex.get("mlp").make(world_size=2, bug="missing_allreduce"))
+    fixed = gg.ProofSession(ex.get("mlp").make(world_size=2))
+    wb, wf = buggy.widget(), fixed.widget()
+    wb.run_button.click()
+    wf.run_button.click()
+    assert wb.verdict().startswith("refuted") and "gg-verdict-refuted" in wb.banner.value
+    assert wf.verdict() == "proved" and "gg-verdict-proved" in wf.banner.value
+
+
+def test_banner_numbers_agree_is_unknown(erfcx_problem):
+    s = gg.ProofSession(erfcx_problem)
+    w = s.widget()
+    w.run_button.click()
+    assert s.result().status is gg.Status.UNKNOWN
+    assert w.verdict() == ("unknown: the numbers agree, a lemma is missing for aten.special_erfcx.default "
+                           f"(spec:special_erfcx, {s.result().culprit.source})")
+    assert "agree on 3 random inputs" in w.banner.value and "counterexample" not in w.banner.value
 
 
 def test_banner_proved_under_assumptions(erfcx_problem):
@@ -322,3 +372,155 @@ def test_widget_survives_failing_session_call(mlp_bug, monkeypatch):
     monkeypatch.setattr(s, "step", boom)
     w.step_button.click()
     assert "engine exploded" in w.message.value and s.progress == (0, 14)
+
+
+# --------------------------------------------------------------------------- issue 11 (part A)
+def test_side_by_side_shows_the_rank_lines_with_arguments(mlp_bug):
+    """Stuck at the output add: the specification's line and the ranks' lines next to it (the rank code
+    where the bug sits: the all-reduce under `if bug != ...`), operators with their arguments."""
+    s, w, _ = pair(mlp_bug)
+    w.run_button.click()
+    cur = w.current_html.value
+    assert "gg-side-by-side" in cur and "specification" in cur and "ranks 0, 1" in cur
+    assert "return y + b2  # gg: output_bias" in cur  # the spec line
+    assert "dist.all_reduce(y)" in cur and "return y + b2</div>" in cur  # the ranks' lines around theirs
+    assert "spec:add_1 = add(_unsafe_view_1, b2)" in cur and "add_1 (on each) = add(_unsafe_view_1, b2)" in cur
+    assert "return value (spec:add_1)" in cur and "y (spec:_unsafe_view_1)" in cur  # source variables
+
+
+def test_operator_arguments_are_shown():
+    """The divisor of a scaled score and the dim of a softmax are visible in the side-by-side view."""
+    s = gg.ProofSession(ex.get("attention").make(world_size=2))
+    w = s.widget()
+    seen = {}
+    while not s.done:
+        n = s.current
+        if n.target.startswith(("aten.div", "aten._softmax", "aten.softmax")) and n.target not in seen:
+            seen[n.target] = w.current_html.value
+        w.step_button.click()
+    assert seen, "no div/softmax in the attention example"
+    from gg_notebook.session import views as V
+
+    for target, cur in seen.items():
+        n = next(x for x in s.engine.seq.nodes if x.target == target)
+        call = V.call_text(n)
+        assert html.escape(call) in cur, (call, cur[:400])
+        assert any(ch.isdigit() for ch in call.split("(", 1)[1]), call  # a divisor / dim
+
+
+def test_cell_aware_source_names(monkeypatch):
+    from gg_notebook.session import views as V
+
+    path = "/tmp/ipykernel_4242/2771013519.py"
+    monkeypatch.setattr(V, "_cell_map", lambda: {path: 3})
+    assert V.pretty_source(f"{path}:7") == "cell [3], line 7"
+    monkeypatch.setattr(V, "_cell_map", lambda: {})
+    assert V.pretty_source(f"{path}:7") == "a notebook cell, line 7"
+    assert V.pretty_source("model.py:12") == "model.py:12"
+
+
+def test_suggestions_ranked_and_labelled_by_evidence(erfcx_problem, mlp_bug):
+    s = gg.ProofSession(erfcx_problem)
+    w = s.widget()
+    w.run_button.click()
+    sugg = s.suggestions()
+    ev = [x.evidence for x in sugg]
+    assert ev[0] == "numeric match" and ev == sorted(ev, key=["proved", "numeric match", "shape guess",
+                                                              "numerically false"].index)
+    assert "numeric match" in w.suggestions_box.children[1].children[1].value
+    b = gg.ProofSession(mlp_bug)
+    b.run()
+    assert {x.evidence for x in b.suggestions()} == {"numerically false"}
+    # not stuck and nothing ambiguous: nothing to decide, no suggestions shown
+    f = gg.ProofSession(ex.get("mlp").make(world_size=2))
+    wf = f.widget()
+    wf.step_button.click()
+    assert wf.suggestions_box.children == ()
+
+
+def test_run_to_a_target_matching_nothing_says_so(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_to_text.value = "aten.softmax"
+    w.run_to_button.click()
+    assert "no operator ahead matches" in w.message.value and s.progress[0] == 0
+
+
+def submit(text_widget) -> None:
+    """What the browser sends when Enter is pressed in a Text widget."""
+    text_widget._handle_msg({"content": {"data": {"method": "custom", "content": {"event": "submit"}}},
+                             "buffers": []})
+
+
+def test_enter_submits_the_hint_and_run_to(erfcx_problem, mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    w.run_to_text.value = "mlp.py:26"
+    submit(w.run_to_text)
+    assert s.current.source.endswith("mlp.py:26")
+    t = gg.ProofSession(erfcx_problem)
+    wt = t.widget()
+    wt.run_button.click()
+    wt.hint_text.value = t.suggestions()[0].text
+    submit(wt.hint_text)
+    assert "added" in wt.hint_message.value and t.user_relations
+
+
+def test_buttons_are_never_clipped(mlp_bug):
+    s, w, _ = pair(mlp_bug)
+    for b in (w.step_button, w.run_button, w.undo_button, w.reset_button, w.run_to_button, w.hint_button,
+              w.save_button, w.load_button, w.cancel_button):
+        need = len(b.description) * 9 + 42
+        assert b.layout.width == "auto" and int(b.layout.min_width.rstrip("px")) >= need, b.description
+
+
+def test_cancel_stops_a_background_run(monkeypatch):
+    s = gg.ProofSession(ex.get("gpt_block").make(world_size=2))
+    w = SessionWidget(s, background=True)
+    step = s.engine.step
+
+    def slow():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(s.engine, "step", slow)
+    t0 = time.monotonic()
+    w.run_button.click()
+    assert time.monotonic() - t0 < 0.5  # the click returns at once: the run is in the background
+    wait_for(lambda: "running..." in w.busy.value, 5)  # progress shows while it runs
+    assert w.cancel_button.layout.display != "none" and w.step_button.disabled
+    w.cancel_button.click()
+    w.wait(30)
+    done, total = s.progress
+    assert 0 < done < total and s.actions[-1].get("cancelled") and not s.done
+    assert w.busy.value == "" and w.cancel_button.layout.display == "none" and not w.step_button.disabled
+    w.run_button.click()  # runs on to the end
+    w.wait(60)
+    assert s.done and w.verdict() == "proved"
+
+
+def wait_for(pred, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_save_load_buttons_and_history(tmp_path, erfcx_problem):
+    s = gg.ProofSession(erfcx_problem)
+    w = s.widget()
+    w.run_button.click()
+    w.suggestion_buttons[0].click()
+    before = (s.progress, s.relations, [r.text for r in s.user_relations], w.verdict())
+    w.save_path.value = str(tmp_path / "erfcx.session.json")
+    w.save_button.click()
+    assert "saved" in w.message.value and (tmp_path / "erfcx.session.json").exists()
+    w.reset_button.click()
+    assert s.progress[0] == 0 and not s.user_relations
+    w.load_button.click()
+    assert "loaded" in w.message.value
+    assert (s.progress, s.relations, [r.text for r in s.user_relations], w.verdict()) == before
+    # the history slider scrubs back and forth through the steps
+    total = s.progress[1]
+    w.history.value = 1
+    assert s.progress[0] == 1 and w.banner.value == ""
+    w.history.value = total
+    assert s.progress[0] == total and w.verdict() == before[3]

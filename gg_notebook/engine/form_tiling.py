@@ -22,8 +22,6 @@ from gg_notebook.relations.linear import coefficient
 
 aten = torch.ops.aten
 
-BUDGET = 40  # terms one normal form may normalize (as the index's own keys)
-
 
 def _table(index) -> dict:
     """{form key: [(first coefficient, base term)]} over the bases some rank holds slices of."""
@@ -35,12 +33,18 @@ def _table(index) -> dict:
             base = index.store.nodes[base_id]
             if base.dtype is None or not base.dtype.is_floating_point:
                 continue
-            k = index.forms.key(base, budget=BUDGET)
+            k = index.forms.key(base)
             if k is not None:
                 keyed.setdefault(k[0], []).append((k[1], base))
-        table = (n, keyed)
+        table = (n, keyed, {(k[0], k[1]) for k in keyed})
         index._gg_form_tiling = table
     return table[1]
+
+
+def _table_shapes(index) -> set:
+    """The (shape, dtype) pairs of `_table`'s keys: a term of another shape or dtype has none of them."""
+    _table(index)
+    return index._gg_form_tiling[2]
 
 
 def _peel(e: Expr) -> tuple[Fraction, Expr]:
@@ -76,10 +80,9 @@ def tiling_up_to_factor(index, term: Expr) -> tuple[Fraction, int, list] | None:
         return None  # the exact tiling is the caller's (index.tiling)
     c_term, core = _peel(term)
     shallow = _shallow_table(index).get(core.id, [])
-    # the normal form only for a term with a number near its root (as the index's own lookups up to
-    # a factor): normalizing every candidate's history costs more than all the rest of an inference
-    sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
-    k = index.forms.key(term, budget=BUDGET)
+    # the normal form of every term of a shape some tiled base has (each form is computed once and
+    # memoized, whatever the order of the questions: `LinearForms.of`)
+    k = index.forms.key(term) if (term.shape, term.dtype) in _table_shapes(index) else None
     deep = _table(index).get(k[0], ()) if k is not None else ()
     found = None
     for c_base, base in [(c_b / c_term, b) for c_b, b in shallow] + [(c_b / k[1], b) for c_b, b in deep]:

@@ -18,7 +18,7 @@ import torch
 
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore, fold
-from gg_notebook.relations.linear import LinearForms, TooLarge
+from gg_notebook.relations.linear import LinearForms
 from gg_notebook.relations.movement import canonical_write, movement_of
 from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
 from gg_notebook.relations.zero_sum import zero_padded_sum
@@ -31,7 +31,6 @@ aten = torch.ops.aten
 # whole when a query needs them; larger ones only where a number sits near a value's root
 # (32: a data-parallel step at 4 ranks x 2 micro-batches holds ~18 same-shaped gradient values)
 SMALL_BUCKET = 32
-ROOT_BUDGET = 400  # terms normalized for one value of the query's own operator (`_same_root_hits`)
 
 
 class IndexError_(Exception):
@@ -104,9 +103,9 @@ class DIndex:
         # another has the same global inputs, so a query only normalizes the values of its bucket
         self._form_buckets: dict[tuple, list[DVal]] | None = None
         self._dval_key: dict[int, tuple | None] = {}  # dval id -> its form key (computed on demand)
-        self._dval_key_root: dict[int, tuple | None] = {}  # keys on the full budget (`_same_root_hits`)
         self._dval_key_all: dict[int, tuple | None] = {}  # the same, normalized even without a number near the root
         self._bucket_keys: dict[tuple, dict] = {}  # bucket -> {form key: {first coefficient: dval}}
+        self._root_groups: dict[tuple, dict] = {}  # bucket -> {operator: [dvals, keyed]} (`_same_root_hits`)
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
         self.forms = LinearForms(store)
@@ -135,18 +134,16 @@ class DIndex:
             return None
         sum_root = term.op == "accum" or (term.op == "call" and term.attrs.target in (aten.add.Tensor, aten.sub.Tensor))
         if self.forms.worth_indexing(term, depth=3) or sum_root:
-            try:
-                form = self.forms.of(term)
-            except TooLarge:
+            form = self.forms.of(term)
+            k = self.forms.key(term)
+            if k is None:
                 return None
+            key, c0 = k
         else:
             # no number near its root: take it as its own base (term == 1 * term, an identity;
             # normalizing its whole history would cost more than it finds)
             form = ((term, Fraction(1)),)
-        if not form:
-            return None
-        c0 = form[0][1]
-        key = (term.shape, term.dtype, tuple((b.id, c / c0) for b, c in form))
+            key, c0 = (term.shape, term.dtype, ((term.id, Fraction(1)),)), Fraction(1)
         hit = keyed.get(key, {})  # first coefficient -> dval, in index order
         if c0 in hit:  # some rank holds exactly this value: prefer it to any multiple
             return hit[c0], Fraction(1)
@@ -172,23 +169,31 @@ class DIndex:
 
     def _same_root_hits(self, term: Expr, key: tuple) -> dict:
         """{first coefficient: dval} of the values in ``term``'s bucket computed by the same operator
-        call as ``term`` (e.g. the same matmul on other operands) whose normal form has ``key``. The
-        bucket's keys are computed on a small budget (`_key_of`); a rank value with a long history (a
-        weight gradient under a 2-D mesh's forward: embedding, all-reduces, masking) exceeds it, so
-        the few values of the query's own operator are normalized on a larger one (``ROOT_BUDGET``)."""
+        call as ``term`` (e.g. the same matmul on other operands) whose normal form has ``key``: values
+        without a number near their root are not in the bucket's keys (`_key_of`), but a rank value
+        with a long history (a weight gradient under a 2-D mesh's forward: embedding, all-reduces,
+        masking) may still be a multiple of the query."""
         if term.op != "call":
             return {}
-        out: dict = {}
-        for d in self.same_inputs(term):
-            t = d.term
-            if t.op != "call" or t.attrs != term.attrs:
-                continue
-            k = self._dval_key_root.get(d.id, False)
-            if k is False:
-                k = self._dval_key_root[d.id] = self.forms.key(t, budget=ROOT_BUDGET)
-            if k is not None and k[0] == key:
-                out.setdefault(k[1], d)
-        return out
+        bkey = (term.shape, term.dtype, self.leaf_mask(term))
+        groups = self._root_groups.get(bkey)
+        if groups is None:  # the bucket's calls by operator: [values, their form keys (on first use)]
+            groups = {}
+            for d in self.same_inputs(term):
+                if d.term.op == "call":
+                    groups.setdefault(d.term.attrs, [[], None])[0].append(d)
+            self._root_groups[bkey] = groups
+        group = groups.get(term.attrs)
+        if group is None:
+            return {}
+        if group[1] is None:
+            table: dict = {}
+            for d in group[0]:
+                k = self.forms.key(d.term)
+                if k is not None:
+                    table.setdefault(k[0], {}).setdefault(k[1], d)
+            group[1] = table
+        return group[1].get(key, {})
 
     def same_inputs(self, term: Expr) -> list[DVal]:
         """Floating values some rank holds with ``term``'s shape and dtype that read exactly the
@@ -231,11 +236,7 @@ class DIndex:
         if d.id in memo:
             return memo[d.id]
         worth = always or self.forms.worth_indexing(d.term)
-        k = self.forms.key(d.term, budget=40) if worth else None
-        if k is None and d.term.op == "view" and self.forms.worth_indexing(d.term):
-            # a view costs what its base costs: normalize the base first (memoized), then the view
-            if self.forms.key(d.term.args[0], budget=40) is not None:
-                k = self.forms.key(d.term, budget=40)
+        k = self.forms.key(d.term) if worth else None
         memo[d.id] = k
         return k
 

@@ -93,14 +93,12 @@ def _layout_ok(engine: Engine, k: int, layout, cands: list[Candidate]) -> tuple[
 
 
 def _same_form(engine: Engine, a: Expr, b: Expr) -> bool:
-    """``a == b`` over the reals by the scalar normal form, normalizing up to ``ROOT_BUDGET`` terms
-    (a rank's gradient accumulated over micro-batches has a deep history); never bitwise."""
-    from gg_notebook.engine.index import ROOT_BUDGET
-
+    """``a == b`` over the reals by the scalar normal form (a rank's gradient accumulated over
+    micro-batches has a deep history); never bitwise."""
     if engine.bitwise or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
         return False
     forms = engine.index.forms
-    ka, kb = forms.key(a, budget=ROOT_BUDGET), forms.key(b, budget=ROOT_BUDGET)
+    ka, kb = forms.key(a), forms.key(b)
     return ka is not None and kb is not None and ka == kb
 
 

@@ -90,57 +90,22 @@ class RealForms:
         return form
 
     def key(self, t: Expr):
-        """(shape, dtype, form), or None when the linear form is too large to compute."""
-        from gg_notebook.relations.linear import TooLarge
-
-        try:
-            return (tuple(t.shape), t.dtype, self.of(t))
-        except TooLarge:
-            return None
+        """(shape, dtype, form)."""
+        return (tuple(t.shape), t.dtype, self.of(t))
 
     # ------------------------------------------------------------------ structure
     def _opaque(self, t: Expr):
         return ("t", tuple(t.shape), t.id)
 
     def _form(self, t: Expr) -> Form:
-        from gg_notebook.relations.linear import TooLarge
-
         pairs = []
-        try:
-            lin = list(self.linear.of(t, 120))
-        except TooLarge:
-            lin = list(self._linear_bottom_up(t))
+        lin = list(self.linear.of(t))  # (every term's linear form once, arguments first: LinearForms.of)
         lin, extra = self._log_sigmoid_pairs(lin)
         pairs.extend(extra)
         for b, c in lin:
             for bb, k in self._base(b):
                 pairs.append((bb, c * k))
         return self._norm(pairs)
-
-    def _linear_bottom_up(self, t: Expr, limit: int = 1000):
-        """The linear form of ``t`` computed one term at a time, arguments first, when one question
-        would exceed the linear forms' budget: a log-sum-exp over the logits of a whole model needs
-        the form of every term below them once (each then memoized). `TooLarge` beyond ``limit``."""
-        from gg_notebook.relations.linear import TooLarge
-
-        memo = self.linear._memo
-        order, seen, stack = [], set(), [(t, False)]
-        while stack:
-            x, done = stack.pop()
-            if done:
-                order.append(x)
-                continue
-            if x.id in seen or x.id in memo:
-                continue
-            seen.add(x.id)
-            if len(seen) > limit:
-                raise TooLarge(t)
-            stack.append((x, True))
-            if self.linear._reads_arg_forms(x):  # (below an operator no rule looks through: nothing)
-                stack.extend((a, False) for a in x.args if a.id not in memo and a.id not in seen)
-        for x in order:
-            self.linear.of(x, 120)
-        return self.linear.of(t, 120)
 
     def _log_sigmoid_pairs(self, lin):
         """PyTorch's decomposition of ``F.logsigmoid(x)``, ``minimum(0, x) - log1p(exp(-abs(x)))``,

@@ -21,6 +21,13 @@ unchanged. The rules:
 * ``mean(x, dims)`` is ``sum(x, dims) / n``; sums are canonical: nested sums merge, ``keepdim``
   becomes a view, and a sum over whole groups of a reshape looks through the reshape.
 
+A form with more than `MAX_SPREAD` bases (a backward's residual-stream gradient, a sum over layers
+and ranks) is not spread over an operator that reads it: ``f(c0 * T) = c0 * f(T)``, where ``T`` is
+one opaque term per form up to a factor (the bases with their coefficients over the first one), so
+its number still comes out and cancels, at one new term per operator instead of one per base.
+Every term's form is computed once, arguments first, and memoized; no question has a budget, so a
+form does not depend on which questions came before it.
+
 A float literal is the rational it is nearest to when that rational has a small denominator
 (``1/3`` written as ``0.333..``), else the square or fourth root of a short rational it is within a
 few ulps of (``math.sqrt(8)``, ``8 ** -0.5``, SDPA's ``sqrt(scale)``: relations/exact.py, so that
@@ -49,8 +56,48 @@ _ARG_FORM_TARGETS = frozenset((
     aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
     aten.div.Scalar, aten.silu.default, aten.mean.dim, aten.sum.dim_IntList))
 MAX_BASES = 64  # a form with more bases is kept as one opaque base (completeness, not soundness)
+# a form with more bases is not spread over an operator linear in it (one new term per base, and a
+# backward's gradient sums grow with depth); its number comes out instead: ``f(c * T) = c * f(T)``
+# with ``T`` the one canonical term of the form up to its first coefficient (`_combination`)
+MAX_SPREAD = 8
 
 Form = tuple  # ((base Expr, Fraction), ...) sorted by base id, no zero coefficients
+ONE = Fraction(1)
+_PRODUCTS: dict = {}  # (a, b, divide) -> a * b or a / b, for radical coefficients (exact.py is slow)
+
+
+def _mul(a, b):
+    """``a * b`` for coefficients (a product by one, or of two rationals, directly; radicals cached)."""
+    if b == 1:
+        return a
+    if a == 1:
+        return b
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        return a * b
+    key = (a, b, False)
+    hit = _PRODUCTS.get(key)
+    if hit is None:
+        if len(_PRODUCTS) > 1 << 16:
+            _PRODUCTS.clear()
+        hit = _PRODUCTS[key] = a * b
+    return hit
+
+
+def _div(a, b):
+    """``a / b`` for coefficients (see `_mul`)."""
+    if b == 1:
+        return a
+    if a == b:
+        return ONE
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        return a / b
+    key = (a, b, True)
+    hit = _PRODUCTS.get(key)
+    if hit is None:
+        if len(_PRODUCTS) > 1 << 16:
+            _PRODUCTS.clear()
+        hit = _PRODUCTS[key] = a / b
+    return hit
 
 
 def coefficient(v) -> Fraction | None:
@@ -98,13 +145,16 @@ def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
 
 
 class TooLarge(Exception):
-    """A normal form would take too many terms to compute (the answer is then: not known)."""
+    """A normal form would take too many terms to compute. Never raised since forms are bounded by
+    `MAX_SPREAD` and `MAX_BASES` (every term's form is computed once, whatever the question); kept
+    for callers that still catch it."""
 
 
 class LinearForms:
     """Normal forms of the terms of one `ExprStore` (memoized by term id)."""
 
-    def __init__(self, store: ExprStore, budget: int = 30, cut: frozenset = frozenset()) -> None:
+    def __init__(self, store: ExprStore, budget: int | None = None, cut: frozenset = frozenset()) -> None:
+        # (``budget`` is accepted for old callers and ignored: see `of`)
         self.S = store
         # ids of terms taken as their own bases, never looked into (a form relative to a cut: two
         # values built over the same cut terms compare by forms computed above it; still sound,
@@ -114,25 +164,21 @@ class LinearForms:
         self._fill_memo: dict[int, Fraction | None] = {}
         self._worth: dict[tuple, bool] = {}
         self._reads_memo: dict[int, bool] = {}
-        self.budget = budget  # terms one top-level question may normalize (large graphs: no answer)
-        self._left: int | None = None
+        self._combos: dict[tuple, Expr] = {}  # normalized form -> its canonical term (`_combination`)
+        self._combo_of: dict[int, tuple | None] = {}  # term id -> `_combination` of its form
+        self._keys: dict[int, tuple | None] = {}  # term id -> `key`
+        self._lin_memo: dict[int, tuple | None] = {}  # term id -> its operator's linear arguments
 
     # ------------------------------------------------------------------ public
     def of(self, t: Expr, budget: int | None = None) -> Form:
-        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies. Raises
-        `TooLarge` when answering would normalize more than ``budget`` new terms (default
-        ``self.budget``; every form computed so far stays memoized: each is complete)."""
+        """``t`` as ((base, coefficient), ...); ``((t, 1),)`` when no rule applies. Every term's
+        form is computed once, arguments first, and memoized: the answer does not depend on which
+        questions came before. (``budget`` is ignored: a form's cost is bounded by `MAX_SPREAD`, a
+        form with many bases is not spread over the operators that read it.)"""
         hit = self._memo.get(t.id)
         if hit is not None:
             return hit
-        top = self._left is None
-        if top:
-            self._left = self.budget if budget is None else budget
-        try:
-            return self._of(t)
-        finally:
-            if top:
-                self._left = None
+        return self._of(t)
 
     def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
@@ -141,10 +187,7 @@ class LinearForms:
             x = stack[-1]
             if x.args and x.id not in self._memo and not self._reads_arg_forms(x):
                 stack.pop()  # an operator no rule looks through: its own base, arguments never visited
-                self._left -= 1
-                if self._left < 0:
-                    raise TooLarge(t)
-                self._memo[x.id] = ((x, Fraction(1)),)
+                self._memo[x.id] = ((x, ONE),)
                 continue
             todo = [a for a in x.args if a.id not in self._memo]
             if todo:
@@ -152,9 +195,6 @@ class LinearForms:
                 continue
             stack.pop()
             if x.id not in self._memo:
-                self._left -= 1
-                if self._left < 0:
-                    raise TooLarge(t)
                 form = None
                 if _floating(x):
                     try:
@@ -163,7 +203,7 @@ class LinearForms:
                         form = None
                 if form and len(form) > 1:  # sums over adjacent slices as one sum (relations/sum_merge.py)
                     form = merge_slice_sums(self, form) or form
-                self._memo[x.id] = form if form else ((x, Fraction(1)),)
+                self._memo[x.id] = form if form else ((x, ONE),)
         return self._memo[t.id]
 
     def _reads_arg_forms(self, x: Expr) -> bool:
@@ -192,10 +232,17 @@ class LinearForms:
             return False
         if spec.target in _ARG_FORM_TARGETS:
             return True
-        from gg_notebook.ops.linearity import linear_args
-
-        lin = linear_args(spec, [a.dtype for a in x.args])
+        lin = self._linear_args(x)
         return lin is not None and lin[0] == "separately"
+
+    def _linear_args(self, x: Expr):
+        """`gg_notebook.ops.linearity.linear_args` of call ``x`` (memoized by term)."""
+        hit = self._lin_memo.get(x.id, False)
+        if hit is False:
+            from gg_notebook.ops.linearity import linear_args
+
+            hit = self._lin_memo[x.id] = linear_args(x.attrs, [a.dtype for a in x.args])
+        return hit
 
     def scalar_root(self, t: Expr) -> bool:
         """Does ``t``'s own operator bring in a number (a scale, a mean, a sum that may merge, a
@@ -250,15 +297,21 @@ class LinearForms:
     def key(self, t: Expr, budget: int | None = None) -> tuple[tuple, Fraction] | None:
         """(key, first coefficient): the form up to a factor. Terms whose forms are multiples of
         each other have the same key; the value of the first is ``c / c'`` times the second.
-        None if the form is empty or too large to compute."""
-        try:
-            f = self.of(t, budget)
-        except TooLarge:
-            return None
+        None if the form is empty. Memoized by term (``budget`` is ignored, see `of`)."""
+        hit = self._keys.get(t.id, False)
+        if hit is not False:
+            return hit
+        f = self.of(t)
         if not f:
-            return None
-        c0 = f[0][1]
-        return (t.shape, t.dtype, tuple((b.id, c / c0) for b, c in f)), c0
+            out = None
+        else:
+            c0 = f[0][1]
+            if len(f) == 1:
+                out = (t.shape, t.dtype, ((f[0][0].id, ONE),)), c0
+            else:
+                out = (t.shape, t.dtype, tuple((b.id, _div(c, c0)) for b, c in f)), c0
+        self._keys[t.id] = out
+        return out
 
     def ratio(self, a: Expr, b: Expr) -> Fraction | None:
         """r with ``a == r * b`` by their normal forms (None if they are not multiples)."""
@@ -274,17 +327,57 @@ class LinearForms:
             return _normalize(p for a in x.args for p in self.of(a))
         if op == "scale":
             c = x.attrs if not isinstance(x.attrs, float) else Fraction(x.attrs)
-            return _normalize((b, c * k) for b, k in self.of(x.args[0]))
+            return _normalize((b, _mul(c, k)) for b, k in self.of(x.args[0]))
         if op in ("view", "permute", "slice", "expand"):
             inner = self.of(x.args[0])
             if len(inner) == 1 and inner[0][0] is x.args[0] and inner[0][1] == 1:
                 return None
+            if len(inner) > MAX_SPREAD:
+                return self._through_combination(x, x.args[0], lambda T: _rebuild_unary(self.S, x, T))
             return self._map(inner, lambda b: _rebuild_unary(self.S, x, b))
         if op == "cat":
             return self._cat(x)
         if op == "call":
             return self._call(x)
         return None
+
+    def _combination(self, form: Form) -> tuple[Expr, Fraction] | None:
+        """``(T, c0)`` with ``form == c0 * form(T)``: ``T`` the linear combination of the bases with
+        their coefficients over the first one, one opaque term per form up to a factor
+        (hash-consed: values whose forms are multiples of each other get the same ``T``; no
+        constructor of the store looks into it, so a view or a permute of it is one new term, not
+        one per base). None if a base is a constant."""
+        c0 = form[0][1]
+        key = tuple((b.id, _div(c, c0)) for b, c in form)
+        T = self._combos.get(key)
+        if T is None:
+            if any(b.ground for b, _ in form):
+                return None
+            spec = combination_spec(tuple(k for _, k in key))
+            first = form[0][0]
+            T = self.S._intern("call", spec, tuple(b for b, _ in form), first.shape, first.dtype)
+            self._combos[key] = T
+            self._memo.setdefault(T.id, tuple((b, k) for (b, _), (_, k) in zip(form, key)))
+        return T, c0
+
+    def _combination_of(self, t: Expr) -> tuple[Expr, Fraction] | None:
+        """`_combination` of ``t``'s form (memoized by term)."""
+        hit = self._combo_of.get(t.id, False)
+        if hit is False:
+            hit = self._combo_of[t.id] = self._combination(self.of(t))
+        return hit
+
+    def _through_combination(self, x: Expr, src: Expr, fn) -> Form | None:
+        """A linear map ``fn`` of ``src`` (a form with many bases) as ``fn(c0 * T) = c0 * fn(T)``
+        (`_combination`)."""
+        hit = self._combination_of(src)
+        if hit is None:
+            return None
+        T, c0 = hit
+        img = fn(T)
+        if img is None or img.id == x.id:
+            return None
+        return _normalize((b, _mul(c0, k)) for b, k in self.of(img))
 
     def _map(self, form: Form, fn) -> Form | None:
         """Apply a linear map to every base (the images are normalized in turn)."""
@@ -293,7 +386,7 @@ class LinearForms:
             img = fn(b)
             if img is None:
                 return None
-            out.extend((bb, c * k) for bb, k in self.of(img))
+            out.extend((bb, _mul(c, k)) for bb, k in self.of(img))
         return _normalize(out)
 
     def _cat(self, x: Expr) -> Form | None:
@@ -305,7 +398,7 @@ class LinearForms:
         if c == 1 or any(f[0][1] != c for f in forms):
             return None
         inner = self.S.cat([f[0][0] for f in forms], x.attrs)
-        return _normalize((b, c * k) for b, k in self.of(inner))
+        return _normalize((b, _mul(c, k)) for b, k in self.of(inner))
 
     def _call(self, x: Expr) -> Form | None:
         spec = x.attrs
@@ -334,7 +427,7 @@ class LinearForms:
     def _scaled(self, x: Expr, a: Expr, c: Fraction) -> Form | None:
         if a.shape != x.shape or a.dtype != x.dtype:
             return None
-        return _normalize((b, c * k) for b, k in self.of(a))
+        return _normalize((b, _mul(c, k)) for b, k in self.of(a))
 
     def _add(self, x: Expr, sign: int) -> Form | None:
         spec = x.attrs
@@ -356,7 +449,7 @@ class LinearForms:
                     arg = self.S.expand(arg, x.shape)
                 except ShapeError:
                     return None
-            terms.extend((bb, c * k) for bb, k in self.of(arg))
+            terms.extend((bb, _mul(c, k)) for bb, k in self.of(arg))
         return _normalize(terms)
 
     def _times_number(self, x: Expr) -> Form | None:
@@ -410,6 +503,8 @@ class LinearForms:
                 return None
             return self._map(((flat, Fraction(1)),), lambda b: self.S.view(b, x.shape))
         inner = self.of(src)
+        if len(inner) > MAX_SPREAD:
+            return self._through_combination(x, src, lambda T: self._sum_of(T, dims))
         out = []
         changed = not (len(inner) == 1 and inner[0][0] is src and inner[0][1] == 1)
         for b, c in inner:
@@ -476,10 +571,8 @@ class LinearForms:
 
     def _distribute(self, x: Expr) -> Form | None:
         """An operator linear in some arguments (the linearity table), applied to forms."""
-        from gg_notebook.ops.linearity import linear_args
-
         spec = x.attrs
-        lin = linear_args(spec, [a.dtype for a in x.args])
+        lin = self._linear_args(x)
         if lin is None or lin[0] != "separately":
             return None
         slots = [i for i in lin[1] if not self.trivial(x.args[i])]
@@ -488,13 +581,19 @@ class LinearForms:
         terms = [(list(x.args), Fraction(1))]
         for i in slots:
             nxt = []
+            form = self.of(x.args[i])
+            if len(form) > MAX_SPREAD:
+                hit = self._combination_of(x.args[i])
+                if hit is None:
+                    return None
+                form = ((hit[0], hit[1]),)
             for args, c in terms:
-                for b, k in self.of(x.args[i]):
+                for b, k in form:
                     if b.shape != x.args[i].shape or b.dtype != x.args[i].dtype:
                         return None
                     new = list(args)
                     new[i] = b
-                    nxt.append((new, c * k))
+                    nxt.append((new, _mul(c, k)))
             terms = nxt
             if len(terms) > MAX_BASES:
                 return None
@@ -503,7 +602,12 @@ class LinearForms:
             call = self.S.call(spec, args)
             if call.shape != x.shape or call.dtype != x.dtype:
                 return None
-            out.extend((b, c * k) for b, k in self.of(call))
+            if call.id == x.id:  # every spread argument was its own combination already
+                if len(terms) == 1:
+                    return None
+                out.append((x, c))
+                continue
+            out.extend((b, _mul(c, k)) for b, k in self.of(call))
         return _normalize(out)
 
     # ------------------------------------------------------------------ constants
@@ -547,6 +651,34 @@ class LinearForms:
                 a = self.fill(g.args[0])
                 return None if a is None else -a
         return None
+
+
+class _Combination:
+    """The target of a `combination_spec`: ``sum_i c_i * x_i`` (evaluates what the term means)."""
+
+    def __init__(self, coefficients: tuple) -> None:
+        self.coefficients = coefficients
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Combination) and other.coefficients == self.coefficients
+
+    def __hash__(self) -> int:
+        return hash(("combination", self.coefficients))
+
+    def __call__(self, *xs):
+        out = xs[0] * float(self.coefficients[0])
+        for c, x in zip(self.coefficients[1:], xs[1:]):
+            out = out + x * float(c)
+        return out
+
+
+def combination_spec(coefficients: tuple):
+    """The operator of a normal form's canonical term ``sum_i c_i * x_i`` (`LinearForms._combination`):
+    its own kind, so that no lemma, matcher or linearity rule reads it."""
+    from gg_notebook.relations.expr import OpSpec, Slot
+
+    return OpSpec("linear-combination", "linear combination", _Combination(coefficients),
+                  (tuple(Slot(i) for i in range(len(coefficients))), ()))
 
 
 def _sum_through_view(v: Expr, dims: tuple[int, ...]):

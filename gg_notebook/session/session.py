@@ -76,6 +76,7 @@ class ProofSession:
         self.engine.typed_relations = self._typed  # the verdict lists assumptions as typed, too
         self.load_warnings: list[str] = []  # relations of a loaded session file that were not replayed
         self.version = 0
+        self._result_cache: tuple | None = None  # ((version, engine id, concrete), Result)
 
     # ------------------------------------------------------------------ state
     @property
@@ -192,11 +193,26 @@ class ProofSession:
             self._changed("step")
         return st
 
-    def run(self, until: str | None = None, max_steps: int | None = None) -> list[Step]:
+    def run(self, until: str | None = None, max_steps: int | None = None,
+            progress: Callable[[int], Any] | None = None) -> list[Step]:
         """Step until done or stuck, or until the next operator matches ``until`` (a source
         "file.py:LINE", an ATen op name prefix like "aten.bmm", or a node name); that operator is
-        not executed, so the session stops right before it."""
+        not executed, so the session stops right before it. An ``until`` that no operator ahead
+        matches is refused (ValueError, nothing run) instead of silently running to the end.
+
+        ``progress(steps_done)`` is called after every step; a true return value stops the run there
+        (a cancel: the steps made so far are kept and recorded)."""
+        if until is not None:
+            until = until.strip()
+            ahead = self.engine.seq.nodes[self.engine.cursor:]
+            if not any(_matches(n, until) for n in ahead[1:]) and not self.engine.done:
+                first = ahead[0] if ahead else None
+                here = " (it is the next operator already: use Step)" if first is not None and _matches(first, until) else ""
+                raise ValueError(f"no operator ahead matches {until!r}{here}: write a source line as file.py:LINE "
+                                 f"(e.g. {_example_source(ahead)}), an ATen op name prefix (e.g. aten.mm) or a "
+                                 f"node name; nothing was run")
         done: list[Step] = []
+        cancelled = False
         while not self.engine.done:
             n = self.engine.seq.nodes[self.engine.cursor]
             if until is not None and done and _matches(n, until):
@@ -205,14 +221,37 @@ class ProofSession:
             if st is None:
                 break
             done.append(st)
+            if progress is not None and progress(len(done)):
+                cancelled = True
+                break
             if max_steps is not None and len(done) >= max_steps:
                 break
             if until is not None and self.engine.cursor < len(self.engine.seq.nodes) and \
                     _matches(self.engine.seq.nodes[self.engine.cursor], until):
                 break
-        self.actions.append({"op": "run", "until": until, "steps": len(done)})
+        action = {"op": "run", "until": until, "steps": len(done)}
+        if cancelled:
+            action["cancelled"] = True
+        self.actions.append(action)
         self._changed("run")
         return done
+
+    def goto(self, k: int) -> None:
+        """Move through the step history: undo steps back to ``k`` steps made, or step forward to
+        it (the relations the user gave stay). ``k`` is clamped to what is possible."""
+        k = max(0, int(k))
+        moved = False
+        while len(self.engine.steps) > k:
+            if self.engine.undo() is None:
+                break
+            moved = True
+        while len(self.engine.steps) < k and not self.engine.done:
+            if self.engine.step() is None:
+                break
+            moved = True
+        if moved:
+            self.actions.append({"op": "goto", "steps": len(self.engine.steps)})
+            self._changed("goto")
 
     def suggestions(self, node: str | None = None) -> list[Suggestion]:
         """Ranked candidate relations for the stuck tensor (or ``node``), each with its reason."""
@@ -232,7 +271,14 @@ class ProofSession:
         for x in out:
             if not x.proved and x.expr is not None:
                 x.numerically_false = self._check_cached(node, x.expr, "the suggestion")
-        return sorted(out, key=lambda x: not x.acceptable)
+        # ranked by evidence: derived, then numeric matches, then shape guesses, then the false ones
+        # (a shape guess that the random inputs confirm is a numeric match: it says so)
+        for x in out:
+            if x.kind != "numeric" and not x.proved and x.numerically_false is None and x.expr is not None \
+                    and self.simulations:
+                x.checked = True
+                x.reason = f"{x.reason}; matches on {len(self.simulations)} random inputs"
+        return sorted(out, key=lambda x: x.rank)
 
     @property
     def simulations(self):
@@ -406,24 +452,44 @@ class ProofSession:
         self.actions.append({"op": "reset"})
         self._changed("reset")
 
-    def result(self, concrete: bool = False) -> Result:
-        """The same `Result` type as `gg.verify`, including the assumptions made so far: with any,
-        the verdict is at most ``Status.ASSUMED``. With ``concrete``, an assumed or unknown verdict is
-        checked on random inputs as `gg.verify` does (a false assumption ends refuted)."""
-        stats = dict(self.stats)
-        stats.update(self.engine.stats)
-        result = judge(self.engine, self.problem, stats)
-        if self.engine.user_relations and self._sims_error is not None:
-            result.findings.append(Finding("not-checked", "the hints could not be checked on random inputs "
-                                                          f"({self._sims_error})"))
-        if concrete and result.status in (Status.UNKNOWN, Status.ASSUMED):
-            from gg_notebook.concrete.refute import concrete_check
+    def result(self, concrete: bool | None = None) -> Result:
+        """The same `Result` type as `gg.verify`, including the assumptions made so far (with any, the
+        verdict is at most ``Status.ASSUMED``).
 
-            result = concrete_check(self.engine, self.problem, result, 3, self.engine.bitwise)
-        # a snapshot: later steps and hints must not change a result already handed out
-        result.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
-                                            inputs=dict(st.inputs)) for st in result.steps]
-        return result
+        Once the session is finished or stuck (``concrete=None``, the default), the verdict is the
+        one `gg.verify` gives, through the same code path (`gg_notebook.verify.conclude`): a proof is
+        validated, and an unknown or assumed verdict is checked on random inputs: refuted with a
+        counterexample (a false assumption ends refuted too), or unknown with "the numbers agree: a
+        lemma is missing". While in progress it is the symbolic judgement of the relations so far.
+        ``concrete=False`` never runs the programs; ``concrete=True`` runs the checks even in progress.
+        Computed once per session state (the concrete check can take seconds on a big model)."""
+        if concrete is None:
+            concrete = self.done
+        key = (self.version, id(self.engine), len(self.engine.steps), self.engine.cursor, bool(concrete))
+        if self._result_cache is None or self._result_cache[0] != key:
+            stats = dict(self.stats)
+            stats.update(self.engine.stats)
+            if concrete:
+                from gg_notebook.verify import conclude
+
+                result = conclude(self.engine, self.problem, stats, exact="bitwise" if self.engine.bitwise else "real")
+            else:
+                result = judge(self.engine, self.problem, stats)
+            if self.engine.user_relations and self._sims_error is not None:
+                result.findings.append(Finding("not-checked", "the hints could not be checked on random inputs "
+                                                              f"({self._sims_error})"))
+            self._result_cache = (key, result)
+        return self._snapshot(self._result_cache[1])
+
+    @staticmethod
+    def _snapshot(result: Result) -> Result:
+        """A copy: later steps and hints must not change a result already handed out."""
+        out = dataclasses.replace(result, relations=list(result.relations), findings=list(result.findings),
+                                  assumptions=list(result.assumptions), stats=dict(result.stats),
+                                  domain_assumptions=list(result.domain_assumptions))
+        out.steps = [dataclasses.replace(st, candidates=list(st.candidates), pretty=list(st.pretty),
+                                         inputs=dict(st.inputs)) for st in result.steps]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -436,24 +502,40 @@ class ProofSession:
 
     @classmethod
     def load(cls, path, problem: Problem) -> "ProofSession":
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a gg_notebook session file (format {data.get('format')!r})")
-        if data.get("world_size") != problem.world_size:
-            raise ValueError(f"{path} was saved for world_size={data.get('world_size')}, "
-                             f"the problem has world_size={problem.world_size}")
+        data = _read_session_file(path, problem)
         s = cls(problem)
         for a in data["actions"]:
             s._replay(a)
         return s
 
+    def restore(self, path) -> None:
+        """Load a saved session into this one (the capture is kept): start over, then replay the
+        file's actions. ValueError, this session unchanged, for a file of another format or world size."""
+        data = _read_session_file(path, self.problem)
+        self.engine = Engine(*self._base)
+        self.engine.typed_relations = self._typed
+        self._marks, self._origin, self._false = [], {}, {}
+        self._typed.clear()
+        self.actions = []
+        self.load_warnings = []
+        for a in data["actions"]:
+            self._replay(a)
+        self._changed("load")
+
     def _replay(self, a: dict) -> None:
         op = a["op"]
         if op == "step":
             self.step()
+        elif op == "goto":
+            self.goto(a["steps"])
         elif op == "run":
-            steps = self.run(until=a.get("until"), max_steps=a.get("steps") or None)
+            if a.get("cancelled") and not a.get("steps"):
+                self.actions.append(dict(a))
+                return
+            try:
+                steps = self.run(until=a.get("until"), max_steps=a.get("steps") or None)
+            except ValueError:  # an "until" that matches nothing now: replay the same number of steps
+                steps = self.run(max_steps=a.get("steps") or None)
             self.actions[-1]["steps"] = len(steps)
         elif op == "undo":
             if a.get("what") == "relation":  # (files without "what" predate undoing relations)
@@ -557,7 +639,27 @@ class ProofSession:
         return f"<ProofSession {self.problem.name}: {done}/{total} operators, {state}>"
 
 
+def _read_session_file(path, problem: Problem) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a gg_notebook session file (format {data.get('format')!r})")
+    if data.get("world_size") != problem.world_size:
+        raise ValueError(f"{path} was saved for world_size={data.get('world_size')}, "
+                         f"the problem has world_size={problem.world_size}")
+    return data
+
+
+def _example_source(nodes) -> str:
+    for n in nodes:
+        if n.source:
+            return n.source.rsplit("/", 1)[-1]
+    return "model.py:12"
+
+
 def _matches(node, until: str) -> bool:
+    if until.startswith("spec:"):  # a name as the widget shows it
+        until = until[len("spec:"):]
     if ".py:" in until or until.rsplit(":", 1)[-1].isdigit() and ":" in until:
         src = node.source or ""
         if not src:

@@ -28,13 +28,29 @@ class Suggestion:
     # why it is false on the session's random inputs (the disagreeing values); None if it is not
     # known to be false. A numerically false suggestion cannot be accepted.
     numerically_false: str | None = None
+    checked: bool = False  # a shape guess the random inputs confirmed (evidence "numeric match")
 
     @property
     def acceptable(self) -> bool:
         return self.numerically_false is None
 
+    @property
+    def evidence(self) -> str:
+        """What backs it: "proved" (derived), "numeric match" (equal on random inputs), "shape guess"
+        (only the shape fits; not checked, or no simulation), "numerically false"."""
+        if self.numerically_false is not None:
+            return "numerically false"
+        if self.proved:
+            return "proved"
+        return "numeric match" if self.kind == "numeric" or self.checked else "shape guess"
+
+    @property
+    def rank(self) -> int:
+        """Sort key: by evidence, strongest first."""
+        return {"proved": 0, "numeric match": 1, "shape guess": 2, "numerically false": 3}[self.evidence]
+
     def __str__(self) -> str:
-        tag = "proved" if self.proved else "guess"
+        tag = self.evidence if self.numerically_false is None else ("proved" if self.proved else "guess")
         if self.numerically_false is not None:
             return f"{self.text}  [{tag}: {self.reason}; cannot be accepted: {self.numerically_false}]"
         return f"{self.text}  [{tag}: {self.reason}]"

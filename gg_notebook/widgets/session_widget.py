@@ -9,10 +9,15 @@ neighbourhood of the current operator, and pretty-printed relations and SVGs are
 from __future__ import annotations
 
 import html
+import re
+import threading
+import time
+import warnings
 import weakref
 
 import ipywidgets as W
 
+from gg_notebook.session import views as V
 from gg_notebook.widgets import graph as G
 
 TABLE_ROWS = 30  # rows of the relation table without a filter (the most recent tensors)
@@ -23,6 +28,8 @@ _BADGE = {
     "assumed": ("#9a6700", "#fff1d6"),
     "deferred": ("#57606a", "#eaeef2"),
     "numerically false": ("#cf222e", "#ffebe9"),
+    "numeric match": ("#0969da", "#ddf4ff"),
+    "shape guess": ("#57606a", "#f6f8fa"),
 }
 _MONO = "font-family:monospace;white-space:pre-wrap;word-break:break-all"
 
@@ -57,8 +64,15 @@ class SessionWidget(W.VBox):
     ``graph_html`` is unused (empty, not displayed). Without anywidget, ``graph_view`` is None and
     ``graph_html`` shows the graph; the dropdown selects. ``graph_markup`` is the shown markup either way."""
 
-    def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS):
+    def __init__(self, session, *, graph: bool = True, table_rows: int = TABLE_ROWS,
+                 background: bool | None = None, save_path: str | None = None):
         self.session = session
+        # long actions (Run, Run to) in a thread, so that progress shows and Cancel is heard while they
+        # run: by default inside a kernel (a browser is watching); synchronous otherwise (tests, scripts)
+        self.background = _in_kernel() if background is None else background
+        self._busy: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._last_progress = 0.0
         self.table_rows = table_rows
         self.version = 0  # bumped on every session change
         self._show_cache: dict[int, str] = {}
@@ -69,16 +83,32 @@ class SessionWidget(W.VBox):
         self._last_stuck: str | None = None
         self.graph_kind: str | None = None  # "svg" | "wasi" | "dot" after a render
         self.render_count = 0
+        self._rendering = False
 
-        btn = dict(layout=W.Layout(width="auto"))
-        self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn)
-        self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn)
+        btn_layout = _btn_layout
+
+        self.step_button = W.Button(description="Step", tooltip="process the next operator", icon="step-forward", **btn_layout(4))
+        self.run_button = W.Button(description="Run", tooltip="run until done or stuck", icon="play", **btn_layout(3))
         self.run_to_text = W.Text(placeholder="file.py:LINE or op name (aten.bmm)", layout=W.Layout(width="260px"))
-        self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn)
+        self.run_to_button = W.Button(description="Run to", tooltip="run until the next operator matches", **btn_layout(6))
+        self.cancel_button = W.Button(description="Cancel", tooltip="stop the running Run after the current operator",
+                                      icon="stop", button_style="danger", **btn_layout(6))
+        self.cancel_button.layout.display = "none"
+        self.busy = W.HTML()  # the busy indicator: "running... k operators" while a Run is going
+        self.busy.add_class("gg-busy")
+        self.save_path = W.Text(value=save_path or f"{_slug(session.problem.name)}.session.json",
+                                layout=W.Layout(width="220px"))
+        self.save_button = W.Button(description="Save", tooltip="session.save(path): the actions as JSON",
+                                    icon="save", **btn_layout(4))
+        self.load_button = W.Button(description="Load", tooltip="replay a saved session file into this session",
+                                    icon="folder-open", **btn_layout(4))
+        self.history = W.IntSlider(value=0, min=0, max=1, description="history", continuous_update=False,
+                                   layout=W.Layout(width="420px"),
+                                   tooltip="drag back to take steps back (forward to step again)")
         self.undo_button = W.Button(description="Undo", tooltip="take back the last step, hint or accepted suggestion",
-                                    icon="undo", **btn)
+                                    icon="undo", **btn_layout(4))
         self.reset_button = W.Button(description="Reset", tooltip="start over (drops hints)", icon="refresh",
-                                     button_style="warning", **btn)
+                                     button_style="warning", **btn_layout(5))
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px"))
         self.progress_label = W.HTML()
         self.message = W.HTML()
@@ -89,9 +119,10 @@ class SessionWidget(W.VBox):
         self.relations_html = W.HTML()
         self.suggestions_box = W.VBox()
         self.suggestion_buttons: list[W.Button] = []
-        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="260px"))
-        self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)", layout=W.Layout(width="360px"))
-        self.hint_button = W.Button(description="Add hint", **btn)
+        self.hint_tensor = W.Dropdown(description="tensor", layout=W.Layout(width="220px"))
+        self.hint_text = W.Text(placeholder="e.g. sum(mm_1@r0, mm_1@r1)",
+                                layout=W.Layout(width="auto", min_width="200px", flex="1 1 240px"))
+        self.hint_button = W.Button(description="Add hint", **btn_layout(8))
         self.hint_message = W.HTML()
         self.assumptions_box = W.VBox()
         self.retract_buttons: list[W.Button] = []
@@ -105,8 +136,16 @@ class SessionWidget(W.VBox):
         self.graph_info.add_class("gg-graph-info")
 
         self.step_button.on_click(lambda _b: self._do(self.session.step))
-        self.run_button.on_click(lambda _b: self._do(self.session.run))
+        self.run_button.on_click(lambda _b: self._run())
         self.run_to_button.on_click(self._on_run_to)
+        self.cancel_button.on_click(self._on_cancel)
+        self.save_button.on_click(self._on_save)
+        self.load_button.on_click(self._on_load)
+        self.history.observe(self._on_history, names="value")
+        with warnings.catch_warnings():  # Enter submits (on_submit: the only Enter-only hook in ipywidgets 8)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.run_to_text.on_submit(lambda _t: self._on_run_to())
+            self.hint_text.on_submit(lambda _t: self._on_hint())
         self.undo_button.on_click(lambda _b: self._do(self.session.undo))
         self.reset_button.on_click(lambda _b: self._do(self.session.reset))
         self.hint_button.on_click(self._on_hint)
@@ -116,19 +155,28 @@ class SessionWidget(W.VBox):
             self.graph_view.observe(self._on_graph_click, names="selected")
 
         controls = W.HBox([self.step_button, self.run_button, self.undo_button, self.reset_button,
-                           self.run_to_text, self.run_to_button])
-        prog = W.HBox([self.progress, self.progress_label])
+                           self.run_to_text, self.run_to_button, self.cancel_button],
+                          layout=W.Layout(flex_flow="row wrap"))
+        prog = W.HBox([self.progress, self.progress_label, self.history, self.busy],
+                      layout=W.Layout(flex_flow="row wrap"))
+        files = W.HBox([W.HTML("<b>Session file</b>&nbsp;"), self.save_path, self.save_button, self.load_button],
+                       layout=W.Layout(flex_flow="row wrap"))
         hint_box = W.VBox([W.HTML("<b>Hint</b> <span style='color:#666;font-size:11px'>relation syntax: "
                                   "<code>x@r0</code>, <code>x@r*</code>, <code>concat(a, b, dim=1)</code>, "
                                   "<code>sum(a, b)</code>, <code>a[:, 0:4]</code>, <code>a.view(..)</code></span>"),
-                           W.HBox([self.hint_tensor, self.hint_text, self.hint_button]), self.hint_message])
+                           W.HBox([self.hint_tensor, self.hint_text, self.hint_button],
+                                  layout=W.Layout(flex_flow="row wrap")), self.hint_message])
         left = W.VBox([self.current_html, self.suggestions_box, hint_box, self.assumptions_box],
                       layout=W.Layout(width="50%"))
         graph_box = self.graph_view if self.graph_view is not None else self.graph_html
         right = W.VBox([W.HTML("<b>Graph</b> <span style='font-size:11px'>" + _legend() + "</span>"),
                         graph_box, self.graph_select, self.graph_info], layout=W.Layout(width="50%"))
+        # The slot the graph lives in (the right column): the graph view (gg_notebook/widgets/graph*.py)
+        # may replace its children (a bigger, zoomable view; a sharding picture) without touching the rest
+        # of this widget. Its render hook is `_render_graph`, called on every session change.
+        self.graph_slot = right
         table = W.VBox([W.HBox([W.HTML("<b>Relations</b>"), self.filter_text]), self.relations_html])
-        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table])
+        super().__init__([self.banner, controls, prog, self.message, W.HBox([left, right]), table, files])
 
         self._set_tensor_options()
         ref = weakref.ref(self)
@@ -144,13 +192,17 @@ class SessionWidget(W.VBox):
     # ------------------------------------------------------------------ actions
     def _do(self, fn, *args, **kw):
         """Call a session action; show an error inline instead of raising from a click handler."""
+        if self._busy is not None and self._busy.is_alive() and threading.current_thread() is not self._busy:
+            # one action at a time: the session is not changed under a running Run
+            self.message.value = "<span style='color:#cf222e'>a Run is going: wait for it, or Cancel it</span>"
+            return None
         before = self.version
         self.message.value = ""
         self.hint_message.value = ""
         try:
             out = fn(*args, **kw)
         except Exception as exc:  # noqa: BLE001 - shown to the user, state is the session's
-            self.message.value = f"<span style='color:#cf222e'>{esc(type(exc).__name__)}: {esc(exc)}</span>"
+            self.message.value = f"<span style='color:#cf222e'>{esc(type(exc).__name__)}: {esc(V.pretty_text(str(exc)))}</span>"
             out = None
         if self.version == before:  # nothing changed (e.g. Step when done): still refresh
             self.render()
@@ -161,7 +213,94 @@ class SessionWidget(W.VBox):
         if not until:
             self.message.value = "<span style='color:#cf222e'>type a file.py:LINE or an op name to run to</span>"
             return
-        self._do(self.session.run, until=until)
+        self._run(until=until)
+
+    # Run / Run to: a busy indicator with the operators done, and a Cancel heard between operators
+    def _run(self, until: str | None = None) -> None:
+        if self._busy is not None and self._busy.is_alive():
+            self.message.value = "<span style='color:#cf222e'>a Run is already going: Cancel it first</span>"
+            return
+        self._cancel.clear()
+        self._set_busy(True, "starting...")
+        if self.background:
+            self._busy = threading.Thread(target=self._run_body, args=(until,), daemon=True,
+                                          name="gg-session-run")
+            self._busy.start()
+        else:
+            self._run_body(until)
+
+    def _run_body(self, until) -> None:
+        try:
+            self._do(self.session.run, until=until, progress=self._on_progress)
+        finally:
+            self._set_busy(False)
+
+    def _on_progress(self, k: int) -> bool:
+        now = time.monotonic()
+        if now - self._last_progress > 0.2:  # at most 5 updates a second
+            self._last_progress = now
+            done, total = self.session.progress
+            self.progress.value = done
+            self.progress_label.value = f"&nbsp;{done} / {total} operators"
+            self.busy.value = self._busy_html(f"running... {k} operator{'s' if k != 1 else ''} done")
+        return self._cancel.is_set()
+
+    def _on_cancel(self, _b=None) -> None:
+        self._cancel.set()
+        self.busy.value = self._busy_html("cancelling after the current operator...")
+
+    @staticmethod
+    def _busy_html(text: str) -> str:
+        return (f"<span class='gg-busy-on' style='color:#fff;background:#0969da;border-radius:8px;padding:1px 8px;"
+                f"font-size:12px'>{esc(text)}</span>")
+
+    def _set_busy(self, on: bool, text: str = "") -> None:
+        if on:  # the indicator first: it is what the user waits to see
+            self.busy.value = self._busy_html(text)
+        self.cancel_button.layout.display = "" if on else "none"
+        for b in (self.step_button, self.run_button, self.run_to_button, self.undo_button, self.reset_button,
+                  self.load_button):
+            if on:
+                b.disabled = True
+        self.busy.value = self._busy_html(text) if on else ""
+        if not on:
+            self._render_buttons(force=True)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a background Run to finish (scripts and tests)."""
+        t = self._busy
+        if t is not None:
+            t.join(timeout)
+
+    def _on_save(self, _b=None) -> None:
+        path = self.save_path.value.strip()
+        if not path:
+            self.message.value = "<span style='color:#cf222e'>type a file name to save to</span>"
+            return
+        try:
+            self.session.save(path)
+        except OSError as exc:
+            self.message.value = f"<span style='color:#cf222e'>could not save: {esc(V.pretty_text(str(exc)))}</span>"
+            return
+        self.message.value = (f"<span style='color:#1a7f37'>saved</span> {len(self.session.actions)} actions to "
+                              f"<code>{esc(path)}</code>")
+
+    def _on_load(self, _b=None) -> None:
+        path = self.save_path.value.strip()
+        if not path:
+            self.message.value = "<span style='color:#cf222e'>type the file name to load</span>"
+            return
+        self._do(self.session.restore, path)
+        if not self.message.value:
+            warn = self.session.load_warnings
+            self.message.value = (f"<span style='color:#1a7f37'>loaded</span> <code>{esc(path)}</code>"
+                                  + (f"; not applied: {esc('; '.join(warn))}" if warn else ""))
+
+    def _on_history(self, change) -> None:
+        k = change["new"]
+        if self._rendering or k == len(self.session.engine.steps):
+            return
+        self._do(self.session.goto, k)
 
     def _accept(self, k: int) -> None:
         self._do(self.session.accept, k)
@@ -179,10 +318,13 @@ class SessionWidget(W.VBox):
         if not text.strip():
             self.hint_message.value = "<span style='color:#cf222e'>type a relation</span>"
             return
+        if self._busy is not None and self._busy.is_alive():
+            self.hint_message.value = "<span style='color:#cf222e'>a Run is going: wait for it, or Cancel it</span>"
+            return
         try:
             rv = self.session.hint(tensor, text)
         except ValueError as exc:  # HintError included: the session is unchanged
-            self.hint_message.value = f"<span style='color:#cf222e'>{esc(exc)}</span>"
+            self.hint_message.value = f"<span style='color:#cf222e'>{esc(V.pretty_text(str(exc)))}</span>"
             return
         what = "proved (the engine derives it)" if rv.status == "proved" else "an assumption (not proved)"
         self.hint_message.value = (f"<span style='color:#1a7f37'>added</span> <code>{esc(tensor)} = {esc(rv.text)}"
@@ -190,6 +332,8 @@ class SessionWidget(W.VBox):
 
     def _on_change(self, action: str) -> None:
         self.version += 1
+        if self.session.done and self._busy is not None and self._busy.is_alive():
+            self.busy.value = self._busy_html("checking the verdict (the same checks as gg.verify)...")
         self.render()
 
     # ------------------------------------------------------------------ rendering
@@ -207,10 +351,13 @@ class SessionWidget(W.VBox):
         self.progress.max = max(total, 1)
         self.progress.value = done
         self.progress_label.value = f"&nbsp;{done} / {total} operators"
-        self.step_button.disabled = s.done
-        self.run_button.disabled = s.done
-        self.run_to_button.disabled = s.done
-        self.undo_button.disabled = not s.engine.steps and not s.engine.user_relations
+        self._render_buttons()
+        self._rendering = True
+        try:
+            self.history.max = max(total, 1)
+            self.history.value = len(s.engine.steps)
+        finally:
+            self._rendering = False
         self._render_current()
         self._render_suggestions()
         self._render_hint_default()
@@ -219,6 +366,17 @@ class SessionWidget(W.VBox):
         self._render_graph()
         self._render_banner()
 
+    def _render_buttons(self, force: bool = False) -> None:
+        s = self.session
+        if not force and self._busy is not None and self._busy.is_alive():
+            return
+        self.step_button.disabled = s.done
+        self.run_button.disabled = s.done
+        self.run_to_button.disabled = s.done
+        self.undo_button.disabled = not s.engine.steps and not s.engine.user_relations
+        self.reset_button.disabled = False
+        self.load_button.disabled = False
+
     def _render_current(self) -> None:
         s = self.session
         n = s.current
@@ -226,36 +384,80 @@ class SessionWidget(W.VBox):
             self.current_html.value = "<b>All operators processed.</b>"
             return
         stuck = s.stuck
-        head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
-        parts = [f"{head} <code>{esc(n.target or n.op)}</code> &nbsp;node <code>{esc(n.name)}</code>"
-                 f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"]
-        if n.source:
-            parts.append(f"<div>at <code>{esc(n.source)}</code></div>")
-        ctx = s.context(n)
-        if ctx:
-            rows = "".join(
-                f"<div style='{'background:#ddf4ff;font-weight:bold' if cur else ''}'>"
-                f"<span style='color:#888'>{k:>5} </span>{esc(text)}</div>" for k, text, cur in ctx)
-            parts.append(f"<div style='{_MONO};border:1px solid #ddd;padding:2px;font-size:12px'>{rows}</div>")
-        elif n.code:
-            parts.append(f"<pre>{esc(n.code)}</pre>")
         eng = s.engine
+        names = V.variable_names(eng.seq)
+        head = "<b style='color:#cf222e'>Stuck at</b>" if stuck is not None else "<b>Next operator</b>"
+        parts = [f"{head} <code>{esc(V.display_name(n, names))}</code> &nbsp;<code>{esc(n.target or n.op)}</code>"
+                 f" &nbsp;shape <code>{esc(tuple(n.shape))}</code>"
+                 f"<div style='font-size:12px'>call <code class='gg-call'>{esc(V.call_text(n))}</code></div>"]
+        parts.append(self._side_by_side(n))
         if n.inputs:
             rows = []
             for i in n.inputs:
                 cands = eng.relations.get(i.name, [])
                 rel = "<br>".join(f"<code>{esc(self.show(c.expr))}</code> {badge(_status(c))}" for c in cands[:3]) \
                     or "<i>no relation</i>"
-                rows.append(f"<tr><td><code>{esc(i.name)}</code></td><td style='{_MONO}'>{rel}</td></tr>")
+                rows.append(f"<tr><td><code>{esc(V.display_name(i, names))}</code></td><td style='{_MONO}'>{rel}</td></tr>")
             parts.append("<div>inputs:</div><table style='font-size:12px'>" + "".join(rows) + "</table>")
-        if stuck is not None and stuck.detail:
-            parts.append(f"<div style='color:#cf222e'>{esc(stuck.detail)}</div>")
+        if stuck is not None:
+            # the explanation is printed once: in the verdict banner (the session is done when stuck)
+            parts.append("<div style='color:#cf222e;font-size:12px'>why: see the verdict above</div>")
         elif eng.steps:
             last = eng.steps[-1]
             rel = "; ".join(last.pretty[:2]) or "no relation"
-            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(last.node)}</code> "
+            parts.append(f"<div style='color:#555;font-size:12px'>last step: <code>{esc(V.SPEC + last.node)}</code> "
                          f"({esc(last.status)}) = <code>{esc(rel)}</code></div>")
         self.current_html.value = "".join(parts)
+
+    def _side_by_side(self, n) -> str:
+        """The specification's line next to each rank's corresponding lines (ranks with the same lines
+        share a column), the operator's line highlighted, each operator with its arguments."""
+        s = self.session
+        try:
+            lines = V.corresponding(s, n)
+        except Exception as exc:  # noqa: BLE001 - a view must never break the widget
+            lines = []
+            err = f"<div style='color:#cf222e'>rank lines unavailable: {esc(V.pretty_text(str(exc)))}</div>"
+        else:
+            err = ""
+
+        def code(ctx) -> str:
+            return "".join(
+                f"<div class='{'gg-hl' if cur else ''}' style='{'background:#fff8c5;font-weight:bold' if cur else ''}'>"
+                f"<span style='color:#888'>{k:>4} </span>{esc(text)}</div>" for k, text, cur in ctx)
+
+        spec_ctx = V.context_lines(n, 2)
+        spec_src = V.pretty_source(n.source, n.frames)
+        spec = (f"<div style='font-weight:bold'>specification</div>"
+                f"<div style='color:#555'>{esc(spec_src or 'no source line')}</div>"
+                f"<div style='{_MONO}'>{code(spec_ctx) or esc(n.code or '')}</div>"
+                f"<div><code>{esc(V.SPEC + n.name)} = {esc(V.call_text(n))}</code></div>")
+        groups: dict[tuple, list[int]] = {}
+        per: dict[int, list] = {}
+        for x in lines:
+            per.setdefault(x.rank, []).append(x)
+        for r, xs in per.items():
+            sig = tuple((x.source, x.call, x.role) for x in xs)
+            groups.setdefault(sig, []).append(r)
+        cols = []
+        for sig, ranks in groups.items():
+            xs = per[ranks[0]]
+            title = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            role = "its relation uses" if xs[0].role == "holds" else "operators using its inputs' values"
+            body = []
+            at = f"@r{ranks[0]}" if len(ranks) == 1 else " (on each)"
+            for x in xs:
+                var = f" <span style='color:#555'>({esc(x.variable)})</span>" if x.variable else ""
+                body.append(f"<div style='color:#555;margin-top:2px'>{esc(x.source or 'no source line')}</div>"
+                            f"<div style='{_MONO}'>{code(x.lines)}</div>"
+                            f"<div><code>{esc(x.node)}{esc(at)} = {esc(x.call)}</code>{var}</div>")
+            cols.append(f"<td style='vertical-align:top;border-left:1px solid #ddd;padding:2px 6px'>"
+                        f"<div style='font-weight:bold'>{esc(title)}</div><div style='color:#555'>{role}</div>"
+                        + "".join(body) + "</td>")
+        if not cols:
+            cols.append("<td style='vertical-align:top;color:#555;padding:2px 6px'>no rank operator is related yet</td>")
+        return (f"<table class='gg-side-by-side' style='font-size:12px;border:1px solid #ddd;width:100%'><tr>"
+                f"<td style='vertical-align:top;padding:2px 6px'>{spec}</td>{''.join(cols)}</tr></table>{err}")
 
     def _wants_suggestions(self) -> bool:
         s = self.session
@@ -276,7 +478,7 @@ class SessionWidget(W.VBox):
             sugg = s.suggestions()
         except Exception as exc:  # noqa: BLE001
             self.suggestion_buttons = []
-            self.suggestions_box.children = (W.HTML(f"<span style='color:#cf222e'>suggestions failed: {esc(exc)}</span>"),)
+            self.suggestions_box.children = (W.HTML(f"<span style='color:#cf222e'>suggestions failed: {esc(V.pretty_text(str(exc)))}</span>"),)
             return
         node = s.stuck.node if s.stuck is not None else s.engine.steps[-1].node
         title = "stuck" if s.stuck is not None else "ambiguous: several relations"
@@ -285,15 +487,15 @@ class SessionWidget(W.VBox):
         buttons = []
         for k, sg in enumerate(sugg):
             false = getattr(sg, "numerically_false", None)
-            tag = badge("numerically false") if false else badge("proved") if sg.proved else badge("guess")
-            b = W.Button(description="Accept", layout=W.Layout(width="70px"),
+            tag = badge(getattr(sg, "evidence", "numerically false" if false else "proved" if sg.proved else "guess"))
+            b = W.Button(description="Accept", **_btn_layout(6),
                          tooltip=f"cannot be accepted: {false}" if false else f"session.accept({k})",
                          button_style="success" if sg.proved else "", disabled=bool(false))
             b.on_click(lambda _b, k=k: self._accept(k))
             buttons.append(b)
-            why = (f"<br><span style='color:#cf222e'>cannot be accepted: {esc(false)}</span>" if false else "")
+            why = (f"<br><span style='color:#cf222e'>cannot be accepted: {esc(V.pretty_text(false))}</span>" if false else "")
             rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code style='{_MONO}'>{esc(sg.text)}</code> "
-                                          f"{tag}<br><span style='color:#555'>{esc(sg.reason)}</span>{why}</div>")]))
+                                          f"{tag}<br><span style='color:#555'>{esc(V.pretty_text(sg.reason))}</span>{why}</div>")]))
         self.suggestion_buttons = buttons
         self.suggestions_box.children = tuple(rows)
 
@@ -312,7 +514,7 @@ class SessionWidget(W.VBox):
                              "suggestions; an assumed one makes the verdict at most 'assumed'</span>")]
         buttons = []
         for r in rels:
-            b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", layout=W.Layout(width="76px"))
+            b = W.Button(description="Retract", tooltip=f"session.retract({r.index})", **_btn_layout(7))
             b.on_click(lambda _b, k=r.index: self._retract(k))
             buttons.append(b)
             rows.append(W.HBox([b, W.HTML(f"<div style='font-size:12px'><code>{esc(r.node)}</code> = "
@@ -343,7 +545,8 @@ class SessionWidget(W.VBox):
         if q:
             matched = []
             for name in names:
-                if q in name.lower() or any(q in self.show(c.expr).lower() for c in rels[name]):
+                if q in name.lower() or q in (V.variable_names(eng.seq).get(name) or "").lower() or \
+                        any(q in self.show(c.expr).lower() for c in rels[name]):
                     matched.append(name)
             shown = matched[:FILTER_ROWS]
             note = f"{len(matched)} of {len(names)} tensors match" + \
@@ -352,6 +555,7 @@ class SessionWidget(W.VBox):
             shown = names[-self.table_rows:]
             note = f"last {len(shown)} of {len(names)} tensors" if len(names) > len(shown) else f"{len(names)} tensors"
         stuck = self.session.stuck.node if self.session.stuck is not None else None
+        names = V.variable_names(eng.seq)
         rows = []
         for name in shown:
             cands = rels[name]
@@ -362,7 +566,10 @@ class SessionWidget(W.VBox):
             else:
                 cell = "<br>".join(f"<code>{esc(self.show(c.expr))}</code>" for c in cands)
                 st = "<br>".join(badge(_status(c)) for c in cands)
-            rows.append(f"<tr{bg}><td style='vertical-align:top'><code>{esc(name)}</code></td>"
+            var = names.get(name)
+            shown_name = f"<code>{esc(V.SPEC + name)}</code>" + (
+                f" <span style='color:#555'>{esc(var)}</span>" if var and not var.startswith("in ") else "")
+            rows.append(f"<tr{bg}><td style='vertical-align:top'>{shown_name}</td>"
                         f"<td style='{_MONO};font-size:12px'>{cell}</td><td style='vertical-align:top'>{st}</td></tr>")
         self.relations_html.value = (
             f"<div style='color:#666;font-size:11px'>{esc(note)}</div>"
@@ -387,7 +594,7 @@ class SessionWidget(W.VBox):
                     self._nb = self._graphs.neighbourhood(s, cur)
                     hit = G.render(G.to_dot(s, self._nb, show=self.show))
                 except Exception as exc:  # noqa: BLE001 - the graph view must never break the widget
-                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(exc)}</span>")
+                    hit = ("error", f"<span style='color:#cf222e'>graph view failed: {esc(V.pretty_text(str(exc)))}</span>")
             if len(self._svg_cache) > 64:
                 self._svg_cache.clear()
             self._svg_cache[key] = hit
@@ -450,9 +657,11 @@ class SessionWidget(W.VBox):
             rel = "".join(f"<div><code style='{_MONO}'>{esc(self.show(c.expr))}</code> {badge(_status(c))}</div>"
                           for c in cands) or "<i>no relation</i>"
             step = next((x for x in reversed(eng.steps) if x.node == name), None)
-            extra = f"<div style='color:#555'>{esc(step.detail)}</div>" if step is not None and step.detail else ""
+            extra = f"<div style='color:#555'>{esc(V.pretty_text(step.detail))}</div>" if step is not None and step.detail else ""
+            if s.stuck is not None and s.stuck.node == name:  # its explanation is in the verdict banner (once)
+                extra = "<div style='color:#cf222e'>stuck: why, see the verdict above</div>"
             return (f"<div style='font-size:12px'><b>{esc(name)}</b> <code>{esc(n.target)}</code> "
-                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                    f"{esc(tuple(n.shape))} [{esc(st)}]" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
                     + f"<div>{rel}</div>{extra}</div>")
         r = int(kind[1:])
         g = eng.index.graphs[r]
@@ -466,29 +675,35 @@ class SessionWidget(W.VBox):
             where = ""
         refs = self._nb.rank_refs.get((r, name), []) if self._nb is not None else []
         return (f"<div style='font-size:12px'><b>{esc(name)}@r{r}</b> <code>{esc(n.target)}</code> "
-                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(n.source)}</code>" if n.source else "")
+                f"{esc(tuple(n.shape))}" + (f" at <code>{esc(V.pretty_source(n.source, n.frames))}</code>" if n.source else "")
                 + (f"<div>same value at: <code>{esc(where)}</code></div>" if where else "")
                 + (f"<div>used by the relation of: <code>{esc(', '.join(refs))}</code></div>" if refs else "")
                 + "</div>")
 
     def result(self):
-        """`session.result()`, cached per session version."""
-        if self._result_cache is None or self._result_cache[0] != self.version:
-            self._result_cache = (self.version, self.session.result())
-        return self._result_cache[1]
+        """`session.result()`: the verdict `gg.verify` gives once the session is finished or stuck
+        (the session computes it once per state)."""
+        return self.session.result()
 
     def verdict(self) -> str:
-        """The banner's text: "proved", "assumed: holds only under N assumption(s) (not a proof)" or
-        "stuck at <op>, <file:line>"."""
+        """The banner's headline: "proved", "assumed: holds only under N assumption(s) (not a proof)",
+        "refuted: first wrong value at <op> (<node>, <where>)", "unknown: the numbers agree, a lemma is
+        missing for <op> (<node>, <where>)", or, without a concrete check, "unknown: stuck at ..."."""
         r = self.result()
         if r.proved:
             return "proved"
         if r.status.value in ("assumed", "proved"):  # (a proved status with assumptions is assumed)
             return r.headline()
         c = r.culprit
+        where = ""
         if c is not None:
-            return f"stuck at {c.op}, {c.source}" if c.source else f"stuck at {c.op} ({c.node})"
-        return r.headline()
+            src = V.pretty_source(c.source)
+            where = f" at {c.op} ({V.SPEC}{c.node}" + (f", {src})" if src else ")")
+        if r.status.value == "refuted":
+            return ("refuted: first wrong value" + where) if c is not None else "refuted"
+        if any(f.kind == "numbers-agree" for f in r.findings):
+            return "unknown: the numbers agree, a lemma is missing" + (f" for{where[3:]}" if where else "")
+        return "unknown: stuck" + where if where else "unknown"
 
     def _render_banner(self) -> None:
         s = self.session
@@ -499,31 +714,85 @@ class SessionWidget(W.VBox):
             r = self.result()
             text = self.verdict()
         except Exception as exc:  # noqa: BLE001
-            self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(exc)}</div>"
+            self.banner.value = f"<div style='color:#cf222e'>could not judge: {esc(V.pretty_text(str(exc)))}</div>"
             return
         assumed = not r.proved and r.culprit is None and r.status.value in ("assumed", "proved")
         if r.proved:
             kind, colour, bg = "proved", "#1a7f37", "#dafbe1"
         elif assumed:  # not the green banner: an assumption is not a proof
             kind, colour, bg = "assumed", "#bc4c00", "#fff1e5"
+        elif r.status.value == "refuted":
+            kind, colour, bg = "refuted", "#cf222e", "#ffebe9"
         else:
-            kind, colour, bg = "stuck", "#cf222e", "#ffebe9"
+            kind, colour, bg = "unknown", "#9a6700", "#fff8c5"
         body = ""
         if r.assumptions:
             body += "<ul style='margin:2px 0'>" + "".join(f"<li><code>{esc(a)}</code></li>" for a in r.assumptions) + "</ul>"
         if assumed:
             body += ("<div style='font-size:12px'>every output is related as expected, but only if the assumptions "
                      "above hold: retract them (or undo) to see where the proof needs them</div>")
+        cx = r.counterexample
+        if cx is not None:
+            body += "<div class='gg-counterexample' style='font-size:12px;margin-top:3px'><b>counterexample</b>: "
+            if cx.raised:
+                body += esc(str(cx))
+            elif cx.shapes and cx.shapes[1] is not None and cx.shapes[0] != cx.shapes[1]:
+                body += esc(str(cx))
+            else:
+                ins = ", ".join(f"{k} {v}" for k, v in cx.inputs.items())
+                body += (f"on random inputs (seed {cx.seed}: {esc(ins)}), output {cx.output} should equal "
+                         f"{esc(cx.expected_relation)}, but at index <code>{esc(cx.worst_index)}</code> the "
+                         f"specification gives <code>{esc(_nums(cx.sequential))}</code> and the ranks give "
+                         f"<code>{esc(_nums(cx.rebuilt))}</code> (max error {cx.max_error:.3g}, relative "
+                         f"{cx.relative_error:.3g})")
+            body += "</div>"
         if not r.proved and r.culprit is not None:
             c = r.culprit
-            body += f"<div>node <code>{esc(c.node)}</code>" + (f": <code>{esc(c.code.strip())}</code>" if c.code else "") \
-                + f"</div><div style='font-size:12px'>{esc(c.detail)}</div>"
+            src = V.pretty_source(c.source)
+            body += (f"<div style='font-size:12px'>where: <code>{esc(V.SPEC + c.node)}</code> <code>{esc(c.op)}</code>"
+                     + (f" at {esc(src)}" if src else "")
+                     + (f": <code>{esc(c.code.strip())}</code>" if c.code else "")
+                     + f"</div><div class='gg-why' style='font-size:12px'>{esc(V.pretty_text(c.detail))}</div>")
+        st = s.stuck
+        if st is not None and st.detail and (r.culprit is None or st.detail not in r.culprit.detail):
+            # where the proof stopped, when the numbers blame another operator (the explanation is printed
+            # here only: the other panels point to the banner)
+            n = s.engine.seq.by_name[st.node]
+            src = V.pretty_source(n.source, n.frames)
+            body += (f"<div class='gg-why' style='font-size:12px'>the proof is stuck at <code>{esc(V.SPEC + st.node)}</code> "
+                     f"<code>{esc(st.op)}</code>" + (f" ({esc(src)})" if src else "")
+                     + f": {esc(V.pretty_text(st.detail))}</div>")
+        for f in r.findings:
+            if f.kind in ("numbers-agree", "scale-factor", "rank-raised", "not-simulated", "not-checked"):
+                body += f"<div style='font-size:12px'>{esc(V.pretty_text(f.message))}</div>"
         if not r.proved and not assumed:
             bad = [o for o in r.relations if not o.ok]
             for o in bad[:4]:
-                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(o.detail)}</div>"
+                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(V.pretty_text(o.detail))}</div>"
         self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
+
+
+def _nums(xs) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
+
+
+def _btn_layout(chars: int) -> dict:
+    """A button wide enough for its label (``chars`` long) and icon: never clipped, never shrunk."""
+    return dict(layout=W.Layout(width="auto", min_width=f"{chars * 9 + 42}px", flex="0 0 auto"))
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "session"
 
 
 def _graph_view_class():

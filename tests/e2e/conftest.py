@@ -243,6 +243,13 @@ def _artifact_dir(request, tmp_path) -> Path:
 
 
 @pytest.fixture
+def artifacts(request, tmp_path) -> Path:
+    """Where a test saves its screenshots: ``$GG_E2E_ARTIFACTS/<test>`` or the test's tmp_path (never
+    the repository)."""
+    return _artifact_dir(request, tmp_path)
+
+
+@pytest.fixture
 def page(browser, lab, request, tmp_path):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(30_000)

@@ -9,7 +9,8 @@ What these tests rely on in the widget (keep stable, or update here):
 * buttons found by their exact text: "Step", "Run", "Reset", "Accept", "Add hint";
 * the progress label text "<done> / <total> operators";
 * the verdict banner element ``.gg-verdict`` with "proved" / "assumed: holds only under N
-  assumption(s) (not a proof)" / "stuck at ...";
+  assumption(s) (not a proof)" / "refuted: first wrong value at ..." (with a ``.gg-counterexample``)
+  / "unknown: the numbers agree, a lemma is missing for ...";
 * the relation table: the ``<table>`` whose header has a "relation(s)" column; one ``<tr>`` per
   tensor holding the relation text and a status badge ("proved" / "assumed");
 * a suggestion row: an HBox holding an "Accept" button and the suggestion's text in ``<code>``; a
@@ -219,7 +220,7 @@ def test_buggy_session_false_suggestions_and_invalid_hint(lab, page, notebook_ui
     w.wait_progress(lambda d, t: d == 0 and t > 0, "0 / N")
 
     w.click("Run")
-    w.wait_banner(lambda t: "stuck" in t, "'stuck' after Run")
+    w.wait_banner(lambda t: t.strip().startswith("refuted"), "'refuted' after Run")
     accept = w.button("Accept")
     wait_until("an Accept button", lambda: accept.count() > 0, page=page)
     # The program is wrong: no clean relation holds, every suggestion is marked and cannot be accepted.
@@ -257,7 +258,7 @@ def test_accept_a_true_guess_is_assumed_and_retract_takes_it_back(lab, page, not
     w = open_and_run_all(notebook_ui, name)
     w.wait_progress(lambda d, t: d == 0 and t > 0, "0 / N")
     w.click("Run")
-    w.wait_banner(lambda t: "stuck" in t, "'stuck' after Run")
+    w.wait_banner(lambda t: t.strip().startswith("unknown") and "numbers agree" in t, "'unknown' (numbers agree) after Run")
     accept = w.button("Accept")
     wait_until("an Accept button", lambda: accept.count() > 0, page=page)
     row = accept.first.locator("xpath=..")
@@ -272,5 +273,5 @@ def test_accept_a_true_guess_is_assumed_and_retract_takes_it_back(lab, page, not
     assert "holds only under 1 assumption" in banner and "not a proof" in banner, banner
     assert "gg-verdict-assumed" in (w.root.locator(".gg-verdict").first.get_attribute("class") or "")
     w.click("Retract")
-    w.wait_banner(lambda t: "stuck" in t, "'stuck' after Retract")
+    w.wait_banner(lambda t: t.strip().startswith("unknown"), "'unknown' after Retract")
     wait_until("no 'Your relations' after Retract", lambda: "Your relations" not in w.text(), page=page)

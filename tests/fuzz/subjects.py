@@ -117,7 +117,7 @@ _EXAMPLE_SPECS = {
     "mesh_dp_pp_tp": ("mesh", "make_dp_pp_tp", ("dp_pp_tp_step", "mesh3_groups", "_gpipe_tp", "_tp_block",
                                                 "_send_scattered", "_recv_gathered"),
                       dict(batch=8, hidden=4, ffn=4), ((8, "float64"),), 3),
-    "dtensor_sp_mlp": ("dtensor", "make_sp_mlp", ("sp_mlp_dtensor",), dict(batch=1, seq=4, hidden=4, ffn=8),
+    "dtensor_sp_mlp": ("dtensor", "make_sp_mlp", ("sp_mlp_dtensor",), dict(batch=2, seq=4, hidden=4, ffn=8),
                        ((2, "float64"), (4, "float64")), 4),
     "dtensor_tp_dp_train": ("dtensor", "make_tp_dp_train", ("tp_dp_train_dtensor",), dict(batch=4, hidden=4, ffn=8),
                             ((4, "float64"),), 4),
