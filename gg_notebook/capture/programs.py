@@ -101,17 +101,23 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
     n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
     trace_s = time.perf_counter() - t0
     out: dict = {}
-    for d in diffs:  # before lowering the representative: lowering rewrites its graph in place
+    derived: list = []
+    for d in diffs:  # every copy before lowering the representative: lowering rewrites its graph in place
         t1 = time.perf_counter()
         g = spec.graph_for(d)
         if isinstance(g, str):
             out[d.rank] = g
-            continue
-        graph = lower(g, d.rank)
-        out[d.rank] = _Captured(graph, [dataclasses.replace(c, rank=d.rank) for c in issued], n_out, mutations,
-                                time.perf_counter() - t1)
+        else:
+            derived.append((d.rank, g, time.perf_counter() - t1))
+    # the representative (the lowest rank of its class) is lowered first, then the others in rank
+    # order: a lowering error is reported for the same rank as when every rank is traced
     t2 = time.perf_counter()
     out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, trace_s + time.perf_counter() - t2)
+    for r, g, copy_s in derived:
+        t1 = time.perf_counter()
+        graph = lower(g, r)
+        out[r] = _Captured(graph, [dataclasses.replace(c, rank=r) for c in issued], n_out, mutations,
+                           copy_s + time.perf_counter() - t1)
     return out
 
 
