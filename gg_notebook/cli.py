@@ -39,7 +39,9 @@ def _verify(problem: Any) -> Any:
     """``gg_notebook.verify`` looked up at call time, so the engine (or a test fake) can replace it."""
     import gg_notebook
 
-    return gg_notebook.verify(problem)
+    # progress bars on an interactive terminal only (not when piped, not under tests)
+    options = {"progress": True} if sys.stderr.isatty() else {}
+    return gg_notebook.verify(problem, **options)
 
 
 def _load_examples() -> Any:

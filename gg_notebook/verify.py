@@ -12,6 +12,7 @@ from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.engine.judge import judge
 from gg_notebook.ir.lower import lower
 from gg_notebook.problem import Layout, Problem, ProblemError, RandomOpError, validate_expect, validate_problem
+from gg_notebook.capture.progress import make_progress
 from gg_notebook.relations.expr import ExprStore
 from gg_notebook.relations.inputs import global_atoms, rank_input_terms
 from gg_notebook.result import Result, Status, VerificationError
@@ -72,7 +73,8 @@ def input_ranges(problem: Problem) -> dict:
     return out
 
 
-def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
+def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real", capture_once: bool = True,
+            executor=None, progress=None):
     """Capture and index ``problem``; returns an `Engine` ready to step, plus timing stats.
 
     ``capture``: "processes" traces and lowers every rank in its own forked process (as a real
@@ -89,7 +91,9 @@ def prepare(problem: Problem, *, capture: str = "auto", exact: str = "real"):
     cap = capture_and_lower(problem, functools.partial(_lower, policy=getattr(problem, "random", "refuse"),
                                                        decompositions=decompositions,
                                                        input_ranges=input_ranges(problem),
-                                                       bitwise=exact == "bitwise"), capture)
+                                                       bitwise=exact == "bitwise"), capture,
+                            once=capture_once, executor=executor,
+                            progress=make_progress(progress))
     t1 = time.perf_counter()
     policy = getattr(problem, "random", "refuse")
     check_random(cap.sequential, policy)
@@ -181,7 +185,8 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
-           validate: bool = True, capture: str = "auto") -> Result:
+           validate: bool = True, capture: str = "auto", capture_once: bool = True, executor=None,
+           progress=None) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -199,13 +204,33 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
 
     ``capture="auto"`` (default) traces every rank in its own process where the platform forks,
-    ``"inprocess"`` all in this process (see `prepare`)."""
+    ``"inprocess"`` all in this process (see `prepare`). ``capture_once`` (default on) traces rank 0
+    and derives every rank whose recorded operator calls equal rank 0's up to numbers from it; the
+    other ranks are traced (``result.stats["capture"]`` says which and why; see
+    `gg_notebook.capture.symmetry`).
+
+    ``executor``: any `concurrent.futures.Executor` of worker *processes* (a
+    ``ProcessPoolExecutor``, or a cluster's: ``distributed.Client(...).get_executor()`` with the
+    ``[dask]`` extra) runs the per-rank recordings and traces instead of this machine's forked
+    children; the problem and the lowered graphs travel pickled (dask pickles local functions too,
+    a ProcessPoolExecutor only module-level ones). A worker may capture several programs in turn,
+    so module-level state of the user's code is not fresh per rank there (it is with the default).
+
+    ``progress``: True for tqdm.auto bars (capture per program and rank, inference per operator),
+    or a callable ``f(stage, done, total, detail)`` (see `gg_notebook.capture.progress`)."""
     if exact not in ("real", "bitwise"):
         raise ProblemError(f"exact must be 'real' or 'bitwise', not {exact!r}")
-    engine, stats = prepare(problem, capture=capture, exact=exact)
+    report = make_progress(progress)
+    engine, stats = prepare(problem, capture=capture, exact=exact, capture_once=capture_once, executor=executor,
+                            progress=report)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
-    _guard("inferring", engine.run, node_of=lambda: _current(engine))
+    if report is not None:
+        _report_steps(engine, report)
+    try:
+        _guard("inferring", engine.run, node_of=lambda: _current(engine))
+    finally:
+        engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
     stats["inference_s"] = time.perf_counter() - t0
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)
@@ -250,6 +275,23 @@ def conclude(engine: Engine, problem: Problem, stats: dict, *, exact: str = "rea
     stats["exact"] = exact
     stats["world_size"] = problem.world_size
     return result
+
+
+def _report_steps(engine: Engine, report) -> None:
+    """Call ``report("inference", done, total, op)`` as the engine steps (about 100 times a run)."""
+    step = engine.step
+    total = len(engine.seq.nodes)
+    every = max(1, total // 100)
+
+    def reporting_step():
+        out = step()
+        k = engine.cursor
+        if k % every == 0 or engine.done:
+            n = engine.seq.nodes[k - 1] if 0 < k <= total else None
+            report("inference", total if engine.done else k, total, str(getattr(n, "target", "")) if n else "")
+        return out
+
+    engine.step = reporting_step
 
 
 def _domain_violation(problem: Problem):

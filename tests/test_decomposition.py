@@ -390,6 +390,15 @@ def test_custom_op_without_definition_is_a_clear_error():
     assert e.value.rank == 0 and isinstance(e.value, gg.ProblemError)
 
 
+@pytest.mark.parametrize("kw", [dict(capture="inprocess"), dict(capture="processes"),
+                                dict(capture="processes", capture_once=False)])
+def test_custom_op_error_names_the_lowest_rank_however_captured(kw):
+    # derived ranks are lowered after their representative: the error is rank 0's, as when every rank is traced
+    with pytest.raises(D.CustomOpError) as e:
+        gg.verify(_ln_problem(ln_seq), **kw)
+    assert e.value.rank == 0 and "rank 0's program" in str(e.value)
+
+
 def test_custom_op_definition_with_wrong_shape_is_refused():
     with pytest.raises(D.CustomOpError, match="did not apply"):
         gg.verify(_ln_problem(ln_seq, {torch.ops.gg_test.fused_ln.default: lambda x, w, b, eps: x.sum(-1)}))

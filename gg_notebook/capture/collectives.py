@@ -919,6 +919,8 @@ def finish_collectives(gm: fx.GraphModule) -> list[fx.Node]:
             except Exception:  # pragma: no cover - private fx API; names are cosmetic
                 pass
             results.append(n)
+        elif n.op == "call_function" and n.target is collective_result:
+            results.append(n)  # a graph that was not replayed (one pass: tracing._mutation_free)
     _simplify_shims(g)
     _dce(g)
     return results

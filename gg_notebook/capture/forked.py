@@ -66,13 +66,19 @@ class ChildDied(Exception):
         self.how = how
 
 
-def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+               then: Callable[[int, Any], Sequence[Any]] | None = None) -> list[Any]:
     """``[fn(item) for item in items]``, each call in its own forked child, at most ``workers`` at a time.
+
+    ``then(i, result)``, if given, is called here as each call's result arrives and returns items to
+    append (run like the others; their results follow in the returned list): work that depends on
+    earlier results starts as soon as they are in, while other children still run.
 
     If calls raise, the exception of the first failing item (in ``items`` order) is raised here, as
     the sequential loop would; `ChildDied` if a child ends without a result. Output the children
     print is printed here, in ``items`` order."""
     ctx = multiprocessing.get_context("fork")
+    items = list(items)
     todo = list(range(len(items)))
     running: dict[multiprocessing.connection.Connection, tuple[int, multiprocessing.Process]] = {}
     outcomes: dict[int, tuple[str, Any, str, str]] = {}
@@ -103,6 +109,10 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> 
                 outcomes[i] = outcome
                 if outcome[0] != "ok" and (first_failure is None or i < first_failure):
                     first_failure = i
+                elif outcome[0] == "ok" and then is not None and first_failure is None:
+                    new = list(then(i, outcome[1]))
+                    todo.extend(range(len(items), len(items) + len(new)))
+                    items.extend(new)
     finally:
         for conn, (_, proc) in running.items():
             _stop(proc)

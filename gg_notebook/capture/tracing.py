@@ -12,6 +12,7 @@ from one rank's trace into the next, which a real job never does.
 
 from __future__ import annotations
 
+import operator
 import sys
 import time
 import warnings
@@ -220,7 +221,8 @@ def _error(e: BaseException, rank: int | None, shapes: list[tuple]) -> CaptureEr
     return CaptureError(msg, rank=rank, source=src)
 
 
-_KEPT_META = ("gg_source", "gg_frames", "gg_source_kind", "gg_backward", "gg_shim", "gg_collective", "stack_trace")
+_KEPT_META = ("gg_source", "gg_frames", "gg_source_kind", "gg_backward", "gg_shim", "gg_collective", "stack_trace",
+              "gg_call")
 
 
 class _SourceKeepingInterpreter(fx.Interpreter):
@@ -264,6 +266,61 @@ def _positional(fn: Callable) -> Callable:
     return call
 
 
+_record_calls = False  # set by `recording_calls`: pass 1 runs under a symmetry.OpRecorder
+
+
+@contextmanager
+def recording_calls() -> Iterator[None]:
+    """Within: every rank trace records its operator calls (``gm.meta["gg_recording"]``) and tags
+    every node with the call it came from (``meta["gg_call"]``), for `capture.symmetry`."""
+    global _record_calls
+    saved, _record_calls = _record_calls, True
+    try:
+        yield
+    finally:
+        _record_calls = saved
+
+
+def _recorded(fn: Callable, rank: int | None):
+    if not _record_calls or rank is None:
+        return fn, None
+    from gg_notebook.capture.symmetry import OpRecorder
+
+    recorder = OpRecorder(rank, tag=True)
+
+    def call(*args):
+        recorder.inputs(args)  # inputs by position, as in `symmetry.record_rank`
+        with recorder:
+            out = fn(*args)
+        recorder.returned(out)
+        return out
+
+    return call, recorder
+
+
+one_pass = True  # skip the functionalizing replay of graphs without mutations (tests turn it off to compare)
+
+
+def _mutation_free(gm: fx.GraphModule) -> bool:
+    """No node of ``gm`` mutates or returns an alias it could write through: every operator is an
+    aten OpOverload whose schema mutates nothing (views are fine: functionalization keeps them as
+    they are), or a `collective_result`. Functionalizing such a graph changes nothing."""
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        if n.op != "call_function":
+            return False
+        t = n.target
+        if t is collective_result or t is operator.getitem:
+            continue
+        schema = getattr(t, "_schema", None)
+        if not isinstance(t, torch._ops.OpOverload) or schema is None or schema.is_mutable:
+            return False
+        if t.namespace not in ("aten", "prims"):
+            return False
+    return True
+
+
 def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order."""
     shapes = [tuple(a.shape) for a in args]
@@ -277,20 +334,28 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                 # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
                 # decoded and rewritten here, while the process group is alive.
                 with collective_shims(), record_group_origins():
-                    gm1 = make_fx(fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                    traced_fn, recorder = _recorded(fn, rank)
+                    gm1 = make_fx(traced_fn, tracing_mode="fake", record_stack_traces=False)(*args)
                     rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
-                # node inherits the user source of the node it comes from.
+                # node inherits the user source of the node it comes from. A graph without any
+                # mutation is already what functionalization returns: one pass (see `_mutation_free`).
                 replay = _SourceKeepingInterpreter(gm1)
                 try:
-                    with torch.no_grad():
-                        gm = make_fx(torch.func.functionalize(replay.run), tracing_mode="fake",
-                                     record_stack_traces=False)(*args)
+                    if one_pass and _mutation_free(gm1):
+                        gm = gm1
+                        gm.meta["gg_one_pass"] = True
+                    else:
+                        with torch.no_grad():
+                            gm = make_fx(torch.func.functionalize(replay.run), tracing_mode="fake",
+                                         record_stack_traces=False)(*args)
                     results = issued_collectives(gm1.meta["gg_issued"], finish_collectives(gm), rank)
                     # placeholder vals carry the inputs' requires_grad (make_fx stores detached vals)
                     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
                     for p, a in zip(ph, args):
                         p.meta["val"] = a
+                    if recorder is not None:
+                        gm.meta["gg_recording"] = recorder.finish()
                 finally:
                     clear_replay()
     except CaptureError:

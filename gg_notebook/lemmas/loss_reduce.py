@@ -183,7 +183,7 @@ def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
     except RuntimeError:
         return None
     for c in _view_family(index, x_t, depth=1):
-        if tuple(c.shape) != shape:
+        if not _same_elements_broadcast(tuple(c.shape), shape):
             continue
         for u in index.users_of(c):
             if (u.op != "call" or u.attrs.name != "aten.mul.Tensor" or len(u.args) != 2
@@ -210,6 +210,15 @@ def match_scale_rows(engine, spec: OpSpec, args: tuple) -> Expr | None:
                     r = index.ref(d)
                     return r if c.id == x_t.id else engine.store.view(r, shape)
     return None
+
+
+def _same_elements_broadcast(c_shape: tuple, shape: tuple) -> bool:
+    """Is a tensor of ``c_shape`` broadcast to ``shape`` its own row-major view to ``shape``: the same
+    shape, or only leading dims of size 1 added (``[N, V]`` read as ``[1, N, V]``, as a lowering that
+    drops a leading unsqueeze before a broadcasting multiply leaves it)? Then an elementwise operator
+    of result ``shape`` reads a view-family member ``c`` element for element as ``x``."""
+    k = len(shape) - len(c_shape)
+    return k >= 0 and shape[k:] == c_shape and all(s == 1 for s in shape[:k])
 
 
 def _divides_by_reciprocal(u: Expr, c: Expr, gv: torch.Tensor) -> bool:

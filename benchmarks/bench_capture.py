@@ -1,0 +1,210 @@
+"""Benchmark: capture once (trace rank 0, specialize the symmetric ranks) against tracing every rank.
+
+Every measurement runs `gg.verify` once in a *fresh* interpreter (so peak RSS is that run's and no
+cache carries over); each cell is measured ``--runs`` times (default 3) per variant and medians are
+reported, with the ratio old / new:
+
+  - ``old``: ``gg.verify(problem, capture_once=False)`` (every rank traced, as before issue 12)
+  - ``new``: ``gg.verify(problem)`` (capture once)
+
+Suites:
+
+  gpt     the GPT grid of bench_gpt.py (hidden 768, FFN 3072, vocab 49152, seq 1536, batch 8, 16 heads),
+          TP x layers, forward and forward+backward
+  405b    the built-in GPT at a Llama-3-405B-like shape (hidden 16384, 128 heads, FFN 53248, vocab 128256,
+          seq 4096, batch 1), TP8, meta tensors; layers 4 and 16 (``--layers``) -> seconds per layer and the
+          126-layer total extrapolated linearly; ``--full`` also measures 126 layers once
+
+    python benchmarks/bench_capture.py gpt --tp 2 4 8 --layers 1 8
+    python benchmarks/bench_capture.py 405b --mode fwd fwd_bwd
+    python benchmarks/bench_capture.py gpt --quick
+
+Wall time on a shared machine is noisy: CPU seconds (this process and its capture children) are
+reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+GPT = dict(hidden=768, heads=16, vocab=49152, seq=1536, batch=8, ffn=3072)
+L405B = dict(hidden=16384, heads=128, vocab=128256, seq=4096, batch=1, ffn=53248)
+KEYS = ("capture_s", "index_s", "inference_s", "judge_s", "total_s")
+
+
+def run_one(cell: dict) -> dict:
+    """Child: build the problem, verify once, return times, verdict, capture stats, peak RSS."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    import gg_notebook as gg
+    from gg_notebook.examples.gpt import make
+
+    problem = make(cell["tp"], layers=cell["layers"], backward=cell["mode"] == "fwd_bwd", device="meta",
+                   **cell["model"])
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    result = gg.verify(problem, capture_once=cell["variant"] == "new")
+    wall = time.perf_counter() - t0
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    st = result.stats
+    out = {k: float(st.get(k, float("nan"))) for k in KEYS}
+    out.update(wall_s=wall, status=str(result.status),
+               cpu_s=(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+               + (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime),
+               peak_rss_mb=r1.ru_maxrss / 1024, peak_rss_children_mb=c1.ru_maxrss / 1024,
+               capture=st.get("capture"))
+    return out
+
+
+def launch(cell: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@RESULT "):
+            return json.loads(line[len("@@RESULT "):])
+    return {"error": "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])}
+
+
+def measure(cell: dict, runs: int, timeout: float) -> dict:
+    """Medians over ``runs`` fresh processes per variant, interleaved (old, new, old, new, ...)."""
+    res: dict = {"old": [], "new": []}
+    for _ in range(runs):
+        for variant in ("old", "new"):
+            res[variant].append(launch(dict(cell, variant=variant), timeout))
+    out = {}
+    for variant, rs in res.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out[variant] = {"error": rs[-1].get("error")}
+            continue
+        med = {k: statistics.median(r[k] for r in ok) for k in (*KEYS, "wall_s", "cpu_s", "peak_rss_mb",
+                                                              "peak_rss_children_mb")}
+        med["status"] = sorted({r["status"] for r in ok})
+        med["capture"] = ok[-1].get("capture")
+        med["runs"] = len(ok)
+        out[variant] = med
+    return out
+
+
+def _f(x, spec=".2f"):
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def row(cell: dict, m: dict) -> str:
+    o, n = m.get("old", {}), m.get("new", {})
+    if "error" in o or "error" in n:
+        return f"| {cell['mode']} | TP{cell['tp']} | {cell['layers']} | error: {o.get('error') or n.get('error')} |"
+    cap = n.get("capture") or {}
+    return (f"| {cell['mode']} | TP{cell['tp']} | {cell['layers']} | {_f(o['total_s'])} | {_f(n['total_s'])} | "
+            f"{_f(o['total_s'] / n['total_s'])}x | {_f(o['capture_s'])} / {_f(n['capture_s'])} | "
+            f"{_f(n['index_s'])} / {_f(n['inference_s'])} / {_f(n['judge_s'])} | "
+            f"{_f(o['cpu_s'], '.1f')} / {_f(n['cpu_s'], '.1f')} | "
+            f"{_f(max(n['peak_rss_mb'], n['peak_rss_children_mb']), '.0f')} | "
+            f"{cap.get('traced', '-')}/{cell['tp']} | {','.join(n['status'])} |")
+
+
+HEAD = ("| mode | TP | layers | old total s | new total s | old/new | capture s old / new | "
+        "new index / inference / judge s | CPU s old / new | new peak RSS MB | traced ranks | verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("suite", nargs="?", choices=["gpt", "405b"], default="gpt")
+    ap.add_argument("--tp", type=int, nargs="+", default=None)
+    ap.add_argument("--layers", type=int, nargs="+", default=None)
+    ap.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per variant and cell (median)")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--full", action="store_true", help="405b: also measure the 126-layer model once")
+    ap.add_argument("--quick", action="store_true", help="gpt: TP 2 x 1 layer, forward, one run")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cell:
+        print("@@RESULT " + json.dumps(run_one(json.loads(args.cell))), flush=True)
+        return 0
+    if args.suite == "gpt":
+        model = GPT
+        tps = args.tp or [2, 4, 8]
+        layers = args.layers or [1, 2, 4, 8]
+        if args.quick:
+            tps, layers, args.mode, args.runs = [2], [1], ["fwd"], 1
+    else:
+        model = L405B
+        tps = args.tp or [8]
+        layers = args.layers or [4, 16]
+    cells = [dict(mode=m, tp=t, layers=l, model=model) for m in args.mode for t in tps for l in layers]
+    print(f"# capture-once benchmark, suite {args.suite}: {model}; {len(cells)} cell(s) x 2 variants x "
+          f"{args.runs} fresh processes", flush=True)
+    doc = {"suite": args.suite, "model": model, "runs": args.runs, "cells": []}
+    for c in cells:
+        m = measure(c, args.runs, args.timeout)
+        doc["cells"].append({"cell": c, "result": m})
+        print(row(c, m), flush=True)
+    if args.suite == "405b" and args.full:
+        for mode in args.mode:
+            c = dict(mode=mode, tp=tps[0], layers=126, model=model)
+            m = measure(c, 1, args.timeout * 4)
+            doc["cells"].append({"cell": c, "result": m})
+            print(row(c, m), flush=True)
+    print("\n" + HEAD)
+    for e in doc["cells"]:
+        print(row(e["cell"], e["result"]))
+    print()
+    for line in growth(doc["cells"]):
+        print(line)
+    out = Path(args.out or HERE / "results" / f"capture_{args.suite}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def growth(cells: list[dict]) -> list[str]:
+    """Seconds per added layer and per added rank, old and new, and the 126-layer extrapolation."""
+    tot = {}
+    for e in cells:
+        c, m = e["cell"], e["result"]
+        for v in ("old", "new"):
+            if "total_s" in m.get(v, {}):
+                tot[(c["mode"], c["tp"], c["layers"], v)] = m[v]["total_s"]
+    lines = []
+    for mode in sorted({k[0] for k in tot}):
+        for v in ("old", "new"):
+            tps = sorted({k[1] for k in tot if k[0] == mode and k[3] == v})
+            for t in tps:
+                ls = sorted(k[2] for k in tot if k[0] == mode and k[1] == t and k[3] == v and k[2] != 126)
+                if len(ls) > 1:
+                    a, b = tot[(mode, t, ls[0], v)], tot[(mode, t, ls[-1], v)]
+                    per = (b - a) / (ls[-1] - ls[0])
+                    lines.append(f"{mode} {v} TP{t}: {per:.3f} s per layer ({ls[0]}->{ls[-1]} layers); "
+                                 f"126 layers extrapolated: {a + per * (126 - ls[0]):.1f} s")
+            layers = sorted({k[2] for k in tot if k[0] == mode and k[3] == v})
+            for l in layers:
+                ts = sorted(k[1] for k in tot if k[0] == mode and k[2] == l and k[3] == v)
+                if len(ts) > 1:
+                    a, b = tot[(mode, ts[0], l, v)], tot[(mode, ts[-1], l, v)]
+                    lines.append(f"{mode} {v} L{l}: {(b - a) / (ts[-1] - ts[0]):.3f} s per added rank "
+                                 f"(TP{ts[0]}->TP{ts[-1]})")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
