@@ -659,3 +659,74 @@ def test_trace_and_recording_agree_by_bits():
     traced = symmetry.Recording(0, calls=[call[:3] + ((-0.0,),) + call[4:]])
     assert symmetry.Specializer(torch.fx.symbolic_trace(lambda x: x), rep, traced).reason
     assert symmetry.Specializer(torch.fx.symbolic_trace(lambda x: x), rep, rep).reason is None
+
+
+# ------------------------------------ second review: user Python that lowering runs, .data swaps
+# A custom operator whose definition (Problem.decompositions) reads the tensor-parallel rank from a
+# module global, Megatron parallel_state style: the call carries no number, so every rank records the
+# same call; a derived rank lowered in its representative's process would run the definition with
+# the representative's global. Such programs are traced rank by rank.
+
+_parallel_state = {"tp_rank": 0}
+
+
+@torch.library.custom_op("gg_test_once::scale_by_tp_rank", mutates_args=())
+def _scale_by_tp_rank(x: torch.Tensor) -> torch.Tensor:
+    return x * (_parallel_state["tp_rank"] + 1)
+
+
+@_scale_by_tp_rank.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _scale_definition(x):
+    return x * (_parallel_state["tp_rank"] + 1)
+
+
+def _scaled_by_rank(x):  # BUG: rank 1 returns 2 * x
+    _parallel_state["tp_rank"] = dist.get_rank()
+    return torch.ops.gg_test_once.scale_by_tp_rank(x)
+
+
+@pytest.mark.parametrize("capture", ["processes", "inprocess"])
+def test_custom_operator_reading_a_rank_global_is_traced_per_rank(capture):
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = Problem(sequential=lambda x: x.clone(), distributed=_scaled_by_rank, inputs=[x], placements=[Replicate()],
+                world_size=2, expect=[Replicate()],
+                decompositions={torch.ops.gg_test_once.scale_by_tp_rank.default: _scale_definition})
+    r = gg.verify(p, capture=capture)
+    assert r.status is gg.Status.REFUTED, (r.status, _cap(r))
+    assert _cap(r)["specialized"] == 0 and "decompositions" in _cap(r)["fallback_reason"], _cap(r)
+
+
+def test_custom_operator_without_decompositions_is_not_derived():
+    rec = symmetry.Recording(0, calls=[("gg_test_once.scale_by_tp_rank.default", (), (), (), (), None)])
+    assert "custom operator gg_test_once.scale_by_tp_rank.default" in symmetry.user_code_reason(rec)
+    assert symmetry.user_code_reason(symmetry.Recording(0, calls=[("aten.mm.default", (), (), (), (), None)])) is None
+
+
+def _swapped_on_rank_1(x, y):  # BUG: rank 1 computes 2 * y; no operator call tells the ranks apart
+    a = x.clone()
+    if dist.get_rank() == 1:
+        a.data = y
+    return a * 2
+
+
+def _swapped_everywhere(x, y):
+    a = y.clone()
+    a.data = x
+    return a * 2
+
+
+def test_data_assignment_on_one_rank_is_not_derived():
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    p = Problem(sequential=lambda x, y: x * 2, distributed=_swapped_on_rank_1, inputs=[x, y],
+                placements=[Replicate(), Replicate()], world_size=2, expect=[Replicate()])
+    r = gg.verify(p)
+    assert r.status is gg.Status.REFUTED, (r.status, _cap(r))
+    p = Problem(sequential=lambda x, y: x * 2, distributed=_swapped_everywhere, inputs=[x, y],
+                placements=[Replicate(), Replicate()], world_size=2, expect=[Replicate()])
+    r = gg.verify(p)
+    assert r.status is gg.Status.PROVED and "data" in (_cap(r)["fallback_reason"] or ""), (r.status, _cap(r))

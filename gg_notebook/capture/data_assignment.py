@@ -55,3 +55,18 @@ def follow_data_assignments() -> Iterator[None]:
     """While active (inside make_fx), ``t.data = other`` makes later uses of ``t`` read ``other``'s node."""
     with _FollowDataAssignments():
         yield
+
+
+class _RefuseDataAssignments(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _is_data_assignment(func):
+            raise UntraceableAssignment("`tensor.data = other` (not recordable: the rank is traced on its own)")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def refuse_data_assignments() -> Iterator[None]:
+    """While active, ``t.data = other`` raises `UntraceableAssignment` (for a recording of the calls a
+    rank makes, which keys tensors by object and would not see the swap)."""
+    with _RefuseDataAssignments():
+        yield

@@ -33,7 +33,8 @@ import torch.fx as fx
 from gg_notebook.capture.collectives import IssuedCollective, MatchedCollective, match_collectives
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.forked import ChildDied, ResultNotSent, fork_available, run_forked
-from gg_notebook.capture.symmetry import Diff, Recording, Specializer, compare, p2p_reason, record_rank
+from gg_notebook.capture.symmetry import (Diff, Recording, Specializer, compare, p2p_reason, record_rank,
+                                          user_code_reason)
 from gg_notebook.capture.tracing import (
     _n_outputs,
     check_output_counts,
@@ -329,7 +330,7 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
         if isinstance(res, Recording):
             recs[res.rank] = res
             if res.rank == rep and len(recs) == 1:
-                early = recs[rep].error or p2p_reason(recs[rep])
+                early = recs[rep].error or p2p_reason(recs[rep]) or user_code_reason(recs[rep], problem)
                 if early:  # no rank can be derived from rank 0: trace them all, record nothing more
                     times["record_s"] = time.perf_counter() - t0
                     for r in range(W):

@@ -33,6 +33,11 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    arguments, and no other node holding the representative's number; anything else (an operator
    folded to a constant, decomposed, ...) makes the rank a fallback.
 
+Never derived (traced rank by rank instead): programs that call custom operators or have
+``Problem.decompositions`` (lowering runs their Python definitions, which may read per-rank state the
+recording cannot see, e.g. a module global holding the rank), and ranks that assign ``tensor.data``
+(the swap reaches no dispatcher, so the recording would not see it).
+
 What this relies on (stated, not checked): a rank's program, run under make_fx, issues the same
 operator calls as when it runs under plain fake tensors, for every rank as it does for the
 representative (checked for the representative). Programs that test whether they are being traced
@@ -318,6 +323,7 @@ def record_rank(problem, rank: int) -> Recording:
 
     from gg_notebook.capture import tracing as T
     from gg_notebook.capture.collectives import collective_shims, record_group_origins
+    from gg_notebook.capture.data_assignment import refuse_data_assignments
 
     t0 = time.perf_counter()
     rec = OpRecorder(rank)
@@ -331,7 +337,7 @@ def record_rank(problem, rank: int) -> Recording:
                 with T._session(problem.distributed, rank, problem.world_size) as fn:
                     fn = T._positional(fn)
                     rec.inputs(args)
-                    with collective_shims(), record_group_origins(), mode, rec:
+                    with refuse_data_assignments(), collective_shims(), record_group_origins(), mode, rec:
                         out = fn(*args)
                     rec.returned(out)
         out_rec = rec.finish()
@@ -383,6 +389,9 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
     p2p = p2p_reason(rep)
     if p2p is not None:
         return p2p
+    user = user_code_reason(rep) or user_code_reason(other)
+    if user is not None:
+        return user
     if rep.inputs != other.inputs:
         k = next((i for i, (a, b) in enumerate(zip(rep.inputs, other.inputs)) if a != b), None)
         return (f"its local input {k} has another shape, stride or dtype than rank {rep.rank}'s"
@@ -401,6 +410,25 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
         if values:
             diff.values[i] = values
     return diff
+
+
+# operator namespaces whose kernels are PyTorch's own (no user Python runs when they are lowered)
+_BUILTIN_NAMESPACES = frozenset({"aten", "prims", "c10d", "_c10d_functional", "c10d_functional",
+                                 "_c10d_functional_autograd", "_dtensor", "profiler"})
+
+
+def user_code_reason(rec: Recording, problem=None) -> str | None:
+    """Why no rank can be derived from ``rec``'s because lowering would run user code (else None).
+
+    A derived rank is lowered in its representative's process, and lowering runs the definitions of
+    custom operators and of ``Problem.decompositions``: Python that may read per-rank state (a module
+    global holding the rank) that the recording cannot see. Such ranks are traced and lowered alone."""
+    if problem is not None and getattr(problem, "decompositions", None):
+        return "the problem has decompositions (user Python that lowering runs per rank)"
+    op = next((c[0] for c in rec.calls if c[0].split(".", 1)[0] not in _BUILTIN_NAMESPACES), None)
+    if op is None:
+        return None
+    return f"it calls the custom operator {op}, whose Python definition runs when the rank is lowered"
 
 
 def p2p_reason(rec: Recording) -> str | None:
