@@ -20,6 +20,8 @@ appended:
 * D: a long run (each operator slowed down): the busy indicator shows, Cancel stops it part-way.
 * E: the TP8 GPT (8 ranks) at its embedding, where each rank's lines differ: 8 rank columns, none
   narrower than readable, no text or button label clipped; the graph draws the current operator.
+* F: a program too large to simulate (meta tensors): unknown, and its suggestions are labelled
+  "shape guess" (no numeric evidence).
 
 Screenshots of the main states are saved in the test's artifacts directory (``$GG_E2E_ARTIFACTS/<test>``
 or the test's tmp dir; never committed), printed at the end. Button labels are checked not to be
@@ -61,8 +63,20 @@ CELLS = [
     "e = gg.ProofSession(get('gpt').make(world_size=8, heads=8, hidden=32))\n"
     "e.run(until='aten.embedding')\n"
     "e.widget()",
+    # too large to simulate (meta tensors, 67M elements): suggestions are shape guesses, said so
+    "def seq_f(x, w):\n"
+    "    return torch.softmax(x @ w, dim=-1)\n"
+    "def tp_f(x, w):\n"
+    "    y = torch.softmax(x @ w, dim=-1)  # the softmax of a partial sum\n"
+    "    dist.all_reduce(y)\n"
+    "    return y\n"
+    "f = gg.ProofSession(gg.Problem(seq_f, tp_f, [torch.empty(2, 8192, device='meta'),\n"
+    "                                             torch.empty(8192, 8192, device='meta')],\n"
+    "                               [gg.Shard(1), gg.Shard(0)], 2, expect=[gg.Replicate()]))\n"
+    "f.run()\n"
+    "f.widget()",
 ]
-N03 = 2  # widgets of notebook 03 itself (the refuted one, the fixed one), before A..E
+N03 = 2  # widgets of notebook 03 itself (the refuted one, the fixed one), before A..F
 
 
 def write_notebook(lab) -> str:
@@ -159,7 +173,7 @@ def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, n
     notebook_ui.open(name)
     notebook_ui.run_all()
     notebook_ui.wait_executed(timeout=150)
-    nb_bug, nb_fix, a, b, c, d, e = (widget(page, k) for k in range(N03 + 5))
+    nb_bug, nb_fix, a, b, c, d, e, f = (widget(page, k) for k in range(N03 + 6))
     a.wait_rendered()
     e.root.wait_for(state="visible", timeout=30_000)
 
@@ -330,6 +344,14 @@ def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, n
         })"""))
     step_ms.sort()
     step_median = step_ms[len(step_ms) // 2] / 1000
+
+    # ---- F: no simulation possible (meta tensors): unknown, every suggestion labelled a shape guess
+    f.root.scroll_into_view_if_needed()
+    wait_until("F's suggestions", lambda: f.button("Accept").count() > 0, page=page)
+    assert f.banner().strip().startswith("unknown"), f.banner()
+    text = f.text()
+    assert "shape guess" in text and "numeric match" not in text and "numerically false" not in text, text
+    shot(f, artifacts, "f_shape_guesses")
 
     print(f"\n[e2e] first Run progress after {first_progress:.3f} s; cancelled at {done}/{total}; "
           f"TP8 Step click to progress + graph drawn: median {step_median:.3f} s "
