@@ -673,7 +673,10 @@ class SessionWidget(W.VBox):
         if not r.proved and not assumed:
             bad = [o for o in r.relations if not o.ok]
             for o in bad[:4]:
-                body += f"<div style='font-size:12px'>output <code>{esc(o)}</code> {esc(V.pretty_text(o.detail))}</div>"
+                name = V.spec_name(self.session.engine, o.name)
+                what = f"{o.label} ({name})" if o.label else name
+                line = f"out[{o.index}] {what} = {o.relation if o.relation is not None else '<no relation>'}"
+                body += f"<div style='font-size:12px'>output <code>{esc(line)}</code> {esc(V.pretty_text(o.detail))}</div>"
         self.banner.value = (f"<div class='gg-verdict gg-verdict-{kind}' style='border:2px solid {colour};background:{bg};padding:6px;"
                              f"border-radius:6px'><b style='color:{colour};font-size:15px'>{esc(text)}</b>{body}</div>")
 
