@@ -85,12 +85,9 @@ def test_stage_that_sends_the_pre_activation_is_refuted():
     assert r.status is gg.Status.REFUTED, r
 
 
-def test_ring_exchange_posted_both_ways_is_not_a_deadlock():
-    """Every rank posts its send to the next rank and its receive from the previous one, then waits:
-    a ring all-gather written by hand (as ring attention passes K/V blocks)."""
-
-    def gather(x):
-        return x
+def _ring(exchange):
+    """A ring all-gather written by hand (as ring attention passes K/V blocks): every rank passes its
+    current block to the next rank and takes the previous rank's, ``exchange(cur, nxt, next, prev)``."""
 
     def ring(x):
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -99,53 +96,45 @@ def test_ring_exchange_posted_both_ways_is_not_a_deadlock():
         cur = x
         for step in range(world - 1):
             nxt = torch.empty_like(cur)
-            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, (rank + 1) % world),
-                                           dist.P2POp(dist.irecv, nxt, (rank - 1) % world)])
-            for q in reqs:
-                q.wait()
+            exchange(cur, nxt, (rank + 1) % world, (rank - 1) % world)
             cur = nxt
             blocks[(rank - step - 1) % world] = cur
         return torch.cat(blocks)
 
-    for world in (2, 4):
-        x = torch.randn(4 * world, 3)
-        p = gg.Problem(gather, ring, (x,), (gg.Shard(0),), world, expect=(gg.Replicate(),))
-        r = gg.verify(p)
-        assert r.proved, r
+    return ring
 
 
-def _ring_recv_first_batched(x):
-    """The ring of the test above with each rank's receive listed before its send in the batch."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    blocks = [None] * world
-    blocks[rank] = x
-    cur = x
-    for step in range(world - 1):
-        nxt = torch.empty_like(cur)
-        reqs = dist.batch_isend_irecv([dist.P2POp(dist.irecv, nxt, (rank - 1) % world),
-                                       dist.P2POp(dist.isend, cur, (rank + 1) % world)])
-        for q in reqs:
-            q.wait()
-        cur = nxt
-        blocks[(rank - step - 1) % world] = cur
-    return torch.cat(blocks)
+def _send_then_recv_batched(cur, nxt, to, frm):
+    for q in dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, to), dist.P2POp(dist.irecv, nxt, frm)]):
+        q.wait()
 
 
-def _ring_irecv_posted_first(x):
-    """Single posted transfers: the receive is posted, then the send, then both are waited for."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    blocks = [None] * world
-    blocks[rank] = x
-    cur = x
-    for step in range(world - 1):
-        nxt = torch.empty_like(cur)
-        recv = dist.irecv(nxt, src=(rank - 1) % world)
-        send = dist.isend(cur.contiguous(), dst=(rank + 1) % world)
-        recv.wait()
-        send.wait()
-        cur = nxt
-        blocks[(rank - step - 1) % world] = cur
-    return torch.cat(blocks)
+def _recv_then_send_batched(cur, nxt, to, frm):  # the receive listed first: the batch posts both
+    for q in dist.batch_isend_irecv([dist.P2POp(dist.irecv, nxt, frm), dist.P2POp(dist.isend, cur, to)]):
+        q.wait()
+
+
+def _recv_then_send_posted(cur, nxt, to, frm):  # single posted transfers, waited for afterwards
+    recv = dist.irecv(nxt, src=frm)
+    send = dist.isend(cur.contiguous(), dst=to)
+    recv.wait()
+    send.wait()
+
+
+@pytest.mark.parametrize("exchange", [
+    _send_then_recv_batched,
+    _recv_then_send_batched,
+    pytest.param(_recv_then_send_posted, marks=pytest.mark.xfail(
+        strict=True, raises=CaptureError,
+        reason="waits of single isend/irecv calls are not in the graph: a posted receive is taken to wait "
+               "for its peer's send (only a batch_isend_irecv is known to be posted together)")),
+])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_exchange_posted_both_ways_is_not_a_deadlock(exchange, world):
+    x = torch.randn(4 * world, 3)
+    p = gg.Problem(lambda x: x, _ring(exchange), (x,), (gg.Shard(0),), world, expect=(gg.Replicate(),))
+    r = gg.verify(p)
+    assert r.proved, r
 
 
 def _ring_irecv_waited_before_send(x):  # deadlocks: each rank waits for its receive before it sends
@@ -154,21 +143,6 @@ def _ring_irecv_waited_before_send(x):  # deadlocks: each rank waits for its rec
     dist.irecv(nxt, src=(rank - 1) % world).wait()
     dist.send(x, dst=(rank + 1) % world)
     return torch.cat([nxt, x] if rank else [x, nxt])
-
-
-@pytest.mark.parametrize("fn", [
-    _ring_recv_first_batched,
-    pytest.param(_ring_irecv_posted_first, marks=pytest.mark.xfail(
-        strict=True, raises=CaptureError,
-        reason="waits of single isend/irecv calls are not in the graph: a posted receive is taken to wait "
-               "for its peer's send (only a batch_isend_irecv is known to be posted together)")),
-])
-@pytest.mark.parametrize("world", [2, 4])
-def test_receive_posted_before_the_send_is_not_a_deadlock(fn, world):
-    x = torch.randn(4 * world, 3)
-    p = gg.Problem(lambda x: x, fn, (x,), (gg.Shard(0),), world, expect=(gg.Replicate(),))
-    r = gg.verify(p)
-    assert r.proved, r
 
 
 def test_receive_waited_for_before_the_send_deadlocks():

@@ -115,6 +115,26 @@ def shot(w: WidgetUI, artifacts, name: str) -> None:
             page.wait_for_timeout(200)
 
 
+# A Step click timed in the page: from the click until the progress label AND the graph show the next
+# operator (the kernel's step, the widget messages, the graph's layout and drawing), in ms.
+_TIMED_STEP_JS = """el => new Promise(res => {
+    const c = el.querySelector('.gg-gw-canvas');
+    const label = [...el.querySelectorAll('.widget-html-content')]
+        .find(x => /\\d+\\s*\\/\\s*\\d+\\s+operators$/.test(x.textContent.trim()));
+    const before = [c.dataset.current, label.textContent];
+    const btn = [...el.querySelectorAll('button')].find(b => b.textContent.trim() === 'Step');
+    const t0 = performance.now();
+    const tick = () => (c.dataset.current !== before[0] && label.textContent !== before[1])
+        ? res(performance.now() - t0) : requestAnimationFrame(tick);
+    btn.click();
+    requestAnimationFrame(tick);
+})"""
+
+
+def timed_step_click(w: WidgetUI) -> float:
+    return w.root.evaluate(_TIMED_STEP_JS)
+
+
 def clipped_buttons(w: WidgetUI) -> list[str]:
     """Labels of visible buttons whose text overflows the button, or that a container cuts off."""
     return w.root.evaluate("""el => [...el.querySelectorAll('button')]
@@ -330,18 +350,7 @@ def test_session_widget_one_verdict_side_by_side_accept_undo_cancel(lab, page, n
     step_ms = []
     for _ in range(7):
         wait_until("Step enabled", e.button("Step").first.is_enabled, page=page)
-        step_ms.append(e.root.evaluate("""el => new Promise(res => {
-            const c = el.querySelector('.gg-gw-canvas');
-            const label = [...el.querySelectorAll('.widget-html-content')]
-                .find(x => /\\d+\\s*\\/\\s*\\d+\\s+operators$/.test(x.textContent.trim()));
-            const before = [c.dataset.current, label.textContent];
-            const btn = [...el.querySelectorAll('button')].find(b => b.textContent.trim() === 'Step');
-            const t0 = performance.now();
-            const tick = () => (c.dataset.current !== before[0] && label.textContent !== before[1])
-                ? res(performance.now() - t0) : requestAnimationFrame(tick);
-            btn.click();
-            requestAnimationFrame(tick);
-        })"""))
+        step_ms.append(timed_step_click(e))
     step_ms.sort()
     step_median = step_ms[len(step_ms) // 2] / 1000
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_session_widget_browser import shot, wait_until, widget
+from test_session_widget_browser import shot, timed_step_click, wait_until, widget
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(not os.environ.get("GG_E2E_BENCH"), reason="a measurement: GG_E2E_BENCH=1")]
@@ -39,18 +39,7 @@ def test_tp8x8_step_in_browser(lab, page, notebook_ui, artifacts):
         ms = []
         for _ in range(15):
             wait_until("Step enabled", e.button("Step").first.is_enabled, page=page)
-            ms.append(e.root.evaluate("""el => new Promise(res => {
-                const c = el.querySelector('.gg-gw-canvas');
-                const label = [...el.querySelectorAll('.widget-html-content')]
-                    .find(x => /\\d+\\s*\\/\\s*\\d+\\s+operators$/.test(x.textContent.trim()));
-                const before = [c.dataset.current, label.textContent];
-                const btn = [...el.querySelectorAll('button')].find(b => b.textContent.trim() === 'Step');
-                const t0 = performance.now();
-                const tick = () => (c.dataset.current !== before[0] && label.textContent !== before[1])
-                    ? res(performance.now() - t0) : requestAnimationFrame(tick);
-                btn.click();
-                requestAnimationFrame(tick);
-            })"""))
+            ms.append(timed_step_click(e))
         ms.sort()
         out[mode] = (ms[len(ms) // 2], ms)
         v = e.graph_view()
