@@ -413,8 +413,9 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
 
 
 # operator namespaces whose kernels are PyTorch's own (no user Python runs when they are lowered)
-_BUILTIN_NAMESPACES = frozenset({"aten", "prims", "c10d", "_c10d_functional", "c10d_functional",
-                                 "_c10d_functional_autograd", "_dtensor", "profiler"})
+_BUILTIN_NAMESPACES = frozenset({"aten", "prim", "prims", "c10d", "_c10d_functional", "c10d_functional",
+                                 "_c10d_functional_autograd", "_dtensor", "profiler", "higher_order",
+                                 "rngprims", "debugprims"})
 
 
 def user_code_reason(rec: Recording, problem=None) -> str | None:
