@@ -621,6 +621,13 @@ class ExprStore:
 
     def cat(self, xs: Iterable[Expr], dim: int) -> Expr:
         xs = list(xs)
+        key = ("cat", dim, tuple([x.id for x in xs]))
+        hit = self._movement_memo.get(key)
+        if hit is None:
+            hit = self._movement_memo[key] = self._cat(xs, dim)
+        return hit
+
+    def _cat(self, xs: list, dim: int) -> Expr:
         if not xs:
             raise ShapeError("cannot concatenate nothing")
         n = len(xs[0].shape)

@@ -80,12 +80,17 @@ def _reduce_spec(fn: str, dims: tuple, keepdim: bool):
 
 def _mul(a, b):
     """``a * b`` for coefficients (a product by one, or of two rationals, directly; radicals cached)."""
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        # (reduced fractions: numerator == denominator only for 1/1; read without Fraction.__eq__)
+        if b._numerator == b._denominator:
+            return a
+        if a._numerator == a._denominator:
+            return b
+        return a * b
     if b == 1:
         return a
     if a == 1:
         return b
-    if a.__class__ is Fraction and b.__class__ is Fraction:
-        return a * b
     key = (a, b, False)
     hit = _PRODUCTS.get(key)
     if hit is None:
@@ -97,12 +102,16 @@ def _mul(a, b):
 
 def _div(a, b):
     """``a / b`` for coefficients (see `_mul`)."""
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        if b._numerator == b._denominator:
+            return a
+        if a._numerator == b._numerator and a._denominator == b._denominator:
+            return ONE
+        return a / b
     if b == 1:
         return a
     if a == b:
         return ONE
-    if a.__class__ is Fraction and b.__class__ is Fraction:
-        return a / b
     key = (a, b, True)
     hit = _PRODUCTS.get(key)
     if hit is None:
