@@ -323,6 +323,7 @@ class ExprStore:
         self._table: dict[tuple, Expr] = {}
         self.nodes: list[Expr] = []
         self._specs: dict = {}  # OpSpec -> the one equal OpSpec the store's nodes use
+        self._spec_ids: dict[int, tuple] = {}  # id(spec) -> (spec, its canonical equal spec)
         # (op, argument id, parameters) -> the node `view` / `permute` / `slice` returned: each is a
         # pure function of its argument node and parameters in one store (the store only grows and
         # interns), so a repeated call (a normal form rebuilding the same view of a base) is a lookup
@@ -335,7 +336,13 @@ class ExprStore:
         if op == "call" or op == "const":
             # one spec object per operator identity: every rank lowers its own (equal) specs, and
             # tables keyed by spec then compare them field by field on every lookup
-            attrs = self._specs.setdefault(attrs, attrs)
+            ent = self._spec_ids.get(id(attrs))
+            if ent is not None and ent[0] is attrs:
+                attrs = ent[1]
+            else:  # (an equal spec of another object compares field by field: once per object)
+                canon = self._specs.setdefault(attrs, attrs)
+                self._spec_ids[id(attrs)] = (attrs, canon)  # (kept alive: its id stays its own)
+                attrs = canon
         key = (op, attrs, tuple([a.id for a in args]), dtype)
         e = self._table.get(key)
         if e is None and self.by_value and op != "atom" and op != "ref" and all([a.ground for a in args]):
