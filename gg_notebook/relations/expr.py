@@ -396,6 +396,21 @@ class ExprStore:
         return self._intern("const", spec, (), shape, dtype)
 
     def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
+        if shape is not None:
+            return self._call(spec, args, shape, dtype)
+        # a pure function of the spec and the argument nodes in one store (like `view`): by the
+        # spec object (kept alive in the entry, so its id stays its own) and the arguments' ids
+        if args.__class__ is not tuple and args.__class__ is not list:
+            args = tuple(args)
+        key = ("call", id(spec), tuple([a.id for a in args]))
+        ent = self._movement_memo.get(key)
+        if ent is not None and ent[0] is spec:
+            return ent[1]
+        out = self._call(spec, args, None, None)
+        self._movement_memo[key] = (spec, out)
+        return out
+
+    def _call(self, spec: OpSpec, args: Sequence[Expr], shape, dtype) -> Expr:
         if shape is None:
             shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
         if self.by_value and spec.kind == "ew":
