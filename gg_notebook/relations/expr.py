@@ -282,10 +282,21 @@ class Expr:
         self.shape = shape
         self.dtype = dtype
         self.key = key
-        # ground: no ref/atom leaves (a constant); pending: a compute call on non-constant values
-        self.ground = op not in ("ref", "atom") and all(a.ground for a in args)
-        self.pending = (op == "call" and not self.ground) or any(a.pending for a in args)
-        self.scaled = op == "scale" or any(a.scaled for a in args)  # holds a value only up to a factor
+        # ground: no ref/atom leaves (a constant); pending: a compute call on non-constant values;
+        # scaled: holds a value only up to a factor (one pass over the arguments: built per node)
+        ground = op != "ref" and op != "atom"
+        pending = False
+        scaled = op == "scale"
+        for a in args:
+            if not a.ground:
+                ground = False
+            if a.pending:
+                pending = True
+            if a.scaled:
+                scaled = True
+        self.ground = ground
+        self.pending = pending or (op == "call" and not ground)
+        self.scaled = scaled
 
     def __repr__(self) -> str:
         return f"Expr#{self.id}<{self.op}>"
@@ -312,6 +323,11 @@ class ExprStore:
         self._table: dict[tuple, Expr] = {}
         self.nodes: list[Expr] = []
         self._specs: dict = {}  # OpSpec -> the one equal OpSpec the store's nodes use
+        self._spec_ids: dict[int, tuple] = {}  # id(spec) -> (spec, its canonical equal spec)
+        # (op, argument id, parameters) -> the node `view` / `permute` / `slice` returned: each is a
+        # pure function of its argument node and parameters in one store (the store only grows and
+        # interns), so a repeated call (a normal form rebuilding the same view of a base) is a lookup
+        self._movement_memo: dict[tuple, Expr] = {}
 
     # ------------------------------------------------------------------ interning
     def _intern(self, op, attrs, args, shape, dtype) -> Expr:
@@ -320,10 +336,16 @@ class ExprStore:
         if op == "call" or op == "const":
             # one spec object per operator identity: every rank lowers its own (equal) specs, and
             # tables keyed by spec then compare them field by field on every lookup
-            attrs = self._specs.setdefault(attrs, attrs)
-        key = (op, attrs, tuple(a.id for a in args), dtype)
+            ent = self._spec_ids.get(id(attrs))
+            if ent is not None and ent[0] is attrs:
+                attrs = ent[1]
+            else:  # (an equal spec of another object compares field by field: once per object)
+                canon = self._specs.setdefault(attrs, attrs)
+                self._spec_ids[id(attrs)] = (attrs, canon)  # (kept alive: its id stays its own)
+                attrs = canon
+        key = (op, attrs, tuple([a.id for a in args]), dtype)
         e = self._table.get(key)
-        if e is None and self.by_value and op not in ("atom", "ref") and all(a.ground for a in args):
+        if e is None and self.by_value and op != "atom" and op != "ref" and all([a.ground for a in args]):
             from gg_notebook.relations.ground import canonical
 
             e = canonical(self, op, attrs, args, shape, dtype)
@@ -374,6 +396,21 @@ class ExprStore:
         return self._intern("const", spec, (), shape, dtype)
 
     def call(self, spec: OpSpec, args: Sequence[Expr], shape=None, dtype=None) -> Expr:
+        if shape is not None:
+            return self._call(spec, args, shape, dtype)
+        # a pure function of the spec and the argument nodes in one store (like `view`): by the
+        # spec object (kept alive in the entry, so its id stays its own) and the arguments' ids
+        if args.__class__ is not tuple and args.__class__ is not list:
+            args = tuple(args)
+        key = ("call", id(spec), tuple([a.id for a in args]))
+        ent = self._movement_memo.get(key)
+        if ent is not None and ent[0] is spec:
+            return ent[1]
+        out = self._call(spec, args, None, None)
+        self._movement_memo[key] = (spec, out)
+        return out
+
+    def _call(self, spec: OpSpec, args: Sequence[Expr], shape, dtype) -> Expr:
         if shape is None:
             shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
         if self.by_value and spec.kind == "ew":
@@ -401,6 +438,13 @@ class ExprStore:
 
     # ------------------------------------------------------------------ clean constructors
     def view(self, x: Expr, shape: Sequence[int]) -> Expr:
+        key = ("view", x.id, shape if shape.__class__ is tuple else tuple(shape))
+        hit = self._movement_memo.get(key)
+        if hit is None:
+            hit = self._movement_memo[key] = self._view(x, shape)
+        return hit
+
+    def _view(self, x: Expr, shape: Sequence[int]) -> Expr:
         shape = _resolve_shape(tuple(int(s) for s in shape), x.shape)
         if math.prod(shape) != math.prod(x.shape):
             raise ShapeError(f"cannot view {x.shape} as {shape}")
@@ -449,6 +493,13 @@ class ExprStore:
         return None
 
     def permute(self, x: Expr, perm: Sequence[int]) -> Expr:
+        key = ("permute", x.id, perm if perm.__class__ is tuple else tuple(perm))
+        hit = self._movement_memo.get(key)
+        if hit is None:
+            hit = self._movement_memo[key] = self._permute(x, perm)
+        return hit
+
+    def _permute(self, x: Expr, perm: Sequence[int]) -> Expr:
         perm = tuple(int(p) % max(len(x.shape), 1) for p in perm)
         if sorted(perm) != list(range(len(x.shape))):
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
@@ -505,6 +556,13 @@ class ExprStore:
         return self.permute(x, perm)
 
     def slice(self, x: Expr, dim: int, start: int, end: int) -> Expr:
+        key = ("slice", x.id, dim, start, end)
+        hit = self._movement_memo.get(key)
+        if hit is None:
+            hit = self._movement_memo[key] = self._slice(x, dim, start, end)
+        return hit
+
+    def _slice(self, x: Expr, dim: int, start: int, end: int) -> Expr:
         n = len(x.shape)
         dim = dim % n
         size = x.shape[dim]
@@ -585,6 +643,13 @@ class ExprStore:
 
     def cat(self, xs: Iterable[Expr], dim: int) -> Expr:
         xs = list(xs)
+        key = ("cat", dim, tuple([x.id for x in xs]))
+        hit = self._movement_memo.get(key)
+        if hit is None:
+            hit = self._movement_memo[key] = self._cat(xs, dim)
+        return hit
+
+    def _cat(self, xs: list, dim: int) -> Expr:
         if not xs:
             raise ShapeError("cannot concatenate nothing")
         n = len(xs[0].shape)

@@ -80,12 +80,17 @@ def _reduce_spec(fn: str, dims: tuple, keepdim: bool):
 
 def _mul(a, b):
     """``a * b`` for coefficients (a product by one, or of two rationals, directly; radicals cached)."""
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        # (reduced fractions: numerator == denominator only for 1/1; read without Fraction.__eq__)
+        if b._numerator == b._denominator:
+            return a
+        if a._numerator == a._denominator:
+            return b
+        return a * b
     if b == 1:
         return a
     if a == 1:
         return b
-    if a.__class__ is Fraction and b.__class__ is Fraction:
-        return a * b
     key = (a, b, False)
     hit = _PRODUCTS.get(key)
     if hit is None:
@@ -97,12 +102,16 @@ def _mul(a, b):
 
 def _div(a, b):
     """``a / b`` for coefficients (see `_mul`)."""
+    if a.__class__ is Fraction and b.__class__ is Fraction:
+        if b._numerator == b._denominator:
+            return a
+        if a._numerator == b._numerator and a._denominator == b._denominator:
+            return ONE
+        return a / b
     if b == 1:
         return a
     if a == b:
         return ONE
-    if a.__class__ is Fraction and b.__class__ is Fraction:
-        return a / b
     key = (a, b, True)
     hit = _PRODUCTS.get(key)
     if hit is None:
@@ -180,6 +189,7 @@ class LinearForms:
         self._combo_of: dict[int, tuple | None] = {}  # term id -> `_combination` of its form
         self._keys: dict[int, tuple | None] = {}  # term id -> `key`
         self._lin_memo: dict[int, tuple | None] = {}  # term id -> its operator's linear arguments
+        self._lin_by_spec: dict[tuple, tuple] = {}  # (id(spec), dtypes) -> (spec, linear arguments)
 
     # ------------------------------------------------------------------ public
     def of(self, t: Expr, budget: int | None = None) -> Form:
@@ -257,14 +267,23 @@ class LinearForms:
         if hit is False:
             # a function of the operator and its arguments' dtypes only: shared by every term of
             # the same operator (the table reads the spec's arguments by schema, not cheap)
-            key = (x.attrs, tuple(a.dtype for a in x.args))
-            hit = _LINEAR_ARGS.get(key, False)
-            if hit is False:
-                from gg_notebook.ops.linearity import linear_args
+            dtypes = tuple([a.dtype for a in x.args])
+            # first by the spec object (the store keeps one per operator identity; the global
+            # table's specs are another run's objects, compared field by field)
+            local = (id(x.attrs), dtypes)
+            ent = self._lin_by_spec.get(local)
+            if ent is not None and ent[0] is x.attrs:
+                hit = ent[1]
+            else:
+                key = (x.attrs, dtypes)
+                hit = _LINEAR_ARGS.get(key, False)
+                if hit is False:
+                    from gg_notebook.ops.linearity import linear_args
 
-                if len(_LINEAR_ARGS) > 1 << 16:
-                    _LINEAR_ARGS.clear()
-                hit = _LINEAR_ARGS[key] = linear_args(x.attrs, list(key[1]))
+                    if len(_LINEAR_ARGS) > 1 << 16:
+                        _LINEAR_ARGS.clear()
+                    hit = _LINEAR_ARGS[key] = linear_args(x.attrs, list(dtypes))
+                self._lin_by_spec[local] = (x.attrs, hit)  # (the spec kept alive: its id stays its own)
             self._lin_memo[x.id] = hit
         return hit
 

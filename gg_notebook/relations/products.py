@@ -31,9 +31,10 @@ def is_product(x: Expr) -> bool:
     """A call this rule may rewrite: a same-shape mul, or a silu."""
     if x.op != "call" or x.ground or x.dtype is None or not x.dtype.is_floating_point:
         return False
-    if x.attrs == SILU:
+    target = getattr(x.attrs, "target", None)  # (compared first: a spec compares field by field)
+    if target is SILU.target and x.attrs == SILU:
         return True
-    return x.attrs == MUL and all(_same(a, x) for a in x.args)
+    return target is MUL.target and x.attrs == MUL and all(_same(a, x) for a in x.args)
 
 
 def factors(store, x: Expr, out: list) -> bool:
