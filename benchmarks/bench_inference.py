@@ -45,7 +45,7 @@ from gg_notebook.engine import infer
 from gg_notebook.examples.gpt import make
 memo = {{}}
 orig = C.capture_and_lower
-def cached(problem, lower, mode_):
+def cached(problem, lower, mode_="auto", *a, **k):
     if "cap" not in memo:
         memo["cap"] = orig(problem, lower, "inprocess")
     return memo["cap"]
