@@ -138,18 +138,28 @@ def run_verify(problem, timeout: int = 120):
         signal.signal(signal.SIGALRM, old)
 
 
-def evaluate(case: Case, *, gloo: str = "fallback", seed: int = 0) -> Record:
-    """Evaluate one enumerated case (a subject, a configuration and one edit or none)."""
+DECISIVE = ("proved", "refuted")  # the verdicts a ground truth can contradict
+
+
+def evaluate(case: Case, *, gloo: str = "fallback", seed: int = 0, truth: str = "always") -> Record:
+    """Evaluate one enumerated case (a subject, a configuration and one edit or none). ``truth``:
+    "always" runs the programs for real for every verdict (the full run's statistics count wrong programs
+    by their ground truth); "decisive" only when the verdict is one a ground truth can contradict
+    (`DECISIVE`): a capture error or unknown needs none (a mutant that deadlocks under gloo costs its
+    whole timeout)."""
     loader.unload_all()
     source, operator, intent, choice, line = case_source(case)
     return evaluate_source(case.subject, source, case.world_size, case.dtype, key=case.key, operator=operator,
-                           intent=intent, choice=choice, line=line, gloo=gloo, seed=seed)
+                           intent=intent, choice=choice, line=line, gloo=gloo, seed=seed, truth=truth)
 
 
 def evaluate_source(subject_name: str, source: str, world_size: int, dtype: str, *, key: str = "",
                     operator: str = "none", intent: str = "baseline", choice: str = "", line: int = 0,
-                    gloo: str = "fallback", seed: int = 0) -> Record:
-    """Evaluate a program given as module source, built the way subject ``subject_name`` builds its own."""
+                    gloo: str = "fallback", seed: int = 0, truth: str = "always") -> Record:
+    """Evaluate a program given as module source, built the way subject ``subject_name`` builds its own
+    (``truth``: see `evaluate`)."""
+    if truth not in ("always", "decisive"):
+        raise ValueError(f"truth must be 'always' or 'decisive', not {truth!r}")
     subject = all_subjects()[subject_name]
     make = problem_factory(subject, source, world_size, dtype)
     if subject.gloo_only:
@@ -167,6 +177,11 @@ def evaluate_source(subject_name: str, source: str, world_size: int, dtype: str,
     t0 = time.perf_counter()
     verdict, detail, result = run_verify(problem)
     tv = time.perf_counter() - t0
+
+    if truth == "decisive" and verdict not in DECISIVE:
+        outcome = "internal_error" if verdict == "internal_error" else "ok"
+        return record(verdict, detail, ground_truth.GroundTruth("not run", f"verdict {verdict}").to_json(),
+                      outcome, tv)
 
     t0 = time.perf_counter()
     draws = ground_truth.input_draws(problem, subject.gt_inputs, seed=seed, int_domain=subject.int_domain)

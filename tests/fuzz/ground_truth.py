@@ -185,7 +185,7 @@ def compare_outputs(problem: Problem, seq: list, ranks: list[list]) -> str | Non
 
 @dataclass
 class GroundTruth:
-    verdict: str  # "differs" | "agrees" | "crash" | "broken" (the sequential program fails everywhere)
+    verdict: str  # "differs" | "agrees" | "crash" | "broken" (the sequential program fails everywhere) | "not run"
     detail: str = ""
     draw: str | None = None  # the input draw that showed the difference
     backends: list[str] = field(default_factory=list)  # "local" / "gloo" runs made
