@@ -51,3 +51,106 @@ def vocab_range_from_per_partition_vocab_size(per_partition_vocab_size: int, ran
     index_f = rank * per_partition_vocab_size
     index_l = index_f + per_partition_vocab_size
     return index_f, index_l
+
+
+# ------------------------------------------------------------------------ sequence parallelism
+# Megatron-SP keeps activations split along the sequence outside the tensor-parallel regions.
+# megatron-core lays activations out [seq, batch, hidden] and works on the first dimension; the GPT
+# examples here are [batch, seq, hidden], so the helpers take the sequence dimension ``dim``. Off
+# the first dimension they do what megatron-core's ``_gather_along_last_dim`` /
+# ``_reduce_scatter_along_last_dim`` do for the last one: the collective runs on the first
+# dimension, and the rank blocks are moved to ``dim`` with chunk + cat.
+
+
+def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's block of ``input_`` along ``dim`` (no communication)."""
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return input_
+    local = input_.shape[dim] // world_size
+    return input_.narrow(dim, dist.get_rank() * local, local).contiguous()
+
+
+def _gather_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
+    """All-gather the ranks' blocks and concatenate them along ``dim`` (in rank order)."""
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return input_
+    size = list(input_.shape)
+    size[0] *= world_size
+    output = torch.empty(size, dtype=input_.dtype, device=input_.device)
+    dist.all_gather_into_tensor(output, input_.contiguous())
+    if dim % input_.dim() != 0:
+        output = torch.cat(output.chunk(world_size, dim=0), dim=dim).contiguous()
+    return output
+
+
+def _reduce_scatter_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum the ranks' tensors and keep this rank's block along ``dim``."""
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return input_
+    if dim % input_.dim() != 0:
+        input_ = torch.cat(input_.chunk(world_size, dim=dim), dim=0)
+    size = list(input_.shape)
+    size[0] //= world_size
+    output = torch.empty(size, dtype=input_.dtype, device=input_.device)
+    dist.reduce_scatter_tensor(output, input_.contiguous())
+    return output
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Split along the sequence in forward, all-gather of the gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, input_, dim):
+        ctx.dim = dim
+        return _split_along_dim(input_, dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _gather_along_dim(grad_output, ctx.dim), None
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """All-gather along the sequence in forward. Backward: reduce-scatter when the consumer is
+    tensor-parallel (each rank holds a partial input gradient), a plain split when the computation
+    after the gather is duplicated on every rank (``tensor_parallel_output_grad=False``)."""
+
+    @staticmethod
+    def forward(ctx, input_, dim, tensor_parallel_output_grad=True):
+        ctx.dim = dim
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return _gather_along_dim(input_, dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.tensor_parallel_output_grad:
+            return _reduce_scatter_along_dim(grad_output, ctx.dim), None, None
+        return _split_along_dim(grad_output, ctx.dim), None, None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Reduce-scatter along the sequence in forward, all-gather of the gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, input_, dim):
+        ctx.dim = dim
+        return _reduce_scatter_along_dim(input_, dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _gather_along_dim(grad_output, ctx.dim), None
+
+
+def scatter_to_sequence_parallel_region(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return _ScatterToSequenceParallelRegion.apply(input_, dim)
+
+
+def gather_from_sequence_parallel_region(input_: torch.Tensor, dim: int = 0,
+                                         tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    return _GatherFromSequenceParallelRegion.apply(input_, dim, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return _ReduceScatterToSequenceParallelRegion.apply(input_, dim)
