@@ -71,18 +71,35 @@ def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
     return input_.narrow(dim, dist.get_rank() * local, local).contiguous()
 
 
+def _first_dim_copy(input_: torch.Tensor, dim: int) -> torch.Tensor:
+    """``input_`` with ``dim`` moved to the front, as a fresh contiguous buffer for the collective.
+
+    A copy, not ``.contiguous()``: at batch 1 the transposed view is already contiguous, so
+    ``.contiguous()`` would hand the collective a view of the [batch, seq, ...] tensor.
+    """
+    if dim % input_.dim() == 0:
+        return input_.contiguous()
+    return input_.transpose(0, dim).clone(memory_format=torch.contiguous_format)
+
+
+def _from_first_dim(output: torch.Tensor, dim: int) -> torch.Tensor:
+    """The collective's result with its first dimension moved back to ``dim``."""
+    if dim % output.dim() == 0:
+        return output
+    return output.transpose(0, dim).contiguous()
+
+
 def _gather_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
     """All-gather the ranks' blocks and concatenate them along ``dim`` (in rank order)."""
     world_size = dist.get_world_size()
     if world_size == 1:
         return input_
+    input_ = _first_dim_copy(input_, dim)
     size = list(input_.shape)
     size[0] *= world_size
     output = torch.empty(size, dtype=input_.dtype, device=input_.device)
-    dist.all_gather_into_tensor(output, input_.contiguous())
-    if dim % input_.dim() != 0:
-        output = torch.cat(output.chunk(world_size, dim=0), dim=dim).contiguous()
-    return output
+    dist.all_gather_into_tensor(output, input_)
+    return _from_first_dim(output, dim)
 
 
 def _reduce_scatter_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
@@ -90,13 +107,12 @@ def _reduce_scatter_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
     world_size = dist.get_world_size()
     if world_size == 1:
         return input_
-    if dim % input_.dim() != 0:
-        input_ = torch.cat(input_.chunk(world_size, dim=dim), dim=0)
+    input_ = _first_dim_copy(input_, dim)
     size = list(input_.shape)
     size[0] //= world_size
     output = torch.empty(size, dtype=input_.dtype, device=input_.device)
-    dist.reduce_scatter_tensor(output, input_.contiguous())
-    return output
+    dist.reduce_scatter_tensor(output, input_)
+    return _from_first_dim(output, dim)
 
 
 class _ScatterToSequenceParallelRegion(torch.autograd.Function):

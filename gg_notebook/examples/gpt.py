@@ -61,19 +61,30 @@ def _param_names(layers):
     return ("wte", "wpe", *(f"layers.{i}.{n}" for i in range(layers) for n in PARAM_NAMES), "lnf_w", "lnf_b", "w_lm")
 
 
-def gpt_loss_tp(ids, targets, wte, wpe, *params, num_heads, layers, bug=None, sequence_parallel=False):
+def gpt_loss_tp(ids, targets, wte, wpe, *params, num_heads, layers, bug=None, sequence_parallel=False,
+                sp_embedding="scatter"):
     """One rank of the tensor-parallel GPT: wte [vocab/W, hidden] and w_lm [vocab/W, hidden] split by
     vocabulary, block weights as in ``gpt_block_tp``, positional embedding and LayerNorms replicated.
 
     With ``sequence_parallel`` (Megatron-SP) the activations between the blocks are this rank's block
-    of the sequence [batch, seq/W, hidden]: the embedding ends with a reduce-scatter, each rank adds its
-    rows of the positional embedding, the blocks run their LayerNorms and residuals on sequence blocks,
-    and the final LayerNorm's output is all-gathered along the sequence before the LM head."""
+    of the sequence [batch, seq/W, hidden]; the blocks run their LayerNorms and residuals on sequence
+    blocks, and the final LayerNorm's output is all-gathered along the sequence before the LM head.
+    The embedding enters the sequence-parallel region as megatron-core does for a model with learned
+    absolute positions (``sp_embedding="scatter"``: all-reduce, add the positions, keep this rank's
+    block; megatron-core reduce-scatters the embedding only without learned positions), or with
+    ``sp_embedding="reduce_scatter"``: the partial lookups are reduce-scattered along the sequence and
+    each rank adds its block of the positions."""
     blocks, lnf_w, lnf_b, w_lm = _split_params(params, layers)
     sp = sequence_parallel
-    if sp:
+    if sp and sp_embedding == "reduce_scatter":
+        # the partial lookups reduce-scattered along the sequence, plus this rank's positions
         x = vocab_parallel_embedding(ids, wte, bug=bug, sequence_parallel=True)
         x = x + scatter_to_sequence_parallel_region(wpe, 0)  # wpe: [seq, hidden]
+    elif sp:
+        # megatron-core with learned absolute positions: all-reduce the lookups, add the positions,
+        # then keep this rank's block of the sequence (its backward all-gathers the gradient)
+        x = vocab_parallel_embedding(ids, wte, bug=bug) + wpe
+        x = scatter_to_sequence_parallel_region(x, SEQ_DIM)
     else:
         x = vocab_parallel_embedding(ids, wte, bug=bug) + wpe
     block_bug = bug if bug in _BLOCK_BUGS else None
@@ -96,14 +107,14 @@ def gpt_fwd_bwd(ids, targets, wte, wpe, *params, num_heads, layers):
 
 
 def gpt_fwd_bwd_tp(ids, targets, wte, wpe, *params, num_heads, layers, bug=None, sequence_parallel=False,
-                   reduce_sp_grads=True):
+                   reduce_sp_grads=True, sp_embedding="scatter"):
     """One rank's forward and backward of the tensor-parallel GPT: loss and local gradients. Under
     sequence parallelism the LayerNorm weights and the row-parallel biases get partial gradients (sums
     over this rank's sequence rows); they are all-reduced here as megatron-core's finalize step does,
     unless ``reduce_sp_grads=False``."""
     weights = (wte, wpe, *params)
     loss = gpt_loss_tp(ids, targets, wte, wpe, *params, num_heads=num_heads, layers=layers, bug=bug,
-                       sequence_parallel=sequence_parallel)
+                       sequence_parallel=sequence_parallel, sp_embedding=sp_embedding)
     grads = torch.autograd.grad(loss.mean(), weights)
     if sequence_parallel and reduce_sp_grads:
         grads = allreduce_sequence_parallel_grads(grads, _param_names(layers), bug=bug)
@@ -140,11 +151,11 @@ SP_FWD_BWD_BUGS = {
             Bug("split_grad_of_gather",
                 "The MLPs' sequence all-gather splits its gradient in backward instead of "
                 "reduce-scattering it (tensor_parallel_output_grad=False).",
-                "aten.add", "gpt_block:ln2"),
+                "aten.native_layer_norm_backward", "gpt_block:ln2"),
             Bug("unreduced_layernorm_grads",
                 "The sequence-parallel gradient all-reduce skips the LayerNorm weights and biases, "
                 "which are declared replicated.",
-                "aten.native_layer_norm_backward", "gpt_block:ln2"),
+                "aten.native_layer_norm_backward", "gpt_block:ln1"),
         )
     },
 }
@@ -153,7 +164,7 @@ SP_FWD_BWD_BUGS = {
 def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden: int = 16, heads: int = 4,
          vocab: int = 64, seq: int = 8, batch: int = 2, ffn: int | None = None, backward: bool = False,
          device="cpu", seed: int = 0, dtype=torch.float64, sequence_parallel: bool = False,
-         reduce_sp_grads: bool = True) -> Problem:
+         reduce_sp_grads: bool = True, sp_embedding: str = "scatter") -> Problem:
     """The GPT's forward (per-token loss) or, with ``backward``, forward and backward.
 
     ``sequence_parallel=True``: Megatron-SP on top of the tensor parallelism (the inputs, outputs and
@@ -161,8 +172,11 @@ def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden
     LayerNorm weights/biases and of the row-parallel biases are then partial sums on each rank; by
     default the rank program all-reduces them (megatron-core's ``finalize_model_grads``) and they are
     expected replicated, like the optimizer sees them; ``reduce_sp_grads=False`` returns the partial
-    sums and expects them ``Partial()``.
+    sums and expects them ``Partial()``. ``sp_embedding``: how the embedding enters the sequence-parallel
+    region (see ``gpt_loss_tp``).
     """
+    if sp_embedding not in ("scatter", "reduce_scatter"):
+        raise ValueError(f"sp_embedding must be 'scatter' or 'reduce_scatter', not {sp_embedding!r}")
     sp = sequence_parallel
     bugs = (SP_FWD_BWD_BUGS if backward else SP_BUGS) if sp else BUGS
     check_bug("gpt (sequence parallel)" if sp else "gpt", bug, bugs)
@@ -207,14 +221,14 @@ def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden
         grad_placements = weight_placements
         dist_kw = dict(bug=bug)
         if sp:
-            dist_kw.update(sequence_parallel=True, reduce_sp_grads=reduce_sp_grads)
+            dist_kw.update(sequence_parallel=True, reduce_sp_grads=reduce_sp_grads, sp_embedding=sp_embedding)
             if not reduce_sp_grads:
                 partial = {i for i, n in enumerate(("wte", "wpe", *names))
                            if n.rsplit(".", 1)[-1] in SEQUENCE_PARALLEL_PARAMS or n in ("lnf_w", "lnf_b")}
                 grad_placements = tuple(Partial() if i in partial else p for i, p in enumerate(weight_placements))
         seq_fn, dist_fn, expect = gpt_fwd_bwd, gpt_fwd_bwd_tp, (Replicate(), *grad_placements)
     else:
-        dist_kw = dict(bug=bug, sequence_parallel=True) if sp else dict(bug=bug)
+        dist_kw = dict(bug=bug, sequence_parallel=True, sp_embedding=sp_embedding) if sp else dict(bug=bug)
         seq_fn, dist_fn, expect = gpt_loss, gpt_loss_tp, (Replicate(),)
     name = ("gpt_sp" if sp else "gpt") + ("_fwd_bwd" if backward else "")
     return Problem(
@@ -230,7 +244,8 @@ def make(world_size: int = 2, bug: str | None = None, *, layers: int = 1, hidden
         # vocab_cross_entropy.make)
         domains={"targets": range(0, vocab)},
         meta={"layers": layers, "hidden": hidden, "heads": heads, "vocab": vocab, "seq": seq,
-              "batch": batch, "ffn": ffn, "backward": backward, "sequence_parallel": sp},
+              "batch": batch, "ffn": ffn, "backward": backward, "sequence_parallel": sp,
+              "sp_embedding": sp_embedding if sp else None},
     )
 
 

@@ -46,7 +46,7 @@ def gpt_block(x, ln1_w, ln1_b, wq, wk, wv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2,
     """Single-device pre-LN GPT block; x: [batch, seq, hidden]."""
     B, S, H = x.shape
     D = H // num_heads
-    h = F.layer_norm(x, (H,), ln1_w, ln1_b)
+    h = F.layer_norm(x, (H,), ln1_w, ln1_b)  # gg: ln1
     q = (h @ wq).view(B, S, num_heads, D).transpose(1, 2)
     k = (h @ wk).view(B, S, num_heads, D).transpose(1, 2)
     v = (h @ wv).view(B, S, num_heads, D).transpose(1, 2)
@@ -243,13 +243,15 @@ SP_FWD_BWD_BUGS = {
                 "The MLP's all-gather along the sequence is called with tensor_parallel_output_grad="
                 "False: its backward only splits the gradient instead of reduce-scattering it, so "
                 "LayerNorm-2 and everything before it receive this rank's partial input gradient of "
-                "the column-parallel matmul (the forward is exact).",
-                "aten.add", "ln2"),
+                "the column-parallel matmul (the forward is exact); LayerNorm-2's backward is the first "
+                "operator whose incoming gradient no rank holds.",
+                "aten.native_layer_norm_backward", "ln2"),
             Bug("unreduced_layernorm_grads",
                 "The sequence-parallel gradient all-reduce (megatron-core's finalize_model_grads step) "
                 "skips the LayerNorm weights and biases: each rank returns the partial sum over its "
-                "sequence block while the gradients are declared replicated.",
-                "aten.native_layer_norm_backward", "ln2"),
+                "sequence block while the gradients are declared replicated (the first such output is "
+                "LayerNorm-1's weight gradient: the ranks hold partial sums).",
+                "aten.native_layer_norm_backward", "ln1"),
         )
     },
 }
