@@ -55,11 +55,10 @@ def vocab_range_from_per_partition_vocab_size(per_partition_vocab_size: int, ran
 
 # ------------------------------------------------------------------------ sequence parallelism
 # Megatron-SP keeps activations split along the sequence outside the tensor-parallel regions.
-# megatron-core lays activations out [seq, batch, hidden] and works on the first dimension; the GPT
-# examples here are [batch, seq, hidden], so the helpers take the sequence dimension ``dim``. Off
-# the first dimension they do what megatron-core's ``_gather_along_last_dim`` /
-# ``_reduce_scatter_along_last_dim`` do for the last one: the collective runs on the first
-# dimension, and the rank blocks are moved to ``dim`` with chunk + cat.
+# megatron-core lays activations out [seq, batch, hidden] and gathers / reduce-scatters along the
+# first dimension; the GPT examples here are [batch, seq, hidden], so the helpers take the sequence
+# dimension ``dim``: the collective runs on a copy with ``dim`` moved to the front (the [seq, batch,
+# hidden] buffer megatron-core would hold) and the result is moved back.
 
 
 def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
@@ -74,8 +73,9 @@ def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
 def _first_dim_copy(input_: torch.Tensor, dim: int) -> torch.Tensor:
     """``input_`` with ``dim`` moved to the front, as a fresh contiguous buffer for the collective.
 
-    A copy, not ``.contiguous()``: at batch 1 the transposed view is already contiguous, so
-    ``.contiguous()`` would hand the collective a view of the [batch, seq, ...] tensor.
+    A copy, not ``.contiguous()``: at batch 1 the transposed view already counts as contiguous, so
+    ``.contiguous()`` would hand on a view (to the collective here; to the matmuls after the gather,
+    which then take their strided ``bmm`` path).
     """
     if dim % input_.dim() == 0:
         return input_.contiguous()
@@ -86,7 +86,7 @@ def _from_first_dim(output: torch.Tensor, dim: int) -> torch.Tensor:
     """The collective's result with its first dimension moved back to ``dim``."""
     if dim % output.dim() == 0:
         return output
-    return output.transpose(0, dim).contiguous()
+    return output.transpose(0, dim).clone(memory_format=torch.contiguous_format)
 
 
 def _gather_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
