@@ -66,8 +66,11 @@ def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
     world_size = dist.get_world_size()
     if world_size == 1:
         return input_
+    # a copy of the block, where megatron-core slices a view and calls .contiguous() (a no-op on the
+    # block of a leading dim): a rank-dependent offset in a view's arguments makes gg_notebook's
+    # capture-once fall back to tracing every rank, in an operator's it specializes the rank number
     local = input_.shape[dim] // world_size
-    return input_.narrow(dim, dist.get_rank() * local, local).contiguous()
+    return torch.narrow_copy(input_, dim, dist.get_rank() * local, local)
 
 
 def _first_dim_copy(input_: torch.Tensor, dim: int) -> torch.Tensor:
