@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import gg_notebook as gg
@@ -35,32 +34,25 @@ def _proved(problem):
     return r
 
 
-@pytest.mark.parametrize("world_size,backward,layers,batch", [
-    (2, False, 2, 1),
-    (2, True, 2, 2),
-    (4, False, 1, 2),
-    (4, True, 1, 1),
-], ids=["tp2-fwd-2L-b1", "tp2-fwd_bwd-2L-b2", "tp4-fwd-1L-b2", "tp4-fwd_bwd-1L-b1"])
-def test_gpt_sequence_parallel_proved(world_size, backward, layers, batch):
-    problem = G.make(world_size, backward=backward, layers=layers, batch=batch, sequence_parallel=True, **SMALL)
+@pytest.mark.parametrize("world_size,backward,layers", [(2, False, 2), (4, True, 1)],
+                         ids=["tp2-fwd-2layers", "tp4-fwd_bwd-1layer"])
+def test_gpt_sequence_parallel_proved(world_size, backward, layers):
+    # batch 1 (a frontier micro-batch: the [batch, seq, hidden] blocks are then plain views)
+    problem = G.make(world_size, backward=backward, layers=layers, batch=1, sequence_parallel=True, **SMALL)
     assert problem.name == ("gpt_sp_fwd_bwd" if backward else "gpt_sp")
-    _proved(problem)
+    r = _proved(problem)
+    assert r.stats["capture"]["traced"] == 1  # capture once: the SP rank programs differ in numbers only
 
 
 def test_gpt_sequence_parallel_partial_layernorm_grads_proved():
     # the finalize all-reduce left out: the LayerNorm / row-parallel-bias gradients are declared Partial()
-    problem = G.make(2, backward=True, sequence_parallel=True, reduce_sp_grads=False, **SMALL)
+    problem = G.make(2, backward=True, batch=2, sequence_parallel=True, reduce_sp_grads=False, **SMALL)
     names = problem.input_names[2:]
     grads = dict(zip(names, problem.expect[1:]))
     assert isinstance(grads["layers.0.ln1_w"], gg.Partial) and isinstance(grads["lnf_b"], gg.Partial)
     assert isinstance(grads["layers.0.b2"], gg.Partial) and isinstance(grads["wpe"], gg.Replicate)
     assert isinstance(grads["layers.0.w1"], gg.Shard)
     _proved(problem)
-
-
-def test_gpt_sequence_parallel_reduce_scatter_embedding_proved():
-    # the embedding leaves through a reduce-scatter along the sequence, each rank adds its positions
-    _proved(G.make(2, backward=True, batch=2, sequence_parallel=True, sp_embedding="reduce_scatter", **SMALL))
 
 
 def test_gpt_block_sequence_parallel_forward_proved():
@@ -76,9 +68,11 @@ def test_sequence_parallel_variants_compute_the_sequential_values():
 
 
 def test_sequence_parallel_gpt_on_meta_tensors_proved():
-    # a moderately large shape on meta tensors (nothing allocated): TP 8, batch 1 (a frontier micro-batch)
-    _proved(G.make(8, backward=True, layers=1, hidden=512, heads=8, ffn=2048, vocab=4096, seq=256, batch=1,
-                   device="meta", sequence_parallel=True))
+    # a moderately large shape on meta tensors (nothing allocated): TP 8, batch 1 (a frontier micro-batch);
+    # over validate's element budget, so the proof stands without the full-size re-check
+    r = _proved(G.make(8, backward=True, layers=1, hidden=1024, heads=16, ffn=4096, vocab=8192, seq=512, batch=1,
+                       device="meta", sequence_parallel=True))
+    assert r.stats["capture"]["traced"] == 1
 
 
 # --------------------------------------------------------------------------------------------- bugs
@@ -100,7 +94,7 @@ def test_reduce_scatter_as_allreduce_and_wrong_block_refuted():
                 B.SP_FWD_BUGS["allreduce_wrong_chunk"])
 
 
-@pytest.mark.parametrize("bug,world_size", [("split_grad_of_gather", 2), ("unreduced_layernorm_grads", 4)])
+@pytest.mark.parametrize("bug,world_size", [("split_grad_of_gather", 2), ("unreduced_layernorm_grads", 2)])
 def test_sequence_parallel_backward_bug_refuted(bug, world_size):
     r = _refuted_at(G.make(world_size, bug=bug, backward=True, sequence_parallel=True, **SMALL),
                     G.SP_FWD_BWD_BUGS[bug])
@@ -171,14 +165,3 @@ def test_reduce_scatter_embedding_positions_gradient_proved_at_batch_two():
     "block sum); the judge then rejects Replicate() for the wpe gradient"))
 def test_reduce_scatter_embedding_positions_gradient_at_batch_one():
     _proved(_emb_problem(1))
-
-
-def test_sequence_parallel_helpers_are_plain_torch_distributed():
-    # the regions are autograd Functions over torch.distributed collectives (no DTensor), like _tp.py's
-    import inspect
-
-    from gg_notebook.examples import _tp
-
-    src = inspect.getsource(_tp)
-    assert "dist.all_gather_into_tensor" in src and "dist.reduce_scatter_tensor" in src
-    assert dist.is_available()
