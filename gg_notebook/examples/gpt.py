@@ -6,6 +6,10 @@ rank produces the logits of its vocabulary slice) and the vocab-parallel cross-e
 [tokens, vocab] logits never exist on one rank. The forward returns the per-token loss; the backward
 variant also returns the gradients of every parameter of ``loss.mean()``.
 With ``device="meta"`` all inputs are meta tensors (nothing is allocated), for benchmark-sized shapes.
+
+``make(..., sequence_parallel=True)`` adds Megatron sequence parallelism (TP + SP): between the
+tensor-parallel regions each rank holds its block of the sequence; the sequential program and the
+problem's inputs and outputs are unchanged.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ gradient backward) and left through ``reduce_from_tensor_model_parallel_region``
 forward, identity backward), as in Megatron-LM; LayerNorms and residuals are replicated. The
 forward+backward example returns the output and the gradients of the block input and of every
 parameter: sharded weights get sharded gradients, replicated parameters replicated ones.
+
+``sequence_parallel=True`` (Megatron-SP): x and the output are this rank's block of the sequence, the
+LayerNorms, biases and residuals run on it, an all-gather along the sequence enters the column-parallel
+linears (reduce-scatter in backward) and a reduce-scatter leaves the row-parallel ones (all-gather in
+backward); see ``_tp.py``.
 """
 
 from __future__ import annotations
