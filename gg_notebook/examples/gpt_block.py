@@ -1,16 +1,10 @@
 """A GPT-style pre-LN transformer block with Megatron tensor parallelism, forward and forward+backward.
 
-``x -> LN -> head-parallel attention -> + x -> LN -> TP MLP -> +``. Every tensor-parallel region is
-entered through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce of the input
-gradient backward) and left through ``reduce_from_tensor_model_parallel_region`` (all-reduce
-forward, identity backward), as in Megatron-LM; LayerNorms and residuals are replicated. The
-forward+backward example returns the output and the gradients of the block input and of every
-parameter: sharded weights get sharded gradients, replicated parameters replicated ones.
-
-``sequence_parallel=True`` (Megatron-SP): x and the output are this rank's block of the sequence, the
-LayerNorms, biases and residuals run on it, an all-gather along the sequence enters the column-parallel
-linears (reduce-scatter in backward) and a reduce-scatter leaves the row-parallel ones (all-gather in
-backward); see ``_tp.py``.
+``x -> LN -> head-parallel attention -> + x -> LN -> TP MLP -> +``. Every tensor-parallel region is entered
+through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce of the input gradient backward)
+and left through ``reduce_from_tensor_model_parallel_region`` (all-reduce forward, identity backward), as in
+Megatron-LM; LayerNorms and residuals are replicated (``sequence_parallel=True``: on sequence blocks, see
+``gpt_block_tp``). Forward+backward: the output and every gradient, placed like the input or parameter.
 """
 
 from __future__ import annotations
@@ -26,25 +20,14 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from gg_notebook.problem import Problem
 
 from ._common import check_bug, randn, seeded
-from ._tp import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from ._tp import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+from ._tp import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
 from ._types import Bug, Example
 
 PARAM_NAMES = ("ln1_w", "ln1_b", "wq", "wk", "wv", "wo", "bo", "ln2_w", "ln2_b", "w1", "b1", "w2", "b2")
 # How each parameter is split across the tensor-parallel ranks (and so how its gradient is).
 PARAM_PLACEMENTS = (Replicate(), Replicate(), Shard(1), Shard(1), Shard(1), Shard(0), Replicate(),
                     Replicate(), Replicate(), Shard(1), Shard(0), Shard(0), Replicate())
-# Under sequence parallelism these replicated parameters act on sequence shards (LayerNorms, and the
-# row-parallel biases added after the reduce-scatter), so each rank's gradient is a partial sum over
-# its sequence rows (megatron-core marks them ``sequence_parallel`` and all-reduces their gradients
-# in ``finalize_model_grads``).
-SEQUENCE_PARALLEL_PARAMS = ("ln1_w", "ln1_b", "bo", "ln2_w", "ln2_b", "b2")
-# The sequence dimension of the [batch, seq, hidden] activations.
-SEQ_DIM = 1
 
 
 def gpt_block(x, ln1_w, ln1_b, wq, wk, wv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, *, num_heads):
@@ -63,6 +46,15 @@ def gpt_block(x, ln1_w, ln1_b, wq, wk, wv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2,
     h = F.layer_norm(x, (H,), ln2_w, ln2_b)  # gg: ln2
     h = F.gelu(h @ w1 + b1)
     return x + (h @ w2 + b2)
+
+
+# Under sequence parallelism these replicated parameters act on sequence shards (LayerNorms, and the
+# row-parallel biases added after the reduce-scatter), so each rank's gradient is a partial sum over
+# its sequence rows (megatron-core marks them ``sequence_parallel`` and all-reduces their gradients
+# in ``finalize_model_grads``).
+SEQUENCE_PARALLEL_PARAMS = ("ln1_w", "ln1_b", "bo", "ln2_w", "ln2_b", "b2")
+# The sequence dimension of the [batch, seq, hidden] activations.
+SEQ_DIM = 1
 
 
 def _enter_tensor_parallel_region(h, *, sequence_parallel, tensor_parallel_output_grad=True):
