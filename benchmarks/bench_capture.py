@@ -18,6 +18,7 @@ Suites:
     python benchmarks/bench_capture.py gpt --tp 2 4 8 --layers 1 8
     python benchmarks/bench_capture.py 405b --mode fwd fwd_bwd
     python benchmarks/bench_capture.py gpt --quick
+    python benchmarks/bench_capture.py 405b --sp --variants new --runs 1   # TP8 + sequence parallelism
 
 Wall time on a shared machine is noisy: CPU seconds (this process and its capture children) are
 reported too.
@@ -51,7 +52,7 @@ def run_one(cell: dict) -> dict:
     from gg_notebook.examples.gpt import make
 
     problem = make(cell["tp"], layers=cell["layers"], backward=cell["mode"] == "fwd_bwd", device="meta",
-                   **cell["model"])
+                   sequence_parallel=bool(cell.get("sp")), **cell["model"])
     r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = gg.verify(problem, capture_once=cell["variant"] == "new")
@@ -81,11 +82,11 @@ def launch(cell: dict, timeout: float) -> dict:
     return {"error": "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])}
 
 
-def measure(cell: dict, runs: int, timeout: float) -> dict:
+def measure(cell: dict, runs: int, timeout: float, variants=("old", "new")) -> dict:
     """Medians over ``runs`` fresh processes per variant, interleaved (old, new, old, new, ...)."""
-    res: dict = {"old": [], "new": []}
+    res: dict = {v: [] for v in variants}
     for _ in range(runs):
-        for variant in ("old", "new"):
+        for variant in variants:
             res[variant].append(launch(dict(cell, variant=variant), timeout))
     out = {}
     for variant, rs in res.items():
@@ -108,6 +109,16 @@ def _f(x, spec=".2f"):
 
 def row(cell: dict, m: dict) -> str:
     o, n = m.get("old", {}), m.get("new", {})
+    if not o or not n:  # one variant measured (--variants)
+        v = n or o
+        if "error" in v:
+            return f"| {cell['mode']} | TP{cell['tp']} | {cell['layers']} | error: {v['error']} |"
+        cap = v.get("capture") or {}
+        old_s, new_s = (_f(v["total_s"]), "-") if o else ("-", _f(v["total_s"]))
+        return (f"| {cell['mode']} | TP{cell['tp']} | {cell['layers']} | {old_s} | {new_s} | - | "
+                f"{_f(v['capture_s'])} | {_f(v['index_s'])} / {_f(v['inference_s'])} / {_f(v['judge_s'])} | "
+                f"{_f(v['cpu_s'], '.1f')} | {_f(max(v['peak_rss_mb'], v['peak_rss_children_mb']), '.0f')} | "
+                f"{cap.get('traced', '-')}/{cell['tp']} | {','.join(v['status'])} |")
     if "error" in o or "error" in n:
         return f"| {cell['mode']} | TP{cell['tp']} | {cell['layers']} | error: {o.get('error') or n.get('error')} |"
     cap = n.get("capture") or {}
@@ -134,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--full", action="store_true", help="405b: also measure the 126-layer model once")
     ap.add_argument("--quick", action="store_true", help="gpt: TP 2 x 1 layer, forward, one run")
+    ap.add_argument("--sp", action="store_true",
+                    help="Megatron sequence parallelism on top of TP (examples.gpt.make(sequence_parallel=True))")
+    ap.add_argument("--variants", nargs="+", choices=["old", "new"], default=["old", "new"],
+                    help="which capture variants to run (default both)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -150,18 +165,18 @@ def main(argv=None) -> int:
         model = L405B
         tps = args.tp or [8]
         layers = args.layers or [4, 16]
-    cells = [dict(mode=m, tp=t, layers=l, model=model) for m in args.mode for t in tps for l in layers]
-    print(f"# capture-once benchmark, suite {args.suite}: {model}; {len(cells)} cell(s) x 2 variants x "
-          f"{args.runs} fresh processes", flush=True)
-    doc = {"suite": args.suite, "model": model, "runs": args.runs, "cells": []}
+    cells = [dict(mode=m, tp=t, layers=l, model=model, sp=args.sp) for m in args.mode for t in tps for l in layers]
+    print(f"# capture-once benchmark, suite {args.suite}{' + SP' if args.sp else ''}: {model}; {len(cells)} "
+          f"cell(s) x {len(args.variants)} variant(s) x {args.runs} fresh processes", flush=True)
+    doc = {"suite": args.suite, "model": model, "runs": args.runs, "sp": args.sp, "cells": []}
     for c in cells:
-        m = measure(c, args.runs, args.timeout)
+        m = measure(c, args.runs, args.timeout, args.variants)
         doc["cells"].append({"cell": c, "result": m})
         print(row(c, m), flush=True)
     if args.suite == "405b" and args.full:
         for mode in args.mode:
-            c = dict(mode=mode, tp=tps[0], layers=126, model=model)
-            m = measure(c, 1, args.timeout * 4)
+            c = dict(mode=mode, tp=tps[0], layers=126, model=model, sp=args.sp)
+            m = measure(c, 1, args.timeout * 4, args.variants)
             doc["cells"].append({"cell": c, "result": m})
             print(row(c, m), flush=True)
     print("\n" + HEAD)
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
     print()
     for line in growth(doc["cells"]):
         print(line)
-    out = Path(args.out or HERE / "results" / f"capture_{args.suite}.json")
+    out = Path(args.out or HERE / "results" / f"capture_{args.suite}{'_sp' if args.sp else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(f"\nresults: {out}")

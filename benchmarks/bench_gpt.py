@@ -12,6 +12,7 @@ goes on. Results go to a JSON file and markdown tables are printed.
     python benchmarks/bench_gpt.py --quick                 # smoke test: TP 2 x 1 layer
     python benchmarks/bench_gpt.py --mode fwd              # forward grid, TP {2,4,8} x layers {1,2,4,8}
     python benchmarks/bench_gpt.py --tp 8 --layers 8 --mode fwd --profile /tmp/prof   # cProfile one cell
+    python benchmarks/bench_gpt.py --sp --quick            # TP + Megatron sequence parallelism
 
 See benchmarks/README.md.
 """
@@ -64,7 +65,7 @@ def run_cell(cell: dict) -> dict:
     for _ in range(cell["repeat"]):
         t0 = time.perf_counter()
         problem = make(cell["tp"], layers=cell["layers"], backward=cell["mode"] == "fwd_bwd", device="meta",
-                       **cell.get("model", MODEL))
+                       sequence_parallel=bool(cell.get("sp")), **cell.get("model", MODEL))
         build_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         cpu0 = _cpu_s()
@@ -135,7 +136,7 @@ def launch(cell: dict, timeout: float) -> dict:
                peak_rss_children_mb=payload.get("peak_rss_children_mb"), capture_mode=payload.get("capture_mode"),
                capture_workers=payload.get("capture_workers"),
                counts=payload["counts"], import_s=payload["import_s"], runs=runs, median=med)
-    if cell["mode"] == "fwd" and (cell["tp"], cell["layers"]) in GRAPHGUARD_FWD_S:
+    if cell["mode"] == "fwd" and not cell.get("sp") and (cell["tp"], cell["layers"]) in GRAPHGUARD_FWD_S:
         rec["graphguard_s"] = GRAPHGUARD_FWD_S[(cell["tp"], cell["layers"])]
     return rec
 
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
                     help="attention heads for every cell (default: 12, or 16 where 12 %% TP != 0, since a "
                          "Megatron split needs heads %% TP == 0 and 12 heads cannot be split over 8 ranks)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile each cell's verify() into DIR/<cell>.prof")
+    ap.add_argument("--sp", action="store_true",
+                    help="Megatron sequence parallelism on top of TP (examples.gpt.make(sequence_parallel=True))")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (child process)
     args = ap.parse_args(argv)
 
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
             return args.heads
         return MODEL["heads"] if MODEL["heads"] % t == 0 else 16
 
-    cells = [dict(mode=m, tp=t, layers=l, repeat=max(1, args.repeat), model=dict(model, heads=heads_for(t)))
+    cells = [dict(mode=m, tp=t, layers=l, repeat=max(1, args.repeat), model=dict(model, heads=heads_for(t)),
+                  sp=args.sp)
              for m in args.mode for t in args.tp for l in args.layers]
     substituted = sorted({t for t in args.tp if heads_for(t) != MODEL["heads"]}) if not args.heads else []
     if substituted:
@@ -256,7 +260,8 @@ def main(argv=None) -> int:
     doc = {"benchmark": "gpt", "model": model, "started": _dt.datetime.now().isoformat(timespec="seconds"),
            "environment": _environment(), "options": {k: v for k, v in vars(args).items() if k != "cell"},
            "graphguard_fwd_s": {f"TP{t}xL{l}": s for (t, l), s in GRAPHGUARD_FWD_S.items()}, "cells": []}
-    print(f"# GPT benchmark: {model}; {len(cells)} cell(s), timeout {args.timeout:.0f} s each", flush=True)
+    print(f"# GPT benchmark{' (TP + sequence parallelism)' if args.sp else ''}: {model}; {len(cells)} cell(s), "
+          f"timeout {args.timeout:.0f} s each", flush=True)
     bad_tp = [t for t in args.tp if heads_for(t) % t]
     if bad_tp:
         print(f"# note: {model['heads']} heads are not divisible by TP {bad_tp}: each rank gets "

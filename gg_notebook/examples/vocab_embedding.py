@@ -17,7 +17,11 @@ from torch.distributed.tensor import Replicate, Shard
 from gg_notebook.problem import Problem
 
 from ._common import check_bug, randint, randn, seeded
-from ._tp import reduce_from_tensor_model_parallel_region, vocab_range_from_per_partition_vocab_size
+from ._tp import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    vocab_range_from_per_partition_vocab_size,
+)
 from ._types import Bug, Example
 
 
@@ -26,8 +30,13 @@ def embedding(ids, weight):
     return F.embedding(ids, weight)  # gg: lookup
 
 
-def vocab_parallel_embedding(ids, weight, *, bug=None):
-    """One rank of a vocab-parallel embedding; weight: [vocab/W, hidden] (this rank's rows), ids replicated."""
+def vocab_parallel_embedding(ids, weight, *, bug=None, sequence_parallel=False):
+    """One rank of a vocab-parallel embedding; weight: [vocab/W, hidden] (this rank's rows), ids replicated.
+
+    Returns the replicated [batch, seq, hidden] lookup, or with ``sequence_parallel`` this rank's block
+    of the sequence [batch, seq/W, hidden]: the partial lookups are then reduce-scattered along the
+    sequence instead of all-reduced (megatron-core's ``reduce_scatter_embeddings``).
+    """
     rank = dist.get_rank()
     world_size = dist.get_world_size()
     per_partition = weight.shape[0]
@@ -40,6 +49,8 @@ def vocab_parallel_embedding(ids, weight, *, bug=None):
     output_parallel = F.embedding(masked_input, weight)
     if bug != "missing_mask":
         output_parallel[input_mask, :] = 0.0
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_parallel_region(output_parallel, 1)
     return reduce_from_tensor_model_parallel_region(output_parallel)
 
 
