@@ -55,6 +55,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -584,6 +585,8 @@ def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]]) -
             flat[p] = v
         it = iter(flat)
         new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
-    copy_gm = fx.GraphModule(gm, g)
+    # no code generation: the copy is only walked (lowering reads its graph, meta and constants); a
+    # lazy module generates its Python code if anyone runs it or reads ``.code``
+    copy_gm = _LazyGraphModule(gm, g)
     copy_gm.meta = copy.copy(gm.meta)
     return copy_gm

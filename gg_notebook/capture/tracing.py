@@ -541,7 +541,18 @@ def _drop_single_rank_collectives(gm: fx.GraphModule, issued: list[IssuedCollect
 
 def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace the sequential program (``rank=None``) or rank ``rank``'s program of ``problem``;
-    return its finished graph and its collectives in program order."""
+    return its finished graph and its collectives in program order.
+
+    The graph modules are lazy (`torch.fx._lazy_graph_module`): nothing here runs them, and lowering
+    only walks their graphs, so their Python code is generated only if someone runs one or reads its
+    ``.code`` (each ``recompile`` of a 126-layer graph costs about a tenth of a second per layer)."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with _use_lazy_graph_module(True):
+        return _trace_program(problem, rank)
+
+
+def _trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs)
     reads = None
