@@ -16,7 +16,17 @@ Capture once (``once=True``, the default; see `capture.symmetry`): every rank's 
 *recorded* (run once on fake tensors, its operator calls written down: ~20x cheaper than a trace, each
 rank in its own process too); the ranks whose recording equals rank 0's up to numbers are derived from
 rank 0's traced graph with their own numbers, and only the others are traced. ``stats["capture"]``
-says how many ranks were traced, how many specialized, and why any rank was not.
+says how many ranks were traced, how many specialized, and why any rank was not, and the seconds of
+work per phase (``phases_s``: record, trace, copy, lower, and the representative's wait).
+
+Both cores stay busy (forked children, no executor): rank 0 is traced in every case (as the
+representative of its class, or alone), so its recorded trace starts as soon as its recording shows
+that it can lead, while the other ranks are still recorded; it is lowered, then waits for the
+comparison of the recordings (`_Members`), holding no worker slot meanwhile (`forked.waiting`); the
+ranks of its class are then copied and lowered by the representative and helpers forked from it,
+one share each (`_derive`). The derived graphs generate no Python code (lazy graph modules: lowering
+only walks them). With an executor, or in this process, a representative starts when the
+recordings are in and derives its ranks itself.
 """
 
 from __future__ import annotations
@@ -176,12 +186,12 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
     if early:
         if not isinstance(traced, str):
             gm, issued, rec = traced
+            n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
             t1 = time.perf_counter()
             pristine = _copy_graph(gm)
             t2 = time.perf_counter()
             # the representative is the lowest rank of its class: its lowering error is the one reported
-            out[rank] = _Captured(lower(gm, rank), issued, _n_outputs(gm),
-                                  dict(gm.meta.get("gg_input_mutations", {})), 0.0)
+            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0)
             phases["copy_s"] += t2 - t1
             phases["lower_s"] += time.perf_counter() - t2
             traced = pristine, issued, rec

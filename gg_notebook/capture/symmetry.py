@@ -67,19 +67,27 @@ _NAMES: dict = {}
 _P2P = {"c10d.send.default", "c10d.recv_.default", "c10d.recv_any_source_.default"}
 
 
+_NESTED = (list, tuple, dict)
+
+
 def _flatten(x: Any, leaves: list, shape: list) -> None:
     """The leaves of nested lists / tuples / dicts ``x`` in order, and their nesting as tokens (the
-    same walk for a dispatched call's (args, kwargs) and a graph node's, so positions agree)."""
+    same walk for a dispatched call's (args, kwargs) and a graph node's, so positions agree). Runs
+    for every recorded call: leaves are appended here rather than by a call per leaf."""
     if isinstance(x, (list, tuple)):
         shape.append(len(x))
-        for y in x:
-            _flatten(y, leaves, shape)
+        items = x
     elif isinstance(x, dict):
         shape.append(tuple(x))
-        for y in x.values():
-            _flatten(y, leaves, shape)
+        items = x.values()
     else:
         leaves.append(x)
+        return
+    for y in items:
+        if isinstance(y, _NESTED):
+            _flatten(y, leaves, shape)
+        else:
+            leaves.append(y)
 
 
 def _flat_args(node: fx.Node) -> tuple[list, tuple]:

@@ -545,7 +545,8 @@ def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, l
 
     The graph modules are lazy (`torch.fx._lazy_graph_module`): nothing here runs them, and lowering
     only walks their graphs, so their Python code is generated only if someone runs one or reads its
-    ``.code`` (each ``recompile`` of a 126-layer graph costs about a tenth of a second per layer)."""
+    ``.code`` (measured: a 16-layer 405B-shaped forward+backward rank traces in 2.0 CPU s, 2.2 with
+    the code generated)."""
     from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
     with _use_lazy_graph_module(True):
