@@ -267,3 +267,71 @@ def test_derived_graph_generates_its_code_only_when_used():
     x, w = p.inputs
     xl, wl = x[:, 6:8], w[6:8]
     assert torch.allclose(g(xl, wl)[0], (xl * 5.0) @ wl)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+_INTERRUPTED = r'''
+import os, sys, time
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import gg_notebook as gg
+from gg_notebook.problem import Problem, Replicate, Shard
+
+PIDS = {pids!r}
+
+def linear(x, w):
+    return x @ w
+
+def slow_on_rank_3(x, w):
+    with open(PIDS, "a") as f:
+        f.write(f"{{os.getpid()}}\n")
+    if dist.get_rank() == 3:
+        time.sleep(120)  # its recording never ends: rank 0's early trace waits for it
+    y = x @ w
+    dist.all_reduce(y)
+    return y
+
+g = torch.Generator().manual_seed(0)
+p = Problem(sequential=linear, distributed=slow_on_rank_3,
+            inputs=(torch.randn(3, 8, generator=g), torch.randn(8, 5, generator=g)),
+            placements=(Shard(1), Shard(0)), world_size=4, expect=(Replicate(),))
+print("start", flush=True)
+gg.verify(p)
+'''
+
+
+def test_ctrl_c_while_the_representative_waits_stops_every_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPTED.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          pids=str(pids)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # the recordings of ranks 0-3 and rank 0's trace have started (rank 3's recording sleeps)
+        while time.monotonic() < deadline and (not pids.exists() or len(pids.read_text().split()) < 5):
+            time.sleep(0.2)
+        assert pids.exists() and len(pids.read_text().split()) >= 5, pids.read_text() if pids.exists() else None
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # as a notebook's interrupt: this process only
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    time.sleep(0.5)
+    alive = []
+    for pid in {int(p) for p in pids.read_text().split()}:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"capture processes left running: {alive}"
