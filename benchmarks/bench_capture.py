@@ -21,7 +21,9 @@ Suites:
     python benchmarks/bench_capture.py 405b --sp --variants new --runs 1   # TP8 + sequence parallelism
 
 Wall time on a shared machine is noisy: CPU seconds (this process and its capture children) are
-reported too.
+reported too, with the highest 1-minute load average seen at the end of a run, and the new capture's
+seconds of work per phase (``stats["capture"]["phases_s"]``: record, trace, copy, lower, the
+representative's wait) summed over its processes.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run_one(cell: dict) -> dict:
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     st = result.stats
     out = {k: float(st.get(k, float("nan"))) for k in KEYS}
-    out.update(wall_s=wall, status=str(result.status),
+    out.update(wall_s=wall, status=str(result.status), load=os.getloadavg()[0],
                cpu_s=(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
                + (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime),
                peak_rss_mb=r1.ru_maxrss / 1024, peak_rss_children_mb=c1.ru_maxrss / 1024,
@@ -97,6 +99,7 @@ def measure(cell: dict, runs: int, timeout: float, variants=("old", "new")) -> d
         med = {k: statistics.median(r[k] for r in ok) for k in (*KEYS, "wall_s", "cpu_s", "peak_rss_mb",
                                                               "peak_rss_children_mb")}
         med["status"] = sorted({r["status"] for r in ok})
+        med["load"] = max(r.get("load", 0.0) for r in ok)  # 1-minute load average at the end of a run
         med["capture"] = ok[-1].get("capture")
         med["runs"] = len(ok)
         out[variant] = med
@@ -127,12 +130,23 @@ def row(cell: dict, m: dict) -> str:
             f"{_f(n['index_s'])} / {_f(n['inference_s'])} / {_f(n['judge_s'])} | "
             f"{_f(o['cpu_s'], '.1f')} / {_f(n['cpu_s'], '.1f')} | "
             f"{_f(max(n['peak_rss_mb'], n['peak_rss_children_mb']), '.0f')} | "
-            f"{cap.get('traced', '-')}/{cell['tp']} | {','.join(n['status'])} |")
+            f"{cap.get('traced', '-')}/{cell['tp']} | {','.join(n['status'])} | "
+            f"{_f(max(o.get('load', 0.0), n.get('load', 0.0)), '.1f')} | {_phases(cap)} |")
+
+
+def _phases(cap: dict) -> str:
+    """The new capture's seconds of work per phase (summed over processes) and the recordings' wall time."""
+    ph = cap.get("phases_s") or {}
+    parts = [f"{k[:-2]} {v:.1f}" for k, v in ph.items() if isinstance(v, (int, float))]
+    if cap.get("record_s") is not None:
+        parts.append(f"recordings in at {cap['record_s']:.1f} s")
+    return ", ".join(parts) or "-"
 
 
 HEAD = ("| mode | TP | layers | old total s | new total s | old/new | capture s old / new | "
-        "new index / inference / judge s | CPU s old / new | new peak RSS MB | traced ranks | verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "new index / inference / judge s | CPU s old / new | new peak RSS MB | traced ranks | verdict | load (max) | "
+        "new capture work s per phase |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:

@@ -17,10 +17,15 @@ Jupyter kernel never touches the kernel's I/O channels; the child ends with ``os
 handlers of the parent run). Results and exceptions travel pickled by `gg_notebook.ir.serialize`;
 an exception comes back with its type, message and attributes, its child-side traceback attached
 as ``__cause__``.
+
+A child that waits for its parent (`capture.programs`: the representative's trace waits for the
+other ranks' recordings) calls `waiting` around the wait: while it waits it holds no worker slot,
+so another call runs on its core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import io
@@ -67,26 +72,31 @@ class ChildDied(Exception):
 
 
 def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
-               then: Callable[[int, Any], Sequence[Any]] | None = None) -> list[Any]:
-    """``[fn(item) for item in items]``, each call in its own forked child, at most ``workers`` at a time.
+               then: Callable[[int, Any], Sequence[Any]] | None = None,
+               on_failure: Callable[[int], None] | None = None) -> list[Any]:
+    """``[fn(item) for item in items]``, each call in its own forked child, at most ``workers`` at a time
+    (a child inside `waiting` does not count).
 
     ``then(i, result)``, if given, is called here as each call's result arrives and returns items to
     append (run like the others; their results follow in the returned list): work that depends on
     earlier results starts as soon as they are in, while other children still run.
 
     If calls raise, the exception of the first failing item (in ``items`` order) is raised here, as
-    the sequential loop would; `ChildDied` if a child ends without a result. Output the children
-    print is printed here, in ``items`` order."""
+    the sequential loop would; `ChildDied` if a child ends without a result. ``on_failure(i)`` is
+    called when item i is the first to fail so far (a child waiting for this process must then be
+    released, or it would wait forever). Output the children print is printed here, in ``items`` order."""
     ctx = multiprocessing.get_context("fork")
     items = list(items)
     todo = list(range(len(items)))
     running: dict[multiprocessing.connection.Connection, tuple[int, multiprocessing.Process]] = {}
+    idle: set[int] = set()  # children inside `waiting`
     outcomes: dict[int, tuple[str, Any, str, str]] = {}
     first_failure: int | None = None
     gc.freeze()  # a child's garbage collections then leave the parent's objects (and their pages) alone
     try:
         while todo or running:
-            while todo and len(running) < max(1, workers) and (first_failure is None or todo[0] < first_failure):
+            while (todo and len(running) - len(idle) < max(1, workers)
+                   and (first_failure is None or todo[0] < first_failure)):
                 i = todo.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_child, args=(fn, items[i], send), daemon=True,
@@ -104,11 +114,19 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
                 if not running:
                     continue
             for conn in multiprocessing.connection.wait(list(running)):
-                i, proc = running.pop(conn)
-                outcome = _receive(conn, proc, i)
+                i, proc = running[conn]
+                data = _read(conn)
+                if data in (_IDLE, _BUSY):  # the child started or stopped waiting for this process
+                    (idle.add if data == _IDLE else idle.discard)(i)
+                    continue
+                del running[conn]
+                idle.discard(i)
+                outcome = _receive(data, conn, proc)
                 outcomes[i] = outcome
                 if outcome[0] != "ok" and (first_failure is None or i < first_failure):
                     first_failure = i
+                    if on_failure is not None:
+                        on_failure(i)
                 elif outcome[0] == "ok" and then is not None and first_failure is None:
                     new = list(then(i, outcome[1]))
                     todo.extend(range(len(items), len(items) + len(new)))
@@ -128,14 +146,20 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
     return [outcomes[i][1] for i in range(len(items))]
 
 
-def _receive(conn, proc, i) -> tuple[str, Any, str, str]:
-    """("ok", value, stdout, stderr) | ("error", exception payload, ...) | ("died", how, "", "")."""
+_IDLE, _BUSY = b"\x00gg-waiting", b"\x00gg-working"  # never the start of a pickle (b"\x80...")
+
+
+def _read(conn) -> bytes | None:
+    """The child's next message (a `waiting` status or its result), or None if it ended without one."""
     try:
-        data = conn.recv_bytes()
+        return conn.recv_bytes()
     except (EOFError, OSError):
-        data = None
-    finally:
-        conn.close()
+        return None
+
+
+def _receive(data: bytes | None, conn, proc) -> tuple[str, Any, str, str]:
+    """("ok", value, stdout, stderr) | ("error", exception payload, ...) | ("died", how, "", "")."""
+    conn.close()
     proc.join()
     if data is None:
         return "died", _how_it_ended(proc.exitcode), "", ""
@@ -167,7 +191,26 @@ def _forward_output(out: str, err: str) -> None:
 # ----------------------------------------------------------------------------------- child side
 
 
+_to_parent = None  # in a child: its connection to the parent (for `waiting`)
+
+
+@contextlib.contextmanager
+def waiting():
+    """Within: this child waits for its parent (for data the parent sends when other calls finish),
+    and holds no worker slot meanwhile. Outside a `run_forked` child: nothing."""
+    conn = _to_parent
+    if conn is not None:
+        conn.send_bytes(_IDLE)
+    try:
+        yield
+    finally:
+        if conn is not None:
+            conn.send_bytes(_BUSY)
+
+
 def _child(fn, item, conn) -> None:
+    global _to_parent
+    _to_parent = conn
     gc.disable()  # short-lived: collecting would touch (and copy) every page shared with the parent
     out, err = io.StringIO(), io.StringIO()
     _detach_from_parent_io(out, err)

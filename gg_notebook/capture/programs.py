@@ -16,7 +16,17 @@ Capture once (``once=True``, the default; see `capture.symmetry`): every rank's 
 *recorded* (run once on fake tensors, its operator calls written down: ~20x cheaper than a trace, each
 rank in its own process too); the ranks whose recording equals rank 0's up to numbers are derived from
 rank 0's traced graph with their own numbers, and only the others are traced. ``stats["capture"]``
-says how many ranks were traced, how many specialized, and why any rank was not.
+says how many ranks were traced, how many specialized, and why any rank was not, and the seconds of
+work per phase (``phases_s``: record, trace, copy, lower, and the representative's wait).
+
+Both cores stay busy (forked children, no executor): rank 0 is traced in every case (as the
+representative of its class, or alone), so its recorded trace starts as soon as its recording shows
+that it can lead, while the other ranks are still recorded; it is lowered, then waits for the
+comparison of the recordings (`_Members`), holding no worker slot meanwhile (`forked.waiting`); the
+ranks of its class are then copied and lowered by the representative and helpers forked from it,
+one share each (`_derive`). The derived graphs generate no Python code (lazy graph modules: lowering
+only walks them). With an executor, or in this process, a representative starts when the
+recordings are in and derives its ranks itself.
 """
 
 from __future__ import annotations
@@ -72,57 +82,284 @@ class _Captured:
     n_outputs: int
     input_mutations: dict
     seconds: float
+    phases: dict = field(default_factory=dict)  # seconds spent {"trace_s", "copy_s", "lower_s", "wait_s"}
 
 
 def _capture_one(problem: Problem, lower: Lower, rank: int | None) -> _Captured:
     t0 = time.perf_counter()
     gm, issued = trace_program(problem, rank)
+    t1 = time.perf_counter()
     graph = lower(gm, rank)
+    t2 = time.perf_counter()
     return _Captured(graph, issued, _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {})),
-                     time.perf_counter() - t0)
+                     t2 - t0, {"trace_s": t1 - t0, "lower_s": t2 - t1})
 
 
-def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diffs: list[Diff],
-                            rank: int) -> dict:
-    """Trace ``rank`` (the representative) with its operator calls recorded, derive the graphs of
-    the ranks in ``diffs`` from it (`symmetry.Specializer`) and lower them all.
+class _Members:
+    """The channel over which this process tells a representative started early (before the other
+    ranks' recordings were in) which ranks to derive: `give` the `Diff`s of its class (perhaps none)
+    or `stop` (a capture failed: nothing to derive). Created before the representative's process is
+    forked; it `receive`s them there. One message, the first of the two."""
 
-    Returns {rank: _Captured | reason (str)}: a reason for each rank that could not be derived (it
-    is traced on its own afterwards). If the representative's own trace fails here, every entry is
-    a reason (the plain trace, without the recorder, then reports the error)."""
-    t0 = time.perf_counter()
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._recv, self._send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        self._parent = os.getpid()
+        self.diffs: list[Diff] | None = None  # what was given (here, in the parent)
+
+    def give(self, diffs: list[Diff]) -> None:
+        if self.diffs is None:
+            self.diffs = list(diffs)
+            self._send.send_bytes(_serialize().dumps(("diffs", self.diffs)))
+
+    def stop(self) -> None:
+        if self.diffs is None:
+            self.diffs = []
+            self._send.send_bytes(_serialize().dumps(("stop",)))
+
+    def receive(self) -> list[Diff] | None:
+        """In the representative's process: the diffs, or None if told to stop. Ends this process
+        if its parent is gone (nobody would ever answer)."""
+        while not self._recv.poll(1.0):
+            if os.getppid() != self._parent:
+                os._exit(1)
+        msg = _serialize().loads(self._recv.recv_bytes())
+        return msg[1] if msg[0] == "diffs" else None
+
+    def close(self) -> None:
+        self._recv.close()
+        self._send.close()
+
+
+def _serialize():
+    from gg_notebook.ir import serialize
+
+    return serialize
+
+
+@dataclass
+class _Packed:
+    """Captures lowered in a helper process of a representative ({rank: _Captured | reason}), still
+    pickled: unpacked only in the parent (`_unpack`), not once more in between."""
+
+    data: bytes
+
+
+def _unpack(res: dict) -> dict:
+    """A representative's result with its `_Packed` parts unpacked (in place; returned)."""
+    for k in [k for k, v in res.items() if isinstance(v, _Packed)]:
+        res.update(_serialize().loads(res.pop(k).data))
+    return res
+
+
+def _trace_representative(problem: Problem, rank: int):
+    """(graph, collectives, the recording made under make_fx), or why the recorded trace failed."""
     try:
         with recording_calls():
             gm, issued = trace_program(problem, rank)
     except Exception as e:  # noqa: BLE001 - traced again without the recorder, which reports it
-        why = f"the representative's recorded trace raised {type(e).__name__}"
-        return {r: why for r in [rank, *(d.rank for d in diffs)]}
-    traced = gm.meta.pop("gg_recording", None) or Recording(rank, error="no recording")
-    spec = Specializer(gm, rep, traced)
-    n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
+        return f"the representative's recorded trace raised {type(e).__name__}"
+    return gm, issued, gm.meta.pop("gg_recording", None) or Recording(rank, error="no recording")
+
+
+def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diffs: "list[Diff] | _Members",
+                            rank: int, workers: int = 1) -> dict:
+    """Trace ``rank`` (the representative) with its operator calls recorded, derive the graphs of
+    the ranks in ``diffs`` from it (`symmetry.Specializer`) and lower them all.
+
+    ``diffs`` is a `_Members` when the trace starts before the other ranks' recordings are in: the
+    representative is traced and lowered, then waits (holding no worker slot, `forked.waiting`) for
+    the diffs of its class; its graph is copied first (lowering rewrites a graph in place).
+    ``workers`` > 1: the derived ranks are copied and lowered by that many processes, this one and
+    helpers forked from it (`_derive`).
+
+    Returns {rank: _Captured | reason (str) | _Packed}: a reason for each rank that could not be
+    derived (it is traced on its own afterwards). If the representative's own trace fails here, every
+    entry is a reason (the plain trace, without the recorder, then reports the error)."""
+    t0 = time.perf_counter()
+    traced = _trace_representative(problem, rank)
     trace_s = time.perf_counter() - t0
     out: dict = {}
-    derived: list = []
-    for d in diffs:  # every copy before lowering the representative: lowering rewrites its graph in place
+    phases = {"trace_s": trace_s, "copy_s": 0.0, "lower_s": 0.0, "wait_s": 0.0}
+    early = isinstance(diffs, _Members)
+    if early:
+        if not isinstance(traced, str):
+            gm, issued, rec = traced
+            n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
+            t1 = time.perf_counter()
+            pristine = _copy_graph(gm)
+            t2 = time.perf_counter()
+            # the representative is the lowest rank of its class: its lowering error is the one reported
+            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0)
+            phases["copy_s"] += t2 - t1
+            phases["lower_s"] += time.perf_counter() - t2
+            traced = pristine, issued, rec
+        from gg_notebook.capture.forked import waiting
+
+        t1 = time.perf_counter()
+        with waiting():
+            diffs = diffs.receive()
+        phases["wait_s"] = time.perf_counter() - t1
+        if diffs is None:  # another capture failed: that failure is reported
+            return {}
+    if isinstance(traced, str):
+        return {r: traced for r in [rank, *(d.rank for d in diffs)]}
+    gm, issued, rec = traced
+    spec = Specializer(gm, rep, rec)
+    n_out, mutations = _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {}))
+    derived, phases["helpers"] = _derive(spec, sorted(diffs, key=lambda d: d.rank), lower, issued, n_out,
+                                         mutations, workers, None if early else (rank, phases))
+    out.update(derived)
+    rep_c = out[rank]
+    rep_c.seconds = phases["trace_s"] + phases["copy_s"] + phases["lower_s"]
+    rep_c.phases = phases
+    return out
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (its graph, meta and constants) that lowering ``gm`` leaves as it is."""
+    from gg_notebook.capture.symmetry import _copy_with
+
+    return _copy_with(gm, [])
+
+
+def _derive(spec: Specializer, diffs: list[Diff], lower: Lower, issued, n_out: int, mutations: dict,
+            workers: int, rep: "tuple[int, dict] | None") -> tuple[dict, int]:
+    """The derived ranks' captures (or reasons), ``diffs`` in rank order; with ``rep`` = (rank,
+    phases), the representative's graph ``spec.gm`` is lowered here too, after every copy made of it
+    in this process (lowering rewrites it in place) and before any derived rank is lowered.
+
+    With ``workers`` > 1 the ranks are split in consecutive shares: this process takes the first (the
+    lowest ranks, so a lowering error it meets is the one to report), one forked helper each of the
+    others, which send their captures back pickled (`_Packed`). A helper's lowering error is reported
+    if no lower rank has one; a helper that dies has its share redone here (a crash then ends this
+    process, as it would have without helpers). Returns (the captures, the number of helpers)."""
+    n = max(1, min(workers, len(diffs)))
+    shares = [diffs[len(diffs) * k // n: len(diffs) * (k + 1) // n] for k in range(n)]
+    helpers = [_fork_share(spec, share, lower, issued, n_out, mutations) for share in shares[1:]]
+    try:
+        out, error = _derive_share(spec, shares[0], lower, issued, n_out, mutations, rep)
+        if error is not None:
+            raise error
+        for share, helper in zip(shares[1:], helpers):
+            got = _join_share(helper)
+            if got is None:  # the helper died: redo its share here
+                part, error = _derive_share(spec, share, lower, issued, n_out, mutations, None)
+                if error is not None:
+                    raise error
+                out.update(part)
+            elif got[0] == "error":
+                from gg_notebook.capture.forked import rebuild_exception
+
+                raise rebuild_exception(got[1])
+            else:
+                out[("packed", share[0].rank)] = _Packed(got[1])
+        return out, len(helpers)
+    finally:
+        for pid, fd in helpers:
+            _reap(pid, fd)
+
+
+def _derive_share(spec: Specializer, share: list[Diff], lower: Lower, issued, n_out: int, mutations: dict,
+                  rep: "tuple[int, dict] | None") -> tuple[dict, BaseException | None]:
+    """Copy (every copy first) and lower the ranks of ``share`` (and ``rep``'s graph, see `_derive`);
+    ({rank: _Captured | reason}, the first lowering error or None)."""
+    out: dict = {}
+    copies = []
+    for d in share:
         t1 = time.perf_counter()
         g = spec.graph_for(d)
         if isinstance(g, str):
             out[d.rank] = g
         else:
-            derived.append((d.rank, g, time.perf_counter() - t1))
-    # the representative (the lowest rank of its class) is lowered first, then the others in rank
-    # order: a lowering error is reported for the same rank as when every rank is traced
-    t2 = time.perf_counter()
-    out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, trace_s + time.perf_counter() - t2)
-    for r, g, copy_s in derived:
-        t1 = time.perf_counter()
-        graph = lower(g, r)
-        out[r] = _Captured(graph, [dataclasses.replace(c, rank=r) for c in issued], n_out, mutations,
-                           copy_s + time.perf_counter() - t1)
-    return out
+            copies.append((d.rank, g, time.perf_counter() - t1))
+    try:
+        if rep is not None:
+            rank, phases = rep
+            phases["copy_s"] += sum(c for _, _, c in copies)
+            t2 = time.perf_counter()
+            gm = spec.gm
+            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0)
+            phases["lower_s"] += time.perf_counter() - t2
+        for r, g, copy_s in copies:
+            t1 = time.perf_counter()
+            graph = lower(g, r)
+            lower_s = time.perf_counter() - t1
+            out[r] = _Captured(graph, [dataclasses.replace(c, rank=r) for c in issued], n_out, mutations,
+                               copy_s + lower_s, {"copy_s": copy_s, "lower_s": lower_s})
+    except Exception as e:  # noqa: BLE001 - reported by the caller, lowest rank first
+        return out, e
+    return out, None
 
 
-def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
+def _fork_share(spec, share, lower, issued, n_out, mutations) -> tuple[int, int]:
+    """Fork a helper that derives ``share`` and writes ("ok", pickled {rank: ...}) or ("error", payload)
+    to a pipe; (its pid, the pipe's read end). Plain os.fork: this process may be a daemonic child,
+    which multiprocessing does not let have children."""
+    from gg_notebook.capture.forked import exception_payload
+    from gg_notebook.capture.specialize import _die_with_parent
+
+    serialize = _serialize()
+    parent = os.getpid()
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper
+        code = 0
+        try:
+            os.close(rd)
+            _die_with_parent(parent, 24 * 3600.0)
+            out, error = _derive_share(spec, share, lower, issued, n_out, mutations, None)
+            if error is not None:
+                data = serialize.dumps(("error", exception_payload(error)))
+            else:
+                data = serialize.dumps(("ok", serialize.dumps(out)))
+            with os.fdopen(wr, "wb") as f:
+                f.write(data)
+        except BaseException:  # noqa: BLE001 - the parent redoes the share
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wr)
+    return pid, rd
+
+
+def _join_share(helper: tuple[int, int]):
+    """What the helper sent, or None if it ended without sending it."""
+    pid, fd = helper
+    chunks = []
+    try:
+        while True:
+            b = os.read(fd, 1 << 22)
+            if not b:
+                break
+            chunks.append(b)
+    except OSError:
+        return None
+    if not chunks:
+        return None
+    try:
+        return _serialize().loads(b"".join(chunks))
+    except Exception:  # noqa: BLE001 - cut short: the helper died while writing
+        return None
+
+
+def _reap(pid: int, fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+
+
+def _run(fn, items: list, in_processes: bool, workers: int, then=None, on_failure=None) -> list:
     """``[fn(item) for item in items]`` (plus what ``then`` appends, see `run_forked`), each in its
     own forked process, on the executor `capture_and_lower` was given, or all in this process."""
     if not items:
@@ -130,7 +367,7 @@ def _run(fn, items: list, in_processes: bool, workers: int, then=None) -> list:
     if _executor is not None:
         return _run_on_executor(_executor, fn, items, then)
     if in_processes:
-        return run_forked(fn, items, workers, then)
+        return run_forked(fn, items, workers, then, on_failure)
     items = list(items)
     out = []
     k = 0
@@ -214,7 +451,7 @@ def _job(problem: Problem, lower: Lower, job: tuple):
     if kind == "record":
         return record_rank(problem, job[1])
     if kind == "rep":
-        return _capture_representative(problem, lower, job[2], job[3], job[1])
+        return _capture_representative(problem, lower, job[2], job[3], job[1], job[4] if len(job) > 4 else 1)
     return _capture_one(problem, lower, job[1])
 
 
@@ -316,15 +553,20 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
 
     Jobs, each in its own process: the sequential trace and rank 0's recording start at once; then
     the other ranks' recordings (or, if rank 0's recording shows that no rank can be derived from
-    it, every rank's trace); when the recordings are in, one trace per class of ranks that run the
-    same program up to numbers (deriving the others) and the trace of every rank in no class; a
-    rank a representative could not derive after all is traced last."""
+    it, every rank's trace). With forked children (no executor) rank 0's recorded trace starts as
+    soon as its recording shows it can lead, alongside the other recordings, and waits for them
+    (`_Members`) before it specializes. When the recordings are in, one trace per (other) class of
+    ranks that run the same program up to numbers (deriving the others) and the trace of every rank
+    in no class; a rank a representative could not derive after all is traced last."""
     W = problem.world_size
     rep = 0
     t0 = time.perf_counter()
     recs: dict[int, Recording] = {}
     reasons: dict[int, str] = {}
     times: dict[str, float] = {}
+    forked = in_processes and _executor is None
+    derive_workers = workers if forked else 1  # a representative's helpers are forked from it
+    members: list[_Members] = []  # rank 0's early representative job, if any
 
     def then(_i: int, res) -> list[tuple]:
         if isinstance(res, Recording):
@@ -336,7 +578,12 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
                     for r in range(W):
                         reasons[r] = early if r == rep else f"rank {rep} cannot be a representative: {early}"
                     return [("one", r, "quiet") if r == rep else ("one", r) for r in range(W)]
-                return [("record", r) for r in range(W) if r != rep]
+                records = [("record", r) for r in range(W) if r != rep]
+                if not forked:
+                    return records
+                # rank 0 is traced whatever the others' recordings say (as representative, or alone)
+                members.append(_Members())
+                return [("rep", rep, recs[rep], members[0], derive_workers, "quiet"), *records]
             if len(recs) < W:
                 return []
             times["record_s"] = time.perf_counter() - t0
@@ -344,58 +591,94 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
             classes: list[tuple[int, list[Diff]]] = []
             first_reason: dict[int, str] = {}
             for r in range(W):
-                for lead, members in classes:
+                for lead, ms in classes:
                     d = compare(recs[lead], recs[r])
                     if isinstance(d, Diff):
-                        members.append(d)
+                        ms.append(d)
                         break
                     first_reason.setdefault(r, d)
                 else:
                     classes.append((r, []))
             out = []
-            for lead, members in classes:
-                if members:
-                    out.append(("rep", lead, recs[lead], members, "quiet"))
+            for lead, ms in classes:
+                if ms:
                     if lead != rep:
                         reasons[lead] = f"leads its own class (differs from rank {rep}: {first_reason[lead]})"
                 else:
-                    out.append(("one", lead, "quiet"))
                     reasons[lead] = (first_reason.get(lead) or recs[lead].error
                                      or "no other rank runs the same program up to numbers")
+                if lead == rep and members:
+                    members[0].give(ms)  # already traced (and lowered), waiting for these
+                elif ms:
+                    out.append(("rep", lead, recs[lead], ms, derive_workers, "quiet"))
+                else:
+                    out.append(("one", lead, "quiet"))
             return out
-        if isinstance(res, dict):  # the representative's job
+        if isinstance(res, dict):  # a representative's job
+            _unpack(res)
             failed = [r for r, c in sorted(res.items()) if isinstance(c, str)]
             for r in failed:
                 reasons.setdefault(r, res[r])
             return [("one", r, "quiet") for r in failed]
         return []
 
+    def on_failure(_i: int) -> None:  # a capture failed: rank 0's representative must not wait forever
+        for m in members:
+            m.stop()
+
     jobs = [("one", None), ("record", rep)]  # the other recordings follow if rank 0's can lead
-    results = _labelled(functools.partial(_job, problem, lower), jobs, in_processes, workers, then)
+    try:
+        results = _labelled(functools.partial(_job, problem, lower), jobs, in_processes, workers, then,
+                            on_failure)
+    finally:
+        for m in members:
+            m.stop()
+            m.close()
     by_rank: dict = {}
     traced: set = set()
     reps: list = []
+    phases = {"trace_s": 0.0, "copy_s": 0.0, "lower_s": 0.0, "wait_s": 0.0}
     for j, res in zip(results["jobs"], results["values"]):
         if j[0] == "rep":
+            _unpack(res)
             by_rank.update({r: c for r, c in res.items() if not isinstance(c, str)})
-            if not isinstance(res[j[1]], str):
+            if not isinstance(res.get(j[1], ""), str):
                 traced.add(j[1])
-                reps.append(j[1])
+                if _class_of(j):  # an early rank 0 may have led no class after all
+                    reps.append(j[1])
         elif j[0] == "one":
             by_rank[j[1]] = res
             if j[1] is not None:
                 traced.add(j[1])
+    helpers = 0
+    for c in by_rank.values():
+        for k, v in c.phases.items():
+            if k == "helpers":
+                helpers += v
+            else:
+                phases[k] = phases.get(k, 0.0) + v
     stats = {
         "traced": len(traced), "specialized": W - len(traced), "representatives": sorted(reps),
         "traced_ranks": sorted(traced), "record_s": times.get("record_s"),
         "record_rank_s": [round(recs[r].seconds, 4) for r in range(W) if r in recs],
+        "early_representative": bool(members),
+        "derive_helpers": helpers,  # processes forked by representatives to copy and lower derived ranks
+        # seconds of work summed over processes (not wall time): recording, tracing (sequential and
+        # ranks), copying derived graphs, lowering, and a representative's wait for the recordings
+        "phases_s": {"record_s": round(sum(r.seconds for r in recs.values()), 3),
+                     **{k: round(v, 3) for k, v in phases.items()}},
         "fallback": {r: reasons[r] for r in sorted(reasons) if r in traced},
         "fallback_reason": next((reasons[r] for r in sorted(reasons) if r in traced), None),
     }
     return [by_rank[None], *(by_rank[r] for r in range(W))], stats
 
 
-def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=None):
+def _class_of(job: tuple) -> list[Diff]:
+    """The ranks a representative's job derives (``job[3]``: the diffs, or the `_Members` told them)."""
+    return (job[3].diffs or []) if isinstance(job[3], _Members) else job[3]
+
+
+def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=None, on_failure=None):
     """`_run` of ``jobs``; a dead child is reported with the program it was capturing. With
     ``then`` (see `run_forked`): {"jobs": every job run, "values": their results}."""
     jobs = list(jobs)
@@ -414,7 +697,7 @@ def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=Non
         return new
 
     try:
-        values = _run(job, jobs, in_processes, workers, more)
+        values = _run(job, jobs, in_processes, workers, more, on_failure)
     except ChildDied as e:
         everything = jobs + extra
         e.item = everything[e.index][1] if e.index < len(everything) else None

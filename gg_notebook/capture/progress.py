@@ -78,7 +78,7 @@ def describe_job(job: tuple) -> str:
     if kind == "record":
         return f"{name} recorded"
     if kind == "rep":
-        derived = [d.rank for d in job[3]]
+        derived = [d.rank for d in (getattr(job[3], "diffs", job[3]) or [])]  # diffs, or an early job's channel
         return f"{name} traced, {_ranks(derived)} derived from it"
     return f"{name} traced"
 

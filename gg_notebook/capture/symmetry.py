@@ -55,6 +55,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,19 +67,27 @@ _NAMES: dict = {}
 _P2P = {"c10d.send.default", "c10d.recv_.default", "c10d.recv_any_source_.default"}
 
 
+_NESTED = (list, tuple, dict)
+
+
 def _flatten(x: Any, leaves: list, shape: list) -> None:
     """The leaves of nested lists / tuples / dicts ``x`` in order, and their nesting as tokens (the
-    same walk for a dispatched call's (args, kwargs) and a graph node's, so positions agree)."""
+    same walk for a dispatched call's (args, kwargs) and a graph node's, so positions agree). Runs
+    for every recorded call: leaves are appended here rather than by a call per leaf."""
     if isinstance(x, (list, tuple)):
         shape.append(len(x))
-        for y in x:
-            _flatten(y, leaves, shape)
+        items = x
     elif isinstance(x, dict):
         shape.append(tuple(x))
-        for y in x.values():
-            _flatten(y, leaves, shape)
+        items = x.values()
     else:
         leaves.append(x)
+        return
+    for y in items:
+        if isinstance(y, _NESTED):
+            _flatten(y, leaves, shape)
+        else:
+            leaves.append(y)
 
 
 def _flat_args(node: fx.Node) -> tuple[list, tuple]:
@@ -584,6 +593,8 @@ def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]]) -
             flat[p] = v
         it = iter(flat)
         new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
-    copy_gm = fx.GraphModule(gm, g)
+    # no code generation: the copy is only walked (lowering reads its graph, meta and constants); a
+    # lazy module generates its Python code if anyone runs it or reads ``.code``
+    copy_gm = _LazyGraphModule(gm, g)
     copy_gm.meta = copy.copy(gm.meta)
     return copy_gm

@@ -541,7 +541,19 @@ def _drop_single_rank_collectives(gm: fx.GraphModule, issued: list[IssuedCollect
 
 def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace the sequential program (``rank=None``) or rank ``rank``'s program of ``problem``;
-    return its finished graph and its collectives in program order."""
+    return its finished graph and its collectives in program order.
+
+    The graph modules are lazy (`torch.fx._lazy_graph_module`): nothing here runs them, and lowering
+    only walks their graphs, so their Python code is generated only if someone runs one or reads its
+    ``.code`` (measured: a 16-layer 405B-shaped forward+backward rank traces in 2.0 CPU s, 2.2 with
+    the code generated)."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with _use_lazy_graph_module(True):
+        return _trace_program(problem, rank)
+
+
+def _trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs)
     reads = None
