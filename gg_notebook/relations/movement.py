@@ -64,6 +64,7 @@ class MovementIndex:
         self._ew: dict | None = None
         # piece term id -> (dval, dim, start, end): a call on a piece of a concatenated operand
         self.pieces: dict[int, tuple] = {}
+        self._by_first_leaf: dict | None = None  # first leaf -> the values (index order) that move it first
         self._subset_index: dict = {}  # (shape-table key, argument position) -> {first leaf: positions}
 
     # ------------------------------------------------------------------ leaves and index tensors
@@ -308,6 +309,22 @@ class MovementIndex:
         positions.sort()
         return [bucket[p] for p in positions]
 
+    def first_leaf_candidates(self, L) -> list:
+        """The values some rank holds (in index order) whose first leaf is in ``L``: every value whose
+        leaves all lie in ``L`` is among them."""
+        by_first = self._by_first_leaf
+        if by_first is None:
+            by_first = {}
+            for d in self.index.dvals:
+                ls = self.leaves(d.term)
+                by_first.setdefault(ls[0] if ls else None, []).append(d)
+            self._by_first_leaf = by_first
+        out = list(by_first.get(None, ()))
+        for leaf in L:
+            out.extend(by_first.get(leaf, ()))
+        out.sort(key=lambda d: d.id)
+        return out
+
     def _shape_table(self) -> dict:
         if getattr(self, "_calls_by_shape", None) is None:
             table: dict = {}
@@ -462,7 +479,9 @@ def retile(index, term: Expr, sources=None, strict: bool = False) -> list[Expr]:
     if int((inv >= 0).sum()) != n:
         return []  # the term repeats elements (a broadcast): no box tiling of distinct pieces
     if sources is None:
-        sources = [d for d in index.dvals
+        # (a value whose leaves are all in L has its first leaf in L: only those are looked at, in
+        # index order, instead of every value some rank holds)
+        sources = [d for d in m.first_leaf_candidates(L)
                    if d.term.id != term.id and set(m.leaves(d.term)) <= L and _computed_on(index, d)]
     locs, dvals = [], []
     for d in sources:
