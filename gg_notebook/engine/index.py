@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import torch
 
+from gg_notebook.engine.heap import long_lived_heap
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.relations.expr import Expr, ExprStore, fold
 from gg_notebook.relations.linear import LinearForms
@@ -109,7 +110,8 @@ class DIndex:
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
         self.forms = LinearForms(store)
-        self._build()
+        with long_lived_heap() as keep:  # the index's terms live as long as the run (engine/heap.py)
+            self._build(keep)
 
     # ------------------------------------------------------------------ public
     def realized(self, term: Expr) -> DVal | None:
@@ -356,7 +358,7 @@ class DIndex:
             base, dim, a, b = hint
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
-    def _build(self) -> None:
+    def _build(self, keep=lambda: None) -> None:
         # collectives by (communicator, index) -> {rank: first result node}; a collective completes
         # only once every member of its communicator has issued it (reached its node)
         coll: dict[tuple, dict[int, Node]] = {}
@@ -380,6 +382,8 @@ class DIndex:
                     self._add(r, n, term)
                     cursors[r] += 1
                     done += 1
+                    if not done & 255:
+                        keep()
                     progressed = True
             if not progressed:
                 stuck = [_waiting_at(r, o[cursors[r]]) for r, o in enumerate(orders) if cursors[r] < len(o)]

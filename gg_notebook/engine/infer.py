@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gg_notebook.engine.index import DIndex
+from gg_notebook.engine.heap import long_lived_heap
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.engine.clamped_count import lookup as clamped_count_lookup
 from gg_notebook.engine.form_tiling import tiling_up_to_factor
@@ -66,24 +67,6 @@ class Step:
     def stuck(self) -> bool:
         return self.status == "stuck"
 
-
-
-@contextlib.contextmanager
-def long_lived_heap():
-    """Keep the cyclic garbage collector off what already exists (the captured graphs, the term
-    store, the index): a run allocates many small objects, and every full collection would scan the
-    whole heap again (about 40% of a large model's inference). Objects are unfrozen after the run;
-    a heap some caller froze is left as it is."""
-    import gc
-
-    if not gc.isenabled() or gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -551,9 +534,10 @@ class Engine:
         # the engine's tensor work is many small evaluations (id domains, input-independent
         # values): intra-op threads cost more in hand-offs than they save, most of all on a busy
         # machine, so the whole run uses one (the caller's setting is restored)
-        with torch_threads(1), long_lived_heap():
+        with torch_threads(1), long_lived_heap() as keep:
             while not self.done:
                 self.step()
+                keep()  # what this step made lives as long as the run (engine/heap.py)
 
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds

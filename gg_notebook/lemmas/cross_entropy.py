@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gg_notebook.ir.specs import ew_spec, reduce_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
-from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.domain import agree_where, eval_on_domain
 from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale_rows_spec
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.lemmas.realform import real_value
@@ -267,7 +267,7 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
             return False
         jv = eval_on_domain(J, t_t, domain)
         sel = inside & relevant
-        return jv is not None and bool((jv[sel] == domain[sel] - start).all())
+        return jv is not None and agree_where(jv, domain - start, sel)
 
     picks: list[Expr] = []
     for u in [x_t] + [v for v in index.users_of(x_t) if v.op == "view"]:
@@ -311,7 +311,7 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 if e is not b:
                     keep = kept_rows(e, b, tuple(b.shape))
                     kv = None if keep is None else keep(lambda m: eval_on_domain(m, t_t, domain))
-                    if kv is None or not bool((kv == inside)[relevant].all()):
+                    if kv is None or not agree_where(kv, inside, relevant):
                         continue
                 elif bool((~inside & relevant).any()):
                     continue
@@ -674,7 +674,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 len(w.args) == 3 and w.args[0].id == p2.id:
             # the same write, fused by the lowering (ir/pick_update.py): where(onehot(J), p2 - U, p2)
             jv, uv = eval_on_domain(w.args[1], t_t, domain), eval_on_domain(w.args[2], t_t, domain)
-            if jv is None or uv is None or not bool((jv[inside] == domain[inside] - start).all()):
+            if jv is None or uv is None or not agree_where(jv, domain - start, inside):
                 continue
             if not bool((uv == inside.to(uv.dtype)).all()):
                 continue
@@ -690,7 +690,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if rows.op != "const" or not torch.equal(rows.attrs.call([]), torch.arange(n)):
             continue
         jv = eval_on_domain(cols, t_t, domain)
-        if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
+        if jv is None or not agree_where(jv, domain - start, inside):
             continue
         # vals == p2[arange, J] - U(t)
         if vals.op != "call" or vals.attrs.name != "aten.sub.Tensor" or len(vals.args) != 2:

@@ -94,7 +94,7 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
                     return None
                 vals.append(v)
             try:
-                r = spec.call(vals)
+                r = spec.call(_fresh_if_mutating(spec, vals))
             except Exception:  # noqa: BLE001 - not evaluable on the domain
                 return None
         else:
@@ -107,3 +107,22 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
         return r
     # a term that does not read ``var`` (a uniform constant): the same value at every position
     return r.reshape(()).expand(values.shape) if r.numel() == 1 else None
+
+
+def agree_where(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> bool:
+    """``bool((a[where] == b[where]).all())`` for tensors of ``where``'s shape (a boolean mask):
+    the same answer without the two boolean gathers (each a nonzero and a copy, on every id of a
+    vocabulary: most of a vocab-parallel matcher's time). Other shapes take the gathers."""
+    if a.shape == where.shape and b.shape == where.shape and where.dtype == torch.bool:
+        return bool(((a == b) | ~where).all())
+    return bool((a[where] == b[where]).all())
+
+
+def _fresh_if_mutating(spec, vals: list) -> list:
+    """``vals`` with every tensor copied when ``spec``'s operator writes into an argument (``x[m] = v``
+    as ``index_put_``): an evaluation never changes an operand (the bound domain values are shared
+    by every question about that domain, `IdDomain.values`, and memoized operands by later nodes)."""
+    schema = getattr(spec.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return vals
+    return [v.clone() if isinstance(v, torch.Tensor) else v for v in vals]

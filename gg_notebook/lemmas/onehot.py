@@ -25,6 +25,7 @@ import math
 import torch
 
 from gg_notebook.relations.expr import Expr
+from gg_notebook.lemmas.domain import _fresh_if_mutating
 
 _SUM = "aten.sum.dim_IntList"
 
@@ -113,7 +114,7 @@ def eval_rows(term: Expr, var: Expr, values: torch.Tensor, max_elems: int = 1 <<
                     return None
                 vals.append(av[0])
             try:
-                r = spec.call(vals)
+                r = spec.call(_fresh_if_mutating(spec, vals))
             except Exception:  # noqa: BLE001 - not evaluable row-wise
                 return None
             if tuple(r.shape) != (K,) + tail:

@@ -24,7 +24,7 @@ import torch
 from gg_notebook.ir.pick_update import PickUpdate, pick_update_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
-from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.domain import agree_where, eval_on_domain
 from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
 
@@ -182,7 +182,7 @@ def match_pick_update_shard(engine, spec: OpSpec, args: tuple) -> Expr | None:
         vv = _on_domain(w.args[2], base, domain)
         if jv is None or vv is None or tuple(jv.shape) != tuple(domain.shape) or vv.dtype != x_t.dtype:
             continue
-        if not bool((jv[inside] == local[inside]).all()):
+        if not agree_where(jv, local, inside):
             continue
         if not _same_bits(vv[inside], want_u[inside]):
             continue

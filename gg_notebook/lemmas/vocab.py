@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
-from gg_notebook.lemmas.domain import eval_on_domain
+from gg_notebook.lemmas.domain import agree_where, eval_on_domain
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
@@ -82,7 +82,7 @@ def match_masked_lookup(engine, spec: OpSpec, args: tuple) -> Expr | None:
             continue
         J = emb.args[1]
         jv = eval_on_domain(J, ids_t, domain)
-        if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
+        if jv is None or not agree_where(jv, domain - start, inside):
             continue
         for e in [emb] + index.users_of(emb):
             d = index.realized(e)
@@ -181,7 +181,7 @@ def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr |
                     or e.attrs.arg("scale_grad_by_freq") is not False):
                 continue
             jv = eval_on_domain(e.args[1], ids_t, domain)
-            if jv is None or not bool((jv[inside] == domain[inside] - start).all()):
+            if jv is None or not agree_where(jv, domain - start, inside):
                 continue
             d = index.realized(e)
             if d is not None:

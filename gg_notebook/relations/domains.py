@@ -19,6 +19,9 @@ from typing import Iterable
 import torch
 
 
+_VALUES: dict = {}  # (ranges, dtype) -> `IdDomain.values` (shared, read-only by contract)
+
+
 @dataclass(frozen=True)
 class IdDomain:
     ranges: tuple[tuple[int, int], ...]  # sorted, disjoint, non-adjacent, non-empty [lo, hi)
@@ -82,10 +85,20 @@ class IdDomain:
         return len(self.intersect(other)) == len(self)
 
     def values(self, dtype=torch.int64) -> torch.Tensor:
-        """Every element, ascending (1-D)."""
-        if not self.ranges:
-            return torch.zeros(0, dtype=dtype)
-        return torch.cat([torch.arange(a, b, dtype=dtype) for a, b in self.ranges])
+        """Every element, ascending (1-D). One tensor per domain and dtype, shared by every caller
+        (a vocabulary's ids are enumerated by several matchers per question): read it, never write
+        into it (the domain evaluators copy the operands of an operator that writes)."""
+        key = (self.ranges, dtype)
+        v = _VALUES.get(key)
+        if v is None:
+            if not self.ranges:
+                v = torch.zeros(0, dtype=dtype)
+            else:
+                v = torch.cat([torch.arange(a, b, dtype=dtype) for a, b in self.ranges])
+            if len(_VALUES) >= 64:
+                _VALUES.clear()
+            _VALUES[key] = v
+        return v
 
     def sentinels(self) -> list[int]:
         """Isolated members (``ignore_index`` beside a range of class ids, say)."""

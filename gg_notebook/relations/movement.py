@@ -64,6 +64,8 @@ class MovementIndex:
         self._ew: dict | None = None
         # piece term id -> (dval, dim, start, end): a call on a piece of a concatenated operand
         self.pieces: dict[int, tuple] = {}
+        self._by_first_leaf: dict | None = None  # first leaf -> the values (index order) that move it first
+        self._subset_index: dict = {}  # (shape-table key, argument position) -> {first leaf: positions}
 
     # ------------------------------------------------------------------ leaves and index tensors
     def leaves(self, e: Expr) -> tuple[int, ...]:
@@ -275,7 +277,7 @@ class MovementIndex:
                 continue
             mine = [set(self.leaves(a)) for a in args]
             checks = 0
-            for d in self._shape_table().get((spec, tuple((tuple(a.shape), a.dtype) for a in args)), []):
+            for d in self._subset_candidates((spec, tuple((tuple(a.shape), a.dtype) for a in args)), mine):
                 if not all(set(self.leaves(b)) <= l for b, l in zip(d.term.args, mine)):
                     continue
                 checks += 1
@@ -284,6 +286,44 @@ class MovementIndex:
                 if checks >= 2 * MAX_CHECKS:
                     break
         return None
+
+    def _subset_candidates(self, key, mine: list) -> list:
+        """The values of ``_shape_table()[key]`` (in its order) whose every argument's leaves may lie in
+        ``mine`` (that argument's leaf set): a necessary condition, the first leaf of the argument with
+        the fewest leaves in ``mine`` is among them. (A scan of the whole same-shape bucket per question
+        grew with the square of the layer count: every layer's calls share their shapes.)"""
+        bucket = self._shape_table().get(key)
+        if not bucket:
+            return []
+        i = min(range(len(mine)), key=lambda j: len(mine[j]))
+        by_first = self._subset_index.get((key, i))
+        if by_first is None:
+            by_first = {}
+            for pos, d in enumerate(bucket):
+                ls = self.leaves(d.term.args[i])
+                by_first.setdefault(ls[0] if ls else None, []).append(pos)
+            self._subset_index[(key, i)] = by_first
+        positions = list(by_first.get(None, ()))
+        for leaf in mine[i]:
+            positions.extend(by_first.get(leaf, ()))
+        positions.sort()
+        return [bucket[p] for p in positions]
+
+    def first_leaf_candidates(self, L) -> list:
+        """The values some rank holds (in index order) whose first leaf is in ``L``: every value whose
+        leaves all lie in ``L`` is among them."""
+        by_first = self._by_first_leaf
+        if by_first is None:
+            by_first = {}
+            for d in self.index.dvals:
+                ls = self.leaves(d.term)
+                by_first.setdefault(ls[0] if ls else None, []).append(d)
+            self._by_first_leaf = by_first
+        out = list(by_first.get(None, ()))
+        for leaf in L:
+            out.extend(by_first.get(leaf, ()))
+        out.sort(key=lambda d: d.id)
+        return out
 
     def _shape_table(self) -> dict:
         if getattr(self, "_calls_by_shape", None) is None:
@@ -439,7 +479,9 @@ def retile(index, term: Expr, sources=None, strict: bool = False) -> list[Expr]:
     if int((inv >= 0).sum()) != n:
         return []  # the term repeats elements (a broadcast): no box tiling of distinct pieces
     if sources is None:
-        sources = [d for d in index.dvals
+        # (a value whose leaves are all in L has its first leaf in L: only those are looked at, in
+        # index order, instead of every value some rank holds)
+        sources = [d for d in m.first_leaf_candidates(L)
                    if d.term.id != term.id and set(m.leaves(d.term)) <= L and _computed_on(index, d)]
     locs, dvals = [], []
     for d in sources:
