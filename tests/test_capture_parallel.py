@@ -20,28 +20,13 @@ from gg_notebook.capture import CaptureError, forked, programs, symmetry
 from gg_notebook.capture import tracing as T
 from gg_notebook.capture.programs import capture_and_lower
 from gg_notebook.ir.lower import lower as ir_lower
-from gg_notebook.problem import Problem, Replicate, Shard
+from test_capture_once import problem as _problem, row_parallel  # written once
 
 pytestmark = pytest.mark.skipif(not forked.fork_available(), reason="needs fork")
 
 
-def linear(x, w):
-    return x @ w
-
-
 def problem(fn, W=8, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Problem(sequential=linear, distributed=fn,
-                   inputs=(torch.randn(3, n, generator=g, dtype=torch.float64),
-                           torch.randn(n, 5, generator=g, dtype=torch.float64)),
-                   placements=(Shard(1), Shard(0)), world_size=W, expect=(Replicate(),),
-                   input_names=("x", "w"))
-
-
-def row_parallel(x, w):
-    y = torch.matmul(x, w)
-    dist.all_reduce(y)
-    return y
+    return _problem(fn, W=W, n=n, seed=seed)
 
 
 def rank_scaled(x, w):
