@@ -111,11 +111,9 @@ def test_unknown_sequence_parallel_bug_is_rejected():
 
 
 # ------------------------------------------------------------------------- known engine gaps (xfail)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: the gradient of (out * dout).sum() is dout * ones; the sequential value is related to the "
-    "concatenated dout blocks, but the ranks' all-gather of their own `ones * dout` is not recognized as "
-    "that concatenation (aten.mm of the w2 weight gradient: 'no rank computes this operator')"))
 def test_gpt_block_sequence_parallel_forward_backward():
+    # the gradient of (out * dout).sum() is ones * dout, all-gathered on the ranks: x * ones is x
+    # (relations/sign_blocks.py), so the w2 weight gradient's mm meets the ranks' mm
     _proved(B.make_fwd_bwd(2, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16))
 
 
@@ -123,18 +121,49 @@ def _gathered(d):
     return gather_from_sequence_parallel_region(d, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: an all-gather of `ones_like(d) * d` blocks is not related to the sequential `ones_like(d) * d` "
-    "(which is related to the concatenated d blocks): the minimal form of the gpt_block SP backward gap"))
-def test_all_gather_of_a_product_with_ones():
+_ONES_SPELLINGS = {
+    "ones_like_times": lambda d: torch.ones_like(d) * d,
+    "times_ones": lambda d: d * torch.ones(d.shape, dtype=d.dtype),
+    "mul_full": lambda d: torch.mul(torch.full_like(d, 1.0), d),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(_ONES_SPELLINGS))
+def test_all_gather_of_a_product_with_ones(spelling):
+    # the gpt_block SP backward's shape: each rank all-gathers `ones * d` (the gradient of a sum), the
+    # sequential value is `ones * d`; the judge compares the ranks' output with the relation found by
+    # the scalar normal form, block by block
+    f = _ONES_SPELLINGS[spelling]
+
+    def seq(d):
+        return f(d) + 0
+
+    def ranks(d):
+        return _gathered(f(d)) + 0
+
+    d = torch.randn(8, 2, 4, dtype=torch.float64)
+    _proved(gg.Problem(seq, ranks, [d], [gg.Shard(0)], 2, expect=[gg.Replicate()]))
+
+
+@pytest.mark.parametrize("bug", ["twice", "plus_one", "own_block_only"])
+def test_all_gather_of_a_product_with_ones_bug_not_proved(bug):
+    # the same, wrong: a factor of 2 on the ranks, ones added instead of multiplied, each rank's own block
+    # repeated instead of gathered; never proved (refuted where numbers show it)
     def seq(d):
         return torch.ones_like(d) * d + 0
 
     def ranks(d):
-        return _gathered(torch.ones_like(d) * d) + 0
+        if bug == "twice":
+            y = _gathered(2 * torch.ones_like(d) * d)
+        elif bug == "plus_one":
+            y = _gathered(torch.ones_like(d) + d)
+        else:
+            y = torch.cat([torch.ones_like(d) * d] * dist.get_world_size(), 0)
+        return y + 0
 
     d = torch.randn(8, 2, 4, dtype=torch.float64)
-    _proved(gg.Problem(seq, ranks, [d], [gg.Shard(0)], 2, expect=[gg.Replicate()]))
+    r = gg.verify(gg.Problem(seq, ranks, [d], [gg.Shard(0)], 2, expect=[gg.Replicate()]))
+    assert r.status is gg.Status.REFUTED, str(r)
 
 
 def _emb_seq(ids, wte, wpe):
@@ -160,11 +189,9 @@ def test_reduce_scatter_embedding_positions_gradient_proved_at_batch_two():
     _proved(_emb_problem(2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: at batch 1 the sequential positional-embedding gradient is related only to the all-gathered "
-    "embedding gradient (transpose@r*.view), not to the ranks' output (the all-gather of each rank's "
-    "block sum); the judge then rejects Replicate() for the wpe gradient"))
 def test_reduce_scatter_embedding_positions_gradient_at_batch_one():
+    # the positional-embedding gradient at batch 1: each rank all-gathers its block sum; the relation
+    # found is the all-gathered embedding gradient, equal to the ranks' output by the scalar normal form
     _proved(_emb_problem(1))
 
 
@@ -194,9 +221,48 @@ def test_reduce_scatter_along_the_sequence_by_chunk_and_cat_proved_at_batch_two(
     _proved(_chunk_cat_problem(2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: at batch 1, cat(y.chunk(W, dim=1), dim=0) -> reduce_scatter_tensor -> + bias: the sequential "
-    "x @ w is 'only known as a sum of per-rank partials' and the add is not related (the examples' helpers "
-    "reduce-scatter a transposed copy instead, which is proved)"))
 def test_reduce_scatter_along_the_sequence_by_chunk_and_cat_at_batch_one():
+    # at batch 1 the store reads y.chunk(W, 1) as row slices of the 2-D product viewed back: the
+    # reduce-scatter's chunks are recognized by data movement (engine/index.py `_chunks_by_movement`)
     _proved(_chunk_cat_problem(1))
+
+
+def _rs_split_cat(x, w, b):
+    y = torch.matmul(x, w)
+    y = torch.cat(torch.split(y, y.shape[1] // dist.get_world_size(), dim=1))
+    out = y.new_empty((y.shape[0] // dist.get_world_size(),) + tuple(y.shape[1:]))
+    dist.reduce_scatter_tensor(out, y, op=dist.ReduceOp.SUM)
+    return out + b
+
+
+def _rs_unbind_stack(x, w, b):
+    y = F.linear(x, w.t())
+    W = dist.get_world_size()
+    y = y.view(y.shape[0], W, y.shape[1] // W, y.shape[2]).transpose(0, 1).reshape(-1, y.shape[1] // W, y.shape[2])
+    out = torch.empty(y.shape[0] // W, *y.shape[1:], dtype=y.dtype)
+    dist.reduce_scatter_tensor(out, y.contiguous())
+    return b + out
+
+
+def _rs_wrong_chunk_order(x, w, b):
+    y = x @ w
+    y = torch.cat(y.chunk(2, dim=1)[::-1], dim=0)  # bug: the chunks reversed
+    out = torch.empty(y.shape[0] // 2, *y.shape[1:], dtype=y.dtype)
+    dist.reduce_scatter_tensor(out, y)
+    return out + b
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("spelling", [_rs_split_cat, _rs_unbind_stack], ids=["split_cat", "view_transpose"])
+def test_reduce_scatter_along_the_sequence_other_spellings(spelling, batch):
+    p = _chunk_cat_problem(batch)
+    p.distributed = spelling
+    _proved(p)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_reduce_scatter_along_the_sequence_wrong_chunk_order_refuted(batch):
+    p = _chunk_cat_problem(batch)
+    p.distributed = _rs_wrong_chunk_order
+    r = gg.verify(p)
+    assert r.status is gg.Status.REFUTED, str(r)

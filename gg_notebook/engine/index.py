@@ -18,7 +18,7 @@ import torch
 
 from gg_notebook.engine.heap import long_lived_heap
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.relations.expr import Expr, ExprStore, fold
+from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, fold
 from gg_notebook.relations.linear import LinearForms
 from gg_notebook.relations.movement import canonical_write, movement_of
 from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
@@ -510,7 +510,7 @@ class DIndex:
                     return S.view(piece, ())
                 self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
                 return piece
-            scattered = _chunked_along(ins, len(group))
+            scattered = _chunked_along(ins, len(group), S, movement_of(self))
             if scattered is not None:
                 # each rank sent cat(x.chunk(W, d), 0) (DTensor's reduce-scatter along dim d): the
                 # result is chunk pos of the reduction of the x's along d
@@ -540,28 +540,80 @@ class DIndex:
         raise IndexError_(f"unsupported collective {kind} at {n.source}")
 
 
-def _chunked_along(ins: list[Expr], W: int) -> tuple[list[Expr], int, int] | None:
+def _chunked_along(ins: list[Expr], W: int, S: ExprStore | None = None, mv=None) -> tuple[list[Expr], int, int] | None:
     """``(bases, d, c)`` when every input is ``cat([x[.., k*c:(k+1)*c, ..] for k in range(W)], 0)``
-    of its own ``x`` along the same dim ``d > 0`` (``x.shape[d] == W * c``), else None."""
+    of its own ``x`` along the same dim ``d > 0`` (``x.shape[d] == W * c``), else None. Decided on
+    the spelling first; else (the store keeps a slice of a size-1-dim view as a view of a slice, so
+    at batch 1 ``y.chunk(W, 1)`` reads ``y[k*c:(k+1)*c].view(1, c, ..)``) by data movement with
+    ``mv``: ``x`` is a view of the pieces' common source, and each piece must be exactly its slice."""
     bases, dim, size = [], None, None
     for t in ins:
-        if t.op != "cat" or t.attrs != 0 or len(t.args) != W:
+        found = _chunks_spelled(t, W)
+        if found is None and mv is not None and S is not None:
+            found = _chunks_by_movement(S, t, W, mv, dim)
+        if found is None:
             return None
-        base = None
-        for k, a in enumerate(t.args):
-            if a.op != "slice":
-                return None
-            d, lo, hi = a.attrs
-            if d == 0 or (base is not None and a.args[0] is not base) or (dim is not None and d != dim):
-                return None
-            c = hi - lo
-            if (size is not None and c != size) or lo != k * c:
-                return None
-            base, dim, size = a.args[0], d, c
-        if base is None or base.shape[dim] != W * size:
+        base, d, c = found
+        if (dim is not None and d != dim) or (size is not None and c != size):
             return None
         bases.append(base)
-    return bases, dim, size
+        dim, size = d, c
+    return (bases, dim, size) if bases else None
+
+
+def _chunks_spelled(t: Expr, W: int) -> tuple[Expr, int, int] | None:
+    if t.op != "cat" or t.attrs != 0 or len(t.args) != W:
+        return None
+    base, dim, size = None, None, None
+    for k, a in enumerate(t.args):
+        if a.op != "slice":
+            return None
+        d, lo, hi = a.attrs
+        if d == 0 or (base is not None and a.args[0] is not base) or (dim is not None and d != dim):
+            return None
+        c = hi - lo
+        if (size is not None and c != size) or lo != k * c:
+            return None
+        base, dim, size = a.args[0], d, c
+    if base is None or base.shape[dim] != W * size:
+        return None
+    return base, dim, size
+
+
+def _source(e: Expr) -> Expr:
+    while e.op in ("view", "slice", "permute"):
+        e = e.args[0]
+    return e
+
+
+def _chunks_by_movement(S: ExprStore, t: Expr, W: int, mv, want_dim: int | None) -> tuple[Expr, int, int] | None:
+    """``(x, d, c)``: chunk k of ``t`` along dim 0 is exactly ``x[.., k*c:(k+1)*c, ..]`` along ``d > 0``,
+    ``x`` a view of ``t``'s source (the value before its views, slices and permutes). Each chunk is
+    compared with its slice by data movement (same term, or equal index tensors when small enough)."""
+    if not t.shape or t.shape[0] % W or len(t.shape) < 2:
+        return None
+    s0 = t.shape[0] // W
+    chunk = (s0,) + tuple(t.shape[1:])
+    try:
+        pieces = [t.args[k] if t.op == "cat" and t.attrs == 0 and len(t.args) == W
+                  and tuple(t.args[k].shape) == chunk else S.slice(t, 0, k * s0, (k + 1) * s0) for k in range(W)]
+    except ShapeError:
+        return None
+    root = _source(pieces[0])
+    if any(_source(p) is not root for p in pieces[1:]):
+        return None
+    for d in ([want_dim] if want_dim is not None else range(1, len(chunk))):
+        c = chunk[d]
+        whole = chunk[:d] + (W * c,) + chunk[d + 1:]
+        if math.prod(whole) != math.prod(root.shape):
+            continue
+        try:
+            x = S.view(root, whole) if tuple(root.shape) != whole else root
+            if all(mv.equal(S.slice(x, d, k * c, (k + 1) * c), p) for k, p in enumerate(pieces)):
+                return x, d, c
+        except ShapeError:
+            continue
+    return None
 
 
 def _expected_shape(n: Node) -> tuple | None:

@@ -53,6 +53,10 @@ def _replicate_ok(engine: Engine, k: int, cands: list[Candidate]) -> Candidate |
         c = terms.get(t.id)
         if c is None:  # the same data movement of the same values, spelled differently
             c = next((x for x in cands if not x.deferred and mv.equal(engine.to_term(x.expr), t)), None)
+        if c is None:  # the same value by the scalar normal form, piece by piece (an all-gather of
+            # each rank's ``ones_like(d) * d`` against the sequential ``d``); never bitwise
+            c = next((x for x in cands if not x.deferred
+                      and _same_value(engine, engine.to_term(x.expr), t, not engine.bitwise)), None)
         if c is None:
             return None
         chosen = chosen or c
