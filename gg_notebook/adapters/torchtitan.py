@@ -268,6 +268,9 @@ def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend:
     each rank's table is still compared with the sequential model's."""
     import torch.distributed as dist
 
+    if device not in ("cpu", "meta"):
+        raise ValueError(f"build(device={device!r}): use 'cpu' (weights allocated and initialised) or 'meta' "
+                         "(shapes only).")
     t = _titan()
     with _shims():
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -298,9 +301,6 @@ def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend:
             from torchtitan.distributed.full_dtensor import validate_config
 
             validate_config(pdims, model)
-        if device not in ("cpu", "meta"):
-            raise ValueError(f"build(device={device!r}): use 'cpu' (weights allocated and initialised) or 'meta' "
-                             "(shapes only).")
         if pdims.tp_enabled:
             model.parallelize(pdims)
         if device == "cpu":
