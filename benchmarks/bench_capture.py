@@ -82,6 +82,7 @@ def run_one(cell: dict) -> dict:
     out.update(wall_s=wall, build_s=build_s, status=str(result.status), load=os.getloadavg()[0],
                cpu_s=(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
                + (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime),
+               cpu_self_s=r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
                peak_rss_mb=r1.ru_maxrss / 1024, peak_rss_children_mb=c1.ru_maxrss / 1024,
                capture=st.get("capture"))
     return out
@@ -140,9 +141,11 @@ def measure(cell: dict, runs: int, timeout: float, variants=("old", "new")) -> d
             continue
         med = {k: statistics.median(r[k] for r in ok) for k in (*KEYS, "wall_s", "cpu_s", "peak_rss_mb",
                                                               "peak_rss_children_mb") if all(k in r for r in ok)}
-        if all("build_s" in r for r in ok):
-            med["build_s"] = statistics.median(r["build_s"] for r in ok)
-        med["samples"] = [{k: r.get(k) for k in ("total_s", "wall_s", "cpu_s", "load", "status")} for r in ok]
+        for k in ("build_s", "cpu_self_s"):
+            if all(k in r for r in ok):
+                med[k] = statistics.median(r[k] for r in ok)
+        med["samples"] = [{k: r.get(k) for k in ("total_s", "wall_s", "cpu_s", "cpu_self_s", "load", "status")}
+                          for r in ok]
         med["status"] = sorted({r["status"] for r in ok})
         med["load"] = max(r.get("load", 0.0) for r in ok)  # 1-minute load average at the end of a run
         med["capture"] = ok[-1].get("capture")
@@ -262,13 +265,22 @@ def main(argv=None) -> int:
 
 def growth(cells: list[dict]) -> list[str]:
     """Seconds per added layer and per added rank, old and new, and the 126-layer extrapolation."""
-    tot = {}
+    tot, cpu = {}, {}
     for e in cells:
         c, m = e["cell"], e["result"]
         for v in ("old", "new"):
             if "total_s" in m.get(v, {}):
                 tot[(c["mode"], c["tp"], c["layers"], v)] = m[v]["total_s"]
+                cpu[(c["mode"], c["tp"], c["layers"], v)] = m[v].get("cpu_s")
     lines = []
+    # CPU seconds (all processes): on a loaded machine wall time is mostly waiting for a core
+    for (mode, t, v) in sorted({(k[0], k[1], k[3]) for k in cpu}):
+        ls = sorted(k[2] for k in cpu if k[:2] == (mode, t) and k[3] == v and cpu[k] is not None and k[2] != 126)
+        if len(ls) > 1:
+            a, b = cpu[(mode, t, ls[0], v)], cpu[(mode, t, ls[-1], v)]
+            per = (b - a) / (ls[-1] - ls[0])
+            lines.append(f"{mode} {v} TP{t}: {per:.3f} CPU s per layer ({ls[0]}->{ls[-1]} layers); 126 layers "
+                         f"extrapolated: {a + per * (126 - ls[0]):.1f} CPU s")
     for mode in sorted({k[0] for k in tot}):
         for v in ("old", "new"):
             tps = sorted({k[1] for k in tot if k[0] == mode and k[3] == v})
