@@ -184,3 +184,29 @@ def test_from_modules_meta_verdict_and_culprit_as_real(rank_model, status):
         results[device] = gg.verify(problem)
     assert results["cpu"].status == results["meta"].status == status, results
     assert str(results["cpu"].culprit) == str(results["meta"].culprit)
+
+
+class _ColumnLoss(nn.Module):
+    def __init__(self, out_features):
+        super().__init__()
+        self.proj = nn.Linear(64, out_features, bias=False)
+
+    def forward(self, x):
+        return self.proj(x).sum()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "capture once falls back to tracing every rank for from_modules with grads=True: the backward's first "
+    "operator call (autograd.grad's ones_like, from gg_notebook/adapters/modules.py) is attributed under make_fx "
+    "to make_fx's generated '<string>' wrapper lambda (is_user_file counts '<string>' as user code) but, when run "
+    "plainly, to the outermost user frame, so the recordings differ (capture/symmetry.py _user_site)"))
+def test_from_modules_grads_captured_once():
+    # what the 405B-shaped torchtitan model's forward+backward hits: 8 ranks traced instead of 1
+    W = 2
+    problem = gg.Problem.from_modules(
+        sequential=lambda: _ColumnLoss(16), distributed=lambda: _ColumnLoss(16 // W), inputs=(torch.randn(2, 64),),
+        placements=(gg.Replicate(),), world_size=W, param_placements={"proj.weight": gg.Shard(0)},
+        grads=True, expect=[gg.Partial()])
+    r = gg.verify(problem)
+    assert r.status == "proved", r
+    assert r.stats["capture"]["traced"] == 1 and r.stats["capture"]["specialized"] == W - 1, r.stats["capture"]
