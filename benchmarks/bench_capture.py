@@ -14,11 +14,21 @@ Suites:
   405b    the built-in GPT at a Llama-3-405B-like shape (hidden 16384, 128 heads, FFN 53248, vocab 128256,
           seq 4096, batch 1), TP8, meta tensors; layers 4 and 16 (``--layers``) -> seconds per layer and the
           126-layer total extrapolated linearly; ``--full`` also measures 126 layers once
+  llama405b
+          torchtitan's Llama 3 at the 405B shape through gg_notebook's torchtitan adapter (dim 16384,
+          128 heads, 8 KV heads, FFN 53248 = torchtitan's compute_ffn_hidden_dim(16384, multiple_of=4096,
+          ffn_dim_multiplier=1.2) as in its 405B flavor, vocab 128256, seq 4096, batch 1), torchtitan's own
+          TP8 + sequence-parallel plan and loss-parallel cross-entropy (``tt.loss``; fwd_bwd: its gradients
+          w.r.t. every parameter), parameters on the meta device (``tt.build(device="meta")``; the RoPE
+          table computed for real), SDPA attention; layers 2 and 4 (``--layers``); default variant ``new``
+          only. ``build_s`` is ``Problem.from_modules``'s time (both models built once to read their
+          state), outside ``gg.verify``
 
     python benchmarks/bench_capture.py gpt --tp 2 4 8 --layers 1 8
     python benchmarks/bench_capture.py 405b --mode fwd fwd_bwd
     python benchmarks/bench_capture.py gpt --quick
     python benchmarks/bench_capture.py 405b --sp --variants new --runs 1   # TP8 + sequence parallelism
+    python benchmarks/bench_capture.py llama405b --layers 2 4 --mode fwd fwd_bwd
 
 Wall time on a shared machine is noisy: CPU seconds (this process and its capture children) are
 reported too, with the highest 1-minute load average seen at the end of a run, and the new capture's
@@ -42,6 +52,7 @@ ROOT = HERE.parent
 
 GPT = dict(hidden=768, heads=16, vocab=49152, seq=1536, batch=8, ffn=3072)
 L405B = dict(hidden=16384, heads=128, vocab=128256, seq=4096, batch=1, ffn=53248)
+LLAMA405B = dict(dim=16384, n_heads=128, n_kv_heads=8, ffn=53248, vocab=128256, seq=4096, batch=1)
 KEYS = ("capture_s", "index_s", "inference_s", "judge_s", "total_s")
 
 
@@ -51,10 +62,16 @@ def run_one(cell: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import gg_notebook as gg
-    from gg_notebook.examples.gpt import make
 
-    problem = make(cell["tp"], layers=cell["layers"], backward=cell["mode"] == "fwd_bwd", device="meta",
-                   sequence_parallel=bool(cell.get("sp")), **cell["model"])
+    t0 = time.perf_counter()
+    if cell.get("suite") == "llama405b":
+        problem = llama_problem(cell)
+    else:
+        from gg_notebook.examples.gpt import make
+
+        problem = make(cell["tp"], layers=cell["layers"], backward=cell["mode"] == "fwd_bwd", device="meta",
+                       sequence_parallel=bool(cell.get("sp")), **cell["model"])
+    build_s = time.perf_counter() - t0
     r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = gg.verify(problem, capture_once=cell["variant"] == "new")
@@ -62,12 +79,38 @@ def run_one(cell: dict) -> dict:
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     st = result.stats
     out = {k: float(st.get(k, float("nan"))) for k in KEYS}
-    out.update(wall_s=wall, status=str(result.status), load=os.getloadavg()[0],
+    out.update(wall_s=wall, build_s=build_s, status=str(result.status), load=os.getloadavg()[0],
                cpu_s=(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
                + (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime),
+               cpu_self_s=r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
                peak_rss_mb=r1.ru_maxrss / 1024, peak_rss_children_mb=c1.ru_maxrss / 1024,
                capture=st.get("capture"))
     return out
+
+
+def llama_problem(cell: dict):
+    """torchtitan's Llama 3 (``cell["model"]`` sizes, ``cell["layers"]`` layers) with torchtitan's TP/SP
+    plan of degree ``cell["tp"]``, parameters on meta, as a `gg.Problem.from_modules`."""
+    import torch
+
+    import gg_notebook as gg
+    from gg_notebook.adapters import torchtitan as tt
+
+    m, W = cell["model"], cell["tp"]
+    with tt._import_shims():
+        from torchtitan.models.common.feed_forward import compute_ffn_hidden_dim
+    if m["dim"] == 16384 and compute_ffn_hidden_dim(16384, multiple_of=4096, ffn_dim_multiplier=1.2) != m["ffn"]:
+        raise RuntimeError("the FFN size is not torchtitan's 405B one")
+    cfg = tt.llama3_config(dim=m["dim"], n_layers=cell["layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"],
+                           vocab_size=m["vocab"], hidden_dim=m["ffn"], max_seq_len=m["seq"])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, m["vocab"], (m["batch"], m["seq"]), generator=g)
+    labels = torch.randint(0, m["vocab"], (m["batch"], m["seq"]), generator=g)
+    return gg.Problem.from_modules(
+        sequential=lambda: tt.build(cfg, tp=1, device="meta"),
+        distributed=lambda: tt.build(cfg, tp=W, sp=bool(cell.get("sp", True)), device="meta"),
+        inputs=(tokens, labels), placements=(gg.Replicate(), gg.Replicate()), world_size=W,
+        forward=tt.loss, grads=cell["mode"] == "fwd_bwd")
 
 
 def launch(cell: dict, timeout: float) -> dict:
@@ -97,7 +140,12 @@ def measure(cell: dict, runs: int, timeout: float, variants=("old", "new")) -> d
             out[variant] = {"error": rs[-1].get("error")}
             continue
         med = {k: statistics.median(r[k] for r in ok) for k in (*KEYS, "wall_s", "cpu_s", "peak_rss_mb",
-                                                              "peak_rss_children_mb")}
+                                                              "peak_rss_children_mb") if all(k in r for r in ok)}
+        for k in ("build_s", "cpu_self_s"):
+            if all(k in r for r in ok):
+                med[k] = statistics.median(r[k] for r in ok)
+        med["samples"] = [{k: r.get(k) for k in ("total_s", "wall_s", "cpu_s", "cpu_self_s", "load", "status")}
+                          for r in ok]
         med["status"] = sorted({r["status"] for r in ok})
         med["load"] = max(r.get("load", 0.0) for r in ok)  # 1-minute load average at the end of a run
         med["capture"] = ok[-1].get("capture")
@@ -151,7 +199,7 @@ HEAD = ("| mode | TP | layers | old total s | new total s | old/new | capture s 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("suite", nargs="?", choices=["gpt", "405b"], default="gpt")
+    ap.add_argument("suite", nargs="?", choices=["gpt", "405b", "llama405b"], default="gpt")
     ap.add_argument("--tp", type=int, nargs="+", default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=None)
     ap.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
@@ -161,25 +209,33 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="gpt: TP 2 x 1 layer, forward, one run")
     ap.add_argument("--sp", action="store_true",
                     help="Megatron sequence parallelism on top of TP (examples.gpt.make(sequence_parallel=True))")
-    ap.add_argument("--variants", nargs="+", choices=["old", "new"], default=["old", "new"],
-                    help="which capture variants to run (default both)")
+    ap.add_argument("--variants", nargs="+", choices=["old", "new"], default=None,
+                    help="which capture variants to run (default both; llama405b: new)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
         print("@@RESULT " + json.dumps(run_one(json.loads(args.cell))), flush=True)
         return 0
+    if args.variants is None:
+        args.variants = ["new"] if args.suite == "llama405b" else ["old", "new"]
     if args.suite == "gpt":
         model = GPT
         tps = args.tp or [2, 4, 8]
         layers = args.layers or [1, 2, 4, 8]
         if args.quick:
             tps, layers, args.mode, args.runs = [2], [1], ["fwd"], 1
+    elif args.suite == "llama405b":
+        model = LLAMA405B
+        tps = args.tp or [8]
+        layers = args.layers or [2, 4]
+        args.sp = True  # torchtitan's TP plan with sequence parallelism
     else:
         model = L405B
         tps = args.tp or [8]
         layers = args.layers or [4, 16]
-    cells = [dict(mode=m, tp=t, layers=l, model=model, sp=args.sp) for m in args.mode for t in tps for l in layers]
+    cells = [dict(mode=m, tp=t, layers=l, model=model, sp=args.sp, suite=args.suite)
+             for m in args.mode for t in tps for l in layers]
     print(f"# capture-once benchmark, suite {args.suite}{' + SP' if args.sp else ''}: {model}; {len(cells)} "
           f"cell(s) x {len(args.variants)} variant(s) x {args.runs} fresh processes", flush=True)
     doc = {"suite": args.suite, "model": model, "runs": args.runs, "sp": args.sp, "cells": []}
@@ -187,9 +243,9 @@ def main(argv=None) -> int:
         m = measure(c, args.runs, args.timeout, args.variants)
         doc["cells"].append({"cell": c, "result": m})
         print(row(c, m), flush=True)
-    if args.suite == "405b" and args.full:
+    if args.suite in ("405b", "llama405b") and args.full:
         for mode in args.mode:
-            c = dict(mode=mode, tp=tps[0], layers=126, model=model, sp=args.sp)
+            c = dict(mode=mode, tp=tps[0], layers=126, model=model, sp=args.sp, suite=args.suite)
             m = measure(c, 1, args.timeout * 4, args.variants)
             doc["cells"].append({"cell": c, "result": m})
             print(row(c, m), flush=True)
@@ -199,7 +255,8 @@ def main(argv=None) -> int:
     print()
     for line in growth(doc["cells"]):
         print(line)
-    out = Path(args.out or HERE / "results" / f"capture_{args.suite}{'_sp' if args.sp else ''}.json")
+    sp_tag = "_sp" if args.sp and args.suite != "llama405b" else ""
+    out = Path(args.out or HERE / "results" / f"capture_{args.suite}{sp_tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(f"\nresults: {out}")
@@ -208,13 +265,22 @@ def main(argv=None) -> int:
 
 def growth(cells: list[dict]) -> list[str]:
     """Seconds per added layer and per added rank, old and new, and the 126-layer extrapolation."""
-    tot = {}
+    tot, cpu = {}, {}
     for e in cells:
         c, m = e["cell"], e["result"]
         for v in ("old", "new"):
             if "total_s" in m.get(v, {}):
                 tot[(c["mode"], c["tp"], c["layers"], v)] = m[v]["total_s"]
+                cpu[(c["mode"], c["tp"], c["layers"], v)] = m[v].get("cpu_s")
     lines = []
+    # CPU seconds (all processes): on a loaded machine wall time is mostly waiting for a core
+    for (mode, t, v) in sorted({(k[0], k[1], k[3]) for k in cpu}):
+        ls = sorted(k[2] for k in cpu if k[:2] == (mode, t) and k[3] == v and cpu[k] is not None and k[2] != 126)
+        if len(ls) > 1:
+            a, b = cpu[(mode, t, ls[0], v)], cpu[(mode, t, ls[-1], v)]
+            per = (b - a) / (ls[-1] - ls[0])
+            lines.append(f"{mode} {v} TP{t}: {per:.3f} CPU s per layer ({ls[0]}->{ls[-1]} layers); 126 layers "
+                         f"extrapolated: {a + per * (126 - ls[0]):.1f} CPU s")
     for mode in sorted({k[0] for k in tot}):
         for v in ("old", "new"):
             tps = sorted({k[1] for k in tot if k[0] == mode and k[3] == v})

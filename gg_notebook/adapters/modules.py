@@ -329,7 +329,9 @@ def _discover(spec: ModelSpec, item) -> _Discovered:
         if rank is None:
             for name, (kind, t) in named_state(model).items():
                 v = _local(t).detach()
-                values[name] = v.clone() if v.device.type != "meta" else torch.zeros(v.shape, dtype=v.dtype)
+                # a meta tensor stays meta (shape only): a model built on the meta device may be far too
+                # large to allocate, and the proof does not read values
+                values[name] = v.clone() if v.device.type != "meta" else torch.empty(v.shape, dtype=v.dtype, device="meta")
     return _Discovered(state, values)
 
 

@@ -253,16 +253,24 @@ def llama3_config(*, dim: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_he
 
 
 def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend: str = "spmd_types",
-          attention: str | None = "sdpa", seed: int = 0) -> torch.nn.Module:
+          attention: str | None = "sdpa", seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     """Build ``model_config`` (a torchtitan decoder config) and apply torchtitan's tensor parallelism
     of degree ``tp`` (default: the process group's size) with sequence parallelism ``sp``, as
     ``parallelize_llama`` does: ``update_from_config`` fills every submodule's ``sharding_config``,
     the model is built on meta, ``model.parallelize(parallel_dims)`` applies the TP/SP plan, then
     ``init_weights`` runs in the SPMD context. ``attention="sdpa"`` swaps each layer's inner attention
     for torchtitan's ``ScaledDotProductAttention`` (causal; FlexAttention has no CPU backward),
-    ``None`` keeps the configured one. No FSDP (data parallel degree 1)."""
+    ``None`` keeps the configured one. No FSDP (data parallel degree 1).
+
+    ``device="meta"`` keeps the parameters on the meta device (shapes only: nothing is allocated for
+    weights, for frontier-sized shapes; the proof does not read parameter values) while the buffers
+    (the RoPE table) are still computed for real on the CPU by torchtitan's own initialiser, so that
+    each rank's table is still compared with the sequential model's."""
     import torch.distributed as dist
 
+    if device not in ("cpu", "meta"):
+        raise ValueError(f"build(device={device!r}): use 'cpu' (weights allocated and initialised) or 'meta' "
+                         "(shapes only).")
     t = _titan()
     with _shims():
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -295,11 +303,13 @@ def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend:
             validate_config(pdims, model)
         if pdims.tp_enabled:
             model.parallelize(pdims)
-        model.to_empty(device="cpu")
+        if device == "cpu":
+            model.to_empty(device="cpu")
         state = _TitanState(pdims, backend, int(cfg.vocab_size), tp, bool(sp and tp > 1))
         torch.manual_seed(seed)
         with torch.no_grad(), state.context():
-            model.init_weights(buffer_device=None)
+            # on meta, torchtitan's parameter initialisers are no-ops and buffers are computed on the CPU
+            model.init_weights(buffer_device=None if device == "cpu" else torch.device("cpu"))
     model._gg_titan = state
     return model
 

@@ -1,0 +1,212 @@
+"""torchtitan models built with parameters on the meta device (``tt.build(..., device="meta")``), and
+``Problem.from_modules`` on meta models: the verdicts are the ones the same models get with real
+weights (tiny shapes), and nothing of a meta model's size is allocated.
+
+Skipped when torchtitan (and its spmd_types) is not installed (the last test needs neither).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gg_notebook as gg
+from gg_notebook.adapters.modules import ModelError
+
+_MISSING = [p for p in ("torchtitan", "spmd_types") if importlib.util.find_spec(p) is None]
+needs_titan = pytest.mark.skipif(
+    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed: pip install -c constraints.txt '.[titan]'")
+
+
+def _batch(seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (2, 8), generator=g), torch.randint(0, vocab, (2, 8), generator=g)
+
+
+def _problem(device, W=2, sp=True, grads=True, distributed=None, layers=2):
+    from gg_notebook.adapters import torchtitan as tt
+
+    cfg = tt.llama3_config(dim=64, n_layers=layers, n_heads=4, n_kv_heads=W, vocab_size=128)
+    tokens, labels = _batch()
+    return gg.Problem.from_modules(
+        sequential=lambda: tt.build(cfg, tp=1, device=device),
+        distributed=distributed(cfg, device) if distributed else (lambda: tt.build(cfg, tp=W, sp=sp, device=device)),
+        inputs=(tokens, labels), placements=(gg.Replicate(), gg.Replicate()), world_size=W,
+        forward=tt.loss, grads=grads)
+
+
+@needs_titan
+@pytest.mark.parametrize("grads", [False, True], ids=["loss", "loss_and_grads"])
+def test_meta_parameters_same_verdict_as_real_weights(grads):
+    real, meta = _problem("cpu", grads=grads), _problem("meta", grads=grads)
+    assert real.input_names == meta.input_names
+    by_name = dict(zip(meta.input_names, meta.inputs))
+    state = meta.meta["from_modules"]["state"]
+    for name, info in state.items():
+        t = by_name[name]
+        assert t.shape == dict(zip(real.input_names, real.inputs))[name].shape, name
+        # parameters shape-only; the RoPE table is still computed by torchtitan, with the real build's values
+        assert t.device.type == ("meta" if info.kind == "parameter" else "cpu"), name
+    rope = "layers.0.attention.rope.cache"
+    assert torch.equal(by_name[rope], dict(zip(real.input_names, real.inputs))[rope])
+    assert [p for p in meta.placements] == [p for p in real.placements]
+    r_real, r_meta = gg.verify(real), gg.verify(meta)
+    assert r_real.status == r_meta.status == "proved", (r_real, r_meta)
+
+
+def _reduction_dropped(module):
+    """A wrong sharding config: the row-parallel ``module``'s output declared replicated (R) instead
+    of partial (P) on the TP axis, so torchtitan skips its reduction."""
+
+    def make(cfg, device):
+        def build():
+            import spmd_types as spmd
+
+            from gg_notebook.adapters import torchtitan as tt
+
+            model = tt.build(cfg, tp=2, sp=True, device=device)
+            mod = model.get_submodule(module)
+            sc = mod._sharding_config
+            src = sc.out_src_shardings
+            axes = {k: (spmd.R if getattr(k, "value", k) == "tp" else v) for k, v in src.axis_types.items()}
+            mod._sharding_config = dataclasses.replace(sc, out_src_shardings=dataclasses.replace(src, axis_types=axes))
+            return model
+        return build
+    return make
+
+
+@needs_titan
+def test_meta_wrong_sharding_refuted_at_the_same_line_as_real():
+    wrong = _reduction_dropped("layers.1.attention.wo")
+    r_real = gg.verify(_problem("cpu", grads=False, distributed=wrong))
+    r_meta = gg.verify(_problem("meta", grads=False, distributed=wrong))
+    assert r_real.status == r_meta.status == "refuted", (r_real, r_meta)
+    assert str(r_meta.culprit) == str(r_real.culprit)
+    assert "torchtitan/models/llama3/model.py" in str(r_meta.culprit), r_meta.culprit
+
+
+def _other_rope_theta(cfg, device):
+    def build():
+        from gg_notebook.adapters import torchtitan as tt
+
+        c = copy.deepcopy(cfg)
+        for layer in c.layers:
+            layer.attention.rope.theta = 10000.0  # the ranks' RoPE table differs from the sequential one
+        return tt.build(c, tp=2, sp=True, device=device)
+    return build
+
+
+@needs_titan
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_rank_rope_table_still_compared_on_meta(device):
+    # buffers are computed for real even with meta parameters: a rank computing another table is caught
+    with pytest.raises(ModelError, match=r"rope\.cache holds values .* differ from the sequential model's"):
+        gg.verify(_problem(device, grads=False, distributed=_other_rope_theta, layers=1))
+
+
+@needs_titan
+def test_build_rejects_other_devices():
+    from gg_notebook.adapters import torchtitan as tt
+
+    cfg = tt.llama3_config(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128)
+    with pytest.raises(ValueError, match=r"device='cuda'.*'cpu'.*'meta'"):
+        tt.build(cfg, tp=1, device="cuda")
+
+
+class _Column(nn.Module):
+    """A column-parallel linear (no bias) whose weight is built on the meta device: 8192 x 65536 x
+    fp32 would be 2 GiB."""
+
+    def __init__(self, out_features):
+        super().__init__()
+        with torch.device("meta"):
+            self.proj = nn.Linear(65536, out_features, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _Doubled(_Column):
+    def forward(self, x):
+        return self.proj(x) * 2
+
+
+def test_from_modules_keeps_a_meta_model_meta():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    W = 2
+    x = torch.randn(2, 65536)
+    problem = gg.Problem.from_modules(
+        sequential=lambda: _Column(8192), distributed=lambda: _Column(8192 // W), inputs=(x,),
+        placements=(gg.Replicate(),), world_size=W, param_placements={"proj.weight": gg.Shard(0)},
+        expect=[gg.Shard(1)])
+    w = dict(zip(problem.input_names, problem.inputs))["proj.weight"]
+    assert w.device.type == "meta" and tuple(w.shape) == (8192, 65536)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # under 512 MiB (KiB units)
+    assert gg.verify(problem).status == "proved"
+    # a wrong rank program (its output doubled) is not proved; at this size no counterexample is run
+    wrong = gg.Problem.from_modules(
+        sequential=lambda: _Column(8192), distributed=lambda: _Doubled(8192 // W), inputs=(x,),
+        placements=(gg.Replicate(),), world_size=W, param_placements={"proj.weight": gg.Shard(0)},
+        expect=[gg.Shard(1)])
+    assert gg.verify(wrong).status == "unknown"
+
+
+class _SmallColumn(nn.Module):
+    def __init__(self, out_features, device):
+        super().__init__()
+        self.proj = nn.Linear(64, out_features, bias=False, device=device)
+
+    def forward(self, x):
+        return torch.matmul(x, self.proj.weight.t())
+
+
+class _SmallDoubled(_SmallColumn):
+    def forward(self, x):
+        return 2 * self.proj(x)
+
+
+@pytest.mark.parametrize("rank_model,status", [(_SmallColumn, "proved"), (_SmallDoubled, "refuted")])
+def test_from_modules_meta_verdict_and_culprit_as_real(rank_model, status):
+    x = torch.randn(2, 64)
+    results = {}
+    for device in ("cpu", "meta"):
+        problem = gg.Problem.from_modules(
+            sequential=lambda: _SmallColumn(16, device), distributed=lambda: rank_model(8, device), inputs=(x,),
+            placements=(gg.Replicate(),), world_size=2, param_placements={"proj.weight": gg.Shard(0)},
+            expect=[gg.Shard(1)])
+        results[device] = gg.verify(problem)
+    assert results["cpu"].status == results["meta"].status == status, results
+    assert str(results["cpu"].culprit) == str(results["meta"].culprit)
+
+
+class _ColumnLoss(nn.Module):
+    def __init__(self, out_features):
+        super().__init__()
+        self.proj = nn.Linear(64, out_features, bias=False)
+
+    def forward(self, x):
+        return self.proj(x).sum()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "capture once falls back to tracing every rank for from_modules with grads=True: the backward's first "
+    "operator call (autograd.grad's ones_like, from gg_notebook/adapters/modules.py) is attributed under make_fx "
+    "to make_fx's generated '<string>' wrapper lambda (is_user_file counts '<string>' as user code) but, when run "
+    "plainly, to the outermost user frame, so the recordings differ (capture/symmetry.py _user_site)"))
+def test_from_modules_grads_captured_once():
+    # what the 405B-shaped torchtitan model's forward+backward hits: 8 ranks traced instead of 1
+    W = 2
+    problem = gg.Problem.from_modules(
+        sequential=lambda: _ColumnLoss(16), distributed=lambda: _ColumnLoss(16 // W), inputs=(torch.randn(2, 64),),
+        placements=(gg.Replicate(),), world_size=W, param_placements={"proj.weight": gg.Shard(0)},
+        grads=True, expect=[gg.Partial()])
+    r = gg.verify(problem)
+    assert r.status == "proved", r
+    assert r.stats["capture"]["traced"] == 1 and r.stats["capture"]["specialized"] == W - 1, r.stats["capture"]
