@@ -76,9 +76,6 @@ def _sign_case(g, shape, dim, dtype):
     """A ±1 constant varying along ``dim`` only (random runs), broadcast-shaped [.., n, ..] or [n]."""
     n = shape[dim]
     line = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    u = float(torch.rand(1, generator=g))
-    if u < 0.3:  # one run: x * ones is x, x * -ones is -x
-        line = torch.full((n,), 1.0 if u < 0.15 else -1.0)
     view = [1] * len(shape)
     view[dim] = n
     k = line.view(view).to(dtype)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from gg_notebook.ir.specs import ew_spec, reduce_spec
@@ -85,9 +87,35 @@ def split_plans(S, pieces, lead, plast, g_row, domain, t, out_shape):
     _ = vocab
 
 
+def _uniform_fill(e: Expr):
+    """The fill of ``e`` read without building a tensor of its shape, when it is a uniform constant
+    (a ``full`` factory, or a value node whose bytes are all equal) under views / expands / slices /
+    permutes (each keeps a uniform tensor uniform, in its dtype). None: not of that form (the caller
+    evaluates), or NaN (never equal to itself)."""
+    from gg_notebook.ir.lower import _Full, untyped
+    from gg_notebook.relations.ground import Value
+
+    x = e
+    while x.op in ("view", "expand", "slice", "permute"):
+        x = x.args[0]
+    t = getattr(x.attrs, "target", None) if x.op == "const" else None
+    if x.dtype != e.dtype or math.prod(e.shape) == 0:
+        return None
+    if isinstance(t, _Full) and t.dtype == e.dtype:
+        v = torch.full((), untyped(t.value), dtype=t.dtype)  # as `_Full` itself evaluates
+    elif isinstance(t, Value) and t.uniform and t.dtype == e.dtype and t.tensor.numel():
+        v = t.tensor[(0,) * t.tensor.dim()].clone()  # one element: no copy of an expanded tensor
+    else:
+        return None
+    return None if bool(torch.isnan(v)) else v
+
+
 def _uniform(e: Expr):
     from gg_notebook.lemmas.loss_reduce import ground_value
 
+    fast = _uniform_fill(e)
+    if fast is not None:
+        return fast
     v = ground_value(e)
     if v is None or v.numel() == 0:
         return None

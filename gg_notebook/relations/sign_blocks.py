@@ -8,8 +8,8 @@ along one dim ``d`` of the output only is the same value as
 
     cat(s_1(a[lo_1:hi_1 along d]), s_2(a[lo_2:hi_2 along d]), ..., dim=d)
 
-over the maximal runs of equal sign, with ``s = neg`` for ``-1`` and the identity for ``+1`` (one
-run: ``a`` itself, or ``neg(a)``). `sign_blocks` writes a rank's term that way when it is interned (the index keeps the
+over the maximal runs of equal sign (at least two), with ``s = neg`` for ``-1`` and the identity for
+``+1``. `sign_blocks` writes a rank's term that way when it is interned (the index keeps the
 product's own term as an alias of the same value, so the spelling ``x * sign`` still finds it), so
 its pieces meet the spelling with explicit slices and ``neg``; `register_cat_pieces` records each
 computed piece of a rank's concatenated value as a slice of that value, so a lookup of the piece
@@ -79,10 +79,8 @@ def sign_blocks(store, term: Expr) -> Expr:
     if found is None:
         return term
     d, runs = found
-    if len(runs) == 1:  # x * ones is x, x * -ones is -x (exactly): the gradient of a sum, all-gathered
-        # on the ranks as ``ones * dout``, meets the sequential ``dout`` (the product's own term stays
-        # an alias, so the spelling ``x * ones`` still finds it)
-        return a if runs[0][2] == 1 else store.call(NEG, [a])
+    if len(runs) < 2:
+        return term  # x * ones, x * -ones: the product itself is the plain spelling
     try:
         pieces = []
         for lo, hi, s in runs:
