@@ -97,6 +97,7 @@ class DIndex:
         # so a relation whose term no rank holds whole can still be rebuilt from its pieces
         self.slices_of: dict[int, list[tuple[int, int, int, DVal]]] = {}
         self._slice_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}
+        self._extra_hint: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}  # a second base a value is a slice of
         self._piece_of: dict[tuple[int, str], tuple[Expr, int, int, int]] = {}  # node -> (base, dim, a, b)
         self._alias: dict[tuple[int, str], Expr] = {}  # another term of the same value (sign_blocks)
         self._users: dict[int, list[Expr]] | None = None
@@ -357,6 +358,10 @@ class DIndex:
         if hint is not None and len(d.locations) == 1:
             base, dim, a, b = hint
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
+        extra = self._extra_hint.pop((rank, node.name), None)
+        if extra is not None and len(d.locations) == 1:
+            base, dim, a, b = extra
+            self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
     def _build(self, keep=lambda: None) -> None:
         # collectives by (communicator, index) -> {rank: first result node}; a collective completes
@@ -510,7 +515,7 @@ class DIndex:
                     return S.view(piece, ())
                 self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
                 return piece
-            scattered = _chunked_along(ins, len(group), S, movement_of(self))
+            scattered = _chunked_along(ins, len(group))
             if scattered is not None:
                 # each rank sent cat(x.chunk(W, d), 0) (DTensor's reduce-scatter along dim d): the
                 # result is chunk pos of the reduction of the x's along d
@@ -521,6 +526,13 @@ class DIndex:
             total = _reduce(S, fn, ins, n)
             size = n.shape[0]
             self._slice_hint[(rank, n.name)] = (total, 0, pos * size, (pos + 1) * size)
+            # the same chunks may also be slices of another view of the inputs' source along a later
+            # dim (at batch 1 a sequence chunk of [1, S, H] is a run of rows; a view / transpose
+            # spelling): known as such too, decided by data movement (the value's term is unchanged)
+            other = _chunked_along(ins, len(group), S, movement_of(self))
+            if other is not None:
+                bases, d, c = other
+                self._extra_hint[(rank, n.name)] = (_reduce(S, fn, bases, n), d, pos * c, (pos + 1) * c)
             return S.slice(total, 0, pos * size, (pos + 1) * size)
         if kind == "broadcast":
             return ins[group.index(info.src)] if info.src in group else ins[0]
