@@ -166,6 +166,10 @@ def _alias_plan(func) -> tuple | None:
         for j, r in enumerate(schema.returns):
             if r.alias_info is not None:
                 outs += [(j, sets[t]) for t in r.alias_info.before_set if t in sets]
+        if getattr(func, "namespace", None) == "c10d":
+            # c10d's in-place collectives (allreduce_, broadcast_, ...) do not annotate the tensors
+            # they write: every tensor argument counts as written
+            writes = [(i, a.name) for i, a in enumerate(schema.arguments)]
         plan = (tuple(writes), tuple(outs)) if writes or outs else ()
     except Exception:  # noqa: BLE001 - not an operator with a schema
         plan = None
