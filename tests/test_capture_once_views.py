@@ -24,7 +24,7 @@ import torch.fx as fx
 import gg_notebook as gg
 from gg_notebook.capture import symmetry
 from gg_notebook.capture import tracing as T
-from gg_notebook.problem import Problem, Replicate, Shard
+from gg_notebook.problem import Partial, Problem, Replicate, Shard
 
 W = 4
 
@@ -256,3 +256,158 @@ def test_slice_with_backward():
     derive_and_trace(p)
     r = gg.verify(p)
     assert r.status is gg.Status.PROVED and r.stats["capture"]["specialized"] == W - 1, r.stats["capture"]
+
+
+# ------------------------------------------------------------------ where the ranks really differ
+
+
+def rows_growing(x, w):  # BUG: the view's size depends on the rank
+    return x[:dist.get_rank() + 2][-2:] @ w
+
+
+def chunk_used_differently(x, w):  # correct, but rank 1 computes its block another way
+    c = torch.chunk(x, dist.get_world_size())[dist.get_rank()]
+    return c @ w if dist.get_rank() != 1 else (c + 0.0) @ w
+
+
+def written_through_the_view(x, w):
+    n, r = _block(x), dist.get_rank()
+    b = x.clone()
+    b[r * n:(r + 1) * n].mul_(2.0)
+    return b[r * n:(r + 1) * n] @ w / 2.0
+
+
+def written_through_the_chunk(x, w):
+    b = x.clone()
+    torch.chunk(b, dist.get_world_size())[dist.get_rank()].mul_(2.0)  # on rank r, the r-th result is written
+    return torch.chunk(b, dist.get_world_size())[dist.get_rank()] @ w / 2.0
+
+
+def chunk_of_a_written_tensor(x, w):
+    b = x.clone()
+    c = torch.chunk(b, dist.get_world_size())[dist.get_rank()]
+    b.mul_(2.0)  # written after the split: functionalization regenerates the chunk from b
+    return c @ w / 2.0
+
+
+def written_on_rank_1_only(x, w):  # BUG on rank 1 (doubles its block)
+    n, r = _block(x), dist.get_rank()
+    b = x.clone()
+    if r == 1:
+        b[r * n:(r + 1) * n].mul_(2.0)
+    return b[r * n:(r + 1) * n] @ w
+
+
+def rows_by_chunk_with_grad(x, w):
+    y = torch.chunk(x, dist.get_world_size())[dist.get_rank()] @ w
+    (gx,) = torch.autograd.grad(y.sum(), [x])  # zero outside the rank's rows
+    return y, gx
+
+
+def linear_with_grad_x(x, w):
+    y = x @ w
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    return y, gx
+
+
+def first_and_own_chunk(x, w):  # chunk 0 and the rank's chunk: on rank 0 the same tensor twice
+    chunks = torch.chunk(x, dist.get_world_size())
+    return chunks[dist.get_rank()] @ w, chunks[0] @ w
+
+
+def linear_and_first_rows(x, w):
+    y = x @ w
+    return y, y[:x.shape[0] // W]
+
+
+def rows_by_tensor_split(x, w):
+    return x.tensor_split(dist.get_world_size())[dist.get_rank()] @ w
+
+
+@pytest.mark.parametrize("seq,fn,expect,fallback,status", [
+    (linear, rows_growing, Shard(0), [1, 2, 3], gg.Status.REFUTED),
+    (linear, chunk_used_differently, Shard(0), [1], gg.Status.PROVED),
+    (linear, written_through_the_view, Shard(0), [1, 2, 3], None),
+    (linear, written_through_the_chunk, Shard(0), [1, 2, 3], None),
+    (linear, chunk_of_a_written_tensor, Shard(0), [1, 2, 3], None),
+    (linear, written_on_rank_1_only, Shard(0), [1], gg.Status.REFUTED),
+    (linear_and_first_rows, first_and_own_chunk, (Shard(0), Replicate()), [], gg.Status.PROVED),
+    # the other slices are dead code in rank 0's graph: there is no node to read instead
+    (linear, rows_by_tensor_split, Shard(0), [1, 2, 3], gg.Status.PROVED),
+])
+def test_ranks_that_differ_fall_back(seq, fn, expect, fallback, status):
+    """``status`` None: whatever tracing every rank gives (the engine does not prove it), never refuted."""
+    p = _problem(seq, fn, expect)
+    fell = derive_and_trace(p, expect_derived=False)
+    assert sorted(fell) == fallback, fell
+    r = gg.verify(p)
+    c = r.stats["capture"]
+    assert r.status is (status or gg.verify(p, capture_once=False).status), (r.status, c)
+    assert r.status is not gg.Status.REFUTED or status is gg.Status.REFUTED
+    assert sorted(set(c["traced_ranks"]) - {0}) == fallback, c
+    assert r.status is gg.verify(p, capture_once=False).status
+
+
+def test_writes_are_the_reason():
+    """Functionalization replays a view's numbers into the scatter of a write through it, and the
+    view regenerated after a write to its base: such views are not substituted."""
+    p = _problem(linear, written_through_the_view, Shard(0))
+    assert "written later" in derive_and_trace(p, expect_derived=False)[1]
+    p = _problem(linear, chunk_of_a_written_tensor, Shard(0))
+    why = derive_and_trace(p, expect_derived=False)[1]
+    assert "written later" in why or "did not leave exactly one aten.split.Tensor node" in why, why
+
+
+def test_chunk_with_backward_falls_back():
+    """The backward of split fills the other blocks' gradients with zeros and concatenates them in
+    block order: on rank r the rank's gradient is the r-th piece, another data flow than a getitem."""
+    p = _problem(linear_with_grad_x, rows_by_chunk_with_grad, (Shard(0), Partial()))
+    p.inputs[0].requires_grad_(True)
+    fell = derive_and_trace(p, expect_derived=False)
+    assert sorted(fell) == [1, 2, 3] and all("aten.cat" in v for v in fell.values()), fell
+    r = gg.verify(p)
+    assert r.stats["capture"]["traced"] == W
+    assert r.status is gg.verify(p, capture_once=False).status
+
+
+def test_uneven_chunks_on_the_last_rank():
+    """10 rows in chunks of 3, 3, 3, 1: ranks 1, 2 read another chunk of 3 rows (derived), rank 3 a
+    chunk of 1 row (another shape: traced)."""
+    p = _problem(linear, rows_by_chunk, Shard(0), rows=10)
+    fell = derive_and_trace(p, expect_derived=False)
+    assert sorted(fell) == [3], fell
+    r = gg.verify(p)
+    assert r.status is gg.Status.PROVED and r.stats["capture"]["traced_ranks"] == [0, 3], r.stats["capture"]
+
+
+# ------------------------------------------------------------------ wrong programs, derived and refuted
+
+
+def next_chunk(x, w):  # BUG: the next rank's block
+    return torch.chunk(x, dist.get_world_size())[(dist.get_rank() + 1) % dist.get_world_size()] @ w
+
+
+def next_narrow(x, w):  # BUG: the next rank's block
+    W_, n = dist.get_world_size(), _block(x)
+    return x.narrow(0, (dist.get_rank() + 1) % W_ * n, n) @ w
+
+
+def mirrored_unbind(x, w):  # BUG: the blocks in reverse order
+    W_ = dist.get_world_size()
+    return x.view(W_, -1, x.shape[1]).unbind(0)[W_ - 1 - dist.get_rank()] @ w
+
+
+def megatron_off_by_one(x, w):  # BUG: the columns of rank r - 1
+    parts = split_along_last(w, dist.get_world_size())
+    return x @ parts[dist.get_rank() - 1].contiguous()
+
+
+@pytest.mark.parametrize("seq,fn,expect", [(linear, next_chunk, Shard(0)), (linear, next_narrow, Shard(0)),
+                                           (linear, mirrored_unbind, Shard(0)),
+                                           (linear_columns, megatron_off_by_one, Shard(1))])
+def test_wrong_selection_is_derived_and_refuted(seq, fn, expect):
+    p = _problem(seq, fn, expect)
+    derive_and_trace(p)
+    r = gg.verify(p)
+    assert r.status is gg.Status.REFUTED, (r.status, r.stats["capture"])
+    assert r.stats["capture"]["traced"] == 1, r.stats["capture"]

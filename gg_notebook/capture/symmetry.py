@@ -871,11 +871,13 @@ def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]], r
             new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
             changed.append(new)
             dropped.append(env[src])
+        erased: set = set()
         for n in dropped:  # what the rank's own trace would not hold (its dead code is eliminated)
-            while n is not None and not n.users and n.op == "call_function" and (
+            while n is not None and n not in erased and not n.users and n.op == "call_function" and (
                     n.target is _getitem or (isinstance(n.target, torch._ops.OpOverload) and not n.is_impure())):
                 ins = n.all_input_nodes
                 g.erase_node(n)
+                erased.add(n)
                 n = ins[0] if len(ins) == 1 else None
     if changed:
         try:
