@@ -411,3 +411,22 @@ def test_wrong_selection_is_derived_and_refuted(seq, fn, expect):
     r = gg.verify(p)
     assert r.status is gg.Status.REFUTED, (r.status, r.stats["capture"])
     assert r.stats["capture"]["traced"] == 1, r.stats["capture"]
+
+
+# ------------------------------------------------------------------ the GPT example's sequence-parallel split
+
+
+@pytest.mark.parametrize("spelling", ["megatron", "narrow_copy"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_gpt_sequence_parallel_split_is_derived(spelling, backward, monkeypatch):
+    """examples/_tp.py splits the sequence like megatron-core (a slice of the leading dimension, else
+    torch.split(...)[rank].contiguous()); narrow_copy is the older spelling. Both are derived, and the
+    derived graphs are the per-rank traces."""
+    from gg_notebook.examples import _tp, gpt
+
+    monkeypatch.setattr(_tp, "SPLIT_SPELLING", spelling)
+    p = gpt.make(4, layers=1, sequence_parallel=True, backward=backward, hidden=16, heads=4, seq=8)
+    derive_and_trace(p)
+    if backward:
+        r = gg.verify(p)
+        assert r.status is gg.Status.PROVED and r.stats["capture"]["traced"] == 1, r.stats["capture"]
