@@ -17,21 +17,40 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    against ~1 s for a 4-layer GPT forward+backward rank).
 2. **Compare** (`compare`): rank r is *symmetric* to the representative if its recording equals the
    representative's except for int / float arguments ("rank constants", e.g. ``ids - rank * V``,
-   ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, local
-   inputs of other shapes (a layout with uneven chunks), another data flow, a Python branch on the
-   rank that changes the ops or the user line, a rank-dependent tensor constant or process group, a
-   point-to-point transfer) makes rank r a *fallback*: it is traced on its own, as before.
+   ``torch.arange(start=rank * n)``, ``x[rank * n:(rank + 1) * n]``) and for *rank-selected tensors*:
+   an argument (or returned tensor) that is another result of the same multi-output call
+   (``torch.chunk(x, W)[rank]``, ``split``, ``unbind``), or the result of another call of the same
+   operator from the same user line (``[x[i * n:(i + 1) * n] for i in range(W)][rank]``), with the same
+   shape, strides, dtype and requires_grad (`_selected`). Any other difference (another operator,
+   another shape, local inputs of other shapes (a layout with uneven chunks), another data flow, a
+   Python branch on the rank that changes the ops or the user line, a rank-dependent tensor constant or
+   process group, a point-to-point transfer) makes rank r a *fallback*: it is traced on its own, as
+   before.
 3. **Trace the representative** with the same recorder inside make_fx's first pass: every graph node
    gets ``meta["gg_call"]``, the index of the recorded call it was created in (kept through the
    functionalizing replay), and the recording under make_fx must equal the plain recording exactly
    (else every rank falls back).
-4. **Specialize** (`specialize`): for each symmetric rank, copy the representative's finished graph
-   and put the rank's numbers at the recorded positions. A differing number is substituted only in a
-   call that is not a view nor an in-place change of a view (``as_strided_``, ``transpose_``, ...: a
-   view's arguments are replayed by functionalization into scatter nodes of other calls) and whose
-   call left exactly one graph node of the same operator (or its functional form) with the recorded
-   arguments, and no other node holding the representative's number; anything else (an operator
-   folded to a constant, decomposed, ...) makes the rank a fallback.
+4. **Specialize** (`Specializer`): for each symmetric rank, copy the representative's finished graph,
+   put the rank's numbers at the recorded positions and read the rank's selected tensors. A differing
+   number is substituted only in a call that left exactly one graph node of the same operator (or its
+   functional form) with the recorded arguments, and no other node of that call holding the
+   representative's number; anything else (an operator folded to a constant, decomposed, ...) makes
+   the rank a fallback. Numbers of a *view* (slice, narrow, select, as_strided, split sizes) reach the
+   graph only through the view's own node, except where functionalization replays the view's
+   arguments: into the scatter of a write through the view and into the views it regenerates after a
+   write to their storage. So a view's numbers are substituted when the graph took one pass
+   (``gm.meta["gg_one_pass"]``: no replay, every node is a recorded call), or when no call after the
+   view writes its storage (the recorder writes down, from the operators' schemas, which results alias
+   which arguments and which arguments a call writes; c10d's unannotated in-place collectives count as
+   writing every tensor argument); an in-place change of a view's metadata (``as_strided_``,
+   ``transpose_``) never is. A rank-selected tensor is read by rewiring the argument of the one node of
+   the reading call (checked to be the node of the representative's tensor) to the node of the rank's
+   (a getitem of the same multi-output node, made if the representative's graph had none: dead code
+   there), when neither tensor's storage is written after it is made; the representative's getitem left
+   unread is dropped (the rank's own trace eliminates it as dead code). The values (``meta["val"]``) of
+   the views whose arguments changed are computed again on the graph's fake tensors (another block has
+   another storage offset, which lowering reads), and so are the views reading them; a moved view read
+   directly by a collective makes the rank a fallback.
 
 Never derived (traced rank by rank instead): programs that call custom operators or have
 ``Problem.decompositions`` (lowering runs their Python definitions, which may read per-rank state the
@@ -810,9 +829,9 @@ _getitem = __import__("operator").getitem
 
 def _is_view(name: str, overload) -> bool:
     """Is the call a view, or an in-place change of its argument's view metadata (``as_strided_``,
-    ``transpose_``, ``squeeze_``, ``t_``, ``set_``, ...)? Functionalization replays such a call's
+    ``transpose_``, ``squeeze_``, ``t_``, ``set_``, ...)? Functionalization may replay such a call's
     arguments into the nodes of later calls (scatters, regenerated views), where a substituted number
-    would not reach, so a rank constant there is never substituted."""
+    would not reach: see `Specializer._site` for when a view's rank constant is substituted."""
     if overload.is_view or torch.Tag.inplace_view in overload.tags:
         return True
     functional = _lookup(_functional_name(name))
