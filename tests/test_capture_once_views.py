@@ -135,6 +135,17 @@ def rows_by_chunk_transposed(x, w):
     return b.t().reshape(-1, x.shape[1]) @ w
 
 
+def rows_by_tensor_split(x, w):
+    # W slice calls on one line; rank 0's graph holds only its own (the others are dead code there)
+    return x.tensor_split(dist.get_world_size())[dist.get_rank()] @ w
+
+
+def rows_by_listed_slices(x, w):
+    n = _block(x)
+    blocks = [x[i * n:(i + 1) * n] for i in range(dist.get_world_size())]
+    return blocks[dist.get_rank()] @ w
+
+
 def _divide(a: int, b: int) -> int:
     assert a % b == 0, f"{a} is not divisible by {b}"
     return a // b
@@ -199,6 +210,8 @@ CASES = [  # (sequential, distributed, expect, requires_grad of w)
     (linear, rows_by_index, Shard(0), False),
     (linear, rows_by_as_strided, Shard(0), False),
     (linear, rows_by_chunk_transposed, Shard(0), False),
+    (linear, rows_by_tensor_split, Shard(0), False),
+    (linear, rows_by_listed_slices, Shard(0), False),
     (linear_columns, columns_megatron, Shard(1), False),
     (linear, row_parallel_by_slices, Replicate(), False),
     (doubled, returns_its_chunk, Shard(0), False),
@@ -298,6 +311,18 @@ def written_on_rank_1_only(x, w):  # BUG on rank 1 (doubles its block)
     return b[r * n:(r + 1) * n] @ w
 
 
+def rows_from_four_lines(x, w):  # the blocks come from four lines: no selection among siblings
+    blocks = [x[0:2],
+              x[2:4],
+              x[4:6],
+              x[6:8]]
+    return blocks[dist.get_rank()] @ w
+
+
+def uneven_tensor_split(x, w):  # 10 rows: blocks of 3, 3, 2, 2
+    return x.tensor_split(dist.get_world_size())[dist.get_rank()] @ w
+
+
 def rows_by_chunk_with_grad(x, w):
     y = torch.chunk(x, dist.get_world_size())[dist.get_rank()] @ w
     (gx,) = torch.autograd.grad(y.sum(), [x])  # zero outside the rank's rows
@@ -320,8 +345,6 @@ def linear_and_first_rows(x, w):
     return y, y[:x.shape[0] // W]
 
 
-def rows_by_tensor_split(x, w):
-    return x.tensor_split(dist.get_world_size())[dist.get_rank()] @ w
 
 
 @pytest.mark.parametrize("seq,fn,expect,fallback,status", [
@@ -331,9 +354,8 @@ def rows_by_tensor_split(x, w):
     (linear, written_through_the_chunk, Shard(0), [1, 2, 3], None),
     (linear, chunk_of_a_written_tensor, Shard(0), [1, 2, 3], None),
     (linear, written_on_rank_1_only, Shard(0), [1], gg.Status.REFUTED),
+    (linear, rows_from_four_lines, Shard(0), [1, 2, 3], gg.Status.PROVED),
     (linear_and_first_rows, first_and_own_chunk, (Shard(0), Replicate()), [], gg.Status.PROVED),
-    # the other slices are dead code in rank 0's graph: there is no node to read instead
-    (linear, rows_by_tensor_split, Shard(0), [1, 2, 3], gg.Status.PROVED),
 ])
 def test_ranks_that_differ_fall_back(seq, fn, expect, fallback, status):
     """``status`` None: whatever tracing every rank gives (the engine does not prove it), never refuted."""
@@ -370,6 +392,13 @@ def test_chunk_with_backward_falls_back():
     assert r.status is gg.verify(p, capture_once=False).status
 
 
+def test_uneven_tensor_split():
+    p = _problem(linear, uneven_tensor_split, Shard(0), rows=10)
+    fell = derive_and_trace(p, expect_derived=False)
+    assert sorted(fell) == [2, 3], fell  # rank 1: another block of 3 rows (derived); ranks 2, 3: 2 rows
+    assert gg.verify(p).status is gg.verify(p, capture_once=False).status
+
+
 def test_uneven_chunks_on_the_last_rank():
     """10 rows in chunks of 3, 3, 3, 1: ranks 1, 2 read another chunk of 3 rows (derived), rank 3 a
     chunk of 1 row (another shape: traced)."""
@@ -397,13 +426,17 @@ def mirrored_unbind(x, w):  # BUG: the blocks in reverse order
     return x.view(W_, -1, x.shape[1]).unbind(0)[W_ - 1 - dist.get_rank()] @ w
 
 
+def next_tensor_split(x, w):  # BUG: the next rank's block
+    return x.tensor_split(dist.get_world_size())[(dist.get_rank() + 1) % dist.get_world_size()] @ w
+
+
 def megatron_off_by_one(x, w):  # BUG: the columns of rank r - 1
     parts = split_along_last(w, dist.get_world_size())
     return x @ parts[dist.get_rank() - 1].contiguous()
 
 
 @pytest.mark.parametrize("seq,fn,expect", [(linear, next_chunk, Shard(0)), (linear, next_narrow, Shard(0)),
-                                           (linear, mirrored_unbind, Shard(0)),
+                                           (linear, mirrored_unbind, Shard(0)), (linear, next_tensor_split, Shard(0)),
                                            (linear_columns, megatron_off_by_one, Shard(1))])
 def test_wrong_selection_is_derived_and_refuted(seq, fn, expect):
     p = _problem(seq, fn, expect)

@@ -46,8 +46,10 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    ``transpose_``) never is. A rank-selected tensor is read by rewiring the argument of the one node of
    the reading call (checked to be the node of the representative's tensor) to the node of the rank's
    (a getitem of the same multi-output node, made if the representative's graph had none: dead code
-   there), when neither tensor's storage is written after it is made; the representative's getitem left
-   unread is dropped (the rank's own trace eliminates it as dead code). The values (``meta["val"]``) of
+   there; or, for a view from the same line that left no node, made from the representative's view
+   node with the recorded arguments, ``x.tensor_split(W)[rank]``), when neither tensor's storage is
+   written after it is made; the representative's node left unread is dropped (the rank's own trace
+   eliminates it as dead code). The values (``meta["val"]``) of
    the views whose arguments changed are computed again on the graph's fake tensors (another block has
    another storage offset, which lowering reads), and so are the views reading them; a moved view read
    directly by a collective makes the rank a fallback.
@@ -764,17 +766,54 @@ class Specializer:
             return f"call {c} ({self.rep.calls[c][0]}) has another number of results in the graph"
         return node
 
+    def _sibling(self, call: int, like: fx.Node) -> tuple | str:
+        """How to make the node of view call ``call``, which left none in the representative's graph
+        (its result was dead code there), from ``like``, the node of a call of the same operator from
+        the same line (`_selected`): ("make", call, like, its flat arguments), the recorded tensors
+        read from their nodes and the recorded numbers, every other argument as in ``like``."""
+        op, spec, structure, scalars = self.rep.calls[call][:4]
+        overload = _lookup(op)
+        if overload is None or not _is_view(op, overload) or torch.Tag.inplace_view in overload.tags \
+                or _functional_name(op) != op:
+            return f"call {call} ({op}) left no node in the representative's graph"
+        like_call = like.meta.get("gg_call")
+        if like_call is None or self.rep.calls[like_call][1] != spec:
+            return f"call {call} ({op}) left no node in the representative's graph"
+        flat, shape = _flat_args(like)
+        other = self.rep.calls[like_call][2]
+        if len(flat) != len(structure) or shape != spec or len(other) != len(structure):
+            return f"call {call} ({op}) left no node in the representative's graph"
+        inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        args, numbers = [], iter(scalars)
+        for x, leaf, mine in zip(flat, structure, other):
+            if leaf[0] == "t":
+                k = leaf[1]
+                node = inputs[k] if k < len(self.rep.inputs) and len(inputs) == len(self.rep.inputs) \
+                    else self._tensor_node(k)
+                if not isinstance(node, fx.Node) or not self._unwritten_after([k], call):
+                    return f"call {call} ({op}) reads a tensor the representative's graph does not hold"
+                args.append(node)
+            elif leaf[0] == "num" and mine == leaf:
+                args.append(next(numbers))
+            elif leaf == mine and leaf[0] in ("lit",):
+                args.append(x)
+            else:
+                return f"call {call} ({op}) has other arguments than call {like_call}"
+        return ("make", call, like, args)
+
     def _rewiring(self, slot_of: str, at: int, ka: int, kb: int, flat: list) -> tuple | str:
         src = self._tensor_node(ka)
         if isinstance(src, str):
             return src
         if not isinstance(src, fx.Node) or flat[at] is not src:
             return f"{slot_of} does not read the recorded tensor in the representative's graph"
-        dst = self._tensor_node(kb)
+        cb = _producers(self.rep)[kb][0]
+        if cb != _producers(self.rep)[ka][0] and not self.by_call.get(cb):
+            dst = self._sibling(cb, src)  # dead code in the representative's graph: made from src's node
+        else:
+            dst = self._tensor_node(kb)
         if isinstance(dst, str):
             return dst
-        if isinstance(dst, tuple) and _producers(self.rep)[kb][0] != _producers(self.rep)[ka][0]:
-            return f"{slot_of} reads a tensor the representative's graph does not hold"
         for k in (ka, kb):
             if not self._unwritten_after([k], _producers(self.rep)[k][0]):
                 return f"{slot_of} reads a rank-selected tensor that is written later"
@@ -880,7 +919,14 @@ def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]], r
         dropped = []
         for node, at, src, dst in rewire:
             new = new_out if node.op == "output" else env[node]
-            if isinstance(dst, tuple):
+            if isinstance(dst, tuple) and dst[0] == "make":
+                key = ("make", dst[1])
+                if key not in made:
+                    made[key] = _made_node(g, dst[1], env[dst[2]], [env[a] if isinstance(a, fx.Node) else a
+                                                                     for a in dst[3]])
+                    changed.append(made[key])
+                dst = made[key]
+            elif isinstance(dst, tuple):
                 dst = made.get(dst) or _getitem_node(g, env[dst[0]], dst[1], env[src], made, dst)
             else:
                 dst = env[dst]
@@ -922,6 +968,25 @@ def _getitem_node(g: fx.Graph, parent: fx.Node, p: int, like: fx.Node, made: dic
     n.meta = dict(like.meta)
     n.meta["val"] = parent.meta["val"][p]
     made[key] = n
+    return n
+
+
+def _made_node(g: fx.Graph, call: int, like: fx.Node, flat: list) -> fx.Node:
+    """The node of ``call`` (see `Specializer._sibling`): ``like``'s operator on ``flat``, where a trace
+    puts it (before the first node of a later call); its value is computed by `_refresh_values`."""
+    need = {a for a in flat if isinstance(a, fx.Node)}
+    at = None
+    for n in g.nodes:
+        if not need and (n.op == "output" or (n.meta.get("gg_call") is not None and n.meta["gg_call"] > call)):
+            at = n
+            break
+        need.discard(n)
+    it = iter(flat)
+    args, kwargs = _rebuild(like.args, it), _rebuild(like.kwargs, it)
+    with g.inserting_before(at):
+        n = g.call_function(like.target, args, kwargs)
+    n.meta = dict(like.meta)
+    n.meta["gg_call"] = call
     return n
 
 
