@@ -17,21 +17,42 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    against ~1 s for a 4-layer GPT forward+backward rank).
 2. **Compare** (`compare`): rank r is *symmetric* to the representative if its recording equals the
    representative's except for int / float arguments ("rank constants", e.g. ``ids - rank * V``,
-   ``torch.arange(start=rank * n)``). Any other difference (another operator, another shape, local
-   inputs of other shapes (a layout with uneven chunks), another data flow, a Python branch on the
-   rank that changes the ops or the user line, a rank-dependent tensor constant or process group, a
-   point-to-point transfer) makes rank r a *fallback*: it is traced on its own, as before.
+   ``torch.arange(start=rank * n)``, ``x[rank * n:(rank + 1) * n]``) and for *rank-selected tensors*:
+   an argument (or returned tensor) that is another result of the same multi-output call
+   (``torch.chunk(x, W)[rank]``, ``split``, ``unbind``), or the result of another call of the same
+   operator from the same user line (``[x[i * n:(i + 1) * n] for i in range(W)][rank]``), with the same
+   shape, strides, dtype and requires_grad (`_selected`). Any other difference (another operator,
+   another shape, local inputs of other shapes (a layout with uneven chunks), another data flow, a
+   Python branch on the rank that changes the ops or the user line, a rank-dependent tensor constant or
+   process group, a point-to-point transfer) makes rank r a *fallback*: it is traced on its own, as
+   before.
 3. **Trace the representative** with the same recorder inside make_fx's first pass: every graph node
    gets ``meta["gg_call"]``, the index of the recorded call it was created in (kept through the
    functionalizing replay), and the recording under make_fx must equal the plain recording exactly
    (else every rank falls back).
-4. **Specialize** (`specialize`): for each symmetric rank, copy the representative's finished graph
-   and put the rank's numbers at the recorded positions. A differing number is substituted only in a
-   call that is not a view nor an in-place change of a view (``as_strided_``, ``transpose_``, ...: a
-   view's arguments are replayed by functionalization into scatter nodes of other calls) and whose
-   call left exactly one graph node of the same operator (or its functional form) with the recorded
-   arguments, and no other node holding the representative's number; anything else (an operator
-   folded to a constant, decomposed, ...) makes the rank a fallback.
+4. **Specialize** (`Specializer`): for each symmetric rank, copy the representative's finished graph,
+   put the rank's numbers at the recorded positions and read the rank's selected tensors. A differing
+   number is substituted only in a call that left exactly one graph node of the same operator (or its
+   functional form) with the recorded arguments, and no other node of that call holding the
+   representative's number; anything else (an operator folded to a constant, decomposed, ...) makes
+   the rank a fallback. Numbers of a *view* (slice, narrow, select, as_strided, split sizes) reach the
+   graph only through the view's own node, except where functionalization replays the view's
+   arguments: into the scatter of a write through the view and into the views it regenerates after a
+   write to their storage. So a view's numbers are substituted when the graph took one pass
+   (``gm.meta["gg_one_pass"]``: no replay, every node is a recorded call), or when no call after the
+   view writes its storage (the recorder writes down, from the operators' schemas, which results alias
+   which arguments and which arguments a call writes; c10d's unannotated in-place collectives count as
+   writing every tensor argument); an in-place change of a view's metadata (``as_strided_``,
+   ``transpose_``) never is. A rank-selected tensor is read by rewiring the argument of the one node of
+   the reading call (checked to be the node of the representative's tensor) to the node of the rank's
+   (a getitem of the same multi-output node, made if the representative's graph had none: dead code
+   there; or, for a view from the same line that left no node, made from the representative's view
+   node with the recorded arguments, ``x.tensor_split(W)[rank]``), when neither tensor's storage is
+   written after it is made; the representative's node left unread is dropped (the rank's own trace
+   eliminates it as dead code). The values (``meta["val"]``) of
+   the views whose arguments changed are computed again on the graph's fake tensors (another block has
+   another storage offset, which lowering reads), and so are the views reading them; a moved view read
+   directly by a collective makes the rank a fallback.
 
 Never derived (traced rank by rank instead): programs that call custom operators or have
 ``Problem.decompositions`` (lowering runs their Python definitions, which may read per-rank state the
@@ -111,6 +132,12 @@ class Recording:
     inputs: tuple = ()  # the positional inputs' (shape, stride, dtype, device, requires_grad)
     seconds: float = 0.0
     error: str | None = None  # why this rank could not be recorded (it falls back)
+    # storage: (output id, argument id) for every result that aliases an argument (views, in-place
+    # and out= results), and (call, id) for every argument a call writes (schemas' alias annotations);
+    # ``opaque``: calls whose schema could not be read (the analysis then knows nothing)
+    aliases: list = field(default_factory=list, repr=False)
+    writes: list = field(default_factory=list, repr=False)
+    opaque: bool = False
 
 
 _SCALARS = (int, float)
@@ -133,6 +160,47 @@ def _digest(t: torch.Tensor) -> tuple:
 
             data = hashlib.sha1(data).hexdigest()
         return (str(d.dtype), tuple(t.shape), data)
+
+
+_PLANS: dict = {}
+
+
+def _alias_plan(func) -> tuple | None:
+    """``(written arguments, aliasing returns)`` of an operator's schema, () when it has neither,
+    None when its schema cannot be read. Arguments as (position, name); returns as (return index,
+    argument) pairs: result ``j`` shares storage with that argument."""
+    plan = _PLANS.get(func, False)
+    if plan is not False:
+        return plan
+    try:
+        schema = func._schema
+        writes, sets = [], {}
+        for i, a in enumerate(schema.arguments):
+            ai = a.alias_info
+            if ai is None:
+                continue
+            if ai.is_write:
+                writes.append((i, a.name))
+            for t in ai.before_set:
+                sets.setdefault(t, (i, a.name))
+        outs = []
+        for j, r in enumerate(schema.returns):
+            if r.alias_info is not None:
+                outs += [(j, sets[t]) for t in r.alias_info.before_set if t in sets]
+        if getattr(func, "namespace", None) == "c10d":
+            # c10d's in-place collectives (allreduce_, broadcast_, ...) do not annotate the tensors
+            # they write: every tensor argument counts as written
+            writes = [(i, a.name) for i, a in enumerate(schema.arguments)]
+        plan = (tuple(writes), tuple(outs)) if writes or outs else ()
+    except Exception:  # noqa: BLE001 - not an operator with a schema
+        plan = None
+    _PLANS[func] = plan
+    return plan
+
+
+def _arg_value(args, kwargs, pos_name):
+    i, name = pos_name
+    return args[i] if i < len(args) else kwargs.get(name)
 
 
 def _user_site() -> tuple:
@@ -253,12 +321,34 @@ class OpRecorder(TorchDispatchMode):
         except Exception as e:  # noqa: BLE001 - bookkeeping failed: this rank falls back
             self.broken = f"{func}: {type(e).__name__}: {e}"
             return out
+        plan = _alias_plan(func)
+        if plan:
+            self._storage(len(self.rec.calls), plan, args, kwargs, out)
+        elif plan is None:
+            self.rec.opaque = True
         name = _NAMES.get(func)
         if name is None:
             name = _NAMES[func] = str(func)
         self.rec.calls.append((name, tuple(shape), tuple(structure), tuple(scalars), tuple(out_meta),
                                _user_site()))
         return out
+
+    def _storage(self, call: int, plan: tuple, args, kwargs, out) -> None:
+        """Write down which arguments call ``call`` writes and which results alias which argument."""
+        def ids(x) -> list[int]:
+            xs = x if isinstance(x, (list, tuple)) else [x]
+            return [k for k in (self._known(t) for t in xs if isinstance(t, torch.Tensor)) if k is not None]
+
+        writes, outs = plan
+        for a in writes:
+            self.rec.writes += [(call, k) for k in ids(_arg_value(args, kwargs, a))]
+        if outs:
+            results = out if isinstance(out, (list, tuple)) else [out]
+            single = len(results) == 1 or not isinstance(out, tuple)
+            for j, a in outs:
+                res = ids(out) if single else ids(results[j]) if j < len(results) else []
+                for src in ids(_arg_value(args, kwargs, a)):
+                    self.rec.aliases += [(k, src) for k in res]
 
     def returned(self, out: Any) -> None:
         """Write down which tensors the function returned."""
@@ -368,6 +458,10 @@ class Diff:
 
     rank: int
     values: dict[int, dict[int, float | int]] = field(default_factory=dict)
+    # rank-selected outputs: {call: {argument slot: (the representative's tensor, this rank's)}}, and
+    # the same for the returned tensors {position: (...)} (see `_selected`)
+    refs: dict[int, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    returns: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -407,18 +501,71 @@ def compare(rep: Recording, other: Recording) -> Diff | str:
                 if k is not None else "it has another number of inputs")
     if len(rep.calls) != len(other.calls):
         return f"issues {len(other.calls)} operator calls, rank {rep.rank} {len(rep.calls)}"
-    if rep.returns != other.returns:
-        return "returns other tensors"
     diff = Diff(other.rank)
+    if rep.returns != other.returns:
+        if len(rep.returns) != len(other.returns):
+            return "returns other tensors"
+        for q, (x, y) in enumerate(zip(rep.returns, other.returns)):
+            if x != y:
+                if not _selected(rep, x, y, len(rep.calls)):
+                    return "returns other tensors"
+                diff.returns[q] = (x[1], y[1])
     for i, (a, b) in enumerate(zip(rep.calls, other.calls)):
-        if a[:3] != b[:3] or a[4:] != b[4:]:
+        if a[4:] != b[4:] or len(a[3]) != len(b[3]):
             return _describe(i, a, b)
-        if len(a[3]) != len(b[3]):
-            return _describe(i, a, b)
+        if a[:3] != b[:3]:
+            if a[:2] != b[:2] or len(a[2]) != len(b[2]):
+                return _describe(i, a, b)
+            refs = {}
+            for s, (x, y) in enumerate(zip(a[2], b[2])):
+                if x != y:
+                    if not _selected(rep, x, y, i):
+                        return _describe(i, a, b)
+                    refs[s] = (x[1], y[1])
+            diff.refs[i] = refs
         values = {k: y for k, (x, y) in enumerate(zip(a[3], b[3])) if not _same_number(x, y)}
         if values:
             diff.values[i] = values
     return diff
+
+
+def _producers(rec: Recording) -> dict[int, tuple[int, int, tuple]]:
+    """{tensor id: (the call that returned it, its position among the call's results, its metadata)}."""
+    got = getattr(rec, "_producers_cache", None)
+    if got is None:
+        got = {}
+        seen = len(rec.inputs) - 1  # ids are handed out in increasing order: a new result has a larger one
+        for c, call in enumerate(rec.calls):
+            for leaf in call[2]:
+                if leaf[0] == "new":
+                    seen = max(seen, leaf[1])
+            for p, o in enumerate(call[4]):
+                if o and isinstance(o[0], int) and o[0] > seen:
+                    got[o[0]] = (c, p, o[1:])
+            for o in call[4]:
+                if o and isinstance(o[0], int):
+                    seen = max(seen, o[0])
+        rec._producers_cache = got
+    return got
+
+
+def _selected(rep: Recording, x: tuple, y: tuple, before: int) -> bool:
+    """Do two recorded arguments differ only in which output of the same rank-indexed selection they
+    are: tensors ``x`` (the representative's) and ``y`` of the same metadata, results of one multi-output
+    call (``split(...)[rank]``, ``chunk``, ``unbind``), or of two calls of the same operator from the
+    same user line (``[x[i * n:(i + 1) * n] for i in ...][rank]``), both made before call ``before``?
+    The ids of the two recordings agree (same calls, same results), so the derived graph reads the
+    node of ``y`` where the representative's reads ``x`` (`Specializer`)."""
+    if x[0] != "t" or y[0] != "t":
+        return False
+    prod = _producers(rep)
+    px, py = prod.get(x[1]), prod.get(y[1])
+    if px is None or py is None or px[0] >= before or py[0] >= before or px[2] != py[2]:
+        return False
+    if px[0] == py[0]:
+        return px[1] != py[1]
+    a, b = rep.calls[px[0]], rep.calls[py[0]]
+    return a[0] == b[0] and bool(a[5]) and a[5] == b[5] and len(a[4]) == len(b[4]) == 1
 
 
 # operator namespaces whose kernels are PyTorch's own (no user Python runs when they are lowered)
@@ -501,18 +648,53 @@ class Specializer:
         for k in ("gg_specialized", "gg_selections"):
             if gm.meta.get(k):
                 self.reason = f"rank {rep.rank}'s graph was captured for its example inputs ({k})"
+        self.one_pass = bool(gm.meta.get("gg_one_pass"))
+        self._storage = None
         self.by_call: dict[int, list[fx.Node]] = {}
         for n in gm.graph.nodes:
             c = n.meta.get("gg_call")
             if c is not None and n.op == "call_function" and n.target is not _getitem:
                 self.by_call.setdefault(c, []).append(n)
 
-    def _site(self, call: int) -> tuple[fx.Node, list[int]] | str:
-        """The graph node holding call ``call``'s numbers and where they sit in its flat arguments."""
+    # storage ------------------------------------------------------------------------------------
+    def _last_write(self, k: int) -> int | None:
+        """The last call that writes tensor ``k``'s storage (through ``k`` or any tensor sharing it, by
+        the schemas' alias annotations), -1 if none, None if the recording cannot tell."""
+        if self.rep.opaque:
+            return None
+        if self._storage is None:
+            parent: dict[int, int] = {}
+
+            def find(a: int) -> int:
+                while parent.get(a, a) != a:
+                    parent[a] = parent.get(parent[a], parent[a])
+                    a = parent[a]
+                return a
+
+            for o, i in self.rep.aliases:
+                ro, ri = find(o), find(i)
+                if ro != ri:
+                    parent[ro] = ri
+            last: dict[int, int] = {}
+            for c, t in self.rep.writes:
+                r = find(t)
+                last[r] = max(last.get(r, -1), c)
+            self._storage = (find, last)
+        find, last = self._storage
+        return last.get(find(k), -1)
+
+    def _unwritten_after(self, ids, call: int) -> bool:
+        for k in ids:
+            w = self._last_write(k)
+            if w is None or w > call:
+                return False
+        return True
+
+    # nodes --------------------------------------------------------------------------------------
+    def _node(self, call: int) -> tuple[fx.Node, list, list[int]] | str:
+        """The one graph node call ``call`` left of its operator (or its functional form), its flat
+        arguments, and where the recorded numbers sit in them; checked against the recording."""
         op, _spec, structure, scalars = self.rep.calls[call][:4]
-        overload = _lookup(op)
-        if overload is None or _is_view(op, overload):
-            return f"a rank constant is an argument of the view {op}"
         want = {op, _functional_name(op)}
         nodes = [n for n in self.by_call.get(call, []) if str(n.target) in want]
         if len(nodes) != 1:
@@ -531,10 +713,115 @@ class Specializer:
                 return f"call {call} ({op}) was traced with other arguments"
         if len(slots) != len(scalars) or not all(_same_number(flat[p], v) for p, v in zip(slots, scalars)):
             return f"call {call} ({op}) holds other numbers in the graph than were recorded"
-        return node, slots
+        return node, flat, slots
+
+    def _site(self, call: int) -> tuple[fx.Node, list[int]] | str:
+        """The graph node holding call ``call``'s numbers and where they sit in its flat arguments.
+
+        A view's numbers are substituted like any other call's where functionalization left the view
+        as it was recorded: in a one-pass graph (no functionalizing replay, every node is a recorded
+        call), and in a two-pass graph when nothing writes the view's storage after the view is made
+        (functionalization replays a view's arguments only into the scatters of a write through it and
+        the views it regenerates after a write to its storage). An in-place change of a view's
+        metadata (``as_strided_``, ``transpose_``) never is."""
+        op = self.rep.calls[call][0]
+        overload = _lookup(op)
+        if overload is None:
+            return f"a rank constant is an argument of {op}, an operator not found"
+        if _is_view(op, overload):
+            if torch.Tag.inplace_view in overload.tags or _functional_name(op) != op:
+                return f"a rank constant is an argument of the in-place view {op}"
+            if not self.one_pass:
+                outs = [o[0] for o in self.rep.calls[call][4] if o and isinstance(o[0], int)]
+                if not self._unwritten_after(outs, call):
+                    return (f"a rank constant is an argument of the view {op} (call {call}), whose storage is "
+                            "written later: functionalization replays its arguments into other calls")
+        got = self._node(call)
+        if isinstance(got, str):
+            return got
+        return got[0], got[2]
+
+    def _tensor_node(self, k: int) -> fx.Node | tuple[fx.Node, int] | str:
+        """The graph node of recorded tensor ``k`` (the result of a call): the call's node, or its
+        ``getitem`` for one result of a multi-output call ((node, position) when the representative's
+        graph holds no such getitem, dead code there)."""
+        prod = _producers(self.rep).get(k)
+        if prod is None:
+            return f"tensor {k} is no call's result"
+        c, p, _ = prod
+        got = self._node(c)
+        if isinstance(got, str):
+            return got
+        node = got[0]
+        val = node.meta.get("val")
+        n_out = len(self.rep.calls[c][4])
+        if isinstance(val, (list, tuple)):
+            if len(val) != n_out:
+                return f"call {c} ({self.rep.calls[c][0]}) has another number of results in the graph"
+            items = [u for u in node.users if u.target is _getitem and u.args[1:] == (p,)]
+            if len(items) > 1:
+                return f"call {c} ({self.rep.calls[c][0]}) has its result {p} read by several getitems"
+            return items[0] if items else (node, p)
+        if n_out != 1 or p != 0:
+            return f"call {c} ({self.rep.calls[c][0]}) has another number of results in the graph"
+        return node
+
+    def _sibling(self, call: int, like: fx.Node) -> tuple | str:
+        """How to make the node of view call ``call``, which left none in the representative's graph
+        (its result was dead code there), from ``like``, the node of a call of the same operator from
+        the same line (`_selected`): ("make", call, like, its flat arguments), the recorded tensors
+        read from their nodes and the recorded numbers, every other argument as in ``like``."""
+        op, spec, structure, scalars = self.rep.calls[call][:4]
+        overload = _lookup(op)
+        if overload is None or not _is_view(op, overload) or torch.Tag.inplace_view in overload.tags \
+                or _functional_name(op) != op:
+            return f"call {call} ({op}) left no node in the representative's graph"
+        like_call = like.meta.get("gg_call")
+        if like_call is None or self.rep.calls[like_call][1] != spec:
+            return f"call {call} ({op}) left no node in the representative's graph"
+        flat, shape = _flat_args(like)
+        other = self.rep.calls[like_call][2]
+        if len(flat) != len(structure) or shape != spec or len(other) != len(structure):
+            return f"call {call} ({op}) left no node in the representative's graph"
+        inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        args, numbers = [], iter(scalars)
+        for x, leaf, mine in zip(flat, structure, other):
+            if leaf[0] == "t":
+                k = leaf[1]
+                node = inputs[k] if k < len(self.rep.inputs) and len(inputs) == len(self.rep.inputs) \
+                    else self._tensor_node(k)
+                if not isinstance(node, fx.Node) or not self._unwritten_after([k], call):
+                    return f"call {call} ({op}) reads a tensor the representative's graph does not hold"
+                args.append(node)
+            elif leaf[0] == "num" and mine == leaf:
+                args.append(next(numbers))
+            elif leaf == mine and leaf[0] in ("lit",):
+                args.append(x)
+            else:
+                return f"call {call} ({op}) has other arguments than call {like_call}"
+        return ("make", call, like, args)
+
+    def _rewiring(self, slot_of: str, at: int, ka: int, kb: int, flat: list) -> tuple | str:
+        src = self._tensor_node(ka)
+        if isinstance(src, str):
+            return src
+        if not isinstance(src, fx.Node) or flat[at] is not src:
+            return f"{slot_of} does not read the recorded tensor in the representative's graph"
+        cb = _producers(self.rep)[kb][0]
+        if cb != _producers(self.rep)[ka][0] and not self.by_call.get(cb):
+            dst = self._sibling(cb, src)  # dead code in the representative's graph: made from src's node
+        else:
+            dst = self._tensor_node(kb)
+        if isinstance(dst, str):
+            return dst
+        for k in (ka, kb):
+            if not self._unwritten_after([k], _producers(self.rep)[k][0]):
+                return f"{slot_of} reads a rank-selected tensor that is written later"
+        return src, dst
 
     def graph_for(self, diff: Diff) -> fx.GraphModule | str:
-        """A copy of the representative's graph with ``diff``'s numbers, or why it cannot be made."""
+        """A copy of the representative's graph with ``diff``'s numbers and rank-selected tensors, or
+        why it cannot be made."""
         if self.reason:
             return self.reason
         plan = []
@@ -550,7 +837,30 @@ class Specializer:
                     return (f"call {call} ({self.rep.calls[call][0]}) left its number in another graph node too "
                             f"({other.target})")
             plan.append((node, {slots[k]: v for k, v in values.items()}))
-        return _copy_with(self.gm, plan)
+        rewire = []  # (node, flat slot, the node it reads now, the node or (multi-output node, position) to read)
+        for call, refs in diff.refs.items():
+            if not self.by_call.get(call) and not any(o and isinstance(o[0], int) for o in self.rep.calls[call][4]):
+                continue  # a query that left no node and returned no tensor (``prim.device``): nothing to read
+            got = self._node(call)
+            if isinstance(got, str):
+                return got
+            node, flat, _ = got
+            for at, (ka, kb) in refs.items():
+                r = self._rewiring(f"call {call} ({self.rep.calls[call][0]})", at, ka, kb, flat)
+                if isinstance(r, str):
+                    return r
+                rewire.append((node, at, *r))
+        if diff.returns:
+            out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+            flat = _flat_args(out)[0]
+            if len(flat) != len(self.rep.returns):
+                return "the representative's graph returns another number of tensors than were recorded"
+            for q, (ka, kb) in diff.returns.items():
+                r = self._rewiring(f"returned tensor {q}", q, ka, kb, flat)
+                if isinstance(r, str):
+                    return r
+                rewire.append((out, q, *r))
+        return _copy_with(self.gm, plan, rewire)
 
 
 _getitem = __import__("operator").getitem
@@ -558,9 +868,9 @@ _getitem = __import__("operator").getitem
 
 def _is_view(name: str, overload) -> bool:
     """Is the call a view, or an in-place change of its argument's view metadata (``as_strided_``,
-    ``transpose_``, ``squeeze_``, ``t_``, ``set_``, ...)? Functionalization replays such a call's
+    ``transpose_``, ``squeeze_``, ``t_``, ``set_``, ...)? Functionalization may replay such a call's
     arguments into the nodes of later calls (scatters, regenerated views), where a substituted number
-    would not reach, so a rank constant there is never substituted."""
+    would not reach: see `Specializer._site` for when a view's rank constant is substituted."""
     if overload.is_view or torch.Tag.inplace_view in overload.tags:
         return True
     functional = _lookup(_functional_name(name))
@@ -580,12 +890,22 @@ def _lookup(name: str):
         return None
 
 
-def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]]) -> fx.GraphModule:
+class _Refused(Exception):
+    pass
+
+
+def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]], rewire: list = ()) \
+        -> fx.GraphModule | str:
+    """A copy of ``gm`` with ``plan``'s numbers and ``rewire``'s rank-selected tensors (see
+    `Specializer.graph_for`): the values (``meta["val"]``) of the views that changed are computed
+    again (a view of another offset: its storage offset differs), the getitems no longer read dropped."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = g.graph_copy(gm.graph, env)
     g.output(out)
     # graph_copy keeps node names; outputs were copied as the output node
+    new_out = next(n for n in reversed(g.nodes) if n.op == "output")
+    changed: list[fx.Node] = []
     for node, subs in plan:
         new = env[node]
         flat, _ = _flat_args(new)
@@ -593,8 +913,142 @@ def _copy_with(gm: fx.GraphModule, plan: list[tuple[fx.Node, dict[int, Any]]]) -
             flat[p] = v
         it = iter(flat)
         new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
+        changed.append(new)
+    if rewire:
+        made: dict = {}
+        dropped = []
+        for node, at, src, dst in rewire:
+            new = new_out if node.op == "output" else env[node]
+            if isinstance(dst, tuple) and dst[0] == "make":
+                key = ("make", dst[1])
+                if key not in made:
+                    made[key] = _made_node(g, dst[1], env[dst[2]], [env[a] if isinstance(a, fx.Node) else a
+                                                                     for a in dst[3]])
+                    changed.append(made[key])
+                dst = made[key]
+            elif isinstance(dst, tuple):
+                dst = made.get(dst) or _getitem_node(g, env[dst[0]], dst[1], env[src], made, dst)
+            else:
+                dst = env[dst]
+            flat, _ = _flat_args(new)
+            flat[at] = dst
+            it = iter(flat)
+            new.args, new.kwargs = _rebuild(new.args, it), _rebuild(new.kwargs, it)
+            changed.append(new)
+            dropped.append(env[src])
+        erased: set = set()
+        for n in dropped:  # what the rank's own trace would not hold (its dead code is eliminated)
+            while n is not None and n not in erased and not n.users and n.op == "call_function" and (
+                    n.target is _getitem or (isinstance(n.target, torch._ops.OpOverload) and not n.is_impure())):
+                ins = n.all_input_nodes
+                g.erase_node(n)
+                erased.add(n)
+                n = ins[0] if len(ins) == 1 else None
+    if changed:
+        try:
+            _refresh_values(g, changed)
+        except _Refused as e:
+            return str(e)
     # no code generation: the copy is only walked (lowering reads its graph, meta and constants); a
     # lazy module generates its Python code if anyone runs it or reads ``.code``
     copy_gm = _LazyGraphModule(gm, g)
     copy_gm.meta = copy.copy(gm.meta)
     return copy_gm
+
+
+def _getitem_node(g: fx.Graph, parent: fx.Node, p: int, like: fx.Node, made: dict, key) -> fx.Node:
+    """A new ``parent[p]`` after ``parent`` and its getitems of smaller positions (where a trace puts it),
+    with ``like``'s metadata (a getitem of the same parent) and its own value."""
+    after = parent
+    for u in parent.users:
+        if u.target is _getitem and isinstance(u.args[1], int) and u.args[1] < p:
+            after = u if _before(after, u) else after
+    with g.inserting_after(after):
+        n = g.call_function(_getitem, (parent, p))
+    n.meta = dict(like.meta)
+    n.meta["val"] = parent.meta["val"][p]
+    made[key] = n
+    return n
+
+
+def _made_node(g: fx.Graph, call: int, like: fx.Node, flat: list) -> fx.Node:
+    """The node of ``call`` (see `Specializer._sibling`): ``like``'s operator on ``flat``, where a trace
+    puts it (before the first node of a later call); its value is computed by `_refresh_values`."""
+    need = {a for a in flat if isinstance(a, fx.Node)}
+    at = None
+    for n in g.nodes:
+        if not need and (n.op == "output" or (n.meta.get("gg_call") is not None and n.meta["gg_call"] > call)):
+            at = n
+            break
+        need.discard(n)
+    it = iter(flat)
+    args, kwargs = _rebuild(like.args, it), _rebuild(like.kwargs, it)
+    with g.inserting_before(at):
+        n = g.call_function(like.target, args, kwargs)
+    n.meta = dict(like.meta)
+    n.meta["gg_call"] = call
+    return n
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    n = a.next
+    while n is not a and n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+
+
+def _aliases_input(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _same_layout(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _refresh_values(g: fx.Graph, changed: list[fx.Node]) -> None:
+    """Compute again the value of every view (and getitem) among ``changed`` and, when its storage
+    offset moved, of the views reading it, on the graph's fake tensors. Any other operator's result is
+    a fresh tensor whose shape and strides the recording showed to be the rank's; a moved view read by
+    an operator that is not an aten one (a collective) is refused."""
+    from torch._guards import detect_fake_mode
+
+    pending = set(changed)
+    for n in g.nodes:
+        if n not in pending:
+            continue
+        if n.op == "output" or (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                                and not _aliases_input(n.target)):
+            continue
+        old = n.meta.get("val")
+        if n.op == "call_function" and n.target is _getitem:
+            parent, idx = n.args
+            pv = parent.meta.get("val")
+            if not isinstance(pv, (list, tuple)) or not isinstance(idx, int):
+                raise _Refused(f"the value of {n.name} cannot be computed again")
+            new = pv[idx]
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+            mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+            if mode is None:
+                raise _Refused(f"the value of {n.name} cannot be computed again (no fake tensors)")
+            with mode, torch.no_grad():
+                new = n.target(*args, **kwargs)
+        else:
+            raise _Refused(f"a rank-selected view reaches {n.target} directly (its recorded inputs would be "
+                           "the representative's)")
+        if isinstance(old, torch.Tensor):
+            if not _same_layout(old, new):
+                raise _Refused(f"the derived value of {n.name} has another shape than recorded")
+            moved = old.storage_offset() != new.storage_offset()
+        else:
+            if not isinstance(old, (list, tuple)) or not isinstance(new, (list, tuple)) or len(old) != len(new) \
+                    or not all(_same_layout(a, b) for a, b in zip(old, new)):
+                raise _Refused(f"the derived value of {n.name} has another shape than recorded")
+            moved = any(a.storage_offset() != b.storage_offset() for a, b in zip(old, new))
+        if moved:
+            n.meta["val"] = new
+            pending.update(n.users)

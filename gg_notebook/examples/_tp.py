@@ -61,16 +61,29 @@ def vocab_range_from_per_partition_vocab_size(per_partition_vocab_size: int, ran
 # hidden] buffer megatron-core would hold) and the result is moved back.
 
 
+# How `_split_along_dim` takes the rank's block: "megatron" (megatron-core's spelling, a view of the
+# block made contiguous) or "narrow_copy" (a copy of the block). Both are captured once (the rank's
+# numbers sit in the view's arguments, or in narrow_copy's); the second is kept to compare them.
+SPLIT_SPELLING = "megatron"
+
+
 def _split_along_dim(input_: torch.Tensor, dim: int) -> torch.Tensor:
     """This rank's block of ``input_`` along ``dim`` (no communication)."""
     world_size = dist.get_world_size()
     if world_size == 1:
         return input_
-    # a copy of the block, where megatron-core slices a view and calls .contiguous() (a no-op on the
-    # block of a leading dim): a rank-dependent offset in a view's arguments makes gg_notebook's
-    # capture-once fall back to tracing every rank, in an operator's it specializes the rank number
+    if input_.shape[dim] % world_size:
+        raise ValueError(f"{input_.shape[dim]} is not divisible by {world_size}")
     local = input_.shape[dim] // world_size
-    return torch.narrow_copy(input_, dim, dist.get_rank() * local, local)
+    rank = dist.get_rank()
+    if SPLIT_SPELLING == "narrow_copy":
+        return torch.narrow_copy(input_, dim, rank * local, local)
+    if dim % input_.dim() == 0:
+        # megatron-core's _split_along_first_dim: a slice of the leading dimension
+        return input_[rank * local:(rank + 1) * local].contiguous()
+    # elsewhere (the sequence of a [batch, seq, hidden] activation), the spelling of megatron-core's
+    # split_tensor_along_last_dim: torch.split, the rank's block, made contiguous
+    return torch.split(input_, local, dim=dim)[rank].contiguous()
 
 
 def _first_dim_copy(input_: torch.Tensor, dim: int) -> torch.Tensor:
