@@ -321,6 +321,17 @@ def _mutation_free(gm: fx.GraphModule) -> bool:
     return True
 
 
+def _functionalized_locally(gm: fx.GraphModule) -> bool:
+    """Rewrite the mutations of a pass-1 graph as functionalization would, where they are local
+    (`capture.local_functionalize`); True if ``gm`` is now mutation free."""
+    from gg_notebook.capture.local_functionalize import functionalize_locally
+
+    if not functionalize_locally(gm):
+        return False
+    gm.meta["gg_local_functionalized"] = True
+    return _mutation_free(gm)
+
+
 def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order."""
     shapes = [tuple(a.shape) for a in args]
@@ -342,7 +353,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                 # mutation is already what functionalization returns: one pass (see `_mutation_free`).
                 replay = _SourceKeepingInterpreter(gm1)
                 try:
-                    if one_pass and _mutation_free(gm1):
+                    if one_pass and (_mutation_free(gm1) or _functionalized_locally(gm1)):
                         gm = gm1
                         gm.meta["gg_one_pass"] = True
                     else:
