@@ -350,7 +350,9 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                     rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
                 # node inherits the user source of the node it comes from. A graph without any
-                # mutation is already what functionalization returns: one pass (see `_mutation_free`).
+                # mutation is already what functionalization returns: one pass (see `_mutation_free`);
+                # so is one whose mutations are all writes to fresh tensors and their reshapes once
+                # they are rewritten in place (`local_functionalize`: collectives into buffers, x[m] = 0).
                 replay = _SourceKeepingInterpreter(gm1)
                 try:
                     if one_pass and (_mutation_free(gm1) or _functionalized_locally(gm1)):
