@@ -274,3 +274,30 @@ def test_verdicts_with_rewritten_mutations():
         assert gg.verify(Problem(sequential=good, distributed=bad, **kw)).status is gg.Status.REFUTED
     r = gg.verify(Problem(sequential=masked_assign, distributed=wrong_masked_assign, **kw))
     assert r.status is gg.Status.REFUTED
+
+
+@torch.library.custom_op("gg_test_local_functionalize::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def custom_op_and_write(x, y, mask):
+    t = torch.ops.gg_test_local_functionalize.twice(x)
+    t[mask] = 0.0  # a local write, but the graph has a node that is no aten operator: replayed as a whole
+    return t + y
+
+
+def test_graph_with_other_operators_is_replayed_untouched(monkeypatch):
+    x, y, mask = _inputs()
+    p = Problem(sequential=custom_op_and_write, distributed=custom_op_and_write, inputs=(x, y, mask),
+                placements=(Replicate(),) * 3, world_size=2)
+    a, _, b, _ = _traces(p, None, monkeypatch)
+    assert not a.meta.get("gg_local_functionalized") and not a.meta.get("gg_one_pass")
+    assert a.code == b.code
+    args = _inputs(seed=3)
+    assert _same(_run(a, args), (custom_op_and_write(*[t.clone() for t in args]),))
