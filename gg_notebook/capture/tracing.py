@@ -305,19 +305,37 @@ def _mutation_free(gm: fx.GraphModule) -> bool:
     """No node of ``gm`` mutates or returns an alias it could write through: every operator is an
     aten OpOverload whose schema mutates nothing (views are fine: functionalization keeps them as
     they are), or a `collective_result`. Functionalizing such a graph changes nothing."""
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
-            continue
-        if n.op != "call_function":
+    return all(_functional_node(n) for n in gm.graph.nodes)
+
+
+def _functional_node(n: fx.Node) -> bool:
+    if n.op in ("placeholder", "output", "get_attr"):
+        return True
+    if n.op != "call_function":
+        return False
+    t = n.target
+    if t is collective_result or t is operator.getitem:
+        return True
+    schema = getattr(t, "_schema", None)
+    if not isinstance(t, torch._ops.OpOverload) or schema is None or schema.is_mutable:
+        return False
+    return t.namespace in ("aten", "prims")
+
+
+def _functionalized_locally(gm: fx.GraphModule) -> bool:
+    """Rewrite the mutations of a pass-1 graph as functionalization would, where they are local
+    (`capture.local_functionalize`); True if ``gm`` is now mutation free."""
+    from gg_notebook.capture.local_functionalize import functionalize_locally
+
+    for n in gm.graph.nodes:  # anything but an aten operator's mutation: replayed (graph untouched)
+        if not _functional_node(n) and not (isinstance(n.target, torch._ops.OpOverload)
+                                            and n.target.namespace == "aten" and n.target._schema.is_mutable):
             return False
-        t = n.target
-        if t is collective_result or t is operator.getitem:
-            continue
-        schema = getattr(t, "_schema", None)
-        if not isinstance(t, torch._ops.OpOverload) or schema is None or schema.is_mutable:
-            return False
-        if t.namespace not in ("aten", "prims"):
-            return False
+    if not functionalize_locally(gm):
+        return False
+    gm.meta["gg_local_functionalized"] = True
+    if not _mutation_free(gm):  # pragma: no cover - functionalize_locally rewrites every mutation or none
+        raise AssertionError("capture.local_functionalize left a mutation in the graph")
     return True
 
 
@@ -339,13 +357,15 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                     rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
                 # node inherits the user source of the node it comes from. A graph without any
-                # mutation is already what functionalization returns: one pass (see `_mutation_free`).
-                replay = _SourceKeepingInterpreter(gm1)
+                # mutation is already what functionalization returns: one pass (see `_mutation_free`);
+                # so is one whose mutations are all writes to fresh tensors and their reshapes once
+                # they are rewritten in place (`local_functionalize`: collectives into buffers, x[m] = 0).
                 try:
-                    if one_pass and _mutation_free(gm1):
+                    if one_pass and (_mutation_free(gm1) or _functionalized_locally(gm1)):
                         gm = gm1
                         gm.meta["gg_one_pass"] = True
                     else:
+                        replay = _SourceKeepingInterpreter(gm1)
                         with torch.no_grad():
                             gm = make_fx(torch.func.functionalize(replay.run), tracing_mode="fake",
                                          record_stack_traces=False)(*args)
