@@ -25,6 +25,7 @@ from gg_notebook.engine.clamped_count import lookup as clamped_count_lookup
 from gg_notebook.engine.form_tiling import tiling_up_to_factor
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
+from gg_notebook.lemmas.domain import release_shared
 from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
@@ -535,9 +536,12 @@ class Engine:
         # values): intra-op threads cost more in hand-offs than they save, most of all on a busy
         # machine, so the whole run uses one (the caller's setting is restored)
         with torch_threads(1), long_lived_heap() as keep:
-            while not self.done:
-                self.step()
-                keep()  # what this step made lives as long as the run (engine/heap.py)
+            try:
+                while not self.done:
+                    self.step()
+                    keep()  # what this step made lives as long as the run (engine/heap.py)
+            finally:
+                release_shared()  # id-domain evaluations shared by the run's matchers (lemmas/domain.py)
 
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds

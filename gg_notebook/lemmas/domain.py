@@ -24,11 +24,14 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
     every elementwise operator must see operands with one and the same shape (or scalars), which
     keeps element i of every operand tied to element i of ``var``.
     """
-    memo: dict[int, torch.Tensor] = {var.id: values}
-    root = var
-    while root.op == "view":  # a reshape keeps row-major order: the same elements, position by position
-        root = root.args[0]
-        memo[root.id] = values
+    memo = _shared_memo(var, values)
+    if memo is None:
+        memo = {var.id: values}
+        root = var
+        while root.op == "view":  # a reshape keeps row-major order: the same elements, position by position
+            root = root.args[0]
+            memo[root.id] = values
+        _remember(var, values, memo)
     numel = 1
     for s in var.shape:
         numel *= s
@@ -107,6 +110,35 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
         return r
     # a term that does not read ``var`` (a uniform constant): the same value at every position
     return r.reshape(()).expand(values.shape) if r.numel() == 1 else None
+
+
+# (id(var), id(values)) -> (var, values, {term id: value}): the evaluations of one variable bound to
+# one domain tensor, shared by every question about it (a vocab-parallel matcher evaluates the same
+# mask and shard-local ids once per rank and per operator it is asked about). A term's value is a
+# function of the term, the variable and the bound values alone; the entry keeps ``var`` and
+# ``values`` alive, so their ids are their own while it exists, and term ids are those of ``var``'s
+# store (an expression's arguments live in its store). Values are read, never written: the
+# evaluator copies the operands of an operator that writes into one (`_fresh_if_mutating`).
+_SHARED: dict[tuple[int, int], tuple] = {}
+
+
+def _shared_memo(var: Expr, values: torch.Tensor) -> dict | None:
+    ent = _SHARED.get((id(var), id(values)))
+    if ent is not None and ent[0] is var and ent[1] is values:
+        return ent[2]
+    return None
+
+
+def _remember(var: Expr, values: torch.Tensor, memo: dict) -> None:
+    if len(_SHARED) >= 8:  # (a run has a few variables; each entry holds domain-sized tensors)
+        _SHARED.clear()
+    _SHARED[(id(var), id(values))] = (var, values, memo)
+
+
+def release_shared() -> None:
+    """Drop the shared evaluations (the engine calls this at the end of a run: they hold tensors
+    of the size of a vocabulary)."""
+    _SHARED.clear()
 
 
 def agree_where(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> bool:
