@@ -95,6 +95,10 @@ class Engine:
         self.stuck_at: Step | None = None
         self._term_memo: dict[int, Expr] = {}
         self._push_memo: dict[tuple, list[Candidate]] = {}
+        # (expr id, bitwise) -> `realize` / `up_to_factor`: functions of the expression and the
+        # index alone (the index is fixed once built), asked again for the same candidate
+        self._realize_memo: dict[tuple, Expr | None] = {}
+        self._factor_memo: dict[tuple, Expr | None] = {}
         self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
         self.deferred: dict[str, Step] = {}
         self._users: dict | None = None
@@ -143,6 +147,14 @@ class Engine:
         """A ref to the distributed value equal to ``e``, if some rank holds it."""
         if e.op == "ref":
             return e
+        key = (e.id, self.bitwise)
+        memo = self._realize_memo
+        if key in memo:
+            return memo[key]
+        r = memo[key] = self._realize(e)
+        return r
+
+    def _realize(self, e: Expr) -> Expr | None:
         t = self.to_term(e)
         d = self.index.realized_movement(t)
         if d is not None:
@@ -163,6 +175,13 @@ class Engine:
         scalar normal form; never with exact="bitwise"). A relation with f != 1 is not clean."""
         if self.bitwise:
             return None
+        memo = self._factor_memo
+        if t.id in memo:
+            return memo[t.id]
+        r = memo[t.id] = self._up_to_factor(t)
+        return r
+
+    def _up_to_factor(self, t: Expr) -> Expr | None:
         hit = self.index.realized_up_to_factor(t)
         if hit is None:
             tiled = tiling_up_to_factor(self.index, t)
