@@ -99,6 +99,7 @@ class Engine:
         # index alone (the index is fixed once built), asked again for the same candidate
         self._realize_memo: dict[tuple, Expr | None] = {}
         self._factor_memo: dict[tuple, Expr | None] = {}
+        self._lookup_memo: dict[tuple, Expr | None] = {}  # (spec, argument ids, bitwise) -> `lookup`
         self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
         self.deferred: dict[str, Step] = {}
         self._users: dict | None = None
@@ -195,6 +196,19 @@ class Engine:
     # ------------------------------------------------------------------ push
     def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         self.stats["lookups"] += 1
+        # a function of the operator, the argument relations and the fixed index (not of the depth
+        # `push` asks it at: the same call is pushed again deeper or shallower by other plans); what
+        # a matcher records on the engine on the way (domain facts, clamped counts) is the same
+        # record each time
+        key = (spec, tuple([a.id for a in args]), self.bitwise)
+        memo = self._lookup_memo
+        hit = memo.get(key, memo)
+        if hit is not memo:
+            return hit
+        r = memo[key] = self._lookup(spec, args)
+        return r
+
+    def _lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
             if all(is_value(t) for t in terms):
