@@ -125,7 +125,7 @@ class Engine:
         memo = self.__dict__.setdefault("_show_memo", {})
         s = memo.get(e.id)
         if s is None:
-            s = memo[e.id] = pretty(e, self.name)
+            s = memo[e.id] = pretty(e, self.name, memo)  # (subexpressions rendered once, into the same memo)
         return s
 
     # ------------------------------------------------------------------ terms
