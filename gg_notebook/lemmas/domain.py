@@ -158,3 +158,72 @@ def _fresh_if_mutating(spec, vals: list) -> list:
     if schema is None or not schema.is_mutable:
         return vals
     return [v.clone() if isinstance(v, torch.Tensor) else v for v in vals]
+
+
+class Shard:
+    """The ids of a domain tensor (`IdDomain.values`: ascending) in ``[start, end)``: one run of
+    positions ``lo:hi``, so a check "on every id inside the shard" reads that run alone, without a
+    mask over the whole vocabulary (built once per domain tensor and range: `shard_of`)."""
+
+    __slots__ = ("domain", "start", "end", "run", "_inside")
+
+    def __init__(self, domain: torch.Tensor, start: int, end: int, run: tuple[int, int] | None) -> None:
+        self.domain, self.start, self.end = domain, start, end
+        self.run = run  # (lo, hi), or None for a domain tensor that is not ascending (masks then)
+        self._inside = None
+
+    @property
+    def inside(self) -> torch.Tensor:
+        """``(domain >= start) & (domain < end)`` (shared: read it, never write into it)."""
+        if self._inside is None:
+            self._inside = (self.domain >= self.start) & (self.domain < self.end)
+        return self._inside
+
+    def covers_domain(self) -> bool:
+        """Is every id of the domain inside the shard (``not (~inside).any()``)?"""
+        if self.run is not None:
+            return self.run == (0, self.domain.numel())
+        return not bool((~self.inside).any())
+
+    def local_ids_agree(self, jv: torch.Tensor, ignore: int | None = None) -> bool:
+        """``jv == domain - start`` at every id inside the shard (except ``ignore``): the same answer
+        as ``agree_where(jv, domain - start, inside & (domain != ignore))``."""
+        dom = self.domain
+        if self.run is None or jv.shape != dom.shape:
+            where = self.inside if ignore is None else self.inside & (dom != ignore)
+            return agree_where(jv, dom - self.start, where)
+        lo, hi = self.run
+        part = dom[lo:hi]
+        ok = jv[lo:hi] == part - self.start
+        if ignore is not None:
+            ok = ok | (part == ignore)
+        return bool(ok.all())
+
+
+_SHARDS: dict[tuple, tuple] = {}  # (id(domain), start, end) -> (domain, Shard)
+_ASCENDING: dict[int, tuple] = {}  # id(domain) -> (domain, strictly ascending?)
+
+
+def shard_of(domain: torch.Tensor, start: int, end: int) -> Shard:
+    """The `Shard` of ``domain`` (1-D) for ``[start, end)`` (memoized while the tensor lives in the
+    table: entries keep it alive, so its id stays its own)."""
+    key = (id(domain), start, end)
+    ent = _SHARDS.get(key)
+    if ent is not None and ent[0] is domain:
+        return ent[1]
+    asc = _ASCENDING.get(id(domain))
+    if asc is None or asc[0] is not domain:
+        if len(_ASCENDING) >= 64:
+            _ASCENDING.clear()
+        ok = domain.dim() == 1 and (domain.numel() < 2 or bool((domain[1:] > domain[:-1]).all()))
+        asc = _ASCENDING[id(domain)] = (domain, ok)
+    run = None
+    if asc[1]:
+        lo = int(torch.searchsorted(domain, torch.tensor(start, dtype=domain.dtype))) if domain.numel() else 0
+        hi = int(torch.searchsorted(domain, torch.tensor(end, dtype=domain.dtype))) if domain.numel() else 0
+        run = (lo, max(lo, hi))
+    if len(_SHARDS) >= 256:
+        _SHARDS.clear()
+    sh = Shard(domain, start, end, run)
+    _SHARDS[key] = (domain, sh)
+    return sh
