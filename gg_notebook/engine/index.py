@@ -18,7 +18,7 @@ import torch
 
 from gg_notebook.engine.heap import long_lived_heap
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.relations.expr import Expr, ExprStore, fold
+from gg_notebook.relations.expr import Expr, ExprStore
 from gg_notebook.relations.linear import LinearForms
 from gg_notebook.relations.movement import canonical_write, movement_of
 from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
