@@ -18,7 +18,7 @@ import torch
 
 from gg_notebook.engine.heap import long_lived_heap
 from gg_notebook.ir.graph import Graph, Node
-from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, fold
+from gg_notebook.relations.expr import Expr, ExprStore, ShapeError
 from gg_notebook.relations.linear import LinearForms
 from gg_notebook.relations.movement import canonical_write, movement_of
 from gg_notebook.relations.sign_blocks import register_cat_pieces, sign_blocks
@@ -244,16 +244,35 @@ class DIndex:
         return k
 
     def leaf_mask(self, term: Expr) -> int:
-        """The global inputs ``term`` reads, as a bit set (constants read none)."""
-        def mask(x: Expr, args: list) -> int:
-            if x.op in ("atom", "ref"):
-                return self._atom_bits.setdefault(x.id, 1 << len(self._atom_bits))
+        """The global inputs ``term`` reads, as a bit set (constants read none). (`fold`'s walk,
+        written out: every value's mask is asked when the same-inputs buckets are first built.)"""
+        memo = self._leaf_masks
+        hit = memo.get(term.id)
+        if hit is not None:
+            return hit
+        bits = self._atom_bits
+        stack = [term]
+        while stack:
+            x = stack[-1]
+            if x.id in memo:
+                stack.pop()
+                continue
             m = 0
-            for a in args:
-                m |= a
-            return m
-
-        return fold(term, mask, self._leaf_masks)
+            pending = False
+            for a in x.args:
+                v = memo.get(a.id)
+                if v is None:
+                    stack.append(a)
+                    pending = True
+                else:
+                    m |= v
+            if pending:
+                continue
+            stack.pop()
+            if x.op == "atom" or x.op == "ref":
+                m = bits.setdefault(x.id, 1 << len(bits))
+            memo[x.id] = m
+        return memo[term.id]
 
     def dval_of(self, rank: int, node: Node) -> DVal:
         return self.node_dval[(rank, node.name)]

@@ -25,6 +25,7 @@ from gg_notebook.engine.clamped_count import lookup as clamped_count_lookup
 from gg_notebook.engine.form_tiling import tiling_up_to_factor
 from gg_notebook.lemmas import MATCHERS, lemmas_for
 from gg_notebook.lemmas.base import absorbed_by
+from gg_notebook.lemmas.domain import release_shared
 from gg_notebook.relations.movement import movement_lookup, retile
 from gg_notebook.relations.expr import (Expr, ExprStore, OpSpec, ShapeError, has_factor, infer_shape, leaves, pretty,
                                         size, walk)
@@ -94,6 +95,11 @@ class Engine:
         self.stuck_at: Step | None = None
         self._term_memo: dict[int, Expr] = {}
         self._push_memo: dict[tuple, list[Candidate]] = {}
+        # (expr id, bitwise) -> `realize` / `up_to_factor`: functions of the expression and the
+        # index alone (the index is fixed once built), asked again for the same candidate
+        self._realize_memo: dict[tuple, Expr | None] = {}
+        self._factor_memo: dict[tuple, Expr | None] = {}
+        self._lookup_memo: dict[tuple, Expr | None] = {}  # (spec, argument ids, bitwise) -> `lookup`
         self.stats = {"lookups": 0, "lemma_plans": 0, "pushes": 0}
         self.deferred: dict[str, Step] = {}
         self._users: dict | None = None
@@ -119,7 +125,7 @@ class Engine:
         memo = self.__dict__.setdefault("_show_memo", {})
         s = memo.get(e.id)
         if s is None:
-            s = memo[e.id] = pretty(e, self.name)
+            s = memo[e.id] = pretty(e, self.name, memo)  # (subexpressions rendered once, into the same memo)
         return s
 
     # ------------------------------------------------------------------ terms
@@ -142,6 +148,14 @@ class Engine:
         """A ref to the distributed value equal to ``e``, if some rank holds it."""
         if e.op == "ref":
             return e
+        key = (e.id, self.bitwise)
+        memo = self._realize_memo
+        if key in memo:
+            return memo[key]
+        r = memo[key] = self._realize(e)
+        return r
+
+    def _realize(self, e: Expr) -> Expr | None:
         t = self.to_term(e)
         d = self.index.realized_movement(t)
         if d is not None:
@@ -162,6 +176,13 @@ class Engine:
         scalar normal form; never with exact="bitwise"). A relation with f != 1 is not clean."""
         if self.bitwise:
             return None
+        memo = self._factor_memo
+        if t.id in memo:
+            return memo[t.id]
+        r = memo[t.id] = self._up_to_factor(t)
+        return r
+
+    def _up_to_factor(self, t: Expr) -> Expr | None:
         hit = self.index.realized_up_to_factor(t)
         if hit is None:
             tiled = tiling_up_to_factor(self.index, t)
@@ -175,6 +196,19 @@ class Engine:
     # ------------------------------------------------------------------ push
     def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         self.stats["lookups"] += 1
+        # a function of the operator, the argument relations and the fixed index (not of the depth
+        # `push` asks it at: the same call is pushed again deeper or shallower by other plans); what
+        # a matcher records on the engine on the way (domain facts, clamped counts) is the same
+        # record each time
+        key = (spec, tuple([a.id for a in args]), self.bitwise)
+        memo = self._lookup_memo
+        hit = memo.get(key, memo)
+        if hit is not memo:
+            return hit
+        r = memo[key] = self._lookup(spec, args)
+        return r
+
+    def _lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         if spec.unique is None:
             terms = [self.to_term(a) for a in args]
             if all(is_value(t) for t in terms):
@@ -535,9 +569,12 @@ class Engine:
         # values): intra-op threads cost more in hand-offs than they save, most of all on a busy
         # machine, so the whole run uses one (the caller's setting is restored)
         with torch_threads(1), long_lived_heap() as keep:
-            while not self.done:
-                self.step()
-                keep()  # what this step made lives as long as the run (engine/heap.py)
+            try:
+                while not self.done:
+                    self.step()
+                    keep()  # what this step made lives as long as the run (engine/heap.py)
+            finally:
+                release_shared()  # id-domain evaluations shared by the run's matchers (lemmas/domain.py)
 
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds

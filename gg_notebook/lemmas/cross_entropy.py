@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gg_notebook.ir.specs import ew_spec, reduce_spec
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
-from gg_notebook.lemmas.domain import agree_where, eval_on_domain
+from gg_notebook.lemmas.domain import agree_where, eval_on_domain, shard_of
 from gg_notebook.lemmas.loss_reduce import full_reduce_spec, ground_value, scale_rows_spec
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.lemmas.realform import real_value
@@ -250,7 +250,8 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
     lead = tuple(x_rel.shape[:-1])
     index = engine.index
     domain = spec.param("domain").values(t_rel.dtype)
-    inside = (domain >= start) & (domain < start + v_local)
+    shard = shard_of(domain, start, start + v_local)
+    inside = shard.inside
     # targets whose pick the plan zeroes afterwards: the rank's value there does not matter
     ignore = spec.param("ignore", None)
     relevant = domain != ignore if ignore is not None else torch.ones_like(domain, dtype=torch.bool)
@@ -266,8 +267,7 @@ def match_masked_pick(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if J is None:
             return False
         jv = eval_on_domain(J, t_t, domain)
-        sel = inside & relevant
-        return jv is not None and agree_where(jv, domain - start, sel)
+        return jv is not None and shard.local_ids_agree(jv, ignore)
 
     picks: list[Expr] = []
     for u in [x_t] + [v for v in index.users_of(x_t) if v.op == "view"]:
@@ -661,7 +661,8 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
     index = engine.index
     S = engine.store
     domain = spec.param("domain").values(t_rel.dtype)
-    inside = (domain >= start) & (domain < start + v_local)
+    shard = shard_of(domain, start, start + v_local)
+    inside = shard.inside
     from gg_notebook.lemmas.onehot import onehot_subs
 
     for w in onehot_subs(engine, p_t, t_t, domain, start):  # p - onehot(t - start) * in_shard
@@ -674,7 +675,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
                 len(w.args) == 3 and w.args[0].id == p2.id:
             # the same write, fused by the lowering (ir/pick_update.py): where(onehot(J), p2 - U, p2)
             jv, uv = eval_on_domain(w.args[1], t_t, domain), eval_on_domain(w.args[2], t_t, domain)
-            if jv is None or uv is None or not agree_where(jv, domain - start, inside):
+            if jv is None or uv is None or not shard.local_ids_agree(jv):
                 continue
             if not bool((uv == inside.to(uv.dtype)).all()):
                 continue
@@ -690,7 +691,7 @@ def match_masked_onehot_sub(engine, spec: OpSpec, args: tuple) -> Expr | None:
         if rows.op != "const" or not torch.equal(rows.attrs.call([]), torch.arange(n)):
             continue
         jv = eval_on_domain(cols, t_t, domain)
-        if jv is None or not agree_where(jv, domain - start, inside):
+        if jv is None or not shard.local_ids_agree(jv):
             continue
         # vals == p2[arange, J] - U(t)
         if vals.op != "call" or vals.attrs.name != "aten.sub.Tensor" or len(vals.args) != 2:

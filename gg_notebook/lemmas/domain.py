@@ -24,11 +24,14 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
     every elementwise operator must see operands with one and the same shape (or scalars), which
     keeps element i of every operand tied to element i of ``var``.
     """
-    memo: dict[int, torch.Tensor] = {var.id: values}
-    root = var
-    while root.op == "view":  # a reshape keeps row-major order: the same elements, position by position
-        root = root.args[0]
-        memo[root.id] = values
+    memo = _shared_memo(var, values)
+    if memo is None:
+        memo = {var.id: values}
+        root = var
+        while root.op == "view":  # a reshape keeps row-major order: the same elements, position by position
+            root = root.args[0]
+            memo[root.id] = values
+        _remember(var, values, memo)
     numel = 1
     for s in var.shape:
         numel *= s
@@ -109,6 +112,35 @@ def eval_on_domain(term: Expr, var: Expr, values: torch.Tensor) -> torch.Tensor 
     return r.reshape(()).expand(values.shape) if r.numel() == 1 else None
 
 
+# (id(var), id(values)) -> (var, values, {term id: value}): the evaluations of one variable bound to
+# one domain tensor, shared by every question about it (a vocab-parallel matcher evaluates the same
+# mask and shard-local ids once per rank and per operator it is asked about). A term's value is a
+# function of the term, the variable and the bound values alone; the entry keeps ``var`` and
+# ``values`` alive, so their ids are their own while it exists, and term ids are those of ``var``'s
+# store (an expression's arguments live in its store). Values are read, never written: the
+# evaluator copies the operands of an operator that writes into one (`_fresh_if_mutating`).
+_SHARED: dict[tuple[int, int], tuple] = {}
+
+
+def _shared_memo(var: Expr, values: torch.Tensor) -> dict | None:
+    ent = _SHARED.get((id(var), id(values)))
+    if ent is not None and ent[0] is var and ent[1] is values:
+        return ent[2]
+    return None
+
+
+def _remember(var: Expr, values: torch.Tensor, memo: dict) -> None:
+    if len(_SHARED) >= 8:  # (a run has a few variables; each entry holds domain-sized tensors)
+        _SHARED.clear()
+    _SHARED[(id(var), id(values))] = (var, values, memo)
+
+
+def release_shared() -> None:
+    """Drop the shared evaluations (the engine calls this at the end of a run: they hold tensors
+    of the size of a vocabulary)."""
+    _SHARED.clear()
+
+
 def agree_where(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> bool:
     """``bool((a[where] == b[where]).all())`` for tensors of ``where``'s shape (a boolean mask):
     the same answer without the two boolean gathers (each a nonzero and a copy, on every id of a
@@ -126,3 +158,72 @@ def _fresh_if_mutating(spec, vals: list) -> list:
     if schema is None or not schema.is_mutable:
         return vals
     return [v.clone() if isinstance(v, torch.Tensor) else v for v in vals]
+
+
+class Shard:
+    """The ids of a domain tensor (`IdDomain.values`: ascending) in ``[start, end)``: one run of
+    positions ``lo:hi``, so a check "on every id inside the shard" reads that run alone, without a
+    mask over the whole vocabulary (built once per domain tensor and range: `shard_of`)."""
+
+    __slots__ = ("domain", "start", "end", "run", "_inside")
+
+    def __init__(self, domain: torch.Tensor, start: int, end: int, run: tuple[int, int] | None) -> None:
+        self.domain, self.start, self.end = domain, start, end
+        self.run = run  # (lo, hi), or None for a domain tensor that is not ascending (masks then)
+        self._inside = None
+
+    @property
+    def inside(self) -> torch.Tensor:
+        """``(domain >= start) & (domain < end)`` (shared: read it, never write into it)."""
+        if self._inside is None:
+            self._inside = (self.domain >= self.start) & (self.domain < self.end)
+        return self._inside
+
+    def covers_domain(self) -> bool:
+        """Is every id of the domain inside the shard (``not (~inside).any()``)?"""
+        if self.run is not None:
+            return self.run == (0, self.domain.numel())
+        return not bool((~self.inside).any())
+
+    def local_ids_agree(self, jv: torch.Tensor, ignore: int | None = None) -> bool:
+        """``jv == domain - start`` at every id inside the shard (except ``ignore``): the same answer
+        as ``agree_where(jv, domain - start, inside & (domain != ignore))``."""
+        dom = self.domain
+        if self.run is None or jv.shape != dom.shape:
+            where = self.inside if ignore is None else self.inside & (dom != ignore)
+            return agree_where(jv, dom - self.start, where)
+        lo, hi = self.run
+        part = dom[lo:hi]
+        ok = jv[lo:hi] == part - self.start
+        if ignore is not None:
+            ok = ok | (part == ignore)
+        return bool(ok.all())
+
+
+_SHARDS: dict[tuple, tuple] = {}  # (id(domain), start, end) -> (domain, Shard)
+_ASCENDING: dict[int, tuple] = {}  # id(domain) -> (domain, strictly ascending?)
+
+
+def shard_of(domain: torch.Tensor, start: int, end: int) -> Shard:
+    """The `Shard` of ``domain`` (1-D) for ``[start, end)`` (memoized while the tensor lives in the
+    table: entries keep it alive, so its id stays its own)."""
+    key = (id(domain), start, end)
+    ent = _SHARDS.get(key)
+    if ent is not None and ent[0] is domain:
+        return ent[1]
+    asc = _ASCENDING.get(id(domain))
+    if asc is None or asc[0] is not domain:
+        if len(_ASCENDING) >= 64:
+            _ASCENDING.clear()
+        ok = domain.dim() == 1 and (domain.numel() < 2 or bool((domain[1:] > domain[:-1]).all()))
+        asc = _ASCENDING[id(domain)] = (domain, ok)
+    run = None
+    if asc[1]:
+        lo = int(torch.searchsorted(domain, torch.tensor(start, dtype=domain.dtype))) if domain.numel() else 0
+        hi = int(torch.searchsorted(domain, torch.tensor(end, dtype=domain.dtype))) if domain.numel() else 0
+        run = (lo, max(lo, hi))
+    if len(_SHARDS) >= 256:
+        _SHARDS.clear()
+    sh = Shard(domain, start, end, run)
+    _SHARDS[key] = (domain, sh)
+    return sh

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gg_notebook.lemmas import _cases as C
 from gg_notebook.lemmas.base import Lemma, register, register_matcher
-from gg_notebook.lemmas.domain import agree_where, eval_on_domain
+from gg_notebook.lemmas.domain import eval_on_domain, shard_of
 from gg_notebook.lemmas.masking import kept_rows
 from gg_notebook.relations.domains import IdDomain
 from gg_notebook.relations.expr import Expr, ExprStore, OpSpec, Slot
@@ -76,19 +76,19 @@ def match_masked_lookup(engine, spec: OpSpec, args: tuple) -> Expr | None:
     n = w_rel.shape[0]
     index = engine.index
     domain = spec.param("domain").values(ids_rel.dtype)
-    inside = (domain >= start) & (domain < start + n)
+    shard = shard_of(domain, start, start + n)
     for emb in index.users_of(w_t):
         if emb.op != "call" or emb.attrs.kind != "embedding" or emb.args[0].id != w_t.id:
             continue
         J = emb.args[1]
         jv = eval_on_domain(J, ids_t, domain)
-        if jv is None or not agree_where(jv, domain - start, inside):
+        if jv is None or not shard.local_ids_agree(jv):
             continue
         for e in [emb] + index.users_of(emb):
             d = index.realized(e)
             if d is None:
                 continue
-            ok = not bool((~inside).any()) if e is emb else _keeps(e, emb, ids_t, domain, inside)
+            ok = shard.covers_domain() if e is emb else _keeps(e, emb, ids_t, domain, shard.inside)
             if ok:
                 return index.ref(d)
     return None
@@ -168,9 +168,9 @@ def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr |
     start, n, vocab = spec.param("start"), spec.param("n"), spec.param("vocab")
     index = engine.index
     domain = spec.param("domain").values(ids_rel.dtype)
-    inside = (domain >= start) & (domain < start + n)
+    shard = shard_of(domain, start, start + n)
     for masked in index.users_of(g_t):
-        if not _keeps(masked, g_t, ids_t, domain, inside):
+        if not _keeps(masked, g_t, ids_t, domain, shard.inside):
             continue
         for e in index.users_of(masked):
             if e.op != "call" or e.attrs.kind != "embedding_backward" or e.args[0].id != masked.id:
@@ -181,7 +181,7 @@ def match_masked_embedding_backward(engine, spec: OpSpec, args: tuple) -> Expr |
                     or e.attrs.arg("scale_grad_by_freq") is not False):
                 continue
             jv = eval_on_domain(e.args[1], ids_t, domain)
-            if jv is None or not agree_where(jv, domain - start, inside):
+            if jv is None or not shard.local_ids_agree(jv):
                 continue
             d = index.realized(e)
             if d is not None:

@@ -908,9 +908,12 @@ def apply_op(op: str, attrs, vals: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- printing
-def pretty(e: Expr, name: Callable[[Expr], str]) -> str:
-    """Readable, Python-like rendering; ``name`` renders leaves (``ref``/``atom``)."""
-    memo: dict[int, str] = {}
+def pretty(e: Expr, name: Callable[[Expr], str], memo: dict[int, str] | None = None) -> str:
+    """Readable, Python-like rendering; ``name`` renders leaves (``ref``/``atom``). ``memo``: node id
+    -> its rendering, shared by a caller that renders many expressions of one store with one
+    ``name`` (every subexpression is rendered once)."""
+    if memo is None:
+        memo = {}
 
     def go(x: Expr) -> str:
         if x.id in memo:
