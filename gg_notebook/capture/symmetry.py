@@ -203,9 +203,13 @@ def _arg_value(args, kwargs, pos_name):
     return args[i] if i < len(args) else kwargs.get(name)
 
 
-def _user_site() -> tuple:
+def _user_site(stop=None) -> tuple:
+    """The innermost user frame of the current operator call, looking no further out than ``stop``
+    (the frame that entered the recorder: what lies beyond it is the caller of gg.verify, or make_fx's
+    generated wrapper under a trace, and is the same for every call, never the rank program's line);
+    () if none (e.g. a backward operator reached from ``torch.autograd.grad`` in gg_notebook's code)."""
     f = sys._getframe(2)
-    while f is not None:
+    while f is not None and f is not stop:
         if is_user_file(f.f_code.co_filename):
             return (f.f_code.co_filename, f.f_lineno)
         f = f.f_back
@@ -223,12 +227,14 @@ class OpRecorder(TorchDispatchMode):
         self.ids: dict[int, int] = {}
         self.keep: list = []  # tensors seen: their ids must not be reused
         self.broken: str | None = None
+        self._entry = None  # the frame that runs the rank's function (set by `inputs`): sites stop there
 
     # tensors ------------------------------------------------------------------------------------
     def inputs(self, args: Any) -> None:
         """Register the function's positional inputs as tensors 0..n-1, before it runs: an input is
         then written down by its position, never by its shape or the order of first use (two
         same-shaped inputs used in swapped roles on two ranks must not record alike)."""
+        self._entry = sys._getframe(1)
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor) or self._known(a) is not None:
                 self.broken = self.broken or f"input {i} (not a distinct tensor)"
@@ -330,7 +336,7 @@ class OpRecorder(TorchDispatchMode):
         if name is None:
             name = _NAMES[func] = str(func)
         self.rec.calls.append((name, tuple(shape), tuple(structure), tuple(scalars), tuple(out_meta),
-                               _user_site()))
+                               _user_site(self._entry)))
         return out
 
     def _storage(self, call: int, plan: tuple, args, kwargs, out) -> None:
@@ -374,6 +380,7 @@ class OpRecorder(TorchDispatchMode):
             self.rec.error = f"the recorder could not write down {self.broken}"
         self.keep = []
         self.ids = {}
+        self._entry = None
         return self.rec
 
 
