@@ -608,6 +608,46 @@ def test_nested_concatenations_along_two_dims_get_one_form(seed):
     assert cols_first.op == "cat" and cols_first.attrs == d  # the outer concatenation: the smaller dim
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_block_grid_of_consecutive_slices_is_one_concatenation(seed):
+    """cat_d(cat_e(a[r0], b[r0]), cat_e(a[r1], b[r1])) (slices along d, e > d) is cat_e(a, b): the
+    spelling whose inner concatenations join their slices (a sequence-sharded operand times a
+    column-sharded weight); a grid whose columns skip rows, or mix values, stays a grid."""
+    env = Env(4200 + seed)
+    S, rng = env.S, env.rng
+    n = rng.randint(2, 4)
+    shape = random_shape(rng, n, lo=2, hi=6)
+    d, e = sorted(rng.sample(range(n), 2))
+    rows = split_sizes(rng, shape[d], rng.randint(2, 3))
+    cols = split_sizes(rng, shape[e], rng.randint(2, 3))
+    bases, vals = [], []
+    for c in cols:
+        s = list(shape)
+        s[e] = c
+        x, v = env.atom(s)
+        bases.append(x)
+        vals.append(v)
+    bounds = [(sum(rows[:i]), sum(rows[:i + 1])) for i in range(len(rows))]
+    grid = S.cat([S.cat([S.slice(b, d, lo, hi) for b in bases], e) for lo, hi in bounds], d)
+    assert grid is S.cat(bases, e)
+    env.check(grid, torch.cat(vals, e))
+    # rows out of order: not the values' concatenation, stays a grid (and evaluates correctly)
+    swapped = S.cat([S.cat([S.slice(b, d, lo, hi) for b in bases], e) for lo, hi in reversed(bounds)], d)
+    assert swapped is not S.cat(bases, e)
+    want = torch.cat([torch.cat([v.narrow(d, lo, hi - lo) for v in vals], e) for lo, hi in reversed(bounds)], d)
+    env.check(swapped, want)
+    # a column whose rows come from two values: stays a grid
+    other, w = env.atom(bases[0].shape)
+    mixed_cols = [[other if (i == 1 and j == 0) else b for j, b in enumerate(bases)] for i in range(len(bounds))]
+    mixed = S.cat([S.cat([S.slice(b, d, lo, hi) for b in mixed_cols[i]], e)
+                   for i, (lo, hi) in enumerate(bounds)], d)
+    assert mixed is not S.cat(bases, e)
+    mixed_vals = [[w if (i == 1 and j == 0) else v for j, v in enumerate(vals)] for i in range(len(bounds))]
+    want = torch.cat([torch.cat([v.narrow(d, lo, hi - lo) for v in mixed_vals[i]], e)
+                      for i, (lo, hi) in enumerate(bounds)], d)
+    env.check(mixed, want)
+
+
 def test_nested_concatenations_with_unaligned_splits_stay_nested():
     env = Env(0)
     S = env.S

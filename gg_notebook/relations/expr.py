@@ -684,6 +684,9 @@ class ExprStore:
         swapped = self._swap_nested(merged, dim)
         if swapped is not None:
             return swapped
+        collapsed = self._collapse_blocks(merged, dim)
+        if collapsed is not None:
+            return collapsed
         shape = list(merged[0].shape)
         shape[dim] = sum(a.shape[dim] for a in merged)
         return self._intern("cat", dim, tuple(merged), shape, merged[0].dtype)
@@ -701,6 +704,37 @@ class ExprStore:
             if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
                 return None
         return self.cat([self.cat([p.args[i] for p in pieces], dim) for i in range(len(sizes))], d)
+
+    def _collapse_blocks(self, pieces: list, dim: int) -> Expr | None:
+        """cat_d(cat_e(a[i0:i1], b[j0:j1]), cat_e(a[i1:i2], b[j1:j2])) == cat_e(a[i0:i2], b[j0:j2])
+        (e > d; slices along d): a block grid whose every column is consecutive slices of one
+        value is that value's concatenation along e. This is what the swapped spelling
+        cat_e(cat_d(a[i0:i1], a[i1:i2]), ..) gives (its inner slices join), so both spellings of the
+        grid are one node (a sequence-sharded operand times a column-sharded weight). Only when
+        every column joins into one value that is not a concatenation (no rewrite back and forth)."""
+        first = pieces[0]
+        if first.op != "cat" or first.attrs <= dim:
+            return None
+        e = first.attrs
+        sizes = tuple(a.shape[e] for a in first.args)
+        for p in pieces[1:]:
+            if p.op != "cat" or p.attrs != e or tuple(a.shape[e] for a in p.args) != sizes:
+                return None
+        cols = []
+        for i in range(len(sizes)):
+            base, start, end = _as_slice(pieces[0].args[i], dim)
+            if base is None:
+                return None
+            for p in pieces[1:]:
+                b, s, t = _as_slice(p.args[i], dim)
+                if b is not base or s != end:
+                    return None
+                end = t
+            cols.append((base, start, end))
+        out = [self.slice(b, dim, s, t) for b, s, t in cols]
+        if any(x.op == "cat" for x in out):
+            return None
+        return self.cat(out, e)
 
     def _join_slices(self, a: Expr, b: Expr, dim: int) -> Expr | None:
         """slice(x, d, i, j) ++ slice(x, d, j, k) == slice(x, d, i, k); same for a whole-prefix."""
