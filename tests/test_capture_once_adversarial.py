@@ -376,3 +376,59 @@ GRAD_CASES = [(by_slice, []), (by_narrow, []), (by_select, []), (by_as_strided, 
 def test_backward_through_the_rank_block(select, fallback):
     p = _problem(linear_with_grad, _with_grad(select), (Shard(0), Partial()), grad=True)
     _check(p, True, fallback, None)
+
+
+# ------------------------------------------------------------------ BUG (fails now): set_ aliasing unseen
+#
+# ``b.set_(c)`` makes ``b`` share ``c``'s storage, but the schema of ``aten.set_.source_Tensor`` annotates
+# only ``self`` (``Tensor(a!) self, Tensor source``): the recorder's alias analysis never joins ``b`` and
+# ``c``, so ``b.mul_`` is not a write to the storage of ``v``, a rank view of ``c``. Functionalization
+# knows better: it regenerates ``v`` at its next use (a slice node made during the second matmul's call,
+# holding rank 0's numbers), while `Specializer._site` substitutes the rank's numbers only in the node
+# of the slice call (kept alive by the first matmul). Derived ranks then read rank 0's block in
+# ``v @ w`` after the write.
+
+
+def blocks_via_set(x, w, w2):  # correct: v @ w + (2 v) @ w = 3 x_r @ w
+    c = x.clone()
+    v = c[_rank() * 2:(_rank() + 1) * 2]
+    y1 = v @ w
+    b = torch.empty(0, dtype=x.dtype)
+    b.set_(c)
+    b.mul_(2.0)
+    return y1 + v @ w
+
+
+def three_linear(x, w, w2):
+    return 3.0 * (x @ w)
+
+
+def blocks_via_set_wrong(x, w, w2):  # BUG: the second output is the rank's block, not block 0
+    c = x.clone()
+    v = c[_rank() * 2:(_rank() + 1) * 2]
+    y1 = v @ w
+    b = torch.empty(0, dtype=x.dtype)
+    b.set_(c)
+    b.mul_(2.0)
+    return y1, v @ w
+
+
+def linear_and_doubled_first_block(x, w, w2):
+    return x @ w, 2.0 * (x[0:2] @ w)
+
+
+def test_set_aliasing_correct_program_not_refuted():
+    """FAILS NOW: derived ranks' graphs differ from their traces (rank 0's block after the write);
+    capture once refutes a correct program that tracing every rank proves."""
+    _check(_problem(three_linear, blocks_via_set, (Shard(0),)), True, [], gg.Status.PROVED)
+
+
+def test_set_aliasing_wrong_program_not_proved():
+    """FAILS NOW (unsound): a wrong program (ranks 1-3 return their own block doubled where the spec
+    asks for block 0 doubled) is PROVED with capture once; tracing every rank refutes it."""
+    p = _problem(linear_and_doubled_first_block, blocks_via_set_wrong, (Shard(0), Replicate()))
+    ok, why = compare(p)
+    assert not ok, why
+    assert gg.verify(p, capture_once=False).status is gg.Status.REFUTED
+    r = gg.verify(p)
+    assert r.status is not gg.Status.PROVED, r.stats["capture"]
