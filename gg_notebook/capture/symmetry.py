@@ -187,6 +187,8 @@ def _alias_plan(func) -> tuple | None:
         for j, r in enumerate(schema.returns):
             if r.alias_info is not None:
                 outs += [(j, sets[t]) for t in r.alias_info.before_set if t in sets]
+        if schema.name == "aten::set_" and len(schema.arguments) > 1 and schema.arguments[1].name == "source":
+            outs.append((0, (1, "source")))  # self shares source's storage afterwards (not annotated)
         if getattr(func, "namespace", None) == "c10d":
             # c10d's in-place collectives (allreduce_, broadcast_, ...) do not annotate the tensors
             # they write: every tensor argument counts as written
