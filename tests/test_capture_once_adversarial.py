@@ -434,3 +434,47 @@ def test_set_aliasing_wrong_program_not_proved():
     assert gg.verify(p, capture_once=False).status is gg.Status.REFUTED
     r = gg.verify(p)
     assert r.status is not gg.Status.PROVED, r.stats["capture"]
+
+
+# ------------------------------------------------------------------ BUG (failed before the fix in
+# symmetry.Specializer._sibling): a dead-code sibling made from a stale node
+#
+# The rank's selection comes from a list on one line whose blocks are views of two tensors: block 0 of
+# ``x`` (rank 0's, the only one in rank 0's graph) and blocks 1-3 of ``c``, written (``c.mul_``) before
+# the list is made. `_sibling` makes rank r's dead-code slice on the graph node of ``c``'s producer
+# (the clone, before the write), checking only that nothing writes ``c`` after the slice: derived ranks
+# read the undoubled rows.
+
+
+def blocks_of_two_tensors(x, w, w2):  # correct against first_block_plain_rest_doubled
+    c = x.clone()
+    c.mul_(2.0)
+    blocks = [x[0:2] if i == 0 else c[i * 2:(i + 1) * 2] for i in range(W)]
+    return blocks[_rank()] @ w, c
+
+
+def first_block_plain_rest_doubled(x, w, w2):
+    y = x @ w
+    return torch.cat([y[0:2], 2.0 * y[2:]]), 2.0 * x
+
+
+def linear_and_doubled(x, w, w2):
+    return x @ w, 2.0 * x
+
+
+def test_stale_sibling_correct_program_not_refuted():
+    """Was failing: derived graphs read ``c`` before its write; capture once refuted a correct program
+    (tracing every rank: unknown)."""
+    _check(_problem(first_block_plain_rest_doubled, blocks_of_two_tensors, (Shard(0), Replicate())), True, None,
+           None)
+
+
+def test_stale_sibling_wrong_program_not_proved():
+    """Was failing (unsound): ranks 1-3 return doubled rows where the spec asks for x @ w; capture once
+    proved it, tracing every rank refutes it."""
+    p = _problem(linear_and_doubled, blocks_of_two_tensors, (Shard(0), Replicate()))
+    ok, why = compare(p)
+    assert not ok, why
+    assert gg.verify(p, capture_once=False).status is gg.Status.REFUTED
+    r = gg.verify(p)
+    assert r.status is not gg.Status.PROVED, r.stats["capture"]
