@@ -792,7 +792,8 @@ class Specializer:
                 k = leaf[1]
                 node = inputs[k] if k < len(self.rep.inputs) and len(inputs) == len(self.rep.inputs) \
                     else self._tensor_node(k)
-                if not isinstance(node, fx.Node) or not self._unwritten_after([k], call):
+                # never written since it was made (an input: never): the node is its value at ``call``
+                if not isinstance(node, fx.Node) or not self._unwritten_after([k], _producers(self.rep).get(k, (-1,))[0]):
                     return f"call {call} ({op}) reads a tensor the representative's graph does not hold"
                 args.append(node)
             elif leaf[0] == "num" and mine == leaf:
