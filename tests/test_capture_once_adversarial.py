@@ -9,6 +9,10 @@ correct one). Selections whose index is not affine in the rank (a permutation, `
 selections among non-view results (``aminmax``, ``var_mean``, a list of matmuls), views feeding
 collectives, writes through / after a rank view, rotations undone by ``roll``, backward through every
 view spelling.
+
+Two soundness bugs were found (a wrong program PROVED with capture once, refuted rank by rank): a
+storage shared through ``set_`` that the recorder's alias analysis did not see, and a dead-code sibling
+view made on a node older than a write to its input. Their reproducers are at the end of this file.
 """
 
 from __future__ import annotations
