@@ -187,6 +187,8 @@ def _alias_plan(func) -> tuple | None:
         for j, r in enumerate(schema.returns):
             if r.alias_info is not None:
                 outs += [(j, sets[t]) for t in r.alias_info.before_set if t in sets]
+        if schema.name == "aten::set_" and len(schema.arguments) > 1 and schema.arguments[1].name == "source":
+            outs.append((0, (1, "source")))  # self then shares source's storage (not annotated)
         if getattr(func, "namespace", None) == "c10d":
             # c10d's in-place collectives (allreduce_, broadcast_, ...) do not annotate the tensors
             # they write: every tensor argument counts as written
@@ -797,7 +799,9 @@ class Specializer:
                 k = leaf[1]
                 node = inputs[k] if k < len(self.rep.inputs) and len(inputs) == len(self.rep.inputs) \
                     else self._tensor_node(k)
-                if not isinstance(node, fx.Node) or not self._unwritten_after([k], call):
+                # never written since it was made (an input: never): the node is its value at ``call``
+                made = _producers(self.rep).get(k, (-1,))[0]
+                if not isinstance(node, fx.Node) or not self._unwritten_after([k], made):
                     return f"call {call} ({op}) reads a tensor the representative's graph does not hold"
                 args.append(node)
             elif leaf[0] == "num" and mine == leaf:
