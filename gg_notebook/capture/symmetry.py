@@ -187,6 +187,8 @@ def _alias_plan(func) -> tuple | None:
         for j, r in enumerate(schema.returns):
             if r.alias_info is not None:
                 outs += [(j, sets[t]) for t in r.alias_info.before_set if t in sets]
+        if schema.name == "aten::_unsafe_view":  # shares its argument's storage; the schema says fresh
+            outs.append((0, (0, schema.arguments[0].name)))
         if schema.name == "aten::set_" and len(schema.arguments) > 1 and schema.arguments[1].name == "source":
             outs.append((0, (1, "source")))  # self then shares source's storage (not annotated)
         if getattr(func, "namespace", None) == "c10d":
@@ -748,7 +750,32 @@ class Specializer:
         got = self._node(call)
         if isinstance(got, str):
             return got
+        if _is_view(op, overload):
+            why = self._regenerated(call, got[0], got[2])
+            if why is not None:
+                return why
         return got[0], got[2]
+
+    def _regenerated(self, call: int, node: fx.Node, slots: list[int]) -> str | None:
+        """A guard that does not rely on the alias analysis: another node of the view's operator, made
+        under a call of another operator (or under none), holding the representative's numbers at the
+        same places -- a view functionalization regenerated after a write the recorder did not see as
+        one (its numbers would stay rank 0's) -- makes the rank a fallback."""
+        scalars = self.rep.calls[call][3]
+        want = {str(node.target)}
+        for n in self.gm.graph.nodes:
+            if n is node or n.op != "call_function" or str(n.target) not in want:
+                continue
+            c = n.meta.get("gg_call")
+            if c is not None and self.rep.calls[c][0] in (self.rep.calls[call][0],
+                                                          _functional_name(self.rep.calls[call][0])):
+                continue  # a recorded call of the same view operator: its own numbers, checked on its own
+            flat, _ = _flat_args(n)
+            if len(flat) > max(slots, default=-1) and all(_same_number(flat[p], v) for p, v in zip(slots, scalars)):
+                return (f"a rank constant is an argument of the view {self.rep.calls[call][0]} (call {call}), and "
+                        f"the graph holds the same view made under {'no call' if c is None else f'call {c}'} "
+                        "(functionalization replayed it)")
+        return None
 
     def _tensor_node(self, k: int) -> fx.Node | tuple[fx.Node, int] | str:
         """The graph node of recorded tensor ``k`` (the result of a call): the call's node, or its
