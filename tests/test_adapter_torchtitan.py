@@ -81,13 +81,13 @@ def _reduction_dropped(module):
     """A wrong sharding config on one module: its output declared replicated (R) on the TP axis
     instead of partial (P), so torchtitan skips the reduction of the row-parallel output."""
 
-    def make(cfg):
+    def make(cfg, device="cpu"):
         def build():
             import spmd_types as spmd
 
             from gg_notebook.adapters import torchtitan as tt
 
-            model = tt.build(cfg, tp=2, sp=True)
+            model = tt.build(cfg, tp=2, sp=True, device=device)
             mod = model.get_submodule(module)
             sc = mod._sharding_config
             src = sc.out_src_shardings

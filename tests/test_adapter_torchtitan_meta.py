@@ -8,7 +8,6 @@ Skipped when torchtitan (and its spmd_types) is not installed (the last test nee
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 
 import pytest
@@ -17,6 +16,7 @@ import torch.nn as nn
 
 import gg_notebook as gg
 from gg_notebook.adapters.modules import ModelError
+from test_adapter_torchtitan import _reduction_dropped  # written once
 
 _MISSING = [p for p in ("torchtitan", "spmd_types") if importlib.util.find_spec(p) is None]
 needs_titan = pytest.mark.skipif(
@@ -57,27 +57,6 @@ def test_meta_parameters_same_verdict_as_real_weights(grads):
     assert [p for p in meta.placements] == [p for p in real.placements]
     r_real, r_meta = gg.verify(real), gg.verify(meta)
     assert r_real.status == r_meta.status == "proved", (r_real, r_meta)
-
-
-def _reduction_dropped(module):
-    """A wrong sharding config: the row-parallel ``module``'s output declared replicated (R) instead
-    of partial (P) on the TP axis, so torchtitan skips its reduction."""
-
-    def make(cfg, device):
-        def build():
-            import spmd_types as spmd
-
-            from gg_notebook.adapters import torchtitan as tt
-
-            model = tt.build(cfg, tp=2, sp=True, device=device)
-            mod = model.get_submodule(module)
-            sc = mod._sharding_config
-            src = sc.out_src_shardings
-            axes = {k: (spmd.R if getattr(k, "value", k) == "tp" else v) for k, v in src.axis_types.items()}
-            mod._sharding_config = dataclasses.replace(sc, out_src_shardings=dataclasses.replace(src, axis_types=axes))
-            return model
-        return build
-    return make
 
 
 @needs_titan
