@@ -8,7 +8,6 @@ Skipped when torchtitan (and its spmd_types) is not installed (the last test nee
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -16,16 +15,7 @@ import torch.nn as nn
 
 import gg_notebook as gg
 from gg_notebook.adapters.modules import ModelError
-from test_adapter_torchtitan import _reduction_dropped  # written once
-
-_MISSING = [p for p in ("torchtitan", "spmd_types") if importlib.util.find_spec(p) is None]
-needs_titan = pytest.mark.skipif(
-    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed: pip install -c constraints.txt '.[titan]'")
-
-
-def _batch(seed=0, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (2, 8), generator=g), torch.randint(0, vocab, (2, 8), generator=g)
+from test_adapter_torchtitan import _batch, _reduction_dropped, needs_titan  # written once
 
 
 def _problem(device, W=2, sp=True, grads=True, distributed=None, layers=2):
