@@ -695,14 +695,10 @@ class ExprStore:
         """cat_e(cat_d(a0, a1), cat_d(b0, b1)) == cat_d(cat_e(a0, b0), cat_e(a1, b1)) when the inner
         concatenations split dim d at the same offsets. The canonical nesting has the outer
         concatenation along the smaller dim, so both spellings of a block layout get one node."""
-        first = pieces[0]
-        if first.op != "cat" or first.attrs >= dim:
+        grid = _cat_grid(pieces)
+        if grid is None or grid[0] >= dim:
             return None
-        d = first.attrs
-        sizes = tuple(a.shape[d] for a in first.args)
-        for p in pieces[1:]:
-            if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
-                return None
+        d, sizes = grid
         return self.cat([self.cat([p.args[i] for p in pieces], dim) for i in range(len(sizes))], d)
 
     def _collapse_blocks(self, pieces: list, dim: int) -> Expr | None:
@@ -712,14 +708,10 @@ class ExprStore:
         cat_e(cat_d(a[i0:i1], a[i1:i2]), ..) gives (its inner slices join), so both spellings of the
         grid are one node (a sequence-sharded operand times a column-sharded weight). Only when
         every column joins into one value that is not a concatenation (no rewrite back and forth)."""
-        first = pieces[0]
-        if first.op != "cat" or first.attrs <= dim:
+        grid = _cat_grid(pieces)
+        if grid is None or grid[0] <= dim:
             return None
-        e = first.attrs
-        sizes = tuple(a.shape[e] for a in first.args)
-        for p in pieces[1:]:
-            if p.op != "cat" or p.attrs != e or tuple(a.shape[e] for a in p.args) != sizes:
-                return None
+        e, sizes = grid
         cols = []
         for i in range(len(sizes)):
             base, start, end = _as_slice(pieces[0].args[i], dim)
@@ -795,6 +787,20 @@ class ExprStore:
         if x.op == "scale":
             return self.scale(x.args[0], x.attrs * factor)
         return self._intern("scale", factor, (x,), x.shape, x.dtype)
+
+
+def _cat_grid(pieces: list) -> tuple[int, tuple] | None:
+    """(d, sizes) when every piece is a concatenation along the same dim d of pieces of the same
+    sizes along d (a block grid); else None."""
+    first = pieces[0]
+    if first.op != "cat":
+        return None
+    d = first.attrs
+    sizes = tuple(a.shape[d] for a in first.args)
+    for p in pieces[1:]:
+        if p.op != "cat" or p.attrs != d or tuple(a.shape[d] for a in p.args) != sizes:
+            return None
+    return d, sizes
 
 
 def _as_slice(x: Expr, dim: int):
