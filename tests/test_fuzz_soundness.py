@@ -24,6 +24,7 @@ PER_OPERATOR = 6  # cases per mutation operator in the sample
 # a crash inside gg.verify (anything but a CaptureError / ProblemError) is a finding like a false verdict
 BAD_OUTCOMES = ("false_proof", "false_refutation", "internal_error")
 SLOW_SUBJECTS = ("example:gpt", "example:gpt_fwd_bwd", "example:gpt_block_fwd_bwd", "example:gpt_block",
+                 "example:gpt_block_sp_fwd_bwd",
                  "example:attention_fused_qkv")
 
 

@@ -61,7 +61,7 @@ def test_gpt_block_sequence_parallel_forward_proved():
 
 
 def test_sequence_parallel_variants_compute_the_sequential_values():
-    # numerically (simulated ranks, float64): the SP programs are right, so an xfail below is the engine's
+    # numerically (simulated ranks, float64): the SP programs are right (what the engine must prove)
     for problem in (G.make(2, backward=True, batch=1, sequence_parallel=True, sp_embedding="reduce_scatter", **SMALL),
                     B.make_fwd_bwd(2, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16)):
         ok, msg = compare(problem)
@@ -110,15 +110,18 @@ def test_unknown_sequence_parallel_bug_is_rejected():
         G.make(4, sequence_parallel=True, seq=6)
 
 
-# ------------------------------------------------------------------------- known engine gaps (xfail)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: the gradient of (out * dout).sum() is ones * dout, all-gathered on the ranks; the sequential "
-    "value is related to the concatenated dout blocks, and the w2 weight gradient's aten.mm finds no rank mm "
-    "(its operand is cat(ones * dout blocks)): interning x * ones as x fixes this one but breaks lemmas that "
-    "match a loss backward's `* grad_output` (megatron CE with reduction sum/none); needs x * ones seen "
-    "through as data movement instead"))
+# ------------------------------------------------------------------------- products with ones
 def test_gpt_block_sequence_parallel_forward_backward():
+    # the gradient of (out * dout).sum() is ones * dout, all-gathered on the ranks (the backward of the
+    # reduce-scatter) where the sequential w2 gradient's mm reads dout's blocks: x * ones is data movement
+    # (relations/movement.py, tests/test_unit_products.py)
     _proved(B.make_fwd_bwd(2, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16))
+
+
+@pytest.mark.parametrize("bug", sorted(B.SP_FWD_BWD_BUGS))
+def test_gpt_block_sequence_parallel_forward_backward_bug_refuted(bug):
+    r = gg.verify(B.make_fwd_bwd(2, bug, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16))
+    assert r.status is gg.Status.REFUTED, str(r)
 
 
 def _gathered(d):

@@ -51,6 +51,59 @@ def is_movement(e: Expr) -> bool:
     return e.op in MOVE_OPS
 
 
+# ---------------------------------------------------------------------- products with one
+def _is_one(c: Expr) -> bool:
+    """``c`` holds exactly 1 in every element: a ``full`` factory or a uniform value node, under
+    views / expands / slices / permutes (each keeps a uniform tensor uniform)."""
+    from gg_notebook.ir.lower import _Full
+    from gg_notebook.relations.expr import untyped
+    from gg_notebook.relations.ground import Value
+
+    while c.op in ("view", "expand", "slice", "permute"):
+        c = c.args[0]
+    if c.op != "const" or math.prod(c.shape) == 0 or c.dtype is None or c.dtype.is_complex:
+        return False
+    t = c.attrs.target
+    if isinstance(t, _Full):
+        v = untyped(t.value)
+        return not isinstance(v, complex) and v == 1
+    if isinstance(t, Value) and t.uniform and t.tensor.numel():
+        return bool(t.tensor.reshape(-1)[0] == 1)
+    return False
+
+
+def _broadcasts_to(shape: tuple, out: tuple) -> bool:
+    if len(shape) > len(out):
+        return False
+    return all(a == b or a == 1 for a, b in zip(shape[::-1], out[::-1]))
+
+
+def unit_product_operand(e: Expr) -> Expr | None:
+    """``x`` when ``e`` is ``x * 1`` (``aten.mul.Tensor`` by a tensor of ones in either order, or by
+    the number 1) computed in ``x``'s own real dtype: then ``e`` is ``x`` broadcast to ``e``'s shape,
+    for every value of ``x`` (IEEE ``x * 1 == x``: -0.0, infinities and NaN stay; integers and bools
+    too). Complex ``e`` never (``inf * (1 + 0j)`` has a NaN part), nor a product whose dtype is not
+    ``x``'s (a promotion rounds). This is data movement: the gradient of a sum is ``ones * dout``
+    where another spelling has ``dout``."""
+    if e.op != "call" or e.attrs.out is not None or e.dtype is None or e.dtype.is_complex:
+        return None
+    target = e.attrs.target
+    if target is _aten.mul.Tensor and len(e.args) == 2:
+        for x, c in ((e.args[0], e.args[1]), (e.args[1], e.args[0])):
+            if x.dtype == e.dtype and _broadcasts_to(tuple(x.shape), tuple(e.shape)) and _is_one(c):
+                return x
+        return None
+    if target in (_aten.mul.Tensor, _aten.mul.Scalar) and len(e.args) == 1:
+        from gg_notebook.relations.expr import untyped
+
+        other = untyped(e.attrs.arg("other", None))
+        x = e.args[0]
+        if (not isinstance(other, (complex, type(None))) and other == 1 and x.dtype == e.dtype
+                and tuple(x.shape) == tuple(e.shape)):
+            return x
+    return None
+
+
 class MovementIndex:
     """Index-tensor equality and movement-aware lookups over one `DIndex` (built lazily)."""
 
@@ -58,6 +111,7 @@ class MovementIndex:
         self.index = index
         self.store: ExprStore = index.store
         self._leaves: dict[int, tuple[int, ...] | None] = {}
+        self._unit: dict[int, Expr | None] = {}
         self._eq: dict[tuple[int, int], bool] = {}
         self._by_sig: dict | None = None
         self._calls: dict | None = None
@@ -73,15 +127,29 @@ class MovementIndex:
         hit = self._leaves.get(e.id)
         if hit is not None:
             return hit
-        if e.op not in MOVE_OPS:
-            out = (e.id,)
-        else:
+        if e.op in MOVE_OPS:
             acc: set[int] = set()
             for a in e.args:
                 acc.update(self.leaves(a))
             out = tuple(sorted(acc))
+        else:
+            x = self.unit(e)
+            out = (e.id,) if x is None else self.leaves(x)
         self._leaves[e.id] = out
         return out
+
+    def unit(self, e: Expr) -> Expr | None:
+        """`unit_product_operand` of ``e``, memoized (``x * ones`` moves ``x``)."""
+        if e.op != "call":
+            return None
+        hit = self._unit.get(e.id, False)
+        if hit is False:
+            hit = self._unit[e.id] = unit_product_operand(e)
+        return hit
+
+    def moves(self, e: Expr) -> bool:
+        """``e`` is data movement of its leaves (a movement node, or a product with ones)."""
+        return e.op in MOVE_OPS or self.unit(e) is not None
 
     def signature(self, e: Expr) -> tuple:
         return (tuple(e.shape), e.dtype, self.leaves(e))
@@ -99,6 +167,8 @@ class MovementIndex:
                 return False
             if x.op in MOVE_OPS:
                 stack.extend(x.args)
+            elif self.unit(x) is not None:
+                stack.append(self.unit(x))
         return True
 
     def index_tensor(self, e: Expr, numbering: dict) -> torch.Tensor:
@@ -109,11 +179,13 @@ class MovementIndex:
             v = memo.get(x.id)
             if v is not None:
                 return v
-            if x.op not in MOVE_OPS:
+            if x.op in MOVE_OPS:
+                v = apply_op(x.op, x.attrs, [go(a) for a in x.args])
+            elif self.unit(x) is not None:
+                v = go(self.unit(x)).expand(tuple(x.shape))
+            else:
                 off = numbering[x.id]
                 v = torch.arange(off, off + math.prod(x.shape), dtype=torch.int64).view(x.shape)
-            else:
-                v = apply_op(x.op, x.attrs, [go(a) for a in x.args])
             memo[x.id] = v
             return v
 
@@ -135,7 +207,7 @@ class MovementIndex:
             return True
         if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
             return False
-        if a.op not in MOVE_OPS and b.op not in MOVE_OPS:
+        if not self.moves(a) and not self.moves(b):
             return False  # two different opaque nodes
         key = (a.id, b.id) if a.id < b.id else (b.id, a.id)
         hit = self._eq.get(key)
