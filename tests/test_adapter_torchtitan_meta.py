@@ -176,3 +176,28 @@ def test_from_modules_grads_captured_once():
     r = gg.verify(problem)
     assert r.status == "proved", r
     assert r.stats["capture"]["traced"] == 1 and r.stats["capture"]["specialized"] == W - 1, r.stats["capture"]
+
+
+@needs_titan
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_rope_tables_computed_once_per_build_are_each_layers_own(device):
+    # tt.build computes each distinct RoPE table once per build (every layer holds one): each layer's
+    # table equals torchtitan's own computation for that layer's config, and is its own tensor
+    import copy as _copy
+
+    from gg_notebook.adapters import torchtitan as tt
+    from gg_notebook.capture.tracing import fake_process_group
+
+    cfg = tt.llama3_config(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128)
+    cfg.layers[2] = _copy.deepcopy(cfg.layers[2])
+    cfg.layers[2].attention.rope.theta = 10000  # one layer with another table
+    with fake_process_group(0, 1):
+        model = tt.build(cfg, tp=1, device=device)
+    caches = [layer.attention.rope.cache for layer in model.layers.values()]
+    for layer, cache in zip(model.layers.values(), caches):
+        assert cache.device.type == "cpu"
+        with torch.device("cpu"):
+            want = layer.attention.rope._precompute_cache()  # torchtitan's, after the build
+        assert torch.equal(cache, want)
+    assert not torch.equal(caches[2], caches[0]) and torch.equal(caches[1], caches[0])
+    assert len({c.data_ptr() for c in caches}) == len(caches)  # no layer shares another's storage

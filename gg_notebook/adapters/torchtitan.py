@@ -204,6 +204,48 @@ def _shims() -> Iterator[None]:
             vars(tls).update(saved_tls)
 
 
+@contextmanager
+def _rope_tables_once() -> Iterator[None]:
+    """Every attention layer of a torchtitan decoder holds its own RoPE table, which its
+    ``_precompute_cache`` computes from the layer's RoPE config alone, on the default device: within
+    this context each distinct (RoPE class, config, device) table is computed once and every layer
+    gets its own copy of it (the same values; a 126-layer model computed 252 tables per build, about
+    half of a meta build's time). A config that is not a dataclass is computed as before."""
+    import dataclasses
+
+    with _import_shims():
+        from torchtitan.models.common import rope
+
+    classes, todo = [], [rope.RoPE]
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        if "_precompute_cache" in c.__dict__:
+            classes.append(c)
+    tables: dict = {}
+
+    def once(original):
+        def _precompute_cache(self):
+            cfg = getattr(self, "config", None)
+            if not dataclasses.is_dataclass(cfg):
+                return original(self)
+            key = (type(self), original, repr(dataclasses.astuple(cfg)), str(torch.get_default_device()))
+            hit = tables.get(key)
+            if hit is None:
+                hit = tables[key] = original(self)
+            return hit.clone()
+        return _precompute_cache
+
+    saved = [(c, c.__dict__["_precompute_cache"]) for c in classes]
+    try:
+        for c, f in saved:
+            c._precompute_cache = once(f)
+        yield
+    finally:
+        for c, f in saved:
+            c._precompute_cache = f
+
+
 # --------------------------------------------------------------------------------------------------
 # Building a model the way torchtitan's trainer does (TP step of parallelize_llama)
 
@@ -272,7 +314,7 @@ def build(model_config: Any, *, tp: int | None = None, sp: bool = True, backend:
         raise ValueError(f"build(device={device!r}): use 'cpu' (weights allocated and initialised) or 'meta' "
                          "(shapes only).")
     t = _titan()
-    with _shims():
+    with _shims(), _rope_tables_once():
         world = dist.get_world_size() if dist.is_initialized() else 1
         tp = world if tp is None else tp
         if tp != world:
