@@ -85,6 +85,7 @@ from gg_notebook.capture.source import extra_node_meta, is_user_file
 
 
 _NAMES: dict = {}
+_DEVICE_QUERY = torch.ops.prim.device.default
 _P2P = {"c10d.send.default", "c10d.recv_.default", "c10d.recv_any_source_.default"}
 
 
@@ -295,6 +296,14 @@ class OpRecorder(TorchDispatchMode):
         for t in types:
             if t is not FakeTensor and t is not torch.Tensor:
                 return NotImplemented  # a tensor subclass (DTensor): record the calls it makes instead
+        if func is _DEVICE_QUERY:
+            # a device query (most calls: autograd's engine asks for every gradient's device) answers
+            # with the device of a recorded tensor, which the recording holds (`_out_meta`): it adds
+            # nothing to write down, and it leaves no graph node. Below this mode there is only the
+            # fake mode (and make_fx's proxy mode, which passes the query on): answered as they do
+            if len(args) == 1 and type(args[0]) is FakeTensor and not kwargs:
+                return args[0].device
+            return func(*args, **kwargs)
         if self.broken is not None:
             return func(*args, **kwargs)
         i = len(self.rec.calls)
@@ -306,10 +315,14 @@ class OpRecorder(TorchDispatchMode):
         flat: list = []
         shape: list = []
         _flatten((args, kwargs), flat, shape)
-        outs: list = []
-        _flatten(out, outs, [])
-        if outs and not any(type(o) is FakeTensor for o in outs) and not any(type(a) is FakeTensor for a in flat):
-            return out  # real tensors only (a DeviceMesh built outside the trace): not in any graph
+        if type(out) is FakeTensor:
+            outs = [out]
+        else:
+            outs = []
+            _flatten(out, outs, [])
+            if outs and not any(type(o) is FakeTensor for o in outs) \
+                    and not any(type(a) is FakeTensor for a in flat):
+                return out  # real tensors only (a DeviceMesh built outside the trace): not in any graph
         structure: list = []
         scalars: list = []
         try:
@@ -318,11 +331,10 @@ class OpRecorder(TorchDispatchMode):
             out_meta = []
             for o in outs:
                 if isinstance(o, torch.Tensor):
-                    k = self._known(o)
+                    k = self.ids.get(id(o))
                     if k is None:
                         k = self._register(o)
-                    out_meta.append((k, tuple(o.shape), tuple(o.stride()) if o.layout == torch.strided else (),
-                                     o.dtype, o.requires_grad))
+                    out_meta.append((k, *_out_meta(o)))
                 else:
                     self._leaf(o, out_meta, [])  # a Python number a kernel returned: a literal
         except NotRecordable as e:
@@ -331,9 +343,11 @@ class OpRecorder(TorchDispatchMode):
         except Exception as e:  # noqa: BLE001 - bookkeeping failed: this rank falls back
             self.broken = f"{func}: {type(e).__name__}: {e}"
             return out
-        plan = _alias_plan(func)
+        plan = _PLANS.get(func, False)
+        if plan is False:
+            plan = _alias_plan(func)
         if plan:
-            self._storage(len(self.rec.calls), plan, args, kwargs, out)
+            self._storage(i, plan, args, kwargs, out)
         elif plan is None:
             self.rec.opaque = True
         name = _NAMES.get(func)
@@ -412,8 +426,15 @@ def _process_group(x) -> tuple | None:
 
 
 def _meta(x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), tuple(x.stride()) if x.layout == torch.strided else (), x.dtype, x.device.type,
+    return (tuple(x.shape), tuple(x.stride()) if x.layout == torch.strided else (), x.dtype, x.device,
             x.requires_grad)
+
+
+def _out_meta(o: torch.Tensor) -> tuple:
+    """A result's shape, strides, dtype, requires_grad and device (the answer of every later device
+    query about it: those are not written down, see `OpRecorder.__torch_dispatch__`)."""
+    return (tuple(o.shape), tuple(o.stride()) if o.layout == torch.strided else (), o.dtype, o.requires_grad,
+            o.device)
 
 
 def _bits(x: float) -> bytes:
