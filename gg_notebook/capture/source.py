@@ -87,16 +87,6 @@ def _frame_tuple(filename: str, lineno: int, name: str) -> Frame:
     return (filename, lineno, name, linecache.getline(filename, lineno).strip())
 
 
-def _raw_stack(start) -> list[tuple[str, int, str]]:
-    """(filename, lineno, name) of every frame from ``start`` outwards, innermost first."""
-    out = []
-    f = start
-    while f is not None:
-        out.append((f.f_code.co_filename, f.f_lineno, f.f_code.co_name))
-        f = f.f_back
-    return out
-
-
 def user_frames_of_traceback(tb) -> list[Frame]:
     """User frames of an exception traceback, outermost first."""
     frames = []
@@ -120,32 +110,57 @@ _AUTOGRAD_ENTRY = {
 
 
 class _Recorder:
+    """Annotates nodes while a program is traced. The user frames of a node are found by one walk
+    up the stack that keeps only user frames; their source text and the strings made from them are
+    computed once per trace (a 405B-shaped rank creates tens of thousands of nodes from a few hundred
+    lines)."""
+
     def __init__(self) -> None:
         self.fwd_frames: dict[int, list[Frame]] = {}
+        self._frames: dict[tuple, Frame] = {}  # (file, line, name) -> Frame
+        self._texts: dict[tuple, tuple] = {}  # the frames of a node -> (gg_source, stack_trace)
+
+    def _frame(self, raw: tuple) -> Frame:
+        fr = self._frames.get(raw)
+        if fr is None:
+            fr = self._frames[raw] = _frame_tuple(*raw)
+        return fr
 
     def annotate(self, node: torch.fx.Node) -> None:
         if _extra_meta:
             node.meta.update(_extra_meta)
         if node.op != "call_function" or "gg_frames" in _extra_meta:
             return
-        raw = _raw_stack(sys._getframe(2))  # innermost first, skipping the tracer's own frames
         in_backward = torch._C._current_autograd_node() is not None
+        # the user frames (innermost first) before and after the autograd entry point
+        # (autograd.grad / backward), skipping the tracer's own frames; all "inner" in the forward
+        inner: list = []
+        outer: list = []
+        user = inner
+        cache = _user_file_cache
+        f = sys._getframe(2)
+        while f is not None:
+            code = f.f_code
+            name = code.co_filename
+            if in_backward and user is inner and (name, code.co_name) in _AUTOGRAD_ENTRY:
+                user = outer
+            mine = cache.get(name)
+            if mine is None:
+                mine = is_user_file(name)
+            if mine:
+                user.append((name, f.f_lineno, code.co_name))
+            f = f.f_back
         if not in_backward:
-            frames = [_frame_tuple(*fr) for fr in reversed(raw) if is_user_file(fr[0])]
+            frames = [self._frame(fr) for fr in reversed(inner)]
             kind = "forward_code"
             seq = torch.autograd._get_sequence_nr() - 1
             if frames:
                 self.fwd_frames.setdefault(seq, frames)
         else:
-            # Split the stack at the autograd entry point (autograd.grad / backward).
-            entry = next((i for i, fr in enumerate(raw) if (fr[0], fr[2]) in _AUTOGRAD_ENTRY), None)
-            inner = raw if entry is None else raw[:entry]
-            outer = [] if entry is None else raw[entry:]
-            inner_user = [fr for fr in inner if is_user_file(fr[0])]
-            outer_user = [_frame_tuple(*fr) for fr in reversed(outer) if is_user_file(fr[0])]
-            if inner_user:
+            outer_user = [self._frame(fr) for fr in reversed(outer)]
+            if inner:
                 kind = "backward_code"
-                frames = outer_user + [_frame_tuple(*fr) for fr in reversed(inner_user)]
+                frames = outer_user + [self._frame(fr) for fr in reversed(inner)]
             else:
                 node_ = torch._C._current_autograd_node()
                 fwd = None
@@ -158,11 +173,17 @@ class _Recorder:
                 else:
                     kind, frames = "grad_call", outer_user
             node.meta["gg_backward"] = True
-        node.meta["gg_frames"] = frames
-        node.meta["gg_source"] = format_source(frames[-1]) if frames else None
-        node.meta["gg_source_kind"] = kind
+        texts = None
         if frames:
-            node.meta["stack_trace"] = format_frames(frames)
+            key = tuple(frames)
+            texts = self._texts.get(key)
+            if texts is None:
+                texts = self._texts[key] = (format_source(frames[-1]), format_frames(frames))
+        node.meta["gg_frames"] = frames
+        node.meta["gg_source"] = texts[0] if texts else None
+        node.meta["gg_source_kind"] = kind
+        if texts:
+            node.meta["stack_trace"] = texts[1]
 
 
 @contextmanager

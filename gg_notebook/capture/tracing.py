@@ -90,23 +90,50 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
 # Inputs
 
 
-def _fake_like(mode: FakeTensorMode, t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    """A fresh contiguous fake tensor with t's shape/dtype (meta tensors become CPU)."""
-    device = torch.device("cpu") if t.device.type == "meta" else t.device
+def _fake_device(t: torch.Tensor) -> torch.device:
+    """The device of ``t``'s fake stand-in: meta tensors become CPU."""
+    return torch.device("cpu") if t.device.type == "meta" else t.device
+
+
+def _fake_empty(mode: FakeTensorMode, shape, dtype: torch.dtype, device: torch.device,
+                requires_grad: bool) -> torch.Tensor:
     with mode:
-        out = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
-    if requires_grad and (t.dtype.is_floating_point or t.dtype.is_complex):
+        out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if requires_grad and (dtype.is_floating_point or dtype.is_complex):
         out.requires_grad_(True)
     return out
+
+
+def _fake_like(mode: FakeTensorMode, t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A fresh contiguous fake tensor with t's shape/dtype (meta tensors become CPU)."""
+    return _fake_empty(mode, t.shape, t.dtype, _fake_device(t), requires_grad)
 
 
 def _global_fakes(mode: FakeTensorMode, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [_fake_like(mode, t, t.requires_grad) for t in inputs]
 
 
-def _local_fakes(problem: Problem, mode: FakeTensorMode, globals_: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+def _local_fakes(problem: Problem, mode: FakeTensorMode, globals_: list[torch.Tensor] | None,
+                 rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s local inputs: fresh contiguous fake tensors of the shapes `local_input` gives.
+
+    A built-in placement (Replicate, Shard, Partial) only picks a shape: it is run on a plain meta
+    tensor (no fake-tensor dispatch: a 405B-shaped program has thousands of inputs); a `Layout`'s
+    function runs on the global input's fake stand-in (``globals_[i]``, made here if None), as does
+    a built-in placement whose meta run raises (so that its error is reported as for a Layout)."""
     out = []
-    for i, (g, p, orig) in enumerate(zip(globals_, problem.placements, problem.inputs)):
+    for i, (p, orig) in enumerate(zip(problem.placements, problem.inputs)):
+        if not isinstance(p, Layout):
+            try:
+                with torch.no_grad():
+                    loc = local_input(torch.empty(tuple(orig.shape), dtype=orig.dtype, device="meta"), p, rank,
+                                      problem.world_size)
+            except Exception:  # noqa: BLE001 - reported from the fake run below
+                pass
+            else:
+                out.append(_fake_empty(mode, loc.shape, loc.dtype, _fake_device(orig), orig.requires_grad))
+                continue
+        g = globals_[i] if globals_ is not None else _fake_like(mode, orig, orig.requires_grad)
         try:
             with mode, torch.no_grad():
                 loc = local_input(g, p, rank, problem.world_size)
@@ -575,7 +602,7 @@ def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, l
 
 def _trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     mode = FakeTensorMode()
-    globals_ = _global_fakes(mode, problem.inputs)
+    globals_ = _global_fakes(mode, problem.inputs) if rank is None else None  # a rank's: `_local_fakes`
     reads = None
     for attempt in (0, 1):
         try:
