@@ -228,12 +228,30 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     if report is not None:
         _report_steps(engine, report)
     try:
-        _guard("inferring", engine.run, node_of=lambda: _current(engine))
+        passes = _guard("inferring", engine.run_greedy_first, functools.partial(_greedy_proves, problem, stats),
+                        node_of=lambda: _current(engine))
     finally:
         engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
     stats["inference_s"] = time.perf_counter() - t0
+    stats["inference_passes"] = passes
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)
+
+
+def _greedy_proves(problem: Problem, stats: dict, engine: Engine) -> bool:
+    """Do the greedy pass's relations prove ``problem`` (`Engine.run_greedy_first`)? Proved, or
+    assumed only under the problem's own assumptions (dropout as the identity, the routing of the
+    example inputs), never under one a relation brought in (a clamped count, a user relation): any
+    other outcome is decided by the exhaustive search, so the verdict is always the one it gives."""
+    from gg_notebook.engine.clamped_count import assumptions as clamped_count_assumptions
+
+    if engine.stuck_at is not None:
+        return False
+    result = judge(engine, problem, dict(stats))
+    if result.status is Status.PROVED:
+        return True
+    return (result.status is Status.ASSUMED and not engine.user_relations
+            and not clamped_count_assumptions(engine))
 
 
 def conclude(engine: Engine, problem: Problem, stats: dict, *, exact: str = "real", concrete: bool = True,

@@ -106,6 +106,11 @@ class Engine:
         self.user_relations: dict[str, list[Candidate]] = {}  # hints / accepted suggestions, by node
         self.bitwise = False  # exact="bitwise": only lemmas that preserve floating-point results bit for bit
         self.disabled: set[str] = set()  # lemma names switched off (experiments, tests)
+        # greedy: an operator's inputs' relations are tried combination by combination only until one
+        # gives a clean relation (`infer`); the other combinations mostly find the same relations again
+        # (a matmul of a replicated value, of its other spellings, of its row blocks). `run_greedy_first`
+        # falls back to the exhaustive search when the greedy relations do not prove the problem.
+        self.greedy = False
         self._failures: list[tuple[int, OpSpec]] = []
         # every lemma application the relations rest on: (lemma, operator, argument relations, plan),
         # re-checked numerically after a proof (translation validation)
@@ -576,6 +581,27 @@ class Engine:
             finally:
                 release_shared()  # id-domain evaluations shared by the run's matchers (lemmas/domain.py)
 
+    def run_greedy_first(self, accept) -> int:
+        """`run` greedily (see ``greedy``); if ``accept(self)`` says its relations do not do (the proof
+        is stuck, or an output lacks the relation it needs), take every step back and `run` again with
+        the exhaustive search: then the relations, and the verdict, are exactly those of `run`. The
+        second pass reuses what the first one learnt (pushes, lookups, terms: functions of the
+        operator, its argument relations and the fixed index, whatever the mode; the lemma instances
+        and domain facts recorded with them stay). Returns the number of passes (1 or 2)."""
+        self.greedy = True
+        try:
+            self.run()
+        finally:
+            self.greedy = False
+        if accept(self):
+            return 1
+        self.undo_to(0)
+        self.stuck_at = None
+        self.deferred.clear()
+        self.relations.clear()
+        self.run()
+        return 2
+
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds
         (a rank that splits its shard again, into micro-batches or chunks, computes on those)."""
@@ -650,6 +676,8 @@ class Engine:
                 continue
             out.extend(found)
             if len(_dedupe(out)) >= MAX_CANDIDATES:
+                break
+            if self.greedy and n.op == "call" and any(not has_factor(c.expr) for c in found):
                 break
         return out
 
