@@ -199,7 +199,9 @@ class Engine:
         return self.store.scale(self.index.ref(d), f)
 
     # ------------------------------------------------------------------ push
-    def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
+    def lookup(self, spec: OpSpec, args: tuple, factor: bool = True) -> Expr | None:
+        """A relation for ``spec`` on ``args`` some rank holds as is: by term, by data movement, by a
+        matcher; then (``factor``) by the scalar normal form, possibly up to a factor (`up_to_factor`)."""
         self.stats["lookups"] += 1
         # a function of the operator, the argument relations and the fixed index (not of the depth
         # `push` asks it at: the same call is pushed again deeper or shallower by other plans); what
@@ -208,10 +210,21 @@ class Engine:
         key = (spec, tuple([a.id for a in args]), self.bitwise)
         memo = self._lookup_memo
         hit = memo.get(key, memo)
-        if hit is not memo:
-            return hit
-        r = memo[key] = self._lookup(spec, args)
-        return r
+        if hit is memo:
+            hit = memo[key] = self._lookup(spec, args)
+        if hit is None and factor:
+            return self.lookup_factor(spec, args)
+        return hit
+
+    def lookup_factor(self, spec: OpSpec, args: tuple) -> Expr | None:
+        """The last resort of `lookup`: the call's term found by the scalar normal form (never with
+        exact="bitwise"); memoized by the term (`up_to_factor`)."""
+        if spec.unique is None and not self.bitwise:
+            try:
+                return self.up_to_factor(self.store.call(spec, [self.to_term(a) for a in args]))
+            except ShapeError:
+                return None
+        return None
 
     def _lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         if spec.unique is None:
@@ -248,22 +261,21 @@ class Engine:
             found = matcher(self, spec, args)
             if found is not None:
                 return found
-        if spec.unique is None and not self.bitwise:
-            try:
-                return self.up_to_factor(self.store.call(spec, [self.to_term(a) for a in args]))
-            except ShapeError:
-                return None
-        return None
+        return None  # (`lookup` then asks `lookup_factor`)
 
     def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:
-        key = (spec, tuple(a.id for a in args), depth)
+        greedy = self.greedy
+        key = (spec, tuple(a.id for a in args), depth, greedy)
         hit = self._push_memo.get(key)
         if hit is not None:
             return hit
         self._push_memo[key] = []  # cut cycles
         self.stats["pushes"] += 1
         out: list[Candidate] = []
-        found = self.lookup(spec, args)
+        # greedy: the scalar normal form last, only if no lemma gives a clean relation (it normalizes
+        # the call's whole history, and the operators whose relations are concatenations - every
+        # matmul under sequence parallelism - are related by a lemma, not found up to a factor)
+        found = self.lookup(spec, args, factor=not greedy)
         if found is not None:
             out.append(Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
         if depth > 0 and not any(not has_factor(c.expr) for c in out):
@@ -289,6 +301,10 @@ class Engine:
                             break
                     if len(out) >= MAX_CANDIDATES:
                         break
+        if greedy and found is None and not any(not has_factor(c.expr) and not _has_compute(c.expr) for c in out):
+            found = self.lookup_factor(spec, args)
+            if found is not None:
+                out.insert(0, Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
         out = [c for c in _dedupe(out) if not _has_compute(c.expr)]
         out.sort(key=lambda c: has_factor(c.expr))  # a clean relation before one up to a factor
         self._push_memo[key] = out
