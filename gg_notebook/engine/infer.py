@@ -301,6 +301,8 @@ class Engine:
                             break
                     if len(out) >= MAX_CANDIDATES:
                         break
+                    if greedy and any(not has_factor(c.expr) and not _has_compute(c.expr) for c in out):
+                        break  # greedy: the first lemma that gives a clean relation is enough
         if greedy and found is None and not any(not has_factor(c.expr) and not _has_compute(c.expr) for c in out):
             found = self.lookup_factor(spec, args)
             if found is not None:
