@@ -380,6 +380,14 @@ class Engine:
         else:
             self._failures = []
             cands = self.infer(n)
+            if self.greedy and (not cands or all(has_factor(c.expr) for c in cands)):
+                # greedy and no clean relation: this operator searched exhaustively before the
+                # whole proof is (`run_greedy_first`)
+                self.greedy = False
+                try:
+                    cands = _dedupe(cands + self.infer(n))
+                finally:
+                    self.greedy = True
             if not cands or all(has_factor(c.expr) for c in cands):
                 # none, or only up to a factor: other relations of the inputs may give a clean one
                 cands = cands + self.infer(n, refine=True)
