@@ -611,9 +611,10 @@ class Engine:
         """`run` greedily (see ``greedy``); if ``accept(self)`` says its relations do not do (the proof
         is stuck, or an output lacks the relation it needs), take every step back and `run` again with
         the exhaustive search: then the relations, and the verdict, are exactly those of `run`. The
-        second pass reuses what the first one learnt (pushes, lookups, terms: functions of the
-        operator, its argument relations and the fixed index, whatever the mode; the lemma instances
-        and domain facts recorded with them stay). Returns the number of passes (1 or 2)."""
+        second pass starts afresh (no pushes or lookups of the first, so the lemma instances and the
+        domain facts recorded with them are the second pass's own) but keeps what is a function of
+        an expression and the fixed index alone (terms, values realized, values up to a factor).
+        Returns the number of passes (1 or 2)."""
         self.greedy = True
         try:
             self.run()
@@ -625,6 +626,10 @@ class Engine:
         self.stuck_at = None
         self.deferred.clear()
         self.relations.clear()
+        self._push_memo.clear()
+        self._lookup_memo.clear()  # (a matcher records domain facts on its way: asked again)
+        self.instances.clear()
+        self.domain_facts.clear()
         self.run()
         return 2
 
