@@ -7,6 +7,13 @@ ranks (`DIndex`). Whatever survives is a clean expression over distributed tenso
 
 Everything is deterministic (lemmas in registry order, candidates in discovery order), memoized
 per (operator, argument relations), and recorded as `Step`s so a session can replay and show it.
+
+`gg.verify` runs greedily first (`Engine.run_greedy_first`): an operator's input relations are
+combined only until one combination gives a clean relation, a push stops at the first lemma that
+gives one, and the scalar normal form is asked last. Every relation found is still a lemma's or a
+rank's, so a greedy proof is a proof; when the greedy relations do not prove the problem (stuck, an
+output without the relation it needs), the exhaustive search runs from the start, and its verdict
+is the answer. A session steps exhaustively.
 """
 
 from __future__ import annotations
