@@ -186,7 +186,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
            validate: bool = True, capture: str = "auto", capture_once: bool = True, executor=None,
-           progress=None) -> Result:
+           progress=None, greedy: bool = True) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -216,6 +216,11 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     a ProcessPoolExecutor only module-level ones). A worker may capture several programs in turn,
     so module-level state of the user's code is not fresh per rank there (it is with the default).
 
+    ``greedy`` (default on): infer greedily first, exhaustively only if that does not prove the
+    problem (`gg_notebook.engine.infer.Engine.run_greedy_first`): the verdict is the exhaustive
+    search's either way, the relations of a proof may be fewer; ``greedy=False`` steps exactly as a
+    `ProofSession` does.
+
     ``progress``: True for tqdm.auto bars (capture per program and rank, inference per operator),
     or a callable ``f(stage, done, total, detail)`` (see `gg_notebook.capture.progress`)."""
     if exact not in ("real", "bitwise"):
@@ -228,8 +233,12 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     if report is not None:
         _report_steps(engine, report)
     try:
-        passes = _guard("inferring", engine.run_greedy_first, functools.partial(_greedy_proves, problem, stats),
-                        node_of=lambda: _current(engine))
+        if greedy:
+            passes = _guard("inferring", engine.run_greedy_first, functools.partial(_greedy_proves, problem, stats),
+                            node_of=lambda: _current(engine))
+        else:
+            _guard("inferring", engine.run, node_of=lambda: _current(engine))
+            passes = 1
     finally:
         engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
     stats["inference_s"] = time.perf_counter() - t0
