@@ -186,7 +186,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
            validate: bool = True, capture: str = "auto", capture_once: bool = True, executor=None,
-           progress=None) -> Result:
+           progress=None, greedy: bool = True) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -216,6 +216,11 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     a ProcessPoolExecutor only module-level ones). A worker may capture several programs in turn,
     so module-level state of the user's code is not fresh per rank there (it is with the default).
 
+    ``greedy`` (default on): infer greedily first, exhaustively only if that does not prove the
+    problem (`gg_notebook.engine.infer.Engine.run_greedy_first`): the verdict is the exhaustive
+    search's either way, the relations of a proof may be fewer; ``greedy=False`` steps exactly as a
+    `ProofSession` does.
+
     ``progress``: True for tqdm.auto bars (capture per program and rank, inference per operator),
     or a callable ``f(stage, done, total, detail)`` (see `gg_notebook.capture.progress`)."""
     if exact not in ("real", "bitwise"):
@@ -228,12 +233,34 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     if report is not None:
         _report_steps(engine, report)
     try:
-        _guard("inferring", engine.run, node_of=lambda: _current(engine))
+        if greedy:
+            passes = _guard("inferring", engine.run_greedy_first, functools.partial(_greedy_proves, problem, stats),
+                            node_of=lambda: _current(engine))
+        else:
+            _guard("inferring", engine.run, node_of=lambda: _current(engine))
+            passes = 1
     finally:
         engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
     stats["inference_s"] = time.perf_counter() - t0
+    stats["inference_passes"] = passes
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)
+
+
+def _greedy_proves(problem: Problem, stats: dict, engine: Engine) -> bool:
+    """Do the greedy pass's relations prove ``problem`` (`Engine.run_greedy_first`)? Proved, or
+    assumed only under the problem's own assumptions (dropout as the identity, the routing of the
+    example inputs), never under one a relation brought in (a clamped count, a user relation): any
+    other outcome is decided by the exhaustive search, so the verdict is always the one it gives."""
+    from gg_notebook.engine.clamped_count import assumptions as clamped_count_assumptions
+
+    if engine.stuck_at is not None:
+        return False
+    result = judge(engine, problem, dict(stats))
+    if result.status is Status.PROVED:
+        return True
+    return (result.status is Status.ASSUMED and not engine.user_relations
+            and not clamped_count_assumptions(engine))
 
 
 def conclude(engine: Engine, problem: Problem, stats: dict, *, exact: str = "real", concrete: bool = True,

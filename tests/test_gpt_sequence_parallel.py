@@ -114,8 +114,11 @@ def test_unknown_sequence_parallel_bug_is_rejected():
 def test_gpt_block_sequence_parallel_forward_backward():
     # the gradient of (out * dout).sum() is ones * dout, all-gathered on the ranks (the backward of the
     # reduce-scatter) where the sequential w2 gradient's mm reads dout's blocks: x * ones is data movement
-    # (relations/movement.py, tests/test_unit_products.py)
+    # (relations/movement.py, tests/test_unit_products.py); verify's greedy pass and the exhaustive search
+    # (a ProofSession's steps) both prove it
     _proved(B.make_fwd_bwd(2, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16))
+    r = gg.verify(B.make_fwd_bwd(2, sequence_parallel=True, seq=4, hidden=8, heads=2, ffn=16), greedy=False)
+    assert r.status is gg.Status.PROVED, str(r)
 
 
 @pytest.mark.parametrize("bug", sorted(B.SP_FWD_BWD_BUGS))

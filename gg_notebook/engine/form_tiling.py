@@ -39,16 +39,22 @@ def _groups(index) -> dict:
     return groups
 
 
-def _table(index, shape, dtype) -> dict:
+def _table(index, shape, dtype, mask: int) -> dict:
     """{form key: [(first coefficient, base term)]} over the bases of this shape and dtype some rank
-    holds slices of (a form key holds its shape and dtype: bases of other shapes never match, so
-    their forms are computed only when a term of their shape asks)."""
+    holds slices of that read exactly the global inputs ``mask`` (`DIndex.leaf_mask`). A form key
+    holds its shape and dtype: bases of other shapes never match, so their forms are computed only
+    when a term of their shape asks. A multiple of a value reads the same inputs, as in
+    `DIndex.realized_up_to_factor`: the forms of bases that read other inputs (another layer's
+    activations) are never computed for the question (inputs that cancel out, ``(x + y) - y``,
+    are not looked through: such a value is not found up to a factor, never a wrong match)."""
     _, by_shape, tables = _groups(index)
-    key = (tuple(shape), dtype)
+    key = (tuple(shape), dtype, mask)
     table = tables.get(key)
     if table is None:
         table = {}
-        for base in by_shape.get(key, ()):
+        for base in by_shape.get(key[:2], ()):
+            if index.leaf_mask(base) != mask:
+                continue
             k = index.forms.key(base)
             if k is not None:
                 table.setdefault(k[0], []).append((k[1], base))
@@ -99,7 +105,8 @@ def tiling_up_to_factor(index, term: Expr) -> tuple[Fraction, int, list] | None:
     # memoized, whatever the order of the questions: `LinearForms.of`)
     # (a term's form is computed only if some tiled base of its shape and dtype has a key: with
     # none, no key of the term could be found in the table)
-    table = _table(index, term.shape, term.dtype) if (tuple(term.shape), term.dtype) in _table_shapes(index) else {}
+    table = (_table(index, term.shape, term.dtype, index.leaf_mask(term))
+             if (tuple(term.shape), term.dtype) in _table_shapes(index) else {})
     k = index.forms.key(term) if table else None
     deep = table.get(k[0], ()) if k is not None else ()
     found = None

@@ -7,6 +7,13 @@ ranks (`DIndex`). Whatever survives is a clean expression over distributed tenso
 
 Everything is deterministic (lemmas in registry order, candidates in discovery order), memoized
 per (operator, argument relations), and recorded as `Step`s so a session can replay and show it.
+
+`gg.verify` runs greedily first (`Engine.run_greedy_first`): an operator's input relations are
+combined only until one combination gives a clean relation, a push stops at the first lemma that
+gives one, and the scalar normal form is asked last. Every relation found is still a lemma's or a
+rank's, so a greedy proof is a proof; when the greedy relations do not prove the problem (stuck, an
+output without the relation it needs), the exhaustive search runs from the start, and its verdict
+is the answer. A session steps exhaustively.
 """
 
 from __future__ import annotations
@@ -106,6 +113,11 @@ class Engine:
         self.user_relations: dict[str, list[Candidate]] = {}  # hints / accepted suggestions, by node
         self.bitwise = False  # exact="bitwise": only lemmas that preserve floating-point results bit for bit
         self.disabled: set[str] = set()  # lemma names switched off (experiments, tests)
+        # greedy: an operator's inputs' relations are tried combination by combination only until one
+        # gives a clean relation (`infer`); the other combinations mostly find the same relations again
+        # (a matmul of a replicated value, of its other spellings, of its row blocks). `run_greedy_first`
+        # falls back to the exhaustive search when the greedy relations do not prove the problem.
+        self.greedy = False
         self._failures: list[tuple[int, OpSpec]] = []
         # every lemma application the relations rest on: (lemma, operator, argument relations, plan),
         # re-checked numerically after a proof (translation validation)
@@ -194,7 +206,9 @@ class Engine:
         return self.store.scale(self.index.ref(d), f)
 
     # ------------------------------------------------------------------ push
-    def lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
+    def lookup(self, spec: OpSpec, args: tuple, factor: bool = True) -> Expr | None:
+        """A relation for ``spec`` on ``args`` some rank holds as is: by term, by data movement, by a
+        matcher; then (``factor``) by the scalar normal form, possibly up to a factor (`up_to_factor`)."""
         self.stats["lookups"] += 1
         # a function of the operator, the argument relations and the fixed index (not of the depth
         # `push` asks it at: the same call is pushed again deeper or shallower by other plans); what
@@ -203,10 +217,21 @@ class Engine:
         key = (spec, tuple([a.id for a in args]), self.bitwise)
         memo = self._lookup_memo
         hit = memo.get(key, memo)
-        if hit is not memo:
-            return hit
-        r = memo[key] = self._lookup(spec, args)
-        return r
+        if hit is memo:
+            hit = memo[key] = self._lookup(spec, args)
+        if hit is None and factor:
+            return self.lookup_factor(spec, args)
+        return hit
+
+    def lookup_factor(self, spec: OpSpec, args: tuple) -> Expr | None:
+        """The last resort of `lookup`: the call's term found by the scalar normal form (never with
+        exact="bitwise"); memoized by the term (`up_to_factor`)."""
+        if spec.unique is None and not self.bitwise:
+            try:
+                return self.up_to_factor(self.store.call(spec, [self.to_term(a) for a in args]))
+            except ShapeError:
+                return None
+        return None
 
     def _lookup(self, spec: OpSpec, args: tuple) -> Expr | None:
         if spec.unique is None:
@@ -243,22 +268,21 @@ class Engine:
             found = matcher(self, spec, args)
             if found is not None:
                 return found
-        if spec.unique is None and not self.bitwise:
-            try:
-                return self.up_to_factor(self.store.call(spec, [self.to_term(a) for a in args]))
-            except ShapeError:
-                return None
-        return None
+        return None  # (`lookup` then asks `lookup_factor`)
 
     def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:
-        key = (spec, tuple(a.id for a in args), depth)
+        greedy = self.greedy
+        key = (spec, tuple(a.id for a in args), depth, greedy)
         hit = self._push_memo.get(key)
         if hit is not None:
             return hit
         self._push_memo[key] = []  # cut cycles
         self.stats["pushes"] += 1
         out: list[Candidate] = []
-        found = self.lookup(spec, args)
+        # greedy: the scalar normal form last, only if no lemma gives a clean relation (it normalizes
+        # the call's whole history, and the operators whose relations are concatenations - every
+        # matmul under sequence parallelism - are related by a lemma, not found up to a factor)
+        found = self.lookup(spec, args, factor=not greedy)
         if found is not None:
             out.append(Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
         if depth > 0 and not any(not has_factor(c.expr) for c in out):
@@ -284,6 +308,12 @@ class Engine:
                             break
                     if len(out) >= MAX_CANDIDATES:
                         break
+                    if greedy and any(not has_factor(c.expr) and not _has_compute(c.expr) for c in out):
+                        break  # greedy: the first lemma that gives a clean relation is enough
+        if greedy and found is None and not any(not has_factor(c.expr) and not _has_compute(c.expr) for c in out):
+            found = self.lookup_factor(spec, args)
+            if found is not None:
+                out.insert(0, Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
         out = [c for c in _dedupe(out) if not _has_compute(c.expr)]
         out.sort(key=lambda c: has_factor(c.expr))  # a clean relation before one up to a factor
         self._push_memo[key] = out
@@ -357,6 +387,14 @@ class Engine:
         else:
             self._failures = []
             cands = self.infer(n)
+            if self.greedy and (not cands or all(has_factor(c.expr) for c in cands)):
+                # greedy and no clean relation: this operator searched exhaustively before the
+                # whole proof is (`run_greedy_first`)
+                self.greedy = False
+                try:
+                    cands = _dedupe(cands + self.infer(n))
+                finally:
+                    self.greedy = True
             if not cands or all(has_factor(c.expr) for c in cands):
                 # none, or only up to a factor: other relations of the inputs may give a clean one
                 cands = cands + self.infer(n, refine=True)
@@ -576,6 +614,32 @@ class Engine:
             finally:
                 release_shared()  # id-domain evaluations shared by the run's matchers (lemmas/domain.py)
 
+    def run_greedy_first(self, accept) -> int:
+        """`run` greedily (see ``greedy``); if ``accept(self)`` says its relations do not do (the proof
+        is stuck, or an output lacks the relation it needs), take every step back and `run` again with
+        the exhaustive search: then the relations, and the verdict, are exactly those of `run`. The
+        second pass starts afresh (no pushes or lookups of the first, so the lemma instances and the
+        domain facts recorded with them are the second pass's own) but keeps what is a function of
+        an expression and the fixed index alone (terms, values realized, values up to a factor).
+        Returns the number of passes (1 or 2)."""
+        self.greedy = True
+        try:
+            self.run()
+        finally:
+            self.greedy = False
+        if accept(self):
+            return 1
+        self.undo_to(0)
+        self.stuck_at = None
+        self.deferred.clear()
+        self.relations.clear()
+        self._push_memo.clear()
+        self._lookup_memo.clear()  # (a matcher records domain facts on its way: asked again)
+        self.instances.clear()
+        self.domain_facts.clear()
+        self.run()
+        return 2
+
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds
         (a rank that splits its shard again, into micro-batches or chunks, computes on those)."""
@@ -650,6 +714,8 @@ class Engine:
                 continue
             out.extend(found)
             if len(_dedupe(out)) >= MAX_CANDIDATES:
+                break
+            if self.greedy and n.op == "call" and any(not has_factor(c.expr) for c in found):
                 break
         return out
 
