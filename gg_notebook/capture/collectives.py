@@ -143,6 +143,11 @@ def _not_constant(t: torch.Tensor) -> torch.Tensor:
 
     if getattr(t, "constant", None) is not None:  # a FakeTensor that remembers a small real value
         t.constant = None
+    from gg_notebook.capture.direct_trace import active_tracer
+
+    direct = active_tracer()
+    if direct is not None:  # the direct tracer's own record of known values
+        direct.forget_constant(t)
     mode = pt.get_proxy_mode()
     if mode is None:
         return t
@@ -461,7 +466,9 @@ def _outside_trace(fn):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-        with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        from gg_notebook.capture.direct_trace import untraced
+
+        with unset_fake_temporarily(), disable_proxy_modes_tracing(), untraced():
             return fn(*args, **kwargs)
 
     return call

@@ -32,20 +32,26 @@ def _is_data_assignment(func) -> bool:
     return getattr(func, "__name__", None) == "__set__" and getattr(func, "__self__", None) is _DATA_DESCRIPTOR
 
 
+_UNTRACEABLE = ("`tensor.data = other` with a value the trace has no operator for (a tensor made outside the "
+                "traced program); create it inside the program, pass it as an input, or copy the values in "
+                "(`with torch.no_grad(): t.copy_(other)`)")
+
+
 class _FollowDataAssignments(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if _is_data_assignment(func):
             target, value = args
+            from gg_notebook.capture.direct_trace import active_tracer
+
             mode = get_proxy_mode()
+            direct = active_tracer() if mode is None else None
+            if direct is not None and not direct.follow_data_assignment(target, value):
+                raise UntraceableAssignment(_UNTRACEABLE)
             if mode is not None:
                 tracker = mode.tracer.tensor_tracker
                 if value not in tracker:
-                    raise UntraceableAssignment(
-                        "`tensor.data = other` with a value the trace has no operator for (a tensor made "
-                        "outside the traced program); create it inside the program, pass it as an input, "
-                        "or copy the values in (`with torch.no_grad(): t.copy_(other)`)"
-                    )
+                    raise UntraceableAssignment(_UNTRACEABLE)
                 tracker[target] = tracker[value]
         return out
 

@@ -83,6 +83,7 @@ class _Captured:
     input_mutations: dict
     seconds: float
     phases: dict = field(default_factory=dict)  # seconds spent {"trace_s", "copy_s", "lower_s", "wait_s"}
+    pass1: str | None = None  # how its first pass was traced (tracing._trace: "direct" or "make_fx ..."); None if derived
 
 
 def _capture_one(problem: Problem, lower: Lower, rank: int | None) -> _Captured:
@@ -92,7 +93,7 @@ def _capture_one(problem: Problem, lower: Lower, rank: int | None) -> _Captured:
     graph = lower(gm, rank)
     t2 = time.perf_counter()
     return _Captured(graph, issued, _n_outputs(gm), dict(gm.meta.get("gg_input_mutations", {})),
-                     t2 - t0, {"trace_s": t1 - t0, "lower_s": t2 - t1})
+                     t2 - t0, {"trace_s": t1 - t0, "lower_s": t2 - t1}, gm.meta.get("gg_pass1"))
 
 
 class _Members:
@@ -191,7 +192,7 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
             pristine = _copy_graph(gm)
             t2 = time.perf_counter()
             # the representative is the lowest rank of its class: its lowering error is the one reported
-            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0)
+            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0, pass1=gm.meta.get("gg_pass1"))
             phases["copy_s"] += t2 - t1
             phases["lower_s"] += time.perf_counter() - t2
             traced = pristine, issued, rec
@@ -280,7 +281,7 @@ def _derive_share(spec: Specializer, share: list[Diff], lower: Lower, issued, n_
             phases["copy_s"] += sum(c for _, _, c in copies)
             t2 = time.perf_counter()
             gm = spec.gm
-            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0)
+            out[rank] = _Captured(lower(gm, rank), issued, n_out, mutations, 0.0, pass1=gm.meta.get("gg_pass1"))
             phases["lower_s"] += time.perf_counter() - t2
         for r, g, copy_s in copies:
             t1 = time.perf_counter()
@@ -539,6 +540,9 @@ def _capture_and_lower(problem: Problem, lower: Lower, mode: str = "auto", once:
     }
     if warm_s:
         stats["capture_warmup_s"] = warm_s
+    # how each traced program's first pass was made: capture.direct_trace, or make_fx where it refused
+    stats["capture_pass1"] = {("sequential" if p is None else p): c.pass1
+                              for p, c in zip(programs, captured) if c.pass1 is not None}
     if once_stats is not None:
         stats["capture"] = once_stats
     return LoweredProgram(

@@ -189,6 +189,7 @@ class _Recorder:
 @contextmanager
 def record_sources() -> Iterator[_Recorder]:
     """Annotate every node the make_fx tracer creates with user source locations (restored after)."""
+    global _active
     recorder = _Recorder()
     original = PythonKeyTracer.create_node
 
@@ -198,10 +199,24 @@ def record_sources() -> Iterator[_Recorder]:
         return node
 
     PythonKeyTracer.create_node = create_node
+    saved, _active = _active, recorder
     try:
         yield recorder
     finally:
         PythonKeyTracer.create_node = original
+        _active = saved
+
+
+_active: _Recorder | None = None  # the recorder of the innermost `record_sources` block
+
+
+def annotate_node(node: torch.fx.Node) -> None:
+    """Annotate a node made by a tracer other than make_fx's (`capture.direct_trace`) as make_fx's
+    nodes are: user source inside `record_sources`, and `extra_node_meta` always."""
+    if _active is not None:
+        _active.annotate(node)
+    elif _extra_meta:
+        node.meta.update(_extra_meta)
 
 
 @contextmanager

@@ -128,6 +128,8 @@ def replaying(reads: list, rank: int | None) -> Iterator[list]:
         yield used
 
 
+
+
 # --------------------------------------------------------------------------------------------------
 # Real runs on the example inputs
 

@@ -1,8 +1,10 @@
 """Trace the sequential program and every rank's program to value-semantics fx graphs.
 
-Each rank r is traced under a fake process group (``init_process_group("fake")`` with rank r) with
-`make_fx(torch.func.functionalize(fn), tracing_mode="fake")`: no real memory is allocated and
-``dist.get_rank()`` is a constant in rank r's graph, so every rank is traced.
+Each rank r is traced under a fake process group (``init_process_group("fake")`` with rank r) on
+fake tensors: no real memory is allocated and ``dist.get_rank()`` is a constant in rank r's graph, so
+every rank is traced. The first pass (autograd included) is written by `direct_trace` (make_fx's graph
+without its proxies) or, where that refuses, by make_fx; functionalization replays it where its writes
+are not local (`_trace`).
 
 `trace_program` traces one program; `capture.programs` runs it for every rank, each in its own
 process (the semantics of a real job). `capture_problem` traces everything in *this* process and
@@ -13,6 +15,7 @@ from one rank's trace into the next, which a real job never does.
 from __future__ import annotations
 
 import operator
+import os
 import sys
 import time
 import warnings
@@ -49,6 +52,7 @@ from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.masked_select import has_unbacked, has_unbacked_val, lower_selections
 from gg_notebook.capture.source import extra_node_meta, format_source, record_sources, user_frames_of_traceback
 from gg_notebook.capture.data_assignment import UntraceableAssignment, follow_data_assignments
+from gg_notebook.capture.direct_trace import trace_directly
 from gg_notebook.problem import Layout, Problem, Replicate, local_input
 
 
@@ -326,6 +330,74 @@ def _recorded(fn: Callable, rank: int | None):
 
 
 one_pass = True  # skip the functionalizing replay of graphs without mutations (tests turn it off to compare)
+direct = True  # pass 1 by `direct_trace` where it reproduces make_fx (tests turn it off to compare)
+_DIRECT_STATS: dict = {"direct": 0, "refused": 0, "reasons": []}  # this process's pass 1s
+
+
+_CHECK_DIRECT = os.environ.get("GG_CHECK_DIRECT_TRACE") == "1"
+
+
+def _make_fx_signature(fn: Callable, args, rank: int | None) -> list:
+    """("ok", the `direct_trace.graph_signature` of make_fx's pass 1 of ``fn(*args)``) or ("error",
+    what it raised), traced in a child
+    forked now: it starts from this process's state as the direct run does (a model's caches, the
+    process groups, DTensor's sharding caches, values read into Python), and leaves it as it is.
+    For the test suite's cross-check (``GG_CHECK_DIRECT_TRACE=1``)."""
+    import pickle
+
+    from gg_notebook.capture.direct_trace import graph_signature
+
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rd)
+            try:
+                traced_fn, _ = _recorded(fn, rank)
+                made = make_fx(traced_fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                data = pickle.dumps(("ok", graph_signature(made)))
+            except BaseException as e:  # noqa: BLE001 - reported by the parent
+                data = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+            with os.fdopen(wr, "wb") as f:
+                f.write(data)
+        finally:
+            os._exit(0)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data)  # ("ok", signature) or ("error", what make_fx raised)
+
+
+def _fresh_maker(args: Sequence[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+    """A function making new fake tensors with the metadata ``args`` have now (same fake mode,
+    shapes, strides, dtypes, devices, requires_grad), for a second run of a program: the first may
+    have changed its inputs (``p.data = ...``)."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(tuple(args))
+    metas = [(tuple(a.shape), tuple(a.stride()), a.dtype, a.device, a.requires_grad) for a in args]
+
+    def make() -> list[torch.Tensor]:
+        out = []
+        for shape, stride, dtype, device, requires_grad in metas:
+            with mode:
+                t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            if requires_grad:
+                t.requires_grad_(True)
+            out.append(t)
+        return out
+
+    return make
+
+
+def _symbolic(args: Sequence[torch.Tensor]) -> bool:
+    """Inputs of a fake mode with a shape environment (the retry for data-dependent sizes, where
+    results have symbolic sizes): make_fx traces those."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(tuple(args))
+    return mode is None or mode.shape_env is not None
 
 
 def _mutation_free(gm: fx.GraphModule) -> bool:
@@ -376,11 +448,36 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
             warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
             with record_sources(), _quiet_fake_tensor_log():
                 # Pass 1: plain make_fx, so autograd (torch.autograd.grad inside fn) records the
-                # backward (torch.func.functionalize hides requires_grad from fn). Collectives are
-                # decoded and rewritten here, while the process group is alive.
+                # backward (torch.func.functionalize hides requires_grad from fn); or the same graph
+                # written by `direct_trace` (no proxies: 2-3x cheaper), which hands to make_fx what it
+                # does not reproduce. Collectives are decoded and rewritten here, while the process
+                # group is alive.
                 with collective_shims(), record_group_origins():
-                    traced_fn, recorder = _recorded(fn, rank)
-                    gm1 = make_fx(traced_fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                    gm1 = None
+                    # before any run (a run may change its inputs' metadata: ``p.data = ...``)
+                    fresh = _fresh_maker(args) if direct and not _symbolic(args) else None
+                    if fresh is not None:
+                        # the test suite's cross-check: make_fx's graph (made first, in a fork)
+                        expected = _make_fx_signature(fn, fresh(), rank) if _CHECK_DIRECT else None
+                        # the same graph without make_fx's proxies (capture.direct_trace)
+                        traced_fn, recorder = _recorded(fn, rank)
+                        gm1, refused = trace_directly(traced_fn, fresh())  # ``args`` stay as they are
+                        if gm1 is None:  # run it again from the start, by make_fx (`_trace_program`)
+                            raise DirectRefused(refused)
+                        _DIRECT_STATS["direct"] += 1
+                    if gm1 is None:
+                        traced_fn, recorder = _recorded(fn, rank)
+                        gm1 = make_fx(traced_fn, tracing_mode="fake", record_stack_traces=False)(*args)
+                    elif expected is not None:
+                        from gg_notebook.capture.direct_trace import graph_signature, signature_differences
+
+                        if expected[0] != "ok":
+                            raise AssertionError(f"make_fx failed where direct_trace did not ({program_name(rank)}): "
+                                                 f"{expected[1]}")
+                        diffs = signature_differences(expected[1], graph_signature(gm1))
+                        if diffs:
+                            raise AssertionError(f"direct_trace differs from make_fx ({program_name(rank)}): "
+                                                 + "; ".join(diffs))
                     rewrite_collectives(gm1, rank)
                 # Pass 2: replay that graph under functionalization -> value semantics; every new
                 # node inherits the user source of the node it comes from. A graph without any
@@ -403,6 +500,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                         p.meta["val"] = a
                     if recorder is not None:
                         gm.meta["gg_recording"] = recorder.finish()
+                    gm.meta["gg_pass1"] = "direct" if fresh is not None else "make_fx"
                 finally:
                     clear_replay()
     except CaptureError:
@@ -600,7 +698,33 @@ def trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, l
         return _trace_program(problem, rank)
 
 
+class DirectRefused(BaseException):
+    """`direct_trace` did not reproduce make_fx on this program: it is traced again from the start
+    (a BaseException, so that no handler on the way takes it for the program's own error)."""
+
+
 def _trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
+    """Pass 1 by `direct_trace`, or, where it refuses, the whole capture once more with make_fx:
+    the process group, the program's session (a model built for real) and its inputs are made
+    afresh, so nothing of the refused run's process groups or inputs reaches the second."""
+    global direct
+    if not direct:
+        return _trace_program_once(problem, rank)
+    try:
+        return _trace_program_once(problem, rank)
+    except DirectRefused as e:
+        _DIRECT_STATS["refused"] += 1
+        _DIRECT_STATS["reasons"].append(str(e))
+        direct = False
+        try:
+            gm, issued = _trace_program_once(problem, rank)
+        finally:
+            direct = True
+        gm.meta["gg_pass1"] = f"make_fx ({e})"
+        return gm, issued
+
+
+def _trace_program_once(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs) if rank is None else None  # a rank's: `_local_fakes`
     reads = None
