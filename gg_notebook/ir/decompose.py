@@ -441,11 +441,15 @@ def _trace_definition(fn: Callable, node: fx.Node, cache: bool = True) -> _Trace
 
 def _like(v: torch.Tensor) -> torch.Tensor:
     """A tensor (in the current fake mode) with ``v``'s shape, strides, storage offset and dtype."""
-    shape, stride, offset = tuple(v.shape), tuple(v.stride()), v.storage_offset()
+    return _like_meta(tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype, v.device)
+
+
+def _like_meta(shape: tuple, stride: tuple, offset: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor (in the current fake mode) with this shape, strides, storage offset and dtype."""
     if offset == 0:
-        return torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
     extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
-    return torch.empty(offset + extent, dtype=v.dtype, device=v.device).as_strided(shape, stride, offset)
+    return torch.empty(offset + extent, dtype=dtype, device=device).as_strided(shape, stride, offset)
 
 
 class _Declined(Exception):

@@ -243,14 +243,6 @@ def _meta_key(a):
     raise _NoKey
 
 
-def _like_meta(shape, stride, offset, dtype, device):
-    """A fresh tensor (in the current fake mode) with this metadata."""
-    if offset == 0:
-        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
-    return torch.empty(offset + extent, dtype=dtype, device=device).as_strided(shape, stride, offset)
-
-
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -265,7 +257,7 @@ class _Rewriter:
         rewritten alike in every layer of every rank) and made again from it."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from gg_notebook.ir.decompose import _like
+        from gg_notebook.ir.decompose import _like, _like_meta
 
         if self._mode is None:
             self._mode = FakeTensorMode(allow_non_fake_inputs=False)
