@@ -62,6 +62,9 @@ def run_one(cell: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import gg_notebook as gg
+    from gg_notebook.capture import fake_memo
+
+    fake_memo.enabled = bool(cell.get("fake_memo", True))  # --no-fake-memo: every fake call to FakeTensorMode
 
     t0 = time.perf_counter()
     if cell.get("suite") == "llama405b":
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
                     help="Megatron sequence parallelism on top of TP (examples.gpt.make(sequence_parallel=True))")
     ap.add_argument("--variants", nargs="+", choices=["old", "new"], default=None,
                     help="which capture variants to run (default both; llama405b: new)")
+    ap.add_argument("--no-fake-memo", action="store_true",
+                    help="switch off capture.fake_memo (same-machine A/B of the memo in front of FakeTensorMode)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -234,18 +239,20 @@ def main(argv=None) -> int:
         model = L405B
         tps = args.tp or [8]
         layers = args.layers or [4, 16]
-    cells = [dict(mode=m, tp=t, layers=l, model=model, sp=args.sp, suite=args.suite)
+    memo = not args.no_fake_memo
+    cells = [dict(mode=m, tp=t, layers=l, model=model, sp=args.sp, suite=args.suite, fake_memo=memo)
              for m in args.mode for t in tps for l in layers]
-    print(f"# capture-once benchmark, suite {args.suite}{' + SP' if args.sp else ''}: {model}; {len(cells)} "
+    print(f"# capture-once benchmark, suite {args.suite}{' + SP' if args.sp else ''}"
+          f"{'' if memo else ', fake memo off'}: {model}; {len(cells)} "
           f"cell(s) x {len(args.variants)} variant(s) x {args.runs} fresh processes", flush=True)
-    doc = {"suite": args.suite, "model": model, "runs": args.runs, "sp": args.sp, "cells": []}
+    doc = {"suite": args.suite, "model": model, "runs": args.runs, "sp": args.sp, "fake_memo": memo, "cells": []}
     for c in cells:
         m = measure(c, args.runs, args.timeout, args.variants)
         doc["cells"].append({"cell": c, "result": m})
         print(row(c, m), flush=True)
     if args.suite in ("405b", "llama405b") and args.full:
         for mode in args.mode:
-            c = dict(mode=mode, tp=tps[0], layers=126, model=model, sp=args.sp, suite=args.suite)
+            c = dict(mode=mode, tp=tps[0], layers=126, model=model, sp=args.sp, suite=args.suite, fake_memo=memo)
             m = measure(c, 1, args.timeout * 4, args.variants)
             doc["cells"].append({"cell": c, "result": m})
             print(row(c, m), flush=True)
@@ -255,7 +262,7 @@ def main(argv=None) -> int:
     print()
     for line in growth(doc["cells"]):
         print(line)
-    sp_tag = "_sp" if args.sp and args.suite != "llama405b" else ""
+    sp_tag = ("_sp" if args.sp and args.suite != "llama405b" else "") + ("" if memo else "_nomemo")
     out = Path(args.out or HERE / "results" / f"capture_{args.suite}{sp_tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -163,6 +163,7 @@ class DirectTracer(TorchDispatchMode):
         self.n_objects = 0
         self.refused: str | None = None  # why make_fx must trace this program instead
         self.paused = False  # inside `untraced` (make_fx's proxy mode is then off too)
+        self.memo = None  # a `FakeDispatchMemo` of the fake mode below, or None
 
     # ------------------------------------------------------------------------------------ values
     def placeholders(self, args: Sequence[Any]) -> None:
@@ -293,7 +294,7 @@ class DirectTracer(TorchDispatchMode):
             node = self._node(func, args, kwargs)
         except _NotDirect as e:
             self._refuse(func, str(e))
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
         if func.namespace in _COLLECTIVE_NAMESPACES:
             _forget_fake_constants(out)
         constant = None
@@ -451,10 +452,13 @@ def trace_directly(fn: Callable, args: Sequence[torch.Tensor]) -> tuple[fx.Graph
     global _active
     from torch._guards import detect_fake_mode
 
+    from gg_notebook.capture.fake_memo import FakeDispatchMemo
+
     mode = detect_fake_mode(tuple(args))
     if mode is None:
         return None, "the inputs are not fake tensors"
     tracer = DirectTracer()
+    tracer.memo = FakeDispatchMemo(mode)
     saved, _active = _active, tracer
     try:
         tracer.placeholders(args)

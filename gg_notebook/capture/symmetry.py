@@ -236,6 +236,7 @@ class OpRecorder(TorchDispatchMode):
         self.keep: list = []  # tensors seen: their ids must not be reused
         self.broken: str | None = None
         self._entry = None  # the frame that runs the rank's function (set by `inputs`): sites stop there
+        self.memo = None  # a `FakeDispatchMemo` of the fake mode below (record_rank), or None
 
     # tensors ------------------------------------------------------------------------------------
     def inputs(self, args: Any) -> None:
@@ -313,6 +314,8 @@ class OpRecorder(TorchDispatchMode):
         if self.tag:
             with extra_node_meta(gg_call=i):
                 out = func(*args, **kwargs)
+        elif self.memo is not None:
+            out = self.memo(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         flat: list = []
@@ -458,11 +461,13 @@ def record_rank(problem, rank: int) -> Recording:
     from gg_notebook.capture import tracing as T
     from gg_notebook.capture.collectives import collective_shims, record_group_origins
     from gg_notebook.capture.data_assignment import refuse_data_assignments
+    from gg_notebook.capture.fake_memo import FakeDispatchMemo
 
     t0 = time.perf_counter()
     rec = OpRecorder(rank)
     try:
         mode = FakeTensorMode()
+        rec.memo = FakeDispatchMemo(mode)
         args = T._local_fakes(problem, mode, None, rank)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")
