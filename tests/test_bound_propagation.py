@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import gg_notebook as gg
 from gg_notebook import examples as E
 from gg_notebook.examples import bounds as B
-from gg_notebook.examples._simulate import run_local_tensor, run_sequential
+from gg_notebook.runners.local_tensor import run_local_tensor
+from gg_notebook.runners.sequential import run_sequential
 
 NAMES = ("bounds_ibp_fsdp", "bounds_crown_fsdp", "bounds_ibp_tp", "bounds_crown_tp")
 

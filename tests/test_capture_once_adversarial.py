@@ -1,7 +1,7 @@
 """Adversarial review of capture once for views and rank-selected tensors (issue 12).
 
 Programs written as a user would (plain torch.distributed, float64), each run three ways: for real on
-every rank (`examples._simulate.compare`, the truth), derived from rank 0 AND traced rank by rank (the
+every rank (`runners.compare.compare`, the truth), derived from rank 0 AND traced rank by rank (the
 graphs must be the same node for node: `test_capture_once_views.derive_and_trace`), and verified with
 and without capture once (the same verdict; never "proved" for a wrong program, never "refuted" for a
 correct one). Selections whose index is not affine in the rank (a permutation, ``rank % 2``,
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import gg_notebook as gg
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 from gg_notebook.problem import Partial, Problem, Replicate, Shard
 from test_capture_once_views import derive_and_trace
 

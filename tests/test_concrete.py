@@ -18,7 +18,7 @@ from gg_notebook.verify import prepare
 _GLOO_SCRIPT = """
 import dataclasses, sys, torch
 from gg_notebook import examples as E
-from gg_notebook.examples._simulate import run_gloo
+from gg_notebook.runners.gloo import run_gloo
 name, path = sys.argv[1], sys.argv[2]
 inputs = torch.load(path)
 original = E.get(name).make(world_size=E.get(name).world_sizes[0])

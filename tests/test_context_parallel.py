@@ -184,7 +184,7 @@ def _ring_causal_skipping(q, k, v):
 
 
 def test_causal_ring_skipping_masked_blocks_runs_correctly():
-    from gg_notebook.examples._simulate import compare
+    from gg_notebook.runners.compare import compare
 
     ok, msg = compare(_problem(C.causal_attention, _ring_causal_skipping), backend="gloo")
     assert ok, msg

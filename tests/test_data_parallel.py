@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import gg_notebook as gg
 from gg_notebook.examples import data_parallel as DP
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 
 
 

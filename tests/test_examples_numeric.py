@@ -2,7 +2,7 @@
 
 Correct variants must reproduce the sequential outputs at world sizes 2 and 4 (float64, 1e-6
 relative); every bug variant must differ on the seeded inputs. Ranks are simulated with
-LocalTensorMode (see gg_notebook/examples/_simulate.py); one case also runs on real gloo processes.
+LocalTensorMode (see gg_notebook/runners/); one case also runs on real gloo processes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gg_notebook.examples as E
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 from gg_notebook.problem import validate_problem
 
 CORRECT = [(name, w) for name, ex in E.EXAMPLES.items() for w in ex.world_sizes]
@@ -65,7 +65,7 @@ def test_registry():
 
 _GLOO = """
 from gg_notebook import examples as E
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 ok, msg = compare(E.get("vocab_cross_entropy").make(world_size=2), backend="gloo")
 assert ok, msg
 ok, _ = compare(E.get("vocab_cross_entropy").make(world_size=2, bug="local_max"), backend="gloo")

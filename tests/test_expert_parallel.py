@@ -24,7 +24,7 @@ from torch.distributed.tensor import Replicate
 import gg_notebook as gg
 from gg_notebook.capture import CaptureError
 from gg_notebook.examples import experts as X
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 
 # Every seeded bug of the registered examples is refuted with a counterexample at its operator and line, at
 # every registered world size: tests/test_verify_examples.py.

@@ -18,7 +18,7 @@ import gg_notebook as gg
 from gg_notebook import examples as E
 from gg_notebook.examples import gpt as G
 from gg_notebook.examples import gpt_block as B
-from gg_notebook.examples._simulate import compare
+from gg_notebook.runners.compare import compare
 from gg_notebook.examples._tp import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,

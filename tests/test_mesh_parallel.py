@@ -43,7 +43,7 @@ def test_tp_pp_step_is_proved(world_size, sizes):
 
 
 def test_tp_pp_numbers():
-    from gg_notebook.examples._simulate import compare
+    from gg_notebook.runners.compare import compare
 
     assert compare(mesh.make_tp_pp(world_size=4), backend="gloo")[0]
     for bug in sorted(mesh.TP_PP_BUGS):
@@ -87,7 +87,7 @@ def test_dp_pp_tp_bug_is_refuted_at_its_line_in_the_device_mesh_spelling(bug="dp
 def test_dp_pp_tp_numbers():
     # the 3-D groups of both spellings on real gloo processes: the correct step matches the single-device
     # step, every bug does not
-    from gg_notebook.examples._simulate import compare
+    from gg_notebook.runners.compare import compare
 
     for groups in sorted(mesh.GROUPS_3D):
         assert compare(mesh.make_dp_pp_tp(groups=groups), backend="gloo")[0], groups

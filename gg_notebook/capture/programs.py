@@ -299,7 +299,7 @@ def _fork_share(spec, share, lower, issued, n_out, mutations) -> tuple[int, int]
     to a pipe; (its pid, the pipe's read end). Plain os.fork: this process may be a daemonic child,
     which multiprocessing does not let have children."""
     from gg_notebook.capture.forked import exception_payload
-    from gg_notebook.capture.specialize import _die_with_parent
+    from gg_notebook.runners.gloo import die_with_parent
 
     serialize = _serialize()
     parent = os.getpid()
@@ -309,7 +309,7 @@ def _fork_share(spec, share, lower, issued, n_out, mutations) -> tuple[int, int]
         code = 0
         try:
             os.close(rd)
-            _die_with_parent(parent, 24 * 3600.0)
+            die_with_parent(parent, 24 * 3600.0)
             out, error = _derive_share(spec, share, lower, issued, n_out, mutations, None)
             if error is not None:
                 data = serialize.dumps(("error", exception_payload(error)))

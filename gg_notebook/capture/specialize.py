@@ -7,8 +7,9 @@ tensor values with ``.tolist()``, `trace_program` asks this module to capture it
 inputs*:
 
 1. `recorded_reads` runs the program for real on the problem's example inputs (the sequential
-   program in this process; a rank's program in one real gloo process per rank, forked, since its
-   reads depend on what the other ranks send) and records every value it reads, in order;
+   program in this process; a rank's program in one real gloo process per rank, forked by the
+   shared launcher `gg_notebook.runners.gloo.fork_ranks`, since its reads depend on what the other
+   ranks send) and records every value it reads, in order;
 2. `replaying` traces it again, each read answered with the recorded value (a Python constant in
    the graph: the split sizes are those of this input);
 3. `fold_routing_indices` replaces every index tensor that is computed from floating-point data
@@ -25,19 +26,16 @@ and the concrete checks run on the example inputs only (`gg_notebook.concrete.si
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
-import sys
 import traceback
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 from gg_notebook.capture.errors import CaptureError, program_name
 from gg_notebook.capture.source import is_user_file
+from gg_notebook.runners.gloo import RankTimeout, fork_ranks
 
 # Only ``.tolist()`` (split sizes, counts per expert) is specialized: a single value read with
 # ``.item()``, ``int(t)`` or ``if t > 0:`` keeps its refusal (tracing.py), which shows how to keep it
@@ -160,102 +158,20 @@ def _check_concrete(problem, rank: int | None, why: str) -> None:
             rank=rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _recorded_ranks(problem, session, timeout: float) -> dict:
+    """Every rank's ``(reads, error)``, from one real gloo process per rank (`gg_notebook.runners.gloo`)."""
 
-
-def _die_with_parent(parent: int, timeout: float) -> None:
-    """Make this forked rank process end on its own: killed when its parent dies (a capture that is
-    itself a killed child must not leave orphans waiting in a rendezvous, holding its pipes open),
-    and after ``timeout`` seconds whatever it is doing."""
-    import signal
-
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not an inherited handler that raises and waits
-    signal.alarm(max(1, int(timeout) + 5))
-
-
-def _worker(problem, rank, port, session, timeout: float = 120.0) -> tuple:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group("gloo", rank=rank, world_size=problem.world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+    def work(rank: int) -> list:
         reads: list = []
         with session(problem.distributed, rank, problem.world_size) as fn, recording(reads):
             fn(*_concrete_inputs(problem, rank))
-        dist.destroy_process_group()
-        return reads, None
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        return None, f"{type(e).__name__}: {e}"
+        return reads
 
-
-def _fork_ranks(problem, session, timeout: float) -> dict:
-    """Every rank's reads, from one forked process per rank (plain os.fork: the capture may itself
-    run in a daemonic child, which multiprocessing does not let have children)."""
-    import pickle
-    import select
-    import time
-
-    port = _free_port()
-    parent = os.getpid()
-    kids = []
-    for r in range(problem.world_size):
-        rd, wr = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                os.close(rd)
-                _die_with_parent(parent, timeout)
-                out = _worker(problem, r, port, session, timeout)
-                try:
-                    data = pickle.dumps(out)
-                except Exception as e:  # noqa: BLE001
-                    data = pickle.dumps((None, f"the values read cannot be sent back: {e}"))
-                with os.fdopen(wr, "wb") as f:
-                    f.write(data)
-            except BaseException:  # noqa: BLE001
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(wr)
-        kids.append((r, pid, rd))
-    got: dict = {}
-    deadline = time.monotonic() + timeout
     try:
-        for r, pid, rd in kids:
-            chunks = []
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([rd], [], [], left)[0]:
-                    raise CaptureError(f"running rank {r} on the example inputs timed out after {timeout:.0f} s", rank=r)
-                b = os.read(rd, 1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
-            got[r] = pickle.loads(b"".join(chunks)) if chunks else (None, "the process died")
-    finally:
-        for r, pid, rd in kids:
-            os.close(rd)
-            try:
-                os.kill(pid, 9) if r not in got else None
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-    return got
+        return fork_ranks(problem.world_size, work, timeout, describe=lambda e: f"{type(e).__name__}: {e}")
+    except RankTimeout as e:
+        raise CaptureError(f"running rank {e.rank} on the example inputs timed out after {timeout:.0f} s",
+                           rank=e.rank) from None
 
 
 def recorded_reads(problem, rank: int | None, session, timeout: float = 120.0) -> list:
@@ -266,7 +182,7 @@ def recorded_reads(problem, rank: int | None, session, timeout: float = 120.0) -
         with session(problem.sequential, None, problem.world_size) as fn, recording(reads):
             fn(*_concrete_inputs(problem, None))
         return reads
-    got = _fork_ranks(problem, session, timeout)
+    got = _recorded_ranks(problem, session, timeout)
     for r in sorted(got):
         reads, err = got[r]
         if err is not None:

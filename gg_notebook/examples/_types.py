@@ -33,7 +33,7 @@ class Example:
     make: Callable[..., Problem]
     bugs: dict[str, Bug] = field(default_factory=dict)
     backward: bool = False
-    # how the programs run for real (examples/_simulate.py): "local" (LocalTensorMode, all ranks in
+    # how the programs run for real (gg_notebook/runners/): "local" (LocalTensorMode, all ranks in
     # this process) or "gloo" (one process per rank: point-to-point transfers need real peers)
     runs_on: str = "local"
     # the world sizes the example is built and tested at (a 2-D mesh example: (4, 8))

@@ -18,8 +18,11 @@ from typing import Callable, Sequence
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from gg_notebook.examples import _simulate as sim
 from gg_notebook.problem import Layout, Problem
+from gg_notebook.runners.gloo import run_gloo
+from gg_notebook.runners.local_tensor import run_local_tensor
+from gg_notebook.runners.outputs import combine
+from gg_notebook.runners.sequential import run_sequential
 
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -171,7 +174,7 @@ def compare_outputs(problem: Problem, seq: list, ranks: list[list]) -> str | Non
                     return f"output {k} on rank {r} (per {e!r}): {msg}"
             continue
         try:
-            full = sim.combine(outs, e)
+            full = combine(outs, e)
         except RuntimeError as err:
             return f"output {k}: cannot combine per {e}: {err}"
         msg = mismatch(problem, full, s)
@@ -234,14 +237,14 @@ def check(make_problem: Callable[[], Problem], draws: Sequence[tuple[str, tuple]
     for k, (label, inputs) in enumerate(draws):
         p = _with_inputs(make_problem(), inputs)
         try:
-            seq = sim.run_sequential(p)
+            seq = run_sequential(p)
         except Exception:
             continue  # the specification rejects these inputs: not in the domain
         usable += 1
         verdicts = []
         if gloo != "always":
             try:
-                ranks = sim.run_local_tensor(_with_inputs(make_problem(), inputs))
+                ranks = run_local_tensor(_with_inputs(make_problem(), inputs))
                 verdicts.append(("local", compare_outputs(p, seq, ranks)))
                 gt.backends.append("local")
             except Exception as exc:  # noqa: BLE001 - the oracle's limits, decided by gloo below
@@ -249,7 +252,7 @@ def check(make_problem: Callable[[], Problem], draws: Sequence[tuple[str, tuple]
         if gloo == "always" or not verdicts or (gloo == "sample" and k < 2):
             gt.backends.append("gloo")
             try:
-                ranks = sim.run_gloo(_gloo_safe(_with_inputs(make_problem(), inputs)), timeout=gloo_timeout)
+                ranks = run_gloo(_gloo_safe(_with_inputs(make_problem(), inputs)), timeout=gloo_timeout)
                 ranks = _gloo_restore(ranks, seq)
                 verdicts.append(("gloo", compare_outputs(p, seq, ranks)))
             except Exception as exc:  # noqa: BLE001 - the program crashed or deadlocked on real processes
