@@ -9,6 +9,11 @@ import torch
 
 from gg_notebook.result import Culprit, OutputRelation, Result, Status
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a worker shares the cores with the other workers (and the rank processes tests fork): torch's
+    # intra-op threads would only spin against each other
+    torch.set_num_threads(1)
+
 
 def make_result(status: str | Status, name: str = "fake") -> Result:
     """A small hand-made Result of the given status (for tests that fake the engine)."""
