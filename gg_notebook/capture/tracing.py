@@ -438,8 +438,12 @@ def _functionalized_locally(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
-    """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order."""
+def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None,
+           use_direct: bool | None = None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
+    """Trace ``fn(*args)`` to a value-semantics graph; return it and its collectives in program order.
+    ``use_direct``: pass 1 by `direct_trace` (None: the module's ``direct``)."""
+    if use_direct is None:
+        use_direct = direct
     shapes = [tuple(a.shape) for a in args]
     fn = _positional(fn)
     try:
@@ -455,7 +459,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
                 with collective_shims(), record_group_origins():
                     gm1 = None
                     # before any run (a run may change its inputs' metadata: ``p.data = ...``)
-                    fresh = _fresh_maker(args) if direct and not _symbolic(args) else None
+                    fresh = _fresh_maker(args) if use_direct and not _symbolic(args) else None
                     if fresh is not None:
                         # the test suite's cross-check: make_fx's graph (made first, in a fork)
                         expected = _make_fx_signature(fn, fresh(), rank) if _CHECK_DIRECT else None
@@ -514,7 +518,7 @@ def _trace(fn: Callable, args: list[torch.Tensor], rank: int | None) -> tuple[fx
     else:
         again = None
     if again is not None:  # outside the handler: an error of the second trace is its own, not this one's
-        return _trace(fn, again, rank)
+        return _trace(fn, again, rank, use_direct)
     if has_unbacked(gm):
         try:
             left = lower_selections(gm)
@@ -707,24 +711,20 @@ def _trace_program(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, 
     """Pass 1 by `direct_trace`, or, where it refuses, the whole capture once more with make_fx:
     the process group, the program's session (a model built for real) and its inputs are made
     afresh, so nothing of the refused run's process groups or inputs reaches the second."""
-    global direct
     if not direct:
-        return _trace_program_once(problem, rank)
+        return _trace_program_once(problem, rank, use_direct=False)
     try:
-        return _trace_program_once(problem, rank)
+        return _trace_program_once(problem, rank, use_direct=True)
     except DirectRefused as e:
         _DIRECT_STATS["refused"] += 1
         _DIRECT_STATS["reasons"].append(str(e))
-        direct = False
-        try:
-            gm, issued = _trace_program_once(problem, rank)
-        finally:
-            direct = True
+        gm, issued = _trace_program_once(problem, rank, use_direct=False)
         gm.meta["gg_pass1"] = f"make_fx ({e})"
         return gm, issued
 
 
-def _trace_program_once(problem: Problem, rank: int | None) -> tuple[fx.GraphModule, list[IssuedCollective]]:
+def _trace_program_once(problem: Problem, rank: int | None,
+                        use_direct: bool) -> tuple[fx.GraphModule, list[IssuedCollective]]:
     mode = FakeTensorMode()
     globals_ = _global_fakes(mode, problem.inputs) if rank is None else None  # a rank's: `_local_fakes`
     reads = None
@@ -733,13 +733,13 @@ def _trace_program_once(problem: Problem, rank: int | None) -> tuple[fx.GraphMod
             with _specialized(problem, rank, reads) as used:
                 if rank is None:
                     with _session(problem.sequential, None, problem.world_size) as fn:
-                        gm, issued = _trace(fn, globals_, None)
+                        gm, issued = _trace(fn, globals_, None, use_direct)
                     issued = _drop_single_rank_collectives(gm, issued)
                 else:
                     args = _local_fakes(problem, mode, globals_, rank)
                     with fake_process_group(rank, problem.world_size):
                         with _session(problem.distributed, rank, problem.world_size) as fn:
-                            gm, issued = _trace(fn, args, rank)
+                            gm, issued = _trace(fn, args, rank, use_direct)
             break
         except CaptureError as e:
             if attempt or not _reads_tensor_values(e):
