@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.distributed.tensor import Partial, Replicate, Shard
 
-from gg_notebook.problem import Layout, Problem
+from gg_notebook.problem import Problem
+from gg_notebook.runners.compare import compare_outputs as runner_compare_outputs
 from gg_notebook.runners.gloo import run_gloo
 from gg_notebook.runners.local_tensor import run_local_tensor
-from gg_notebook.runners.outputs import combine
 from gg_notebook.runners.sequential import run_sequential
 
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -154,33 +153,7 @@ def mismatch(problem: Problem, got, want) -> str | None:
 
 
 def compare_outputs(problem: Problem, seq: list, ranks: list[list]) -> str | None:
-    expect = problem.expect or (Replicate(),) * len(seq)
-    if any(len(r) != len(seq) for r in ranks):
-        return f"ranks return {[len(r) for r in ranks]} outputs, sequential {len(seq)}"
-    for k, (s, e) in enumerate(zip(seq, expect)):
-        outs = [r[k] for r in ranks]
-        if isinstance(e, Replicate):
-            for r, o in enumerate(outs):
-                msg = mismatch(problem, o, s)
-                if msg:
-                    return f"output {k} on rank {r}: {msg}"
-            continue
-        if not all(isinstance(o, torch.Tensor) for o in outs):
-            return f"output {k}: not tensors on every rank"
-        if isinstance(e, Layout):  # every rank's output is its piece of the sequential output
-            for r, o in enumerate(outs):
-                msg = mismatch(problem, o, e.fn(s, r, problem.world_size))
-                if msg:
-                    return f"output {k} on rank {r} (per {e!r}): {msg}"
-            continue
-        try:
-            full = combine(outs, e)
-        except RuntimeError as err:
-            return f"output {k}: cannot combine per {e}: {err}"
-        msg = mismatch(problem, full, s)
-        if msg:
-            return f"output {k} combined per {e}: {msg}"
-    return None
+    return runner_compare_outputs(problem, seq, ranks, lambda got, want: mismatch(problem, got, want))
 
 
 # ------------------------------------------------------------------------------------------ running
