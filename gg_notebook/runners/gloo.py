@@ -75,6 +75,9 @@ def _rank(work: Callable[[int], Any], rank: int, world_size: int, store_path: st
             dist.destroy_process_group()
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        # every rank has joined the mesh before any can leave it: a rank whose work has no collective
+        # would otherwise destroy its group while a peer is still connecting ("Connection closed by peer")
+        dist.barrier()
         value = work(rank)
         if dist.is_initialized():
             dist.destroy_process_group()
