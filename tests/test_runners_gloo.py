@@ -138,3 +138,29 @@ def test_ranks_without_collectives_never_leave_a_peer_connecting(temp_dir):
         got = fork_ranks(4, _no_collective, timeout=60, stop_at_first_error=True)
         assert got == {r: (r * 10, None) for r in range(4)}, got
     assert os.listdir(temp_dir) == []
+
+
+def _outputs_of_every_dtype(x):
+    r = dist.get_rank()
+    return (x.to(torch.bfloat16) + r, x.to(torch.float16) * r, (x > r).clone(), x.to(torch.int64)[0, 0] + r,
+            torch.empty(0, 3, dtype=torch.bfloat16), x.to(torch.complex64).t(), r)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_outputs_come_back_bit_exact_in_every_dtype(world_size):
+    from torch.distributed.tensor import Replicate
+
+    from gg_notebook.problem import Problem
+    from gg_notebook.runners.gloo import run_gloo
+
+    x = torch.tensor([[1.5, -2.25, 3.0], [1e-3, -0.0, 7.0]])
+    p = Problem(sequential=lambda x: x, distributed=_outputs_of_every_dtype, inputs=(x,),
+                placements=(Replicate(),), world_size=world_size)
+    outs = run_gloo(p)
+    assert len(outs) == world_size
+    for r, got in enumerate(outs):
+        want = [x.to(torch.bfloat16) + r, x.to(torch.float16) * r, x > r, x.to(torch.int64)[0, 0] + r,
+                torch.empty(0, 3, dtype=torch.bfloat16), x.to(torch.complex64).t()]
+        for g, w in zip(got[:-1], want):
+            assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w), (r, g, w)
+        assert got[-1] == r

@@ -166,13 +166,26 @@ def run_gloo(problem: Problem, timeout: float = 120.0) -> list[list[torch.Tensor
 
     def work(rank: int) -> list:
         out = problem.distributed(*local_inputs(problem, rank))
-        # tensors travel as numpy arrays: plain values, whatever tensor subclass or storage they had
-        return [(l.detach().cpu().numpy().copy(), l.dtype) if isinstance(l, torch.Tensor) else l
-                for l in flat_outputs(out)]
+        return [_Packed.of(l) if isinstance(l, torch.Tensor) else l for l in flat_outputs(out)]
 
     got = fork_ranks(problem.world_size, work, timeout, describe=repr, stop_at_first_error=True)
     for rank, (_, err) in got.items():
         if err is not None:
             raise RuntimeError(f"rank {rank} failed: {err}")
-    return [[torch.from_numpy(l[0]).to(l[1]) if isinstance(l, tuple) and len(l) == 2 and hasattr(l[0], "dtype")
-             else l for l in got[r][0]] for r in range(problem.world_size)]
+    return [[l.tensor() if isinstance(l, _Packed) else l for l in got[r][0]] for r in range(problem.world_size)]
+
+
+class _Packed:
+    """A tensor sent back from a rank process as its raw bytes (a numpy uint8 array pickles by value,
+    whatever the tensor's subclass, storage or dtype: bfloat16 and float8 have no numpy dtype)."""
+
+    def __init__(self, data, dtype: torch.dtype, shape: tuple) -> None:
+        self.data, self.dtype, self.shape = data, dtype, shape
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "_Packed":
+        t = t.detach().cpu().contiguous()
+        return cls(t.reshape(-1).view(torch.uint8).numpy().copy(), t.dtype, tuple(t.shape))
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
