@@ -731,6 +731,27 @@ def _swapped_everywhere(x, y):
     return a * 2
 
 
+def _swapped_on_rank_0_only(x, y):  # BUG: rank 1 computes 2 * y; rank 0 swaps in x (right)
+    a = y.clone()
+    if dist.get_rank() == 0:
+        a.data = x
+    return a * 2
+
+
+def test_a_representative_that_assigns_data_leads_no_rank():
+    """Rank 0, traced first, follows its swap; its recording (made by that trace) cannot see it. Rank 1
+    runs the same operator calls without the swap: derived from rank 0's graph it would compute 2 * x
+    and be proved."""
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    p = Problem(sequential=lambda x, y: x * 2, distributed=_swapped_on_rank_0_only, inputs=[x, y],
+                placements=[Replicate(), Replicate()], world_size=2, expect=[Replicate()])
+    for capture in ("auto", "inprocess"):
+        r = gg.verify(p, capture=capture)
+        assert r.status is gg.Status.REFUTED, (capture, r.status, _cap(r))
+        assert _cap(r)["traced_ranks"] == [0, 1] and "data" in _cap(r)["fallback"][1], (capture, _cap(r))
+
+
 def test_data_assignment_on_one_rank_is_not_derived():
     g = torch.Generator().manual_seed(2)
     x, y = (torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(2))
@@ -742,3 +763,4 @@ def test_data_assignment_on_one_rank_is_not_derived():
                 placements=[Replicate(), Replicate()], world_size=2, expect=[Replicate()])
     r = gg.verify(p)
     assert r.status is gg.Status.PROVED and "data" in (_cap(r)["fallback_reason"] or ""), (r.status, _cap(r))
+    assert _cap(r)["traced_ranks"] == [0, 1], _cap(r)

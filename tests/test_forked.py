@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gg_notebook.capture import CaptureError
-from gg_notebook.capture.forked import ChildDied, RemoteTraceback, ResultNotSent, fork_available, run_forked
+from gg_notebook.capture.forked import (ChildDied, Interim, RemoteTraceback, ResultNotSent, fork_available, hand_over,
+                                       run_forked)
 from gg_notebook.ir import serialize
 from gg_notebook.ir.graph import Graph, Node
 from gg_notebook.ir.specs import ew_spec, reduce_spec
@@ -26,6 +27,30 @@ def bump(k):
 def test_each_call_runs_in_a_fresh_copy_of_this_process():
     assert run_forked(bump, [3, 1, 2], workers=2) == [(3, 1), (1, 1), (2, 1)]
     assert counter == 0
+
+
+def hands_over_then_returns(k):
+    if k < 10:
+        assert hand_over(("early", k))
+    return ("done", k)
+
+
+@needs_fork
+def test_a_value_handed_over_reaches_then_before_the_result_and_may_schedule_work():
+    seen = []
+
+    def then(i, res):
+        seen.append((i, res.value if isinstance(res, Interim) else res))
+        if isinstance(res, Interim) and res.value[1] < 2:
+            return [10 + res.value[1]]  # work started from the early value, while the child runs on
+        return []
+
+    out = run_forked(hands_over_then_returns, [0, 1, 2], workers=2, then=then)
+    assert out == [("done", 0), ("done", 1), ("done", 2), ("done", 10), ("done", 11)]
+    for k in (0, 1, 2):
+        assert seen.index((k, ("early", k))) < seen.index((k, ("done", k))), seen
+    assert (3, ("done", 10)) in seen and (4, ("done", 11)) in seen
+    assert not hand_over("outside a child")  # nothing to send to
 
 
 def fail_on_odd(k):

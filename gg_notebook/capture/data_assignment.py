@@ -42,6 +42,7 @@ class _FollowDataAssignments(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if _is_data_assignment(func):
             target, value = args
+            _unrecordable_from_here()
             from gg_notebook.capture.direct_trace import active_tracer
 
             mode = get_proxy_mode()
@@ -54,6 +55,19 @@ class _FollowDataAssignments(TorchFunctionMode):
                     raise UntraceableAssignment(_UNTRACEABLE)
                 tracker[target] = tracker[value]
         return out
+
+
+def _unrecordable_from_here() -> None:
+    """A recording of the operator calls running now (`symmetry.OpRecorder`, a representative's inside
+    its trace) cannot see the swap: it is marked as failed, so no rank is derived from it or compared
+    with it (it keys tensors by object; another rank may run the same calls without the swap)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from gg_notebook.capture.symmetry import OpRecorder
+
+    for m in _get_current_dispatch_mode_stack():
+        if isinstance(m, OpRecorder) and m.broken is None:
+            m.broken = "`tensor.data = other` (the swap reaches no operator: not recordable)"
 
 
 @contextmanager

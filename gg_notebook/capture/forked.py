@@ -79,7 +79,8 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
 
     ``then(i, result)``, if given, is called here as each call's result arrives and returns items to
     append (run like the others; their results follow in the returned list): work that depends on
-    earlier results starts as soon as they are in, while other children still run.
+    earlier results starts as soon as they are in, while other children still run. A child may also
+    hand over a value before it ends (`hand_over`): ``then(i, Interim(value))`` is called with it.
 
     If calls raise, the exception of the first failing item (in ``items`` order) is raised here, as
     the sequential loop would; `ChildDied` if a child ends without a result. ``on_failure(i)`` is
@@ -119,6 +120,12 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
                 if data in (_IDLE, _BUSY):  # the child started or stopped waiting for this process
                     (idle.add if data == _IDLE else idle.discard)(i)
                     continue
+                if data is not None and data.startswith(_INTERIM):  # a value handed over mid-way
+                    if then is not None and first_failure is None:
+                        new = list(then(i, Interim(serialize.loads(data[len(_INTERIM):]))))
+                        todo.extend(range(len(items), len(items) + len(new)))
+                        items.extend(new)
+                    continue
                 del running[conn]
                 idle.discard(i)
                 outcome = _receive(data, conn, proc)
@@ -147,6 +154,14 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
 
 
 _IDLE, _BUSY = b"\x00gg-waiting", b"\x00gg-working"  # never the start of a pickle (b"\x80...")
+_INTERIM = b"\x00gg-interim:"
+
+
+class Interim:
+    """A value a child handed over before its result (`hand_over`), as ``then`` receives it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def _read(conn) -> bytes | None:
@@ -206,6 +221,16 @@ def waiting():
     finally:
         if conn is not None:
             conn.send_bytes(_BUSY)
+
+
+def hand_over(value: Any) -> bool:
+    """In a `run_forked` child: send ``value`` to the parent now (its ``then`` receives it as an
+    `Interim`) and go on. False (nothing sent) outside such a child."""
+    conn = _to_parent
+    if conn is None:
+        return False
+    conn.send_bytes(_INTERIM + serialize.dumps(value))
+    return True
 
 
 def _child(fn, item, conn) -> None:

@@ -20,12 +20,14 @@ says how many ranks were traced, how many specialized, and why any rank was not,
 work per phase (``phases_s``: record, trace, copy, lower, and the representative's wait).
 
 Both cores stay busy (forked children, no executor): rank 0 is traced in every case (as the
-representative of its class, or alone), so its recorded trace starts as soon as its recording shows
-that it can lead, while the other ranks are still recorded; it is lowered, then waits for the
-comparison of the recordings (`_Members`), holding no worker slot meanwhile (`forked.waiting`); the
-ranks of its class are then copied and lowered by the representative and helpers forked from it,
-one share each (`_derive`). The derived graphs generate no Python code (lazy graph modules: lowering
-only walks them). With an executor, or in this process, a representative starts when the
+representative of its class, or alone), so its trace starts at once, beside the sequential trace,
+and is not preceded by a plain recording: the recorder runs inside the trace, and its recording is
+handed over (`forked.hand_over`) as soon as the trace ends and is what the other ranks' recordings,
+running meanwhile, are compared with. Rank 0 is then lowered and waits for the comparison
+(`_Members`), holding no worker slot meanwhile (`forked.waiting`); the ranks of its class are then
+copied and lowered by the representative and helpers forked from it, one share each (`_derive`).
+The derived graphs generate no Python code (lazy graph modules: lowering only walks them). With an
+executor, or in this process, rank 0 is recorded plainly first, a representative starts when the
 recordings are in and derives its ranks itself.
 """
 
@@ -42,7 +44,7 @@ import torch.fx as fx
 
 from gg_notebook.capture.collectives import IssuedCollective, MatchedCollective, match_collectives
 from gg_notebook.capture.errors import CaptureError, program_name
-from gg_notebook.capture.forked import ChildDied, ResultNotSent, fork_available, run_forked
+from gg_notebook.capture.forked import ChildDied, Interim, ResultNotSent, fork_available, run_forked
 from gg_notebook.capture.symmetry import (Diff, Recording, Specializer, compare, p2p_reason, record_rank,
                                           user_code_reason)
 from gg_notebook.capture.tracing import (
@@ -164,10 +166,15 @@ def _trace_representative(problem: Problem, rank: int):
     return gm, issued, gm.meta.pop("gg_recording", None) or Recording(rank, error="no recording")
 
 
-def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diffs: "list[Diff] | _Members",
+def _capture_representative(problem: Problem, lower: Lower, rep: "Recording | None", diffs: "list[Diff] | _Members",
                             rank: int, workers: int = 1) -> dict:
     """Trace ``rank`` (the representative) with its operator calls recorded, derive the graphs of
     the ranks in ``diffs`` from it (`symmetry.Specializer`) and lower them all.
+
+    ``rep`` is the rank's plain recording, which the diffs were made against (the recording under
+    the trace must equal it), or None: the rank was not recorded plainly, and the recording made by
+    its trace is what the other ranks are compared with. It is handed over to the parent
+    (`forked.hand_over`) as soon as the trace ends, before lowering.
 
     ``diffs`` is a `_Members` when the trace starts before the other ranks' recordings are in: the
     representative is traced and lowered, then waits (holding no worker slot, `forked.waiting`) for
@@ -181,6 +188,12 @@ def _capture_representative(problem: Problem, lower: Lower, rep: Recording, diff
     t0 = time.perf_counter()
     traced = _trace_representative(problem, rank)
     trace_s = time.perf_counter() - t0
+    if rep is None:  # the other ranks are compared with the recording this trace made
+        from gg_notebook.capture.forked import hand_over
+
+        rep = traced[2] if not isinstance(traced, str) else Recording(rank, error=traced)
+        if not hand_over(rep):
+            raise RuntimeError("a representative without a plain recording runs in a forked child")
     out: dict = {}
     phases = {"trace_s": trace_s, "copy_s": 0.0, "lower_s": 0.0, "wait_s": 0.0}
     early = isinstance(diffs, _Members)
@@ -450,6 +463,8 @@ def _job(problem: Problem, lower: Lower, job: tuple):
             return _job(problem, lower, job[:-1])
     kind = job[0]
     if kind == "record":
+        if len(job) > 2 and job[2].closed:
+            return _NotRecorded(job[1])
         return record_rank(problem, job[1])
     if kind == "rep":
         return _capture_representative(problem, lower, job[2], job[3], job[1], job[4] if len(job) > 4 else 1)
@@ -555,13 +570,16 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
     """The captures of [sequential, rank 0, ..., rank W-1], tracing only what `symmetry` cannot
     derive; and the stats of how (see the module docstring).
 
-    Jobs, each in its own process: the sequential trace and rank 0's recording start at once; then
-    the other ranks' recordings (or, if rank 0's recording shows that no rank can be derived from
-    it, every rank's trace). With forked children (no executor) rank 0's recorded trace starts as
-    soon as its recording shows it can lead, alongside the other recordings, and waits for them
-    (`_Members`) before it specializes. When the recordings are in, one trace per (other) class of
-    ranks that run the same program up to numbers (deriving the others) and the trace of every rank
-    in no class; a rank a representative could not derive after all is traced last."""
+    With forked children (no executor), jobs, each in its own process: the sequential trace, rank 0's
+    recorded trace (`_capture_representative`: it hands its recording over as soon as its trace
+    ends, is lowered, then waits for the comparison, `_Members`) and the other ranks' recordings. If
+    rank 0's recording shows that no rank can be derived from it (an error, point-to-point transfers,
+    custom operators), every rank is traced: the recordings that have not started by then are not
+    made (`_Gate`). Without forked children (an executor, or this process), rank 0 is recorded first,
+    then the others. When the recordings are in, one trace per (other) class of ranks that run the
+    same program up to numbers (deriving the others) and the trace of every rank in no class; a rank
+    a representative could not derive after all is traced last. A problem with decompositions traces
+    every rank (`symmetry.user_code_reason`) without recording any."""
     W = problem.world_size
     rep = 0
     t0 = time.perf_counter()
@@ -571,23 +589,43 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
     forked = in_processes and _executor is None
     derive_workers = workers if forked else 1  # a representative's helpers are forked from it
     members: list[_Members] = []  # rank 0's early representative job, if any
+    gate = _Gate()
+    early: list[str] = []  # why no rank can be derived from rank 0's recording, once known
+
+    def decide_early(why: str) -> list[tuple]:
+        """No rank is derived from rank 0: trace each (rank 0's early job keeps its own capture)."""
+        early.append(why)
+        gate.closed = True
+        times["record_s"] = time.perf_counter() - t0
+        for r in range(W):
+            reasons[r] = why if r == rep else f"rank {rep} cannot be a representative: {why}"
+        out = []
+        if members:
+            members[0].give([])
+        else:
+            out.append(("one", rep, "quiet"))
+        # a rank recorded already showed its output; the others are traced when their recording
+        # job ends (`_NotRecorded`: it started after this), or at once if none was scheduled
+        out += [("one", r, "quiet") for r in sorted(recs) if r != rep]
+        if not forked:
+            out += [("one", r) for r in range(W) if r != rep and r not in recs]
+        return out
 
     def then(_i: int, res) -> list[tuple]:
+        if isinstance(res, Interim):  # rank 0's recording, made by its early trace
+            res = res.value
+        if isinstance(res, _NotRecorded):
+            return [("one", res.rank)]
         if isinstance(res, Recording):
+            if early:  # a recording that was running when rank 0's showed that nobody is derived
+                return [("one", res.rank, "quiet")]
             recs[res.rank] = res
-            if res.rank == rep and len(recs) == 1:
-                early = recs[rep].error or p2p_reason(recs[rep]) or user_code_reason(recs[rep], problem)
-                if early:  # no rank can be derived from rank 0: trace them all, record nothing more
-                    times["record_s"] = time.perf_counter() - t0
-                    for r in range(W):
-                        reasons[r] = early if r == rep else f"rank {rep} cannot be a representative: {early}"
-                    return [("one", r, "quiet") if r == rep else ("one", r) for r in range(W)]
-                records = [("record", r) for r in range(W) if r != rep]
+            if res.rank == rep:
+                why = res.error or p2p_reason(res) or user_code_reason(res, problem)
+                if why:
+                    return decide_early(why)
                 if not forked:
-                    return records
-                # rank 0 is traced whatever the others' recordings say (as representative, or alone)
-                members.append(_Members())
-                return [("rep", rep, recs[rep], members[0], derive_workers, "quiet"), *records]
+                    return [("record", r) for r in range(W) if r != rep]
             if len(recs) < W:
                 return []
             times["record_s"] = time.perf_counter() - t0
@@ -630,7 +668,20 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
         for m in members:
             m.stop()
 
-    jobs = [("one", None), ("record", rep)]  # the other recordings follow if rank 0's can lead
+    planned = user_code_reason(Recording(rep), problem)  # the problem's own decompositions
+    if planned:
+        jobs = [("one", None)]
+        early.append(planned)
+        for r in range(W):
+            reasons[r] = planned
+            jobs.append(("one", r))
+    elif forked:
+        # rank 0 is traced whatever the others' recordings say (as representative, or alone)
+        members.append(_Members())
+        jobs = [("one", None), ("rep", rep, None, members[0], derive_workers),
+                *(("record", r, gate) for r in range(W) if r != rep)]
+    else:
+        jobs = [("one", None), ("record", rep)]  # the other recordings follow if rank 0's can lead
     try:
         results = _labelled(functools.partial(_job, problem, lower), jobs, in_processes, workers, then,
                             on_failure)
@@ -664,7 +715,9 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
     stats = {
         "traced": len(traced), "specialized": W - len(traced), "representatives": sorted(reps),
         "traced_ranks": sorted(traced), "record_s": times.get("record_s"),
-        "record_rank_s": [round(recs[r].seconds, 4) for r in range(W) if r in recs],
+        # seconds of each plain recording (an early rank 0 is recorded by its trace: not listed)
+        "record_rank_s": {r: round(recs[r].seconds, 4) for r in range(W) if r in recs and recs[r].seconds},
+        "recorded_by_trace": [rep] if members and rep in recs else [],
         "early_representative": bool(members),
         "derive_helpers": helpers,  # processes forked by representatives to copy and lower derived ranks
         # seconds of work summed over processes (not wall time): recording, tracing (sequential and
@@ -675,6 +728,20 @@ def _capture_once(problem: Problem, lower: Lower, in_processes: bool, workers: i
         "fallback_reason": next((reasons[r] for r in sorted(reasons) if r in traced), None),
     }
     return [by_rank[None], *(by_rank[r] for r in range(W))], stats
+
+
+@dataclass
+class _NotRecorded:
+    """A recording job that started after rank 0's recording showed that no rank is derived."""
+
+    rank: int
+
+
+class _Gate:
+    """Closed once no recording is needed. A recording job reads it in its forked child, that is as
+    it was when the child started: a job that starts after the gate closed records nothing."""
+
+    closed = False
 
 
 def _class_of(job: tuple) -> list[Diff]:
@@ -692,7 +759,7 @@ def _labelled(job, jobs: list[tuple], in_processes: bool, workers: int, then=Non
     def more(i, res):
         new = list(then(i, res)) if then is not None else []
         extra.extend(new)
-        if _progress is not None:
+        if _progress is not None and not isinstance(res, Interim):
             from gg_notebook.capture.progress import describe_job
 
             done[0] += 1
