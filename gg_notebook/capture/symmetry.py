@@ -31,8 +31,10 @@ from it, but only for ranks whose execution it has checked to be the same up to 
    before.
 3. **Trace the representative** with the same recorder inside make_fx's first pass: every graph node
    gets ``meta["gg_call"]``, the index of the recorded call it was created in (kept through the
-   functionalizing replay), and the recording under make_fx must equal the plain recording exactly
-   (else every rank falls back).
+   functionalizing replay). Where the representative was recorded plainly too (on an executor, in
+   one process), the recording under make_fx must equal the plain one exactly (else every rank falls
+   back); with forked children rank 0 is recorded only by its trace, and that recording is the one the
+   others are compared with (a ``tensor.data`` assignment, which its trace follows, marks it failed).
 4. **Specialize** (`Specializer`): for each symmetric rank, copy the representative's finished graph,
    put the rank's numbers at the recorded positions and read the rank's selected tensors. A differing
    number is substituted only in a call that left exactly one graph node of the same operator (or its
