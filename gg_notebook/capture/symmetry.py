@@ -66,8 +66,10 @@ recording cannot see, e.g. a module global holding the rank), and ranks that ass
 
 What this relies on (stated, not checked): a rank's program, run under make_fx, issues the same
 operator calls as when it runs under plain fake tensors, for every rank as it does for the
-representative (checked for the representative). Programs that test whether they are being traced
-*and* depend on the rank there are not covered.
+representative (checked for the representative where it is recorded plainly too). A program that
+behaves otherwise under tracing on every rank alike is safe: the other ranks' plain recordings then
+differ from the representative's traced one, and they are traced. Programs that test whether they are
+being traced *and* depend on the rank there are not covered.
 """
 
 from __future__ import annotations
