@@ -66,10 +66,12 @@ recording cannot see, e.g. a module global holding the rank), and ranks that ass
 
 What this relies on (stated, not checked): a rank's program, run under make_fx, issues the same
 operator calls as when it runs under plain fake tensors, for every rank as it does for the
-representative (checked for the representative where it is recorded plainly too). A program that
-behaves otherwise under tracing on every rank alike is safe: the other ranks' plain recordings then
-differ from the representative's traced one, and they are traced. Programs that test whether they are
-being traced *and* depend on the rank there are not covered.
+representative (checked for the representative where it is recorded plainly too). Where rank 0 is
+recorded only by its trace, a program that calls other operators under tracing has its other ranks
+traced (their plain recordings differ from rank 0's); one that only takes other *numbers* under
+tracing gets, in its derived ranks, the numbers of its plain run (the run of the real job), in rank
+0's graph those of its trace. Programs that test whether they are being traced *and* depend on the
+rank there are not covered.
 """
 
 from __future__ import annotations
