@@ -15,34 +15,116 @@ from gg_notebook.concrete.compare import close
 from gg_notebook.concrete.simulate import simulate
 from gg_notebook.verify import prepare
 
-_GLOO_SCRIPT = """
-import dataclasses, sys, torch
+# The gloo side of the simulator cross-check runs in a fresh interpreter, never in this test process
+# (forked gloo workers must not inherit pytest's state). One interpreter per module imports torch and
+# gg_notebook once (~3 s, most of each check's time when every example started its own); for each
+# example it forks a child, which starts from exactly that freshly imported state, builds the example,
+# runs it on gloo ranks and exits: no example's run sees another's.
+_GLOO_SERVER = r"""
+import dataclasses, os, sys, traceback
+import torch
 from gg_notebook import examples as E
 from gg_notebook.runners.gloo import run_gloo
-name, path = sys.argv[1], sys.argv[2]
-inputs = torch.load(path)
-original = E.get(name).make(world_size=E.get(name).world_sizes[0])
-inputs = [t.requires_grad_(o.requires_grad) if o.requires_grad else t for t, o in zip(inputs, original.inputs)]
-problem = dataclasses.replace(original, inputs=tuple(inputs))
-torch.save(run_gloo(problem), path + ".out")
+
+
+def job(name, path):
+    inputs = torch.load(path)
+    original = E.get(name).make(world_size=E.get(name).world_sizes[0])
+    inputs = [t.requires_grad_(o.requires_grad) if o.requires_grad else t for t, o in zip(inputs, original.inputs)]
+    problem = dataclasses.replace(original, inputs=tuple(inputs))
+    torch.save(run_gloo(problem), path + ".out")
+
+
+for line in sys.stdin:
+    name, path = line.rstrip("\n").split("\t")
+    pid = os.fork()
+    if pid == 0:  # one example, then exit
+        code = 1
+        try:
+            err = os.open(path + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(err, 2)
+            os.dup2(err, 1)  # the server's stdout carries only the exit codes
+            job(name, path)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
 """
 
 
+class _GlooServer:
+    """The module's gloo interpreter (`_GLOO_SERVER`), started on first use and again after a timeout."""
+
+    def __init__(self, log):
+        self.log, self.proc = log, None
+
+    def run(self, name: str, path, timeout: float = 300.0) -> tuple[int, str]:
+        """(exit code, stderr) of the gloo run of example ``name`` on the inputs saved at ``path``."""
+        import select
+        import subprocess
+        import sys
+
+        if self.proc is None or self.proc.poll() is not None:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-c", _GLOO_SERVER], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        self.proc.stdin.write(f"{name}\t{path}\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.stop(force=True)
+            raise AssertionError(f"{name}: the gloo run took more than {timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        err = path.parent / (path.name + ".stderr")
+        stderr = err.read_text(errors="replace") if err.exists() else ""
+        if not line:  # the server itself died
+            self.stop()
+            return -1, stderr + "\n" + self.log.read_text(errors="replace")
+        return int(line), stderr
+
+    def stop(self, force: bool = False):
+        import os
+        import signal
+
+        if self.proc is None:
+            return
+        if not force and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - a run still going: stop the server and what it forked
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def gloo_server(tmp_path_factory):
+    server = _GlooServer(tmp_path_factory.mktemp("gloo_server") / "server.log")
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("name", sorted(n for n in E.EXAMPLES if not n.startswith("gpt")) + ["gpt_block_fwd_bwd"])
-def test_simulator_agrees_with_gloo_processes(name, tmp_path):
+def test_simulator_agrees_with_gloo_processes(name, tmp_path, gloo_server):
     """The one-process simulator against real gloo ranks (run in a fresh interpreter, so that the
     forked gloo workers never inherit this test process's state)."""
-    import subprocess
-    import sys
-
     problem = E.get(name).make(world_size=E.get(name).world_sizes[0])
     engine, _ = prepare(problem)
     sim = simulate(problem, engine.seq, engine.index.graphs, seed=5)
     path = tmp_path / "inputs.pt"
     torch.save([t.detach() for t in sim.inputs], path)
-    proc = subprocess.run([sys.executable, "-c", _GLOO_SCRIPT, name, str(path)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    returncode, stderr = gloo_server.run(name, path)
+    assert returncode == 0, stderr[-2000:]
     real = torch.load(str(path) + ".out")
     for r, g in enumerate(engine.index.graphs):
         for k, out in enumerate(g.outputs):
