@@ -46,3 +46,26 @@ def _deterministic_torch():
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most 4 (many tests fork a process per rank themselves)."""
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+
+
+@pytest.fixture
+def unix_socket_kernel():
+    """A Jupyter kernel manager whose kernel talks over unix sockets, not TCP. Over TCP the client
+    picks free ports (bind to port 0, release) and the kernel binds them a moment later; a process
+    of another test (gloo ranks, a JupyterLab server) can take one in between, and the kernel dies
+    ("Address already in use", seen in CI with parallel workers). Sockets live in a fresh short
+    directory (a unix socket path must stay under ~100 characters). The client given it does not own
+    it: the kernel is shut down here."""
+    import shutil
+    import tempfile
+
+    from jupyter_client import KernelManager
+
+    where = tempfile.mkdtemp(prefix="ggk")
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(where, "k"))
+    try:
+        yield km
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+        shutil.rmtree(where, ignore_errors=True)

@@ -53,10 +53,10 @@ print("kernel still fine")
 
 
 @pytest.mark.timeout(300)
-def test_session_and_verify_in_a_kernel(tmp_path, monkeypatch):
+def test_session_and_verify_in_a_kernel(tmp_path, monkeypatch, unix_socket_kernel):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, km=unix_socket_kernel, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on a failing cell
     texts = ["".join(o.get("text", "") for o in c.outputs if o.get("output_type") == "stream") for c in nb.cells]

@@ -24,7 +24,7 @@ def test_tutorials_exist():
 
 @pytest.mark.parametrize("name", TUTORIALS)
 @pytest.mark.timeout(600)
-def test_notebook_executes(name, tmp_path, monkeypatch):
+def test_notebook_executes(name, tmp_path, monkeypatch, unix_socket_kernel):
     # run a copy in a scratch directory: outputs are never written into the repository
     work = tmp_path / "notebooks"
     work.mkdir()
@@ -32,7 +32,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     shutil.copy(ROOT / "notebooks" / name, copy)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(copy, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, km=unix_socket_kernel, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(work)}})
     client.execute()  # raises CellExecutionError on the first failing cell (asserts included)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
