@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -180,37 +181,48 @@ def lab(browser_stack, tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("JUPYTER_TOKEN", None)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    # kernels talk to the server over unix sockets: over TCP each kernel binds ports its manager
+    # picked a moment earlier, which another test's process can take in between (a short directory:
+    # a unix socket path must stay under ~100 characters)
+    sockets = Path(tempfile.mkdtemp(prefix="ggl"))
     log = base / "server.log"
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip", "127.0.0.1",
-           "--port", str(port), "--ServerApp.port_retries=0", "--IdentityProvider.token=",
-           "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-           f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-           # window.jupyterapp: lets the tests wait for a really connected, idle kernel
-           "--LabApp.expose_app_in_browser=True",
-           "--LabServerApp.extra_labextensions_path=[]"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    lab = Lab(url, root, proc, log)
-    try:
+    for attempt in range(3):  # the free port may be taken before the server binds it: another one
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip", "127.0.0.1",
+               "--port", str(port), "--ServerApp.port_retries=0", "--IdentityProvider.token=",
+               "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+               f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+               # window.jupyterapp: lets the tests wait for a really connected, idle kernel
+               "--LabApp.expose_app_in_browser=True",
+               "--LabServerApp.extra_labextensions_path=[]",
+               "--KernelManager.transport=ipc", f"--KernelManager.ip={sockets / 'k'}"]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        lab = Lab(url, root, proc, log)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{lab.log_tail()}",
-                            pytrace=False)
+        while proc.poll() is None:
             try:
                 _http(f"{url}/api/status", timeout=2)
                 break
             except (OSError, urllib.error.URLError, ValueError):
                 if time.monotonic() > deadline:
+                    _stop_server(proc, url)
+                    shutil.rmtree(sockets, ignore_errors=True)
                     pytest.fail(f"JupyterLab did not answer /api/status within "
                                 f"{SERVER_START_TIMEOUT:.0f} s:\n{lab.log_tail()}", pytrace=False)
                 time.sleep(0.25)
+        if proc.poll() is None:
+            break
+        if attempt == 2 or "in use" not in lab.log_tail():
+            shutil.rmtree(sockets, ignore_errors=True)
+            pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{lab.log_tail()}", pytrace=False)
+    try:
         yield lab
     finally:
         _stop_server(proc, url)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- browser and page
