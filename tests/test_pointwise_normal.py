@@ -333,6 +333,42 @@ def test_idempotent_and_sources_kept():
     assert by_target[aten.silu.default].meta["gg_source"].startswith("prog.py:mul")
 
 
+def _every_rule(x, v, t, z):
+    """One program in which every rule has something to rewrite (and much it must decline)."""
+    a = x ** 3 + x.pow(0.5).abs() + v ** -0.5 + x / torch.sqrt(v) + 1 / torch.sqrt(v)
+    b = 1 / (1 + torch.exp(-x)) + x * torch.sigmoid(x) + x / (1 + torch.exp(-x))
+    c = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    d = torch.addcmul(x, v, t, value=0.5) + torch.var(x, -1, correction=0, keepdim=True)
+    e = F.layer_norm(x, (x.shape[-1],)) + torch.var_mean(t, -1, correction=0, keepdim=True)[1]
+    f = torch.view_as_real(torch.view_as_complex(z) * torch.view_as_complex(z.flip(-1))).sum(-1)
+    g = torch.linalg.vector_norm(x) + torch.clamp(x, max=2) + torch.maximum(x, torch.zeros_like(x))
+    h = torch.where(x > 1.0, 1.0, x) + torch.clamp_min(x, 0.5)
+    return a + b + c + d + e + f + g + h
+
+
+def test_rule_gates_agree_with_the_rules():
+    """A rule marked `applies_to(targets)` is asked only about calls of those targets: on a program
+    where every rule fires, each marked rule declines every other call (and leaves the graph as it is)."""
+    from gg_notebook.ir import norm_rules
+    from gg_notebook.ir.pointwise_normal import _Rewriter, may_apply
+
+    xs = (torch.randn(3, 8), torch.rand(3, 8) + 0.1, torch.randn(3, 8), torch.randn(3, 8, 2))
+    gm = _trace(_every_rule, *xs)
+    rw = _Rewriter(gm)
+    rules = [getattr(_Rewriter, name) for name in _Rewriter.RULES if name != "rule_norms"] + list(norm_rules.RULES)
+    assert all(getattr(r, "targets", None) for r in rules), "a rule without a gate is asked about every call"
+    code = gm.code
+    for rule in rules:
+        for n in list(gm.graph.nodes):
+            if n.op == "call_function" and not may_apply(rule, n.target):
+                assert rule(rw, n) is False, (rule.__name__, n.format_node())
+        assert gm.code == code, rule.__name__
+    fired = normalize(gm)
+    assert fired >= 10, gm.meta["gg_normalized"]
+    gm.recompile()
+    _agree(gm(*xs), _every_rule(*xs), torch.float32)
+
+
 # ------------------------------------------------------------------------------ commutativity
 def test_commutative_operands_one_term():
     S = ExprStore()

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from gg_notebook.ir.pointwise_normal import applies_to
+
 aten = torch.ops.aten
 
 _REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,6 +84,7 @@ def _vector_norm_args(n: fx.Node):
     return x
 
 
+@applies_to(aten.linalg_vector_norm.default)
 def rule_vector_norm(rw, n: fx.Node) -> bool:
     x = _vector_norm_args(n)
     if x is None:
@@ -105,6 +108,7 @@ def _stack(n):
     return list(xs), d % nd if nd else d
 
 
+@applies_to(aten.mul.Tensor)
 def rule_stack_product(rw, n: fx.Node) -> bool:
     if not _call(n, aten.mul.Tensor) or len(n.args) != 2 or n.kwargs:
         return False
@@ -131,6 +135,7 @@ def _sum_of_squares(s) -> bool:
     return _dtype(sq.args[0]) in _REAL and _dtype(s) == _dtype(sq.args[0])
 
 
+@applies_to(aten.mul.Tensor)
 def rule_sqrt_squared(rw, n: fx.Node) -> bool:
     if not _call(n, aten.mul.Tensor) or len(n.args) != 2 or n.kwargs or n.args[0] is not n.args[1]:
         return False
@@ -143,6 +148,7 @@ def rule_sqrt_squared(rw, n: fx.Node) -> bool:
     return rw.replace(n, s, "sqrt-squared")
 
 
+@applies_to(aten.sum.default)
 def rule_sum_stack(rw, n: fx.Node) -> bool:
     if not _call(n, aten.sum.default) or len(n.args) != 1 or n.kwargs:
         return False
@@ -234,6 +240,8 @@ def _emit_clamp(rw, n, x, lo, hi, rule):
     return rw.replace(n, rw.emit(n, n, aten.clamp.default, (x, lo, hi)), rule)
 
 
+@applies_to(aten.clamp_max.default, aten.clamp_min.default, aten.clamp.default, aten.minimum.default,
+            aten.maximum.default, aten.where.self)
 def rule_clamp_forms(rw, n: fx.Node) -> bool:
     if not isinstance(n, fx.Node) or n.op != "call_function":
         return False
