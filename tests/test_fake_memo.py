@@ -253,3 +253,30 @@ def test_constants_step_aside():
             ys.append(c * 2)
     assert all(isinstance(y, FakeTensor) and y.constant is not None and float(y.constant) == 6.0 for y in ys)
     assert memo.hits == 0
+
+
+def _matmuls_and_grads(x, w, b):
+    """Batched matmuls (each ends in ``_unsafe_view``), reshapes of views, and their backward."""
+    h = torch.matmul(x, w) + b  # [B, S, K] @ [K, N]: mm on the folded batch, then _unsafe_view
+    g = torch.matmul(h.transpose(1, 2), h)  # bmm of a non-contiguous view
+    y = (g.reshape(g.shape[0], -1).relu() * 0.5).sum()
+    y.backward()
+    return h, g, y, x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (4, 5), (5,)), ((1, 7, 8), (8, 8), (8,)), ((3, 1, 2), (2, 6), (1,))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_unsafe_view_and_fresh_results_answer_as_fake_mode(shapes, dtype):
+    """The two shortcuts (`_unsafe_view` asked as `view`, fresh results made from the remembered
+    metadata) give what FakeTensorMode gives without any cache: every result and gradient (sizes,
+    strides, offset, storage, view-ness, requires_grad) of a forward and backward run three times."""
+    def make(m):
+        return _fakes(m, *(torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes))
+
+    got, memo = _run(_matmuls_and_grads, make, True)
+    want, _ = _run(_matmuls_and_grads, make, False)
+    assert got == want
+    assert memo.hits > 0
+    assert not any(k[0] is torch.ops.aten._unsafe_view.default for k in memo.entries)  # asked as view
+    assert any(k[0] is torch.ops.aten.view.default and v is not None for k, v in memo.entries.items())
+    assert any(v is not None and v[2] is not None for v in memo.entries.values())  # fresh results made directly

@@ -23,6 +23,19 @@ wherever FakeTensorMode itself would not use its cache or where another mode mus
 - any other dispatch mode below the caller (make_fx's proxy mode, functionalization, a user's mode):
   they would not see the call;
 - calls FakeTensorMode decided not to cache (its entry is a bypass, or it made none).
+
+Two shortcuts that give what FakeTensorMode gives, more cheaply:
+
+- ``aten._unsafe_view`` is asked as ``aten.view``. FakeTensorMode computes both with the same function
+  (``fake_impls._view_meta``: same sizes, strides and offset, the input's storage), but never caches
+  ``_unsafe_view`` (its schema does not say that the result aliases its input), so every call paid
+  the full dispatch (~8% of a transformer's calls: ``matmul`` of a 3-d input ends in one). Autograd,
+  above this mode, still sees the call it made (`_unsafe_view`'s backward), and a recorder above it
+  writes down ``_unsafe_view``.
+- A remembered result that is one fresh tensor (not in place, not a view: most calls) is made as
+  FakeTensorMode makes it from its entry (``_get_output_tensor_from_cache_entry``: an empty meta
+  tensor of the entry's sizes, strides, dtype and requires_grad, wrapped for the entry's device),
+  without reading the entry again on every call.
 """
 
 from __future__ import annotations
@@ -41,9 +54,34 @@ enabled = True  # False: every call goes to FakeTensorMode (for same-machine mea
 
 try:  # FakeTensorMode's cache internals (torch >= 2.5); without them the memo is off
     from torch._subclasses.fake_tensor import _CacheKeyState, _DispatchCacheValidEntry, _BypassDispatchCache
+    from torch._subclasses.fake_tensor import in_kernel_invocation_manager
     _AVAILABLE = hasattr(FakeTensorMode, "_output_from_cache_entry") and hasattr(FakeTensorMode, "_cache_key")
 except ImportError:  # pragma: no cover - older torch
     _AVAILABLE = False
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+_VIEW = torch.ops.aten.view.default
+
+
+def _fresh_output(entry) -> tuple | None:
+    """(sizes, strides, dtype, requires_grad, device) of a cache entry whose result is one fresh
+    strided tensor (`FakeDispatchMemo`'s second shortcut), or None (the entry is read as FakeTensorMode
+    reads it: in place, a view, a tuple, a constant, a conjugate or negative bit, symbolic sizes, or
+    a torch whose entries look otherwise)."""
+    try:
+        if entry.is_output_tuple or len(entry.output_infos) != 1:
+            return None
+        info = entry.output_infos[0]
+        md = info.metadata
+        if info.inplace_idx is not None or info.view_idx is not None or md is None:
+            return None
+        if md.layout is not torch.strided or md.is_conj or md.is_neg:
+            return None
+        shape, stride = tuple(md.shape), tuple(md.stride)
+        if not all(type(v) is int for v in shape + stride):
+            return None
+        return shape, stride, md.dtype, bool(md.requires_grad), md.device
+    except AttributeError:  # pragma: no cover - another torch's entries
+        return None
 
 
 class _NoKey(Exception):
@@ -63,6 +101,8 @@ class FakeDispatchMemo:
     def __call__(self, func, args: tuple, kwargs: dict) -> Any:
         if not self.on or not self._alone():
             return func(*args, **kwargs)
+        if func is _UNSAFE_VIEW:
+            func = _VIEW  # the same result in FakeTensorMode, and cached (module docstring)
         try:
             key = self._key(func, args, kwargs)
         except _NoKey:
@@ -72,7 +112,13 @@ class FakeDispatchMemo:
             return func(*args, **kwargs)
         if found is not _MISSING:
             self.hits += 1
-            torch_key, entry = found
+            torch_key, entry, fresh = found
+            if fresh is not None:
+                shape, stride, dtype, requires_grad, device = fresh
+                mode = self.mode
+                with in_kernel_invocation_manager(mode):
+                    empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
+                return FakeTensor(mode, empty, device)
             return self.mode._output_from_cache_entry(_CacheKeyState(None), entry, torch_key, func, args)
         try:
             torch_key = self.mode._cache_key(_CacheKeyState(None), func, args, kwargs)
@@ -80,7 +126,8 @@ class FakeDispatchMemo:
             torch_key = None
         out = func(*args, **kwargs)
         entry = FakeTensorMode.cache.get(torch_key) if torch_key is not None else None
-        self.entries[key] = (torch_key, entry) if isinstance(entry, _DispatchCacheValidEntry) else None
+        self.entries[key] = (torch_key, entry, _fresh_output(entry)) \
+            if isinstance(entry, _DispatchCacheValidEntry) else None
         return out
 
     def _alone(self) -> bool:
