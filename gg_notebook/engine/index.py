@@ -110,7 +110,6 @@ class DIndex:
         self._root_groups: dict[tuple, dict] = {}  # bucket -> {operator: [dvals, keyed]} (`_same_root_hits`)
         self._leaf_masks: dict[int, int] = {}  # term id -> bit set of the global inputs it reads
         self._atom_bits: dict[int, int] = {}
-        self._refs: dict[int, Expr] = {}  # dval id -> its ref node (`ref`)
         self.forms = LinearForms(store)
         with long_lived_heap() as keep:  # the index's terms live as long as the run (engine/heap.py)
             self._build(keep)
@@ -279,12 +278,7 @@ class DIndex:
         return self.node_dval[(rank, node.name)]
 
     def ref(self, dval: DVal) -> Expr:
-        # the store interns it: the same node every time, kept per value (asked for every relation
-        # that names the value)
-        r = self._refs.get(dval.id)
-        if r is None:
-            r = self._refs[dval.id] = self.store.ref(dval.id, dval.shape, dval.dtype)
-        return r
+        return self.store.ref(dval.id, dval.shape, dval.dtype)
 
     def dval_by_id(self, i: int) -> DVal:
         return self.dvals[i]
@@ -301,14 +295,8 @@ class DIndex:
                     continue
                 seen.add(t.id)
                 for a in t.args:
-                    aid = a.id
-                    lst = users.get(aid)
-                    if lst is None:
-                        users[aid] = [t]
-                    else:
-                        lst.append(t)
-                    if aid not in seen:  # (a node seen already would be popped and skipped: the same order)
-                        stack.append(a)
+                    users.setdefault(a.id, []).append(t)
+                    stack.append(a)
             self._users = users
         return self._users.get(term.id, [])
 
@@ -366,35 +354,31 @@ class DIndex:
 
     # ------------------------------------------------------------------ building
     def _add(self, rank: int, node: Node, term: Expr) -> None:
-        at = (rank, node.name)  # (one key for every table of this location)
-        self.node_term[at] = term
+        self.node_term[(rank, node.name)] = term
         d = self.by_term.get(term.id)
-        first = d is None  # the value's first location: its pieces are registered once
-        if first:
+        if d is None:
             d = DVal(len(self.dvals), term)
             self.dvals.append(d)
             self.by_term[term.id] = d
         d.locations.append((rank, node))
-        self.node_dval[at] = d
-        if self._alias:
-            alias = self._alias.pop(at, None)
-            if alias is not None:
-                self.by_term.setdefault(alias.id, d)
-        op = term.op
-        if first and op == "call":
+        self.node_dval[(rank, node.name)] = d
+        alias = self._alias.pop((rank, node.name), None)
+        if alias is not None:
+            self.by_term.setdefault(alias.id, d)
+        if term.op == "call" and len(d.locations) == 1:
             movement_of(self).register_pieces(term, d)
-        elif first and op == "cat":
+        elif term.op == "cat" and len(d.locations) == 1:
             register_cat_pieces(self, term, d)
-        hint = self._slice_hint.pop(at, None) if self._slice_hint else None
-        if hint is None and op == "slice":
+        hint = self._slice_hint.pop((rank, node.name), None)
+        if hint is None and term.op == "slice":
             hint = (term.args[0],) + tuple(term.attrs)
         if hint is not None:
-            self._piece_of[at] = hint
-            if first:
-                base, dim, a, b = hint
-                self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
-        extra = self._extra_hint.pop(at, None) if self._extra_hint else None
-        if extra is not None and first:
+            self._piece_of[(rank, node.name)] = hint
+        if hint is not None and len(d.locations) == 1:
+            base, dim, a, b = hint
+            self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
+        extra = self._extra_hint.pop((rank, node.name), None)
+        if extra is not None and len(d.locations) == 1:
             base, dim, a, b = extra
             self.slices_of.setdefault(base.id, []).append((dim, a, b, d))
 
@@ -441,11 +425,7 @@ class DIndex:
 
     def _term(self, rank: int, n: Node, coll) -> Expr | None:
         S = self.store
-        node_term = self.node_term
-
-        def t(x: Node) -> Expr:
-            return node_term[(rank, x.name)]
-
+        t = lambda x: self.node_term[(rank, x.name)]  # noqa: E731
         op = n.op
         if op == "input":
             return self.input_terms[rank][n.attrs]

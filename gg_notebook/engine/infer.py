@@ -244,7 +244,7 @@ class Engine:
                 if is_value(v):
                     return v
             try:
-                _, dtype = infer_shape(spec, tuple([(a.shape, a.dtype) for a in terms]))
+                _, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in terms))
             except ShapeError:
                 return None
             t = self.store.find("call", spec, terms, dtype)
@@ -272,7 +272,7 @@ class Engine:
 
     def push(self, spec: OpSpec, args: tuple, depth: int = MAX_DEPTH) -> list[Candidate]:
         greedy = self.greedy
-        key = (spec, tuple([a.id for a in args]), depth, greedy)
+        key = (spec, tuple(a.id for a in args), depth, greedy)
         hit = self._push_memo.get(key)
         if hit is not None:
             return hit
@@ -287,7 +287,7 @@ class Engine:
             out.append(Candidate(found, ("match",) if found.op != "scale" else ("scalar-algebra",)))
         if depth > 0 and not any(not has_factor(c.expr) for c in out):
             try:
-                out_shape, _ = infer_shape(spec, tuple([(a.shape, a.dtype) for a in args]))
+                out_shape, _ = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
             except ShapeError:
                 out_shape = None
             if out_shape is not None:

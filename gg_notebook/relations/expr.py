@@ -167,12 +167,11 @@ class OpSpec:
         return (self.kind, self.name, self.target, self.template, self.params, self.out, self.unique)
 
     def __hash__(self) -> int:
-        try:  # (an attribute read: hashed for every table key holding a spec, the hit path is hot)
-            return self._hash
-        except AttributeError:
+        h = self.__dict__.get("_hash")
+        if h is None:
             h = hash(self._fields())
             object.__setattr__(self, "_hash", h)
-            return h
+        return h
 
     def __eq__(self, other) -> bool:
         if self is other:
@@ -345,21 +344,17 @@ class ExprStore:
                 self._spec_ids[id(attrs)] = (attrs, canon)  # (kept alive: its id stays its own)
                 attrs = canon
         key = (op, attrs, tuple([a.id for a in args]), dtype)
-        table = self._table
-        e = table.get(key)
-        if e is not None:
-            return e
-        if self.by_value and op != "atom" and op != "ref" and all([a.ground for a in args]):
+        e = self._table.get(key)
+        if e is None and self.by_value and op != "atom" and op != "ref" and all([a.ground for a in args]):
             from gg_notebook.relations.ground import canonical
 
             e = canonical(self, op, attrs, args, shape, dtype)
             if e is not None:
-                table[key] = e
-                return e
-        nodes = self.nodes
-        e = Expr(len(nodes), op, attrs, tuple(args), tuple(shape), dtype, key)
-        table[key] = e
-        nodes.append(e)
+                self._table[key] = e
+        if e is None:
+            e = Expr(len(self.nodes), op, attrs, tuple(args), tuple(shape), dtype, key)
+            self._table[key] = e
+            self.nodes.append(e)
         return e
 
     def find(self, op, attrs, args, dtype) -> Expr | None:
@@ -379,7 +374,7 @@ class ExprStore:
                 return alt
         if op == "call":
             args = commuted_args(attrs, tuple(args))
-        return self._table.get((op, attrs, tuple([a.id for a in args]), dtype))
+        return self._table.get((op, attrs, tuple(a.id for a in args), dtype))
 
     def _broadcast_args(self, spec, args):
         """Value-node operands of an elementwise call in their smallest broadcast form (ground.py)."""
@@ -417,7 +412,7 @@ class ExprStore:
 
     def _call(self, spec: OpSpec, args: Sequence[Expr], shape, dtype) -> Expr:
         if shape is None:
-            shape, dtype = infer_shape(spec, tuple([(a.shape, a.dtype) for a in args]))
+            shape, dtype = infer_shape(spec, tuple((a.shape, a.dtype) for a in args))
         if self.by_value and spec.kind == "ew":
             args = self._broadcast_args(spec, args)
         if self.by_value and spec.target is _EMBEDDING:  # a lookup at constant ids: rows of the table
@@ -450,7 +445,7 @@ class ExprStore:
         return hit
 
     def _view(self, x: Expr, shape: Sequence[int]) -> Expr:
-        shape = _resolve_shape(tuple(map(int, shape)), x.shape)
+        shape = _resolve_shape(tuple(int(s) for s in shape), x.shape)
         if math.prod(shape) != math.prod(x.shape):
             raise ShapeError(f"cannot view {x.shape} as {shape}")
         if shape == x.shape:
@@ -505,8 +500,7 @@ class ExprStore:
         return hit
 
     def _permute(self, x: Expr, perm: Sequence[int]) -> Expr:
-        n = max(len(x.shape), 1)
-        perm = tuple([int(p) % n for p in perm])
+        perm = tuple(int(p) % max(len(x.shape), 1) for p in perm)
         if sorted(perm) != list(range(len(x.shape))):
             raise ShapeError(f"bad permutation {perm} for shape {x.shape}")
         if perm == tuple(range(len(perm))):
@@ -572,16 +566,8 @@ class ExprStore:
         n = len(x.shape)
         dim = dim % n
         size = x.shape[dim]
-        # start = max(0, min(size, start)), end = max(start, min(size, end)) (negative: from the end),
-        # written out (the same values: min/max return their first argument on a tie)
-        if start < 0:
-            start += size
-        start = size if size <= start else start
-        start = 0 if 0 >= start else start
-        if end < 0:
-            end += size
-        end = size if size <= end else end
-        end = start if start >= end else end
+        start = max(0, min(size, start + size if start < 0 else start))
+        end = max(start, min(size, end + size if end < 0 else end))
         if start == 0 and end == size:
             return x
         if start == end:  # empty: keep it as is, normalizing would only lose the shape
@@ -600,14 +586,11 @@ class ExprStore:
                 return self.cat([self.slice(a, dim, start, end) for a in x.args], d)
             pieces, off = [], 0
             for a in x.args:
-                lo = off
-                off = hi = lo + a.shape[d]
-                if lo >= end:
-                    break  # (this piece and every later one start at or past the end: none is read)
-                s = start if start >= lo else lo  # max(start, lo)
-                e = end if end <= hi else hi  # min(end, hi)
+                lo, hi = off, off + a.shape[d]
+                s, e = max(start, lo), min(end, hi)
                 if s < e:
                     pieces.append(self.slice(a, d, s - lo, e - lo))
+                off = hi
             return self.cat(pieces, d)
         if x.op == "accum":
             return self.accum(x.attrs, [self.slice(a, dim, start, end) for a in x.args])
@@ -671,16 +654,13 @@ class ExprStore:
             raise ShapeError("cannot concatenate nothing")
         n = len(xs[0].shape)
         dim = dim % n
-        # every piece has the first one's shape except along dim (shapes are tuples: compared whole)
-        head, tail = xs[0].shape[:dim], xs[0].shape[dim + 1:]
         flat: list[Expr] = []
         for x in xs:
-            shape = x.shape
-            if len(shape) != n or shape[:dim] != head or shape[dim + 1:] != tail:
+            if len(x.shape) != n or any(x.shape[i] != xs[0].shape[i] for i in range(n) if i != dim):
                 raise ShapeError(f"cannot concatenate shapes {[a.shape for a in xs]} along {dim}")
             if x.op == "cat" and x.attrs == dim:
                 flat.extend(x.args)
-            elif shape[dim] > 0:
+            elif x.shape[dim] > 0:
                 flat.append(x)
         if not flat:  # every piece is empty
             return xs[0]
@@ -688,8 +668,7 @@ class ExprStore:
         for x in flat:
             if merged:
                 prev = merged[-1]
-                # (only two slices can join: the common case, any other pair, skips the call)
-                joined = self._join_slices(prev, x, dim) if prev.op == "slice" and x.op == "slice" else None
+                joined = self._join_slices(prev, x, dim)
                 if joined is not None:
                     merged[-1] = joined
                     continue

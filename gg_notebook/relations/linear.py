@@ -45,7 +45,6 @@ import torch
 
 from gg_notebook.ir.specs import reduced_dims
 
-from gg_notebook.relations.exact import Inexpressible
 from gg_notebook.relations.expr import Expr, ExprStore, ShapeError, reshape_groups
 from gg_notebook.relations.products import canonical_product, worth_indexing as product_worth_indexing
 from gg_notebook.relations.sum_merge import merge_slice_sums
@@ -148,6 +147,8 @@ def _floating(e: Expr) -> bool:
 
 
 def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
+    from gg_notebook.relations.exact import Inexpressible
+
     acc: dict[int, list] = {}
     for b, c in pairs:
         slot = acc.get(b.id)
@@ -158,10 +159,7 @@ def _normalize(pairs: Iterable[tuple[Expr, Fraction]]) -> Form | None:
                 slot[1] += c
             except Inexpressible:  # c1 + c2 with different radicals: not one coefficient
                 return None
-    # (c != 0, with a Fraction's numerator read directly: a Fraction is zero iff its numerator is;
-    # a radical compares by its own __ne__)
-    out = tuple([(b, c) for _, (b, c) in sorted(acc.items())
-                 if (c._numerator != 0 if c.__class__ is Fraction else c != 0)])
+    out = tuple((b, c) for _, (b, c) in sorted(acc.items()) if c != 0)
     if len(out) > MAX_BASES:
         return None
     return out
@@ -207,7 +205,6 @@ class LinearForms:
     def _of(self, t: Expr) -> Form:
         # iterative post-order over the arguments first (deep graphs must not recurse deeply)
         memo = self._memo
-        reads = self._reads_memo
         stack = [t]
         while stack:
             x = stack[-1]
@@ -215,11 +212,7 @@ class LinearForms:
                 stack.pop()
                 continue
             if x.args:
-                # (`_reads_arg_forms`, its memo read here: asked twice for every node of a history)
-                read = reads.get(x.id)
-                if read is None:
-                    read = self._reads_arg_forms(x)
-                if not read:
+                if not self._reads_arg_forms(x):
                     stack.pop()  # an operator no rule looks through: its own base, arguments never visited
                     memo[x.id] = ((x, ONE),)
                     continue
@@ -704,17 +697,12 @@ class _Combination:
 
     def __init__(self, coefficients: tuple) -> None:
         self.coefficients = coefficients
-        # (up to MAX_BASES fractions: hashed once, the spec holding it is hashed per table)
-        self._hash = hash(("combination", coefficients))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _Combination) and other.coefficients == self.coefficients
 
     def __hash__(self) -> int:
-        return self._hash
-
-    def __reduce__(self):
-        return (_Combination, (self.coefficients,))  # (the hash is this process's: computed anew)
+        return hash(("combination", self.coefficients))
 
     def __call__(self, *xs):
         out = xs[0] * float(self.coefficients[0])

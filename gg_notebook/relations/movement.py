@@ -411,13 +411,13 @@ class MovementIndex:
     def register_pieces(self, term: Expr, dval) -> None:
         """Record the pieces of ``term`` (a rank's compute call) that are the same call on one piece
         of a concatenated operand along a dim mapping position-wise to an output dim."""
+        from gg_notebook.lemmas.dims import dim_roles
+
         if term.op != "call" or term.attrs.unique is not None:
             return
         args = term.args
         if not any(a.op == "cat" for a in args):
-            return  # (most calls: before the import below, which costs a lookup per call)
-        from gg_notebook.lemmas.dims import dim_roles
-
+            return
         try:
             roles = dim_roles(term.attrs, [a.shape for a in args], term.shape)
         except Exception:  # noqa: BLE001 - an operator without a dim table
