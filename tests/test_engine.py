@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import gg_notebook as gg
 from gg_notebook import examples as E
 from gg_notebook.lemmas import REGISTRY
@@ -43,30 +41,3 @@ def test_culprit_has_inputs_nearby_ops_and_hint():
     assert r._repr_html_().startswith("<div")
     assert '"status": "refuted"' in r.to_json()
     assert r.counterexample is not None and r.counterexample.max_error > 0
-
-
-def test_long_lived_heap_pauses_the_collector_and_restores_it():
-    """Inside `long_lived_heap` the heap is frozen and the collector paused; both are as before
-    after it (also when the block raises); a collector the caller disabled is left alone."""
-    import gc
-
-    from gg_notebook.engine.heap import long_lived_heap
-
-    was = gc.isenabled()
-    try:
-        gc.enable()
-        with pytest.raises(RuntimeError):
-            with long_lived_heap() as keep:
-                assert not gc.isenabled() and gc.get_freeze_count() > 0
-                keep()
-                raise RuntimeError("the block fails")
-        assert gc.isenabled() and gc.get_freeze_count() == 0
-        gc.disable()
-        with long_lived_heap() as keep:
-            assert not gc.isenabled() and gc.get_freeze_count() == 0
-            keep()
-            assert gc.get_freeze_count() == 0
-        assert not gc.isenabled()
-    finally:
-        gc.unfreeze()
-        (gc.enable if was else gc.disable)()

@@ -4,13 +4,10 @@ Indexing and inference allocate millions of small objects that live as long as t
 their tables, memo entries). Python's full collections scan every tracked object again and again
 (their number grows with the model, so the total with its square on a large model: a quarter of a
 405B-shaped model's inference, half of its index). `long_lived_heap` freezes (`gc.freeze`) what
-exists when a block starts and pauses the collector for the block; it gives the block ``keep()``,
-which freezes what exists now (called between steps). Indexing and inference make no cyclic garbage
-worth collecting: paused, the index and inference of a 32-layer 405B-shaped forward+backward take
-5.0-5.2 s instead of 5.8-6.1 s (the young collections that remained), at the same peak RSS (659 vs
-662 MB).
-Everything is unfrozen and the collector resumed when the block ends (cyclic garbage the block left
-behind is collected then, by the next collection). A heap some caller froze, or a disabled
+exists when a block starts and gives the block ``keep()``, which freezes what exists now: called
+between steps, so that the collector still sees a step's own young objects but no longer the
+survivors of earlier steps. Everything is unfrozen when the block ends (cyclic garbage a step left
+behind is collected then, by the next full collection). A heap some caller froze, or a disabled
 collector, is left as it is. This changes when memory is reclaimed, never a value."""
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ def long_lived_heap():
         yield _nothing
         return
     gc.freeze()
-    gc.disable()
     try:
         yield gc.freeze
     finally:
         gc.unfreeze()
-        gc.enable()
