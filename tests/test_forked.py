@@ -120,42 +120,6 @@ def test_graph_roundtrip_resolves_operators_and_survives_long_chains():
     assert packet is torch.ops.aten.mm
 
 
-def test_loading_pauses_the_collector_and_restores_it():
-    """`serialize.loads` runs with the cyclic collector paused (no collection during a load: the
-    data is not scanned as it grows) and leaves it as it was, also when the data is bad."""
-    import gc
-    import pickle
-
-    class Probe:
-        def __reduce__(self):
-            return _gc_state, ()
-
-    _gc_seen.clear()
-    data = serialize.dumps([Probe(), list(range(3))])
-    was = gc.isenabled()
-    try:
-        for on in (True, False):
-            (gc.enable if on else gc.disable)()
-            assert serialize.loads(data)[1] == [0, 1, 2]
-            assert gc.isenabled() is on
-            with pytest.raises(pickle.UnpicklingError):
-                serialize.loads(b"not a pickle")
-            assert gc.isenabled() is on
-    finally:
-        (gc.enable if was else gc.disable)()
-    assert _gc_seen == [False, False]  # paused while loading, whatever it was before
-
-
-_gc_seen: list = []  # the collector's state as each load of `_gc_state` saw it
-
-
-def _gc_state():
-    import gc
-
-    _gc_seen.append(gc.isenabled())
-    return None
-
-
 def test_graph_out_of_topological_order_is_refused():
     x = Node("x", "input", 0, (), (3,), torch.float32)
     y = Node("y", "call", ew_spec(torch.ops.aten.relu.default, 1), (x,), (3,), torch.float32)
