@@ -84,6 +84,22 @@ def _fresh_output(entry) -> tuple | None:
         return None
 
 
+def fresh_fake(mode: FakeTensorMode, shape: tuple, stride: tuple, dtype: torch.dtype, device,
+               requires_grad: bool = False) -> FakeTensor | None:
+    """A fresh fake tensor of ``mode`` (storage offset 0) with this metadata, made as FakeTensorMode
+    makes a result from its cache entry: an empty meta tensor wrapped for ``device``, without a
+    dispatch through the mode (used by the memo here and by `ir.pointwise_normal`). None where this
+    torch does not make FakeTensors that way (the caller dispatches then)."""
+    if not _AVAILABLE:
+        return None
+    try:
+        with in_kernel_invocation_manager(mode):
+            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
+        return FakeTensor(mode, empty, device)
+    except TypeError:  # pragma: no cover - another torch's FakeTensor constructor
+        return None
+
+
 class _NoKey(Exception):
     pass
 
@@ -115,10 +131,9 @@ class FakeDispatchMemo:
             torch_key, entry, fresh = found
             if fresh is not None:
                 shape, stride, dtype, requires_grad, device = fresh
-                mode = self.mode
-                with in_kernel_invocation_manager(mode):
-                    empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
-                return FakeTensor(mode, empty, device)
+                made = fresh_fake(self.mode, shape, stride, dtype, device, requires_grad)
+                if made is not None:
+                    return made
             return self.mode._output_from_cache_entry(_CacheKeyState(None), entry, torch_key, func, args)
         try:
             torch_key = self.mode._cache_key(_CacheKeyState(None), func, args, kwargs)

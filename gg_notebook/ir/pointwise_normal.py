@@ -259,19 +259,6 @@ def _meta_key(a):
     raise _NoKey
 
 
-def _fake_empty(mode, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype, device):
-    """A fresh fake tensor of ``mode`` with this metadata (offset 0), made directly on a meta tensor:
-    what ``torch.empty_strided`` makes inside the mode, without a dispatch through it (a quarter of
-    the time; a normalized 126-layer forward emits thousands). None where this torch's FakeTensor
-    is not made that way (the caller dispatches then)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    try:
-        return FakeTensor(mode, torch.empty_strided(shape, stride, dtype=dtype, device="meta"), device)
-    except TypeError:
-        return None
-
-
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -295,8 +282,11 @@ class _Rewriter:
         except _NoKey:
             key = None
         meta = _RESULT_META.get(key) if key is not None else None
-        if meta is not None and meta[2] == 0:
-            made = _fake_empty(self._mode, *meta)
+        if meta is not None and meta[2] == 0:  # made directly: a quarter of a dispatch through the mode
+            from gg_notebook.capture.fake_memo import fresh_fake
+
+            shape, stride, _, dtype, device = meta
+            made = fresh_fake(self._mode, shape, stride, dtype, device)
             if made is not None:
                 return made
         with self._mode:
