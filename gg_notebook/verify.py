@@ -8,6 +8,7 @@ import time
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from gg_notebook.engine.index import DIndex
+from gg_notebook.engine.induction import Induction
 from gg_notebook.engine.infer import Candidate, Engine
 from gg_notebook.engine.judge import judge
 from gg_notebook.ir.lower import lower
@@ -186,7 +187,7 @@ def _index(problem: Problem, seq, ranks, stats: dict, t0: float, t1: float, real
 
 def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seeds: int = 3,
            validate: bool = True, capture: str = "auto", capture_once: bool = True, executor=None,
-           progress=None, greedy: bool = True) -> Result:
+           progress=None, greedy: bool = True, induction: bool = True) -> Result:
     """Prove that ``problem.distributed`` refines ``problem.sequential`` (see `Problem`).
 
     ``exact="real"`` (default): equality over real numbers (floating point compared with a tolerance
@@ -221,6 +222,10 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     search's either way, the relations of a proof may be fewer; ``greedy=False`` steps exactly as a
     `ProofSession` does.
 
+    ``induction`` (default on): a model's repeated layers are proved once and carried to every
+    layer that is provably the same (`gg_notebook.engine.induction`); the others are walked.
+    ``result.stats["induction"]`` says how many were carried and why the others were not.
+
     ``progress``: True for tqdm.auto bars (capture per program and rank, inference per operator),
     or a callable ``f(stage, done, total, detail)`` (see `gg_notebook.capture.progress`)."""
     if exact not in ("real", "bitwise"):
@@ -230,6 +235,8 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
                             progress=report)
     engine.bitwise = exact == "bitwise"
     t0 = time.perf_counter()
+    if induction:
+        engine.induction = Induction(engine)
     if report is not None:
         _report_steps(engine, report)
     try:
@@ -240,8 +247,12 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
             _guard("inferring", engine.run, node_of=lambda: _current(engine))
             passes = 1
     finally:
-        engine.__dict__.pop("step", None)  # the reporting wrapper (if any)
+        engine.__dict__.pop("step", None)  # the reporting wrappers (if any)
+        if engine.induction is not None:
+            engine.induction.__dict__.pop("advance", None)
     stats["inference_s"] = time.perf_counter() - t0
+    if engine.induction is not None:
+        stats["induction"] = engine.induction.summary()
     stats["inference_passes"] = passes
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)
@@ -305,20 +316,37 @@ def conclude(engine: Engine, problem: Problem, stats: dict, *, exact: str = "rea
 
 
 def _report_steps(engine: Engine, report) -> None:
-    """Call ``report("inference", done, total, op)`` as the engine steps (about 100 times a run)."""
+    """Call ``report("inference", done, total, op)`` as the engine steps (about 100 times a run),
+    a layer carried by induction (`engine.induction`) included."""
     step = engine.step
     total = len(engine.seq.nodes)
     every = max(1, total // 100)
+    last = [0]
+
+    def tick():
+        k = engine.cursor
+        if k // every != last[0] or engine.done:
+            last[0] = k // every
+            n = engine.seq.nodes[k - 1] if 0 < k <= total else None
+            report("inference", total if engine.done else k, total, str(getattr(n, "target", "")) if n else "")
 
     def reporting_step():
         out = step()
-        k = engine.cursor
-        if k % every == 0 or engine.done:
-            n = engine.seq.nodes[k - 1] if 0 < k <= total else None
-            report("inference", total if engine.done else k, total, str(getattr(n, "target", "")) if n else "")
+        tick()
         return out
 
     engine.step = reporting_step
+    induction = engine.induction
+    if induction is not None:
+        advance = induction.advance
+
+        def reporting_advance(e):
+            out = advance(e)
+            if out:
+                tick()
+            return out
+
+        induction.advance = reporting_advance
 
 
 def _domain_violation(problem: Problem):

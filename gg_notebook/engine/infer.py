@@ -124,6 +124,9 @@ class Engine:
         self.instances: list[tuple[str, OpSpec, tuple, Expr]] = []
         self.domains: dict = {}  # input name -> IdDomain declared in Problem.domains
         self.domain_facts: dict[str, str] = {}  # every id domain a lemma relied on (for the result)
+        # proof by induction over repeated layers (engine/induction.py): `run` asks it before each
+        # step; None (a session's stepping, the default) walks every operator
+        self.induction = None
 
     # ------------------------------------------------------------------ naming
     def name(self, leaf: Expr) -> str:
@@ -609,7 +612,8 @@ class Engine:
         with torch_threads(1), long_lived_heap() as keep:
             try:
                 while not self.done:
-                    self.step()
+                    if self.induction is None or not self.induction.advance(self):
+                        self.step()
                     keep()  # what this step made lives as long as the run (engine/heap.py)
             finally:
                 release_shared()  # id-domain evaluations shared by the run's matchers (lemmas/domain.py)
