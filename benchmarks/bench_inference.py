@@ -8,6 +8,8 @@ first (cold) run is reported apart from the median of the others.
 
     python benchmarks/bench_inference.py --tp 8 --layers 8 --mode fwd_bwd
     python benchmarks/bench_inference.py --tp 8 --layers 8 --baseline 4bd9fc7   # also that commit, same way
+    python benchmarks/bench_inference.py --shape 405b --sp --tp 8 --layers 126 --repeat 2 \
+        --no-induction-baseline                           # proof by induction over layers, against the walk
     python benchmarks/bench_inference.py --cells 2x1 2x8 4x4 8x1 8x8 --rounds 3 --baseline 4bd9fc7 \
         --out benchmarks/results/inference.json                                 # the README's grid
 
@@ -30,10 +32,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODEL = dict(hidden=768, vocab=49152, seq=1536, batch=8, ffn=3072)
+SHAPES = {"gpt": None,  # the GPT grid's model (heads: 12, or 16 where 12 does not split)
+          "405b": dict(hidden=16384, heads=128, vocab=128256, seq=4096, batch=1, ffn=53248)}
 
 
-def measure(root: str, tp: int, layers: int, mode: str, repeat: int) -> dict:
-    """Run in a fresh interpreter whose gg_notebook is ``root``'s."""
+def measure(root: str, tp: int, layers: int, mode: str, repeat: int, shape: str = "gpt", sp: bool = False,
+            induction: bool | None = None) -> dict:
+    """Run in a fresh interpreter whose gg_notebook is ``root``'s. ``induction`` None: the commit's
+    default (a commit before `engine.induction` has no such option)."""
+    if SHAPES[shape] is None:
+        model = f'heads=12 if 12 % {tp} == 0 else 16, **{MODEL!r}'
+    else:
+        model = f'**{SHAPES[shape]!r}'
+    extra = "" if induction is None else f", induction={induction}"
     code = f"""
 import sys, time, json
 sys.path.insert(0, {root!r})
@@ -60,9 +71,8 @@ def run(self, *a, **k):
 infer.Engine.run = run
 status = None
 for i in range({repeat}):
-    p = make({tp}, layers={layers}, backward={mode == "fwd_bwd"}, device="meta", heads=12 if 12 % {tp} == 0 else 16,
-             **{MODEL!r})
-    status = str(gg.verify(p, validate=False, concrete=False).status.value)
+    p = make({tp}, layers={layers}, backward={mode == "fwd_bwd"}, device="meta", sequence_parallel={sp}, {model})
+    status = str(gg.verify(p, validate=False, concrete=False{extra}).status.value)
 print("@@RESULT " + json.dumps({{"status": status, "times": times, "file": gg.__file__}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
@@ -96,6 +106,11 @@ def main(argv=None) -> int:
                     help="fresh processes per measurement, alternating with the baseline's (other load on the "
                          "machine then affects both alike)")
     ap.add_argument("--baseline", default=None, help="a git commit to measure the same way")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt",
+                    help="gpt: the GPT grid's model; 405b: hidden 16384, 128 heads, FFN 53248, vocab 128256, seq 4096")
+    ap.add_argument("--sp", action="store_true", help="sequence parallelism on top of the tensor parallelism")
+    ap.add_argument("--no-induction-baseline", action="store_true",
+                    help="the baseline is this checkout with induction=False (engine/induction.py) instead of a commit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cells = [tuple(int(v) for v in c.lower().split("x")) for c in args.cells] if args.cells else \
@@ -111,29 +126,33 @@ def main(argv=None) -> int:
             for mode in args.mode:
                 here, base = [], []
                 for k in range(args.rounds):
-                    order = [(str(ROOT), here), (base_dir, base)] if base_dir else [(str(ROOT), here)]
-                    for root, acc in (order if k % 2 == 0 else order[::-1]):
-                        acc.append(measure(root, tp, layers, mode, args.repeat))
+                    order = [(str(ROOT), here, None), (base_dir, base, None)] if base_dir else [(str(ROOT), here, None)]
+                    if args.no_induction_baseline:
+                        order = [(str(ROOT), here, True), (str(ROOT), base, False)]
+                    for root, acc, ind in (order if k % 2 == 0 else order[::-1]):
+                        acc.append(measure(root, tp, layers, mode, args.repeat, args.shape, args.sp, ind))
                 rec = {"mode": mode, "tp": tp, "layers": layers, "here": _combine(here)}
-                if base_dir:
+                if base:
                     rec["baseline"] = _combine(base)
                 rows.append(rec)
     finally:
         if base_dir:
             subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=ROOT, capture_output=True)
+    compared = bool(base_dir or args.no_induction_baseline)
     print("| mode | TP x layers | verdict | cold CPU s | warm median CPU s |"
-          + (" baseline cold | baseline warm | ratio cold | ratio warm |" if base_dir else ""))
-    print("|---|---|---|---|---|" + ("---|---|---|---|" if base_dir else ""))
+          + (" baseline cold | baseline warm | ratio cold | ratio warm |" if compared else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|---|" if compared else ""))
     for r in rows:
         h = r["here"]
         line = f"| {r['mode']} | {r['tp']} x {r['layers']} | {h['status']} | {h['cold_s']:.3f} | {h['warm_median_s']:.3f} |"
-        if base_dir:
+        if compared:
             b = r["baseline"]
             line += (f" {b['cold_s']:.3f} | {b['warm_median_s']:.3f} | {h['cold_s'] / b['cold_s']:.2f}x | "
                      f"{h['warm_median_s'] / b['warm_median_s']:.2f}x |")
         print(line)
     if args.out:
-        Path(args.out).write_text(json.dumps({"baseline": args.baseline, "rows": rows, "command": " ".join(sys.argv),
+        Path(args.out).write_text(json.dumps({"baseline": "induction=False" if args.no_induction_baseline
+                                              else args.baseline, "shape": args.shape, "sp": args.sp, "rows": rows, "command": " ".join(sys.argv),
                                               "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     return 0
 
