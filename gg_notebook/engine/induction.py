@@ -341,30 +341,36 @@ class Induction:
                         return f"its input {b.name} is not related as the template's input is"
         # the template's values -> this layer's
         sub = tpl.sub
-        sub_map: dict[int, Expr] = {}
+        full_of: list[int] = []  # sub dval id -> this layer's dval id
+        for d in sub.index.dvals:
+            r, n = d.locations[0]
+            node = (rank_segs[r].boundary[n.attrs] if n.op == "input"
+                    else rank_segs[r].members[n.index - len(tpl.rank_segs[r].boundary)])
+            full_of.append(index.dval_of(r, node).id)
+        refs: dict[int, Expr] = {}
 
         def carried(x: Expr) -> Expr:
-            e = sub_map.get(x.attrs[0])
+            e = refs.get(x.attrs[0])
             if e is None:
-                d = sub.index.dvals[x.attrs[0]]
-                r, n = d.locations[0]
-                node = (rank_segs[r].boundary[n.attrs] if n.op == "input"
-                        else rank_segs[r].members[n.index - len(tpl.rank_segs[r].boundary)])
-                e = sub_map[x.attrs[0]] = index.ref(index.dval_of(r, node))
+                e = refs[x.attrs[0]] = index.ref(index.dvals[full_of[x.attrs[0]]])
             return e
 
+        # one value of this layer per value of the template's: the template's normal forms are this
+        # layer's too, so its relations are interned as they are (else rebuilt by the constructors)
+        rename = _image if len(set(full_of)) == len(full_of) else _rename
         memo: dict[int, Expr] = {}
         new_steps = []
         by_node = {s.node: s for s in sub.steps}
         try:
             for tn, n in zip(tpl.seq_seg.nodes, seq_seg.nodes):
                 s = by_node[tn.name]
-                cands = [Candidate(_rename(store, c.expr, carried, memo), c.chain, False, c.deferred)
+                cands = [Candidate(rename(store, c.expr, carried, memo), c.chain, False, c.deferred)
                          for c in s.candidates]
                 new_steps.append((n, s, cands))
         except ShapeError as e:
             return f"a relation does not carry over ({e})"
         if shift == 0:
+            memo = {}
             for name, spec, args, plan in sub.instances:
                 engine.instances.append((name, spec, tuple(_rename(store, a, carried, memo) for a in args),
                                          _rename(store, plan, carried, memo)))
@@ -407,6 +413,26 @@ def _rename(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
         out = store.const(e.attrs, e.shape, e.dtype)
     else:
         out = rebuild(store, e, [_rename(store, a, leaf, memo) for a in e.args])
+    memo[e.id] = out
+    return out
+
+
+def _image(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
+    """`_rename` for a ``leaf`` that is one-to-one on ``e``'s refs: a clean relation's nodes other
+    than calls are normalized by their structure alone (a view of a view, a slice of a
+    concatenation, nested sums), so the image of a normal form is interned as it is. Calls (whose
+    operands are ordered by term id) and input-independent values go through the constructors."""
+    hit = memo.get(e.id)
+    if hit is not None:
+        return hit
+    op = e.op
+    if op == "ref":
+        out = leaf(e)
+    elif op == "call" or op == "const" or op == "atom" or e.ground:
+        out = _rename(store, e, leaf, memo)
+    else:
+        args = tuple([_image(store, a, leaf, memo) for a in e.args])
+        out = store._intern(op, e.attrs, args, e.shape, e.dtype)
     memo[e.id] = out
     return out
 
