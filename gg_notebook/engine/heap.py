@@ -38,3 +38,4 @@ def long_lived_heap():
     finally:
         _ours[0] -= 1
         gc.unfreeze()
+

@@ -440,12 +440,17 @@ def _image(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
 def _onto(engine, e: Expr, dvals: dict, memo: dict) -> Expr:
     """``e`` (a relation) with every piece whose term some value of ``dvals`` (ids) has replaced by
     a ref to that value, outermost first: the same relation over the values a layer reads (the walk
-    may name a value the ranks read only through a view of it as that view of the value)."""
+    may name a value the ranks read only through a view of it as that view of the value). A
+    relation already over those values is left as it is."""
     hit = memo.get(e.id)
     if hit is not None:
         return hit
     out = e
-    if e.op != "ref" and not e.ground:
+    if memo.get(("all in", e.id)) is None:
+        memo[("all in", e.id)] = all(x.attrs[0] in dvals for x in _refs(e))
+    if memo[("all in", e.id)]:
+        pass  # already over those values (the rule on both sides of a comparison: the same)
+    elif e.op != "ref" and not e.ground:
         try:
             d = engine.index.by_term.get(engine.to_term(e).id)
         except ShapeError:
