@@ -224,7 +224,9 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
     ``induction`` (default on): a model's repeated layers are proved once and carried to every
     layer that is provably the same (`gg_notebook.engine.induction`); the others are walked.
-    ``result.stats["induction"]`` says how many were carried and why the others were not.
+    ``result.stats["induction"]`` says how many were carried and why the others were not. A problem
+    that is not proved that way is inferred again walking every operator, so its verdict (and
+    culprit) are the walk's.
 
     ``progress``: True for tqdm.auto bars (capture per program and rank, inference per operator),
     or a callable ``f(stage, done, total, detail)`` (see `gg_notebook.capture.progress`)."""
@@ -244,15 +246,16 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
             passes = _guard("inferring", engine.run_greedy_first, functools.partial(_greedy_proves, problem, stats),
                             node_of=lambda: _current(engine))
         else:
-            _guard("inferring", engine.run, node_of=lambda: _current(engine))
-            passes = 1
+            passes = _guard("inferring", engine.run_walking_if_needed,
+                            functools.partial(_greedy_proves, problem, stats), node_of=lambda: _current(engine))
     finally:
         engine.__dict__.pop("step", None)  # the reporting wrappers (if any)
         if engine.induction is not None:
             engine.induction.__dict__.pop("advance", None)
     stats["inference_s"] = time.perf_counter() - t0
     if engine.induction is not None:
-        stats["induction"] = engine.induction.summary()
+        # (a second pass walks every operator: then the relations judged are the walk's alone)
+        stats["induction"] = dict(engine.induction.summary(), in_verdict=passes == 1)
     stats["inference_passes"] = passes
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)

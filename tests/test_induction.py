@@ -158,6 +158,17 @@ def test_a_wrong_layer_is_never_proved_and_is_localized_as_the_walk_does(bug, bu
     assert walk.status is not gg.Status.PROVED
     assert ind.status is walk.status, (ind, walk)
     assert _where(ind) == _where(walk)
+    assert ind.stats["induction"]["in_verdict"] is False  # (walked again: the walk's verdict)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_verdict_rests_on_carried_layers_only_when_proved(greedy):
+    right = gg.verify(make_stack(tp_stack), capture="inprocess", greedy=greedy)
+    wrong = gg.verify(make_stack(tp_stack, bug_layer=3), capture="inprocess", greedy=greedy)
+    assert right.status is gg.Status.PROVED and right.stats["induction"]["in_verdict"]
+    assert wrong.status is not gg.Status.PROVED and not wrong.stats["induction"]["in_verdict"]
+    walked = gg.verify(make_stack(tp_stack, bug_layer=3), capture="inprocess", greedy=greedy, induction=False)
+    assert _where(wrong) == _where(walked) and wrong.status is walked.status
 
 
 def _reversed_rows(t, rank, world_size):
@@ -244,3 +255,14 @@ def test_segments_match_only_when_wired_alike():
     c = Segment.of(seq, r.start + 1, r.start + 1 + r.period)
     assert not match_segments(a, c, ids) or r.period == 1
     assert isinstance(r, Region)
+
+
+def test_progress_counts_the_carried_layers():
+    calls = []
+    r = gg.verify(make_stack(tp_stack, layers=8), capture="inprocess",
+                  progress=lambda stage, done, total, detail: calls.append((stage, done, total)))
+    assert r.status is gg.Status.PROVED and r.stats["induction"]["carried"] >= 6
+    inf = [(d, t) for s, d, t in calls if s == "inference"]
+    assert inf and inf[-1][0] == inf[-1][1]
+    assert all(a[0] <= b[0] for a, b in zip(inf, inf[1:]))
+    assert len(inf) >= 20  # reported along the way, not only at the end

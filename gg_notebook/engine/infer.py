@@ -621,11 +621,11 @@ class Engine:
     def run_greedy_first(self, accept) -> int:
         """`run` greedily (see ``greedy``); if ``accept(self)`` says its relations do not do (the proof
         is stuck, or an output lacks the relation it needs), take every step back and `run` again with
-        the exhaustive search: then the relations, and the verdict, are exactly those of `run`. The
-        second pass starts afresh (no pushes or lookups of the first, so the lemma instances and the
-        domain facts recorded with them are the second pass's own) but keeps what is a function of
-        an expression and the fixed index alone (terms, values realized, values up to a factor).
-        Returns the number of passes (1 or 2)."""
+        the exhaustive search, walking every operator (no `induction`): then the relations, and the
+        verdict, are exactly those of a plain `run`. The second pass starts afresh (no pushes or
+        lookups of the first, so the lemma instances and the domain facts recorded with them are the
+        second pass's own) but keeps what is a function of an expression and the fixed index alone
+        (terms, values realized, values up to a factor). Returns the number of passes (1 or 2)."""
         self.greedy = True
         try:
             self.run()
@@ -633,6 +633,32 @@ class Engine:
             self.greedy = False
         if accept(self):
             return 1
+        self.restart()
+        induction, self.induction = self.induction, None
+        try:
+            self.run()
+        finally:
+            self.induction = induction
+        return 2
+
+    def run_walking_if_needed(self, accept) -> int:
+        """`run` (with `induction`, if set); if ``accept(self)`` says its relations do not do and some
+        layer was carried by induction, take every step back and `run` walking every operator: the
+        verdict of a problem induction does not prove is the walk's. Returns the number of passes."""
+        self.run()
+        if self.induction is None or not self.induction.stats["carried"] or accept(self):
+            return 1
+        self.restart()
+        induction, self.induction = self.induction, None
+        try:
+            self.run()
+        finally:
+            self.induction = induction
+        return 2
+
+    def restart(self) -> None:
+        """Take every step back and forget what the steps found (pushes, lookups, lemma instances,
+        domain facts); keep what is a function of an expression and the fixed index alone."""
         self.undo_to(0)
         self.stuck_at = None
         self.deferred.clear()
@@ -641,8 +667,6 @@ class Engine:
         self._lookup_memo.clear()  # (a matcher records domain facts on its way: asked again)
         self.instances.clear()
         self.domain_facts.clear()
-        self.run()
-        return 2
 
     def refined(self, cands: list[Candidate]) -> list[Candidate]:
         """Other clean relations for the same value: the finest tilings by slices some rank holds
