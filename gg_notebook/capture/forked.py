@@ -38,6 +38,7 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+from gg_notebook.frozen import frozen
 from gg_notebook.ir import serialize
 
 
@@ -93,7 +94,9 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
     idle: set[int] = set()  # children inside `waiting`
     outcomes: dict[int, tuple[str, Any, str, str]] = {}
     first_failure: int | None = None
-    gc.freeze()  # a child's garbage collections then leave the parent's objects (and their pages) alone
+    # a child's garbage collections then leave the parent's objects (and their pages) alone
+    heap = contextlib.ExitStack()
+    heap.enter_context(frozen())
     try:
         while todo or running:
             while (todo and len(running) - len(idle) < max(1, workers)
@@ -142,7 +145,7 @@ def run_forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
         for conn, (_, proc) in running.items():
             _stop(proc)
             conn.close()
-        gc.unfreeze()
+        heap.close()
     for i in sorted(outcomes):
         _forward_output(outcomes[i][2], outcomes[i][3])
     if first_failure is not None:

@@ -15,27 +15,17 @@ from __future__ import annotations
 import contextlib
 import gc
 
+from gg_notebook.frozen import frozen
+
 
 def _nothing() -> None:
     return None
 
 
-_ours = [0]  # blocks of ours running (nested: an index built inside an inference, engine/induction.py)
-
-
 @contextlib.contextmanager
 def long_lived_heap():
     """Freeze the heap for a block; yields ``keep()`` (freeze what exists now, or nothing when the
-    collector or the freeze is not ours). A block inside one of ours only shares it: asking the
-    collector whether something is frozen walks every frozen object."""
-    if _ours[0] or not gc.isenabled() or gc.get_freeze_count():
-        yield _nothing
-        return
-    gc.freeze()
-    _ours[0] += 1
-    try:
-        yield gc.freeze
-    finally:
-        _ours[0] -= 1
-        gc.unfreeze()
-
+    collector or the freeze is not ours). Inside another block of ours (an index built during an
+    inference, `engine/induction.py`) it freezes again and leaves unfreezing to the outer block."""
+    with frozen(respect_caller=True) as ours:
+        yield gc.freeze if ours else _nothing

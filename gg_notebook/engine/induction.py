@@ -155,6 +155,8 @@ class Induction:
         if seq.random_ops or any(g.random_ops for g in index.graphs):
             return None, "the program draws random numbers"
         seq_seg = Segment.of(seq, start, stop)
+        if any(n.op == "input" for n in seq_seg.nodes):
+            return None, "the layer holds one of the program's inputs"
         hyps_full: list[list[Expr]] = []
         for b in seq_seg.boundary:
             rels = engine.relations.get(b.name, [])
@@ -200,6 +202,8 @@ class Induction:
             seg = Segment.of(g, cut, cut + reg.period, pull=True)
             if any(n.op == "collective" and n.attrs.p2p for n in seg.nodes):
                 return None, f"rank {r}'s layer sends or receives point to point"
+            if any(n.op == "input" for n in seg.nodes):  # (an input is the sub-problem's own, by position)
+                return None, f"rank {r}'s layer holds one of its program's inputs"
             rank_segs.append(seg)
         # one atom per distributed value flowing into the ranks' segments, in a store of the
         # sub-problem's own (its distributed values are numbered afresh: a ref is its number)

@@ -13,15 +13,14 @@ almost works; what it cannot do is handled here:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import io
 import pickle
 from typing import Any
 
 import torch
 
+from gg_notebook.frozen import frozen
 from gg_notebook.ir.graph import Graph
 
 
@@ -79,26 +78,13 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(data: bytes) -> Any:
-    """The inverse of `dumps` (operators are resolved in this process's ``torch.ops``); the heap
-    that exists is not rescanned by the collections unpickling triggers (`_young_only`)."""
-    with _young_only():
+    """The inverse of `dumps` (operators are resolved in this process's ``torch.ops``). The heap
+    that exists is frozen first (`gg_notebook.frozen`): unpickling a rank's graph makes hundreds of
+    thousands of tracked objects, and each full collection on the way would rescan everything that
+    exists (loading 7 derived ranks of a 126-layer 405B-shaped fwd+bwd: 3.2-4.1 -> 1.1-1.4 CPU s; the
+    index built from them after: unchanged). The young collections still run."""
+    with frozen():
         return pickle.loads(data)
 
 
-@contextlib.contextmanager
-def _young_only():
-    """Collect only what a block makes: the heap that exists when it starts is frozen for the block
-    (`gc.freeze`) and unfrozen after, unless a caller's freeze or a disabled collector already
-    decides. Unpickling a rank's graph makes hundreds of thousands of tracked objects; each full
-    collection on the way would rescan the whole heap (loading 7 derived ranks of a 126-layer
-    405B-shaped fwd+bwd: 3.2-4.1 -> 1.1-1.3 CPU s, the index built from them after unchanged). The
-    young collections still run (and untrack what they may), so the loaded objects are what a plain
-    load makes."""
-    if not gc.isenabled() or gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+
