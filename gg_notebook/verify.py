@@ -255,7 +255,8 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
     stats["inference_s"] = time.perf_counter() - t0
     if engine.induction is not None:
         # (a second pass walks every operator: then the relations judged are the walk's alone)
-        stats["induction"] = dict(engine.induction.summary(), in_verdict=passes == 1)
+        stats["induction"] = dict(engine.induction.summary(),
+                                  in_verdict=passes == 1 and engine.induction.stats["carried"] > 0)
     stats["inference_passes"] = passes
     stats.update({k: v for k, v in engine.stats.items()})
     return conclude(engine, problem, stats, exact=exact, concrete=concrete, seeds=seeds, validate=validate)

@@ -238,7 +238,6 @@ def test_periodic_regions_find_the_layers_between_other_code():
 
 
 def test_segments_match_only_when_wired_alike():
-    from gg_notebook.capture import capture_and_lower  # noqa: F401  (the public capture path below)
     from gg_notebook.verify import prepare
     from gg_notebook.engine.repeats import signature_ids
 
@@ -266,3 +265,17 @@ def test_progress_counts_the_carried_layers():
     assert inf and inf[-1][0] == inf[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(inf, inf[1:]))
     assert len(inf) >= 20  # reported along the way, not only at the end
+
+
+def test_a_rank_program_with_two_odd_layers_is_proved_as_walked():
+    """Layers 2 and 5 of 9 sum their partials another way (correct). The ranks' programs then repeat
+    in runs of two or three layers only; whatever induction makes of that, the verdict is the walk's."""
+
+    def tp_two_spelled(x, *ws):
+        out = x
+        for k, i in enumerate(range(0, len(ws), 4)):
+            out = tp_stack(out, *ws[i:i + 4], spelled_layer=0 if k in (2, 5) else None)
+        return out
+
+    ind, walk = both(lambda: make_stack(tp_two_spelled, layers=9))
+    assert ind.status is walk.status is gg.Status.PROVED

@@ -75,7 +75,7 @@ class Induction:
         self._rank_regions: dict[int, list] = {}
         self._rank_cuts: dict[int, list] = {}
         self._users = None
-        self._templates: dict[tuple[int, bool], _Template] = {}
+        self._templates: dict[tuple[int, bool], list[_Template]] = {}
         self._attempts: dict[tuple[int, bool], int] = {}
         self.stats = {"regions": len(self.regions), "segments": len(self.starts), "carried": 0, "templates": 0,
                       "seconds": 0.0, "fallbacks": []}
@@ -102,13 +102,15 @@ class Induction:
 
     def _advance(self, engine, stop: int, region: int, number: int) -> bool:
         key = (region, engine.greedy)
-        tpl = self._templates.get(key)
-        if tpl is not None:
+        templates = self._templates.setdefault(key, [])
+        why = None
+        for k, tpl in enumerate(templates):  # the last one that fitted first
             why = self._carry(engine, tpl, number)
             if why is None:
+                templates.insert(0, templates.pop(k))
                 return True
+        if why is not None:  # (this layer may be the first of another run of equal layers)
             self._note(engine, f"layer at {engine.seq.nodes[engine.cursor].name}: {why}")
-            self._templates.pop(key)  # (this layer may be the first of another run of equal layers)
         if self._attempts.get(key, 0) >= MAX_TEMPLATES_PER_REGION:
             return False
         self._attempts[key] = self._attempts.get(key, 0) + 1
@@ -120,7 +122,7 @@ class Induction:
         if why is not None:  # (the template's own layer always matches itself)
             self._note(engine, f"template at {engine.seq.nodes[engine.cursor].name}: {why}")
             return False
-        self._templates[key] = tpl
+        templates.insert(0, tpl)
         self.stats["templates"] += 1
         return True
 

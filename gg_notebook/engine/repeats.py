@@ -109,7 +109,7 @@ def crossing_counts(g: Graph) -> np.ndarray:
     return np.cumsum(delta)[:n + 1]
 
 
-def segments(region: Region, crossing: np.ndarray) -> list[tuple[int, int]]:
+def segments(region: Region, crossing: np.ndarray, min_repeats: int = MIN_REPEATS) -> list[tuple[int, int]]:
     """``region`` cut into whole periods ``[(start, stop)]``, at the phase whose cuts have the fewest
     crossing values in all (ties: the most periods, then the earliest). All cuts count: the first
     one alone may sit where the stretch before the region happens to be thin."""
@@ -117,7 +117,7 @@ def segments(region: Region, crossing: np.ndarray) -> list[tuple[int, int]]:
     best = None
     for c in range(region.start, region.start + P):
         k = (region.stop - c) // P
-        if k < MIN_REPEATS:
+        if k < min_repeats:
             continue
         key = (float(crossing[c:c + (k + 1) * P:P].mean()), -k, c)
         if best is None or key < best[0]:
