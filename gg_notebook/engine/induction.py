@@ -363,14 +363,14 @@ class Induction:
 
         # one value of this layer per value of the template's: the template's normal forms are this
         # layer's too, so its relations are interned as they are (else rebuilt by the constructors)
-        rename = _image if len(set(full_of)) == len(full_of) else _rename
+        as_is = len(set(full_of)) == len(full_of)
         memo: dict[int, Expr] = {}
         new_steps = []
         by_node = {s.node: s for s in sub.steps}
         try:
             for tn, n in zip(tpl.seq_seg.nodes, seq_seg.nodes):
                 s = by_node[tn.name]
-                cands = [Candidate(rename(store, c.expr, carried, memo), c.chain, False, c.deferred)
+                cands = [Candidate(_rename(store, c.expr, carried, memo, as_is), c.chain, False, c.deferred)
                          for c in s.candidates]
                 new_steps.append((n, s, cands))
         except ShapeError as e:
@@ -402,9 +402,14 @@ def _refs(e: Expr):
     return [x for x in walk(e) if x.op == "ref"]
 
 
-def _rename(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
+def _rename(store: ExprStore, e: Expr, leaf, memo: dict, as_is: bool = False) -> Expr:
     """``e`` with every ref ``x`` replaced by ``leaf(x)``, rebuilt in ``store`` with its constructors
-    (constants are interned there too: ``e`` may be another store's)."""
+    (constants are interned there too: ``e`` may be another store's).
+
+    ``as_is``: ``leaf`` is one to one on ``e``'s refs. A clean relation's nodes other than calls are
+    normalized by their structure alone (a view of a view, a slice of a concatenation, nested sums),
+    so the image of a normal form is interned as it is; calls (whose operands are ordered by term
+    id) and input-independent values still go through the constructors."""
     from gg_notebook.engine.infer import rebuild
 
     hit = memo.get(e.id)
@@ -418,27 +423,11 @@ def _rename(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
     elif op == "const":
         out = store.const(e.attrs, e.shape, e.dtype)
     else:
-        out = rebuild(store, e, [_rename(store, a, leaf, memo) for a in e.args])
-    memo[e.id] = out
-    return out
-
-
-def _image(store: ExprStore, e: Expr, leaf, memo: dict) -> Expr:
-    """`_rename` for a ``leaf`` that is one-to-one on ``e``'s refs: a clean relation's nodes other
-    than calls are normalized by their structure alone (a view of a view, a slice of a
-    concatenation, nested sums), so the image of a normal form is interned as it is. Calls (whose
-    operands are ordered by term id) and input-independent values go through the constructors."""
-    hit = memo.get(e.id)
-    if hit is not None:
-        return hit
-    op = e.op
-    if op == "ref":
-        out = leaf(e)
-    elif op == "call" or op == "const" or op == "atom" or e.ground:
-        out = _rename(store, e, leaf, memo)
-    else:
-        args = tuple([_image(store, a, leaf, memo) for a in e.args])
-        out = store._intern(op, e.attrs, args, e.shape, e.dtype)
+        args = [_rename(store, a, leaf, memo, as_is) for a in e.args]
+        if as_is and op != "call" and not e.ground:
+            out = store._intern(op, e.attrs, tuple(args), e.shape, e.dtype)
+        else:
+            out = rebuild(store, e, args)
     memo[e.id] = out
     return out
 

@@ -633,12 +633,7 @@ class Engine:
             self.greedy = False
         if accept(self):
             return 1
-        self.restart()
-        induction, self.induction = self.induction, None
-        try:
-            self.run()
-        finally:
-            self.induction = induction
+        self._run_again_walking()
         return 2
 
     def run_walking_if_needed(self, accept) -> int:
@@ -648,13 +643,17 @@ class Engine:
         self.run()
         if self.induction is None or not self.induction.stats["carried"] or accept(self):
             return 1
+        self._run_again_walking()
+        return 2
+
+    def _run_again_walking(self) -> None:
+        """`restart`, then `run` walking every operator (`induction` off for the run)."""
         self.restart()
         induction, self.induction = self.induction, None
         try:
             self.run()
         finally:
             self.induction = induction
-        return 2
 
     def restart(self) -> None:
         """Take every step back and forget what the steps found (pushes, lookups, lemma instances,
