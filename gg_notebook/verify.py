@@ -219,8 +219,8 @@ def verify(problem: Problem, *, exact: str = "real", concrete: bool = True, seed
 
     ``greedy`` (default on): infer greedily first, exhaustively only if that does not prove the
     problem (`gg_notebook.engine.infer.Engine.run_greedy_first`): the verdict is the exhaustive
-    search's either way, the relations of a proof may be fewer; ``greedy=False`` steps exactly as a
-    `ProofSession` does.
+    search's either way, the relations of a proof may be fewer; ``greedy=False, induction=False``
+    steps exactly as a `ProofSession` does.
 
     ``induction`` (default on): a model's repeated layers are proved once and carried to every
     layer that is provably the same (`gg_notebook.engine.induction`); the others are walked.
