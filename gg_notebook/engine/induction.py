@@ -275,7 +275,8 @@ class Induction:
         while not sub.done:
             sub.step()
         if sub.stuck_at is not None:
-            return None, f"the layer alone is stuck at {sub.stuck_at.node} ({sub.stuck_at.op}): {sub.stuck_at.detail}; inputs {sub.stuck_at.inputs}"
+            st = sub.stuck_at
+            return None, f"the layer alone is stuck at {st.node} ({st.op}): {st.detail}"
         if sub.__dict__.get("clamped_counts"):
             return None, "the layer relies on a clamped count"
         for s in sub.steps:
